@@ -1,0 +1,143 @@
+"""Model configurations for the LLaMA family.
+
+A :class:`Config` describes the shape of the network only (no PEFT settings, no training settings), so the same
+object serves the base model, every PEFT variant and the checkpoint converters. ``Config.from_name`` knows the
+published LLaMA-family sizes; ``Config.from_file`` and ``Config.save`` read and write the ``model_config.json``
+that sits in every ``--checkpoint_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lit_adapter.errors import UserError
+
+
+@dataclass
+class Config:
+    name: str = ""
+    block_size: int = 2048
+    """The longest sequence the model is built for (RoPE cache length, KV cache limit)."""
+    vocab_size: int = 32000
+    padded_vocab_size: Optional[int] = None
+    """Rows of the embedding and the output head; ``None`` means ``vocab_size``. Logits are cut to ``vocab_size``."""
+    n_layer: int = 32
+    n_head: int = 32
+    n_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; ``None`` means ``n_head`` (multi-head attention)."""
+    n_embd: int = 4096
+    intermediate_size: int = 11008
+    """Hidden size of the SwiGLU MLP."""
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    """Whether the output head shares its weight with the token embedding (llama2.c's TinyStories models)."""
+
+    def __post_init__(self) -> None:
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = self.vocab_size
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_query_groups:
+            raise UserError(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise UserError(f"padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size={self.vocab_size}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Config":
+        if name not in name_to_config:
+            known = ", ".join(sorted(name_to_config))
+            raise UserError(f"unknown model name {name!r}; known names: {known}")
+        return replace(cls(**name_to_config[name]), **overrides)
+
+    @classmethod
+    def from_file(cls, path: Union[str, Path]) -> "Config":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"model config not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"model config {path} is not valid JSON: {err}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"model config {path} has unknown fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_checkpoint_dir(cls, checkpoint_dir: Union[str, Path]) -> "Config":
+        checkpoint_dir = Path(checkpoint_dir)
+        if not checkpoint_dir.is_dir():
+            raise UserError(f"checkpoint directory not found: {checkpoint_dir}")
+        return cls.from_file(checkpoint_dir / "model_config.json")
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def _llama_hidden(n_embd: int, multiple_of: int) -> int:
+    """SwiGLU width as Meta and llama2.c compute it: 2/3 of 4*d, rounded up to ``multiple_of``."""
+    hidden = int(2 * (4 * n_embd) / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+configs = [
+    # LLaMA 1 (Touvron et al. 2023)
+    dict(name="7B", n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
+    dict(name="13B", n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824, norm_eps=1e-6),
+    dict(name="30B", n_layer=60, n_head=52, n_embd=6656, intermediate_size=17920, norm_eps=1e-6),
+    dict(name="65B", n_layer=80, n_head=64, n_embd=8192, intermediate_size=22016, norm_eps=1e-5),
+    # OpenLLaMA (openlm-research); v2 was released for 3B and 7B only
+    dict(name="open_llama_3b", n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
+    dict(name="open_llama_7b", n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
+    dict(name="open_llama_13b", n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824, norm_eps=1e-6),
+    dict(name="open_llama_3b_v2", n_layer=26, n_head=32, n_embd=3200, intermediate_size=8640, norm_eps=1e-6),
+    dict(name="open_llama_7b_v2", n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
+    # Llama 2 (Touvron et al. 2023b); 70B uses grouped-query attention
+    dict(name="Llama-2-7b", block_size=4096, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
+    dict(name="Llama-2-13b", block_size=4096, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
+    dict(
+        name="Llama-2-70b", block_size=4096, n_layer=80, n_head=64, n_query_groups=8, n_embd=8192,
+        intermediate_size=28672,
+    ),
+    # TinyLlama-1.1B (GQA with 4 key/value heads)
+    dict(name="TinyLlama-1.1B", n_layer=22, n_head=32, n_query_groups=4, n_embd=2048, intermediate_size=5632),
+    # karpathy's TinyStories Llama-2 models (llama2.c); the classifier is tied to the embedding
+    dict(
+        name="stories260K", block_size=512, vocab_size=512, n_layer=5, n_head=8, n_query_groups=4, n_embd=64,
+        intermediate_size=_llama_hidden(64, 4), tie_embeddings=True,
+    ),
+    dict(
+        name="stories15M", block_size=256, n_layer=6, n_head=6, n_embd=288,
+        intermediate_size=_llama_hidden(288, 32), tie_embeddings=True,
+    ),
+    dict(
+        name="stories42M", block_size=1024, n_layer=8, n_head=8, n_embd=512,
+        intermediate_size=_llama_hidden(512, 32), tie_embeddings=True,
+    ),
+    dict(
+        name="stories110M", block_size=1024, n_layer=12, n_head=12, n_embd=768,
+        intermediate_size=_llama_hidden(768, 32), tie_embeddings=True,
+    ),
+    # tiny configurations for unit tests
+    dict(name="tiny", block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=32, intermediate_size=88),
+    dict(
+        name="tiny-gqa", block_size=128, vocab_size=512, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+        intermediate_size=88,
+    ),
+    dict(
+        name="tiny-32k", block_size=128, vocab_size=32000, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+        intermediate_size=88,
+    ),
+]
+name_to_config = {c["name"]: c for c in configs}

@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+Anything a user can cause by passing the wrong path, a checkpoint that does not fit, malformed data or an
+impossible hyper-parameter is raised as :class:`UserError`. Command-line entry points run through
+:func:`run_cli`, which prints the message as one line and exits with status 2 instead of a traceback.
+Programming errors keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+
+class UserError(Exception):
+    """A mistake in the user's input, reported as one line without a traceback."""
+
+
+def run_cli(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Calls ``main`` and turns a :class:`UserError` into ``error: <message>`` on stderr and exit status 2."""
+    try:
+        return main(*args, **kwargs)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

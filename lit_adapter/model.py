@@ -1,0 +1,256 @@
+"""One readable LLaMA: RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU MLP.
+
+The network follows Touvron et al. 2023 and matches HF ``transformers``' ``LlamaForCausalLM`` logit for logit on
+converted weights (rotary embeddings use the "rotate half" layout; the converters permute Meta's and llama2.c's
+interleaved q/k weights into it).
+
+Extension points for the PEFT variants, so that none of them copies a ``forward``:
+
+* ``GPT.build_block(block_idx)`` builds each transformer block; a variant may return blocks with another
+  attention class.
+* ``CausalSelfAttention.scaled_dot_product_attention(q, k, v, input_pos)`` is the attention hook. LLaMA-Adapter
+  overrides it to add the prompt attention; ``attention_kernel`` swaps dense attention for a sparse pattern.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+
+RopeCache = Tuple[torch.Tensor, torch.Tensor]
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                h=nn.ModuleList(self.build_block(i) for i in range(config.n_layer)),
+                ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.gradient_checkpointing = False
+        # Built lazily on the device of the input: a plain attribute, so it is neither saved nor materialized.
+        self._rope_cache: Optional[RopeCache] = None
+
+    def build_block(self, block_idx: int) -> "Block":
+        """Hook for variants that need a different block or attention class."""
+        return Block(self.config, block_idx)
+
+    def rope_cache(self, device: torch.device) -> RopeCache:
+        if self._rope_cache is None or self._rope_cache[0].device != device:
+            self._rope_cache = build_rope_cache(
+                self.config.block_size, self.config.head_size, self.config.rope_base, device
+            )
+        return self._rope_cache
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Next-token logits ``(B, T, vocab_size)``.
+
+        ``input_pos`` (``(T,)`` positions) switches to incremental decoding with the KV cache set by
+        :meth:`set_kv_cache`; without it the whole sequence is processed causally from position 0.
+        """
+        B, T = idx.shape
+        if input_pos is None and T > self.config.block_size:
+            raise UserError(f"sequence of {T} tokens exceeds the model's block_size={self.config.block_size}")
+        cos, sin = self.rope_cache(idx.device)
+        if input_pos is None:
+            cos, sin = cos[:T], sin[:T]  # (T, hs)
+        else:
+            cos, sin = cos.index_select(0, input_pos), sin.index_select(0, input_pos)
+
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, input_pos)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        return logits
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise UserError(f"KV cache of {max_seq_length} exceeds block_size={self.config.block_size}")
+        reference = self.transformer.wte.weight
+        device = device or reference.device
+        dtype = dtype or (reference.dtype if reference.is_floating_point() else torch.float32)
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, max_seq_length, self.config, device, dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random initialisation as in HF ``LlamaForCausalLM``: N(0, std) for linear and embedding weights."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, block_idx: int, attn: Optional["CausalSelfAttention"] = None) -> None:
+        super().__init__()
+        self.norm_1 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = attn if attn is not None else CausalSelfAttention(config, block_idx)
+        self.norm_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.mlp = LLaMAMLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), cos, sin, input_pos)
+        return x + self.mlp(self.norm_2(x))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config, block_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.block_idx = block_idx
+        hs, kv_dim = config.head_size, config.n_query_groups * config.head_size
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+        # ``None`` is dense causal attention; a sparse pattern (lit_adapter.attention) replaces it.
+        self.attention_kernel: Optional[nn.Module] = None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, ng, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
+        q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
+        v = self.v_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if input_pos is not None:
+            if self.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache is set; call model.set_kv_cache() first")
+            k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs)
+        k, v = self.expand_kv_groups(k), self.expand_kv_groups(v)  # (B, nh, S, hs)
+
+        y = self.scaled_dot_product_attention(q, k, v, input_pos)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)
+        return self.o_proj(y)
+
+    def expand_kv_groups(self, t: torch.Tensor) -> torch.Tensor:
+        """Repeats each key/value head for the query heads of its group: (B, ng, S, hs) -> (B, nh, S, hs)."""
+        repeats = self.config.n_head // self.config.n_query_groups
+        return t if repeats == 1 else t.repeat_interleave(repeats, dim=1)
+
+    def scaled_dot_product_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Causal attention of ``q`` (B, nh, T, hs) over ``k``, ``v`` (B, nh, S, hs); the hook variants override.
+
+        Without ``input_pos`` query ``i`` sits at position ``i`` and S == T. With it, the queries sit at
+        ``input_pos`` and the keys are the whole KV cache (positions ``0..S-1``, unwritten slots masked out).
+        """
+        if self.attention_kernel is not None:
+            return self.attention_kernel(q, k, v, input_pos)
+        if input_pos is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = causal_mask_for_positions(input_pos, k.shape[-2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def causal_mask_for_positions(input_pos: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """Boolean (T, S) mask: query at ``input_pos[t]`` may see key positions ``<= input_pos[t]``."""
+    kv_pos = torch.arange(kv_length, device=input_pos.device)
+    return kv_pos[None, :] <= input_pos[:, None]
+
+
+class LLaMAMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 like the reference."""
+
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size: int, max_seq_length: int, config: Config, device, dtype) -> None:
+        super().__init__()
+        shape = (batch_size, config.n_query_groups, max_seq_length, config.head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Writes ``k``, ``v`` (B, ng, T, hs) at ``input_pos`` and returns the whole cache (B, ng, S, hs)."""
+        B = k.shape[0]
+        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:B], self.v[:B]
+
+
+def build_rope_cache(seq_len: int, n_elem: int, base: float, device=None) -> RopeCache:
+    """cos and sin tables (seq_len, n_elem) in float32, with the frequencies repeated for both halves."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.int64).float() / n_elem))
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # (seq_len, n_elem / 2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (seq_len, n_elem)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates (B, nh, T, hs) by position; pairs are (i, i + hs/2) ("rotate half")."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    out = x.float() * cos + rotated.float() * sin
+    return out.to(x.dtype)
+
+
+def num_parameters(module: nn.Module, requires_grad: Optional[bool] = None) -> int:
+    """Counts parameters once each (tied weights are shared), optionally only (non-)trainable ones."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) in seen or (requires_grad is not None and p.requires_grad != requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel() if not hasattr(p, "quant_state") else math.prod(getattr(p.quant_state, "shape", p.shape))
+    return total
