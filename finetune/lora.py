@@ -1,0 +1,21 @@
+"""Fine-tune a frozen LLaMA with LoRA (Hu et al. 2021); with --quantize bnb.nf4 this is QLoRA (Dettmers et al. 2023)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lit_adapter.cli import cli, make_finetune_command  # noqa: E402
+from lit_adapter.lora import LoRAConfig  # noqa: E402
+
+setup = make_finetune_command(
+    "lora",
+    "lora",
+    LoRAConfig,
+    "Fine-tune a frozen LLaMA with LoRA (Hu et al. 2021): low-rank updates B @ A, scaled by alpha / r, on the "
+    "chosen projections. With --quantize bnb.nf4 this is QLoRA (Dettmers et al. 2023).",
+    learning_rate=3e-4,
+)
+
+if __name__ == "__main__":
+    cli(setup)

@@ -1,0 +1,44 @@
+"""Generate text from a base LLaMA checkpoint with the KV cache."""
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lit_adapter.errors import run_cli  # noqa: E402
+from lit_adapter.generate import run_generation  # noqa: E402
+
+
+def main(
+    checkpoint_dir: Path,
+    prompt: str = "Once upon a time",
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
+    precision: Optional[str] = None,
+    seed: int = 1234,
+    device: Optional[str] = None,
+) -> None:
+    """Generate text from a base model: the text goes to stdout, tokens/s and peak memory to stderr.
+
+    Args:
+        checkpoint_dir: Converted checkpoint folder (model_config.json, weights, tokenizer.model).
+        prompt: The text to continue.
+        max_new_tokens: How many tokens to generate at most (stops early at end-of-sequence).
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_k: Sample only among the k most likely tokens.
+        quantize: Load the weights in 8 or 4 bits with bitsandbytes.
+        precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
+        seed: Random seed for sampling.
+        device: cpu or cuda (default: cuda when available).
+    """
+    run_generation(checkpoint_dir, None, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, quantize=quantize, precision=precision, seed=seed, device=device)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    run_cli(CLI, main, as_positional=False)

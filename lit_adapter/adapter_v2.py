@@ -1,0 +1,126 @@
+"""LLaMA-Adapter V2: Gao et al. 2023, "LLaMA-Adapter V2: Parameter-Efficient Visual Instruction Model",
+https://arxiv.org/abs/2304.15010. Semantics follow lit-llama's ``lit_llama/adapter_v2.py``.
+
+V2 keeps v1's gated adaption prompts (:mod:`lit_adapter.adapter`) and "unlocks" more of the frozen model with
+cheap per-channel parameters: every linear layer (q/k/v/o, the MLP's gate/up/down and the output head) gets a
+learnable bias (initialised to 0) and scale (initialised to 1) on its output, ``y = scale * (linear(x) + bias)``,
+and the RMSNorm weights (``norm_1``, ``norm_2``, ``ln_f``) train too. At initialisation the model is exactly the
+pretrained one.
+
+The bias and scale live in :class:`AdapterV2Linear`, a wrapper that only calls the linear it holds, so the frozen
+linear may be a quantized bitsandbytes layer. The prompt's keys and values go through the wrapped ``k_proj`` and
+``v_proj`` and so see their bias and scale, as in lit-llama.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from lit_adapter import adapter
+from lit_adapter.adapter import AdapterConfig, load_adapter_state_dict, mark_only_as_trainable, materialize
+from lit_adapter.config import Config
+
+# lit-llama trains "adapter_wte", "gating_factor", "adapter_bias", "adapter_scale", "rms_1", "rms_2", "ln_f";
+# our RMSNorms are named norm_1 / norm_2
+ADAPTER_V2_NAMES = adapter.ADAPTER_NAMES + ("adapter_bias", "adapter_scale", "norm_1", "norm_2", "ln_f")
+WRAPPED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+WRAPPED_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+class AdapterV2Linear(nn.Module):
+    """``scale * (linear(x) + bias)`` around any linear-like module (``nn.Linear``, bitsandbytes layers)."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+        weight = getattr(linear, "weight", None)
+        device = weight.device if weight is not None else None
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+        self.adapter_bias = nn.Parameter(torch.zeros(linear.out_features, device=device, dtype=dtype))
+        self.adapter_scale = nn.Parameter(torch.ones(linear.out_features, device=device, dtype=dtype))
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # keeps ``model.lm_head.weight = model.transformer.wte.weight`` (re-tying after loading) working
+        if name == "weight":
+            setattr(self.linear, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)  # (..., out_features)
+        return self.adapter_scale.to(y.dtype) * (y + self.adapter_bias.to(y.dtype))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Base checkpoints name the linear's tensors ``<prefix>weight``; here they are ``<prefix>linear.weight``.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if rest not in self._parameters and not rest.startswith("linear."):
+                state_dict[prefix + "linear." + rest] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self, device=None, dtype=None) -> None:
+        self.adapter_bias = materialize(self.adapter_bias, device, dtype)
+        self.adapter_scale = materialize(self.adapter_scale, device, dtype)
+        nn.init.zeros_(self.adapter_bias)
+        nn.init.ones_(self.adapter_scale)
+
+
+class GPT(adapter.GPT):
+    def __init__(self, config: Config, adapter_config: Optional[AdapterConfig] = None) -> None:
+        super().__init__(config, adapter_config)
+        for block in self.transformer.h:
+            for name in WRAPPED_LINEARS:
+                setattr(block.attn, name, AdapterV2Linear(getattr(block.attn, name)))
+            for name in WRAPPED_MLP_LINEARS:
+                setattr(block.mlp, name, AdapterV2Linear(getattr(block.mlp, name)))
+        # the wrapped head still holds wte's Parameter, so tied configs stay tied
+        self.lm_head = AdapterV2Linear(self.lm_head)
+
+    def base_state_dict_to_v2(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Renames a base checkpoint's keys to this model's (``...q_proj.weight`` -> ``...q_proj.linear.weight``).
+
+        ``load_state_dict`` does this by itself; the renamed dict is for loaders that compare keys first.
+        """
+        wrapped = {name + "." for name, m in self.named_modules() if isinstance(m, AdapterV2Linear)}
+        out = {}
+        for key, value in state_dict.items():
+            # the wrapper's prefix is everything up to the linear's own tensor name (weight, bias, quant stats)
+            owner = next((p for p in wrapped if key.startswith(p)), None)
+            if owner is not None and not key[len(owner):].startswith(("linear.", "adapter_")):
+                key = owner + "linear." + key[len(owner):]
+            out[key] = value
+        return out
+
+
+def adapter_v2_filter(name: str, param: Any = None) -> bool:
+    """Whether ``name`` belongs to LLaMA-Adapter V2's trainable set (usable as Fabric's save filter)."""
+    return any(part in ADAPTER_V2_NAMES for part in name.split("."))
+
+
+def mark_only_adapter_v2_as_trainable(model: nn.Module) -> None:
+    """Freezes everything but prompts, gates, v2 biases and scales, and the RMSNorm weights."""
+    mark_only_as_trainable(model, adapter_v2_filter)
+
+
+def adapter_v2_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    return {name: t for name, t in model.state_dict().items() if adapter_v2_filter(name)}
+
+
+def load_adapter_v2_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    load_adapter_state_dict(model, state_dict, method_name="adapter v2", key_filter=adapter_v2_filter)

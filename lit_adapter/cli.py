@@ -1,0 +1,84 @@
+"""Builds the ``finetune/*.py`` command lines from one signature, so the scripts stay thin and consistent.
+
+jsonargparse turns the typed parameters below into options (dataclasses become groups such as
+``--train.learning_rate``) and the docstrings into ``--help``; every script also accepts ``--config FILE.yaml``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+from lit_adapter.errors import run_cli
+
+QuantizeMode = Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]]
+
+_COMMON_DOC = """
+    Args:
+        checkpoint_dir: Folder with the base model (model_config.json, lit_model.safetensors or lit_model.pth,
+            tokenizer.model), as written by scripts/convert_*_checkpoint.py.
+        model_name: A known configuration (e.g. 7B, Llama-2-7b, stories260K) for --dry_run without weights.
+        out_dir: Where checkpoints, logs, summary.json and the final adapter go.
+        data: The prepared instruction data.
+        attention: Dense or sparse causal attention for the base model's layers.
+        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes (trainable tensors stay unquantized).
+        train: Optimisation settings.
+        eval: Validation settings.
+        fabric: Accelerator, devices, strategy and precision.
+        logger: Experiment logging.
+        resume: Continue the run in out_dir from its last.ckpt (model, optimizer, scheduler, step, data order, RNG).
+        dry_run: Build the model on the meta device, print the trainable and total parameter counts and exit.
+"""
+
+
+def make_finetune_command(
+    method: str, settings_name: Optional[str], settings_cls: Optional[type], summary: str, **train_defaults: Any
+) -> Callable[..., Any]:
+    """The ``setup`` function of one finetune script; ``settings_cls`` holds the method's hyper-parameters."""
+    from lit_adapter.attention import AttentionConfig
+    from lit_adapter.methods import MethodSpec
+    from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
+
+    def setup(**kwargs: Any):
+        settings = kwargs.pop(settings_name) if settings_name else None
+        spec = MethodSpec(method=method, settings=settings, attention=kwargs.pop("attention"),
+                          quantize=kwargs.pop("quantize"))
+        return finetune(spec, fabric_args=kwargs.pop("fabric"), **kwargs)
+
+    P = inspect.Parameter
+    params = [
+        P("checkpoint_dir", P.KEYWORD_ONLY, default=None, annotation=Optional[Path]),
+        P("model_name", P.KEYWORD_ONLY, default=None, annotation=Optional[str]),
+        P("out_dir", P.KEYWORD_ONLY, default=Path(f"out/{method}"), annotation=Path),
+        P("data", P.KEYWORD_ONLY, default=DataArgs(), annotation=DataArgs),
+    ]
+    if settings_name:
+        params.append(P(settings_name, P.KEYWORD_ONLY, default=settings_cls(), annotation=settings_cls))
+    params += [
+        P("attention", P.KEYWORD_ONLY, default=AttentionConfig(), annotation=AttentionConfig),
+        P("quantize", P.KEYWORD_ONLY, default=None, annotation=QuantizeMode),
+        P("train", P.KEYWORD_ONLY, default=replace(TrainArgs(), **train_defaults), annotation=TrainArgs),
+        P("eval", P.KEYWORD_ONLY, default=EvalArgs(), annotation=EvalArgs),
+        P("fabric", P.KEYWORD_ONLY, default=FabricArgs(), annotation=FabricArgs),
+        P("logger", P.KEYWORD_ONLY, default=LoggerArgs(), annotation=LoggerArgs),
+        P("resume", P.KEYWORD_ONLY, default=False, annotation=bool),
+        P("dry_run", P.KEYWORD_ONLY, default=False, annotation=bool),
+    ]
+    setup.__signature__ = inspect.Signature(params)
+    setup.__annotations__ = {p.name: p.annotation for p in params}
+    doc = _COMMON_DOC
+    if settings_name:
+        doc = doc.replace("        attention:", f"        {settings_name}: The method's hyper-parameters.\n        attention:")
+    setup.__doc__ = summary.strip() + "\n" + doc
+    setup.__name__ = f"finetune_{method}"
+    return setup
+
+
+def cli(function: Callable[..., Any]) -> Any:
+    """Parses the command line for ``function`` and runs it, reporting user mistakes as one line."""
+    from jsonargparse import CLI, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docstrings become --help
+    return run_cli(CLI, function, as_positional=False)

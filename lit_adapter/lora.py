@@ -1,0 +1,317 @@
+"""LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+A frozen weight ``W`` (out, in) is adapted by a trainable low-rank update: ``h = W x + (alpha / r) * B A x`` with
+``A`` (r, in) and ``B`` (out, r), ``r << min(in, out)``. ``A`` starts Kaiming-uniform and ``B`` at zero, so the
+adapted model starts exactly as the base model. Only ``A`` and ``B`` train and are saved (kilobytes to megabytes).
+
+:class:`LoRALinear` wraps the base layer by composition and only *calls* it, so the base may be a plain
+``nn.Linear`` or a frozen bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` (QLoRA, Dettmers et al. 2023). Training
+runs unmerged; for inference the update can be folded into ``W`` once (:func:`merge_lora`), which removes the extra
+matmuls, and folded out again (:func:`unmerge_lora`). Merging needs a plain floating-point ``W`` that no other
+layer shares: a quantized or tied base stays unmerged (its output is the same, only a little slower).
+
+Naming follows HF PEFT (``lora_A``, ``lora_B``, ``alpha``, ``r``) and so does the arithmetic, which the tests check
+against ``peft.get_peft_model`` number for number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_adapter.errors import UserError
+
+# Names of a LoRALinear's own children/parameters; any other key under its prefix belongs to the base layer.
+_OWN_NAMES = ("linear", "lora_A", "lora_B", "lora_dropout")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    """Rank of the low-rank update B @ A."""
+    alpha: float = 16.0
+    """Scale of the update: it is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the input of the LoRA branch (training only)."""
+    query: bool = True
+    """Adapt the attention query projection (q_proj)."""
+    key: bool = False
+    """Adapt the attention key projection (k_proj)."""
+    value: bool = True
+    """Adapt the attention value projection (v_proj)."""
+    projection: bool = False
+    """Adapt the attention output projection (o_proj)."""
+    mlp: bool = False
+    """Adapt the MLP projections (gate_proj, up_proj, down_proj)."""
+    head: bool = False
+    """Adapt the output head (lm_head)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise UserError(f"lora r must be an integer >= 1, got {self.r!r}")
+        if not self.alpha > 0:
+            raise UserError(f"lora alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_names():
+            raise UserError("lora targets nothing: enable at least one of query, key, value, projection, mlp, head")
+
+    def target_names(self) -> List[str]:
+        """The attribute names of the linear layers to adapt, e.g. ``["q_proj", "v_proj"]``."""
+        names = []
+        for flag, layers in (
+            (self.query, ("q_proj",)),
+            (self.key, ("k_proj",)),
+            (self.value, ("v_proj",)),
+            (self.projection, ("o_proj",)),
+            (self.mlp, ("gate_proj", "up_proj", "down_proj")),
+            (self.head, ("lm_head",)),
+        ):
+            if flag:
+                names.extend(layers)
+        return names
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    # bitsandbytes parameters (Int8Params, Params4bit) are the quantized weights we know; a non-float weight is too.
+    return type(weight).__module__.startswith("bitsandbytes") or not weight.is_floating_point()
+
+
+class LoRALinear(nn.Module):
+    """``linear(x) + dropout(x) @ A^T @ B^T * (alpha / r)`` around a frozen base ``linear``.
+
+    ``linear`` is only called and asked for ``in_features`` / ``out_features``, so it may be quantized.
+    """
+
+    def __init__(self, linear: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = linear.weight
+        dtype = weight.dtype if weight.is_floating_point() else (getattr(linear, "compute_dtype", None) or torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=weight.device, dtype=dtype))
+        self.merged = False
+        # Set by ``add_lora`` when the base weight is also another layer's (a tied output head): merging in place
+        # would change that layer too.
+        self.weight_is_shared = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """Initial values as in the paper and PEFT: A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (so B A = 0).
+
+        LoRA tensors left on the meta device (a model built on meta, base weights loaded with ``assign=True``)
+        are first allocated on the base weight's device; on meta they stay on meta.
+        """
+        base = self.linear.weight
+        if self.lora_A.is_meta and not base.is_meta:
+            dtype = base.dtype if base.is_floating_point() else self.lora_A.dtype
+            for name in ("lora_A", "lora_B"):
+                old = getattr(self, name)
+                setattr(self, name, nn.Parameter(
+                    torch.empty(old.shape, device=base.device, dtype=dtype), requires_grad=old.requires_grad
+                ))
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+        if self.merged:  # the merged-in update was the old one; it is zero now
+            self.merged = False
+
+    def adapter_params(self) -> List[nn.Parameter]:
+        return [self.lora_A, self.lora_B]
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``(alpha / r) * B @ A`` (out, in), computed in float32 and returned in the base dtype."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        weight = self.linear.weight
+        return delta.to(weight.dtype) if weight.is_floating_point() else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)  # (..., out)
+        if self.merged:
+            if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
+                # The merged branch is not computed, so A and B would silently get no gradient.
+                raise RuntimeError("training a merged LoRA layer: call unmerge_lora(model) before training")
+            return out
+        h = self.lora_dropout(x.to(self.lora_A.dtype))
+        # Same order as PEFT (A first, scale last): (..., in) -> (..., r) -> (..., out)
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
+        return out + update.to(out.dtype)
+
+    def _check_mergeable(self) -> None:
+        if _is_quantized(self.linear.weight):
+            raise UserError(
+                f"cannot merge LoRA into a quantized {type(self.linear).__name__}: dequantize-add-requantize would "
+                "change the base weights and not be undone exactly; keep it unmerged (its output is the same) or "
+                "load the base without --quantize to merge"
+            )
+        if self.weight_is_shared:
+            raise UserError(
+                "cannot merge LoRA into a weight shared with another layer (the output head tied to the "
+                "embedding): merging would change the embedding too; keep it unmerged"
+            )
+
+    @property
+    def mergeable(self) -> bool:
+        try:
+            self._check_mergeable()
+        except UserError:
+            return False
+        return True
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the update into the base weight (``W += delta``); does nothing if already merged."""
+        if self.merged:
+            return
+        self._check_mergeable()
+        self.linear.weight.add_(self.delta_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Takes the update out of the base weight again (``W -= delta``); does nothing if not merged.
+
+        The round trip restores ``W`` up to float rounding (about one ulp), not bit for bit.
+        """
+        if not self.merged:
+            return
+        self.linear.weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # A base checkpoint names the weight ``<prefix>weight``; here the base layer lives at ``<prefix>linear.``.
+        # ``state_dict`` is the part of the dict under this module, and children are loaded from it afterwards.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if rest.split(".", 1)[0] not in _OWN_NAMES:
+                wrapped = prefix + "linear." + rest
+                if wrapped not in state_dict:
+                    state_dict[wrapped] = state_dict.pop(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
+    """The LoRA layers of ``model`` by qualified name (``"transformer.h.0.attn.q_proj"``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Wraps the targeted linear layers of a ``lit_adapter.model.GPT`` in :class:`LoRALinear`, in place.
+
+    Works on a model on the meta device (the LoRA tensors are then meta too; see
+    :func:`reset_lora_parameters`) and on one whose base linears were already quantized. The tie between a tied
+    output head and the embedding is kept: the wrapper holds the same ``nn.Linear``. ``requires_grad`` is left
+    alone; call :func:`mark_only_lora_as_trainable` to freeze the base.
+    """
+    if lora_layers(model):
+        raise RuntimeError("the model already has LoRA layers")
+    targets = set(cfg.target_names())
+    wrap = [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.rpartition(".")[2] in targets and hasattr(module, "in_features") and hasattr(module, "weight")
+    ]
+    if not wrap:
+        raise UserError(f"no layer of the model matches the LoRA targets {sorted(targets)}")
+    # Weights that appear under more than one name are shared (tied); merging into them is refused later.
+    counts: Dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    for name, linear in wrap:
+        wrapper = LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout)
+        wrapper.weight_is_shared = counts.get(id(linear.weight), 0) > 1
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
+    return model
+
+
+def reset_lora_parameters(model: nn.Module) -> nn.Module:
+    """Allocates (if on meta) and initialises every LoRA layer's A and B; the base weights are untouched.
+
+    The clean way to build a LoRA model without allocating twice: build ``GPT`` + :func:`add_lora` under
+    ``torch.device("meta")``, ``load_state_dict(base, strict=False, assign=True)``, then call this.
+    """
+    for layer in lora_layers(model).values():
+        layer.reset_lora_parameters()
+    return model
+
+
+def lora_filter(name: str, param: Optional[torch.Tensor] = None) -> bool:
+    """Whether the tensor ``name`` is LoRA's (trained and saved); ``param`` is accepted for the filter protocol."""
+    return "lora_" in name
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
+    for name, param in model.named_parameters():
+        param.requires_grad = lora_filter(name, param)
+    return model
+
+
+def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Only the LoRA tensors (``...q_proj.lora_A`` / ``...q_proj.lora_B``)."""
+    return {k: v for k, v in model.state_dict().items() if lora_filter(k, v)}
+
+
+def merge_lora(model: nn.Module, strict: bool = True) -> List[str]:
+    """Merges every LoRA layer for inference; merging twice changes nothing.
+
+    A layer that cannot be merged (quantized or tied base) raises :class:`UserError` when ``strict``; otherwise it
+    is left unmerged, which computes the same output, and its name is returned.
+    """
+    unmerged = []
+    for name, layer in lora_layers(model).items():
+        if not strict and not layer.mergeable:
+            unmerged.append(name)
+            continue
+        layer.merge()
+    return unmerged
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Takes every merged LoRA update out of its base weight (back to the training state)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A plain base-model checkpoint with the LoRA updates merged in, under base names (``...q_proj.weight``).
+
+    The model is not modified; the result loads into a ``GPT`` without LoRA. Quantized or tied LoRA bases raise
+    :class:`UserError` (the result would not be the model's own weights, or could not keep the tie).
+    """
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer._check_mergeable()
+    merged = {}
+    for key, value in model.state_dict().items():
+        owner = next((name for name in layers if key.startswith(name + ".")), None)
+        if owner is None:
+            merged[key] = value
+            continue
+        layer, rest = layers[owner], key[len(owner) + 1:]
+        if not rest.startswith("linear."):
+            continue  # lora_A / lora_B
+        rest = rest[len("linear."):]
+        if rest == "weight" and not layer.merged:
+            value = value + layer.delta_weight()
+        merged[f"{owner}.{rest}"] = value
+    return merged

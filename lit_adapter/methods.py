@@ -1,0 +1,315 @@
+"""What each fine-tuning method builds, trains and saves — the only place the training loop asks about methods.
+
+A run is described by a :class:`MethodSpec`: the method (``adapter``, ``adapter_v2``, ``lora`` or ``full``), its
+hyper-parameters, the attention pattern and the quantization of the frozen base. From it come the model
+(:func:`prepare_model`: built on the meta device, base weights loaded, PEFT tensors initialised, attention
+applied, base quantized, trainable tensors marked), the filter of what trains and is saved
+(:func:`trainable_filter`), and the small ``final/`` folder of a finished run (:func:`save_adapter`,
+:func:`load_finetuned`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from lit_adapter.attention import AttentionConfig, apply_attention
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.model import GPT, num_parameters
+
+METHODS = ("adapter", "adapter_v2", "lora", "full")
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def _settings_class(method: str):
+    if method in ("adapter", "adapter_v2"):  # v2 adds no hyper-parameters of its own
+        from lit_adapter.adapter import AdapterConfig
+
+        return AdapterConfig
+    if method == "lora":
+        from lit_adapter.lora import LoRAConfig
+
+        return LoRAConfig
+    return None
+
+
+@dataclass
+class MethodSpec:
+    method: str
+    settings: Any = None
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    quantize: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        cls = _settings_class(self.method)
+        if self.settings is None and cls is not None:
+            self.settings = cls()
+        if isinstance(self.settings, dict):
+            self.settings = cls(**self.settings)
+        if isinstance(self.attention, dict):
+            self.attention = AttentionConfig(**self.attention)
+
+    def validate(self, config: Config) -> None:
+        from lit_adapter.quantize import QUANTIZE_MODES
+
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise UserError(f"unknown quantize mode {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+        if self.method == "full" and self.quantize is not None:
+            raise UserError("full fine-tuning cannot train a quantized base; use lora with --quantize (QLoRA)")
+        if self.method in ("adapter", "adapter_v2") and self.settings.start_layer >= config.n_layer:
+            raise UserError(
+                f"adapter.start_layer={self.settings.start_layer} leaves no adapted layer in a "
+                f"{config.n_layer}-layer model"
+            )
+
+    def describe(self) -> str:
+        name = self.method
+        if self.attention.pattern != "dense":
+            name += f"+{self.attention.pattern}"
+        if self.quantize:
+            name += f" ({self.quantize})"
+        return name
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "method": self.method,
+            "settings": asdict(self.settings) if self.settings is not None else None,
+            "attention": asdict(self.attention),
+            "quantize": self.quantize,
+        }
+
+
+def resolve_config(checkpoint_dir: Optional[Path], model_name: Optional[str]) -> Config:
+    if checkpoint_dir is not None:
+        return Config.from_checkpoint_dir(checkpoint_dir)
+    if model_name is not None:
+        return Config.from_name(model_name)
+    raise UserError("pass --checkpoint_dir (a converted checkpoint) or, for --dry_run, --model_name")
+
+
+def trainable_filter(spec: MethodSpec) -> Callable[[str, Any], bool]:
+    """``filter(name, param)``: which tensors train, and so which are checkpointed."""
+    if spec.method == "adapter":
+        from lit_adapter.adapter import adapter_filter
+
+        return adapter_filter
+    if spec.method == "adapter_v2":
+        from lit_adapter.adapter_v2 import adapter_v2_filter
+
+        return adapter_v2_filter
+    if spec.method == "lora":
+        from lit_adapter.lora import lora_filter
+
+        return lora_filter
+    return lambda name, param: True
+
+
+def build_model(spec: MethodSpec, config: Config) -> GPT:
+    """The model of ``spec`` on the current default device (use ``torch.device("meta")`` to allocate nothing)."""
+    if spec.method == "adapter":
+        from lit_adapter import adapter
+
+        model = adapter.GPT(config, spec.settings)
+    elif spec.method == "adapter_v2":
+        from lit_adapter import adapter_v2
+
+        model = adapter_v2.GPT(config, spec.settings)
+    else:
+        model = GPT(config)
+        if spec.method == "lora":
+            from lit_adapter.lora import add_lora
+
+            add_lora(model, spec.settings)
+    apply_attention(model, spec.attention)
+    return model
+
+
+def mark_trainable(model: nn.Module, spec: MethodSpec) -> None:
+    keep = trainable_filter(spec)
+    for name, param in model.named_parameters():
+        param.requires_grad = bool(keep(name, param)) and param.is_floating_point()
+
+
+def count_parameters(model: nn.Module, requires_grad: Optional[bool] = None) -> int:
+    return num_parameters(model, requires_grad=requires_grad)
+
+
+def dry_run(spec: MethodSpec, config: Config) -> Tuple[int, int]:
+    """Prints the trainable and total parameter counts of ``spec`` on ``config`` without allocating weights."""
+    with torch.device("meta"):
+        model = build_model(spec, config)
+    mark_trainable(model, spec)
+    trainable, total = count_parameters(model, requires_grad=True), count_parameters(model)
+    print(f"model: {config.name or 'custom'} ({spec.describe()})")
+    print(f"trainable parameters: {trainable}")
+    print(f"total parameters: {total}")
+    return trainable, total
+
+
+def _match_base_names(
+    state_dict: Dict[str, torch.Tensor], model_keys: set, config: Config
+) -> Dict[str, torch.Tensor]:
+    """Base checkpoints name ``...q_proj.weight``; PEFT wrappers hold it as ``...q_proj.linear.weight``."""
+    if config.tie_embeddings and "lm_head.linear.weight" in model_keys and "lm_head.weight" not in state_dict:
+        # a tied checkpoint stores the head once, as the embedding; the wrapped head must still receive it
+        state_dict = {**state_dict, "lm_head.weight": state_dict.get("transformer.wte.weight")}
+    renamed = {}
+    for key, value in state_dict.items():
+        if key not in model_keys:
+            module, _, leaf = key.rpartition(".")
+            wrapped = f"{module}.linear.{leaf}"
+            if wrapped in model_keys:
+                key = wrapped
+        renamed[key] = value
+    return renamed
+
+
+def _materialize_new_parameters(model: nn.Module, device: torch.device) -> None:
+    """Gives the PEFT tensors that no checkpoint filled (still on meta) their initial values on ``device``."""
+    for module in model.modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if any(t.is_meta for _, t in own):
+            module.to_empty(device=device, recurse=False)
+            for hook in ("reset_adapter_parameters", "reset_lora_parameters", "reset_parameters"):
+                if hasattr(module, hook):
+                    getattr(module, hook)()
+                    break
+            else:
+                raise RuntimeError(f"{type(module).__name__} has uninitialised tensors and no reset method")
+
+
+def prepare_model(
+    spec: MethodSpec, config: Config, checkpoint_dir: Path, device: torch.device, dtype: torch.dtype
+) -> GPT:
+    """Builds ``spec``'s model with the base weights of ``checkpoint_dir``, ready to train or evaluate."""
+    from lit_adapter.checkpoint import find_weights, load_state_dict, load_weights_into
+    from lit_adapter.quantize import quantize_linears
+
+    with torch.device("meta"):
+        model = build_model(spec, config)
+    keep = trainable_filter(spec)
+    state_dict = load_state_dict(find_weights(checkpoint_dir))
+    model_keys = set(model.state_dict())
+    state_dict = _match_base_names(state_dict, model_keys, config)
+    allow_missing = (lambda name: False) if spec.method == "full" else (lambda name: bool(keep(name, None)))
+    load_weights_into(model, state_dict, allow_missing=allow_missing, source=str(checkpoint_dir))
+    _materialize_new_parameters(model, torch.device("cpu"))
+    model = model.to(device=device, dtype=dtype)
+    mark_trainable(model, spec)
+    quantize_linears(model, spec.quantize, device=device, compute_dtype=dtype)
+    mark_trainable(model, spec)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside Fabric's wrapper (whose parameter names carry a ``_forward_module.`` prefix)."""
+    from lightning.fabric.wrappers import _FabricModule
+
+    return model.module if isinstance(model, _FabricModule) else model
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_dir: Path, out_dir: Path) -> Path:
+    """Writes the trained tensors and what is needed to rebuild the model around them into ``out_dir``.
+
+    PEFT methods write ``adapter.safetensors`` (only the trainable tensors: kilobytes to megabytes) and
+    ``adapter_config.json``; full fine-tuning writes a complete checkpoint folder (weights, config, tokenizer).
+    """
+    from safetensors.torch import save_file
+
+    model = unwrap(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keep = trainable_filter(spec)
+    if spec.method == "full":
+        from lit_adapter.checkpoint import save_state_dict
+
+        tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_state_dict(tensors, out_dir / "lit_model.safetensors")
+        config.save(out_dir / "model_config.json")
+        shutil.copyfile(Path(checkpoint_dir) / "tokenizer.model", out_dir / "tokenizer.model")
+    else:
+        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if keep(n, p)}
+        _atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    meta = {**spec.to_dict(), "base_checkpoint_dir": str(checkpoint_dir), "base_config": asdict(config),
+            "trainable_params": sum(t.numel() for t in tensors.values()) if spec.method != "full" else None}
+    _atomic_write(out_dir / ADAPTER_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    return out_dir
+
+
+def read_spec(adapter_dir: Path) -> Tuple[MethodSpec, Dict[str, Any]]:
+    path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{adapter_dir} is not a fine-tuned output: {ADAPTER_CONFIG_FILE} is missing")
+    meta = json.loads(path.read_text())
+    settings_cls = _settings_class(meta["method"])
+    settings = None
+    if settings_cls is not None:
+        known = {f.name for f in fields(settings_cls)}
+        settings = settings_cls(**{k: v for k, v in (meta.get("settings") or {}).items() if k in known})
+    attention = AttentionConfig(**meta.get("attention", {}))
+    return MethodSpec(meta["method"], settings, attention, meta.get("quantize")), meta
+
+
+def load_finetuned(
+    checkpoint_dir: Path,
+    adapter_dir: Optional[Path],
+    device: torch.device,
+    dtype: torch.dtype,
+    quantize: Optional[str] = None,
+) -> Tuple[Config, GPT, MethodSpec]:
+    """The base of ``checkpoint_dir`` with the fine-tuned tensors of ``adapter_dir`` (``None``: the base alone)."""
+    from safetensors.torch import load_file
+
+    if adapter_dir is None:
+        spec = MethodSpec("full", quantize=quantize)
+        config = Config.from_checkpoint_dir(checkpoint_dir)
+        return config, prepare_model(spec, config, checkpoint_dir, device, dtype).eval(), spec
+    spec, _ = read_spec(adapter_dir)
+    spec.quantize = quantize
+    if spec.method == "full":
+        config = Config.from_checkpoint_dir(adapter_dir)
+        return config, prepare_model(spec, config, adapter_dir, device, dtype).eval(), spec
+    config = Config.from_checkpoint_dir(checkpoint_dir)
+    spec.validate(config)
+    model = prepare_model(spec, config, checkpoint_dir, device, dtype)
+    path = Path(adapter_dir) / ADAPTER_FILE
+    if not path.is_file():
+        raise UserError(f"adapter weights not found: {path}")
+    load_trained_tensors(model, load_file(str(path)), spec, source=str(path))
+    return config, model.eval(), spec
+
+
+def load_trained_tensors(model: nn.Module, tensors: Dict[str, torch.Tensor], spec: MethodSpec, source: str) -> None:
+    """Copies saved trainable tensors into ``model``; a clear error names the keys when they do not fit."""
+    keep = trainable_filter(spec)
+    params = {n: p for n, p in model.named_parameters() if keep(n, p)}
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    mismatched = [f"{k}: saved {tuple(tensors[k].shape)} vs model {tuple(params[k].shape)}"
+                  for k in sorted(set(params) & set(tensors)) if tensors[k].shape != params[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                parts.append(f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
+        raise UserError(f"the {spec.method} weights in {source} do not fit this base model; " + "; ".join(parts))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name].to(param.dtype))

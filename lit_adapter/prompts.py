@@ -1,0 +1,61 @@
+"""The instruction prompt template (Stanford Alpaca), shared by data preparation, generation and evaluation.
+
+Taori et al., "Stanford Alpaca: An Instruction-following LLaMA Model" (2023) fine-tune LLaMA on records of
+``instruction`` / optional ``input`` / ``output`` rendered with the template below; LLaMA-Adapter (Zhang et al.,
+2023, arXiv:2303.16199) trains on the same template. Dolly-15k records (``instruction`` / ``context`` /
+``response``) map onto the same three fields, with ``context`` as the input.
+
+A model fine-tuned with one template only answers well when prompted with exactly the same text, so
+training, generation and evaluation all build their prompt through :func:`generate_prompt`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+TEMPLATE_NAME = "alpaca"
+
+RESPONSE_MARKER = "### Response:\n"
+
+_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n" + RESPONSE_MARKER
+)
+_WITHOUT_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n" + RESPONSE_MARKER
+)
+
+
+@dataclass(frozen=True)
+class InstructionRecord:
+    """One instruction example: Alpaca's instruction/input/output, Dolly's instruction/context/response."""
+
+    instruction: str
+    input: str = ""
+    output: str = ""
+
+
+def generate_prompt(record: Union[InstructionRecord, Mapping[str, str]]) -> str:
+    """The prompt for ``record`` up to and including ``### Response:\\n``; the output is not part of it.
+
+    ``record`` may also be a mapping with ``instruction`` and optionally ``input`` (or Dolly's ``context``).
+    An input that is empty or only whitespace selects the template without an ``### Input:`` section.
+    """
+    if isinstance(record, Mapping):
+        instruction = record["instruction"]
+        context = record.get("input", record.get("context", "")) or ""
+    else:
+        instruction, context = record.instruction, record.input
+    if context.strip():
+        return _WITH_INPUT.format(instruction=instruction, input=context)
+    return _WITHOUT_INPUT.format(instruction=instruction)
+
+
+def extract_response(text: str) -> str:
+    """The part of a generated text after the first ``### Response:`` marker (all of it if there is none)."""
+    _, marker, response = text.partition(RESPONSE_MARKER)
+    return response.strip() if marker else text.strip()

@@ -1,0 +1,97 @@
+"""Quantized frozen bases with bitsandbytes (LLM.int8(), Dettmers et al. 2022; QLoRA's NF4, Dettmers et al. 2023).
+
+The base model's linear layers are replaced, after its weights are loaded, by ``bitsandbytes`` layers holding the
+same weights in 8 or 4 bits. Only frozen layers are quantized: PEFT parameters (prompts, gates, LoRA matrices,
+v2 biases and scales) stay in full or half precision, and PEFT wrappers keep working because they only call
+their inner ``linear``. bitsandbytes >= 0.46 runs these layers on CPU as well as on CUDA; the weights are
+quantized when the layer is moved to its device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from lit_adapter.errors import UserError
+
+QUANTIZE_MODES = ("bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4")
+
+
+def _default_skip(name: str) -> bool:
+    # The output head stays in full precision: quantizing it costs the most accuracy for the least memory
+    # (and with tied embeddings it shares its weight with the embedding table).
+    return name == "lm_head" or name.startswith("lm_head.") or "lora_" in name
+
+
+def quantize_linears(
+    model: nn.Module,
+    mode: Optional[str],
+    device: Optional[torch.device] = None,
+    compute_dtype: torch.dtype = torch.float32,
+    skip: Callable[[str], bool] = _default_skip,
+) -> nn.Module:
+    """Replaces the ``nn.Linear`` layers of ``model`` (in place) by frozen bitsandbytes counterparts.
+
+    ``mode`` is one of :data:`QUANTIZE_MODES` (``None`` leaves the model as is). Layers whose qualified name
+    ``skip`` accepts (by default the output head and LoRA's own matrices) are left alone.
+    """
+    if mode is None:
+        return model
+    if mode not in QUANTIZE_MODES:
+        raise UserError(f"unknown --quantize {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:  # pragma: no cover - bitsandbytes is a dependency
+        raise UserError(f"--quantize {mode} needs bitsandbytes: {err}") from None
+
+    if device is None:
+        device = next(model.parameters()).device
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and not skip(name)
+    ]
+    if any(module.weight.is_meta for _, module in targets):
+        raise RuntimeError("load the weights before quantizing: the model is still on the meta device")
+    for name, linear in targets:
+        weight = linear.weight.data.to("cpu", torch.float32 if device.type == "cpu" else torch.float16)
+        with torch.device("meta"):
+            if mode == "bnb.int8":
+                quantized = bnb.nn.Linear8bitLt(
+                    linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False
+                )
+            else:
+                quantized = bnb.nn.Linear4bit(
+                    linear.in_features,
+                    linear.out_features,
+                    bias=linear.bias is not None,
+                    compute_dtype=compute_dtype,
+                    quant_type="fp4" if mode == "bnb.fp4" else "nf4",
+                    compress_statistics=mode == "bnb.nf4-dq",
+                )
+        if mode == "bnb.int8":
+            quantized.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        else:
+            quantized.weight = bnb.nn.Params4bit(
+                weight, requires_grad=False, quant_type=quantized.weight.quant_type,
+                compress_statistics=mode == "bnb.nf4-dq",
+            )
+        if linear.bias is not None:
+            quantized.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        quantized = quantized.to(device)  # quantization happens on this move
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child_name, quantized)
+    return model
+
+
+def dtype_for_quantized_weights(mode: Optional[str]) -> float:
+    """Bytes per weight of a quantized base (for the memory estimator); 4-bit adds one fp32 absmax per 64."""
+    if mode is None:
+        raise ValueError("not quantized")
+    if mode == "bnb.int8":
+        return 1.0 + 4.0 / 4096  # one fp32 scale per row of ~4096
+    if mode == "bnb.nf4-dq":
+        return 0.5 + (1.0 + 4.0 / 256) / 64  # 8-bit absmax per block of 64, fp32 second-level per 256 blocks
+    return 0.5 + 4.0 / 64

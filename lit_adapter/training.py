@@ -1,0 +1,583 @@
+"""The one training loop behind every ``finetune/*.py`` script: setup -> main -> fit -> validate -> save.
+
+What differs between methods (which parameters exist, which train, what is saved) lives in
+:mod:`lit_adapter.methods`; everything here is shared, so a comparison between methods differs only in the method.
+
+Units, so nothing is counted in the wrong one: a *step* is one optimizer step over ``global_batch_size``
+examples; it is made of ``global_batch_size / (micro_batch_size * world_size)`` micro-batches per device.
+Warmup, evaluation, logging and checkpoint intervals are all in steps. The data order is a pure function of
+``(seed, step)``, which is what makes ``--resume`` exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from lit_adapter.errors import UserError
+
+CHECKPOINT_NAME = "last.ckpt"
+
+
+@dataclass
+class DataArgs:
+    """Where the prepared instruction data are (``scripts/prepare_dolly.py`` writes them)."""
+
+    data_dir: Path = Path("data/dolly")
+    """Folder with train.pt, val.pt and metadata.json from scripts/prepare_dolly.py or prepare_alpaca.py."""
+    max_seq_length: Optional[int] = None
+    """Cut longer examples to this many tokens (counted and reported); default: the model's block_size."""
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation settings. Every interval and count here is in optimizer steps."""
+
+    global_batch_size: int = 64
+    """Examples per optimizer step, over all devices (gradient accumulation makes up the difference)."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward pass on one device."""
+    epochs: int = 3
+    """Passes over the training split (ignored when max_steps is set)."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps instead of after ``epochs``."""
+    learning_rate: float = 9e-3
+    """Peak learning rate, reached after the warmup."""
+    min_learning_rate: float = 0.0
+    """Floor of the cosine decay."""
+    warmup_steps: int = 100
+    """Linear warmup length in optimizer steps (capped at the run's length)."""
+    weight_decay: float = 0.02
+    beta1: float = 0.9
+    beta2: float = 0.95
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm to this value; null disables clipping."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
+    seed: int = 1337
+    log_interval: int = 1
+    """Log training metrics every this many steps."""
+    save_interval: Optional[int] = None
+    """Write a resumable checkpoint every this many steps (and always at the end)."""
+
+
+@dataclass
+class EvalArgs:
+    """Validation settings."""
+
+    interval: int = 100
+    """Compute the validation loss every this many optimizer steps (and before and after training)."""
+    max_batches: Optional[int] = None
+    """Use at most this many validation micro-batches per evaluation (default: the whole split)."""
+    initial: bool = True
+    """Also evaluate the model before the first step (the frozen model, for adapters and LoRA)."""
+
+
+@dataclass
+class FabricArgs:
+    """Hardware and numerics, passed to Lightning Fabric."""
+
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: Literal["auto", "ddp", "fsdp", "ddp_spawn"] = "auto"
+    precision: Optional[str] = None
+    """32-true, bf16-true, bf16-mixed or 16-mixed; default: bf16-true on GPUs that support it, else 32-true."""
+
+
+@dataclass
+class LoggerArgs:
+    """Experiment logging."""
+
+    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv"
+    """CSV files by default; wandb honours WANDB_MODE=offline/disabled."""
+    project: str = "lit-adapter"
+    """WandB project name."""
+    run_name: Optional[str] = None
+    """Run name for WandB/TensorBoard (default: the output folder's name)."""
+
+
+def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
+    """Checks the hyper-parameters together; returns the gradient-accumulation factor."""
+    for name in ("global_batch_size", "micro_batch_size", "log_interval"):
+        if getattr(train, name) < 1:
+            raise UserError(f"train.{name} must be >= 1, got {getattr(train, name)}")
+    if train.epochs < 1 and train.max_steps is None:
+        raise UserError(f"train.epochs must be >= 1, got {train.epochs}")
+    if train.max_steps is not None and train.max_steps < 1:
+        raise UserError(f"train.max_steps must be >= 1, got {train.max_steps}")
+    if not train.learning_rate > 0 or not math.isfinite(train.learning_rate):
+        raise UserError(f"train.learning_rate must be a positive number, got {train.learning_rate}")
+    if train.min_learning_rate < 0 or train.min_learning_rate > train.learning_rate:
+        raise UserError("train.min_learning_rate must lie between 0 and train.learning_rate")
+    if train.warmup_steps < 0 or train.weight_decay < 0:
+        raise UserError("train.warmup_steps and train.weight_decay must be >= 0")
+    if not (0 <= train.beta1 < 1 and 0 <= train.beta2 < 1):
+        raise UserError("train.beta1 and train.beta2 must lie in [0, 1)")
+    if train.max_grad_norm is not None and train.max_grad_norm <= 0:
+        raise UserError(f"train.max_grad_norm must be > 0 (or null), got {train.max_grad_norm}")
+    if train.save_interval is not None and train.save_interval < 1:
+        raise UserError(f"train.save_interval must be >= 1, got {train.save_interval}")
+    if eval.interval < 1 or (eval.max_batches is not None and eval.max_batches < 1):
+        raise UserError("eval.interval and eval.max_batches must be >= 1")
+    per_step = train.micro_batch_size * fabric.devices
+    if train.global_batch_size % per_step:
+        raise UserError(
+            f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+            f"micro_batch_size x devices = {train.micro_batch_size} x {fabric.devices}"
+        )
+    return train.global_batch_size // per_step
+
+
+def lr_at(step: int, total_steps: int, train: TrainArgs) -> float:
+    """Linear warmup over ``warmup_steps`` optimizer steps, then cosine decay to ``min_learning_rate``."""
+    warmup = min(train.warmup_steps, total_steps)
+    if step < warmup:
+        return train.learning_rate * (step + 1) / warmup
+    decay_steps = max(total_steps - warmup, 1)
+    progress = min((step - warmup) / decay_steps, 1.0)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return train.min_learning_rate + (train.learning_rate - train.min_learning_rate) * cosine
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over the unmasked targets, and how many targets there were."""
+    logits = logits[:, :-1].reshape(-1, logits.size(-1))
+    targets = labels[:, 1:].reshape(-1)
+    count = int((targets != ignore_index).sum())
+    if count == 0:
+        return logits.sum() * 0.0, 0
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index), count
+
+
+class StepBatchSampler:
+    """Yields index lists of micro-batches, starting at a given optimizer step.
+
+    Epoch ``e`` visits the training set in ``randperm(n, seed + e)`` order; a step consumes
+    ``accum * world_size`` consecutive micro-batches of it (this rank takes every ``world_size``-th one). The
+    remainder of an epoch that does not fill a whole step is dropped, as a fixed-size comparison requires.
+    """
+
+    def __init__(self, n: int, micro_batch_size: int, accum: int, world_size: int, rank: int, seed: int,
+                 start_step: int, total_steps: int) -> None:
+        self.n, self.mbs, self.accum, self.world, self.rank = n, micro_batch_size, accum, world_size, rank
+        self.seed, self.start_step, self.total_steps = seed, start_step, total_steps
+        self.steps_per_epoch = n // (micro_batch_size * accum * world_size)
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * self.accum
+
+    def __iter__(self) -> Iterator[List[int]]:
+        per_epoch = self.steps_per_epoch * self.accum * self.world
+        perm, perm_epoch = None, -1
+        for step in range(self.start_step, self.total_steps):
+            for micro in range(self.accum):
+                global_micro = (step * self.accum + micro) * self.world + self.rank
+                epoch, within = divmod(global_micro, per_epoch)
+                if epoch != perm_epoch:
+                    g = torch.Generator().manual_seed(self.seed + epoch)
+                    perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+                yield perm[within * self.mbs : (within + 1) * self.mbs]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA allocator peak on GPUs; peak resident set size of the process on CPU (includes everything)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so a checkpoint can be written."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. spawned workers): leave the defaults
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a resumable checkpoint after this step", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class LossNotFinite(UserError):
+    pass
+
+
+def to_jsonable(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {k: to_jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports; also written to ``summary.json``."""
+
+    method: str
+    status: str
+    steps: int
+    trainable_params: int
+    total_params: int
+    initial_val_loss: Optional[float] = None
+    final_val_loss: Optional[float] = None
+    avg_train_loss: Optional[float] = None
+    last_train_loss: Optional[float] = None
+    train_time_s: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_memory_gb: float = 0.0
+    peak_memory_kind: str = ""
+    out_dir: str = ""
+    train_losses: List[Tuple[int, float]] = field(default_factory=list)
+    val_losses: List[Tuple[int, float]] = field(default_factory=list)
+
+
+def default_precision(accelerator: str) -> str:
+    if accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-true"
+    return "32-true"
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+
+
+def build_logger(args: LoggerArgs, out_dir: Path):
+    name = args.run_name or out_dir.name
+    if args.logger_name == "csv":
+        from lightning.fabric.loggers import CSVLogger
+
+        return CSVLogger(root_dir=str(out_dir), name="logs", flush_logs_every_n_steps=1)
+    if args.logger_name == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(root_dir=str(out_dir), name="logs", version=name)
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(project=args.project, name=name, save_dir=str(out_dir))
+
+
+def logger_supports_hparams(logger) -> bool:
+    from lightning.fabric.loggers import CSVLogger
+
+    return not isinstance(logger, CSVLogger)  # Fabric's CSV logger has no hyper-parameter file; we write our own
+
+
+def finetune(
+    spec: "MethodSpec",
+    *,
+    checkpoint_dir: Optional[Path],
+    model_name: Optional[str],
+    out_dir: Path,
+    data: DataArgs,
+    train: TrainArgs,
+    eval: EvalArgs,
+    fabric_args: FabricArgs,
+    logger: LoggerArgs,
+    resume: bool = False,
+    dry_run: bool = False,
+) -> Optional[RunResult]:
+    """Fine-tunes with ``spec`` and returns the run's summary (``None`` for a dry run)."""
+    from lightning.fabric import Fabric
+
+    from lit_adapter import methods
+
+    accum = validate_args(train, eval, fabric_args)
+    config = methods.resolve_config(checkpoint_dir, model_name)
+    spec.validate(config)
+    if dry_run:
+        methods.dry_run(spec, config)
+        return None
+    if checkpoint_dir is None:
+        raise UserError("--checkpoint_dir is required for training (only --dry_run works from --model_name alone)")
+
+    precision = fabric_args.precision or default_precision(fabric_args.accelerator)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fabric = Fabric(
+        accelerator=fabric_args.accelerator,
+        devices=fabric_args.devices,
+        strategy=fabric_args.strategy,
+        precision=precision,
+        loggers=[build_logger(logger, out_dir)],
+    )
+    fabric.launch()
+    return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
+                 hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train,
+                              eval=eval, fabric=fabric_args, logger=logger, precision=precision))
+
+
+def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams):
+    from tqdm import tqdm
+
+    from lit_adapter import methods
+    from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared
+
+    fabric.seed_everything(train.seed)
+    train_examples, val_examples, metadata = load_prepared(data.data_dir)
+    max_seq_length = min(data.max_seq_length or config.block_size, config.block_size)
+    train_examples, cut_train = _truncate(train_examples, max_seq_length)
+    val_examples, cut_val = _truncate(val_examples, max_seq_length)
+    if cut_train or cut_val:
+        fabric.print(f"truncated {cut_train} training and {cut_val} validation examples to {max_seq_length} tokens")
+    needed = train.global_batch_size
+    if len(train_examples) < needed:
+        raise UserError(
+            f"the training split has {len(train_examples)} examples, fewer than one global batch of {needed}"
+        )
+    if not val_examples:
+        raise UserError(f"the validation split in {data.data_dir} is empty")
+    spec.attention = spec.attention.resolve(max_seq_length) if hasattr(spec.attention, "resolve") else spec.attention
+
+    t0 = time.perf_counter()
+    model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision))
+    model.gradient_checkpointing = train.activation_checkpointing
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = methods.count_parameters(model, requires_grad=True)
+    n_total = methods.count_parameters(model)
+    fabric.print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.4f}%)")
+    fabric.print(f"model ready in {time.perf_counter() - t0:.2f}s ({spec.describe()})")
+
+    optimizer = torch.optim.AdamW(
+        trainable, lr=train.learning_rate, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2)
+    )
+    model, optimizer = fabric.setup(model, optimizer)
+    steps_per_epoch = len(train_examples) // train.global_batch_size
+    total_steps = train.max_steps if train.max_steps is not None else train.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, total_steps, train) / train.learning_rate
+    )
+    state: Dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler.state_dict(),
+                             "step": 0, "train_losses": [], "val_losses": [], "rng": torch.get_rng_state(),
+                             "tokens": 0, "train_time": 0.0}
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    if resume:
+        _resume(fabric, state, scheduler, checkpoint_path, model, spec)
+    hparams = to_jsonable({**hparams, "trainable_params": n_trainable, "total_params": n_total})
+    if fabric.global_rank == 0:
+        (out_dir / "hparams.json").write_text(json.dumps(hparams, indent=2) + "\n")
+    if logger_supports_hparams(fabric.logger):
+        fabric.logger.log_hyperparams(hparams)
+
+    pad_id = 0
+    sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
+                               fabric.global_rank, train.seed, state["step"], total_steps)
+    collate = lambda batch: collate_instructions(batch, pad_id=pad_id)  # noqa: E731
+    train_loader = fabric.setup_dataloaders(
+        DataLoader(InstructionDataset(train_examples), batch_sampler=sampler, collate_fn=collate),
+        use_distributed_sampler=False,
+    )
+    val_loader = fabric.setup_dataloaders(
+        DataLoader(InstructionDataset(val_examples), batch_size=train.micro_batch_size, shuffle=False,
+                   collate_fn=collate)
+    )
+
+    def run_validation(step: int) -> float:
+        loss = validate(fabric, model, val_loader, eval.max_batches)
+        state["val_losses"].append((step, loss))
+        fabric.log_dict({"val_loss": loss, "step": step}, step=step)
+        return loss
+
+    if state["step"] == 0 and eval.initial:
+        loss = run_validation(0)
+        fabric.print(f"validation loss before training: {loss:.4f}")
+
+    status = "completed"
+    train_iter = iter(train_loader)
+    progress = tqdm(total=total_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0,
+                    dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+    window_start, window_tokens = time.perf_counter(), 0
+    with _StopRequest() as stop:
+        while state["step"] < total_steps:
+            step_start = time.perf_counter()
+            step_loss = torch.zeros((), device=fabric.device)
+            for micro in range(accum):
+                batch = next(train_iter)
+                with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+                    logits = model(batch["input_ids"])
+                    loss, _ = loss_fn(logits, batch["labels"])
+                    fabric.backward(loss / accum)
+                step_loss += loss.detach() / accum
+                # processed positions, padding included: that is the compute the step paid for
+                window_tokens += batch["input_ids"].numel()
+            step_loss_value = float(fabric.all_reduce(step_loss, reduce_op="mean"))
+            if not math.isfinite(step_loss_value):
+                last_good = f"; the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else ""
+                raise LossNotFinite(
+                    f"the training loss became {step_loss_value} at step {state['step'] + 1}; "
+                    f"no update was applied{last_good}. Lower train.learning_rate or check the data."
+                )
+            if train.max_grad_norm is not None:
+                fabric.clip_gradients(model, optimizer, max_norm=train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            state["train_time"] += time.perf_counter() - step_start
+            state["train_losses"].append((state["step"], step_loss_value))
+            step = state["step"]
+            progress.update(1)
+            if step % train.log_interval == 0 or step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens * fabric.world_size / max(elapsed, 1e-9)
+                state["tokens"] += window_tokens * fabric.world_size
+                window_start, window_tokens = time.perf_counter(), 0
+                metrics = {"train_loss": step_loss_value, "learning_rate": scheduler.get_last_lr()[0],
+                           "tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(fabric.device),
+                           "epoch": step / max(steps_per_epoch, 1), "step": step}
+                fabric.log_dict(metrics, step=step)
+                progress.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            if step % eval.interval == 0 and step != total_steps:
+                val_loss = run_validation(step)
+                progress.write(f"step {step}: validation loss {val_loss:.4f}")
+            if train.save_interval and step % train.save_interval == 0:
+                save_resumable(fabric, state, scheduler, checkpoint_path, spec)
+            if stop.signal is not None:
+                status = "interrupted"
+                break
+    progress.close()
+
+    if status == "completed":
+        run_validation(state["step"])
+    save_resumable(fabric, state, scheduler, checkpoint_path, spec)
+    if status == "completed":
+        methods.save_adapter(model, spec, config, checkpoint_dir, out_dir / "final")
+    result = _summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
+    fabric.logger.finalize("success" if status == "completed" else "aborted")
+    if status == "interrupted":
+        fabric.print(f"stopped at step {state['step']}; resume with the same command and --resume true")
+        raise SystemExit(130)
+    return result
+
+
+def _truncate(examples: List[Dict[str, torch.Tensor]], max_len: int) -> Tuple[List[Dict[str, torch.Tensor]], int]:
+    cut, out = 0, []
+    for ex in examples:
+        if len(ex["input_ids"]) > max_len:
+            cut += 1
+            ex = {"input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]}
+        out.append(ex)
+    return out, cut
+
+
+@torch.no_grad()
+def validate(fabric, model, loader, max_batches: Optional[int]) -> float:
+    """Token-weighted mean validation loss (each target token counts once, whatever its batch)."""
+    model.eval()
+    total, count = torch.zeros((), device=fabric.device, dtype=torch.float64), 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        loss, n = loss_fn(model(batch["input_ids"]), batch["labels"])
+        total += loss.double() * n
+        count += n
+    model.train()
+    total = fabric.all_reduce(total, reduce_op="sum")
+    count = fabric.all_reduce(torch.tensor(count, device=fabric.device), reduce_op="sum")
+    return float(total / count.clamp(min=1))
+
+
+def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec) -> None:
+    """Writes the trainable tensors, optimizer, scheduler, step and RNG atomically (temp file + rename)."""
+    from lit_adapter import methods
+
+    state["scheduler"] = scheduler.state_dict()
+    state["rng"] = torch.get_rng_state()
+    tmp = path.with_name(path.name + ".tmp")
+    fabric.save(tmp, state, filter={"model": methods.trainable_filter(spec)})
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        os.replace(tmp, path)
+
+
+def _resume(fabric, state, scheduler, path: Path, model, spec) -> None:
+    from lit_adapter import methods
+
+    if not path.exists():
+        raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
+    expected = {n for n, p in methods.unwrap(model).named_parameters() if p.requires_grad}
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    found = set(saved.get("model", {}))
+    if found != expected:
+        missing, extra = sorted(expected - found), sorted(found - expected)
+        raise UserError(
+            f"--resume: {path} does not fit this run's {spec.describe()}: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
+        )
+    del saved
+    remainder = fabric.load(path, state, strict=False, weights_only=True)
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    for key in remainder:
+        state[key] = remainder[key]
+    fabric.print(f"resumed from {path} at step {state['step']}")
+
+
+def _summarize(fabric, spec, status, state, n_trainable, n_total, out_dir: Path) -> RunResult:
+    from lit_adapter import methods  # noqa: F401  (keeps import order uniform)
+
+    losses = [loss for _, loss in state["train_losses"]]
+    vals = state["val_losses"]
+    result = RunResult(
+        method=spec.describe(),
+        status=status,
+        steps=state["step"],
+        trainable_params=n_trainable,
+        total_params=n_total,
+        initial_val_loss=vals[0][1] if vals and vals[0][0] == 0 else None,
+        final_val_loss=vals[-1][1] if vals else None,
+        avg_train_loss=sum(losses) / len(losses) if losses else None,
+        last_train_loss=losses[-1] if losses else None,
+        train_time_s=state["train_time"],
+        tokens_per_s=state["tokens"] / max(state["train_time"], 1e-9),
+        peak_memory_gb=peak_memory_gb(fabric.device),
+        peak_memory_kind="cuda_max_allocated" if fabric.device.type == "cuda" else "process_peak_rss",
+        out_dir=str(out_dir),
+        train_losses=[tuple(x) for x in state["train_losses"]],
+        val_losses=[tuple(x) for x in vals],
+    )
+    if fabric.global_rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+        fabric.print(
+            "\n".join([
+                f"--- {result.method}: {status} after {result.steps} steps ---",
+                f"trainable parameters: {n_trainable:,} of {n_total:,}",
+                f"train loss: average {fmt(result.avg_train_loss)}, last {fmt(result.last_train_loss)}",
+                f"validation loss: before {fmt(result.initial_val_loss)}, after {fmt(result.final_val_loss)}",
+                f"training time: {result.train_time_s:.1f}s, {result.tokens_per_s:,.0f} tokens/s",
+                f"peak memory: {result.peak_memory_gb:.2f} GB ({result.peak_memory_kind})",
+                f"outputs: {out_dir}",
+            ])
+        )
+    return result

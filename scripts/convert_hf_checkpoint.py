@@ -1,0 +1,34 @@
+"""Convert an HF transformers LLaMA checkpoint into a lit-adapter checkpoint directory."""
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from lit_adapter.convert import convert_hf_checkpoint
+from lit_adapter.errors import run_cli
+
+
+def main(
+    checkpoint_dir: Path,
+    output_dir: Path,
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
+    tokenizer_path: Optional[Path] = None,
+) -> None:
+    """Convert an HF transformers LLaMA directory into a lit-adapter checkpoint directory.
+
+    Reads config.json, the weights (*.safetensors or pytorch_model*.bin, sharded or not) and tokenizer.model;
+    writes model_config.json, lit_model.safetensors and tokenizer.model.
+
+    Args:
+        checkpoint_dir: The HF model directory (as written by ``save_pretrained`` or downloaded from the Hub).
+        output_dir: Where to write the lit-adapter checkpoint directory.
+        dtype: Cast the weights to this dtype; by default they keep the dtype they are stored in.
+        tokenizer_path: The SentencePiece tokenizer.model, if it is not in ``checkpoint_dir``.
+    """
+    config = convert_hf_checkpoint(checkpoint_dir, output_dir, dtype=dtype, tokenizer_path=tokenizer_path)
+    print(f"wrote {output_dir} ({config.n_layer} layers, n_embd={config.n_embd}, vocab={config.vocab_size})")
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    run_cli(CLI, main, as_positional=False)

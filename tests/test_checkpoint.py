@@ -1,0 +1,170 @@
+import os
+import shutil
+
+import pytest
+import torch
+
+from lit_adapter.checkpoint import (
+    find_weights,
+    load_checkpoint_dir,
+    load_state_dict,
+    load_weights_into,
+    save_state_dict,
+)
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.model import GPT
+
+
+def random_model(name="tiny", **overrides) -> GPT:
+    model = GPT(Config.from_name(name, **overrides))
+    model.init_weights()
+    return model.eval()
+
+
+def write_checkpoint_dir(path, model, shared_data, weights="lit_model.safetensors"):
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save(path / "model_config.json")
+    save_state_dict(model.state_dict(), path / weights)
+    shutil.copyfile(shared_data / "tokenizers" / "llama" / "tokenizer.model", path / "tokenizer.model")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_save_load_round_trip_with_tied_weights(tmp_path, suffix):
+    model = random_model(tie_embeddings=True)
+    state_dict = model.state_dict()
+    assert state_dict["lm_head.weight"].data_ptr() == state_dict["transformer.wte.weight"].data_ptr()
+    path = tmp_path / f"weights{suffix}"
+    save_state_dict(state_dict, path)
+    loaded = load_state_dict(path)
+    assert sorted(loaded) == sorted(state_dict)
+    for k, v in state_dict.items():
+        assert torch.equal(loaded[k], v), k
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "lit_model.safetensors"
+    save_state_dict({"a": torch.ones(3)}, path)
+
+    def failing_save(tensors, filename):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_state_dict({"a": torch.zeros(3)}, path)
+    assert torch.equal(load_state_dict(path)["a"], torch.ones(3))  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_find_weights_prefers_safetensors(tmp_path):
+    with pytest.raises(UserError, match=r"no weights in .*: expected lit_model.safetensors or lit_model.pth"):
+        find_weights(tmp_path)
+    with pytest.raises(UserError, match="checkpoint directory not found"):
+        find_weights(tmp_path / "missing")
+    save_state_dict({"a": torch.ones(1)}, tmp_path / "lit_model.pth")
+    assert find_weights(tmp_path).name == "lit_model.pth"
+    save_state_dict({"a": torch.ones(1)}, tmp_path / "lit_model.safetensors")
+    assert find_weights(tmp_path).name == "lit_model.safetensors"
+
+
+@pytest.mark.parametrize("name", ["lit_model.safetensors", "lit_model.pth"])
+def test_corrupt_weights_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"\x00\x01 definitely not a checkpoint")
+    with pytest.raises(UserError, match=f"cannot read weights file .*{name}"):
+        load_state_dict(path)
+    with pytest.raises(UserError, match="weights file not found"):
+        load_state_dict(tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_into_meta_model_gives_same_logits(tied):
+    source = random_model("tiny-gqa", tie_embeddings=tied)
+    state_dict = {k: v.clone() for k, v in source.state_dict().items()}
+    if tied:
+        del state_dict["lm_head.weight"]  # a tied checkpoint may omit the head
+    with torch.device("meta"):
+        model = GPT(source.config)
+    assert load_weights_into(model, state_dict) == []
+    assert model.transformer.wte.weight.device.type == "cpu"
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    idx = torch.randint(0, 512, (2, 9))
+    torch.testing.assert_close(model(idx), source(idx), rtol=0, atol=0)
+
+
+def test_load_errors_name_the_keys():
+    model = random_model("tiny")
+    state_dict = dict(model.state_dict())
+    missing = {k: v for k, v in state_dict.items() if "h.1." not in k}
+    with pytest.raises(UserError) as err:
+        load_weights_into(random_model("tiny"), missing)
+    message = str(err.value)
+    assert "9 missing keys: transformer.h.1.norm_1.weight, transformer.h.1.attn.q_proj.weight" in message
+    assert "(and 4 more)" in message and "Is model_config.json the config" in message
+
+    extra = dict(state_dict, **{"transformer.h.2.norm_1.weight": torch.ones(32)})
+    with pytest.raises(UserError, match=r"1 unexpected keys: transformer.h.2.norm_1.weight"):
+        load_weights_into(random_model("tiny"), extra)
+
+    wide = random_model("tiny", n_embd=64, n_head=4).state_dict()
+    with pytest.raises(UserError) as err:
+        load_weights_into(random_model("tiny"), wide, source="checkpoint x")
+    assert "the checkpoint x does not fit the model: 21 shape mismatches: transformer.wte.weight: checkpoint (512, 64) vs model (512, 32)" in str(err.value)
+
+    tied = random_model("tiny", tie_embeddings=True)
+    different = dict(state_dict)  # an untied checkpoint whose head differs from its embedding
+    with pytest.raises(UserError, match="ties lm_head.weight to transformer.wte.weight"):
+        load_weights_into(tied, different)
+
+
+def test_allow_missing_returns_the_keys_left_out():
+    source = random_model("tiny")
+    partial = {k: v for k, v in source.state_dict().items() if not k.endswith("norm_2.weight")}
+    model = random_model("tiny")
+    left = load_weights_into(model, partial, allow_missing=lambda k: k.endswith("norm_2.weight"))
+    assert left == ["transformer.h.0.norm_2.weight", "transformer.h.1.norm_2.weight"]
+
+
+def test_load_checkpoint_dir(tmp_path, shared_data):
+    source = random_model("tiny-32k", tie_embeddings=True)
+    ckpt = write_checkpoint_dir(tmp_path / "ckpt", source, shared_data)
+    config, model, tokenizer = load_checkpoint_dir(ckpt)
+    assert config == source.config and not model.training
+    assert tokenizer.vocab_size == 32000
+    idx = tokenizer.encode("Once upon a time")[None]
+    torch.testing.assert_close(model(idx), source(idx), rtol=0, atol=0)
+
+    _, half, _ = load_checkpoint_dir(ckpt, dtype=torch.bfloat16)
+    assert half.transformer.wte.weight.dtype == torch.bfloat16 and half.lm_head.weight is half.transformer.wte.weight
+    torch.testing.assert_close(half(idx).float(), source(idx), rtol=0.05, atol=0.05)
+
+
+def test_load_checkpoint_dir_errors(tmp_path, shared_data):
+    with pytest.raises(UserError, match="checkpoint directory not found"):
+        load_checkpoint_dir(tmp_path / "missing")
+    ckpt = write_checkpoint_dir(tmp_path / "ckpt", random_model("tiny"), shared_data)
+    (ckpt / "tokenizer.model").unlink()
+    with pytest.raises(UserError, match="has no tokenizer.model"):
+        load_checkpoint_dir(ckpt)
+    (ckpt / "model_config.json").unlink()
+    with pytest.raises(UserError, match="has no model_config.json"):
+        load_checkpoint_dir(ckpt)
+
+    # weights that do not fit the config: model_config.json says another width
+    ckpt = write_checkpoint_dir(tmp_path / "edited", random_model("tiny"), shared_data)
+    Config.from_name("tiny", n_embd=64).save(ckpt / "model_config.json")
+    with pytest.raises(UserError, match=r"lit_model.safetensors does not fit the model: 21 shape mismatches: transformer.wte.weight: checkpoint \(512, 32\) vs model \(512, 64\)"):
+        load_checkpoint_dir(ckpt)
