@@ -10,9 +10,9 @@ Four patterns replace the dense causal attention of :class:`lit_adapter.model.Ca
 * ``"local"``: a sliding window, query ``i`` sees ``i - window < j <= i`` (Beltagy et al. 2020's local part).
 * ``"shifted"``: LongLoRA's shifted sparse attention S²-Attn (Chen et al. 2023, arXiv:2309.12307): tokens
   attend within groups of ``G`` positions; the second half of the heads uses groups shifted by ``G / 2`` so that
-  information flows between neighbouring groups. LongLoRA rolls the shifted heads, which lets the last group see
-  the first tokens; we keep the groups on the original positions (group id ``(i + G // 2) // G``) so attention
-  stays causal.
+  information flows between neighbouring groups. LongLoRA rolls the shifted heads by ``G // 2``, which puts the
+  first tokens into the last group, where they see the future; we keep the shifted groups on the original
+  positions (group id ``(i + G / 2) // G`` for even ``G``) so attention stays causal.
 
 Every pattern is a parameter-free module. ``mask_mod(head, q_idx, kv_idx)`` defines it (without causality) and
 ``dense_mask`` turns it into the boolean reference mask. ``forward`` without ``input_pos`` computes only the
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import List, Literal, Optional, Tuple
+from typing import Callable, List, Literal, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -89,8 +89,28 @@ class AttentionConfig:
         return replace(self, group_size=max(1, int(self.group_size_ratio * max_seq_length)))
 
 
+class Part(NamedTuple):
+    """One disjoint part of a pattern in the layout its kernel runs in.
+
+    ``q``, ``k``, ``v``: (N, H, Tq, hs) and (N, H, Tk, hs); ``mask``: boolean, broadcastable to (N, H, Tq, Tk);
+    ``to_common`` maps a per-query tensor (N, H, Tq, d) of this layout to (B, nh, T, d), ``from_common`` back
+    (with zero rows where the layout has padding).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+    to_common: Callable[[torch.Tensor], torch.Tensor]
+    from_common: Callable[[torch.Tensor], torch.Tensor]
+
+
 class SparseAttention(nn.Module):
-    """Base of the patterns: the dense reference, the KV-cache path and the count of computed scores."""
+    """Base of the patterns: the dense reference, the KV-cache path, the union of parts and the work count."""
+
+    # On CPU the parts of a union run in PyTorch's fused flash kernel, whose log-sum-exp output makes the merge
+    # exact; elsewhere (or with this switched off) they run as plain matmul + softmax.
+    fused_cpu_parts = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -127,7 +147,7 @@ class SparseAttention(nn.Module):
             y = self._sdpa(q, k, v, attn_mask=mask.unsqueeze(0))
         else:
             if k.shape[-2] != T:
-                raise ValueError(f"without input_pos keys and queries must have the same length, got {k.shape[-2]}, {T}")
+                raise ValueError(f"without input_pos keys and queries need the same length, got {k.shape[-2]}, {T}")
             y = self.sparse_forward(q, k, v)
         self.last_scored_elements = self._scored / (B * nh)
         return y
@@ -148,36 +168,157 @@ class SparseAttention(nn.Module):
         self(x, x, x)
         return self.last_scored_elements
 
-    # Every attention call goes through one of these two, so that the work done is counted.
     def _sdpa(self, q, k, v, attn_mask=None, is_causal=False) -> torch.Tensor:
         self._scored += q.shape[:-1].numel() * k.shape[-2]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
-    def _attend_with_lse(self, q, k, v, mask) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Softmax attention that also returns its log-sum-exp, in float32; ``mask`` broadcasts to the scores."""
-        self._scored += q.shape[:-1].numel() * k.shape[-2]
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
-        scores = scores.masked_fill(~mask, _MASKED_SCORE)
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (..., Tq, 1)
-        probs = torch.exp(scores - lse)
-        return torch.matmul(probs.to(v.dtype), v).float(), lse
+    def _union(self, parts: List[Part]) -> torch.Tensor:
+        """Exact attention over the union of disjoint parts, (B, nh, T, hs) in the dtype of the queries."""
+        for part in parts:
+            self._scored += part.q.shape[:-1].numel() * part.k.shape[-2]
+        dtype = parts[0].q.dtype
+        if self.fused_cpu_parts and _fused_cpu_supported(parts[0].q):
+            tensors = [t for part in parts for t in (part.q, part.k, part.v)]
+            return _FusedCPUUnion.apply(parts, *tensors).to(dtype)
+        outputs = []
+        for part in parts:
+            out, lse = _attend_with_lse(part.q, part.k, part.v, part.mask)
+            outputs.append((part.to_common(out), part.to_common(lse)))
+        return merge_partial_softmaxes(outputs)[0].to(dtype)
 
 
-def merge_partial_softmaxes(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Exact softmax attention over the union of disjoint key sets from per-set outputs and log-sum-exps."""
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax statistics and merges run in at least float32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _attend_with_lse(q, k, v, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its log-sum-exp (..., Tq, 1), with plain matmuls."""
+    acc = _accumulation_dtype(q.dtype)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(acc) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = scores.masked_fill(~mask, _MASKED_SCORE)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    probs = torch.exp(scores - lse)
+    return torch.matmul(probs.to(v.dtype), v).to(acc), lse
+
+
+def merge_partial_softmaxes(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the union of disjoint key sets from each set's output and log-sum-exp (..., 1)."""
     lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
-    return sum(out * torch.exp(part_lse - lse) for out, part_lse in parts)
+    return sum(out * torch.exp(part_lse - lse) for out, part_lse in parts), lse
+
+
+def _fused_cpu_supported(q: torch.Tensor) -> bool:
+    # float16 cannot hold the finite mask value that keeps empty rows' log-sum-exp meaningful.
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float64)
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+    )
+
+
+class _FusedCPUUnion(torch.autograd.Function):
+    """The parts in PyTorch's CPU flash kernel, merged by log-sum-exp.
+
+    Backward runs each part's flash backward with the *merged* output and log-sum-exp: the kernel recomputes the
+    probabilities as ``exp(score - lse)``, which with the merged statistics are exactly the union's softmax
+    restricted to the part, so the per-part gradients add up to the exact gradient (as in split-KV flash
+    attention). A part whose row sees nothing gets a log-sum-exp near -1e30 and merge weight 0.
+    """
+
+    @staticmethod
+    def forward(ctx, parts: List[Part], *tensors: torch.Tensor) -> torch.Tensor:
+        # ``tensors`` repeats the parts' q, k, v so that autograd routes their gradients.
+        dtype = parts[0].q.dtype
+        # the kernel takes additive masks in the dtype of the queries
+        masks = [torch.zeros(p.mask.shape, dtype=dtype).masked_fill_(~p.mask, _MASKED_SCORE) for p in parts]
+        outputs = []
+        for part, mask in zip(parts, masks):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                part.q, part.k, part.v, 0.0, False, attn_mask=mask
+            )
+            acc = _accumulation_dtype(dtype)
+            outputs.append((part.to_common(out.to(acc)), part.to_common(lse.unsqueeze(-1).to(acc))))
+        out, lse = merge_partial_softmaxes(outputs)
+        out = out.to(parts[0].q.dtype)
+        ctx.layouts = [(part.to_common, part.from_common) for part in parts]
+        ctx.save_for_backward(*tensors, *masks, out, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        *saved, out, lse = ctx.saved_tensors
+        n = len(ctx.layouts)
+        qkv, masks = saved[: 3 * n], saved[3 * n:]
+        grads = []
+        for i, (_, from_common) in enumerate(ctx.layouts):
+            q, k, v = qkv[3 * i: 3 * i + 3]
+            # Padded rows come back as zeros: a zero gradient there makes their (finite) probabilities irrelevant.
+            grads += torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                from_common(grad_out.to(q.dtype)).contiguous(),
+                q, k, v,
+                from_common(out).contiguous(),
+                from_common(lse).squeeze(-1).contiguous(),
+                0.0, False, attn_mask=masks[i],
+            )
+        return (None, *grads)
 
 
 def _pad_seq(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """Zero rows before and after the sequence dimension of (B, nh, T, hs)."""
+    """Zero rows before and after the sequence dimension (-2) of (..., T, d)."""
     return F.pad(x, (0, 0, before, after)) if before or after else x
 
 
+def _tiled(B: int, nh: int, T: int, nb: int, tile: int):
+    """Layout maps between (B, nh, T, d) and query tiles (B * nh, nb, tile, d)."""
+
+    def to_common(x):
+        return x.reshape(B, nh, nb * tile, -1)[:, :, :T]
+
+    def from_common(x):
+        return _pad_seq(x, 0, nb * tile - T).reshape(B * nh, nb, tile, -1)
+
+    return to_common, from_common
+
+
 def _query_tile(window: int) -> int:
-    # Query blocks near the window length keep the wasted band work (tile - 1 extra keys per row) bounded while
+    # Query tiles near the window length keep the wasted band work (tile - 1 extra keys per row) bounded while
     # giving the kernel matrices large enough to be efficient.
     return max(16, min(window, 128))
+
+
+def band_part(pattern: SparseAttention, q, k, v, band: int, part_mod=None) -> Part:
+    """Each query over the ``band`` positions ending at itself, gathered per query tile.
+
+    Each tile of queries gathers the contiguous keys from ``band - 1`` before its first query to its last query,
+    so the work is ``T * (tile + band - 1)`` instead of ``T * T``. Inside the gathered keys ``pattern.mask_mod``
+    (and ``part_mod``, which restricts to one part of a union) decides what is seen.
+    """
+    B, nh, T, hs = q.shape
+    tile = min(_query_tile(band), T)
+    nb = -(-T // tile)
+    # Keys before position 0 are zero padding so that every tile gathers the same span; one tile needs none.
+    before = band - 1 if nb > 1 else 0
+    span = tile + before
+    device = q.device
+
+    # (B, nh, before + nb * tile, hs) -> (B, nh, nb, span, hs) -> (B * nh, nb, span, hs): the gathered key blocks
+    def gather(x):
+        x = _pad_seq(x, before, nb * tile - T).unfold(2, span, tile).transpose(-1, -2)
+        return x.reshape(B * nh, nb, span, hs)
+
+    q_pos = torch.arange(nb * tile, device=device).view(nb, tile, 1)  # (nb, tile, 1)
+    k_pos = (torch.arange(nb, device=device) * tile - before).view(nb, 1, 1) + torch.arange(
+        span, device=device
+    ).view(1, 1, span)  # (nb, 1, span)
+    # Padded queries (positions >= T) keep their diagonal so that no row is empty; their outputs are dropped.
+    mask = (k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos < band)
+    mask = mask & pattern.mask_mod(torch.zeros((), dtype=torch.long, device=device), q_pos, k_pos)
+    if part_mod is not None:
+        mask = mask & part_mod(q_pos, k_pos)
+    to_common, from_common = _tiled(B, nh, T, nb, tile)
+    return Part(from_common(q), gather(k), gather(v), mask.unsqueeze(0), to_common, from_common)
 
 
 class LocalAttention(SparseAttention):
@@ -194,53 +335,14 @@ class LocalAttention(SparseAttention):
         return (q_idx - kv_idx) < self.window
 
     def sparse_forward(self, q, k, v):
-        return banded_attention(self, q, k, v, min(self.window, q.shape[-2]))
-
-
-def banded_attention(
-    pattern: SparseAttention, q, k, v, band: int, with_lse: bool = False, part_mod=None
-):
-    """Attention of each query over the ``band`` positions ending at itself, gathered per query block.
-
-    The queries are cut into tiles; each tile gathers the contiguous keys from ``band - 1`` before its first query
-    to its last query, so the work is ``T * (tile + band - 1)`` instead of ``T * T``. Inside the gathered keys
-    ``pattern.mask_mod`` (and ``part_mod``, which restricts to one part of a union) decides what is seen.
-    """
-    B, nh, T, hs = q.shape
-    tile = min(_query_tile(band), T)
-    nb = -(-T // tile)
-    span = tile + band - 1
-    device = q.device
-
-    # (B, nh, nb * tile + band - 1, hs) -> (B, nh, nb, span, hs) -> (B * nh, nb, span, hs): the gathered key blocks
-    def gather(x):
-        x = _pad_seq(x, band - 1, nb * tile - T).unfold(2, span, tile).transpose(-1, -2)
-        return x.reshape(B * nh, nb, span, hs)
-
-    k_blocks, v_blocks = gather(k), gather(v)
-    q_blocks = _pad_seq(q, 0, nb * tile - T).reshape(B * nh, nb, tile, hs)
-
-    q_pos = torch.arange(nb * tile, device=device).view(nb, tile, 1)  # (nb, tile, 1)
-    k_pos = (torch.arange(nb, device=device) * tile - (band - 1)).view(nb, 1, 1) + torch.arange(
-        span, device=device
-    ).view(1, 1, span)  # (nb, 1, span)
-    # Padded queries (positions >= T) keep their diagonal so that no row is empty; their outputs are dropped.
-    mask = (k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos < band)
-    mask = mask & pattern.mask_mod(torch.zeros((), dtype=torch.long, device=device), q_pos, k_pos)
-    if part_mod is not None:
-        mask = mask & part_mod(q_pos, k_pos)
-
-    if with_lse:
-        out, lse = pattern._attend_with_lse(q_blocks, k_blocks, v_blocks, mask)  # (B * nh, nb, tile, hs)
-        return out.reshape(B, nh, nb * tile, hs)[:, :, :T], lse.reshape(B, nh, nb * tile, 1)[:, :, :T]
-    out = pattern._sdpa(q_blocks, k_blocks, v_blocks, attn_mask=mask.unsqueeze(0))
-    return out.reshape(B, nh, nb * tile, hs)[:, :, :T]
+        part = band_part(self, q, k, v, min(self.window, q.shape[-2]))
+        return part.to_common(self._sdpa(part.q, part.k, part.v, attn_mask=part.mask))
 
 
 class StridedAttention(SparseAttention):
     """Child et al.'s strided pattern: the previous ``stride`` tokens plus every ``stride``-th earlier token.
 
-    The two parts are made disjoint: the band ``i - j < stride`` (gathered per query block) and the strided
+    The two parts are made disjoint: the band ``i - j < stride`` (gathered per query tile) and the strided
     positions ``i - j >= stride`` with ``(i - j) % stride == 0``. The latter are causal attention within each
     residue class ``i % stride``, a dense (T / stride)² problem per class after a reshape.
     """
@@ -260,24 +362,24 @@ class StridedAttention(SparseAttention):
         B, nh, T, hs = q.shape
         l = self.stride
         n = -(-T // l)  # positions per residue class
-        if n == 1:  # no token is a full stride back: only the band
-            return banded_attention(self, q, k, v, T)
-        band = banded_attention(self, q, k, v, l, with_lse=True, part_mod=lambda qp, kp: qp - kp < l)
+        if n == 1:  # no token is a full stride back: the band is everything
+            part = band_part(self, q, k, v, T)
+            return part.to_common(self._sdpa(part.q, part.k, part.v, attn_mask=part.mask))
+        band = band_part(self, q, k, v, l, part_mod=lambda qp, kp: qp - kp < l)
 
-        # position m * l + r -> (residue r, step m): (B, nh, n, l, hs) -> (B, nh, l, n, hs)
-        def by_residue(x):
-            return _pad_seq(x, 0, n * l - T).view(B, nh, n, l, hs).transpose(2, 3)
+        # position m * l + r <-> (residue r, step m): (B, nh, T, d) <-> (B * nh, l, n, d)
+        def from_common(x):
+            return _pad_seq(x, 0, n * l - T).view(B, nh, n, l, -1).transpose(2, 3).reshape(B * nh, l, n, -1)
+
+        def to_common(x):
+            return x.view(B, nh, l, n, -1).transpose(2, 3).reshape(B, nh, n * l, -1)[:, :, :T]
 
         pos = torch.arange(n * l, device=q.device).view(n, l).t()  # (l, n): pos[r, m] = m * l + r
         q_pos, k_pos = pos.unsqueeze(-1), pos.unsqueeze(-2)  # (l, n, 1), (l, 1, n)
         head = torch.zeros((), dtype=torch.long, device=q.device)
-        mask = (q_pos - k_pos >= l) & self.mask_mod(head, q_pos, k_pos)  # (l, n, n), rows m = 0 empty
-        out, lse = self._attend_with_lse(by_residue(q), by_residue(k), by_residue(v), mask)  # (B, nh, l, n, .)
-        strided = (
-            out.transpose(2, 3).reshape(B, nh, n * l, hs)[:, :, :T],
-            lse.transpose(2, 3).reshape(B, nh, n * l, 1)[:, :, :T],
-        )
-        return merge_partial_softmaxes([band, strided]).to(q.dtype)
+        mask = (q_pos - k_pos >= l) & self.mask_mod(head, q_pos, k_pos)  # (l, n, n); rows m = 0 see nothing
+        strided = Part(from_common(q), from_common(k), from_common(v), mask.unsqueeze(0), to_common, from_common)
+        return self._union([band, strided])
 
 
 class FixedAttention(SparseAttention):
@@ -304,35 +406,35 @@ class FixedAttention(SparseAttention):
         l, c = self.block_size, self.summary_size
         device = q.device
         head = torch.zeros((), dtype=torch.long, device=device)
-        # A sequence shorter than a block is one block: no padding up to the block length.
-        lb = min(l, T)
-        nb = -(-T // lb)
+        if T <= l:  # one block: plain causal attention
+            return self._sdpa(q, k, v, is_causal=True)
+        nb = -(-T // l)
+        to_common, from_common = _tiled(B, nh, T, nb, l)
+        pos = torch.arange(nb * l, device=device).view(nb, l)
+        q_pos, k_pos = pos.unsqueeze(-1), pos.unsqueeze(-2)  # (nb, l, 1), (nb, 1, l)
+        own_mask = (k_pos <= q_pos) & self.mask_mod(head, q_pos, k_pos)  # (nb, l, l)
+        k_blocks, v_blocks = from_common(k), from_common(v)  # (B * nh, nb, l, hs)
+        own = Part(from_common(q), k_blocks, v_blocks, own_mask.unsqueeze(0), to_common, from_common)
 
-        def blocks(x):  # (B, nh, T, hs) -> (B, nh, nb, lb, hs)
-            return _pad_seq(x, 0, nb * lb - T).view(B, nh, nb, lb, hs)
-
-        pos = torch.arange(nb * lb, device=device).view(nb, lb)
-        q_pos, k_pos = pos.unsqueeze(-1), pos.unsqueeze(-2)  # (nb, lb, 1), (nb, 1, lb)
-        own_mask = (k_pos <= q_pos) & self.mask_mod(head, q_pos, k_pos)  # (nb, lb, lb)
-        out, lse = self._attend_with_lse(blocks(q), blocks(k), blocks(v), own_mask)
-        own = out.reshape(B, nh, nb * lb, hs)[:, :, :T], lse.reshape(B, nh, nb * lb, 1)[:, :, :T]
-        if nb == 1:
-            return own[0].to(q.dtype)
-
-        # Summary tokens of every block that the sequence reaches: (B, nh, nb * c, hs).
+        # The summary tokens of every block: (B, nh, nb * c, hs).
+        k_sum = k_blocks[:, :, l - c:].reshape(B, nh, nb * c, hs)
+        v_sum = v_blocks[:, :, l - c:].reshape(B, nh, nb * c, hs)
         summary_pos = pos[:, l - c:].reshape(-1)
-        k_sum, v_sum = blocks(k)[:, :, :, l - c:].reshape(B, nh, -1, hs), blocks(v)[:, :, :, l - c:].reshape(
-            B, nh, -1, hs
-        )
         q_pos = torch.arange(T, device=device).view(T, 1)
         sum_mask = (summary_pos // l < q_pos // l) & self.mask_mod(head, q_pos, summary_pos)  # (T, nb * c)
-        summaries = self._attend_with_lse(q, k_sum, v_sum, sum_mask)  # rows of the first block see none
-        return merge_partial_softmaxes([own, summaries]).to(q.dtype)
+        identity = lambda x: x  # noqa: E731
+        summaries = Part(q, k_sum, v_sum, sum_mask.view(1, 1, T, nb * c), identity, identity)
+        return self._union([own, summaries])
 
 
 class ShiftedSparseAttention(SparseAttention):
-    """LongLoRA's S²-Attn: causal attention within groups of ``group_size``; heads ``>= num_heads // 2`` use
-    groups shifted by ``group_size // 2`` (group id ``(i + group_size // 2) // group_size``)."""
+    """LongLoRA's S²-Attn: causal attention within groups of ``G = group_size`` tokens.
+
+    Heads ``< num_heads // 2`` use the groups ``[m * G, (m + 1) * G)``. The other heads use groups that start at
+    ``G // 2 + m * G`` (group id ``(i + G - G // 2) // G``, i.e. ``(i + G / 2) // G`` for even ``G``): the
+    partition LongLoRA gets by rolling those heads by ``G // 2``, minus the roll's wrap-around, so the first
+    ``G // 2`` tokens form a group of their own instead of joining the last tokens.
+    """
 
     def __init__(self, group_size: int, num_heads: int) -> None:
         super().__init__()
@@ -343,22 +445,23 @@ class ShiftedSparseAttention(SparseAttention):
         return f"group_size={self.group_size}, num_heads={self.num_heads}"
 
     def mask_mod(self, head, q_idx, kv_idx):
-        shift = torch.where(head >= self.num_heads // 2, self.group_size // 2, 0)
         G = self.group_size
+        shift = torch.where(head >= self.num_heads // 2, G - G // 2, 0)
         return (q_idx + shift) // G == (kv_idx + shift) // G
 
     def sparse_forward(self, q, k, v):
         if q.shape[1] != self.num_heads:
             raise ValueError(f"shifted attention was built for {self.num_heads} heads, got {q.shape[1]}")
         half = self.num_heads // 2
-        G, shift = self.group_size, self.group_size // 2
+        first = self.group_size // 2  # the shifted heads' groups start at G // 2 + m * G
         outputs = []
         if half:
             outputs.append(self._groups(q[:, :half], k[:, :half], v[:, :half]))
-        # The shifted heads: the first group holds only G // 2 tokens, the others G.
-        shifted = [self._groups(q[:, half:, :shift], k[:, half:, :shift], v[:, half:, :shift])] if shift else []
-        if q.shape[-2] > shift:
-            shifted.append(self._groups(q[:, half:, shift:], k[:, half:, shift:], v[:, half:, shift:]))
+        shifted = []
+        if first:
+            shifted.append(self._groups(q[:, half:, :first], k[:, half:, :first], v[:, half:, :first]))
+        if q.shape[-2] > first:
+            shifted.append(self._groups(q[:, half:, first:], k[:, half:, first:], v[:, half:, first:]))
         outputs.append(torch.cat(shifted, dim=2) if len(shifted) > 1 else shifted[0])
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
@@ -18,6 +19,8 @@ import torch.nn as nn
 
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
+from lit_adapter.model import GPT
+from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
 
 CONFIG_FILE = "model_config.json"
 WEIGHT_FILES = ("lit_model.safetensors", "lit_model.pth")
@@ -48,7 +51,8 @@ def load_state_dict(path: PathLike) -> StateDict:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        state_dict = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        # torch.save's zip container can be memory-mapped; the pre-1.6 legacy format cannot
+        state_dict = torch.load(path, weights_only=True, mmap=zipfile.is_zipfile(path), map_location="cpu")
     except Exception as err:  # corrupt, truncated or not a checkpoint at all
         raise UserError(f"cannot read weights file {path}: {type(err).__name__}: {_first_line(err)}") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -132,7 +136,7 @@ def load_weights_into(
 
     if tied and "lm_head.weight" in state_dict and "transformer.wte.weight" in state_dict:
         head, wte = state_dict["lm_head.weight"], state_dict["transformer.wte.weight"]
-        if head.shape == wte.shape and not torch.equal(head, wte):
+        if head.shape != wte.shape or not torch.equal(head, wte):
             problems.append(
                 "the config ties lm_head.weight to transformer.wte.weight (tie_embeddings=True) but the "
                 f"{source} has two different matrices"
@@ -168,15 +172,12 @@ def load_weights_into(
 
 def load_checkpoint_dir(
     checkpoint_dir: PathLike, device: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None
-) -> Tuple[Config, nn.Module, "Tokenizer"]:
+) -> Tuple[Config, GPT, Tokenizer]:
     """``(config, model, tokenizer)`` of a checkpoint directory; the model is in eval mode on ``device``.
 
     The model is built on the meta device and takes the checkpoint's tensors directly, so no memory is spent on a
     random initialisation; ``dtype`` casts the floating-point weights (default: as stored).
     """
-    from lit_adapter.model import GPT
-    from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
-
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory not found: {checkpoint_dir}")

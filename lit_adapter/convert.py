@@ -154,16 +154,21 @@ def config_from_hf(hf_config: Dict[str, Any], name: str = "") -> Config:
     model_type = hf_config.get("model_type", "llama")
     if model_type != "llama":
         raise UserError(f"only LLaMA checkpoints are supported, config.json has model_type={model_type!r}")
+    # transformers < 5 writes rope_theta (+ rope_scaling); transformers 5 writes rope_parameters
+    rope = dict(hf_config.get("rope_scaling") or {}, **(hf_config.get("rope_parameters") or {}))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_theta = hf_config.get("rope_theta", rope.get("rope_theta", 10000.0))
     unsupported = {
-        "rope_scaling": hf_config.get("rope_scaling") is not None,
+        "rope_scaling": rope_type != "default",
         "attention_bias": bool(hf_config.get("attention_bias", False)),
         "mlp_bias": bool(hf_config.get("mlp_bias", False)),
         "hidden_act": hf_config.get("hidden_act", "silu") != "silu",
     }
-    head_dim = hf_config.get("head_dim")
-    if head_dim is not None and head_dim * hf_config["num_attention_heads"] != hf_config["hidden_size"]:
-        unsupported["head_dim"] = True
-    bad = [f"{k}={hf_config.get(k)!r}" for k, v in unsupported.items() if v]
+    bad = [f"{k}={rope if k == 'rope_scaling' else hf_config.get(k)!r}" for k, v in unsupported.items() if v]
+    head_dim, n_head = hf_config.get("head_dim"), hf_config.get("num_attention_heads")
+    n_embd = hf_config.get("hidden_size")
+    if head_dim is not None and n_head and n_embd and head_dim * n_head != n_embd:
+        bad.append(f"head_dim={head_dim} != hidden_size / num_attention_heads = {n_embd} / {n_head}")
     if bad:
         raise UserError(f"config.json uses LLaMA features lit-adapter does not implement: {', '.join(bad)}")
     try:
@@ -176,7 +181,7 @@ def config_from_hf(hf_config: Dict[str, Any], name: str = "") -> Config:
             n_query_groups=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
             n_embd=hf_config["hidden_size"],
             intermediate_size=hf_config["intermediate_size"],
-            rope_base=float(hf_config.get("rope_theta", 10000.0)),
+            rope_base=float(rope_theta),
             norm_eps=hf_config.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         )
@@ -280,8 +285,9 @@ def config_from_meta_params(
     for required in ("tok_embeddings.weight", "layers.0.feed_forward.w1.weight"):
         if required not in state_dict:
             raise UserError(f"the Meta checkpoint has no {required}")
-    vocab_size = state_dict["tok_embeddings.weight"].shape[0]
-    tie = "output.weight" not in state_dict or torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"])
+    embedding = state_dict["tok_embeddings.weight"]
+    vocab_size = embedding.shape[0]
+    tie = "output.weight" not in state_dict or torch.equal(state_dict["output.weight"], embedding)
     return Config(
         name=name,
         block_size=block_size,
@@ -330,7 +336,8 @@ def load_meta_checkpoint(
 
 def _check_same_shape(config: Config, reference: Config, what: str) -> None:
     keys = ("n_layer", "n_head", "n_query_groups", "n_embd", "intermediate_size", "vocab_size")
-    diff = [f"{k}={getattr(config, k)} vs {getattr(reference, k)}" for k in keys if getattr(config, k) != getattr(reference, k)]
+    diff = [f"{k}={getattr(config, k)} vs {getattr(reference, k)}" for k in keys
+            if getattr(config, k) != getattr(reference, k)]
     if diff:
         raise UserError(f"the checkpoint does not match {what}: {', '.join(diff)} (checkpoint vs {what})")
 
@@ -392,7 +399,9 @@ def load_llama2c_bin(path: PathLike) -> Tuple[Config, StateDict]:
     (norms first). The rotary tables of v0 are skipped.
     """
     path = Path(path)
-    data = path.read_bytes()
+    data = bytearray(path.stat().st_size)  # writable, so torch.frombuffer can share it without a copy
+    with open(path, "rb") as f:
+        f.readinto(data)
     if len(data) < 28:
         raise UserError(f"{path} is too short ({len(data)} bytes) for a llama2.c checkpoint")
     (magic,) = struct.unpack_from("<I", data, 0)
@@ -421,7 +430,7 @@ def load_llama2c_bin(path: PathLike) -> Tuple[Config, StateDict]:
             f"{path} has {len(data) - offset} bytes of weights but its header (dim, hidden_dim, n_layers, n_heads, "
             f"n_kv_heads, vocab_size, max_seq_len = {header}) implies {4 * n_floats}; is it a llama2.c fp32 export?"
         )
-    flat = torch.frombuffer(bytearray(data), dtype=torch.float32, offset=offset, count=n_floats)
+    flat = torch.frombuffer(data, dtype=torch.float32, offset=offset, count=n_floats)
     raw: StateDict = {}
     start = 0
     for name, shape in layout:
@@ -436,7 +445,7 @@ def load_llama2c_pt(path: PathLike) -> Tuple[Config, StateDict]:
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:
-        raise UserError(f"cannot read llama2.c checkpoint {path}: {type(err).__name__}") from None
+        raise UserError(f"cannot read llama2.c checkpoint {path}: {type(err).__name__}: {_first_line(err)}") from None
     if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
         raise UserError(f"{path} is not a llama2.c training checkpoint (a dict with 'model_args' and 'model')")
     args = checkpoint["model_args"]
@@ -503,7 +512,7 @@ def write_checkpoint_dir(
     """
     from lit_adapter.checkpoint import CONFIG_FILE, atomic_write, cast_state_dict, load_weights_into, save_state_dict
     from lit_adapter.model import GPT
-    from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer, _is_llama2c_vocab, llama2c_vocab_to_sentencepiece
+    from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer, is_llama2c_vocab, llama2c_vocab_to_sentencepiece
 
     tokenizer = Path(tokenizer)
     tok = Tokenizer(tokenizer)  # validates the file before the slow part
@@ -523,7 +532,7 @@ def write_checkpoint_dir(
     save_state_dict(state_dict, output_dir / "lit_model.safetensors")
     atomic_write(output_dir / CONFIG_FILE, config.save)
     target = output_dir / TOKENIZER_FILE
-    if _is_llama2c_vocab(tokenizer):
+    if is_llama2c_vocab(tokenizer):
         proto = llama2c_vocab_to_sentencepiece(tokenizer)
         atomic_write(target, lambda tmp: tmp.write_bytes(proto))
     elif tokenizer.resolve() != target.resolve():
@@ -532,7 +541,10 @@ def write_checkpoint_dir(
 
 
 def convert_hf_checkpoint(
-    checkpoint_dir: PathLike, output_dir: PathLike, dtype: Optional[str] = None, tokenizer_path: Optional[PathLike] = None
+    checkpoint_dir: PathLike,
+    output_dir: PathLike,
+    dtype: Optional[str] = None,
+    tokenizer_path: Optional[PathLike] = None,
 ) -> Config:
     config, state_dict = load_hf_checkpoint(checkpoint_dir)
     tokenizer = _find_tokenizer(tokenizer_path, [Path(checkpoint_dir) / "tokenizer.model"], "--tokenizer_path")
@@ -583,6 +595,11 @@ def _find_tokenizer(given: Optional[PathLike], candidates: List[Path], flag: str
         if candidate.is_file():
             return candidate
     raise UserError(f"no tokenizer found (looked for {', '.join(map(str, candidates))}); pass {flag}")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _existing_dir(path: PathLike) -> Path:

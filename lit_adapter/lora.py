@@ -97,7 +97,8 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         weight = linear.weight
-        dtype = weight.dtype if weight.is_floating_point() else (getattr(linear, "compute_dtype", None) or torch.float32)
+        # A quantized base stores integers; the LoRA matrices then take the layer's compute dtype.
+        dtype = weight.dtype if weight.is_floating_point() else getattr(linear, "compute_dtype", None) or torch.float32
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=weight.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=weight.device, dtype=dtype))
         self.merged = False
@@ -112,6 +113,7 @@ class LoRALinear(nn.Module):
         LoRA tensors left on the meta device (a model built on meta, base weights loaded with ``assign=True``)
         are first allocated on the base weight's device; on meta they stay on meta.
         """
+        self.unmerge()  # the merged-in update is the old one
         base = self.linear.weight
         if self.lora_A.is_meta and not base.is_meta:
             dtype = base.dtype if base.is_floating_point() else self.lora_A.dtype
@@ -123,8 +125,6 @@ class LoRALinear(nn.Module):
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
-        if self.merged:  # the merged-in update was the old one; it is zero now
-            self.merged = False
 
     def adapter_params(self) -> List[nn.Parameter]:
         return [self.lora_A, self.lora_B]

@@ -11,7 +11,6 @@ applied, base quantized, trainable tensors marked), the filter of what trains an
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -219,12 +218,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, _FabricModule) else model
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_dir: Path, out_dir: Path) -> Path:
     """Writes the trained tensors and what is needed to rebuild the model around them into ``out_dir``.
 
@@ -233,23 +226,23 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
     """
     from safetensors.torch import save_file
 
+    from lit_adapter.checkpoint import atomic_write, save_state_dict
+
     model = unwrap(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = trainable_filter(spec)
     if spec.method == "full":
-        from lit_adapter.checkpoint import save_state_dict
-
         tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_state_dict(tensors, out_dir / "lit_model.safetensors")
         config.save(out_dir / "model_config.json")
         shutil.copyfile(Path(checkpoint_dir) / "tokenizer.model", out_dir / "tokenizer.model")
     else:
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if keep(n, p)}
-        _atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     meta = {**spec.to_dict(), "base_checkpoint_dir": str(checkpoint_dir), "base_config": asdict(config),
             "trainable_params": sum(t.numel() for t in tensors.values()) if spec.method != "full" else None}
-    _atomic_write(out_dir / ADAPTER_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write(out_dir / ADAPTER_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return out_dir
 
 

@@ -80,10 +80,26 @@ def quantize_linears(
             )
         if linear.bias is not None:
             quantized.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        if mode != "bnb.int8" and device.type == "cpu":
+            _check_cpu_4bit_shape(name, linear)
+            # In eval mode bitsandbytes repacks 4-bit weights for an AVX512-BF16 kernel: it needs out_features % 32
+            # == 0 and in_features % 64 == 0 (it crashes otherwise) and turns the scales into bfloat16, so
+            # validation would not see the same weights as training. Keep the one portable kernel throughout.
+            quantized.support_avx512bf16_for_cpu = False
         quantized = quantized.to(device)  # quantization happens on this move
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child_name, quantized)
     return model
+
+
+def _check_cpu_4bit_shape(name: str, linear: nn.Linear) -> None:
+    # bitsandbytes 0.50's CPU 4-bit dequantization reads the blocks in the wrong layout when in_features is a
+    # multiple of 16 but not of the 64-element block: outputs would be silently wrong, so refuse.
+    if linear.in_features % 16 == 0 and linear.in_features % 64:
+        raise UserError(
+            f"4-bit quantization of {name} ({linear.in_features} input features) is wrong on CPU in bitsandbytes "
+            "(in_features must be a multiple of 64 there); use --quantize bnb.int8 or a GPU"
+        )
 
 
 def dtype_for_quantized_weights(mode: Optional[str]) -> float:

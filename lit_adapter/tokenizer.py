@@ -116,7 +116,8 @@ def llama2c_vocab_to_sentencepiece(path: Union[str, Path]) -> bytes:
     return model.SerializeToString()
 
 
-def _is_llama2c_vocab(path: Path) -> bool:
+def is_llama2c_vocab(path: Path) -> bool:
+    """Whether ``path`` holds a llama2.c vocabulary rather than a SentencePiece model."""
     # A SentencePiece model is a protobuf whose first field is a piece (tag byte 0x0A); a llama2.c vocabulary
     # starts with a small little-endian int32 (max_token_length), so its first byte is never 0x0A in practice
     # (a max length of 10 would be; the suffix decides then).
@@ -144,7 +145,7 @@ class Tokenizer:
             raise UserError(f"tokenizer not found: {path}")
         self.path = path
         try:
-            if _is_llama2c_vocab(path):
+            if is_llama2c_vocab(path):
                 self.processor = SentencePieceProcessor(model_proto=llama2c_vocab_to_sentencepiece(path))
             else:
                 self.processor = SentencePieceProcessor(model_file=str(path))

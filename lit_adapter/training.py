@@ -393,13 +393,17 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
                                fabric.global_rank, train.seed, state["step"], total_steps)
     collate = lambda batch: collate_instructions(batch, pad_id=pad_id)  # noqa: E731
+    # Loaders draw their iterator seeds from their own generator, not the global RNG: otherwise creating an
+    # iterator (at resume, or for each validation) would shift the dropout masks and break exact resumption.
     train_loader = fabric.setup_dataloaders(
-        DataLoader(InstructionDataset(train_examples), batch_sampler=sampler, collate_fn=collate),
+        DataLoader(InstructionDataset(train_examples), batch_sampler=sampler, collate_fn=collate,
+                   generator=torch.Generator().manual_seed(train.seed)),
         use_distributed_sampler=False,
     )
     val_loader = fabric.setup_dataloaders(
         DataLoader(InstructionDataset(val_examples), batch_size=train.micro_batch_size, shuffle=False,
-                   collate_fn=collate)
+                   collate_fn=collate, generator=torch.Generator().manual_seed(train.seed)),
+        use_distributed_sampler=False,
     )
 
     def run_validation(step: int) -> float:

@@ -51,6 +51,14 @@ def _umask() -> int:
     return mask
 
 
+def test_load_legacy_torch_format(tmp_path):
+    # torch.save's pre-1.6 (non-zip) format cannot be memory-mapped; old HF pytorch_model.bin files use it
+    state_dict = {"a": torch.randn(3, 4), "b": torch.arange(5)}
+    torch.save(state_dict, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    loaded = load_state_dict(tmp_path / "old.bin")
+    assert torch.equal(loaded["a"], state_dict["a"]) and torch.equal(loaded["b"], state_dict["b"])
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "lit_model.safetensors"
     save_state_dict({"a": torch.ones(3)}, path)
@@ -122,7 +130,10 @@ def test_load_errors_name_the_keys():
     wide = random_model("tiny", n_embd=64, n_head=4).state_dict()
     with pytest.raises(UserError) as err:
         load_weights_into(random_model("tiny"), wide, source="checkpoint x")
-    assert "the checkpoint x does not fit the model: 21 shape mismatches: transformer.wte.weight: checkpoint (512, 64) vs model (512, 32)" in str(err.value)
+    assert (
+        "the checkpoint x does not fit the model: 21 shape mismatches: "
+        "transformer.wte.weight: checkpoint (512, 64) vs model (512, 32)"
+    ) in str(err.value)
 
     tied = random_model("tiny", tie_embeddings=True)
     different = dict(state_dict)  # an untied checkpoint whose head differs from its embedding
@@ -166,5 +177,6 @@ def test_load_checkpoint_dir_errors(tmp_path, shared_data):
     # weights that do not fit the config: model_config.json says another width
     ckpt = write_checkpoint_dir(tmp_path / "edited", random_model("tiny"), shared_data)
     Config.from_name("tiny", n_embd=64).save(ckpt / "model_config.json")
-    with pytest.raises(UserError, match=r"lit_model.safetensors does not fit the model: 21 shape mismatches: transformer.wte.weight: checkpoint \(512, 32\) vs model \(512, 64\)"):
+    expected = r"lit_model.safetensors does not fit the model: 21 shape mismatches: transformer.wte.weight: "
+    with pytest.raises(UserError, match=expected + r"checkpoint \(512, 32\) vs model \(512, 64\)"):
         load_checkpoint_dir(ckpt)

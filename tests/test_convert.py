@@ -1,6 +1,7 @@
 """Checkpoint conversion, checked against HF transformers' LlamaForCausalLM and llama2.c's reference output."""
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def write_llama2c_bin(path: Path, model: GPT, version: int) -> None:
     meta = lit_to_meta(model.state_dict(), c)
     layers = range(c.n_layer)
     per_layer = lambda stem: [meta[f"layers.{i}.{stem}.weight"] for i in layers]  # noqa: E731
-    matrices = per_layer("attention.wq") + per_layer("attention.wk") + per_layer("attention.wv") + per_layer("attention.wo")
+    matrices = [w for stem in ("wq", "wk", "wv", "wo") for w in per_layer(f"attention.{stem}")]
     ffn = per_layer("feed_forward.w1") + per_layer("feed_forward.w2") + per_layer("feed_forward.w3")
     dims = (c.n_embd, c.intermediate_size, c.n_layer, c.n_head, c.n_query_groups)
     if version == 0:
@@ -201,7 +202,8 @@ def test_meta_shards_match_hf_logits(tmp_path, tok512_model):
     col_split = ("attention.wo", "feed_forward.w2", "tok_embeddings")
     shards = [{}, {}]
     for name, w in meta.items():
-        stem = name.removesuffix(".weight").split(".", 2)[-1] if name.startswith("layers.") else name.removesuffix(".weight")
+        stem = name.removesuffix(".weight")
+        stem = stem.split(".", 2)[-1] if stem.startswith("layers.") else stem
         if stem in row_split:
             parts = w.chunk(2, dim=0)
         elif stem in col_split:
@@ -320,6 +322,22 @@ def test_llama2c_round_trip(tmp_path, shared_data, fmt):
         assert rel_error(model(idx), source(idx)) < 1e-6
 
 
+def test_unsupported_hf_configs():
+    base = dict(vocab_size=512, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4)
+    from lit_adapter.convert import config_from_hf
+
+    assert config_from_hf(dict(base, rope_parameters={"rope_theta": 5e5, "rope_type": "default"})).rope_base == 5e5
+    assert config_from_hf(dict(base, rope_theta=1e6, rope_scaling=None)).rope_base == 1e6
+    with pytest.raises(UserError, match="does not implement: rope_scaling=.*linear"):
+        config_from_hf(dict(base, rope_scaling={"type": "linear", "factor": 2.0}))
+    with pytest.raises(UserError, match="does not implement: attention_bias=True"):
+        config_from_hf(dict(base, attention_bias=True))
+    with pytest.raises(UserError, match="only LLaMA checkpoints are supported, config.json has model_type='mistral'"):
+        config_from_hf(dict(base, model_type="mistral"))
+    with pytest.raises(UserError, match="lacks the field 'intermediate_size'"):
+        config_from_hf({k: v for k, v in base.items() if k != "intermediate_size"})
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Command-line errors: exit status 2, one "error:" line, no traceback
 
@@ -329,7 +347,7 @@ def test_scripts_report_user_errors(tmp_path, shared_data, tok512_model):
     hf.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.model").write_bytes(tok512_model.read_bytes())
     edited = json.loads((tmp_path / "hf" / "config.json").read_text())
-    edited["hidden_size"] = 64  # the tensors are 32 wide
+    edited["hidden_size"], edited["head_dim"] = 64, 16  # a consistent config, but the tensors are 32 wide
     (tmp_path / "hf" / "config.json").write_text(json.dumps(edited))
 
     lonely = tmp_path / "lonely"  # a llama2.c checkpoint without a tokenizer beside it
@@ -339,25 +357,29 @@ def test_scripts_report_user_errors(tmp_path, shared_data, tok512_model):
     truncated.write_bytes((lonely / "model.bin").read_bytes()[:-100])
 
     cases = {
-        "hf-missing": (["convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "nope", "--output_dir", tmp_path / "o1"],
-                       "checkpoint directory not found: " + str(tmp_path / "nope")),
-        "hf-misfit": (["convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "hf", "--output_dir", tmp_path / "o2"],
-                      "shape mismatches: transformer.wte.weight: checkpoint (512, 32) vs model (512, 64)"),
+        "hf-missing": (["convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "nope",
+                        "--output_dir", tmp_path / "o1"], "checkpoint directory not found: " + str(tmp_path / "nope")),
+        "hf-misfit": (["convert_hf_checkpoint.py", "--checkpoint_dir", tmp_path / "hf",
+                       "--output_dir", tmp_path / "o2"], "shape mismatches: transformer.wte.weight: checkpoint (512, 32) vs model (512, 64)"),
         "llama2c-no-tokenizer": (["convert_llama2c_checkpoint.py", "--checkpoint_path", lonely / "model.bin",
                                   "--output_dir", tmp_path / "o3"], "no tokenizer found"),
-        "llama2c-bad-tokenizer": (["convert_llama2c_checkpoint.py", "--checkpoint_path", lonely / "model.bin",
-                                   "--tokenizer_path", tmp_path / "none.model", "--output_dir", tmp_path / "o4"],
-                                  "tokenizer not found: " + str(tmp_path / "none.model")),
         "llama2c-truncated": (["convert_llama2c_checkpoint.py", "--checkpoint_path", truncated, "--output_dir",
-                               tmp_path / "o5"], "implies"),
-        "meta-no-params": (["convert_meta_checkpoint.py", "--checkpoint_dir", lonely, "--output_dir", tmp_path / "o6"],
-                           "has no params.json"),
+                               tmp_path / "o4"], "implies"),
     }
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     procs = {
         key: subprocess.Popen([sys.executable, str(REPO / "scripts" / args[0]), *map(str, args[1:])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
         for key, (args, _) in cases.items()
     }
+    # and one successful run, to check the script wiring itself
+    folder = shared_data / "checkpoints" / "stories260K"
+    ok = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "convert_llama2c_checkpoint.py"), "--checkpoint_path",
+         str(folder / "stories260K.bin"), "--tokenizer_path", str(folder / "tok512.bin"), "--output_dir",
+         str(tmp_path / "ok"), "--dtype", "bfloat16"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
+    )
     for key, proc in procs.items():
         _, stderr = proc.communicate(timeout=120)
         expected = cases[key][1]
@@ -366,4 +388,24 @@ def test_scripts_report_user_errors(tmp_path, shared_data, tok512_model):
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (key, stderr)
         assert expected in lines[0], (key, lines[0])
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 7))  # nothing half-written
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))  # nothing half-written
+    stdout, stderr = ok.communicate(timeout=120)
+    assert ok.returncode == 0, stderr
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == [
+        "lit_model.safetensors", "model_config.json", "tokenizer.model"
+    ]
+    assert Config.from_checkpoint_dir(tmp_path / "ok") == Config.from_name("stories260K")
+    assert load_state_dict(tmp_path / "ok" / "lit_model.safetensors")["transformer.wte.weight"].dtype == torch.bfloat16
+
+    # the same errors in-process, for the cases not worth a subprocess each
+    with pytest.raises(UserError, match="tokenizer not found: .*none.model"):
+        convert_llama2c_checkpoint(lonely / "model.bin", tmp_path / "o5", tokenizer_path=tmp_path / "none.model")
+    with pytest.raises(UserError, match="has no params.json"):
+        convert_meta_checkpoint(lonely, tmp_path / "o6")
+    with pytest.raises(UserError, match="the tokenizer .* has 32000 tokens but the model only 512"):
+        convert_llama2c_checkpoint(lonely / "model.bin", tmp_path / "o7",
+                                   tokenizer_path=shared_data / "tokenizers" / "llama" / "tokenizer.model")
+    with pytest.raises(UserError, match="version-2 export"):
+        v2 = tmp_path / "q80.bin"
+        v2.write_bytes(struct.pack("<Ii7i", 0x616B3432, 2, 32, 88, 2, 4, 4, 512, 128) + bytes(400))
+        convert_llama2c_checkpoint(v2, tmp_path / "o8")

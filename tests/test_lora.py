@@ -289,17 +289,37 @@ def quantizable_base() -> GPT:
     return base_model("tiny", n_embd=64, intermediate_size=128)
 
 
-# relative max error of the logits vs the float32 model, measured: int8 MEAS8, nf4 MEAS4
-@pytest.mark.parametrize("mode, logit_tol", [("int8", 1e-2), ("nf4", 1e-1)])
-def test_lora_over_quantized_base(mode, logit_tol):
+def _dequantized(layer: nn.Module) -> torch.Tensor:
+    """The float weight a bitsandbytes layer actually computes with."""
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    if hasattr(weight, "quant_state"):  # Params4bit
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    return weight.data.float() * weight.SCB[:, None] / 127  # Int8Params: int8 rows scaled by their absmax / 127
+
+
+def _loss_and_grads(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
+    logits = model(idx)
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    return logits, {n: p.grad for n, p in model.named_parameters() if lora_filter(n)}
+
+
+# Logits vs the float32 model (relative max error), measured over 4 seeds: int8 6e-3..9e-3, nf4 0.11..0.16; LoRA
+# gradients: int8 1e-2..2.3e-2, nf4 0.22..0.28. Against the float model holding the dequantized weights, both
+# agree to float rounding: that is what pins the LoRA arithmetic over a quantized base.
+@pytest.mark.parametrize("mode, logit_tol, grad_tol", [("int8", 2e-2, 5e-2), ("nf4", 0.3, 0.5)])
+def test_lora_over_quantized_base(mode, logit_tol, grad_tol):
     base = quantizable_base()
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, query=True, value=True, mlp=True)
     model = lora_model(base, cfg)
-    qmodel = copy.deepcopy(model)
-    for layer in lora_layers(qmodel).values():
+    qmodel, deq_model = copy.deepcopy(model), copy.deepcopy(model)
+    for name, layer in lora_layers(qmodel).items():
         layer.linear = _quantized(layer.linear, mode)
+        with torch.no_grad():
+            deq_model.get_submodule(name).linear.weight.copy_(_dequantized(layer.linear))
     assert type(qmodel.transformer.h[0].attn.q_proj.linear.weight).__module__.startswith("bitsandbytes")
-    for m in (model, qmodel):
+    for m in (model, qmodel, deq_model):
         mark_only_lora_as_trainable(m)
 
     # layer level: the LoRA branch adds the same update to the quantized base output (up to float rounding)
@@ -312,22 +332,19 @@ def test_lora_over_quantized_base(mode, logit_tol):
 
     idx = tokens(base.config)
     targets = torch.randint(0, base.config.vocab_size, idx.shape)
-    out, qout = model(idx), qmodel(idx)
-    err = rel_err(qout, out)
-    print(f"{mode}: logits rel err {err:.2e}")
-    assert err < logit_tol
-    F.cross_entropy(out.flatten(0, 1), targets.flatten()).backward()
-    F.cross_entropy(qout.flatten(0, 1), targets.flatten()).backward()
-    grads = dict(model.named_parameters())
-    worst = 0.0
+    out, grads = _loss_and_grads(model, idx, targets)
+    qout, qgrads = _loss_and_grads(qmodel, idx, targets)
+    deq_out, deq_grads = _loss_and_grads(deq_model, idx, targets)
+
+    assert rel_err(qout, deq_out) < 1e-5
+    assert rel_err(qout, out) < logit_tol
+    assert len(qgrads) == 2 * len(lora_layers(qmodel))
+    for name, grad in qgrads.items():
+        assert rel_err(grad, deq_grads[name]) < 1e-4, name
+        assert rel_err(grad, grads[name]) < grad_tol, name
     for name, param in qmodel.named_parameters():
-        if lora_filter(name):
-            assert param.grad is not None
-            worst = max(worst, rel_err(param.grad, grads[name].grad))
-        else:
+        if not lora_filter(name):
             assert not param.requires_grad and param.grad is None, name
-    print(f"{mode}: LoRA grads rel err {worst:.2e}")
-    assert worst < 10 * logit_tol
 
     with pytest.raises(UserError, match="quantized"):
         merge_lora(qmodel)
@@ -351,3 +368,21 @@ def test_add_lora_after_quantizing():
     assert q.lora_A.dtype == torch.float32 and q.lora_A.shape == (4, 64) and q.lora_B.shape == (64, 4)
     with torch.no_grad():
         assert torch.equal(model(idx), reference)  # B = 0
+
+
+def test_trainable_count_on_7b_and_state_dict_round_trip():
+    with torch.device("meta"):
+        model = mark_only_lora_as_trainable(add_lora(GPT(Config.from_name("7B")), LoRAConfig()))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 4_194_304  # PEFT's count for LLaMA-7B, r=8 on q_proj and v_proj: 32 * 2 * 8 * (4096 + 4096)
+
+    source = lora_model(base_model(), LoRAConfig(r=2, mlp=True))
+    target = add_lora(GPT(source.config), LoRAConfig(r=2, mlp=True))
+    target.load_state_dict(source.state_dict())  # strict: the wrapped names load as they are
+    partial = add_lora(GPT(source.config), LoRAConfig(r=2, mlp=True))
+    result = partial.load_state_dict(lora_state_dict(source), strict=False)
+    assert result.unexpected_keys == [] and not any(lora_filter(k) for k in result.missing_keys)
+    idx = tokens(source.config)
+    with torch.no_grad():
+        assert torch.equal(target.eval()(idx), source.eval()(idx))
+        assert torch.equal(partial.transformer.h[1].mlp.up_proj.lora_B, source.transformer.h[1].mlp.up_proj.lora_B)

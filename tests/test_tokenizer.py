@@ -18,7 +18,8 @@ TINYSTORIES = [
 ]
 EDGE_CASES = [
     "", " ", "a", "  two  leading spaces", "trailing   ", "tab\there", "line\nbreak\n\n", "café naïve über",
-    "日本語のテキスト", "emoji 🙂👍", "<s> literal </s> <unk> <0x41>", "\x00\x01 control", "ＦＵＬＬＷＩＤＴＨ ﬁ",
+    "日本語のテキスト", "emoji 🙂👍", "<s> literal </s> <unk> <0x41>", "\x00\x01 control",
+    "ＦＵＬＬＷＩＤＴＨ ﬁ",  # NFKC would change these; llama2.c does not normalize
 ]
 
 

@@ -1,0 +1,55 @@
+"""k-shot MMLU accuracy of a base or fine-tuned checkpoint, by the likelihood of the answer letter."""
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lit_adapter.errors import run_cli  # noqa: E402
+
+
+def main(
+    checkpoint_dir: Path,
+    adapter_dir: Optional[Path] = None,
+    k: int = 5,
+    subjects: str = "all",
+    max_questions_per_subject: Optional[int] = None,
+    data_dir: Optional[Path] = None,
+    batch_size: int = 8,
+    out_dir: Optional[Path] = None,
+    quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
+    precision: Optional[str] = None,
+    device: Optional[str] = None,
+) -> None:
+    """MMLU accuracy per subject plus macro and micro averages; out_dir/mmlu.json holds every prediction.
+
+    Each question is asked in Hendrycks' format after k dev examples of its subject; the answer is the letter
+    among " A".." D" the model finds most likely after "Answer:". Shots are dropped (the last ones first) while
+    a prompt does not fit the model's context. See docs/evaluation.md.
+
+    Args:
+        checkpoint_dir: Converted base checkpoint folder (model_config.json, weights, tokenizer.model).
+        adapter_dir: A fine-tuning run's final/ folder; none: the base model.
+        k: Dev examples shown before each question (0-5).
+        subjects: "all" or comma-separated subject names (e.g. abstract_algebra,anatomy).
+        max_questions_per_subject: Evaluate only the first N test questions of each subject.
+        data_dir: Folder with dev/{subject}_dev.csv and test/{subject}_test.csv (original Hendrycks format or with
+            the header question,choice0..choice3,answer), e.g. ../shared/data/mmlu; default: cais/mmlu from the hub.
+        batch_size: Questions per forward pass.
+        out_dir: Where to write mmlu.json (default: print only).
+        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes.
+        precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
+        device: cpu or cuda (default: cuda when available).
+    """
+    from lit_adapter.evaluation.mmlu import run_mmlu
+
+    run_mmlu(checkpoint_dir, adapter_dir, k=k, subjects=subjects, max_questions_per_subject=max_questions_per_subject,
+             data_dir=data_dir, batch_size=batch_size, out_dir=out_dir, quantize=quantize, precision=precision,
+             device=device)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    run_cli(CLI, main, as_positional=False)

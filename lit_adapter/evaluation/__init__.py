@@ -1,0 +1,149 @@
+"""Evaluation of base and fine-tuned checkpoints: perplexity, in-context classification, MMLU, lm-eval-harness.
+
+Every evaluation loads its model the same way (:func:`load_model`: a base checkpoint plus an optional fine-tuned
+``final/`` folder, optionally quantized), scores token log-likelihoods with the batched primitive in
+:mod:`lit_adapter.evaluation.perplexity`, and writes its numbers with :func:`write_json` together with
+:func:`run_info` (machine, torch version, commit), so a number in a report can be traced back to its run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from lit_adapter.errors import UserError
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+"""``../shared/data`` beside the checkout: where the offline copies of the evaluation data live."""
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available")
+    return dev
+
+
+def resolve_precision(precision: Optional[str], device: torch.device) -> str:
+    if precision is None:
+        return "bf16-true" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    if precision not in ("32-true", "bf16-true", "16-true"):
+        raise UserError(f"unknown --precision {precision!r}; choose 32-true, bf16-true or 16-true")
+    return precision
+
+
+def load_model(
+    checkpoint_dir: Union[str, Path],
+    adapter_dir: Optional[Union[str, Path]] = None,
+    quantize: Optional[str] = None,
+    precision: Optional[str] = None,
+    device: Optional[str] = None,
+):
+    """``(config, model, tokenizer, spec, device)`` for evaluation: the base, plus the fine-tuned tensors if any."""
+    from lit_adapter.methods import load_finetuned
+    from lit_adapter.tokenizer import Tokenizer
+    from lit_adapter.training import weights_dtype
+
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"checkpoint directory not found: {checkpoint_dir}")
+    if adapter_dir is not None and not Path(adapter_dir).is_dir():
+        raise UserError(f"adapter directory not found: {adapter_dir}")
+    tokenizer = Tokenizer.from_checkpoint_dir(checkpoint_dir)
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+    config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize)
+    if quantize is not None and dev.type == "cpu":
+        _avoid_bnb_cpu_packing(model)
+    return config, model.eval(), tokenizer, spec, dev
+
+
+def _avoid_bnb_cpu_packing(model: torch.nn.Module) -> None:
+    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first no-grad forward: it rounds the
+    # block scales to bfloat16 (so evaluation would not score the model that was trained) and it fails unless
+    # out_features % 32 == 0 and in_features % blocksize == 0 (stories260K's SwiGLU width 172 is neither).
+    # Evaluation keeps the ordinary 4-bit path, the one training uses.
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
+def git_revision() -> str:
+    """Short commit hash of the checkout this code runs from ("unknown" outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def run_info(device: torch.device) -> Dict[str, Any]:
+    """Where and with what a number was measured."""
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "git": git_revision(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_json(path: Union[str, Path], obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def describe_model(checkpoint_dir: Union[str, Path], adapter_dir: Optional[Union[str, Path]], spec) -> Dict[str, Any]:
+    """The model of a report: its base, its fine-tuned folder and the method (``base`` without one)."""
+    if adapter_dir is None:
+        method = "base" + (f" ({spec.quantize})" if spec.quantize else "")
+    else:
+        method = spec.describe()
+    return {
+        "checkpoint_dir": str(checkpoint_dir),
+        "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
+        "method": method,
+    }
+
+
+def split_names(value: Union[str, Sequence[str]], what: str) -> List[str]:
+    """``"a,b"`` or ``["a", "b"]`` -> ``["a", "b"]`` (jsonargparse gives either, depending on how it is passed)."""
+    if isinstance(value, str):
+        names = [v.strip() for v in value.split(",")]
+    else:
+        names = [str(v).strip() for v in value]
+    names = [n for n in names if n]
+    if not names:
+        raise UserError(f"no {what} given")
+    return names

@@ -1,0 +1,283 @@
+"""MMLU: k-shot multiple-choice accuracy by the likelihood of the answer letter.
+
+Hendrycks et al. 2021, "Measuring Massive Multitask Language Understanding" (https://arxiv.org/abs/2009.03300),
+evaluation code ``hendrycks/test``. The prompt of a question is
+
+    "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
+    + k dev examples, each "{question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer: {letter}\\n\\n"
+    + the test question in the same format, ending with "Answer:"
+
+where ``{subject}`` is the file name with each ``_`` turned into a space *and a leading space*
+(Hendrycks' ``format_subject``: "about  abstract algebra." has two spaces; we keep it). The predicted answer
+is the letter among A-D whose continuation " A" ... " D" the model finds most likely after "Answer:" (the sum of
+the log-probabilities of the continuation's tokens). With the LLaMA tokenizer each continuation is one token and
+this is the comparison of four next-token logits after one forward pass per question; a tokenizer that splits some
+letters (llama2.c's 512-piece vocabulary has "▁B" but encodes " A" as "▁", "A") gets one pass per letter.
+When the prompt is longer than the model's context the
+number of shots is reduced (Hendrycks: ``while too long: k -= 1``, keeping the first k dev examples).
+
+Per-subject accuracy, their mean (macro) and the accuracy over all questions (micro) are reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from lit_adapter.errors import UserError
+
+LETTERS = ("A", "B", "C", "D")
+# the 57 subjects of the benchmark (the config names of cais/mmlu, the file stems of hendrycks/test)
+SUBJECTS = (
+    'abstract_algebra', 'anatomy', 'astronomy', 'business_ethics', 'clinical_knowledge', 'college_biology',
+    'college_chemistry', 'college_computer_science', 'college_mathematics', 'college_medicine',
+    'college_physics', 'computer_security', 'conceptual_physics', 'econometrics', 'electrical_engineering',
+    'elementary_mathematics', 'formal_logic', 'global_facts', 'high_school_biology', 'high_school_chemistry',
+    'high_school_computer_science', 'high_school_european_history', 'high_school_geography',
+    'high_school_government_and_politics', 'high_school_macroeconomics', 'high_school_mathematics',
+    'high_school_microeconomics', 'high_school_physics', 'high_school_psychology', 'high_school_statistics',
+    'high_school_us_history', 'high_school_world_history', 'human_aging', 'human_sexuality',
+    'international_law', 'jurisprudence', 'logical_fallacies', 'machine_learning', 'management', 'marketing',
+    'medical_genetics', 'miscellaneous', 'moral_disputes', 'moral_scenarios', 'nutrition', 'philosophy',
+    'prehistory', 'professional_accounting', 'professional_law', 'professional_medicine',
+    'professional_psychology', 'public_relations', 'security_studies', 'sociology', 'us_foreign_policy',
+    'virology', 'world_religions',
+)
+REFORMATTED_HEADER = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    choices: Tuple[str, str, str, str]
+    answer: int
+    """Index 0-3 of the correct choice."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def read_csv(path: Union[str, Path]) -> List[Question]:
+    """Questions of one MMLU CSV, in Hendrycks' original format (no header, answer letter A-D) or the reformatted
+    one (header ``question,choice0,choice1,choice2,choice3,answer``, answer index 0-3)."""
+    path = Path(path)
+    try:
+        rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"cannot read MMLU file {path}: {err}") from None
+    if rows and [c.strip() for c in rows[0]] == REFORMATTED_HEADER:
+        rows = rows[1:]
+    questions = []
+    for line, row in enumerate(rows, start=1):
+        if not row:
+            continue
+        if len(row) != 6:
+            raise UserError(f"{path}, row {line}: expected 6 columns (question, 4 choices, answer), found {len(row)}")
+        answer = row[5].strip()
+        if answer in LETTERS:
+            index = LETTERS.index(answer)
+        elif answer in ("0", "1", "2", "3"):
+            index = int(answer)
+        else:
+            raise UserError(f"{path}, row {line}: answer {answer!r} is neither a letter A-D nor an index 0-3")
+        questions.append(Question(row[0], tuple(row[1:5]), index))
+    return questions
+
+
+def local_subjects(data_dir: Path) -> List[str]:
+    return sorted(p.name[: -len("_test.csv")] for p in (data_dir / "test").glob("*_test.csv"))
+
+
+def load_subject(subject: str, data_dir: Optional[Path]) -> Tuple[List[Question], List[Question]]:
+    """``(dev, test)`` questions of ``subject`` from ``data_dir/{dev,test}/`` or the ``cais/mmlu`` hub dataset."""
+    if data_dir is not None:
+        dev_path, test_path = data_dir / "dev" / f"{subject}_dev.csv", data_dir / "test" / f"{subject}_test.csv"
+        for path in (dev_path, test_path):
+            if not path.is_file():
+                raise UserError(f"MMLU subject {subject}: {path} not found (expected {data_dir}/dev and /test CSVs)")
+        return read_csv(dev_path), read_csv(test_path)
+    try:
+        from datasets import load_dataset
+
+        splits = load_dataset("cais/mmlu", subject)
+        dev, test = splits["dev"], splits["test"]
+    except Exception as err:  # offline or unknown subject: one clear line either way
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"MMLU subject {subject}: cannot load cais/mmlu from the Hugging Face hub ({type(err).__name__}: "
+            f"{first_line}); offline? pass --data_dir with dev/ and test/ CSV folders"
+        ) from None
+    convert = lambda rows: [Question(r["question"], tuple(r["choices"]), int(r["answer"])) for r in rows]  # noqa
+    return convert(dev), convert(test)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# prompts
+
+
+def format_subject(subject: str) -> str:
+    return "".join(" " + part for part in subject.split("_"))
+
+
+def format_question(q: Question, with_answer: bool) -> str:
+    text = q.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, q.choices))
+    text += "\nAnswer:"
+    return text + f" {LETTERS[q.answer]}\n\n" if with_answer else text
+
+
+def build_prompt(subject: str, shots: Sequence[Question], question: Question) -> str:
+    header = f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
+    return header + "".join(format_question(s, True) for s in shots) + format_question(question, False)
+
+
+def _continuation(tokenizer, prompt: str, prompt_ids: List[int], text: str) -> List[int]:
+    """Tokens that ``text`` adds after ``prompt`` (encoding the whole, as lm-eval does: " A" alone would get a
+    dummy-prefix space of its own)."""
+    whole = tokenizer.encode(prompt + text, bos=True).tolist()
+    if whole[: len(prompt_ids)] != prompt_ids:
+        raise UserError(f"the tokenizer merges {text!r} with the end of the prompt; cannot score the answer letter")
+    return whole[len(prompt_ids) :]
+
+
+def letter_query(tokenizer, prompt: str) -> Tuple[torch.Tensor, List[List[int]]]:
+    """BOS + the prompt's token ids, and the tokens each answer " A".." D" adds after it."""
+    prompt_ids = tokenizer.encode(prompt, bos=True).tolist()
+    return torch.tensor(prompt_ids), [_continuation(tokenizer, prompt, prompt_ids, f" {letter}") for letter in LETTERS]
+
+
+def letter_logprobs(model: torch.nn.Module, queries: Sequence[Tuple[torch.Tensor, List[List[int]]]]) -> torch.Tensor:
+    """``(N, 4)`` log-likelihoods of the four answers after each prompt."""
+    from lit_adapter.evaluation.perplexity import next_token_logits, token_logprobs
+
+    if all(len(c) == 1 for _, conts in queries for c in conts):
+        logp = torch.log_softmax(next_token_logits(model, [ids for ids, _ in queries]), dim=-1)  # (N, V)
+        letter_ids = torch.tensor([[c[0] for c in conts] for _, conts in queries])  # (N, 4)
+        return logp.gather(1, letter_ids)
+    sequences = [torch.cat([ids, torch.tensor(c)]) for ids, conts in queries for c in conts]
+    scores = [lp[-len(c):].double().sum() for lp, c in zip(token_logprobs(model, sequences),
+                                                          (c for _, conts in queries for c in conts))]
+    return torch.stack(scores).float().view(len(queries), len(LETTERS))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@dataclass
+class SubjectResult:
+    subject: str
+    correct: int
+    total: int
+    accuracy: float
+    shots: int
+    """Dev examples in the prompt (fewer than k when a prompt had to be shortened to fit; the smallest used)."""
+
+
+def evaluate_subject(
+    model: torch.nn.Module,
+    tokenizer,
+    subject: str,
+    dev: Sequence[Question],
+    test: Sequence[Question],
+    k: int = 5,
+    batch_size: int = 8,
+    max_questions: Optional[int] = None,
+) -> Tuple[SubjectResult, List[Dict]]:
+    """Accuracy on ``test`` with the first ``k`` of ``dev`` as shots; also the per-question records."""
+    from lit_adapter.evaluation.perplexity import next_token_logits
+
+    if k < 0:
+        raise UserError(f"--k must be >= 0, got {k}")
+    if k > len(dev):
+        raise UserError(f"MMLU subject {subject}: --k {k} but only {len(dev)} dev examples")
+    block_size = model.config.block_size
+    questions = list(test)[:max_questions] if max_questions is not None else list(test)
+    queries, min_shots = [], k
+    for q in questions:
+        shots = k
+        ids, conts = letter_query(tokenizer, build_prompt(subject, dev[:shots], q))
+        longest = max(len(c) for c in conts)
+        while ids.numel() + longest - 1 > block_size and shots > 0:
+            shots -= 1
+            ids, conts = letter_query(tokenizer, build_prompt(subject, dev[:shots], q))
+        if ids.numel() + longest - 1 > block_size:  # even 0-shot is too long: keep the end, the question's
+            ids = ids[-(block_size - longest + 1):]
+        min_shots = min(min_shots, shots)
+        queries.append((ids, conts))
+
+    records, correct = [], 0
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start : start + batch_size]
+        scores = letter_logprobs(model, chunk)  # (B, 4)
+        for row, (ids, _), q in zip(scores, chunk, questions[start : start + batch_size]):
+            pred = int(row.argmax())
+            correct += pred == q.answer
+            records.append({"answer": q.answer, "prediction": pred, "logprobs": row.tolist(),
+                            "prompt_tokens": ids.numel()})
+    total = len(questions)
+    return SubjectResult(subject, correct, total, correct / total if total else 0.0, min_shots), records
+
+
+def run_mmlu(
+    checkpoint_dir: Path,
+    adapter_dir: Optional[Path] = None,
+    k: int = 5,
+    subjects: Union[str, Sequence[str]] = "all",
+    max_questions_per_subject: Optional[int] = None,
+    data_dir: Optional[Path] = None,
+    batch_size: int = 8,
+    out_dir: Optional[Path] = None,
+    quantize: Optional[str] = None,
+    precision: Optional[str] = None,
+    device: Optional[str] = None,
+) -> Dict:
+    """Evaluates the chosen subjects, prints per-subject and average accuracies, writes ``out_dir/mmlu.json``."""
+    from lit_adapter.evaluation import describe_model, load_model, run_info, split_names, write_json
+
+    names = split_names(subjects, "subjects")
+    if names == ["all"]:
+        if data_dir is None:
+            names = list(SUBJECTS)
+        else:
+            names = local_subjects(Path(data_dir))
+            if not names:
+                raise UserError(f"no MMLU test CSVs (*_test.csv) in {Path(data_dir) / 'test'}")
+    unknown = [n for n in names if n not in SUBJECTS]
+    if unknown and data_dir is None:
+        raise UserError(f"unknown MMLU subjects: {', '.join(unknown)}; known: {', '.join(SUBJECTS)}")
+    data = {name: load_subject(name, Path(data_dir) if data_dir is not None else None) for name in names}
+    config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device)
+
+    t0 = time.perf_counter()
+    results, records = [], {}
+    for name in names:
+        result, recs = evaluate_subject(model, tokenizer, name, *data[name], k=k, batch_size=batch_size,
+                                        max_questions=max_questions_per_subject)
+        print(f"{name}: {result.accuracy:.4f} ({result.correct}/{result.total}, {result.shots}-shot)")
+        results.append(result)
+        records[name] = recs
+    seconds = time.perf_counter() - t0
+    total = sum(r.total for r in results)
+    macro = sum(r.accuracy for r in results) / len(results)
+    micro = sum(r.correct for r in results) / total if total else 0.0
+    print(f"MMLU {k}-shot over {len(results)} subjects, {total} questions: macro {macro:.4f}, micro {micro:.4f} "
+          f"({seconds:.1f} s, {total / max(seconds, 1e-9):.1f} questions/s)")
+    report = {
+        **describe_model(checkpoint_dir, adapter_dir, spec),
+        "k": k, "data": str(data_dir) if data_dir is not None else "hub: cais/mmlu",
+        "max_questions_per_subject": max_questions_per_subject,
+        "macro_accuracy": macro, "micro_accuracy": micro, "questions": total, "seconds": seconds,
+        "subjects": {r.subject: asdict(r) for r in results},
+        "predictions": records,
+        "run": run_info(dev),
+    }
+    if out_dir is not None:
+        print(f"wrote {write_json(Path(out_dir) / 'mmlu.json', report)}")
+    return report

@@ -1,0 +1,351 @@
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_adapter.attention import (
+    AttentionConfig,
+    FixedAttention,
+    LocalAttention,
+    ShiftedSparseAttention,
+    SparseAttention,
+    StridedAttention,
+    apply_attention,
+    build_attention_kernel,
+)
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.model import GPT, CausalSelfAttention
+
+NH = 4  # query heads in the kernel tests
+
+KERNELS = {
+    "local-1": lambda: LocalAttention(1),
+    "local-5": lambda: LocalAttention(5),
+    "local-16": lambda: LocalAttention(16),
+    "strided-4": lambda: StridedAttention(4),
+    "strided-7": lambda: StridedAttention(7),
+    "fixed-8-2": lambda: FixedAttention(8, 2),
+    "fixed-6-1": lambda: FixedAttention(6, 1),
+    "shifted-8": lambda: ShiftedSparseAttention(8, NH),
+    "shifted-5": lambda: ShiftedSparseAttention(5, NH),
+}
+# strided and fixed merge two parts: both the fused CPU flash path and the plain matmul fallback are checked
+KERNEL_PATHS = [
+    pytest.param(name, fused, id=f"{name}-{'fused' if fused else 'plain'}")
+    for name in sorted(KERNELS)
+    for fused in ((True, False) if name.startswith(("strided", "fixed")) else (True,))
+]
+
+
+def qkv(T, B=2, n_kv=NH, hs=8, dtype=torch.float32):
+    """Leaf q (B, NH, T, hs) and k, v (B, n_kv, T, hs); the returned k, v are expanded to NH heads like GQA."""
+    q = torch.randn(B, NH, T, hs, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, n_kv, T, hs, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, n_kv, T, hs, dtype=dtype, requires_grad=True)
+    expand = lambda t: t.repeat_interleave(NH // n_kv, dim=1)  # noqa: E731
+    return (q, k, v), (q, expand(k), expand(v))
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the patterns themselves, against the papers' definitions
+
+
+def paper_visible(name, kernel, head, i, j):
+    """Brute-force definitions written from the papers, one (head, query, key) at a time."""
+    if j > i:
+        return False
+    if isinstance(kernel, LocalAttention):
+        return i - j < kernel.window
+    if isinstance(kernel, StridedAttention):  # Child et al. eq. (A1 ∪ A2): t = max(0, i - l)
+        l = kernel.stride
+        return j >= max(0, i - l) or (i - j) % l == 0
+    if isinstance(kernel, FixedAttention):  # A1: same block; A2: j mod l in {l - c, ..., l - 1}
+        l, c = kernel.block_size, kernel.summary_size
+        return j // l == i // l or j % l >= l - c
+    G = kernel.group_size  # shifted: the second half of the heads starts its groups at G // 2
+    if head < kernel.num_heads // 2:
+        return j // G == i // G
+    s = G // 2
+    group = lambda p: -1 if p < s else (p - s) // G  # noqa: E731
+    return group(i) == group(j)
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_dense_mask_matches_paper_definitions(name):
+    kernel, T = KERNELS[name](), 23
+    mask = kernel.dense_mask(NH, T).expand(NH, T, T)
+    expected = torch.tensor(
+        [[[paper_visible(name, kernel, h, i, j) for j in range(T)] for i in range(T)] for h in range(NH)]
+    )
+    assert torch.equal(mask, expected)
+    assert mask.diagonal(dim1=1, dim2=2).all()  # every query sees itself, so no row is empty
+
+
+def test_dense_mask_examples():
+    assert torch.arange(10)[StridedAttention(3).dense_mask(1, 10)[0, 7]].tolist() == [1, 4, 5, 6, 7]
+    assert torch.arange(10)[FixedAttention(4, 1).dense_mask(1, 10)[0, 9]].tolist() == [3, 7, 8, 9]
+    assert torch.arange(10)[LocalAttention(3).dense_mask(1, 10)[0, 5]].tolist() == [3, 4, 5]
+    shifted = ShiftedSparseAttention(4, 2).dense_mask(2, 10)
+    assert torch.arange(10)[shifted[0, 5]].tolist() == [4, 5]
+    assert torch.arange(10)[shifted[1, 5]].tolist() == [2, 3, 4, 5]
+    assert torch.arange(10)[shifted[1, 1]].tolist() == [0, 1]
+
+
+def test_shifted_matches_longlora_roll_except_wraparound():
+    """LongLoRA's S²-Attn: roll the second half of the heads by -G/2, causal attention in groups, roll back.
+
+    Without the wrap-around both agree; the first G/2 tokens of the shifted heads differ, because LongLoRA puts
+    them into the last group (after the latest tokens), where they see the future.
+    """
+    B, T, G, hs = 2, 32, 8, 8
+    (q, k, v), _ = qkv(T, B=B, hs=hs)
+    half, s = NH // 2, G // 2
+
+    def longlora(q, k, v):
+        rolled = [torch.cat([t[:, :half], t[:, half:].roll(-s, dims=2)], dim=1) for t in (q, k, v)]
+        grouped = [t.reshape(B, NH, T // G, G, hs) for t in rolled]
+        out = F.scaled_dot_product_attention(*grouped, is_causal=True).reshape(B, NH, T, hs)
+        return torch.cat([out[:, :half], out[:, half:].roll(s, dims=2)], dim=1)
+
+    ours, theirs = ShiftedSparseAttention(G, NH)(q, k, v), longlora(q, k, v)
+    torch.testing.assert_close(ours[:, :, s:], theirs[:, :, s:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours[:, :half], theirs[:, :half], atol=1e-6, rtol=0)
+    assert (ours[:, half:, :s] - theirs[:, half:, :s]).abs().amin() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# block-sparse kernels == dense SDPA under the explicit mask, forward and backward
+
+
+@pytest.mark.parametrize("name, fused", KERNEL_PATHS)
+@pytest.mark.parametrize("T", [1, 13, 32, 45])
+@pytest.mark.parametrize("n_kv", [NH, 2], ids=["mha", "gqa"])
+def test_sparse_equals_masked_dense(name, fused, T, n_kv, monkeypatch):
+    monkeypatch.setattr(SparseAttention, "fused_cpu_parts", fused)
+    kernel = KERNELS[name]()
+    leaves, (q, k, v) = qkv(T, n_kv=n_kv)
+    out = kernel(q, k, v)
+    mask = kernel.dense_mask(NH, T)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
+    assert out.shape == ref.shape == (2, NH, T, 8)
+    assert rel_err(out, ref) < 1e-5 and (out - ref).abs().max() < 1e-5
+
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, leaves, grad)
+    theirs = torch.autograd.grad(ref, leaves, grad)
+    for a, b in zip(ours, theirs):
+        assert torch.isfinite(a).all()
+        assert rel_err(a, b) < 1e-5 and (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name, fused", KERNEL_PATHS)
+def test_float64_is_exact(name, fused, monkeypatch):
+    """In float64 the block-sparse result and its gradients agree with the masked reference to rounding."""
+    monkeypatch.setattr(SparseAttention, "fused_cpu_parts", fused)
+    kernel = KERNELS[name]()
+    leaves, (q, k, v) = qkv(45, n_kv=2, dtype=torch.float64)
+    out, ref = kernel(q, k, v), kernel.reference(q, k, v)
+    assert out.dtype == torch.float64 and (out - ref).abs().max() < 1e-12
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
+        assert (a - b).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("name", ["strided-7", "fixed-8-2", "local-5", "shifted-8"])
+def test_bfloat16_close_to_float32(name):
+    kernel = KERNELS[name]()
+    _, (q, k, v) = qkv(37)
+    ref = kernel.reference(q, k, v)
+    out = kernel(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), ref) < 3e-2
+
+
+@pytest.mark.parametrize("name, fused", KERNEL_PATHS)
+def test_causal(name, fused, monkeypatch):
+    monkeypatch.setattr(SparseAttention, "fused_cpu_parts", fused)
+    kernel, T = KERNELS[name](), 30
+    _, (q, k, v) = qkv(T)
+    with torch.no_grad():
+        base = kernel(q, k, v)
+        for t in (0, 7, 16, 28):
+            q2, k2, v2 = q.clone(), k.clone(), v.clone()
+            for x in (q2, k2, v2):
+                x[:, :, t + 1] += 3.0 * torch.randn_like(x[:, :, t + 1])
+            out = kernel(q2, k2, v2)
+            assert torch.equal(out[:, :, : t + 1], base[:, :, : t + 1])  # nothing earlier moves, not even by 1 ulp
+            assert (out[:, :, t + 1] - base[:, :, t + 1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_kv_cache_path_equals_full_sequence(name):
+    kernel, T, S = KERNELS[name](), 29, 40
+    _, (q, k, v) = qkv(T)
+    with torch.no_grad():
+        full = kernel(q, k, v)
+        # a cache of S slots whose unwritten slots (>= T) hold garbage that must stay invisible
+        k_cache = torch.cat([k, 100 * torch.randn(2, NH, S - T, 8)], dim=2)
+        v_cache = torch.cat([v, 100 * torch.randn(2, NH, S - T, 8)], dim=2)
+        for rows in (torch.arange(0, 1), torch.arange(9, 14), torch.arange(T - 1, T), torch.arange(T)):
+            out = kernel(q[:, :, rows], k_cache, v_cache, input_pos=rows)
+            assert (out - full[:, :, rows]).abs().max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the work really is sparse
+
+
+def test_scored_elements_grow_linearly_for_local_and_shifted():
+    for kernel in (LocalAttention(64), ShiftedSparseAttention(128, 2)):
+        small, large = kernel.scored_elements(1024), kernel.scored_elements(4096)
+        assert 3.5 < large / small < 4.5, (kernel, small, large)  # dense would grow 16x
+        assert large < 4096 * 4096 / 12
+    # overhead of the gathered tiles over the entries the pattern really keeps
+    kernel = LocalAttention(64)
+    kept = kernel.dense_mask(1, 4096).sum().item()
+    assert kernel.scored_elements(4096) < 2.1 * kept
+
+
+def test_scored_elements_grow_as_t_sqrt_t_for_strided_and_fixed():
+    # Child et al. choose stride / block ~ sqrt(T): the cost then grows 8x when T grows 4x (dense: 16x)
+    for make in (lambda l: StridedAttention(l), lambda l: FixedAttention(l, 4)):
+        small, large = make(32).scored_elements(1024), make(64).scored_elements(4096)
+        assert 6.5 < large / small < 9.5, (small, large)
+        assert large < 4096 * 4096 / 8
+        kept = make(64).dense_mask(1, 4096).sum().item()
+        assert large < 3 * kept
+
+
+def test_full_window_is_no_more_work_than_dense():
+    assert LocalAttention(1000).scored_elements(100) == 100 * 100
+    assert FixedAttention(128, 16).scored_elements(100) == 100 * 100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in the model
+
+
+def tiny_model(name="tiny"):
+    model = GPT(Config.from_name(name))
+    model.init_weights()
+    return model.eval()
+
+
+MODEL_PATTERNS = {
+    "local": AttentionConfig(pattern="local", window=4),
+    "strided": AttentionConfig(pattern="strided", stride=3),
+    "fixed": AttentionConfig(pattern="fixed", block_size=5, summary_size=2),
+    "shifted": AttentionConfig(pattern="shifted", group_size=8),
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(MODEL_PATTERNS))
+def test_model_logits_change_only_where_pattern_hides_something(pattern):
+    model, T = tiny_model(), 24
+    idx = torch.randint(0, 512, (2, T))
+    with torch.no_grad():
+        dense = model(idx)
+        apply_attention(model, MODEL_PATTERNS[pattern])
+        sparse = model(idx)
+    kernel = model.transformer.h[0].attn.attention_kernel
+    mask = kernel.dense_mask(model.config.n_head, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    first_hidden = int((mask != causal).any(dim=-1).any(dim=0).nonzero()[0])  # first row that loses a key
+    assert first_hidden > 0
+    diff = (sparse - dense).abs().amax(dim=(0, 2))  # (T,)
+    assert diff[:first_hidden].max() < 1e-5
+    # every later logit depends on a hidden score, directly or through the first layer
+    assert diff[first_hidden:].min() > 1e-4 * dense.abs().max()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AttentionConfig(pattern="local", window=40),
+        AttentionConfig(pattern="strided", stride=40),
+        AttentionConfig(pattern="fixed", block_size=64, summary_size=1),
+        AttentionConfig(pattern="shifted", group_size=80),
+    ],
+    ids=lambda c: c.pattern,
+)
+def test_model_equals_dense_when_pattern_covers_sequence(cfg):
+    model, T = tiny_model("tiny-gqa"), 40
+    idx = torch.randint(0, 512, (2, T))
+    with torch.no_grad():
+        dense = model(idx)
+        apply_attention(model, cfg)
+        sparse = model(idx)
+    assert (sparse - dense).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pattern", sorted(MODEL_PATTERNS))
+@pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
+def test_incremental_decoding_equals_full_forward(pattern, name):
+    model, T, prefill = tiny_model(name), 21, 6
+    apply_attention(model, MODEL_PATTERNS[pattern])
+    idx = torch.randint(0, 512, (2, T))
+    with torch.no_grad():
+        full = model(idx)  # block-sparse path
+        model.set_kv_cache(batch_size=2)
+        logits = model(idx[:, :prefill], input_pos=torch.arange(prefill))
+        assert (logits - full[:, :prefill]).abs().max() < 1e-5
+        for t in range(prefill, T):
+            step = model(idx[:, t: t + 1], input_pos=torch.tensor([t]))
+            assert (step[:, 0] - full[:, t]).abs().max() < 1e-5
+
+
+def test_apply_attention_sets_every_layer_and_dense_resets():
+    model = tiny_model()
+    apply_attention(model, AttentionConfig(pattern="strided", stride=8))
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    assert len(layers) == model.config.n_layer
+    assert all(isinstance(m.attention_kernel, StridedAttention) and m.attention_kernel.stride == 8 for m in layers)
+    assert not list(model.transformer.h[0].attn.attention_kernel.parameters())
+    apply_attention(model, AttentionConfig())
+    assert all(m.attention_kernel is None for m in layers)
+    # an unresolved shifted group size comes from the model's context: 0.25 * block_size
+    apply_attention(model, AttentionConfig(pattern="shifted"))
+    assert layers[1].attention_kernel.group_size == int(0.25 * model.config.block_size) == 32
+    assert layers[1].attention_kernel.num_heads == model.config.n_head
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_config_resolve_and_round_trip():
+    cfg = AttentionConfig(pattern="shifted", group_size_ratio=0.25)
+    resolved = cfg.resolve(2048)
+    assert resolved.group_size == 512 and cfg.group_size is None
+    assert AttentionConfig(pattern="shifted", group_size=100).resolve(2048).group_size == 100
+    assert AttentionConfig(pattern="local").resolve(2048) == AttentionConfig(pattern="local")
+    assert AttentionConfig(**asdict(resolved)) == resolved
+    assert build_attention_kernel(AttentionConfig()) is None
+    assert isinstance(build_attention_kernel(resolved, num_heads=8), ShiftedSparseAttention)
+    assert math.isclose(AttentionConfig().group_size_ratio, 0.25)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(pattern="sparse"), "unknown attention pattern 'sparse'"),
+        (dict(pattern="local", window=0), "attention.window must be a positive integer"),
+        (dict(stride=-2), "attention.stride must be a positive integer"),
+        (dict(block_size=8, summary_size=9), "summary_size=9 exceeds attention.block_size=8"),
+        (dict(summary_size=0), "attention.summary_size must be a positive integer"),
+        (dict(group_size_ratio=0.0), "group_size_ratio must be in (0, 1]"),
+        (dict(group_size_ratio=1.5), "group_size_ratio must be in (0, 1]"),
+        (dict(group_size=0), "attention.group_size must be a positive integer or None"),
+    ],
+)
+def test_config_rejects_impossible_values(kwargs, message):
+    with pytest.raises(UserError) as err:
+        AttentionConfig(**kwargs)
+    assert message in str(err.value)
