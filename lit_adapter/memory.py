@@ -243,21 +243,37 @@ def _linear(saved: _Saved, name: str, x: str, x_rg: bool, fan_in: int, fan_out: 
     return x_rg or t.base_linears or lora or t.v2_linears
 
 
-def _dense_attention(saved: _Saved, q: str, k: str, v: str, k_bytes: int, v_bytes: int, dims: _Dims, sdpa: str) -> None:
-    N, C, d = dims.N, dims.C, dims.d
-    saved.add(q, N * C * d)
-    saved.add(k, k_bytes)
-    saved.add(v, v_bytes)
-    if sdpa == "flash":  # the fused kernels keep their output and the (B, nh, T) log-sum-exp
-        saved.add("attn.out", N * C * d)
-        saved.add("attn.lse", dims.B * dims.nh * dims.T * 4)
-    else:  # the math path keeps the (B, nh, T, T) probabilities and the scaled query
-        saved.add("attn.probs", dims.B * dims.nh * dims.T * dims.T * d)
-        saved.add("attn.q_scaled", N * C * d)
+def _sdpa_saved(saved: _Saved, tag: str, q: Tuple[str, int], k: Tuple[str, int], v: Tuple[str, int], S: int,
+                dims: _Dims, sdpa: str, q_rg: bool = True, k_rg: bool = True) -> None:
+    """What ``F.scaled_dot_product_attention`` keeps for queries (B, nh, T, hs) over S keys.
+
+    The fused kernels keep q, k, v, their output and the (B, nh, T) log-sum-exp: O(T) memory. The math path keeps
+    float32 copies of the scaled q (for k's gradient) and k (for q's), v in float32 and the (B, nh, T, S) float32
+    probabilities (as measured on CPU, where it also upcasts half precision): O(T * S).
+    """
+    B, nh, T, hs = dims.B, dims.nh, dims.T, dims.hs
+    if sdpa == "flash":
+        for name, nbytes in (q, k, v):
+            saved.add(name, nbytes)
+        saved.add(f"{tag}.out", B * nh * T * hs * dims.d)
+        saved.add(f"{tag}.lse", B * nh * T * 4)
+        return
+    if q_rg:
+        saved.add(f"{tag}.k_scaled", B * nh * S * hs * 4)
+    if k_rg:
+        saved.add(f"{tag}.q_scaled", B * nh * T * hs * 4)
+    if q_rg or k_rg:
+        saved.add(*(v if dims.d == 4 and S == T else (f"{tag}.v_f32", B * nh * S * hs * 4)))
+    saved.add(f"{tag}.probs", B * nh * T * S * 4)
 
 
-def _local_attention(saved: _Saved, window: int, dims: _Dims) -> None:
-    """``attention.banded_attention``: padded query tiles and the gathered key/value spans of each tile."""
+def _local_attention(saved: _Saved, window: int, dims: _Dims, k_name: str, v_name: str, kv_bytes: int) -> str:
+    """``attention.banded_attention``: query tiles and the gathered key/value span of each tile.
+
+    RoPE's output keeps the projection's (B, T, nh, hs) memory order, so regrouping heads and tiles is a view only
+    for one sequence (B == 1) without padding; otherwise the tiles and spans are copies. Returns the name of the
+    tensor ``o_proj`` receives.
+    """
     B, nh, T, hs, d = dims.B, dims.nh, dims.T, dims.hs, dims.d
     from lit_adapter.attention import _query_tile
 
@@ -266,39 +282,55 @@ def _local_attention(saved: _Saved, window: int, dims: _Dims) -> None:
     nb = -(-T // tile)
     before = band - 1 if nb > 1 else 0
     span = tile + before
-    saved.add("q_rope" if nb * tile == T else "attn.q_tiles", B * nh * nb * tile * hs * d)
-    saved.add("attn.k_spans", B * nh * nb * span * hs * d)
-    saved.add("attn.v_spans", B * nh * nb * span * hs * d)
+    if B == 1 and nb * tile == T:
+        saved.add("q_rope", B * nh * T * hs * d)
+    else:
+        saved.add("attn.q_tiles", B * nh * nb * tile * hs * d)
+    if nb > 1:  # the spans are overlapping windows (unfold) of one zero-padded copy of k and of v
+        saved.add("attn.k_padded", B * nh * (before + nb * tile) * hs * d)
+        saved.add("attn.v_padded", B * nh * (before + nb * tile) * hs * d)
+    elif B == 1:
+        saved.add(k_name, kv_bytes)
+        saved.add(v_name, kv_bytes)
+    else:
+        saved.add("attn.k_spans", B * nh * T * hs * d)
+        saved.add("attn.v_spans", B * nh * T * hs * d)
     saved.add("attn.mask", nb * tile * span * d)  # SDPA keeps the boolean mask converted to an additive one
     saved.add("attn.out", B * nh * nb * tile * hs * d)
     saved.add("attn.lse", B * nh * nb * tile * 4)
+    # the output follows the query's memory order: when the tiles are a view of q, transpose + reshape is one too
+    return "attn.out" if B == 1 and nb * tile == T else "attn.y"
 
 
-def _shifted_attention(saved: _Saved, group: int, dims: _Dims, k_name: str, v_name: str) -> None:
-    """``attention.ShiftedSparseAttention``: per-half group copies; the shifted half's first group is a view."""
+def _shifted_attention(saved: _Saved, group: int, dims: _Dims, k_name: str, v_name: str, kv_bytes: int) -> None:
+    """``attention.ShiftedSparseAttention``: causal SDPA in groups, per half of the heads.
+
+    A head range regrouped into (B * heads, groups, G, hs) is a view of RoPE's (B, T, nh, hs)-ordered output only
+    for B == 1 without padding; otherwise SDPA gets (and keeps) copies. The shifted half's first group is a slice,
+    which keeps the whole tensors it views.
+    """
     B, nh, T, hs, d = dims.B, dims.nh, dims.T, dims.hs, dims.d
     half = nh // 2
-    first = group - group // 2
+    first = group // 2  # the shifted heads' groups start at G // 2 + m * G
+    full = (("q_rope", B * nh * T * hs * d), (k_name, kv_bytes), (v_name, kv_bytes))
 
-    def groups(tag: str, heads: int, length: int, view_of: Optional[Tuple[str, str, str]]) -> None:
-        if length <= group:  # one causal SDPA on the given slices (views of the full tensors)
-            names = view_of or (f"{tag}.q", f"{tag}.k", f"{tag}.v")
-            for name in names:
-                saved.add(name, B * nh * T * hs * d if view_of else B * heads * length * hs * d)
-            rows = length
-        else:  # slices of a head range are copied when padded and regrouped
-            rows = -(-length // group) * group
+    def groups(tag: str, heads: int, length: int) -> None:
+        rows = length if length <= group else -(-length // group) * group
+        if length <= group or (B == 1 and rows == length):
+            for name, nbytes in full:
+                saved.add(name, nbytes)
+        else:
             for part in ("q", "k", "v"):
                 saved.add(f"{tag}.{part}", B * heads * rows * hs * d)
         saved.add(f"{tag}.out", B * heads * rows * hs * d)
         saved.add(f"{tag}.lse", B * heads * rows * 4)
 
-    full = ("q_rope", k_name, v_name)
     if half:
-        groups("attn.plain", half, T, full if T <= group else None)
-    groups("attn.shift0", nh - half, min(first, T), full)
+        groups("attn.plain", half, T)
+    if first:
+        groups("attn.shift0", nh - half, min(first, T))
     if T > first:
-        groups("attn.shift1", nh - half, T - first, None)
+        groups("attn.shift1", nh - half, T - first)
 
 
 def _block_saved(dims: _Dims, t: _Trains, layer: int, x_rg: bool, attention, sdpa: str) -> Tuple[_Saved, bool]:
@@ -314,17 +346,20 @@ def _block_saved(dims: _Dims, t: _Trains, layer: int, x_rg: bool, attention, sdp
     k_name, v_name = ("k_expanded", "v_expanded") if expanded else ("k_rope", "v_out")
     kv_bytes = N * (C if expanded else dims.kv) * d
     base_rg = q_rg or k_rg or v_rg
-    if base_rg:
-        if attention.pattern == "dense":
-            _dense_attention(s, "q_rope", k_name, v_name, kv_bytes, kv_bytes, dims, sdpa)
-        elif attention.pattern == "local":
-            _local_attention(s, attention.window, dims)
-        elif attention.pattern == "shifted":
-            _shifted_attention(s, attention.resolve(dims.T).group_size, dims, k_name, v_name)
-        else:
-            raise UserError(
-                f"the memory estimator models dense, local and shifted attention, not {attention.pattern!r}"
-            )
+    # The fused kernels return (B, T, nh, hs) memory, so transpose + reshape is a view of their output.
+    y = "attn.out" if sdpa == "flash" else "attn.y"
+    if attention.pattern == "dense":
+        if base_rg:
+            q = ("q_rope", N * C * d)
+            _sdpa_saved(s, "attn", q, (k_name, kv_bytes), (v_name, kv_bytes), dims.T, dims, sdpa, q_rg, k_rg)
+    elif attention.pattern == "local":
+        y = _local_attention(s, attention.window, dims, k_name, v_name, kv_bytes) if base_rg else "attn.y"
+    elif attention.pattern == "shifted":
+        y = "attn.y"
+        if base_rg:
+            _shifted_attention(s, attention.resolve(dims.T).group_size, dims, k_name, v_name, kv_bytes)
+    else:
+        raise UserError(f"the memory estimator models dense, local and shifted attention, not {attention.pattern!r}")
     y_rg = base_rg
     has_prompt = t.prompt_from_layer is not None and layer >= t.prompt_from_layer
     if has_prompt:  # a second, non-causal SDPA over the (1, nh, aT, hs) prompt keys and values
@@ -332,14 +367,13 @@ def _block_saved(dims: _Dims, t: _Trains, layer: int, x_rg: bool, attention, sdp
         if t.v2_linears:
             s.add("prompt.k.biased", aT * dims.kv * d)
             s.add("prompt.v.biased", aT * dims.kv * d)
-        s.add("prompt.k", aT * (C if expanded else dims.kv) * d)
-        s.add("prompt.v", aT * (C if expanded else dims.kv) * d)
-        s.add("q_rope", N * C * d)
-        s.add("prompt.out", N * C * d)  # also kept by the gate's product
-        s.add("prompt.lse", dims.B * dims.nh * dims.T * 4)
+        prompt_kv = aT * (C if expanded else dims.kv) * d
+        _sdpa_saved(s, "prompt", ("q_rope", N * C * d), ("prompt.k", prompt_kv), ("prompt.v", prompt_kv), aT,
+                    dims, sdpa, q_rg, True)
+        s.add("prompt.out", N * C * d)  # the gate's product keeps the prompt attention's output
         y_rg = True
-    # The fused kernels return (B, T, nh, hs) memory, so transpose + reshape is a view of their output.
-    y = "attn.out" if attention.pattern == "dense" and sdpa == "flash" and not has_prompt else "attn.y"
+    if has_prompt:
+        y = "attn.y"  # y + gate * prompt output is a new tensor
     o_rg = _linear(s, "attn.o_proj", y, y_rg, C, C, dims, t)
     x2_rg = x_rg or o_rg
     h2 = _rmsnorm(s, "norm_2", "x2", x2_rg, t.norms, dims)
@@ -821,6 +855,8 @@ class Cell:
 
     method: str = "adapter_v2"
     pattern: str = "dense"
+    attention_overrides: Dict[str, Any] = field(default_factory=dict)
+    """Settings of the sparse pattern (window, group_size, ...); see ``AttentionConfig``."""
     quantize: Optional[str] = None
     precision: str = "32-true"
     seq_len: int = 256
@@ -852,7 +888,7 @@ class Cell:
         from lit_adapter.attention import AttentionConfig
         from lit_adapter.methods import MethodSpec
 
-        attention = AttentionConfig(pattern=self.pattern).resolve(self.seq_len)
+        attention = AttentionConfig(pattern=self.pattern, **self.attention_overrides).resolve(self.seq_len)
         return MethodSpec(self.method, attention=attention, quantize=self.quantize)
 
     def label(self) -> str:

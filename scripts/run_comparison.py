@@ -39,7 +39,20 @@ def main(
         raise SystemExit(1)
 
 
-if __name__ == "__main__":
-    from jsonargparse import CLI
+def parse_args(argv=None):
+    # A plain parser: jsonargparse's CLI() reserves --config for its own config files, but here --config *is* the
+    # grid file.
+    from jsonargparse import ArgumentParser
 
-    run_cli(CLI, main, as_positional=False)
+    parser = ArgumentParser(description=main.__doc__.split("Args:")[0].strip())
+    parser.add_argument("--config", type=Path, required=True, help="The grid file (see configs/dolly_comparison_512.yaml).")
+    parser.add_argument("--checkpoint_dir", type=Optional[Path], default=None, help="Override the grid's base checkpoint.")
+    parser.add_argument("--out_dir", type=Optional[Path], default=None, help="Override the grid's output folder.")
+    parser.add_argument("--only", type=Optional[List[str]], default=None, help="Run only the runs with these names.")
+    parser.add_argument("--timeout_s", type=Optional[float], default=None,
+                        help="Stop a cell after this many seconds and record it as a timeout.")
+    return vars(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(**parse_args()))

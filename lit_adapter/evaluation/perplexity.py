@@ -191,7 +191,8 @@ def make_windows(n_tokens: int, seqlen: int, stride: Optional[int] = None, max_w
     return windows[:max_windows] if max_windows is not None else windows
 
 
-def _right_pad(sequences: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+def right_pad(sequences: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``(B, longest)`` token ids, each sequence followed by zeros (which no earlier position of a causal model sees)."""
     longest = max(s.numel() for s in sequences)
     batch = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)
     for i, s in enumerate(sequences):
@@ -206,7 +207,7 @@ def token_logprobs(model: torch.nn.Module, sequences: Sequence[torch.Tensor]) ->
     Returned in float32 on the CPU, one ``(len - 1,)`` tensor per sequence.
     """
     device = next(model.parameters()).device
-    batch = _right_pad(sequences, device)  # (B, T)
+    batch = right_pad(sequences, device)  # (B, T)
     logits = model(batch)  # (B, T, V)
     out = []
     for i, s in enumerate(sequences):
@@ -220,7 +221,7 @@ def token_logprobs(model: torch.nn.Module, sequences: Sequence[torch.Tensor]) ->
 def next_token_logits(model: torch.nn.Module, sequences: Sequence[torch.Tensor]) -> torch.Tensor:
     """Logits ``(B, V)`` (float32, CPU) for the token after the last one of each 1-D sequence, right-padded."""
     device = next(model.parameters()).device
-    batch = _right_pad(sequences, device)
+    batch = right_pad(sequences, device)
     logits = model(batch)  # (B, T, V)
     last = torch.tensor([s.numel() - 1 for s in sequences], device=device)
     return logits[torch.arange(len(sequences), device=device), last].float().cpu()

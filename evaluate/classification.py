@@ -1,0 +1,66 @@
+"""Accuracy by generation on sentiment (Rotten Tomatoes) or NLI (MultiNLI), zero-, one- or few-shot."""
+
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from lit_adapter.errors import run_cli  # noqa: E402
+
+
+def main(
+    checkpoint_dir: Path,
+    adapter_dir: Optional[Path] = None,
+    task: Literal["sentiment", "nli"] = "sentiment",
+    shots: int = 0,
+    template: Literal["auto", "plain", "instruction"] = "auto",
+    max_examples: Optional[int] = None,
+    max_new_tokens: int = 5,
+    temperature: float = 0.0,
+    seed: int = 42,
+    data_dir: Optional[Path] = None,
+    nli_file: Optional[Path] = None,
+    out_file: Optional[Path] = None,
+    quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
+    precision: Optional[str] = None,
+    device: Optional[str] = None,
+) -> None:
+    """Classify by generating the label after k demonstrations; prints accuracy, no-answer rate and per-label counts.
+
+    The demonstrations come, with a fixed seed, from a pool of examples that are never evaluated. Answers are
+    parsed leniently ("Positive!", "the sentiment is negative.", "maybe" for neutral); an answer naming no label
+    or several counts as wrong. See docs/evaluation.md.
+
+    Args:
+        checkpoint_dir: Converted base checkpoint folder (model_config.json, weights, tokenizer.model).
+        adapter_dir: A fine-tuning run's final/ folder; none: the base model.
+        task: sentiment (Rotten Tomatoes polarity) or nli (MultiNLI, entailment/neutral/contradiction).
+        shots: Demonstrations in each prompt (0: zero-shot).
+        template: plain ("Review: ...\\nSentiment:"), instruction (the Alpaca template used in fine-tuning) or auto
+            (instruction with --adapter_dir, plain without).
+        max_examples: Evaluate only the first N examples (after the seeded shuffle).
+        max_new_tokens: Tokens generated per answer.
+        temperature: Sampling temperature; 0 means greedy decoding.
+        seed: Seed of the shuffle, of the demonstrations and of sampling.
+        data_dir: Folder holding rotten_tomatoes/rt-polarity.pos and .neg (default: ../shared/data beside the
+            checkout).
+        nli_file: Local NLI data (JSON, JSONL or TSV with premise, hypothesis, label); default: nyu-mll/multi_nli
+            validation_matched from the Hugging Face hub.
+        out_file: Where to write the JSON report with every answer (default: print only).
+        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes.
+        precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
+        device: cpu or cuda (default: cuda when available).
+    """
+    from lit_adapter.evaluation.classification import run_classification
+
+    run_classification(checkpoint_dir, adapter_dir, task=task, shots=shots, template=template,
+                       max_examples=max_examples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                       data_dir=data_dir, nli_file=nli_file, out_file=out_file, quantize=quantize,
+                       precision=precision, device=device)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    run_cli(CLI, main, as_positional=False)

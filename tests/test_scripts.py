@@ -1,0 +1,116 @@
+"""Command lines: --help reads like documentation, --dry_run counts, every configs/*.yaml loads."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_adapter.comparison import load_grid, run_config
+
+REPO = Path(__file__).resolve().parents[1]
+FINETUNE = ["adapter", "adapter_v2", "lora", "full"]
+
+
+def load_setup(script):
+    spec = importlib.util.spec_from_file_location(f"finetune_{script}", REPO / "finetune" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.setup
+
+
+def run_script(*args, timeout=120):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+def test_help_documents_the_options(capsys):
+    from jsonargparse import CLI, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    for method in FINETUNE:
+        with pytest.raises(SystemExit) as exit_info:
+            CLI(load_setup(method), args=["--help"], as_positional=False)
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage:" in text
+        assert "Examples per optimizer step" in text  # dataclass field docstrings reach --help
+        assert "Linear warmup length in optimizer steps" in text
+    for script in ["generate/base.py", "scripts/run_comparison.py"]:  # and as a real command line
+        proc = run_script(REPO / script, "--help")
+        assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+
+
+# Trainable-parameter counts of lit-llama on LLaMA 7B (adapter: 30 layers x (10 x 4096 prompt + 32 gates);
+# adapter v2 adds bias+scale on every linear and the RMSNorm weights) and PEFT's LoRA r=8 on q,v.
+@pytest.mark.parametrize("method, trainable", [("adapter", 1_229_760), ("adapter_v2", 4_279_744),
+                                               ("lora", 4_194_304), ("full", 6_738_415_616)])
+def test_dry_run_counts_7b_without_allocating(method, trainable, capsys):
+    from jsonargparse import CLI
+
+    CLI(load_setup(method), args=["--model_name", "7B", "--dry_run", "true"], as_positional=False)
+    out = capsys.readouterr().out
+    assert f"trainable parameters: {trainable}\n" in out
+    assert "total parameters:" in out
+
+
+def test_dry_run_from_the_command_line():
+    proc = run_script(REPO / "finetune" / "adapter.py", "--model_name", "7B", "--dry_run", "true")
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable parameters: 1229760\n" in proc.stdout
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path):
+    cases = [
+        (["finetune/adapter.py", "--model_name", "7B", "--dry_run", "true", "--train.global_batch_size", "6"],
+         "not a multiple"),
+        (["finetune/lora.py", "--checkpoint_dir", tmp_path / "missing"], "checkpoint directory not found"),
+        (["finetune/adapter.py", "--model_name", "8B-typo", "--dry_run", "true"], "unknown model name"),
+        (["finetune/adapter.py", "--model_name", "stories260K", "--dry_run", "true", "--adapter.start_layer", "5"],
+         "start_layer"),
+        (["finetune/full.py", "--model_name", "tiny", "--dry_run", "true", "--quantize", "bnb.nf4"], "QLoRA"),
+        (["generate/base.py", "--checkpoint_dir", tmp_path], "tokenizer not found"),
+    ]
+    for args, message in cases:
+        proc = run_script(REPO / args[0], *args[1:])
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (args, proc.stderr)
+
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs_for_both_contexts():
+    names = {p.name for p in CONFIGS}
+    assert {"dolly_comparison_512.yaml", "dolly_comparison_1024.yaml", "smoke_stories260k.yaml"} <= names
+
+
+# single-run configs and the finetune script each one is for
+SINGLE_RUN = {"adapter_v2_dolly_512.yaml": "adapter_v2", "qlora_dolly_1024.yaml": "lora"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path, tmp_path, capsys):
+    """Grid files load and every cell's generated config parses in its finetune script (as a dry run on 7B)."""
+    from jsonargparse import CLI
+
+    raw = yaml.safe_load(path.read_text())
+    if "runs" in raw:
+        grid = load_grid(path)
+        cells = [(run.script, run_config(grid, run, ctx, tmp_path / "data", tmp_path / run.name))
+                 for ctx in grid.context_lengths for run in grid.runs]
+        assert len(cells) == len(grid.runs) * len(grid.context_lengths)
+    else:
+        assert path.name in SINGLE_RUN, f"say which finetune script {path.name} is for"
+        cells = [(SINGLE_RUN[path.name], raw)]
+    for script, cfg in cells:
+        cfg = {k: v for k, v in cfg.items() if k != "checkpoint_dir"}
+        cell_config = tmp_path / f"{script}.yaml"
+        cell_config.write_text(yaml.safe_dump(cfg))
+        CLI(load_setup(script), args=["--config", str(cell_config), "--model_name", "7B", "--dry_run", "true"],
+            as_positional=False)
+        assert "trainable parameters:" in capsys.readouterr().out
