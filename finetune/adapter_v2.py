@@ -1,12 +1,7 @@
 """Fine-tune a frozen LLaMA with LLaMA-Adapter v2 (Gao et al. 2023)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from lit_adapter.adapter import AdapterConfig  # noqa: E402
-from lit_adapter.cli import cli, make_finetune_command  # noqa: E402
+from lit_adapter.adapter import AdapterConfig
+from lit_adapter.cli import cli, make_finetune_command
 
 setup = make_finetune_command(
     "adapter_v2",

@@ -1,11 +1,6 @@
 """Full fine-tuning of every LLaMA weight: the reference the PEFT methods are compared against."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from lit_adapter.cli import cli, make_finetune_command  # noqa: E402
+from lit_adapter.cli import cli, make_finetune_command
 
 setup = make_finetune_command(
     "full",

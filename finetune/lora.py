@@ -1,12 +1,7 @@
 """Fine-tune a frozen LLaMA with LoRA (Hu et al. 2021); with --quantize bnb.nf4 this is QLoRA (Dettmers et al. 2023)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from lit_adapter.cli import cli, make_finetune_command  # noqa: E402
-from lit_adapter.lora import LoRAConfig  # noqa: E402
+from lit_adapter.cli import cli, make_finetune_command
+from lit_adapter.lora import LoRAConfig
 
 setup = make_finetune_command(
     "lora",

@@ -1,13 +1,10 @@
 """Generate text from a base LLaMA checkpoint with the KV cache."""
 
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from lit_adapter.errors import run_cli  # noqa: E402
-from lit_adapter.generate import run_generation  # noqa: E402
+from lit_adapter.errors import run_cli
+from lit_adapter.generate import run_generation
 
 
 def main(

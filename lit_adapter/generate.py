@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from pathlib import Path
+from typing import Iterator, Literal, Optional
 
 import torch
 
@@ -94,7 +95,6 @@ def run_generation(
     """Loads a base (plus optional fine-tuned tensors), generates, prints text to stdout and stats to stderr."""
     import sys
     import time
-    from pathlib import Path
 
     from lit_adapter.methods import load_finetuned
     from lit_adapter.tokenizer import Tokenizer
@@ -134,3 +134,52 @@ def _instruction_prompt(generate_prompt, instruction: str, input: str) -> str:
     from lit_adapter.data import InstructionRecord
 
     return generate_prompt(InstructionRecord(instruction=instruction, input=input, output=""))
+
+
+def generate_instruction_answer(
+    checkpoint_dir: Path,
+    adapter_dir: Path,
+    instruction: str = "Give three tips for staying healthy.",
+    input: str = "",
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: Optional[int] = 200,
+    quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
+    precision: Optional[str] = None,
+    seed: int = 1234,
+    device: Optional[str] = None,
+) -> str:
+    """Answer an instruction, wrapped in the same prompt template as training; the answer goes to stdout.
+
+    Args:
+        checkpoint_dir: The base checkpoint the run fine-tuned.
+        adapter_dir: The run's final/ folder (adapter.safetensors and adapter_config.json).
+        instruction: The instruction to answer.
+        input: Optional context for the instruction (the template's "### Input:" section).
+        max_new_tokens: How many tokens to generate at most (stops early at end-of-sequence).
+        temperature: Sampling temperature; 0 means greedy decoding.
+        top_k: Sample only among the k most likely tokens.
+        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes.
+        precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
+        seed: Random seed for sampling.
+        device: cpu or cuda (default: cuda when available).
+    """
+    return run_generation(checkpoint_dir, adapter_dir, instruction=instruction, input=input,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, quantize=quantize,
+                          precision=precision, seed=seed, device=device)
+
+
+def instruction_command(method: str):
+    """``generate/<method>.py``'s entry point: :func:`generate_instruction_answer` defaulting to ``out/<method>/final``."""
+    import functools
+    import inspect
+
+    @functools.wraps(generate_instruction_answer)
+    def command(**kwargs):
+        return generate_instruction_answer(**kwargs)
+
+    signature = inspect.signature(generate_instruction_answer)
+    params = [p.replace(default=Path(f"out/{method}/final")) if p.name == "adapter_dir" else p
+              for p in signature.parameters.values()]
+    command.__signature__ = signature.replace(parameters=params)
+    return command

@@ -286,6 +286,10 @@ def load_finetuned(
     if not path.is_file():
         raise UserError(f"adapter weights not found: {path}")
     load_trained_tensors(model, load_file(str(path)), spec, source=str(path))
+    if spec.method == "lora":
+        from lit_adapter.lora import merge_lora
+
+        merge_lora(model, strict=False)  # folded into the weights for inference (not possible on quantized bases)
     return config, model.eval(), spec
 
 

@@ -88,7 +88,8 @@ def test_prompts():
     )
     prompt = build_prompt("sentiment", [demo], query, "instruction")
     assert prompt.startswith("Below is an instruction that describes a task, paired with an input")
-    assert "### Input:\nReview: a joy to watch\nSentiment: positive\n\nReview: dull and long\n\n### Response:\n" in prompt
+    expected_input = "Review: a joy to watch\nSentiment: positive\n\nReview: dull and long"
+    assert f"### Input:\n{expected_input}\n\n### Response:\n" in prompt
     nli = build_prompt("nli", [], Example(("A man sleeps.", "A person rests."), "entailment"), "plain")
     assert nli.endswith("Premise: A man sleeps.\nHypothesis: A person rests.\nRelation:")
 

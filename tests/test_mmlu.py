@@ -189,7 +189,8 @@ def test_missing_subject_is_a_clear_error(random32k, shared_data):
     proc = subprocess.run(
         [sys.executable, str(REPO / "evaluate" / "mmlu.py"), "--checkpoint_dir", str(random32k),
          "--data_dir", str(shared_data / "mmlu"), "--subjects", "astrology"],
-        capture_output=True, text=True, cwd=REPO, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

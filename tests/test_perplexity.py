@@ -230,7 +230,8 @@ def test_pretrained_stories260k_knows_tinystories(stories260k, shared_data):
     ppl = {}
     for name, text in (("story", story), ("simple", simple)):
         tokens = tokenizer.encode(text)
-        ppl[name] = evaluate_corpus(model, tokens, Corpus(name, text, "test"), tokens.numel(), progress=False).perplexity
+        result = evaluate_corpus(model, tokens, Corpus(name, text, "test"), tokens.numel(), progress=False)
+        ppl[name] = result.perplexity
     wiki = run_perplexity(stories260k, datasets="wikitext2", max_windows=2, data_dir=shared_data, progress=False)
     assert ppl["story"] < 2.5
     assert ppl["simple"] < 5

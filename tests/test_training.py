@@ -280,3 +280,30 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path, stories_checkpoint, inst
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {out / training.CHECKPOINT_NAME} at step {state['step']}" in resumed.stdout
+
+
+@pytest.mark.parametrize("logger_name", ["tensorboard", "wandb"])
+def test_tensorboard_and_offline_wandb_loggers(tmp_path, stories_checkpoint, instruction_data, logger_name,
+                                               monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = MethodSpec("adapter", settings=AdapterConfig(start_layer=0))
+    result = finetune(
+        spec, checkpoint_dir=stories_checkpoint, model_name=None, out_dir=tmp_path, data=DataArgs(data_dir=instruction_data),
+        train=TrainArgs(global_batch_size=8, micro_batch_size=4, max_steps=2, warmup_steps=1, learning_rate=1e-2),
+        eval=EvalArgs(interval=1, max_batches=1), fabric_args=FabricArgs(accelerator="cpu"),
+        logger=LoggerArgs(logger_name=logger_name, run_name="unit"),
+    )
+    assert result.status == "completed"
+    if logger_name == "tensorboard":
+        events = list(tmp_path.glob("logs/unit/events.out.tfevents.*"))
+        assert events, list(tmp_path.rglob("*"))
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(events[0].parent))
+        acc.Reload()
+        assert {"train_loss", "val_loss", "learning_rate", "tokens_per_s"} <= set(acc.Tags()["scalars"])
+        assert [e.step for e in acc.Scalars("train_loss")] == [1, 2]
+    else:
+        runs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+        assert runs, list(tmp_path.rglob("*"))[:20]

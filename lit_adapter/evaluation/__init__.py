@@ -9,6 +9,7 @@ Every evaluation loads its model the same way (:func:`load_model`: a base checkp
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -19,8 +20,10 @@ import torch
 
 from lit_adapter.errors import UserError
 
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-"""``../shared/data`` beside the checkout: where the offline copies of the evaluation data live."""
+DEFAULT_DATA_DIR = Path(
+    os.environ.get("LIT_ADAPTER_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
+)
+"""``../shared/data`` beside the checkout (or ``$LIT_ADAPTER_SHARED_DATA``): the offline copies of the data."""
 
 
 def resolve_device(device: Optional[str]) -> torch.device:

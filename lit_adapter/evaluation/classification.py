@@ -111,7 +111,8 @@ def _nli_example(premise, hypothesis, label, where: str) -> Optional[Example]:
 
 
 def load_nli_file(path: Path) -> List[Example]:
-    """A JSON array, JSON lines or a TSV with premise/hypothesis/label (or MultiNLI's sentence1/sentence2/gold_label)."""
+    """A JSON array, JSON lines or a TSV with premise/hypothesis/label (or MultiNLI's own column names
+    sentence1/sentence2/gold_label); labels are names or MultiNLI's 0/1/2, and "-"/-1 (no gold label) is skipped."""
     if not path.is_file():
         raise UserError(f"NLI file not found: {path}")
     try:
@@ -154,7 +155,9 @@ def load_nli_hub() -> List[Example]:
     return [e for e in examples if e is not None]
 
 
-def split_pool(examples: Sequence[Example], seed: int, pool_size: int = POOL_SIZE) -> Tuple[List[Example], List[Example]]:
+def split_pool(
+    examples: Sequence[Example], seed: int, pool_size: int = POOL_SIZE
+) -> Tuple[List[Example], List[Example]]:
     """``(pool, evaluated)``: a seeded shuffle, the first ``pool_size`` examples kept for demonstrations."""
     shuffled = list(examples)
     random.Random(seed).shuffle(shuffled)

@@ -1,4 +1,5 @@
-"""Our models inside EleutherAI's lm-evaluation-harness (Gao et al., https://github.com/EleutherAI/lm-evaluation-harness).
+"""Our models inside EleutherAI's lm-evaluation-harness (Gao et al.,
+https://github.com/EleutherAI/lm-evaluation-harness).
 
 The harness asks a model three kinds of questions; :class:`LitAdapterLM` answers them with a base or fine-tuned
 checkpoint of this project, so any harness task (HellaSwag, ARC, LAMBADA, ...) runs on it, offline if the task's
@@ -158,7 +159,9 @@ class LitAdapterLM(LM):
             max_new = int(kwargs.get("max_gen_toks", kwargs.get("max_new_tokens", self.max_gen_toks)))
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             if max_new >= self.max_length:
-                raise UserError(f"max_gen_toks={max_new} leaves no room for the context in max_length={self.max_length}")
+                raise UserError(
+                    f"max_gen_toks={max_new} leaves no room for the context in max_length={self.max_length}"
+                )
             prefix = [self.tokenizer.bos_id] if self.add_bos_token else []
             ids = (prefix + self._encode(context))[-(self.max_length - max_new) :]
             new: List[int] = []

@@ -167,7 +167,10 @@ class Window:
         return self.end - self.score_from
 
 
-def make_windows(n_tokens: int, seqlen: int, stride: Optional[int] = None, max_windows: Optional[int] = None) -> List[Window]:
+def make_windows(
+    n_tokens: int, seqlen: int, stride: Optional[int] = None, max_windows: Optional[int] = None
+) -> List[Window]:
+    """Non-overlapping windows of ``seqlen`` (the incomplete tail dropped), or sliding ones ``stride`` apart."""
     if seqlen < 2:
         raise UserError(f"--seqlen must be at least 2 (one context token and one scored token), got {seqlen}")
     if max_windows is not None and max_windows < 1:
@@ -192,7 +195,7 @@ def make_windows(n_tokens: int, seqlen: int, stride: Optional[int] = None, max_w
 
 
 def right_pad(sequences: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """``(B, longest)`` token ids, each sequence followed by zeros (which no earlier position of a causal model sees)."""
+    """``(B, longest)`` token ids, each sequence followed by zeros (no earlier position of a causal model sees them)."""
     longest = max(s.numel() for s in sequences)
     batch = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)
     for i, s in enumerate(sequences):
