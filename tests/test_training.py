@@ -307,3 +307,26 @@ def test_tensorboard_and_offline_wandb_loggers(tmp_path, stories_checkpoint, ins
     else:
         runs = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
         assert runs, list(tmp_path.rglob("*"))[:20]
+
+
+def test_activation_checkpointing_changes_memory_not_the_numbers(tmp_path, stories_checkpoint, instruction_data):
+    plain = run(tmp_path / "plain", stories_checkpoint, instruction_data, steps=3)
+    checkpointed = run(tmp_path / "ckpt", stories_checkpoint, instruction_data, steps=3, activation_checkpointing=True)
+    for (s1, l1), (s2, l2) in zip(plain.train_losses, checkpointed.train_losses):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_bfloat16_precisions_train_on_cpu(tmp_path, stories_checkpoint, instruction_data, precision):
+    spec = MethodSpec("adapter_v2", settings=AdapterConfig(start_layer=0))
+    result = finetune(
+        spec, checkpoint_dir=stories_checkpoint, model_name=None, out_dir=tmp_path,
+        data=DataArgs(data_dir=instruction_data),
+        train=TrainArgs(global_batch_size=8, micro_batch_size=4, max_steps=6, warmup_steps=1, learning_rate=2e-2),
+        eval=EvalArgs(interval=100, max_batches=2), fabric_args=FabricArgs(accelerator="cpu", precision=precision),
+        logger=LoggerArgs(),
+    )
+    assert result.final_val_loss < result.initial_val_loss
+    saved = load_file(tmp_path / "final" / "adapter.safetensors")
+    expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert {t.dtype for t in saved.values()} == {expected}
