@@ -159,6 +159,7 @@ class _Dims:
     hs: int
     d: int  # bytes per element of weights and activations
     device_type: str
+    quantize: Optional[str] = None
 
     @property
     def N(self) -> int:
@@ -222,10 +223,15 @@ def _rmsnorm(saved: _Saved, name: str, x: str, x_rg: bool, weight_trains: bool, 
     return x_rg or weight_trains
 
 
-def _linear(saved: _Saved, name: str, x: str, x_rg: bool, fan_in: int, fan_out: int, dims: _Dims, t: _Trains) -> bool:
+def _linear(saved: _Saved, name: str, x: str, x_rg: bool, fan_in: int, fan_out: int, dims: _Dims, t: _Trains,
+            quantized: bool = True) -> bool:
     """A linear layer as the method wraps it; returns whether its output requires a gradient."""
     N, d = dims.N, dims.d
     if t.base_linears:  # the weight's gradient needs the input
+        saved.add(x, N * fan_in * d)
+    if quantized and dims.quantize == "bnb.int8" and x_rg:
+        # bitsandbytes' int8 matmul keeps its input on the autograd context (ctx.A / ctx.tensors) even though the
+        # frozen weight needs no gradient; its 4-bit matmul keeps only the weight
         saved.add(x, N * fan_in * d)
     lora = name.rpartition(".")[2] in t.lora_targets
     if lora:
@@ -392,7 +398,7 @@ def _block_saved(dims: _Dims, t: _Trains, layer: int, x_rg: bool, attention, sdp
 def _head_saved(dims: _Dims, t: _Trains, x_rg: bool) -> Tuple[_Saved, bool]:
     s = _Saved()
     h = _rmsnorm(s, "ln_f", "x", x_rg, t.norms, dims)
-    out_rg = _linear(s, "lm_head", "hf", h, dims.C, dims.V, dims, t)
+    out_rg = _linear(s, "lm_head", "hf", h, dims.C, dims.V, dims, t, quantized=False)  # the head stays unquantized
     return s, out_rg
 
 
@@ -404,7 +410,7 @@ def saved_activations(
 
     The loss part is ``log_softmax``'s float32 output and the int64 targets, as ``training.loss_fn`` computes it.
     """
-    dims = _dims(config, micro_batch_size, seq_len, precision_dtype(dtype), device_type)
+    dims = _dims(config, micro_batch_size, seq_len, precision_dtype(dtype), device_type, spec.quantize)
     t = _Trains.of(spec)
     x_rg = t.embedding
     layers = []
@@ -417,9 +423,10 @@ def saved_activations(
     return {"layers": layers, "embedding": embedding, "head": head.total, "loss": rows * dims.V * 4 + rows * 8}
 
 
-def _dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str) -> _Dims:
+def _dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str, quantize: Optional[str] = None) -> _Dims:
     return _Dims(B=B, T=T, C=config.n_embd, I=config.intermediate_size, V=config.vocab_size, nh=config.n_head,
-                 ng=config.n_query_groups, hs=config.head_size, d=_element_size(dtype), device_type=device_type)
+                 ng=config.n_query_groups, hs=config.head_size, d=_element_size(dtype), device_type=device_type,
+                 quantize=quantize)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -485,13 +492,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, chunk_size: int, ignore_index: int):
         B, T, V = logits.shape
-        lse = torch.empty(B, T, device=logits.device, dtype=torch.float32)
-        total = torch.zeros((), device=logits.device, dtype=torch.float32)
+        acc = torch.promote_types(logits.dtype, torch.float32)  # at least float32, as F.cross_entropy(x.float())
+        lse = torch.empty(B, T, device=logits.device, dtype=acc)
+        total = torch.zeros((), device=logits.device, dtype=acc)
         valid = targets != ignore_index
         safe = torch.where(valid, targets, torch.zeros_like(targets))
         for b in range(B):
             for t0 in range(0, T, chunk_size):
-                rows = logits[b, t0 : t0 + chunk_size].float()  # (chunk, V)
+                rows = logits[b, t0 : t0 + chunk_size].to(acc)  # (chunk, V)
                 lse[b, t0 : t0 + chunk_size] = torch.logsumexp(rows, dim=-1)
                 picked = rows.gather(-1, safe[b, t0 : t0 + chunk_size, None]).squeeze(-1)
                 nll = lse[b, t0 : t0 + chunk_size] - picked
@@ -506,11 +514,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         logits, lse, safe, valid, count = ctx.saved_tensors
         B, T, V = logits.shape
         grad = torch.empty_like(logits)
-        scale = grad_output.float() / count.clamp(min=1)
+        scale = grad_output.to(lse.dtype) / count.clamp(min=1)
         for b in range(B):
             for t0 in range(0, T, ctx.chunk_size):
                 t1 = t0 + ctx.chunk_size
-                probs = torch.exp(logits[b, t0:t1].float() - lse[b, t0:t1, None])  # (chunk, V)
+                probs = torch.exp(logits[b, t0:t1].to(lse.dtype) - lse[b, t0:t1, None])  # (chunk, V)
                 probs.scatter_add_(-1, safe[b, t0:t1, None], -torch.ones_like(probs[:, :1]))
                 probs *= (valid[b, t0:t1, None] * scale)
                 grad[b, t0:t1] = probs.to(grad.dtype)
@@ -543,11 +551,12 @@ def chunked_cross_entropy(
     from torch.utils.checkpoint import checkpoint
 
     def chunk_loss(hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden).float()
+        logits = head(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return F.cross_entropy(logits, chunk_targets, ignore_index=ignore_index, reduction="sum")
 
     B, T, _ = logits_or_hidden.shape
-    total = logits_or_hidden.new_zeros((), dtype=torch.float32)
+    total = logits_or_hidden.new_zeros((), dtype=torch.promote_types(logits_or_hidden.dtype, torch.float32))
     for b in range(B):
         for t0 in range(0, T, chunk_size):
             hidden = logits_or_hidden[b, t0 : t0 + chunk_size]
@@ -606,7 +615,7 @@ def estimate_memory(
     if micro_batch_size < 1 or seq_len < 2:
         raise UserError("micro_batch_size must be >= 1 and seq_len >= 2")
     dtype = precision_dtype(dtype)
-    dims = _dims(config, micro_batch_size, seq_len, dtype, device_type)
+    dims = _dims(config, micro_batch_size, seq_len, dtype, device_type, quantize)
     N, C, I, d = dims.N, dims.C, dims.I, dims.d
     t = _Trains.of(spec)
 
@@ -642,7 +651,10 @@ def estimate_memory(
     # of its two factors (backward); a dequantized weight while a quantized linear runs
     dequant = max(I * C, C * C) * d if quantize else 0
     forward_tmp = 3 * N * C * 4 + N * C * d + dequant
-    backward_tmp = N * d * (2 * C + 3 * I) + (N * I * d if t.v2_linears else 0) + dequant
+    backward_tmp = 3 * N * I * d + dequant
+    if sdpa == "math":  # the (B, nh, T, T) scores and softmax in the forward; their gradients in the backward
+        forward_tmp += 2 * dims.B * dims.nh * dims.T * dims.T * 4
+        backward_tmp = max(backward_tmp, 2 * dims.B * dims.nh * dims.T * dims.T * 4)
     if t.prompt_from_layer is not None:
         backward_tmp += N * C * d  # the gated prompt output's gradient
 
@@ -660,7 +672,8 @@ def estimate_memory(
             layer = kept[i] + recomputed + max(forward_tmp, backward_tmp)
         else:
             layer = saved[i].total + backward_tmp
-        backward_peak = max(backward_peak, state + logits + loss_left + N * C * d + below + layer + grads_so_far)
+        # loss_left: the logits the loop still holds; N * C * d: the gradient flowing down the residual stream
+        backward_peak = max(backward_peak, state + loss_left + N * C * d + below + layer + grads_so_far)
     phases["backward"] = backward_peak
     largest = max((p.numel() for p in trainable), default=0)
     adam_tmp = (2 * largest * d) if device_type == "cpu" else grads  # per-tensor (CPU) vs foreach (CUDA) temporaries
@@ -805,6 +818,17 @@ def _persistent_storages(model: nn.Module) -> set:
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
+def _graph_nodes(root):
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(fn for fn, _ in node.next_functions)
+
+
 def measure_saved_activations(model: nn.Module, batch: torch.Tensor, criterion=None) -> Dict[str, Any]:
     """Bytes autograd saves in one forward + loss, by section, each storage counted once.
 
@@ -827,16 +851,32 @@ def measure_saved_activations(model: nn.Module, batch: torch.Tensor, criterion=N
             section[0] = name
         return hook
 
+    # Custom autograd functions may keep tensors as attributes of their context (bitsandbytes' ``ctx.A``), out of
+    # the hooks' sight: remember in which section every module input was seen, and collect those from the graph.
+    inputs: Dict[int, str] = {}
+
+    def remember(module, args):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                inputs[a.untyped_storage().data_ptr()] = section[0]  # the latest use: addresses are reused
+
     handles = [block.register_forward_pre_hook(enter(f"layer{i}")) for i, block in enumerate(model.transformer.h)]
     handles.append(model.transformer.ln_f.register_forward_pre_hook(enter("head")))
+    handles += [m.register_forward_pre_hook(remember) for m in model.modules()]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = model(batch)
             section[0] = "loss"
-            criterion(logits, batch)
+            loss = criterion(logits, batch)[0]
     finally:
         for handle in handles:
             handle.remove()
+    for node in _graph_nodes(loss.grad_fn):
+        for value in list(getattr(node, "__dict__", {}).values()):
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in inputs:
+                    ptr = t.untyped_storage().data_ptr()
+                    sizes.setdefault(ptr, (inputs[ptr], t.untyped_storage().nbytes()))
     persistent = _persistent_storages(model)
     out = {"layers": [0] * len(model.transformer.h), "embedding": 0, "head": 0, "loss": 0}
     for ptr, (name, nbytes) in sizes.items():
@@ -973,13 +1013,15 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
         if tracker is not None:
             tracker.mark()
-        for _ in range(cell.steps):
-            step_times.append(step(model, optimizer, trainable, batch))
+        with _sdpa_backend(cell.sdpa):
+            for _ in range(cell.steps):
+                step_times.append(step(model, optimizer, trainable, batch))
     finally:
         if tracker is not None:
             tracker.__exit__(*sys.exc_info())
-    for _ in range(cell.timed_steps):
-        step_times.append(step(model, optimizer, trainable, batch))
+    with _sdpa_backend(cell.sdpa):
+        for _ in range(cell.timed_steps):
+            step_times.append(step(model, optimizer, trainable, batch))
     timed = step_times[cell.steps:] or step_times[1:] or step_times
     step_time = statistics.median(timed)
     result = {
@@ -1000,6 +1042,15 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
         result["peak_bytes"] = tracker.peak_bytes
         result["peak_kind"] = "cpu_allocator_peak"
     return result
+
+
+def _sdpa_backend(sdpa: str):
+    """``flash``: PyTorch's own choice (the fused kernels where they apply); ``math``: force the math path."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH) if sdpa == "math" else contextlib.nullcontext()
 
 
 def make_optimizer(trainable: List[nn.Parameter], name: str) -> torch.optim.Optimizer:

@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Unit tests use tiny models, for which OpenMP threads cost more than they give (and stall badly when the cores are
+# shared); one thread also makes the timings of the end-to-end tests steadier.
+torch.set_num_threads(int(os.environ.get("LIT_ADAPTER_TEST_THREADS", "1")))
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("LIT_ADAPTER_SHARED_DATA", REPO_ROOT.parent / "shared" / "data")).resolve()
 
@@ -20,3 +24,14 @@ def shared_data() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def stories260k(tmp_path_factory, shared_data) -> Path:
+    """The real pretrained stories260K, converted once per session with its own tok512 vocabulary."""
+    from lit_adapter.convert import convert_llama2c_checkpoint
+
+    out = tmp_path_factory.mktemp("stories260K")
+    source = shared_data / "checkpoints" / "stories260K"
+    convert_llama2c_checkpoint(source / "stories260K.bin", out, tokenizer_path=source / "tok512.bin")
+    return out

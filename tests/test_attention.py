@@ -22,13 +22,6 @@ from lit_adapter.model import GPT, CausalSelfAttention
 NH = 4  # query heads in the kernel tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tensors here are tiny: one thread avoids OpenMP stalls on a busy machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 KERNELS = {
     "local-1": lambda: LocalAttention(1),

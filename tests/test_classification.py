@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lit_adapter.convert import convert_llama2c_checkpoint, lit_to_hf_state_dict
+from lit_adapter.convert import lit_to_hf_state_dict
 from lit_adapter.errors import UserError
 from lit_adapter.evaluation import load_model
 from lit_adapter.evaluation.classification import (
@@ -21,15 +21,6 @@ from lit_adapter.evaluation.classification import (
 from lit_adapter.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from intra-op threads, which spin on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("text,label", [
@@ -230,14 +221,6 @@ def test_long_prompts_drop_demonstrations(shared_data, llama_tokenizer):
     result, _ = evaluate_classification(model, llama_tokenizer, "sentiment", examples, shots=4, max_examples=10)
     assert result.truncated_prompts > 0
     assert all(len(llama_tokenizer.encode(p)) <= 160 - 5 for p in model.prompts)
-
-
-@pytest.fixture(scope="module")
-def stories260k(tmp_path_factory, shared_data):
-    out = tmp_path_factory.mktemp("stories260K_cls")
-    folder = shared_data / "checkpoints" / "stories260K"
-    convert_llama2c_checkpoint(folder / "stories260K.bin", out, tokenizer_path=folder / "tok512.bin")
-    return out
 
 
 def test_real_model_answers_are_greedy_generations(stories260k, shared_data, tmp_path):

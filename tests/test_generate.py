@@ -24,15 +24,11 @@ def greedy_without_cache(model, prompt, steps):
 
 
 @pytest.fixture(scope="module")
-def stories(tmp_path_factory, shared_data):
+def stories(stories260k):
     from lit_adapter.checkpoint import load_checkpoint_dir
-    from lit_adapter.convert import convert_llama2c_checkpoint
 
-    out = tmp_path_factory.mktemp("stories260K")
-    source = shared_data / "checkpoints" / "stories260K"
-    convert_llama2c_checkpoint(source / "stories260K.bin", out, tokenizer_path=source / "tok512.bin")
-    config, model, tokenizer = load_checkpoint_dir(out)
-    return out, model, tokenizer
+    config, model, tokenizer = load_checkpoint_dir(stories260k)
+    return stories260k, model, tokenizer
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])

@@ -13,7 +13,7 @@ lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from lit_adapter.config import Config  # noqa: E402
-from lit_adapter.convert import convert_llama2c_checkpoint, lit_to_hf_state_dict, write_checkpoint_dir  # noqa: E402
+from lit_adapter.convert import lit_to_hf_state_dict, write_checkpoint_dir  # noqa: E402
 from lit_adapter.evaluation import load_model  # noqa: E402
 from lit_adapter.evaluation.lm_eval_adapter import LitAdapterLM  # noqa: E402
 from lit_adapter.model import GPT  # noqa: E402
@@ -23,23 +23,6 @@ STORY = (
     "a big, red ball. She wanted to play with it, but it was too high. Lily's mom said, \"Lily, let's go to the "
     "park.\" Lily was sad and didn't know what to do."
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from intra-op threads, which spin on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def stories260k(tmp_path_factory, shared_data):
-    out = tmp_path_factory.mktemp("stories260K_lm_eval")
-    folder = shared_data / "checkpoints" / "stories260K"
-    convert_llama2c_checkpoint(folder / "stories260K.bin", out, tokenizer_path=folder / "tok512.bin")
-    return out
 
 
 @pytest.fixture(scope="module")

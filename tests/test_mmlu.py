@@ -13,7 +13,7 @@ import sentencepiece as spm
 import torch
 
 from lit_adapter.config import Config
-from lit_adapter.convert import convert_llama2c_checkpoint, lit_to_hf_state_dict, write_checkpoint_dir
+from lit_adapter.convert import lit_to_hf_state_dict, write_checkpoint_dir
 from lit_adapter.errors import UserError
 from lit_adapter.evaluation import load_model
 from lit_adapter.evaluation.mmlu import Question, read_csv, run_mmlu
@@ -24,15 +24,6 @@ SUBJECTS = ("abstract_algebra", "high_school_geography")
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP's spinning makes each
-    # op ~50x slower whenever the other core is busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def random32k(tmp_path_factory, shared_data):
     """A random tiny model with the LLaMA tokenizer and a context long enough for some 5-shot prompts."""
@@ -42,14 +33,6 @@ def random32k(tmp_path_factory, shared_data):
     model.init_weights(std=0.5)  # larger weights: predictions that differ from question to question
     out = tmp_path_factory.mktemp("random32k_mmlu")
     write_checkpoint_dir(out, config, model.state_dict(), shared_data / "tokenizers" / "llama" / "tokenizer.model")
-    return out
-
-
-@pytest.fixture(scope="module")
-def stories260k(tmp_path_factory, shared_data):
-    out = tmp_path_factory.mktemp("stories260K_mmlu")
-    folder = shared_data / "checkpoints" / "stories260K"
-    convert_llama2c_checkpoint(folder / "stories260K.bin", out, tokenizer_path=folder / "tok512.bin")
     return out
 
 
@@ -96,9 +79,10 @@ def brute_force(hf, block_size, sp, subject, data, k, n, letter_pieces):
         shots = k
         ids = [sp.bos_id()] + sp.encode(hendrycks_prompt(subject, dev, shots, row))
         longest = max(len(p) for p in letter_pieces)
-        while len(ids) + longest - 1 > block_size:
+        while len(ids) + longest - 1 > block_size and shots > 0:
             shots -= 1
             ids = [sp.bos_id()] + sp.encode(hendrycks_prompt(subject, dev, shots, row))
+        ids = ids[len(ids) + longest - 1 - block_size :] if len(ids) + longest - 1 > block_size else ids
         if all(len(p) == 1 for p in letter_pieces):  # one pass: the four next-token log-probabilities
             logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0, -1].double(), -1)
             scores = [logp[sp.piece_to_id(p[0])].item() for p in letter_pieces]
@@ -107,7 +91,7 @@ def brute_force(hf, block_size, sp, subject, data, k, n, letter_pieces):
         scores = []
         for pieces in letter_pieces:
             cont = [sp.piece_to_id(p) for p in pieces]
-            logp = torch.log_softmax(hf(torch.tensor([ids + cont])).logits[0].double(), -1)
+            logp = torch.log_softmax(hf(torch.tensor([ids + cont[:-1]])).logits[0].double(), -1)
             scores.append(sum(logp[len(ids) - 1 + j, t].item() for j, t in enumerate(cont)))
         predictions.append((max(range(4), key=scores.__getitem__), "ABCD".index(row[5])))
     return predictions
@@ -151,6 +135,21 @@ def test_accuracy_with_letters_split_into_pieces(stories260k, shared_data):
     expected = brute_force(hf, block_size, sp, "marketing", data, 1, 6, pieces)
     assert [r["prediction"] for r in report["predictions"]["marketing"]] == [p for p, _ in expected]
     assert report["subjects"]["marketing"]["correct"] == sum(p == a for p, a in expected)
+
+
+def test_prompts_longer_than_the_context(stories260k, shared_data):
+    # With the 512-piece vocabulary the history passages do not fit 512 tokens even 0-shot: the prompt keeps its
+    # end (the question's last lines and "Answer:"), up to the context minus the longest answer continuation - 1.
+    data = shared_data / "mmlu"
+    report = run_mmlu(stories260k, k=5, subjects="high_school_european_history", max_questions_per_subject=3,
+                      data_dir=data, batch_size=2)
+    assert report["subjects"]["high_school_european_history"]["shots"] == 0
+    assert [r["prompt_tokens"] for r in report["predictions"]["high_school_european_history"]] == [511, 511, 511]
+    hf, block_size = hf_model(stories260k)
+    sp = spm.SentencePieceProcessor(model_file=str(stories260k / "tokenizer.model"))
+    expected = brute_force(hf, block_size, sp, "high_school_european_history", data, 5, 3,
+                           [["▁", "A"], ["▁B"], ["▁", "C"], ["▁", "D"]])
+    assert [r["prediction"] for r in report["predictions"]["high_school_european_history"]] == [p for p, _ in expected]
 
 
 def test_reads_both_csv_formats(shared_data, tmp_path):

@@ -27,13 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def stories_checkpoint(tmp_path_factory, shared_data):
-    from lit_adapter.convert import convert_llama2c_checkpoint
-
-    out = tmp_path_factory.mktemp("stories260K")
-    source = shared_data / "checkpoints" / "stories260K"
-    convert_llama2c_checkpoint(source / "stories260K.bin", out, tokenizer_path=source / "tok512.bin")
-    return out
+def stories_checkpoint(stories260k):
+    return stories260k
 
 
 @pytest.fixture(scope="session")

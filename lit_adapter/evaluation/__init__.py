@@ -68,19 +68,7 @@ def load_model(
     tokenizer = Tokenizer.from_checkpoint_dir(checkpoint_dir)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize)
-    if quantize is not None and dev.type == "cpu":
-        _avoid_bnb_cpu_packing(model)
     return config, model.eval(), tokenizer, spec, dev
-
-
-def _avoid_bnb_cpu_packing(model: torch.nn.Module) -> None:
-    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first no-grad forward: it rounds the
-    # block scales to bfloat16 (so evaluation would not score the model that was trained) and it fails unless
-    # out_features % 32 == 0 and in_features % blocksize == 0 (stories260K's SwiGLU width 172 is neither).
-    # Evaluation keeps the ordinary 4-bit path, the one training uses.
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
 
 
 def git_revision() -> str:

@@ -101,31 +101,24 @@ class LitAdapterLM(LM):
 
     # -- scoring --------------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def _score(self, pairs: Sequence[Pair]) -> List[Tuple[float, bool]]:
         """``(sum log p(continuation | context), greedy?)`` per pair, longest inputs first, in right-padded batches."""
-        from lit_adapter.evaluation.perplexity import right_pad
+        from lit_adapter.evaluation.perplexity import continuation_logprobs
 
-        inputs = []
+        fitted = []
         for context, continuation in pairs:
             if not continuation:
                 raise UserError("lm-eval asked for the log-likelihood of an empty continuation")
             if len(continuation) > self.max_length:
                 raise UserError(f"a continuation of {len(continuation)} tokens exceeds max_length={self.max_length}")
-            tokens = (context + continuation)[-(self.max_length + 1) :]
-            inputs.append((torch.tensor(tokens[:-1]), torch.tensor(continuation)))
-        order = sorted(range(len(inputs)), key=lambda i: -inputs[i][0].numel())
-        results: List[Optional[Tuple[float, bool]]] = [None] * len(inputs)
+            keep = self.max_length + 1 - len(continuation)  # the window holds context + continuation[:-1]
+            fitted.append((context[-keep:], continuation))
+        order = sorted(range(len(fitted)), key=lambda i: -(len(fitted[i][0]) + len(fitted[i][1])))
+        results: List[Optional[Tuple[float, bool]]] = [None] * len(fitted)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
-            batch = right_pad([inputs[i][0] for i in chunk], self._device)  # (B, T)
-            logits = self.model(batch)  # (B, T, V)
-            for row, i in enumerate(chunk):
-                inp, cont = inputs[i]
-                n = inp.numel()
-                logp = torch.log_softmax(logits[row, n - cont.numel() : n].float(), dim=-1).cpu()  # (C, V)
-                total = logp.gather(-1, cont[:, None]).double().sum().item()
-                results[i] = (total, bool((logp.argmax(-1) == cont).all()))
+            for i, result in zip(chunk, continuation_logprobs(self.model, [fitted[i] for i in chunk])):
+                results[i] = result
         return results  # type: ignore[return-value]
 
     def loglikelihood(self, requests) -> List[Tuple[float, bool]]:

@@ -154,16 +154,15 @@ def letter_query(tokenizer, prompt: str) -> Tuple[torch.Tensor, List[List[int]]]
 
 def letter_logprobs(model: torch.nn.Module, queries: Sequence[Tuple[torch.Tensor, List[List[int]]]]) -> torch.Tensor:
     """``(N, 4)`` log-likelihoods of the four answers after each prompt."""
-    from lit_adapter.evaluation.perplexity import next_token_logits, token_logprobs
+    from lit_adapter.evaluation.perplexity import continuation_logprobs, next_token_logits
 
     if all(len(c) == 1 for _, conts in queries for c in conts):
         logp = torch.log_softmax(next_token_logits(model, [ids for ids, _ in queries]), dim=-1)  # (N, V)
         letter_ids = torch.tensor([[c[0] for c in conts] for _, conts in queries])  # (N, 4)
         return logp.gather(1, letter_ids)
-    sequences = [torch.cat([ids, torch.tensor(c)]) for ids, conts in queries for c in conts]
-    scores = [lp[-len(c):].double().sum() for lp, c in zip(token_logprobs(model, sequences),
-                                                          (c for _, conts in queries for c in conts))]
-    return torch.stack(scores).float().view(len(queries), len(LETTERS))
+    pairs = [(ids.tolist(), c) for ids, conts in queries for c in conts]
+    scores = [logp for logp, _ in continuation_logprobs(model, pairs)]
+    return torch.tensor(scores).view(len(queries), len(LETTERS))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def token_logprobs(model: torch.nn.Module, sequences: Sequence[torch.Tensor]) ->
     out = []
     for i, s in enumerate(sequences):
         n = s.numel()
-        logp = F.log_softmax(logits[i, : n - 1].float(), dim=-1)  # (n-1, V), one row at a time keeps memory flat
+        logp = F.log_softmax(logits[i, : n - 1].float(), dim=-1)  # (n-1, V): one sequence at a time, in float32
         out.append(logp.gather(-1, batch[i, 1:n, None]).squeeze(-1).cpu())
     return out
 
@@ -228,6 +228,28 @@ def next_token_logits(model: torch.nn.Module, sequences: Sequence[torch.Tensor])
     logits = model(batch)  # (B, T, V)
     last = torch.tensor([s.numel() - 1 for s in sequences], device=device)
     return logits[torch.arange(len(sequences), device=device), last].float().cpu()
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    model: torch.nn.Module, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]]
+) -> List[Tuple[float, bool]]:
+    """For each ``(context, continuation)`` pair of token lists, in one right-padded forward pass: the summed
+    ``log p(continuation | context)`` and whether greedy decoding would produce exactly the continuation.
+
+    The model sees ``context + continuation[:-1]`` (the last token is only predicted), so a pair fits the context
+    window when ``len(context) + len(continuation) - 1 <= block_size``.
+    """
+    device = next(model.parameters()).device
+    inputs = [torch.tensor(list(ctx) + list(cont)[:-1]) for ctx, cont in pairs]
+    logits = model(right_pad(inputs, device))  # (B, T, V)
+    out = []
+    for row, (inp, (_, cont)) in enumerate(zip(inputs, pairs)):
+        n, cont = inp.numel(), torch.tensor(list(cont))
+        logp = F.log_softmax(logits[row, n - cont.numel() : n].float(), dim=-1).cpu()  # (C, V)
+        total = logp.gather(-1, cont[:, None]).double().sum().item()
+        out.append((total, bool((logp.argmax(-1) == cont).all())))
+    return out
 
 
 def _batches(windows: List[Window], batch_size: int) -> List[List[Window]]:
