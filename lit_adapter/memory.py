@@ -451,12 +451,15 @@ def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str) -> Tuple[int, i
 
     alloc(logits)
     if loss == "chunked":
-        # lse per row, then the (B, T, V) gradient written chunk by chunk (each chunk upcast once)
-        chunk = min(rows, _DEFAULT_CHUNK * V)
+        # forward: a (chunk, V) float32 copy (unless float32) and logsumexp's buffer per chunk, keeping only the
+        # (B, T) log-sum-exp; backward: the (B, T, V) gradient written from one float32 (chunk, V) buffer
+        chunk = min(T, _DEFAULT_CHUNK) * V * 4
         alloc(B * T * 4)
+        alloc(chunk * (2 if d != 4 else 1))
+        alive -= chunk * (2 if d != 4 else 1)
         alloc(logits)
-        alloc(3 * chunk * 4)
-        alive -= 3 * chunk * 4
+        alloc(chunk)
+        alive -= chunk
     else:
         copy = rows * d if B > 1 else 0  # logits[:, :-1].reshape(-1, V) copies unless B == 1
         upcast = rows * 4 if d != 4 else 0
@@ -472,14 +475,14 @@ def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str) -> Tuple[int, i
             alive -= rows * 4
         alloc(logits)  # the slice's backward: a zero-padded (B, T, V) gradient
         alive -= rows * d if d != 4 else rows * 4
-    if head_keeps_output:  # Adapter v2's head: grad * scale and grad * (linear + bias) for the scale's gradient
-        alloc(2 * logits)
-        alive -= 2 * logits
+    if head_keeps_output:  # Adapter v2's head: grad * (linear + bias), summed for the scale's gradient, then
+        alloc(logits)  # grad * scale replaces the logits' gradient
+        alive -= logits
     alive -= logits  # the gradient of the logits, once the head's backward has used it
     return peak, alive
 
 
-_DEFAULT_CHUNK = 1024
+_DEFAULT_CHUNK = 256
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -518,10 +521,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for b in range(B):
             for t0 in range(0, T, ctx.chunk_size):
                 t1 = t0 + ctx.chunk_size
-                probs = torch.exp(logits[b, t0:t1].to(lse.dtype) - lse[b, t0:t1, None])  # (chunk, V)
+                # softmax - one_hot(target), scaled; one float32 (chunk, V) buffer, updated in place
+                probs = logits[b, t0:t1].to(lse.dtype, copy=True).sub_(lse[b, t0:t1, None]).exp_()
                 probs.scatter_add_(-1, safe[b, t0:t1, None], -torch.ones_like(probs[:, :1]))
-                probs *= (valid[b, t0:t1, None] * scale)
-                grad[b, t0:t1] = probs.to(grad.dtype)
+                probs.mul_(valid[b, t0:t1, None] * scale)
+                grad[b, t0:t1] = probs
         return grad, None, None, None
 
 

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from lit_adapter import methods
+from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared
 from lit_adapter.errors import UserError
+from lit_adapter.methods import MethodSpec
 
 CHECKPOINT_NAME = "last.ckpt"
 
@@ -294,7 +297,7 @@ def logger_supports_hparams(logger) -> bool:
 
 
 def finetune(
-    spec: "MethodSpec",
+    spec: MethodSpec,
     *,
     checkpoint_dir: Optional[Path],
     model_name: Optional[str],
@@ -309,8 +312,6 @@ def finetune(
 ) -> Optional[RunResult]:
     """Fine-tunes with ``spec`` and returns the run's summary (``None`` for a dry run)."""
     from lightning.fabric import Fabric
-
-    from lit_adapter import methods
 
     accum = validate_args(train, eval, fabric_args)
     config = methods.resolve_config(checkpoint_dir, model_name)
@@ -340,8 +341,6 @@ def finetune(
 def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams):
     from tqdm import tqdm
 
-    from lit_adapter import methods
-    from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared
 
     fabric.seed_everything(train.seed)
     train_examples, val_examples, metadata = load_prepared(data.data_dir)
@@ -357,7 +356,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         )
     if not val_examples:
         raise UserError(f"the validation split in {data.data_dir} is empty")
-    spec.attention = spec.attention.resolve(max_seq_length) if hasattr(spec.attention, "resolve") else spec.attention
+    spec.attention = spec.attention.resolve(max_seq_length)  # e.g. the shifted pattern's group size
 
     t0 = time.perf_counter()
     model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision))
@@ -513,8 +512,6 @@ def validate(fabric, model, loader, max_batches: Optional[int]) -> float:
 
 def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec) -> None:
     """Writes the trainable tensors, optimizer, scheduler, step and RNG atomically (temp file + rename)."""
-    from lit_adapter import methods
-
     state["scheduler"] = scheduler.state_dict()
     state["rng"] = torch.get_rng_state()
     tmp = path.with_name(path.name + ".tmp")
@@ -525,8 +522,6 @@ def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec) -
 
 
 def _resume(fabric, state, scheduler, path: Path, model, spec) -> None:
-    from lit_adapter import methods
-
     if not path.exists():
         raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
     expected = {n for n, p in methods.unwrap(model).named_parameters() if p.requires_grad}
@@ -548,8 +543,6 @@ def _resume(fabric, state, scheduler, path: Path, model, spec) -> None:
 
 
 def _summarize(fabric, spec, status, state, n_trainable, n_total, out_dir: Path) -> RunResult:
-    from lit_adapter import methods  # noqa: F401  (keeps import order uniform)
-
     losses = [loss for _, loss in state["train_losses"]]
     vals = state["val_losses"]
     result = RunResult(
