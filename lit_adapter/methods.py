@@ -204,9 +204,10 @@ def prepare_model(
     allow_missing = (lambda name: False) if spec.method == "full" else (lambda name: bool(keep(name, None)))
     load_weights_into(model, state_dict, allow_missing=allow_missing, source=str(checkpoint_dir))
     _materialize_new_parameters(model, torch.device("cpu"))
-    model = model.to(device=device, dtype=dtype)
-    mark_trainable(model, spec)
-    quantize_linears(model, spec.quantize, device=device, compute_dtype=dtype)
+    model = model.to(dtype=dtype)
+    # Quantize layer by layer on the way to the device, so the full-precision base never sits on the GPU at once.
+    quantize_linears(model, spec.quantize, device=torch.device(device), compute_dtype=dtype)
+    model = model.to(device=device)
     mark_trainable(model, spec)
     return model
 
