@@ -1,4 +1,4 @@
-"""Memory of one fine-tuning step: an analytic estimator, the measurements that check it, and a memory saver.
+"""Memory of one fine-tuning step: an analytic estimator, the measurements that check it, and memory savers.
 
 The estimator (:func:`estimate_memory`) predicts the peak of *live tensor bytes* during a training step of the
 engine in :mod:`lit_adapter.training` (forward, next-token cross-entropy, backward, gradient clipping, AdamW step),
@@ -15,9 +15,11 @@ the quantity that ``torch.cuda.max_memory_allocated`` reports on a GPU. It adds 
   float32 copy of its input, SDPA keeps q, k, v, its output and the log-sum-exp: O(T) memory with the fused
   kernels and an O(T^2) probability matrix on the math path; the sparse patterns keep their gathered blocks).
   With activation checkpointing a block keeps only its input, and one block's set is rebuilt during its backward;
-* the logits and the loss: the engine's ``loss_fn`` copies the shifted logits, upcasts them to float32 and
-  ``log_softmax`` saves a float32 ``(B*(T-1), V)`` output; the backward of that chain holds up to three such
-  matrices at once. For small models this is most of the peak. :func:`chunked_cross_entropy` avoids it;
+* the logits and the loss: the engine's ``loss_fn`` shifts the labels (the logits stay a view), upcasts the
+  logits to float32 and ``log_softmax`` saves a float32 ``(B*T, V)`` output; the backward of that chain holds
+  three such matrices besides the logits. For small models and for 7B at long contexts this is most of the peak.
+  :func:`chunked_cross_entropy` (``--train.chunked_loss true``) never holds more than a chunk of float32 logits
+  (the peak drops to the logits and their gradient, in their own dtype);
 * short-lived working memory of the forward and backward passes and of the optimizer step.
 
 The peak is the largest sum over the phases of a step (forward, loss, backward of each layer, optimizer step).
@@ -32,7 +34,6 @@ how ``scripts/memory_sweep.py`` survives out-of-memory cells.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import statistics
@@ -274,7 +275,7 @@ def _sdpa_saved(saved: _Saved, tag: str, q: Tuple[str, int], k: Tuple[str, int],
 
 
 def _local_attention(saved: _Saved, window: int, dims: _Dims, k_name: str, v_name: str, kv_bytes: int) -> str:
-    """``attention.banded_attention``: query tiles and the gathered key/value span of each tile.
+    """``attention.LocalAttention`` (``band_part``): query tiles and the gathered key/value span of each tile.
 
     RoPE's output keeps the projection's (B, T, nh, hs) memory order, so regrouping heads and tiles is a view only
     for one sequence (B == 1) without padding; otherwise the tiles and spans are copies. Returns the name of the
@@ -378,7 +379,6 @@ def _block_saved(dims: _Dims, t: _Trains, layer: int, x_rg: bool, attention, sdp
                     dims, sdpa, q_rg, True)
         s.add("prompt.out", N * C * d)  # the gate's product keeps the prompt attention's output
         y_rg = True
-    if has_prompt:
         y = "attn.y"  # y + gate * prompt output is a new tensor
     o_rg = _linear(s, "attn.o_proj", y, y_rg, C, C, dims, t)
     x2_rg = x_rg or o_rg
@@ -419,11 +419,12 @@ def saved_activations(
         s, x_rg = _block_saved(dims, t, i, x_rg, spec.attention, sdpa)
         layers.append(s.total)
     head, _ = _head_saved(dims, t, x_rg)
-    rows = dims.B * (dims.T - 1)
+    rows = dims.N  # the labels are shifted, so every position is a row of the loss (the last one is ignored)
     return {"layers": layers, "embedding": embedding, "head": head.total, "loss": rows * dims.V * 4 + rows * 8}
 
 
-def _dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str, quantize: Optional[str] = None) -> _Dims:
+def _dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str,
+          quantize: Optional[str] = None) -> _Dims:
     return _Dims(B=B, T=T, C=config.n_embd, I=config.intermediate_size, V=config.vocab_size, nh=config.n_head,
                  ng=config.n_query_groups, hs=config.head_size, d=_element_size(dtype), device_type=device_type,
                  quantize=quantize)
@@ -436,12 +437,13 @@ def _dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str, 
 def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str) -> Tuple[int, int]:
     """Peak bytes of logits + loss from the head's forward to the gradient at the head's input, and what stays.
 
-    Walks ``training.loss_fn`` allocation by allocation (the logits themselves stay alive: the training loop
-    holds them until the next step). Returns (peak, bytes still alive afterwards besides the head's input grad).
+    Walks ``training.loss_fn`` (or :func:`chunked_loss_fn`) allocation by allocation;
+    the logits themselves stay alive, since the training loop holds them until the next step. Returns (peak, bytes
+    still alive afterwards besides the head's input gradient).
     """
     B, T, V, d = dims.B, dims.T, dims.V, dims.d
     logits = B * T * V * d
-    rows = B * (T - 1) * V
+    rows = B * T * V  # the labels are shifted, so every position is a row (the last one is ignored)
     alive, peak = 0, 0
 
     def alloc(n: int) -> None:
@@ -461,23 +463,19 @@ def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str) -> Tuple[int, i
         alloc(chunk)
         alive -= chunk
     else:
-        copy = rows * d if B > 1 else 0  # logits[:, :-1].reshape(-1, V) copies unless B == 1
-        upcast = rows * 4 if d != 4 else 0
-        alloc(copy)
+        upcast = rows * 4 if d != 4 else 0  # logits.float(); in float32 it is the logits themselves
         alloc(upcast)
         alloc(rows * 4)  # log_softmax output (saved)
-        alive -= copy + upcast
+        alive -= upcast
         alloc(rows * 4)  # nll_loss backward: a dense gradient
         alloc(rows * 4)  # log_softmax backward
         alive -= 2 * rows * 4
         if d != 4:
             alloc(rows * d)  # back to the logits' dtype
             alive -= rows * 4
-        alloc(logits)  # the slice's backward: a zero-padded (B, T, V) gradient
-        alive -= rows * d if d != 4 else rows * 4
-    if head_keeps_output:  # Adapter v2's head: grad * (linear + bias), summed for the scale's gradient, then
-        alloc(logits)  # grad * scale replaces the logits' gradient
-        alive -= logits
+    if head_keeps_output:  # Adapter v2's head: grad * scale and grad * (linear + bias) (summed for the scale's
+        alloc(2 * logits)  # gradient) exist together, then the logits' gradient and the product go
+        alive -= 2 * logits
     alive -= logits  # the gradient of the logits, once the head's backward has used it
     return peak, alive
 
@@ -505,6 +503,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 rows = logits[b, t0 : t0 + chunk_size].to(acc)  # (chunk, V)
                 lse[b, t0 : t0 + chunk_size] = torch.logsumexp(rows, dim=-1)
                 picked = rows.gather(-1, safe[b, t0 : t0 + chunk_size, None]).squeeze(-1)
+                del rows  # before the next chunk's copy exists
                 nll = lse[b, t0 : t0 + chunk_size] - picked
                 total += (nll * valid[b, t0 : t0 + chunk_size]).sum()
         count = valid.sum()
@@ -526,6 +525,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 probs.scatter_add_(-1, safe[b, t0:t1, None], -torch.ones_like(probs[:, :1]))
                 probs.mul_(valid[b, t0:t1, None] * scale)
                 grad[b, t0:t1] = probs
+                del probs  # before the next chunk's buffer exists
         return grad, None, None, None
 
 
@@ -732,7 +732,8 @@ def format_estimate(est: Dict[str, Any]) -> str:
         f"  gradients          {gb(est['grads_bytes'])}",
         f"  optimizer state    {gb(est['optimizer_bytes'])}",
         f"  activations kept   {gb(est['activations_bytes'])}  (largest block without checkpointing "
-        f"{est['activations_per_layer_bytes'] / GB:.3f} GB; with it {est['activations_per_layer_checkpointed_bytes'] / GB:.3f} GB)",
+        f"{est['activations_per_layer_bytes'] / GB:.3f} GB; with it "
+        f"{est['activations_per_layer_checkpointed_bytes'] / GB:.3f} GB)",
         f"  ln_f + head kept   {gb(est['head_saved_bytes'])}",
         f"  logits             {gb(est['logits_bytes'])}  (loss chain peak {est['loss_peak_bytes'] / GB:.3f} GB)",
         "  phases             " + ", ".join(f"{k} {v / GB:.3f}" for k, v in est["phases_bytes"].items()),
@@ -763,11 +764,11 @@ _MARKER_BYTES = 7_777_777
 class AllocatorPeak:
     """Peak live bytes of the c10 CPU allocator while profiling, the CPU analogue of ``max_memory_allocated``.
 
-    With ``profile_memory=True`` the profiler receives every allocation and free of the CPU allocator together with
-    the running total of bytes allocated since profiling began (frees of older blocks are not counted, so start
-    it before the tensors of interest exist). :meth:`mark` starts the window over which :attr:`peak_bytes` is taken
-    and :attr:`at_mark_bytes` is the total at its start. Allocations outside c10 (oneDNN scratch, Python objects)
-    are not seen.
+    With ``profile_memory=True`` the profiler receives every allocation and free of the CPU allocator with its
+    address and size. Replaying them in order gives the bytes allocated during profiling that are still alive at
+    each moment (frees of blocks from before profiling are ignored, so start it before the tensors of interest
+    exist). :meth:`mark` starts the window over which :attr:`peak_bytes` is taken; :attr:`at_mark_bytes` is the
+    live total at its start. Allocations outside c10 (oneDNN scratch space, Python objects) are not seen.
     """
 
     def __init__(self) -> None:
@@ -793,18 +794,28 @@ class AllocatorPeak:
         if exc[0] is not None:
             return
         stack = list(self._prof.profiler.kineto_results.experimental_event_tree())
-        allocations = []
+        events = []
         while stack:
             event = stack.pop()
             stack.extend(event.children)
             if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-                allocations.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
-        allocations.sort(key=lambda a: a[0])
-        marks = [i for i, a in enumerate(allocations) if abs(a[1]) == _MARKER_BYTES]
-        if len(marks) < 2:
+                events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
+        events.sort(key=lambda e: e[0])
+        # The allocator's own running total is not reset between profiling sessions, so replay the events.
+        live, sizes, marked = 0, {}, False
+        for _, ptr, size in events:
+            if size > 0:
+                sizes[ptr] = size
+                live += size
+            elif ptr in sizes:
+                live -= sizes.pop(ptr)
+            if abs(size) == _MARKER_BYTES and size < 0 and not marked:
+                marked = True
+                self.at_mark_bytes = self.peak_bytes = live
+            elif marked:
+                self.peak_bytes = max(self.peak_bytes, live)
+        if not marked:
             raise RuntimeError("AllocatorPeak.mark() was not called inside the profiled region")
-        self.at_mark_bytes = allocations[marks[1]][2]
-        self.peak_bytes = max([self.at_mark_bytes] + [a[2] for a in allocations[marks[1] + 1:]])
 
 
 def _persistent_storages(model: nn.Module) -> set:
@@ -918,6 +929,8 @@ class Cell:
     sdpa: str = "flash"
     loss: str = "cross_entropy"
     seed: int = 0
+    memory_limit_gb: Optional[float] = None
+    """CPU, in a child process only: cap the address space at its size after imports plus this, to make OOM real."""
 
     def config(self) -> Config:
         from dataclasses import replace
@@ -981,7 +994,7 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
     torch.manual_seed(cell.seed)
     use_profiler = device.type == "cpu"
     tracker = AllocatorPeak() if use_profiler else None
-    criterion = loss_fn if cell.loss == "cross_entropy" else chunked_loss_fn
+    criterion = {"cross_entropy": loss_fn, "chunked": chunked_loss_fn}[cell.loss]
     step_times: List[float] = []
 
     def step(model, optimizer, trainable, batch):
@@ -1002,6 +1015,9 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
     logits = loss = None
     if tracker is not None:
         tracker.__enter__()
+    if cell.memory_limit_gb is not None:  # after the profiler's own imports, which need address space too
+        limit = _address_space_bytes() + int(cell.memory_limit_gb * GB)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     try:
         model = build_random_model(cell, device)
         model.gradient_checkpointing = cell.activation_checkpointing
@@ -1032,7 +1048,7 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
         "status": "ok",
         "step_time_s": step_time,
         "tokens_per_s": cell.micro_batch_size * cell.seq_len / step_time,
-        "loss": float(loss),
+        "loss": loss.item(),
         "trainable_params": sum(p.numel() for p in trainable),
         "rss_baseline_bytes": rss_baseline,
         "rss_peak_bytes": peak_rss_bytes(),
@@ -1101,14 +1117,32 @@ def measure_framework_overhead() -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def _address_space_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def _is_oom(err: BaseException) -> bool:
+    # CPU allocation failures surface as RuntimeError ("DefaultCPUAllocator: can't allocate memory")
+    text = str(err)
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    )
+
+
 def _child_main(argv: List[str]) -> None:
     cell = Cell(**json.loads(argv[0]))
     try:
         result = measure_step(cell)
-    except (MemoryError, torch.OutOfMemoryError) as err:
-        result = {"status": "oom", "error": str(err).splitlines()[0][:300] if str(err) else type(err).__name__}
     except UserError as err:
         result = {"status": f"error: {err}"}
+    except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is reported with its message
+        if not _is_oom(err):
+            raise
+        result = {"status": "oom", "error": (str(err).splitlines() or [type(err).__name__])[0][:300]}
     print("RESULT " + json.dumps(result), flush=True)
 
 

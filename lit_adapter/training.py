@@ -74,6 +74,9 @@ class TrainArgs:
     """Log training metrics every this many steps."""
     save_interval: Optional[int] = None
     """Write a resumable checkpoint every this many steps (and always at the end)."""
+    chunked_loss: bool = False
+    """Compute the cross-entropy in chunks of 256 positions: the float32 copy of the whole (B, T, vocab) logits is
+    never made (same value and gradient; saves most of the loss's memory at long contexts, see docs/memory.md)."""
 
 
 @dataclass
@@ -155,13 +158,27 @@ def lr_at(step: int, total_steps: int, train: TrainArgs) -> float:
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over the unmasked targets, and how many targets there were."""
-    logits = logits[:, :-1].reshape(-1, logits.size(-1))
-    targets = labels[:, 1:].reshape(-1)
+    """Mean next-token cross-entropy over the unmasked targets, and how many targets there were.
+
+    The labels are shifted, not the logits: ``logits[:, :-1]`` cannot be viewed as rows when B > 1, so slicing the
+    logits would copy them and its backward would zero-fill another (B, T, V) gradient (see docs/throughput.md).
+    The last position gets ``ignore_index``, so the mean runs over exactly the same targets.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T): position t predicts token t + 1
     count = int((targets != ignore_index).sum())
     if count == 0:
         return logits.sum() * 0.0, 0
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index), count
+    rows = logits.reshape(-1, logits.size(-1))  # (B*T, V), a view
+    return F.cross_entropy(rows.float(), targets.reshape(-1), ignore_index=ignore_index), count
+
+
+def training_loss(chunked: bool):
+    """The engine's loss, or :func:`lit_adapter.memory.chunked_loss_fn` (same value, less memory)."""
+    if chunked:
+        from lit_adapter.memory import chunked_loss_fn
+
+        return chunked_loss_fn
+    return loss_fn
 
 
 class StepBatchSampler:
@@ -318,6 +335,7 @@ def finetune(
     spec.validate(config)
     if dry_run:
         methods.dry_run(spec, config)
+        print_memory_estimate(spec, config, data, train, fabric_args)
         return None
     if checkpoint_dir is None:
         raise UserError("--checkpoint_dir is required for training (only --dry_run works from --model_name alone)")
@@ -336,6 +354,30 @@ def finetune(
     return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
                  hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train,
                               eval=eval, fabric=fabric_args, logger=logger, precision=precision))
+
+
+def print_memory_estimate(spec: MethodSpec, config, data: DataArgs, train: TrainArgs, fabric_args: FabricArgs) -> None:
+    """The analytic peak-memory estimate of one training step of this run (``lit_adapter.memory``), as an estimate.
+
+    Mixed precisions are estimated as their ``-true`` counterpart (the weights' dtype), which under-counts the
+    float32 master weights of ``*-mixed`` runs; that is said in the output.
+    """
+    from dataclasses import replace
+
+    from lit_adapter.memory import estimate_memory, format_estimate
+
+    seq_len = min(data.max_seq_length or config.block_size, config.block_size)
+    precision = fabric_args.precision or default_precision(fabric_args.accelerator)
+    estimated_as = {"bf16-mixed": "bf16-true", "16-mixed": "16-true"}.get(precision, precision)
+    on_gpu = fabric_args.accelerator in ("cuda", "gpu") or (
+        fabric_args.accelerator == "auto" and torch.cuda.is_available())
+    sized = replace(spec, attention=spec.attention.resolve(seq_len))
+    estimate = estimate_memory(config, sized, train.micro_batch_size, seq_len, estimated_as,
+                               train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
+                               loss="chunked" if train.chunked_loss else "cross_entropy")
+    note = "" if estimated_as == precision else f" ({precision} estimated as {estimated_as}: no float32 master copy)"
+    print(f"peak memory estimate per device (analytic, not measured){note}:")
+    print(format_estimate(estimate))
 
 
 def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams):
@@ -405,8 +447,10 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         use_distributed_sampler=False,
     )
 
+    criterion = training_loss(train.chunked_loss)
+
     def run_validation(step: int) -> float:
-        loss = validate(fabric, model, val_loader, eval.max_batches)
+        loss = validate(fabric, model, val_loader, eval.max_batches, criterion)
         state["val_losses"].append((step, loss))
         fabric.log_dict({"val_loss": loss, "step": step}, step=step)
         return loss
@@ -428,7 +472,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                 batch = next(train_iter)
                 with fabric.no_backward_sync(model, enabled=micro < accum - 1):
                     logits = model(batch["input_ids"])
-                    loss, _ = loss_fn(logits, batch["labels"])
+                    loss, _ = criterion(logits, batch["labels"])
                     fabric.backward(loss / accum)
                 step_loss += loss.detach() / accum
                 # processed positions, padding included: that is the compute the step paid for
@@ -494,14 +538,14 @@ def _truncate(examples: List[Dict[str, torch.Tensor]], max_len: int) -> Tuple[Li
 
 
 @torch.no_grad()
-def validate(fabric, model, loader, max_batches: Optional[int]) -> float:
+def validate(fabric, model, loader, max_batches: Optional[int], criterion=loss_fn) -> float:
     """Token-weighted mean validation loss (each target token counts once, whatever its batch)."""
     model.eval()
     total, count = torch.zeros((), device=fabric.device, dtype=torch.float64), 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        loss, n = loss_fn(model(batch["input_ids"]), batch["labels"])
+        loss, n = criterion(model(batch["input_ids"]), batch["labels"])
         total += loss.double() * n
         count += n
     model.train()

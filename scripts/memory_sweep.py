@@ -22,7 +22,6 @@ import csv
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -122,7 +121,7 @@ def row_for(cell, result: Optional[Dict[str, Any]], estimate: Optional[Dict[str,
             trainable_params=result["trainable_params"],
         )
         if estimate is not None:
-            row["est_error_pct"] = round(100 * (estimate["peak_bytes"] / result["peak_bytes"] - 1), 1)
+            row["est_error_pct"] = round(100 * (estimate["peak_bytes"] / result["peak_bytes"] - 1), 2)
     elif estimate is not None:
         row["trainable_params"] = estimate["trainable_params"]
     return row
@@ -164,7 +163,7 @@ def fits(row: Dict[str, Any], budget_gb: float, estimate_only: bool) -> bool:
     return row["status"] == "ok" and row["peak_gb"] <= budget_gb
 
 
-def find_max_context(template, budget_gb: float, min_context: int, max_context: int, context_step: int,
+def search_max_context(template, budget_gb: float, min_context: int, max_context: int, context_step: int,
                      estimate_only: bool, timeout_s: float, log=print) -> tuple:
     """Doubles the context from ``min_context`` until a cell does not fit, then bisects to ``context_step``."""
     from dataclasses import replace
@@ -261,7 +260,7 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(title)
+    fig.suptitle(title + "\nsolid: dense attention, dash-dot: sparse; circles measured, dotted crosses estimated")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -351,7 +350,7 @@ def main(
             if key in seen:
                 continue
             seen.add(key)
-            best, probes = find_max_context(cell, budget_gb, min_context, max_context, context_step, estimate_only,
+            best, probes = search_max_context(cell, budget_gb, min_context, max_context, context_step, estimate_only,
                                             timeout_s)
             rows += probes
             line = (f"- {method_label(cell)}, B={cell.micro_batch_size}, {cell.precision}, "
@@ -368,8 +367,8 @@ def main(
         rows = run_grid(cells, estimate_only, timeout_s)
         errors = [abs(r["est_error_pct"]) for r in rows if "est_error_pct" in r]
         if errors:
-            line = (f"Estimator vs measurement over {len(errors)} cells: mean |error| {sum(errors) / len(errors):.1f}%, "
-                    f"max {max(errors):.1f}%.")
+            line = (f"Estimator vs measurement over {len(errors)} cells: mean |error| "
+                    f"{sum(errors) / len(errors):.1f}%, max {max(errors):.1f}%.")
             print(line)
             summary.append(line)
     summary.append(f"Sweep wall time: {time.perf_counter() - t0:.0f} s.")

@@ -176,7 +176,7 @@ def test_attention_matches_naive_reference(name):
         ours = attn(x, cos[:7], sin[:7])
         ref = naive_adapter_attention(attn, x, plain_projection(attn), gate)
         dense_only = naive_adapter_attention(attn, x, plain_projection(attn), torch.zeros_like(gate))
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)  # float32 round-off
     assert (ours - dense_only).abs().max() > 0.1 * ours.abs().max()  # the prompt really contributes
 
 

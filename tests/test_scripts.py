@@ -1,6 +1,7 @@
 """Command lines: --help reads like documentation, --dry_run counts, every configs/*.yaml loads."""
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,10 @@ def test_dry_run_from_the_command_line():
     proc = run_script(REPO / "finetune" / "adapter.py", "--model_name", "7B", "--dry_run", "true")
     assert proc.returncode == 0, proc.stderr
     assert "trainable parameters: 1229760\n" in proc.stdout
+    # the analytic estimate of the run's peak, labelled as one: 7B in float32 on CPU at 2048 tokens, micro batch 4
+    assert "peak memory estimate per device (analytic, not measured)" in proc.stdout
+    peak = re.search(r"PEAK\s+([0-9.]+) GB", proc.stdout)
+    assert peak and 27 < float(peak.group(1)) < 200, proc.stdout  # at least the float32 weights (27 GB)
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path):

@@ -311,6 +311,14 @@ def test_activation_checkpointing_changes_memory_not_the_numbers(tmp_path, stori
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-6)
 
 
+def test_chunked_loss_trains_like_the_plain_loss(tmp_path, stories_checkpoint, instruction_data):
+    plain = run(tmp_path / "plain", stories_checkpoint, instruction_data, steps=3)
+    chunked = run(tmp_path / "chunked", stories_checkpoint, instruction_data, steps=3, chunked_loss=True)
+    for (s1, l1), (s2, l2) in zip(plain.train_losses, chunked.train_losses, strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+    assert chunked.final_val_loss == pytest.approx(plain.final_val_loss, rel=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
 def test_bfloat16_precisions_train_on_cpu(tmp_path, stories_checkpoint, instruction_data, precision):
     spec = MethodSpec("adapter_v2", settings=AdapterConfig(start_layer=0))

@@ -1,0 +1,316 @@
+"""Fine-tuning throughput and peak memory: lit-adapter against HF transformers + PEFT on the same work.
+
+Both sides train the same LLaMA shape from the same random token batch with the same micro-batch, sequence length,
+thread count, AdamW settings and gradient clipping:
+
+* ours: ``methods.build_model`` + ``mark_trainable`` (random weights), ``training.loss_fn``, AdamW, clipping;
+* HF: ``LlamaForCausalLM`` (SDPA attention) wrapped by ``peft.get_peft_model`` with ``LoraConfig`` (same rank,
+  alpha, dropout and q/v targets as our LoRA defaults) or ``AdaptionPromptConfig`` (LLaMA-Adapter v1: the same
+  prompt length and adapted layers as our adapter defaults), its loss from ``labels=`` as users call it.
+
+PEFT has no LLaMA-Adapter v2. For the v2 row the HF side is PEFT's adaption prompt plus v2's other parts added by
+hand in the benchmark (``_hf_v2_parts``): every linear of every layer and the head wrapped as
+``scale * (linear(x) + bias)``, and the RMSNorm weights unfrozen, so both sides train the same parameter set
+(PEFT's adaption prompt applies ``o_proj`` to the prompt output separately, which costs it one extra projection). Every run is a fresh process; warmup steps are excluded and the
+median of the timed steps is reported. The machine may be shared, so the framework order alternates over
+``--rounds`` and the median over rounds is used. Peak memory is taken in one extra step under the CPU allocator
+profiler (``memory.AllocatorPeak``; CUDA: ``max_memory_allocated``).
+
+    python benchmarks/finetune_throughput.py --sizes stories15M,stories260K --methods lora,adapter,adapter_v2
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_adapter.errors import UserError, run_cli  # noqa: E402
+
+METHODS = ("lora", "adapter", "adapter_v2")
+
+
+def _settings(method: str):
+    from lit_adapter.adapter import AdapterConfig
+    from lit_adapter.lora import LoRAConfig
+
+    return LoRAConfig() if method == "lora" else AdapterConfig()
+
+
+def _ours(job: Dict[str, Any]):
+    """Our model and the engine's loop pieces."""
+    import torch
+
+    from lit_adapter.memory import Cell, build_random_model
+    from lit_adapter.training import training_loss
+
+    loss_fn = training_loss(chunked=job["our_loss"] == "chunked")
+
+    cell = Cell(method=job["method"], model_name=job["size"], seq_len=job["seq_len"],
+                micro_batch_size=job["micro_batch_size"], precision=job["precision"], device=job["device"])
+    model = build_random_model(cell, torch.device(job["device"]))
+    model.train()
+
+    def forward_loss(batch):
+        logits = model(batch)
+        return loss_fn(logits, batch)[0]
+
+    return model, forward_loss
+
+
+def _hf(job: Dict[str, Any]):
+    """HF LlamaForCausalLM + PEFT, configured like our method."""
+    import torch
+    from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_adapter.config import Config
+    from lit_adapter.memory import precision_dtype
+
+    c = Config.from_name(job["size"])
+    hf_config = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_query_groups,
+        max_position_embeddings=max(c.block_size, job["seq_len"]), rms_norm_eps=c.norm_eps, rope_theta=c.rope_base,
+        tie_word_embeddings=c.tie_embeddings, attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(hf_config).to(device=job["device"], dtype=precision_dtype(job["precision"]))
+    s = _settings(job["method"])
+    if job["method"] == "lora":
+        peft_config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_names(),
+                                 task_type="CAUSAL_LM")
+    else:  # PEFT adapts the top adapter_layers layers: ours from start_layer on
+        peft_config = AdaptionPromptConfig(adapter_len=s.prompt_length, adapter_layers=c.n_layer - s.start_layer,
+                                           task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_config)
+    if job["method"] == "adapter_v2":
+        _hf_v2_parts(model)
+    model.train()
+
+    def forward_loss(batch):
+        return model(input_ids=batch, labels=batch).loss
+
+    return model, forward_loss
+
+
+def _hf_v2_parts(peft_model) -> None:
+    """LLaMA-Adapter v2's bias, scale and norm training on top of PEFT's adaption prompt (v1)."""
+    import torch
+    import torch.nn as nn
+
+    class BiasScaleLinear(nn.Module):
+        def __init__(self, linear: nn.Linear) -> None:
+            super().__init__()
+            self.linear = linear
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.bias_v2 = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
+            self.scale_v2 = nn.Parameter(torch.ones(linear.out_features, dtype=linear.weight.dtype))
+
+        @property
+        def weight(self):  # PEFT's adaption prompt reads q_proj.weight.dtype
+            return self.linear.weight
+
+        def forward(self, x):
+            return self.scale_v2 * (self.linear(x) + self.bias_v2)
+
+    base = peft_model.base_model.model if hasattr(peft_model.base_model, "model") else peft_model.base_model
+    for layer in base.model.layers:
+        attn = getattr(layer.self_attn, "model", layer.self_attn)  # PEFT wraps the attention of adapted layers
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(attn, name, BiasScaleLinear(getattr(attn, name)))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(layer.mlp, name, BiasScaleLinear(getattr(layer.mlp, name)))
+        layer.input_layernorm.weight.requires_grad_(True)
+        layer.post_attention_layernorm.weight.requires_grad_(True)
+    base.model.norm.weight.requires_grad_(True)
+    base.lm_head = BiasScaleLinear(base.lm_head)
+
+
+def worker(job: Dict[str, Any]) -> Dict[str, Any]:
+    import torch
+
+    from lit_adapter.memory import AllocatorPeak, make_optimizer
+
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(0)
+    model, forward_loss = (_ours if job["framework"] == "ours" else _hf)(job)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, "adamw")
+    vocab = model.config.vocab_size
+    batch = torch.randint(0, vocab, (job["micro_batch_size"], job["seq_len"]),
+                          generator=torch.Generator().manual_seed(1234)).to(job["device"])
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        loss = forward_loss(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if job["device"] == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(job["warmup"]):
+        step()
+    times = [step() for _ in range(job["steps"])]
+    if job["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        with AllocatorPeak() as tracker:
+            tracker.mark()
+            step()
+        # live bytes at the mark (weights, optimizer state) were allocated before profiling: add them
+        peak = tracker.peak_bytes + _live_bytes(model, optimizer)
+    median = statistics.median(times)
+    return {"step_times_s": times, "median_step_s": median,
+            "tokens_per_s": job["micro_batch_size"] * job["seq_len"] / median, "peak_bytes": peak,
+            "trainable_params": sum(p.numel() for p in trainable)}
+
+
+def _live_bytes(model, optimizer) -> int:
+    """Bytes of parameters, buffers and optimizer state (each storage once)."""
+    import torch
+
+    storages = {}
+    tensors = list(model.parameters()) + list(model.buffers())
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    for t in tensors:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def run_job(job: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+                          timeout=timeout_s, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{job['framework']} {job['method']} failed:\n{proc.stderr[-3000:]}")
+
+
+def machine() -> Dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    model = platform.processor()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                     model)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {"cpu": model, "cores": str(os.cpu_count()), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "commit": commit,
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+
+
+def main(
+    sizes: str = "stories15M,stories260K",
+    methods: str = "lora,adapter,adapter_v2",
+    seq_len: int = 256,
+    micro_batch_size: int = 4,
+    precision: str = "32-true",
+    threads: int = 2,
+    warmup: int = 2,
+    steps: int = 5,
+    rounds: int = 2,
+    device: str = "cpu",
+    timeout_s: float = 1200.0,
+    our_loss: str = "engine",
+    out_json: Optional[Path] = None,
+) -> List[Dict[str, Any]]:
+    """Tokens/s and peak memory of our fine-tuning against HF transformers + PEFT.
+
+    Args:
+        sizes: Comma-separated model configurations (Config.from_name), random weights.
+        methods: Comma-separated: lora, adapter (LLaMA-Adapter v1), adapter_v2.
+        seq_len: Tokens per sequence.
+        micro_batch_size: Sequences per step.
+        precision: 32-true or bf16-true (both frameworks).
+        threads: torch.set_num_threads in every run.
+        warmup: Untimed steps per run.
+        steps: Timed steps per run (their median is the run's step time).
+        rounds: Runs per framework and cell, in alternating order; the median over rounds is reported.
+        device: cpu or cuda.
+        timeout_s: Limit per run.
+        our_loss: Our loss: engine (training.loss_fn, the default) or chunked (--train.chunked_loss true).
+        out_json: Also write the results here.
+    """
+    if our_loss not in ("engine", "chunked"):
+        raise UserError(f"unknown --our_loss {our_loss!r}; choose engine or chunked")
+    size_list = [s.strip() for s in sizes.split(",") if s.strip()]
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    for m in method_list:
+        if m not in METHODS:
+            raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    from lit_adapter.config import Config
+
+    for size in size_list:
+        Config.from_name(size)
+    info = machine()
+    print(f"# machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
+          f"{info['transformers']}, peft {info['peft']}; commit {info['commit']}; {info['date']}; "
+          f"load average at start {info['load_average']}; our loss: {our_loss}")
+    results = []
+    for size in size_list:
+        for method in method_list:
+            runs: Dict[str, List[Dict[str, Any]]] = {"ours": [], "hf": []}
+            for r in range(rounds):
+                order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
+                for framework in order:
+                    job = dict(framework=framework, size=size, method=method, seq_len=seq_len,
+                               micro_batch_size=micro_batch_size, precision=precision, threads=threads,
+                               warmup=warmup, steps=steps, device=device, our_loss=our_loss)
+                    runs[framework].append(run_job(job, timeout_s))
+            row = {"size": size, "method": method}
+            for framework, rs in runs.items():
+                row[f"{framework}_tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in rs)
+                row[f"{framework}_peak_gb"] = statistics.median(x["peak_bytes"] for x in rs) / 1e9
+                row[f"{framework}_trainable"] = rs[0]["trainable_params"]
+                row[f"{framework}_runs_tokens_per_s"] = [round(x["tokens_per_s"], 1) for x in rs]
+            row["ratio"] = row["ours_tokens_per_s"] / row["hf_tokens_per_s"]
+            results.append(row)
+            print(f"{size} {method}: ours {row['ours_tokens_per_s']:.0f} tok/s, HF+PEFT {row['hf_tokens_per_s']:.0f} "
+                  f"tok/s, ratio {row['ratio']:.2f}", flush=True)
+    print()
+    print(f"| model | method (ours vs PEFT) | ours tok/s | HF+PEFT tok/s | ours / HF | ours peak GB | HF peak GB | "
+          f"trainable ours / HF |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in results:
+        peft_name = {"lora": "LoRA", "adapter": "adaption prompt (v1)",
+                     "adapter_v2": "adaption prompt + v2 bias/scale/norms"}[row["method"]]
+        print(f"| {row['size']} | {row['method']} vs {peft_name} | {row['ours_tokens_per_s']:.0f} | "
+              f"{row['hf_tokens_per_s']:.0f} | {row['ratio']:.2f} | {row['ours_peak_gb']:.3f} | "
+              f"{row['hf_peak_gb']:.3f} | {row['ours_trainable']:,} / {row['hf_trainable']:,} |")
+    print(f"\nload average at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    if out_json:
+        Path(out_json).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print("RESULT " + json.dumps(worker(json.loads(sys.argv[2]))), flush=True)
+    else:
+        from jsonargparse import CLI
+
+        run_cli(CLI, main, as_positional=False)
