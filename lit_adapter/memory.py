@@ -1074,15 +1074,12 @@ def _sdpa_backend(sdpa: str):
 
 
 def make_optimizer(trainable: List[nn.Parameter], name: str) -> torch.optim.Optimizer:
-    # the engine's AdamW settings (TrainArgs defaults)
-    kwargs = dict(lr=9e-3, weight_decay=0.02, betas=(0.9, 0.95))
-    if name == "adamw":
-        return torch.optim.AdamW(trainable, **kwargs)
-    if name == "adamw8bit":
-        import bitsandbytes as bnb
+    """The engine's optimizer with the default TrainArgs settings."""
+    from lit_adapter.training import TrainArgs, build_optimizer
 
-        return bnb.optim.AdamW8bit(trainable, **kwargs)
-    raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return build_optimizer(trainable, TrainArgs(optimizer=name))
 
 
 def measure_in_subprocess(cell: Cell, timeout_s: float = 600.0) -> Dict[str, Any]:

@@ -74,6 +74,10 @@ class TrainArgs:
     """Log training metrics every this many steps."""
     save_interval: Optional[int] = None
     """Write a resumable checkpoint every this many steps (and always at the end)."""
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (moments in uint8 for tensors of 4096+ values: a quarter of
+    the state; worth it for full fine-tuning, negligible for adapters) and its paged variant (CUDA: state can
+    spill to host memory under pressure; CPU falls back to unpaged)."""
     chunked_loss: bool = False
     """Compute the cross-entropy in chunks of 256 positions: the float32 copy of the whole (B, T, vocab) logits is
     never made (same value and gradient; saves most of the loss's memory at long contexts, see docs/memory.md)."""
@@ -179,6 +183,19 @@ def training_loss(chunked: bool):
 
         return chunked_loss_fn
     return loss_fn
+
+
+def build_optimizer(params, train: TrainArgs) -> torch.optim.Optimizer:
+    """AdamW with the run's settings: torch's, or bitsandbytes' 8-bit (optionally paged) implementation."""
+    kwargs = dict(lr=train.learning_rate, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2))
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}.get(train.optimizer)
+    if cls is None:
+        raise UserError(f"unknown train.optimizer {train.optimizer!r}; choose adamw, adamw8bit or paged_adamw8bit")
+    return cls(params, **kwargs)
 
 
 class StepBatchSampler:
@@ -374,6 +391,7 @@ def print_memory_estimate(spec: MethodSpec, config, data: DataArgs, train: Train
     sized = replace(spec, attention=spec.attention.resolve(seq_len))
     estimate = estimate_memory(config, sized, train.micro_batch_size, seq_len, estimated_as,
                                train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
+                               optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
                                loss="chunked" if train.chunked_loss else "cross_entropy")
     note = "" if estimated_as == precision else f" ({precision} estimated as {estimated_as}: no float32 master copy)"
     print(f"peak memory estimate per device (analytic, not measured){note}:")
@@ -409,9 +427,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     fabric.print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.4f}%)")
     fabric.print(f"model ready in {time.perf_counter() - t0:.2f}s ({spec.describe()})")
 
-    optimizer = torch.optim.AdamW(
-        trainable, lr=train.learning_rate, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2)
-    )
+    optimizer = build_optimizer(trainable, train)
     model, optimizer = fabric.setup(model, optimizer)
     steps_per_epoch = len(train_examples) // train.global_batch_size
     total_steps = train.max_steps if train.max_steps is not None else train.epochs * steps_per_epoch
@@ -568,7 +584,9 @@ def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec) -
 def _resume(fabric, state, scheduler, path: Path, model, spec) -> None:
     if not path.exists():
         raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
-    expected = {n for n, p in methods.unwrap(model).named_parameters() if p.requires_grad}
+    # what save_resumable wrote: the filtered state dict, in which a tied head appears under both of its names
+    keep = methods.trainable_filter(spec)
+    expected = {n for n, t in methods.unwrap(model).state_dict(keep_vars=True).items() if keep(n, t)}
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     found = set(saved.get("model", {}))
     if found != expected:

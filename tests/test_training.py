@@ -103,10 +103,16 @@ def test_seeded_runs_are_reproducible(tmp_path, stories_checkpoint, instruction_
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+# LoRA with dropout (the RNG state must be restored too); full fine-tuning with bitsandbytes' 8-bit AdamW, whose
+# uint8 moments and absmax statistics (tensors of 4096+ values: the embedding, the MLPs) must round-trip too
+@pytest.mark.parametrize("method, settings, optimizer", [
+    ("lora", LoRAConfig(r=4, alpha=8, dropout=0.1), "adamw"),
+    ("full", None, "adamw8bit"),
+])
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, stories_checkpoint, instruction_data,
-                                                                    monkeypatch):
-    settings = LoRAConfig(r=4, alpha=8, dropout=0.1)  # dropout: the RNG state must be restored too
-    whole = run(tmp_path / "whole", stories_checkpoint, instruction_data, method="lora", steps=8, settings=settings)
+                                                                    monkeypatch, method, settings, optimizer):
+    whole = run(tmp_path / "whole", stories_checkpoint, instruction_data, method=method, steps=8, settings=settings,
+                optimizer=optimizer)
 
     original = training.lr_at
 
@@ -117,20 +123,34 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, st
 
     monkeypatch.setattr(training, "lr_at", interrupt_after_step_4)
     with pytest.raises(SystemExit) as exit_info:
-        run(tmp_path / "split", stories_checkpoint, instruction_data, method="lora", steps=8, settings=settings)
+        run(tmp_path / "split", stories_checkpoint, instruction_data, method=method, steps=8, settings=settings,
+            optimizer=optimizer)
     assert exit_info.value.code == 130
     assert (tmp_path / "split" / training.CHECKPOINT_NAME).is_file()
     assert not (tmp_path / "split" / "final").exists()
     monkeypatch.setattr(training, "lr_at", original)
 
-    resumed = run(tmp_path / "split", stories_checkpoint, instruction_data, method="lora", steps=8,
-                  settings=settings, resume=True)
+    resumed = run(tmp_path / "split", stories_checkpoint, instruction_data, method=method, steps=8,
+                  settings=settings, resume=True, optimizer=optimizer)
     assert [s for s, _ in resumed.train_losses] == list(range(1, 9))
     assert resumed.train_losses == whole.train_losses
     assert resumed.final_val_loss == whole.final_val_loss
-    tw = load_file(tmp_path / "whole/final/adapter.safetensors")
-    ts = load_file(tmp_path / "split/final/adapter.safetensors")
+    weights = "lit_model.safetensors" if method == "full" else "adapter.safetensors"
+    tw = load_file(tmp_path / "whole/final" / weights)
+    ts = load_file(tmp_path / "split/final" / weights)
     assert tw.keys() == ts.keys() and all(torch.equal(tw[k], ts[k]) for k in tw)
+    if optimizer == "adamw8bit":  # 8-bit moments really were used (and saved)
+        saved = torch.load(tmp_path / "split" / training.CHECKPOINT_NAME, weights_only=True)
+        # bitsandbytes nests its tensors in the state dict (``__bnb_optimizer_quant_state__``)
+        def tensors(obj):
+            if torch.is_tensor(obj):
+                yield obj
+            elif isinstance(obj, dict):
+                for value in obj.values():
+                    yield from tensors(value)
+
+        dtypes = {t.dtype for t in tensors(saved["optimizer"]["state"])}
+        assert torch.uint8 in dtypes
 
 
 @pytest.mark.parametrize(
