@@ -134,95 +134,86 @@ def _hf_v2_parts(peft_model) -> None:
     base.lm_head = BiasScaleLinear(base.lm_head)
 
 
-def worker(job: Dict[str, Any]) -> Dict[str, Any]:
-    import torch
+class _Side:
+    """One framework's model, loss, trainable tensors and optimizer, and its timed training step."""
 
-    from lit_adapter.memory import AllocatorPeak, make_optimizer
+    def __init__(self, job: Dict[str, Any], framework: str) -> None:
+        import torch
 
-    torch.set_num_threads(job["threads"])
-    torch.manual_seed(0)
-    model, forward_loss = (_ours if job["framework"] == "ours" else _hf)(job)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, "adamw")
-    vocab = model.config.vocab_size
-    batch = torch.randint(0, vocab, (job["micro_batch_size"], job["seq_len"]),
-                          generator=torch.Generator().manual_seed(1234)).to(job["device"])
+        from lit_adapter.memory import make_optimizer
 
-    def step() -> float:
+        torch.manual_seed(0)
+        self.device = job["device"]
+        self.model, self.forward_loss = (_ours if framework == "ours" else _hf)(job)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.trainable, "adamw")
+
+    def step(self, batch) -> float:
+        import torch
+
         t0 = time.perf_counter()
-        loss = forward_loss(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if job["device"] == "cuda":
+        self.forward_loss(batch).backward()
+        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+
+def _token_batch(job: Dict[str, Any], vocab_size: int):
+    import torch
+
+    return torch.randint(0, vocab_size, (job["micro_batch_size"], job["seq_len"]),
+                         generator=torch.Generator().manual_seed(1234)).to(job["device"])
+
+
+def worker(job: Dict[str, Any]) -> Dict[str, Any]:
+    import torch
+
+    from lit_adapter.memory import AllocatorPeak
+
+    torch.set_num_threads(job["threads"])
+    side = _Side(job, job["framework"])
+    batch = _token_batch(job, side.model.config.vocab_size)
     for _ in range(job["warmup"]):
-        step()
-    times = [step() for _ in range(job["steps"])]
+        side.step(batch)
+    times = [side.step(batch) for _ in range(job["steps"])]
     if job["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        step()
+        side.step(batch)
         peak = torch.cuda.max_memory_allocated()
     else:
         with AllocatorPeak() as tracker:
             tracker.mark()
-            step()
+            side.step(batch)
         # live bytes at the mark (weights, optimizer state) were allocated before profiling: add them
-        peak = tracker.peak_bytes + _live_bytes(model, optimizer)
+        peak = tracker.peak_bytes + _live_bytes(side.model, side.optimizer)
     median = statistics.median(times)
     return {"step_times_s": times, "median_step_s": median,
             "tokens_per_s": job["micro_batch_size"] * job["seq_len"] / median, "peak_bytes": peak,
-            "trainable_params": sum(p.numel() for p in trainable)}
+            "trainable_params": sum(p.numel() for p in side.trainable)}
 
 
 def interleaved_worker(job: Dict[str, Any]) -> Dict[str, Any]:
     """Both frameworks in one process, alternating steps: contention on a shared machine hits both alike.
 
-    Returns each framework's step times and the per-pair time ratios (ours / HF); no memory is measured here.
+    Returns each framework's step times and, per adjacent pair of steps, HF's step time over ours (ours / HF in
+    throughput); no memory is measured here.
     """
     import torch
 
-    from lit_adapter.memory import make_optimizer
-
     torch.set_num_threads(job["threads"])
-    sides = {}
-    for framework in ("ours", "hf"):
-        torch.manual_seed(0)
-        model, forward_loss = (_ours if framework == "ours" else _hf)(job)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        sides[framework] = (forward_loss, trainable, make_optimizer(trainable, "adamw"))
-    vocab = _ours_vocab(job)
-    batch = torch.randint(0, vocab, (job["micro_batch_size"], job["seq_len"]),
-                          generator=torch.Generator().manual_seed(1234)).to(job["device"])
-
-    def step(framework: str) -> float:
-        forward_loss, trainable, optimizer = sides[framework]
-        t0 = time.perf_counter()
-        forward_loss(batch).backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if job["device"] == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
+    sides = {framework: _Side(job, framework) for framework in ("ours", "hf")}
+    batch = _token_batch(job, sides["ours"].model.config.vocab_size)
     for _ in range(job["warmup"]):
-        step("ours"), step("hf")
+        sides["ours"].step(batch), sides["hf"].step(batch)
     times: Dict[str, List[float]] = {"ours": [], "hf": []}
     for i in range(job["steps"]):
         for framework in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
-            times[framework].append(step(framework))
+            times[framework].append(sides[framework].step(batch))
     return {"ours_step_times_s": times["ours"], "hf_step_times_s": times["hf"],
             "pair_ratios": [h / o for o, h in zip(times["ours"], times["hf"])]}
-
-
-def _ours_vocab(job: Dict[str, Any]) -> int:
-    from lit_adapter.config import Config
-
-    return Config.from_name(job["size"]).vocab_size
 
 
 def _live_bytes(model, optimizer) -> int:

@@ -985,7 +985,7 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
     Returns peak memory (CUDA allocator peak; on CPU the allocator peak over the training steps and the process's
     peak resident size, raw and net of the baseline after imports), step times and tokens/s.
     """
-    from lit_adapter.training import loss_fn
+    from lit_adapter.training import training_loss
 
     if cell.threads:
         torch.set_num_threads(cell.threads)
@@ -994,7 +994,9 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
     torch.manual_seed(cell.seed)
     use_profiler = device.type == "cpu"
     tracker = AllocatorPeak() if use_profiler else None
-    criterion = {"cross_entropy": loss_fn, "chunked": chunked_loss_fn}[cell.loss]
+    if cell.loss not in LOSSES:
+        raise UserError(f"unknown loss {cell.loss!r}; choose one of {', '.join(LOSSES)}")
+    criterion = training_loss(chunked=cell.loss == "chunked")
     step_times: List[float] = []
 
     def step(model, optimizer, trainable, batch):

@@ -350,14 +350,14 @@ def finetune(
     accum = validate_args(train, eval, fabric_args)
     config = methods.resolve_config(checkpoint_dir, model_name)
     spec.validate(config)
+    precision = fabric_args.precision or default_precision(fabric_args.accelerator)
     if dry_run:
         methods.dry_run(spec, config)
-        print_memory_estimate(spec, config, data, train, fabric_args)
+        print_memory_estimate(spec, config, context_length(data, config), train, fabric_args.accelerator, precision)
         return None
     if checkpoint_dir is None:
         raise UserError("--checkpoint_dir is required for training (only --dry_run works from --model_name alone)")
 
-    precision = fabric_args.precision or default_precision(fabric_args.accelerator)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fabric = Fabric(
@@ -373,23 +373,23 @@ def finetune(
                               eval=eval, fabric=fabric_args, logger=logger, precision=precision))
 
 
-def print_memory_estimate(spec: MethodSpec, config, data: DataArgs, train: TrainArgs, fabric_args: FabricArgs) -> None:
+def context_length(data: DataArgs, config) -> int:
+    """Tokens per training sequence: ``--data.max_seq_length``, capped at (and by default) the model's context."""
+    return min(data.max_seq_length or config.block_size, config.block_size)
+
+
+def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainArgs, accelerator: str,
+                          precision: str) -> None:
     """The analytic peak-memory estimate of one training step of this run (``lit_adapter.memory``), as an estimate.
 
     Mixed precisions are estimated as their ``-true`` counterpart (the weights' dtype), which under-counts the
     float32 master weights of ``*-mixed`` runs; that is said in the output.
     """
-    from dataclasses import replace
-
     from lit_adapter.memory import estimate_memory, format_estimate
 
-    seq_len = min(data.max_seq_length or config.block_size, config.block_size)
-    precision = fabric_args.precision or default_precision(fabric_args.accelerator)
     estimated_as = {"bf16-mixed": "bf16-true", "16-mixed": "16-true"}.get(precision, precision)
-    on_gpu = fabric_args.accelerator in ("cuda", "gpu") or (
-        fabric_args.accelerator == "auto" and torch.cuda.is_available())
-    sized = replace(spec, attention=spec.attention.resolve(seq_len))
-    estimate = estimate_memory(config, sized, train.micro_batch_size, seq_len, estimated_as,
+    on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    estimate = estimate_memory(config, spec, train.micro_batch_size, seq_len, estimated_as,
                                train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
                                optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
                                loss="chunked" if train.chunked_loss else "cross_entropy")
@@ -404,7 +404,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
 
     fabric.seed_everything(train.seed)
     train_examples, val_examples, metadata = load_prepared(data.data_dir)
-    max_seq_length = min(data.max_seq_length or config.block_size, config.block_size)
+    max_seq_length = context_length(data, config)
     train_examples, cut_train = _truncate(train_examples, max_seq_length)
     val_examples, cut_val = _truncate(val_examples, max_seq_length)
     if cut_train or cut_val:
