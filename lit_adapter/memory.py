@@ -55,6 +55,7 @@ PRECISIONS = ("32-true", "bf16-true", "16-true")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SDPA_BACKENDS = ("flash", "math")
 LOSSES = ("cross_entropy", "chunked")
+ESTIMATED_PATTERNS = ("dense", "local", "shifted")  # the attention patterns whose saved tensors are modelled
 _DTYPE_OF_PRECISION = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
 
@@ -366,7 +367,8 @@ def _block_saved(dims: _Dims, t: _Trains, layer: int, x_rg: bool, attention, sdp
         if base_rg:
             _shifted_attention(s, attention.resolve(dims.T).group_size, dims, k_name, v_name, kv_bytes)
     else:
-        raise UserError(f"the memory estimator models dense, local and shifted attention, not {attention.pattern!r}")
+        raise UserError(f"the memory estimator models {', '.join(ESTIMATED_PATTERNS)} attention, "
+                        f"not {attention.pattern!r}")
     y_rg = base_rg
     has_prompt = t.prompt_from_layer is not None and layer >= t.prompt_from_layer
     if has_prompt:  # a second, non-causal SDPA over the (1, nh, aT, hs) prompt keys and values

@@ -385,8 +385,12 @@ def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainAr
     Mixed precisions are estimated as their ``-true`` counterpart (the weights' dtype), which under-counts the
     float32 master weights of ``*-mixed`` runs; that is said in the output.
     """
-    from lit_adapter.memory import estimate_memory, format_estimate
+    from lit_adapter.memory import ESTIMATED_PATTERNS, estimate_memory, format_estimate
 
+    if spec.attention.pattern not in ESTIMATED_PATTERNS:
+        print(f"peak memory estimate: not available for {spec.attention.pattern} attention (the estimator models "
+              f"{', '.join(ESTIMATED_PATTERNS)}; scripts/memory_sweep.py measures any pattern)")
+        return
     estimated_as = {"bf16-mixed": "bf16-true", "16-mixed": "16-true"}.get(precision, precision)
     on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
     estimate = estimate_memory(config, spec, train.micro_batch_size, seq_len, estimated_as,

@@ -65,6 +65,12 @@ def test_dry_run_from_the_command_line():
     assert "peak memory estimate per device (analytic, not measured)" in proc.stdout
     peak = re.search(r"PEAK\s+([0-9.]+) GB", proc.stdout)
     assert peak and 27 < float(peak.group(1)) < 200, proc.stdout  # at least the float32 weights (27 GB)
+    # a pattern the estimator does not model still gets its counts, and says why there is no estimate
+    proc = run_script(REPO / "finetune" / "adapter.py", "--model_name", "7B", "--dry_run", "true",
+                      "--attention.pattern", "strided")
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable parameters: 1229760\n" in proc.stdout
+    assert "peak memory estimate: not available for strided attention" in proc.stdout
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path):
