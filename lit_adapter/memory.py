@@ -15,9 +15,10 @@ the quantity that ``torch.cuda.max_memory_allocated`` reports on a GPU. It adds 
   float32 copy of its input, SDPA keeps q, k, v, its output and the log-sum-exp: O(T) memory with the fused
   kernels and an O(T^2) probability matrix on the math path; the sparse patterns keep their gathered blocks).
   With activation checkpointing a block keeps only its input, and one block's set is rebuilt during its backward;
-* the logits and the loss: the engine's ``loss_fn`` shifts the labels (the logits stay a view), upcasts the
-  logits to float32 and ``log_softmax`` saves a float32 ``(B*T, V)`` output; the backward of that chain holds
-  three such matrices besides the logits. For small models and for 7B at long contexts this is most of the peak.
+* the logits and the loss: the engine's ``loss_fn`` shifts the labels (the logits stay a view) and saves the
+  float32 ``(B*T, V)`` log-probabilities (bf16 logits are first converted, a transient float32 copy); its backward
+  turns that buffer into the gradient in place (``training._CrossEntropy``), where ``F.cross_entropy`` would hold
+  three such matrices. For small models and for 7B at long contexts this is still most of the peak.
   :func:`chunked_cross_entropy` (``--train.chunked_loss true``) never holds more than a chunk of float32 logits
   (the peak drops to the logits and their gradient, in their own dtype);
 * short-lived working memory of the forward and backward passes and of the optimizer step.
@@ -410,7 +411,7 @@ def saved_activations(
 ) -> Dict[str, Any]:
     """Bytes autograd keeps for backward without checkpointing: per block, for ``ln_f`` + ``lm_head`` and the loss.
 
-    The loss part is ``log_softmax``'s float32 output and the int64 targets, as ``training.loss_fn`` computes it.
+    The loss part is the float32 log-probabilities, the int64 targets and their bool mask (``training.loss_fn``).
     """
     dims = _dims(config, micro_batch_size, seq_len, precision_dtype(dtype), device_type, spec.quantize)
     t = _Trains.of(spec)
@@ -422,7 +423,7 @@ def saved_activations(
         layers.append(s.total)
     head, _ = _head_saved(dims, t, x_rg)
     rows = dims.N  # the labels are shifted, so every position is a row of the loss (the last one is ignored)
-    return {"layers": layers, "embedding": embedding, "head": head.total, "loss": rows * dims.V * 4 + rows * 8}
+    return {"layers": layers, "embedding": embedding, "head": head.total, "loss": rows * dims.V * 4 + rows * 9}
 
 
 def _dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str,
@@ -465,15 +466,12 @@ def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str) -> Tuple[int, i
         alloc(chunk)
         alive -= chunk
     else:
-        upcast = rows * 4 if d != 4 else 0  # logits.float(); in float32 it is the logits themselves
+        upcast = rows * 4 if d != 4 else 0  # log_softmax(dtype=float32) converts first; float32 logits are used as is
         alloc(upcast)
-        alloc(rows * 4)  # log_softmax output (saved)
+        alloc(rows * 4)  # the float32 log-probabilities (saved); the backward turns them into the gradient in place
         alive -= upcast
-        alloc(rows * 4)  # nll_loss backward: a dense gradient
-        alloc(rows * 4)  # log_softmax backward
-        alive -= 2 * rows * 4
         if d != 4:
-            alloc(rows * d)  # back to the logits' dtype
+            alloc(rows * d)  # the gradient in the logits' dtype
             alive -= rows * 4
     if head_keeps_output:  # Adapter v2's head: grad * scale and grad * (linear + bias) (summed for the scale's
         alloc(2 * logits)  # gradient) exist together, then the logits' gradient and the product go

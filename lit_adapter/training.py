@@ -161,19 +161,52 @@ def lr_at(step: int, total_steps: int, train: TrainArgs) -> float:
     return train.min_learning_rate + (train.learning_rate - train.min_learning_rate) * cosine
 
 
+class _CrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(rows.float(), targets, ignore_index=...)`` whose backward reuses the saved log-probabilities.
+
+    PyTorch's own pair (``log_softmax`` then ``nll_loss``) saves the float32 log-probabilities and, in the backward,
+    allocates a zero-filled ``(N, V)`` gradient for ``nll_loss`` and another for ``log_softmax``. Here the saved
+    buffer itself becomes the gradient: ``exp`` turns it into the softmax, one is subtracted at each target and each
+    row is scaled by ``grad / count`` (zero for ignored rows). Same value and gradient, two fewer float32
+    ``(N, V)`` matrices at the peak and three fewer passes over them (docs/throughput.md). Because the buffer is
+    consumed, the graph can be backpropagated once (a second pass raises autograd's in-place error).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        log_probs = torch.log_softmax(rows, dim=-1, dtype=torch.promote_types(rows.dtype, torch.float32))  # (N, V)
+        valid = targets != ignore_index  # (N,)
+        safe = targets.masked_fill(~valid, 0)
+        count = valid.sum()
+        picked = log_probs.gather(1, safe[:, None]).squeeze(1)  # (N,)
+        ctx.save_for_backward(log_probs, safe, valid, count)
+        ctx.rows_dtype = rows.dtype
+        return -(picked * valid).sum() / count.clamp(min=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        log_probs, safe, valid, count = ctx.saved_tensors
+        grad = log_probs.exp_()  # softmax, in the saved buffer
+        grad.scatter_add_(1, safe[:, None], grad.new_full((grad.shape[0], 1), -1.0))
+        grad.mul_((valid * (grad_output / count.clamp(min=1)))[:, None])
+        return grad.to(ctx.rows_dtype), None, None
+
+
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over the unmasked targets, and how many targets there were.
 
     The labels are shifted, not the logits: ``logits[:, :-1]`` cannot be viewed as rows when B > 1, so slicing the
     logits would copy them and its backward would zero-fill another (B, T, V) gradient (see docs/throughput.md).
-    The last position gets ``ignore_index``, so the mean runs over exactly the same targets.
+    The last position gets ``ignore_index``, so the mean runs over exactly the same targets. The cross-entropy is
+    computed in float32 (at least) by :class:`_CrossEntropy`, equal to ``F.cross_entropy(rows.float(), ...)``.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T): position t predicts token t + 1
     count = int((targets != ignore_index).sum())
     if count == 0:
         return logits.sum() * 0.0, 0
     rows = logits.reshape(-1, logits.size(-1))  # (B*T, V), a view
-    return F.cross_entropy(rows.float(), targets.reshape(-1), ignore_index=ignore_index), count
+    return _CrossEntropy.apply(rows, targets.reshape(-1), ignore_index), count
 
 
 def training_loss(chunked: bool):
