@@ -3,7 +3,7 @@
 Both sides train the same LLaMA shape from the same random token batch with the same micro-batch, sequence length,
 thread count, AdamW settings and gradient clipping:
 
-* ours: ``methods.build_model`` + ``mark_trainable`` (random weights), ``training.loss_fn``, AdamW, clipping;
+* ours: ``methods.build_model`` + ``mark_trainable`` (random weights), ``training.forward_loss``, AdamW, clipping;
 * HF: ``LlamaForCausalLM`` (SDPA attention) wrapped by ``peft.get_peft_model`` with ``LoraConfig`` (same rank,
   alpha, dropout and q/v targets as our LoRA defaults) or ``AdaptionPromptConfig`` (LLaMA-Adapter v1: the same
   prompt length and adapted layers as our adapter defaults), its loss from ``labels=`` as users call it.
@@ -50,20 +50,14 @@ def _ours(job: Dict[str, Any]):
     import torch
 
     from lit_adapter.memory import Cell, build_random_model
-    from lit_adapter.training import training_loss
-
-    loss_fn = training_loss(chunked=job["our_loss"] == "chunked")
+    from lit_adapter.training import forward_loss
 
     cell = Cell(method=job["method"], model_name=job["size"], seq_len=job["seq_len"],
                 micro_batch_size=job["micro_batch_size"], precision=job["precision"], device=job["device"])
     model = build_random_model(cell, torch.device(job["device"]))
     model.train()
 
-    def forward_loss(batch):
-        logits = model(batch)
-        return loss_fn(logits, batch)[0]
-
-    return model, forward_loss
+    return model, lambda batch: forward_loss(model, batch, batch, job["our_loss"])[0]
 
 
 def _hf(job: Dict[str, Any]):
@@ -273,7 +267,7 @@ def main(
     rounds: int = 2,
     device: str = "cpu",
     timeout_s: float = 1200.0,
-    our_loss: str = "engine",
+    our_loss: str = "cross_entropy",
     interleaved: bool = False,
     out_json: Optional[Path] = None,
 ) -> List[Dict[str, Any]]:
@@ -291,13 +285,15 @@ def main(
         rounds: Runs per framework and cell, in alternating order; the median over rounds is reported.
         device: cpu or cuda.
         timeout_s: Limit per run.
-        our_loss: Our loss: engine (training.loss_fn, the default) or chunked (--train.chunked_loss true).
+        our_loss: Our loss, as --train.loss: cross_entropy (the engine's default), chunked or chunked_head.
         interleaved: Instead, run both frameworks in one process per round, alternating steps, and report the
             median over all step pairs of HF's step time / ours (contention hits both alike); no memory.
         out_json: Also write the results here.
     """
-    if our_loss not in ("engine", "chunked"):
-        raise UserError(f"unknown --our_loss {our_loss!r}; choose engine or chunked")
+    from lit_adapter.memory import LOSSES
+
+    if our_loss not in LOSSES:
+        raise UserError(f"unknown --our_loss {our_loss!r}; choose one of {', '.join(LOSSES)}")
     size_list = [s.strip() for s in sizes.split(",") if s.strip()]
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
     for m in method_list:

@@ -55,7 +55,7 @@ GB = 1e9
 PRECISIONS = ("32-true", "bf16-true", "16-true")
 OPTIMIZERS = ("adamw", "adamw8bit")
 SDPA_BACKENDS = ("flash", "math")
-LOSSES = ("cross_entropy", "chunked")
+LOSSES = ("cross_entropy", "chunked", "chunked_head")  # training.TrainArgs.loss
 ESTIMATED_PATTERNS = ("dense", "local", "shifted")  # the attention patterns whose saved tensors are modelled
 _DTYPE_OF_PRECISION = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
 
@@ -405,6 +405,15 @@ def _head_saved(dims: _Dims, t: _Trains, x_rg: bool) -> Tuple[_Saved, bool]:
     return s, out_rg
 
 
+def _head_saved_chunked(dims: _Dims, t: _Trains, x_rg: bool) -> _Saved:
+    """What ``ln_f`` and the head keep under the head-chunked loss: ln_f's set and its output (the chunks' input)."""
+    s = _Saved()
+    h = _rmsnorm(s, "ln_f", "x", x_rg, t.norms, dims)
+    if h:
+        s.add("hidden", dims.N * dims.C * dims.d)
+    return s
+
+
 def saved_activations(
     config: Config, spec, micro_batch_size: int, seq_len: int, dtype: Union[str, torch.dtype] = torch.float32,
     device_type: str = "cpu", sdpa: str = "flash",
@@ -437,16 +446,15 @@ def _dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str,
 # The loss
 
 
-def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str) -> Tuple[int, int]:
-    """Peak bytes of logits + loss from the head's forward to the gradient at the head's input, and what stays.
+def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str, head_weight_trains: bool = False) -> int:
+    """Peak bytes of logits + loss from the head's forward to the gradient at the head's input.
 
-    Walks ``training.loss_fn`` (or :func:`chunked_loss_fn`) allocation by allocation;
-    the logits themselves stay alive, since the training loop holds them until the next step. Returns (peak, bytes
-    still alive afterwards besides the head's input gradient).
+    Walks ``training.forward_loss`` allocation by allocation. Nothing of it outlives the step's backward: the
+    training loop keeps only the loss, so the logits go as soon as nothing saved for the backward needs them.
     """
     B, T, V, d = dims.B, dims.T, dims.V, dims.d
-    logits = B * T * V * d
-    rows = B * T * V  # the labels are shifted, so every position is a row (the last one is ignored)
+    N = B * T  # the labels are shifted, so every position is a row (the last one is ignored)
+    logits = N * V * d
     alive, peak = 0, 0
 
     def alloc(n: int) -> None:
@@ -454,10 +462,27 @@ def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str) -> Tuple[int, i
         alive += n
         peak = max(peak, alive)
 
+    if loss == "chunked_head":
+        # One chunk of c rows at a time under checkpointing, nothing saved across chunks. The forward (and its
+        # recomputation in the backward) holds the chunk's logits (v2: its pre-scale output too), their float32
+        # copy (bf16) and the float32 log-probabilities; the backward turns those into the gradient in place
+        # (``training._CrossEntropy``), converts it to the logits' dtype, and v2's head then forms its scale's two
+        # products. The chunks' (c, C) input gradients pile up to (N, C) and are concatenated once at the end.
+        c = min(N, _DEFAULT_CHUNK) * V
+        v2 = c * d if head_keeps_output else 0
+        forward = c * d + (c * 4 if d != 4 else 0) + c * 4 + v2
+        backward = max(forward, c * 4 + (c * d if d != 4 else 0) + v2, 4 * c * d if head_keeps_output else 0)
+        hidden_grads = N * dims.C * d
+        peak = max(forward, backward + hidden_grads, 2 * hidden_grads)
+        if head_weight_trains:  # full fine-tuning: the head's .grad (from the first chunk on), and each later
+            W = V * dims.C * d  # chunk's own weight gradient beside it while the chunk's logit gradient is alive
+            peak = max(peak, backward + hidden_grads + W, 2 * W + c * d + hidden_grads, 2 * hidden_grads + W)
+        return peak
     alloc(logits)
     if loss == "chunked":
         # forward: a (chunk, V) float32 copy (unless float32) and logsumexp's buffer per chunk, keeping only the
-        # (B, T) log-sum-exp; backward: the (B, T, V) gradient written from one float32 (chunk, V) buffer
+        # (B, T) log-sum-exp and the logits themselves (saved); backward: the (B, T, V) gradient written from one
+        # float32 (chunk, V) buffer, then the saved logits go
         chunk = min(T, _DEFAULT_CHUNK) * V * 4
         alloc(B * T * 4)
         alloc(chunk * (2 if d != 4 else 1))
@@ -465,19 +490,19 @@ def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str) -> Tuple[int, i
         alloc(logits)
         alloc(chunk)
         alive -= chunk
+        alive -= logits
     else:
-        upcast = rows * 4 if d != 4 else 0  # log_softmax(dtype=float32) converts first; float32 logits are used as is
+        upcast = N * V * 4 if d != 4 else 0  # log_softmax(dtype=float32) converts first; float32 logits are used as is
         alloc(upcast)
-        alloc(rows * 4)  # the float32 log-probabilities (saved); the backward turns them into the gradient in place
+        alloc(N * V * 4)  # the float32 log-probabilities (saved); the backward turns them into the gradient in place
         alive -= upcast
+        alive -= logits  # nothing saved needs the logits: they go when forward_loss returns
         if d != 4:
-            alloc(rows * d)  # the gradient in the logits' dtype
-            alive -= rows * 4
+            alloc(N * V * d)  # the gradient in the logits' dtype, then the float32 buffer goes
+            alive -= N * V * 4
     if head_keeps_output:  # Adapter v2's head: grad * scale and grad * (linear + bias) (summed for the scale's
-        alloc(2 * logits)  # gradient) exist together, then the logits' gradient and the product go
-        alive -= 2 * logits
-    alive -= logits  # the gradient of the logits, once the head's backward has used it
-    return peak, alive
+        alloc(2 * logits)  # gradient) exist together with the logits' gradient
+    return peak
 
 
 _DEFAULT_CHUNK = 256
@@ -554,17 +579,18 @@ def chunked_cross_entropy(
         return _ChunkedCrossEntropy.apply(logits_or_hidden, targets, chunk_size, ignore_index)
     from torch.utils.checkpoint import checkpoint
 
-    def chunk_loss(hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
-        logits = head(hidden)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, chunk_targets, ignore_index=ignore_index, reduction="sum")
+    from lit_adapter.training import _CrossEntropy
 
-    B, T, _ = logits_or_hidden.shape
-    total = logits_or_hidden.new_zeros((), dtype=torch.promote_types(logits_or_hidden.dtype, torch.float32))
-    for b in range(B):
-        for t0 in range(0, T, chunk_size):
-            hidden = logits_or_hidden[b, t0 : t0 + chunk_size]
-            total = total + checkpoint(chunk_loss, hidden, targets[b, t0 : t0 + chunk_size], use_reentrant=False)
+    def chunk_loss(hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        return _CrossEntropy.apply(head(hidden), chunk_targets, ignore_index, False)  # summed over the chunk
+
+    rows = logits_or_hidden.reshape(-1, logits_or_hidden.size(-1))  # (B*T, C)
+    flat_targets = targets.reshape(-1)
+    total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
+    # split (not slicing in a loop): its backward concatenates the chunks' gradients once, where each slice's
+    # backward would zero-fill a whole (B*T, C) gradient
+    for hidden, chunk_targets in zip(rows.split(chunk_size), flat_targets.split(chunk_size)):
+        total = total + checkpoint(chunk_loss, hidden, chunk_targets, use_reentrant=False)
     return total / (targets != ignore_index).sum().clamp(min=1)
 
 
@@ -581,6 +607,21 @@ def chunked_loss_fn(
     if count == 0:
         return logits.sum() * 0.0, 0
     return chunked_cross_entropy(logits, targets, chunk_size=chunk_size, ignore_index=ignore_index), count
+
+
+def chunked_head_loss_fn(
+    hidden: torch.Tensor, labels: torch.Tensor, head, ignore_index: int = -100, chunk_size: int = _DEFAULT_CHUNK
+) -> Tuple[torch.Tensor, int]:
+    """The same loss from the final hidden states ``(B, T, C)`` and the model's head (``GPT.output_logits``).
+
+    The logits exist ``chunk_size`` rows at a time, in the forward and again (recomputed) in the backward: no
+    ``(B, T, V)`` tensor at all, for one extra head matmul per step.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    count = int((targets != ignore_index).sum())
+    if count == 0:
+        return hidden.sum() * 0.0, 0
+    return chunked_cross_entropy(hidden, targets, chunk_size=chunk_size, head=head, ignore_index=ignore_index), count
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -647,8 +688,10 @@ def estimate_memory(
         layer_grads.append(sum(p.numel() for p in block.parameters() if p.requires_grad) * d)
     embedding_kept = N * 8 if t.embedding else 0
     head, _ = _head_saved(dims, t, x_rg)
-    logits = N * dims.V * d
-    loss_peak, loss_left = _loss_chain(dims, t.v2_linears, loss)
+    if loss == "chunked_head":  # the head's own saves are recomputed chunk by chunk; the hidden states stay
+        head = _head_saved_chunked(dims, t, x_rg)
+    logits = N * dims.V * d if loss != "chunked_head" else min(N, _DEFAULT_CHUNK) * dims.V * d
+    loss_peak = _loss_chain(dims, t.v2_linears, loss, head_weight_trains=t.base_linears)
     head_grads = grads - sum(layer_grads)  # embedding, ln_f and lm_head (tied ones once)
 
     # short-lived memory: RoPE's float32 temporaries (forward); a block's gradients of x, of the MLP product and
@@ -663,8 +706,7 @@ def estimate_memory(
         backward_tmp += N * C * d  # the gated prompt output's gradient
 
     phases: Dict[str, int] = {}
-    # forward of the last block: the previous step's logits are still referenced by the training loop
-    phases["forward"] = state + logits + embedding_kept + sum(kept) + forward_tmp
+    phases["forward"] = state + embedding_kept + sum(kept) + forward_tmp  # the last block's forward
     phases["loss"] = state + embedding_kept + sum(kept) + head.total + loss_peak
     backward_peak = 0
     for i in reversed(range(config.n_layer)):
@@ -676,14 +718,14 @@ def estimate_memory(
             layer = kept[i] + recomputed + max(forward_tmp, backward_tmp)
         else:
             layer = saved[i].total + backward_tmp
-        # loss_left: the logits the loop still holds; N * C * d: the gradient flowing down the residual stream
-        backward_peak = max(backward_peak, state + loss_left + N * C * d + below + layer + grads_so_far)
+        # N * C * d: the gradient flowing down the residual stream
+        backward_peak = max(backward_peak, state + N * C * d + below + layer + grads_so_far)
     phases["backward"] = backward_peak
     largest = max((p.numel() for p in trainable), default=0)
     adam_tmp = (2 * largest * d) if device_type == "cpu" else grads  # per-tensor (CPU) vs foreach (CUDA) temporaries
     if optimizer == "adamw8bit":
         adam_tmp = 0
-    phases["optimizer"] = state + logits + grads + adam_tmp
+    phases["optimizer"] = state + grads + adam_tmp
     phase = max(phases, key=phases.get)
     peak = phases[phase]
 
@@ -844,7 +886,7 @@ def _graph_nodes(root):
         stack.extend(fn for fn, _ in node.next_functions)
 
 
-def measure_saved_activations(model: nn.Module, batch: torch.Tensor, criterion=None) -> Dict[str, Any]:
+def measure_saved_activations(model: nn.Module, batch: torch.Tensor) -> Dict[str, Any]:
     """Bytes autograd saves in one forward + loss, by section, each storage counted once.
 
     The test oracle of :func:`saved_activations`: a ``saved_tensors_hooks`` pack hook sees every tensor an op
@@ -852,7 +894,6 @@ def measure_saved_activations(model: nn.Module, batch: torch.Tensor, criterion=N
     """
     from lit_adapter.training import loss_fn
 
-    criterion = criterion or loss_fn
     section = ["embedding"]
     sizes: Dict[int, Tuple[str, int]] = {}
 
@@ -882,7 +923,7 @@ def measure_saved_activations(model: nn.Module, batch: torch.Tensor, criterion=N
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             logits = model(batch)
             section[0] = "loss"
-            loss = criterion(logits, batch)[0]
+            loss = loss_fn(logits, batch)[0]
     finally:
         for handle in handles:
             handle.remove()
@@ -985,7 +1026,7 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
     Returns peak memory (CUDA allocator peak; on CPU the allocator peak over the training steps and the process's
     peak resident size, raw and net of the baseline after imports), step times and tokens/s.
     """
-    from lit_adapter.training import training_loss
+    from lit_adapter.training import forward_loss
 
     if cell.threads:
         torch.set_num_threads(cell.threads)
@@ -996,16 +1037,13 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
     tracker = AllocatorPeak() if use_profiler else None
     if cell.loss not in LOSSES:
         raise UserError(f"unknown loss {cell.loss!r}; choose one of {', '.join(LOSSES)}")
-    criterion = training_loss(chunked=cell.loss == "chunked")
     step_times: List[float] = []
 
     def step(model, optimizer, trainable, batch):
-        nonlocal logits, loss
+        nonlocal loss
         t0 = time.perf_counter()
-        # exactly the engine's micro-step with accum = 1; like the engine, the logits stay referenced until the
-        # next step's forward returns
-        logits = model(batch)
-        loss, _ = criterion(logits, batch)
+        # exactly the engine's micro-step with accum = 1: only the loss outlives forward_loss
+        loss = forward_loss(model, batch, batch, cell.loss)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -1014,7 +1052,7 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    logits = loss = None
+    loss = None
     if tracker is not None:
         tracker.__enter__()
     if cell.memory_limit_gb is not None:  # after the profiler's own imports, which need address space too

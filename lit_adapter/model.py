@@ -57,11 +57,15 @@ class GPT(nn.Module):
             )
         return self._rope_cache
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, return_hidden: bool = False
+    ) -> torch.Tensor:
         """Next-token logits ``(B, T, vocab_size)``.
 
         ``input_pos`` (``(T,)`` positions) switches to incremental decoding with the KV cache set by
         :meth:`set_kv_cache`; without it the whole sequence is processed causally from position 0.
+        ``return_hidden`` stops before the head and returns the final normalized states ``(B, T, n_embd)``, which
+        :meth:`output_logits` turns into logits (the head-chunked loss does that a chunk at a time).
         """
         B, T = idx.shape
         if input_pos is None and T > self.config.block_size:
@@ -78,8 +82,12 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
             else:
                 x = block(x, cos, sin, input_pos)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        x = self.transformer.ln_f(x)  # (B, T, n_embd)
+        return x if return_hidden else self.output_logits(x)
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head: final normalized states ``(..., n_embd)`` to logits ``(..., vocab_size)``."""
+        logits = self.lm_head(x)  # (..., padded_vocab_size)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
         return logits

@@ -11,6 +11,7 @@ Warmup, evaluation, logging and checkpoint intervals are all in steps. The data 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -78,9 +79,12 @@ class TrainArgs:
     """torch's AdamW, or bitsandbytes' 8-bit AdamW (moments in uint8 for tensors of 4096+ values: a quarter of
     the state; worth it for full fine-tuning, negligible for adapters) and its paged variant (CUDA: state can
     spill to host memory under pressure; CPU falls back to unpaged)."""
-    chunked_loss: bool = False
-    """Compute the cross-entropy in chunks of 256 positions: the float32 copy of the whole (B, T, vocab) logits is
-    never made (same value and gradient; saves most of the loss's memory at long contexts, see docs/memory.md)."""
+    loss: Literal["cross_entropy", "chunked", "chunked_head"] = "cross_entropy"
+    """How the cross-entropy is computed; same value and gradient, different memory (docs/memory.md).
+    cross_entropy: over all (B, T, vocab) logits in float32, the backward reusing the saved log-probabilities;
+    chunked: 256 positions at a time, no float32 copy of all logits; chunked_head: the head too runs 256
+    positions at a time (recomputed in the backward), so the logits never exist whole: the least memory, one
+    extra head matmul per step (not with fsdp)."""
 
 
 @dataclass
@@ -141,6 +145,9 @@ def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
         raise UserError(f"train.save_interval must be >= 1, got {train.save_interval}")
     if eval.interval < 1 or (eval.max_batches is not None and eval.max_batches < 1):
         raise UserError("eval.interval and eval.max_batches must be >= 1")
+    if train.loss == "chunked_head" and fabric.strategy == "fsdp":
+        raise UserError("train.loss=chunked_head calls the head outside the model's forward, which FSDP does not "
+                        "allow (the head's weights are sharded there); use train.loss=chunked with fsdp")
     per_step = train.micro_batch_size * fabric.devices
     if train.global_batch_size % per_step:
         raise UserError(
@@ -167,30 +174,31 @@ class _CrossEntropy(torch.autograd.Function):
     PyTorch's own pair (``log_softmax`` then ``nll_loss``) saves the float32 log-probabilities and, in the backward,
     allocates a zero-filled ``(N, V)`` gradient for ``nll_loss`` and another for ``log_softmax``. Here the saved
     buffer itself becomes the gradient: ``exp`` turns it into the softmax, one is subtracted at each target and each
-    row is scaled by ``grad / count`` (zero for ignored rows). Same value and gradient, two fewer float32
+    row is scaled by ``grad / count`` (zero for ignored rows; ``mean=False`` sums). Same value and gradient, two fewer float32
     ``(N, V)`` matrices at the peak and three fewer passes over them (docs/throughput.md). Because the buffer is
     consumed, the graph can be backpropagated once (a second pass raises autograd's in-place error).
     """
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, ignore_index: int, mean: bool = True) -> torch.Tensor:
         log_probs = torch.log_softmax(rows, dim=-1, dtype=torch.promote_types(rows.dtype, torch.float32))  # (N, V)
         valid = targets != ignore_index  # (N,)
         safe = targets.masked_fill(~valid, 0)
         count = valid.sum()
         picked = log_probs.gather(1, safe[:, None]).squeeze(1)  # (N,)
-        ctx.save_for_backward(log_probs, safe, valid, count)
+        divisor = count.clamp(min=1) if mean else torch.ones_like(count)
+        ctx.save_for_backward(log_probs, safe, valid, divisor)
         ctx.rows_dtype = rows.dtype
-        return -(picked * valid).sum() / count.clamp(min=1)
+        return -(picked * valid).sum() / divisor
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        log_probs, safe, valid, count = ctx.saved_tensors
+        log_probs, safe, valid, divisor = ctx.saved_tensors
         grad = log_probs.exp_()  # softmax, in the saved buffer
         grad.scatter_add_(1, safe[:, None], grad.new_full((grad.shape[0], 1), -1.0))
-        grad.mul_((valid * (grad_output / count.clamp(min=1)))[:, None])
-        return grad.to(ctx.rows_dtype), None, None
+        grad.mul_((valid * (grad_output / divisor))[:, None])
+        return grad.to(ctx.rows_dtype), None, None, None
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
@@ -209,13 +217,28 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
     return _CrossEntropy.apply(rows, targets.reshape(-1), ignore_index), count
 
 
-def training_loss(chunked: bool):
-    """The engine's loss, or :func:`lit_adapter.memory.chunked_loss_fn` (same value, less memory)."""
-    if chunked:
+def forward_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss: str = "cross_entropy",
+                 autocast=contextlib.nullcontext) -> Tuple[torch.Tensor, int]:
+    """The model's forward and the loss of kind ``loss`` (``TrainArgs.loss``): (mean loss, target count).
+
+    The logits are not returned: nothing saved for the backward needs them, so they are freed here rather than
+    held through the backward and the optimizer step (a (B, T, V) tensor less at the peak). ``chunked_head``
+    calls the head outside ``model.forward``; ``autocast`` (Fabric's) gives it the forward's precision context.
+    """
+    if loss == "chunked_head":
+        from lit_adapter.memory import chunked_head_loss_fn
+
+        hidden = model(input_ids, return_hidden=True)  # (B, T, n_embd)
+        with autocast():
+            return chunked_head_loss_fn(hidden, labels, head=model.output_logits)
+    logits = model(input_ids)  # (B, T, vocab_size)
+    if loss == "chunked":
         from lit_adapter.memory import chunked_loss_fn
 
-        return chunked_loss_fn
-    return loss_fn
+        return chunked_loss_fn(logits, labels)
+    if loss != "cross_entropy":
+        raise UserError(f"unknown loss {loss!r}; choose cross_entropy, chunked or chunked_head")
+    return loss_fn(logits, labels)
 
 
 def build_optimizer(params, train: TrainArgs) -> torch.optim.Optimizer:
@@ -429,7 +452,7 @@ def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainAr
     estimate = estimate_memory(config, spec, train.micro_batch_size, seq_len, estimated_as,
                                train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
                                optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
-                               loss="chunked" if train.chunked_loss else "cross_entropy")
+                               loss=train.loss)
     note = "" if estimated_as == precision else f" ({precision} estimated as {estimated_as}: no float32 master copy)"
     print(f"peak memory estimate per device (analytic, not measured){note}:")
     print(format_estimate(estimate))
@@ -500,10 +523,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         use_distributed_sampler=False,
     )
 
-    criterion = training_loss(train.chunked_loss)
-
     def run_validation(step: int) -> float:
-        loss = validate(fabric, model, val_loader, eval.max_batches, criterion)
+        loss = validate(fabric, model, val_loader, eval.max_batches, train.loss)
         state["val_losses"].append((step, loss))
         fabric.log_dict({"val_loss": loss, "step": step}, step=step)
         return loss
@@ -524,8 +545,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
             for micro in range(accum):
                 batch = next(train_iter)
                 with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                    logits = model(batch["input_ids"])
-                    loss, _ = criterion(logits, batch["labels"])
+                    loss, _ = forward_loss(model, batch["input_ids"], batch["labels"], train.loss, fabric.autocast)
                     fabric.backward(loss / accum)
                 step_loss += loss.detach() / accum
                 # processed positions, padding included: that is the compute the step paid for
@@ -591,15 +611,15 @@ def _truncate(examples: List[Dict[str, torch.Tensor]], max_len: int) -> Tuple[Li
 
 
 @torch.no_grad()
-def validate(fabric, model, loader, max_batches: Optional[int], criterion=loss_fn) -> float:
+def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cross_entropy") -> float:
     """Token-weighted mean validation loss (each target token counts once, whatever its batch)."""
     model.eval()
     total, count = torch.zeros((), device=fabric.device, dtype=torch.float64), 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        loss, n = criterion(model(batch["input_ids"]), batch["labels"])
-        total += loss.double() * n
+        value, n = forward_loss(model, batch["input_ids"], batch["labels"], loss, fabric.autocast)
+        total += value.double() * n
         count += n
     model.train()
     total = fabric.all_reduce(total, reduce_op="sum")

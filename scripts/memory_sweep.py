@@ -19,6 +19,7 @@ set size is reported beside it, raw and net of the baseline after imports (see d
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
 import time
@@ -32,8 +33,8 @@ from lit_adapter.errors import UserError, run_cli  # noqa: E402
 METHOD_LABELS = ("adapter", "adapter+sparse", "adapter_v2", "adapter_v2+sparse", "lora", "lora+sparse", "full",
                  "full+sparse")
 COLUMNS = [
-    "model", "method", "context", "micro_batch_size", "precision", "quantize", "checkpointing", "optimizer", "device",
-    "status", "peak_gb", "peak_kind", "est_peak_gb", "est_error_pct", "est_phase", "rss_peak_gb", "rss_net_gb",
+    "model", "method", "context", "micro_batch_size", "precision", "quantize", "checkpointing", "loss", "optimizer",
+    "device", "status", "peak_gb", "peak_kind", "est_peak_gb", "est_error_pct", "est_phase", "rss_peak_gb", "rss_net_gb",
     "rss_baseline_gb", "tokens_per_s", "step_time_s", "trainable_params",
 ]
 
@@ -57,14 +58,17 @@ def _quantize(value: str) -> Optional[str]:
 def build_cells(model_name: Optional[str], config_overrides: Dict[str, Any], methods: List[str], contexts: List[int],
                 micro_batch_sizes: List[int], precisions: List[str], quantize: List[Optional[str]],
                 checkpointing: List[bool], optimizer: str, sparse_pattern: str, device: str, steps: int,
-                timed_steps: int, threads: Optional[int], sdpa: str, loss: str) -> List[Any]:
-    from lit_adapter.memory import Cell, precision_dtype
+                timed_steps: int, threads: Optional[int], sdpa: str, losses: List[str]) -> List[Any]:
+    from lit_adapter.memory import LOSSES, Cell, precision_dtype
 
     for label in methods:
         if label not in METHOD_LABELS:
             raise UserError(f"unknown method {label!r}; choose from {', '.join(METHOD_LABELS)}")
     for precision in precisions:
         precision_dtype(precision)
+    for loss in losses:
+        if loss not in LOSSES:
+            raise UserError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)}")
     cells = []
     for label in methods:
         method, _, sparse = label.partition("+")
@@ -72,7 +76,7 @@ def build_cells(model_name: Optional[str], config_overrides: Dict[str, Any], met
             if method == "full" and q is not None:
                 continue  # full fine-tuning cannot train a quantized base
             for precision in precisions:
-                for ckpt in checkpointing:
+                for ckpt, loss in itertools.product(checkpointing, losses):
                     for B in micro_batch_sizes:
                         for T in contexts:
                             cells.append(Cell(
@@ -106,7 +110,8 @@ def row_for(cell, result: Optional[Dict[str, Any]], estimate: Optional[Dict[str,
     row = {
         "model": cell.config().name or "custom", "method": method_label(cell), "context": cell.seq_len,
         "micro_batch_size": cell.micro_batch_size, "precision": cell.precision, "quantize": cell.quantize or "none",
-        "checkpointing": cell.activation_checkpointing, "optimizer": cell.optimizer, "device": cell.device,
+        "checkpointing": cell.activation_checkpointing, "loss": cell.loss, "optimizer": cell.optimizer,
+        "device": cell.device,
         "status": "estimate" if result is None else result["status"],
     }
     if estimate is not None:
@@ -147,7 +152,7 @@ def run_grid(cells, estimate_only: bool, timeout_s: float, log=print) -> List[Di
 
 def _describe(row: Dict[str, Any]) -> str:
     head = (f"{row['model']} {row['method']} T={row['context']} B={row['micro_batch_size']} {row['precision']} "
-            f"q={row['quantize']} ckpt={row['checkpointing']}: ")
+            f"q={row['quantize']} ckpt={row['checkpointing']} loss={row.get('loss', 'cross_entropy')}: ")
     if row["status"] == "estimate":
         return head + f"estimated {row.get('est_peak_gb', float('nan')):.3f} GB"
     if row["status"] != "ok":
@@ -206,10 +211,10 @@ def write_outputs(rows: List[Dict[str, Any]], out_dir: Path, title: str, summary
 
 
 def markdown_table(rows: List[Dict[str, Any]], title: str, summary: Optional[List[str]] = None) -> str:
-    cols = ["model", "method", "context", "micro_batch_size", "precision", "quantize", "checkpointing", "status",
-            "peak_gb", "est_peak_gb", "est_error_pct", "rss_net_gb", "rss_peak_gb", "tokens_per_s"]
-    header = ["model", "method", "T", "B", "precision", "quantize", "ckpt", "status", "peak GB", "estimate GB",
-              "est. error %", "RSS net GB", "RSS raw GB", "tokens/s"]
+    cols = ["model", "method", "context", "micro_batch_size", "precision", "quantize", "checkpointing", "loss",
+            "status", "peak_gb", "est_peak_gb", "est_error_pct", "rss_net_gb", "rss_peak_gb", "tokens_per_s"]
+    header = ["model", "method", "T", "B", "precision", "quantize", "ckpt", "loss", "status", "peak GB",
+              "estimate GB", "est. error %", "RSS net GB", "RSS raw GB", "tokens/s"]
     lines = [f"# {title}", ""] + (summary or []) + ([""] if summary else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -226,7 +231,8 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
 
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for row in rows:
-        key = (row["model"], row["micro_batch_size"], row["precision"], row["quantize"], row["checkpointing"])
+        key = (row["model"], row["micro_batch_size"], row["precision"], row["quantize"], row["checkpointing"],
+               row.get("loss", "cross_entropy"))
         groups.setdefault(key, []).append(row)
     groups = {k: v for k, v in groups.items() if len({r["context"] for r in v}) > 1} or groups
     n = len(groups)
@@ -254,8 +260,8 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("peak memory (GB)")
-        model, B, precision, quantize, ckpt = key
-        ax.set_title(f"{model}, B={B}, {precision}, quantize={quantize}, ckpt={ckpt}", fontsize=9)
+        model, B, precision, quantize, ckpt, loss = key
+        ax.set_title(f"{model}, B={B}, {precision}, quantize={quantize}, ckpt={ckpt}, loss={loss}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
@@ -307,7 +313,7 @@ def main(
         optimizer: adamw (torch) or adamw8bit (bitsandbytes).
         sparse_pattern: The pattern of the +sparse methods (local or shifted are estimated; any pattern runs).
         sdpa: Attention backend the estimate assumes: flash (fused kernels, the default) or math.
-        loss: cross_entropy (training.loss_fn) or chunked (memory.chunked_loss_fn).
+        loss: Comma-separated losses, as --train.loss: cross_entropy (the default), chunked, chunked_head.
         device: cpu or cuda.
         steps: Optimizer steps under memory measurement per cell (the first one creates the optimizer state).
         timed_steps: Further steps per cell, timed without the profiler.
@@ -331,7 +337,7 @@ def main(
     cells = build_cells(
         model_name, overrides, _split(methods), _split(contexts, int), _split(micro_batch_sizes, int),
         _split(precisions), [_quantize(q) for q in _split(quantize)], [_bool(c) for c in _split(checkpointing)],
-        optimizer, sparse_pattern, device, steps, timed_steps, threads, sdpa, loss,
+        optimizer, sparse_pattern, device, steps, timed_steps, threads, sdpa, _split(loss),
     )
     if not cells:
         raise UserError("the grid is empty (full fine-tuning is skipped with a quantized base)")

@@ -136,15 +136,20 @@ def test_optimizer_state_bytes_match_torch_and_bitsandbytes():
         _cell(method="full", seq_len=512, micro_batch_size=1, config={"vocab_size": 512}),
         _cell(method="adapter", seq_len=256, micro_batch_size=2, precision="bf16-true", pattern="shifted",
               config={"vocab_size": 4096}),
+        # the head-chunked loss: Adapter v2's head (bias and scale) and full fine-tuning's head weight
+        _cell(method="adapter_v2", seq_len=384, micro_batch_size=2, loss="chunked_head", config={"vocab_size": 32000}),
+        _cell(method="full", seq_len=256, micro_batch_size=2, precision="bf16-true", loss="chunked_head",
+              activation_checkpointing=True, config={"vocab_size": 32000}),
     ],
-    ids=["adapter_v2-32k-vocab", "lora-checkpointed", "full", "adapter-bf16-shifted"],
+    ids=["adapter_v2-32k-vocab", "lora-checkpointed", "full", "adapter-bf16-shifted", "adapter_v2-chunked-head",
+         "full-bf16-chunked-head-checkpointed"],
 )
 def test_estimate_within_15_percent_of_measured_cpu_peak(cell):
     """The estimate against the CPU allocator's peak of live bytes over real optimizer steps."""
     cell.steps, cell.timed_steps = 2, 0
     measured = measure_step(cell)
     estimate = estimate_memory(cell.config(), cell.spec(), cell.micro_batch_size, cell.seq_len, cell.precision,
-                               activation_checkpointing=cell.activation_checkpointing)
+                               activation_checkpointing=cell.activation_checkpointing, loss=cell.loss)
     error = estimate["peak_bytes"] / measured["peak_bytes"] - 1
     print(f"measured {measured['peak_bytes']:,} estimated {estimate['peak_bytes']:,} ({100 * error:+.2f}%)")
     assert measured["peak_kind"] == "cpu_allocator_peak"
@@ -228,7 +233,7 @@ def test_training_and_chunked_losses_equal_cross_entropy():
 
 def test_memory_saving_losses_lower_the_measured_peak_as_estimated():
     peaks, estimates = {}, {}
-    for loss in ("cross_entropy", "chunked"):
+    for loss in ("cross_entropy", "chunked", "chunked_head"):
         cell = _cell(method="lora", seq_len=256, micro_batch_size=2, precision="bf16-true", loss=loss, steps=2,
                      timed_steps=0, config={"vocab_size": 32000, "n_layer": 2})
         peaks[loss] = measure_step(cell)["peak_bytes"]
@@ -238,6 +243,10 @@ def test_memory_saving_losses_lower_the_measured_peak_as_estimated():
     assert peaks["chunked"] < 0.7 * peaks["cross_entropy"]
     assert peaks["chunked"] / peaks["cross_entropy"] == pytest.approx(
         estimates["chunked"] / estimates["cross_entropy"], abs=0.05)
+    # the head-chunked loss never has the (B, T, V) logits (here 2 chunks of 256 rows: half of them at a time)
+    assert peaks["chunked_head"] < 0.9 * peaks["chunked"]
+    assert peaks["chunked_head"] / peaks["chunked"] == pytest.approx(
+        estimates["chunked_head"] / estimates["chunked"], abs=0.05)
 
 
 def test_out_of_memory_is_a_result():
