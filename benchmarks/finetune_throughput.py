@@ -62,7 +62,6 @@ def _ours(job: Dict[str, Any]):
 
 def _hf(job: Dict[str, Any]):
     """HF LlamaForCausalLM + PEFT, configured like our method."""
-    import torch
     from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 

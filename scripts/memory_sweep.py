@@ -22,6 +22,7 @@ import csv
 import itertools
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -266,7 +267,9 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(title + "\nsolid: dense attention, dash-dot: sparse; circles measured, dotted crosses estimated")
+    legend = "solid: dense attention, dash-dot: sparse; circles measured, dotted crosses estimated"
+    width = 60 * cols  # characters that fit the figure's width at this font size
+    fig.suptitle("\n".join(textwrap.wrap(title, width) + textwrap.wrap(legend, width)), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -327,7 +330,7 @@ def main(
         context_step: Granularity of the bisection.
         out_dir: Where sweep.csv, sweep.md and sweep.png go.
     """
-    from lit_adapter.memory import GB, format_estimate, measure_framework_overhead
+    from lit_adapter.memory import format_estimate, measure_framework_overhead
 
     overrides = json.loads(config_json) if config_json else {}
     if model_name is None and not overrides:

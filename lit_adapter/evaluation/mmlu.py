@@ -190,8 +190,6 @@ def evaluate_subject(
     max_questions: Optional[int] = None,
 ) -> Tuple[SubjectResult, List[Dict]]:
     """Accuracy on ``test`` with the first ``k`` of ``dev`` as shots; also the per-question records."""
-    from lit_adapter.evaluation.perplexity import next_token_logits
-
     if k < 0:
         raise UserError(f"--k must be >= 0, got {k}")
     if k > len(dev):
