@@ -30,11 +30,10 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, looks_like_out_of_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("adapter", "adapter_v2", "lora", "full")
-OOM_MARKERS = ("out of memory", "outofmemoryerror", "memoryerror", "cannot allocate memory")
 COLUMNS = ("method", "context", "status", "trainable_params", "avg_train_loss", "initial_val_loss", "val_loss",
            "train_time_s", "tokens_per_s", "peak_memory_gb", "peak_memory_kind", "steps")
 
@@ -120,8 +119,7 @@ def prepare_data(grid: Grid, context: int) -> Path:
 
 
 def classify_failure(returncode: int, log_text: str) -> str:
-    text = log_text.lower()
-    if returncode in (-9, 137) or any(marker in text for marker in OOM_MARKERS):
+    if returncode in (-9, 137) or looks_like_out_of_memory(log_text):
         return "OOM"
     return "failed"
 

@@ -12,6 +12,17 @@ import sys
 from typing import Any, Callable
 
 
+# How running out of memory reads in an exception or a log: CUDA ("CUDA out of memory", torch.OutOfMemoryError),
+# the CPU allocator ("DefaultCPUAllocator: can't allocate memory"), Python (MemoryError) and the OS ("Cannot
+# allocate memory"). One list, shared by the memory sweep and the comparison grid.
+OOM_MARKERS = ("out of memory", "outofmemoryerror", "memoryerror", "can't allocate memory", "cannot allocate memory")
+
+
+def looks_like_out_of_memory(text: str) -> bool:
+    lowered = text.lower()
+    return any(marker in lowered for marker in OOM_MARKERS)
+
+
 class UserError(Exception):
     """A mistake in the user's input, reported as one line without a traceback."""
 

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_adapter.config import Config
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, looks_like_out_of_memory
 
 GB = 1e9
 PRECISIONS = ("32-true", "bf16-true", "16-true")
@@ -1164,9 +1164,8 @@ def _address_space_bytes() -> int:
 
 def _is_oom(err: BaseException) -> bool:
     # CPU allocation failures surface as RuntimeError ("DefaultCPUAllocator: can't allocate memory")
-    text = str(err)
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+        isinstance(err, RuntimeError) and looks_like_out_of_memory(str(err))
     )
 
 

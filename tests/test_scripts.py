@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_adapter.comparison import load_grid, run_config
+from lit_adapter.comparison import classify_failure, load_grid, run_config
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = ["adapter", "adapter_v2", "lora", "full"]
@@ -125,3 +125,14 @@ def test_every_config_loads(path, tmp_path, capsys):
         CLI(load_setup(script), args=["--config", str(cell_config), "--model_name", "7B", "--dry_run", "true"],
             as_positional=False)
         assert "trainable parameters:" in capsys.readouterr().out
+
+
+def test_comparison_cells_recognise_every_out_of_memory_message():
+    # the CPU allocator's own wording was missed before the marker list was shared with the memory sweep
+    for log in ("RuntimeError: [enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                "you tried to allocate 2147483648 bytes.",
+                "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                "OSError: [Errno 12] Cannot allocate memory", "MemoryError"):
+        assert classify_failure(1, log) == "OOM", log
+    assert classify_failure(-9, "") == "OOM"  # killed by the OOM killer
+    assert classify_failure(1, "ValueError: bad config") == "failed"
