@@ -19,8 +19,9 @@ the quantity that ``torch.cuda.max_memory_allocated`` reports on a GPU. It adds 
   float32 ``(B*T, V)`` log-probabilities (bf16 logits are first converted, a transient float32 copy); its backward
   turns that buffer into the gradient in place (``training._CrossEntropy``), where ``F.cross_entropy`` would hold
   three such matrices. For small models and for 7B at long contexts this is still most of the peak.
-  :func:`chunked_cross_entropy` (``--train.chunked_loss true``) never holds more than a chunk of float32 logits
-  (the peak drops to the logits and their gradient, in their own dtype);
+  :func:`chunked_loss_fn` (``--train.loss chunked``) never holds more than a chunk of float32 logits (the peak
+  drops to the logits and their gradient, in their own dtype) and :func:`chunked_head_loss_fn`
+  (``--train.loss chunked_head``) never holds more than a chunk of logits at all;
 * short-lived working memory of the forward and backward passes and of the optimizer step.
 
 The peak is the largest sum over the phases of a step (forward, loss, backward of each layer, optimizer step).
@@ -46,7 +47,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError, looks_like_out_of_memory
@@ -599,11 +599,12 @@ def chunked_loss_fn(
 ) -> Tuple[torch.Tensor, int]:
     """Drop-in for ``training.loss_fn`` (same value and gradient) that neither copies nor upcasts all logits.
 
-    The targets are shifted instead of the logits (the last position gets ``ignore_index``), so the gradient is
-    one ``(B, T, V)`` tensor in the logits' dtype.
+    The targets are shifted instead of the logits (``training.next_token_targets``), so the gradient is one
+    ``(B, T, V)`` tensor in the logits' dtype.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    count = int((targets != ignore_index).sum())
+    from lit_adapter.training import next_token_targets
+
+    targets, count = next_token_targets(labels, ignore_index)
     if count == 0:
         return logits.sum() * 0.0, 0
     return chunked_cross_entropy(logits, targets, chunk_size=chunk_size, ignore_index=ignore_index), count
@@ -617,8 +618,9 @@ def chunked_head_loss_fn(
     The logits exist ``chunk_size`` rows at a time, in the forward and again (recomputed) in the backward: no
     ``(B, T, V)`` tensor at all, for one extra head matmul per step.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    count = int((targets != ignore_index).sum())
+    from lit_adapter.training import next_token_targets
+
+    targets, count = next_token_targets(labels, ignore_index)
     if count == 0:
         return hidden.sum() * 0.0, 0
     return chunked_cross_entropy(hidden, targets, chunk_size=chunk_size, head=head, ignore_index=ignore_index), count
@@ -687,9 +689,8 @@ def estimate_memory(
         block = model.transformer.h[i]
         layer_grads.append(sum(p.numel() for p in block.parameters() if p.requires_grad) * d)
     embedding_kept = N * 8 if t.embedding else 0
-    head, _ = _head_saved(dims, t, x_rg)
-    if loss == "chunked_head":  # the head's own saves are recomputed chunk by chunk; the hidden states stay
-        head = _head_saved_chunked(dims, t, x_rg)
+    # under chunked_head the head's own saves are recomputed chunk by chunk; the hidden states stay
+    head = _head_saved_chunked(dims, t, x_rg) if loss == "chunked_head" else _head_saved(dims, t, x_rg)[0]
     logits = N * dims.V * d if loss != "chunked_head" else min(N, _DEFAULT_CHUNK) * dims.V * d
     loss_peak = _loss_chain(dims, t.v2_linears, loss, head_weight_trains=t.base_linears)
     head_grads = grads - sum(layer_grads)  # embedding, ln_f and lm_head (tied ones once)

@@ -201,16 +201,24 @@ class _CrossEntropy(torch.autograd.Function):
         return grad.to(ctx.rows_dtype), None, None, None
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over the unmasked targets, and how many targets there were.
+def next_token_targets(labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
+    """The (B, T) targets aligned with the logits (position t predicts token t + 1) and how many are not ignored.
 
     The labels are shifted, not the logits: ``logits[:, :-1]`` cannot be viewed as rows when B > 1, so slicing the
     logits would copy them and its backward would zero-fill another (B, T, V) gradient (see docs/throughput.md).
-    The last position gets ``ignore_index``, so the mean runs over exactly the same targets. The cross-entropy is
-    computed in float32 (at least) by :class:`_CrossEntropy`, equal to ``F.cross_entropy(rows.float(), ...)``.
+    The last position gets ``ignore_index``, so a mean runs over exactly the same targets. Every loss kind uses it.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T): position t predicts token t + 1
-    count = int((targets != ignore_index).sum())
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T)
+    return targets, int((targets != ignore_index).sum())
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over the unmasked targets, and how many targets there were.
+
+    The targets come from :func:`next_token_targets`; the cross-entropy is computed in float32 (at least) by
+    :class:`_CrossEntropy`, equal to ``F.cross_entropy(rows.float(), ...)``.
+    """
+    targets, count = next_token_targets(labels, ignore_index)
     if count == 0:
         return logits.sum() * 0.0, 0
     rows = logits.reshape(-1, logits.size(-1))  # (B*T, V), a view
@@ -225,20 +233,16 @@ def forward_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss: str
     held through the backward and the optimizer step (a (B, T, V) tensor less at the peak). ``chunked_head``
     calls the head outside ``model.forward``; ``autocast`` (Fabric's) gives it the forward's precision context.
     """
-    if loss == "chunked_head":
-        from lit_adapter.memory import chunked_head_loss_fn
+    from lit_adapter.memory import LOSSES, chunked_head_loss_fn, chunked_loss_fn
 
+    if loss not in LOSSES:  # before the forward, not after it
+        raise UserError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if loss == "chunked_head":
         hidden = model(input_ids, return_hidden=True)  # (B, T, n_embd)
         with autocast():
             return chunked_head_loss_fn(hidden, labels, head=model.output_logits)
     logits = model(input_ids)  # (B, T, vocab_size)
-    if loss == "chunked":
-        from lit_adapter.memory import chunked_loss_fn
-
-        return chunked_loss_fn(logits, labels)
-    if loss != "cross_entropy":
-        raise UserError(f"unknown loss {loss!r}; choose cross_entropy, chunked or chunked_head")
-    return loss_fn(logits, labels)
+    return (chunked_loss_fn if loss == "chunked" else loss_fn)(logits, labels)
 
 
 def build_optimizer(params, train: TrainArgs) -> torch.optim.Optimizer:
