@@ -3,7 +3,7 @@
 Both sides train the same LLaMA shape from the same random token batch with the same micro-batch, sequence length,
 thread count, AdamW settings and gradient clipping:
 
-* ours: ``methods.build_model`` + ``mark_trainable`` (random weights), ``training.forward_loss``, AdamW, clipping;
+* ours: ``methods.build_model`` + ``mark_trainable`` (random weights), ``losses.forward_loss``, AdamW, clipping;
 * HF: ``LlamaForCausalLM`` (SDPA attention) wrapped by ``peft.get_peft_model`` with ``LoraConfig`` (same rank,
   alpha, dropout and q/v targets as our LoRA defaults) or ``AdaptionPromptConfig`` (LLaMA-Adapter v1: the same
   prompt length and adapted layers as our adapter defaults), its loss from ``labels=`` as users call it.
@@ -39,8 +39,8 @@ METHODS = ("lora", "adapter", "adapter_v2")
 
 
 def _settings(method: str):
-    from lit_adapter.adapter import AdapterConfig
-    from lit_adapter.lora import LoRAConfig
+    from lit_adapter.tuners.adapter import AdapterConfig
+    from lit_adapter.tuners.lora import LoRAConfig
 
     return LoRAConfig() if method == "lora" else AdapterConfig()
 

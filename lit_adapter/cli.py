@@ -33,13 +33,15 @@ _COMMON_DOC = """
 """
 
 
-def make_finetune_command(
-    method: str, settings_name: Optional[str], settings_cls: Optional[type], summary: str, **train_defaults: Any
-) -> Callable[..., Any]:
-    """The ``setup`` function of one finetune script; ``settings_cls`` holds the method's hyper-parameters."""
+def make_finetune_command(method: str) -> Callable[..., Any]:
+    """The ``setup`` function of ``finetune/<method>.py``: its options, defaults and ``--help`` come from the
+    method's registry entry (its settings dataclass becomes the ``--<settings_group>.*`` group)."""
     from lit_adapter.attention import AttentionConfig
-    from lit_adapter.methods import MethodSpec
+    from lit_adapter.methods import MethodSpec, get_method
     from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
+
+    definition = get_method(method)
+    settings_name, settings_cls = definition.settings_group, definition.settings_cls
 
     def setup(**kwargs: Any):
         settings = kwargs.pop(settings_name) if settings_name else None
@@ -59,7 +61,7 @@ def make_finetune_command(
     params += [
         P("attention", P.KEYWORD_ONLY, default=AttentionConfig(), annotation=AttentionConfig),
         P("quantize", P.KEYWORD_ONLY, default=None, annotation=QuantizeMode),
-        P("train", P.KEYWORD_ONLY, default=replace(TrainArgs(), **train_defaults), annotation=TrainArgs),
+        P("train", P.KEYWORD_ONLY, default=replace(TrainArgs(), **definition.train_defaults), annotation=TrainArgs),
         P("eval", P.KEYWORD_ONLY, default=EvalArgs(), annotation=EvalArgs),
         P("fabric", P.KEYWORD_ONLY, default=FabricArgs(), annotation=FabricArgs),
         P("logger", P.KEYWORD_ONLY, default=LoggerArgs(), annotation=LoggerArgs),
@@ -71,7 +73,7 @@ def make_finetune_command(
     doc = _COMMON_DOC
     if settings_name:
         doc = doc.replace("        attention:", f"        {settings_name}: The method's hyper-parameters.\n        attention:")
-    setup.__doc__ = summary.strip() + "\n" + doc
+    setup.__doc__ = definition.summary.strip() + "\n" + doc
     setup.__name__ = f"finetune_{method}"
     return setup
 

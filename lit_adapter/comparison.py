@@ -31,9 +31,9 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from lit_adapter.errors import UserError, looks_like_out_of_memory
+from lit_adapter.methods import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("adapter", "adapter_v2", "lora", "full")
 COLUMNS = ("method", "context", "status", "trainable_params", "avg_train_loss", "initial_val_loss", "val_loss",
            "train_time_s", "tokens_per_s", "peak_memory_gb", "peak_memory_kind", "steps")
 
@@ -81,8 +81,8 @@ def load_grid(path: Path, overrides: Optional[Dict[str, Any]] = None) -> Grid:
     for i, run in enumerate(raw["runs"]):
         if not isinstance(run, dict) or "name" not in run or "script" not in run:
             raise UserError(f"{path}: runs[{i}] needs a name and a script")
-        if run["script"] not in SCRIPTS:
-            raise UserError(f"{path}: runs[{i}].script={run['script']!r}; choose one of {', '.join(SCRIPTS)}")
+        if run["script"] not in METHODS:  # every registered method has its finetune/<method>.py
+            raise UserError(f"{path}: runs[{i}].script={run['script']!r}; choose one of {', '.join(METHODS)}")
         runs.append(GridRun(run["name"], run["script"], run.get("args") or {}))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):

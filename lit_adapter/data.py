@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from torch.utils.data import Dataset
 
 from lit_adapter.errors import UserError
 from lit_adapter.prompts import TEMPLATE_NAME, InstructionRecord, generate_prompt
+from lit_adapter.synthetic import SYNTHETIC_DEFAULT_SIZE, synthetic_instructions
 from lit_adapter.tokenizer import Tokenizer
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
 
 IGNORE_INDEX = -100
 SYNTHETIC = "synthetic"
-SYNTHETIC_DEFAULT_SIZE = 5000
 FORMAT_VERSION = 1
 SPLIT_FILES = ("train.pt", "val.pt")
 METADATA_FILE = "metadata.json"
@@ -254,77 +253,6 @@ def _to_record(obj: Any, schema: str) -> InstructionRecord:
             raise _InvalidRecord(f"field {key!r} is empty")
         values.append(value)
     return InstructionRecord(*values)
-
-
-# ------------------------------------------------------------------------------------------------------- synthetic
-
-_WORDS = (
-    "apple", "river", "garden", "pencil", "window", "rocket", "candle", "forest", "yellow", "planet", "silver",
-    "button", "castle", "dragon", "engine", "flower", "guitar", "harbor", "island", "jacket", "kitten", "ladder",
-    "marble", "needle", "orange", "pepper", "rabbit", "saddle", "tomato", "violin", "wallet", "zipper", "bridge",
-    "cloud", "stone", "tiger", "lemon", "bread", "chair", "music", "ocean", "piano", "queen", "robot", "sugar",
-    "train", "water", "house", "light", "green",
-)
-
-
-def _reverse(rng: random.Random) -> InstructionRecord:
-    word = rng.choice(_WORDS)
-    return InstructionRecord(f"Reverse the word {word}.", "", word[::-1])
-
-
-def _add(rng: random.Random) -> InstructionRecord:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return InstructionRecord(f"Add {a} and {b}.", "", str(a + b))
-
-
-def _repeat(rng: random.Random) -> InstructionRecord:
-    word = rng.choice(_WORDS)
-    return InstructionRecord(f"Repeat the word {word} three times.", "", " ".join([word] * 3))
-
-
-def _capital(rng: random.Random) -> InstructionRecord:
-    letter = chr(ord("a") + rng.randrange(26))
-    return InstructionRecord(f"What is the capital letter of {letter}?", "", letter.upper())
-
-
-def _uppercase(rng: random.Random) -> InstructionRecord:
-    word = rng.choice(_WORDS)
-    return InstructionRecord("Write the input word in capital letters.", word, word.upper())
-
-
-def _sort(rng: random.Random) -> InstructionRecord:
-    numbers = [rng.randint(0, 99) for _ in range(rng.randint(3, 5))]
-    return InstructionRecord(
-        "Sort the numbers in ascending order.", ", ".join(map(str, numbers)), ", ".join(map(str, sorted(numbers)))
-    )
-
-
-def _count(rng: random.Random) -> InstructionRecord:
-    word = rng.choice(_WORDS)
-    return InstructionRecord("How many letters does the input word have?", word, str(len(word)))
-
-
-def _parity(rng: random.Random) -> InstructionRecord:
-    n = rng.randint(0, 999)
-    return InstructionRecord(f"Is {n} even or odd?", "", "even" if n % 2 == 0 else "odd")
-
-
-def _first_letter(rng: random.Random) -> InstructionRecord:
-    word = rng.choice(_WORDS)
-    return InstructionRecord("What is the first letter of the input word?", word, word[0])
-
-
-_SYNTHETIC_TASKS = (_reverse, _add, _repeat, _capital, _uppercase, _sort, _count, _parity, _first_letter)
-
-
-def synthetic_instructions(n: int = SYNTHETIC_DEFAULT_SIZE, seed: int = 0) -> List[InstructionRecord]:
-    """``n`` programmatically generated instruction records of simple, learnable tasks (reverse a word, add two
-    numbers, sort numbers, ...), some with an input; the built-in dataset of the quickstart. Deterministic in
-    ``seed``."""
-    if n < 1:
-        raise UserError(f"the number of synthetic records must be at least 1, got {n}")
-    rng = random.Random(seed)
-    return [rng.choice(_SYNTHETIC_TASKS)(rng) for _ in range(n)]
 
 
 # ------------------------------------------------------------------------------------------------------- splitting
@@ -602,6 +530,17 @@ def _check_examples(path: Path, examples: Any) -> None:
 
 
 # -------------------------------------------------------------------------------------------------------- batching
+
+
+def truncate_examples(examples: List[Example], max_len: int) -> Tuple[List[Example], int]:
+    """``examples`` cut to ``max_len`` tokens (input ids and labels alike), and how many were cut."""
+    cut, out = 0, []
+    for ex in examples:
+        if len(ex["input_ids"]) > max_len:
+            cut += 1
+            ex = {"input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]}
+        out.append(ex)
+    return out, cut
 
 
 class InstructionDataset(Dataset):

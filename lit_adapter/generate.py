@@ -98,7 +98,7 @@ def run_generation(
 
     from lit_adapter.methods import load_finetuned
     from lit_adapter.tokenizer import Tokenizer
-    from lit_adapter.training import peak_memory_gb, weights_dtype
+    from lit_adapter.runtime import peak_memory_gb, weights_dtype
 
     if (prompt is None) == (instruction is None):
         raise UserError("pass exactly one of --prompt (raw text) or --instruction (uses the instruction template)")

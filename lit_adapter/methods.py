@@ -1,11 +1,14 @@
-"""What each fine-tuning method builds, trains and saves — the only place the training loop asks about methods.
+"""The method registry and what every method's life shares: build, load, train-filter, save and reload.
 
-A run is described by a :class:`MethodSpec`: the method (``adapter``, ``adapter_v2``, ``lora`` or ``full``), its
-hyper-parameters, the attention pattern and the quantization of the frozen base. From it come the model
-(:func:`prepare_model`: built on the meta device, base weights loaded, PEFT tensors initialised, attention
-applied, base quantized, trainable tensors marked), the filter of what trains and is saved
-(:func:`trainable_filter`), and the small ``final/`` folder of a finished run (:func:`save_adapter`,
-:func:`load_finetuned`).
+Methods are looked up by name in :data:`REGISTRY`; each is a :class:`~lit_adapter.tuners.base.Method` declared in
+its own module under ``lit_adapter/tuners/``. Nothing here (or anywhere else) branches on a method's name: adding a
+method means writing its module, its test and its line below.
+
+A run is described by a :class:`MethodSpec`: the method, its hyper-parameters, the attention pattern and the
+quantization of the frozen base. From it come the model (:func:`prepare_model`: built on the meta device, base
+weights loaded, the method's new tensors initialised, attention applied, base quantized, trainable tensors
+marked), the filter of what trains and is saved (:func:`trainable_filter`), and the small ``final/`` folder of a
+finished run (:func:`save_adapter`, :func:`load_finetuned`).
 """
 
 from __future__ import annotations
@@ -20,25 +23,31 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.attention import AttentionConfig, apply_attention
+from lit_adapter.checkpoint import atomic_write, find_weights, load_state_dict, load_weights_into, save_state_dict
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, num_parameters
+from lit_adapter.quantize import QUANTIZE_MODES, quantize_linears
+from lit_adapter.tuners import adapter, adapter_v2, full, lora
+from lit_adapter.tuners.base import Method
 
-METHODS = ("adapter", "adapter_v2", "lora", "full")
+REGISTRY: Dict[str, Method] = {m.name: m for m in (
+    adapter.METHOD,
+    adapter_v2.METHOD,
+    lora.METHOD,
+    full.METHOD,
+)}
+METHODS = tuple(REGISTRY)
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+INIT_HOOK = "reset_peft_parameters"
+"""The method modules' initialiser of the tensors they add (called once they leave the meta device)."""
 
 
-def _settings_class(method: str):
-    if method in ("adapter", "adapter_v2"):  # v2 adds no hyper-parameters of its own
-        from lit_adapter.adapter import AdapterConfig
-
-        return AdapterConfig
-    if method == "lora":
-        from lit_adapter.lora import LoRAConfig
-
-        return LoRAConfig
-    return None
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return REGISTRY[name]
 
 
 @dataclass
@@ -49,28 +58,25 @@ class MethodSpec:
     quantize: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        cls = _settings_class(self.method)
-        if self.settings is None and cls is not None:
-            self.settings = cls()
+        definition = self.definition  # an unknown name fails here
+        if self.settings is None:
+            self.settings = definition.default_settings()
         if isinstance(self.settings, dict):
-            self.settings = cls(**self.settings)
+            self.settings = definition.settings_cls(**self.settings)
         if isinstance(self.attention, dict):
             self.attention = AttentionConfig(**self.attention)
 
-    def validate(self, config: Config) -> None:
-        from lit_adapter.quantize import QUANTIZE_MODES
+    @property
+    def definition(self) -> Method:
+        return get_method(self.method)
 
+    def validate(self, config: Config) -> None:
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise UserError(f"unknown quantize mode {self.quantize!r}; choose one of {', '.join(QUANTIZE_MODES)}")
-        if self.method == "full" and self.quantize is not None:
-            raise UserError("full fine-tuning cannot train a quantized base; use lora with --quantize (QLoRA)")
-        if self.method in ("adapter", "adapter_v2") and self.settings.start_layer >= config.n_layer:
-            raise UserError(
-                f"adapter.start_layer={self.settings.start_layer} leaves no adapted layer in a "
-                f"{config.n_layer}-layer model"
-            )
+        if self.quantize is not None and not self.definition.trains_quantized_base:
+            raise UserError(f"{self.method} trains the base weights, which cannot be quantized; "
+                            "use lora with --quantize (QLoRA)")
+        self.definition.validate(self.settings, config)
 
     def describe(self) -> str:
         name = self.method
@@ -99,37 +105,12 @@ def resolve_config(checkpoint_dir: Optional[Path], model_name: Optional[str]) ->
 
 def trainable_filter(spec: MethodSpec) -> Callable[[str, Any], bool]:
     """``filter(name, param)``: which tensors train, and so which are checkpointed."""
-    if spec.method == "adapter":
-        from lit_adapter.adapter import adapter_filter
-
-        return adapter_filter
-    if spec.method == "adapter_v2":
-        from lit_adapter.adapter_v2 import adapter_v2_filter
-
-        return adapter_v2_filter
-    if spec.method == "lora":
-        from lit_adapter.lora import lora_filter
-
-        return lora_filter
-    return lambda name, param: True
+    return spec.definition.trainable
 
 
 def build_model(spec: MethodSpec, config: Config) -> GPT:
     """The model of ``spec`` on the current default device (use ``torch.device("meta")`` to allocate nothing)."""
-    if spec.method == "adapter":
-        from lit_adapter import adapter
-
-        model = adapter.GPT(config, spec.settings)
-    elif spec.method == "adapter_v2":
-        from lit_adapter import adapter_v2
-
-        model = adapter_v2.GPT(config, spec.settings)
-    else:
-        model = GPT(config)
-        if spec.method == "lora":
-            from lit_adapter.lora import add_lora
-
-            add_lora(model, spec.settings)
+    model = spec.definition.build(config, spec.settings)
     apply_attention(model, spec.attention)
     return model
 
@@ -180,29 +161,24 @@ def _materialize_new_parameters(model: nn.Module, device: torch.device) -> None:
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         if any(t.is_meta for _, t in own):
             module.to_empty(device=device, recurse=False)
-            for hook in ("reset_adapter_parameters", "reset_lora_parameters", "reset_parameters"):
+            for hook in (INIT_HOOK, "reset_parameters"):  # a method's own modules, or plain torch layers
                 if hasattr(module, hook):
                     getattr(module, hook)()
                     break
             else:
-                raise RuntimeError(f"{type(module).__name__} has uninitialised tensors and no reset method")
+                raise RuntimeError(f"{type(module).__name__} has uninitialised tensors and no {INIT_HOOK} method")
 
 
 def prepare_model(
     spec: MethodSpec, config: Config, checkpoint_dir: Path, device: torch.device, dtype: torch.dtype
 ) -> GPT:
     """Builds ``spec``'s model with the base weights of ``checkpoint_dir``, ready to train or evaluate."""
-    from lit_adapter.checkpoint import find_weights, load_state_dict, load_weights_into
-    from lit_adapter.quantize import quantize_linears
-
     with torch.device("meta"):
         model = build_model(spec, config)
-    keep = trainable_filter(spec)
     state_dict = load_state_dict(find_weights(checkpoint_dir))
     model_keys = set(model.state_dict())
     state_dict = _match_base_names(state_dict, model_keys, config)
-    allow_missing = (lambda name: False) if spec.method == "full" else (lambda name: bool(keep(name, None)))
-    load_weights_into(model, state_dict, allow_missing=allow_missing, source=str(checkpoint_dir))
+    load_weights_into(model, state_dict, allow_missing=spec.definition.is_added, source=str(checkpoint_dir))
     _materialize_new_parameters(model, torch.device("cpu"))
     model = model.to(dtype=dtype)
     # Quantize layer by layer on the way to the device, so the full-precision base never sits on the GPU at once.
@@ -223,17 +199,17 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
     """Writes the trained tensors and what is needed to rebuild the model around them into ``out_dir``.
 
     PEFT methods write ``adapter.safetensors`` (only the trainable tensors: kilobytes to megabytes) and
-    ``adapter_config.json``; full fine-tuning writes a complete checkpoint folder (weights, config, tokenizer).
+    ``adapter_config.json``; a method whose ``final_is_checkpoint`` (full fine-tuning) writes a complete checkpoint
+    folder (weights, config, tokenizer) beside it.
     """
     from safetensors.torch import save_file
-
-    from lit_adapter.checkpoint import atomic_write, save_state_dict
 
     model = unwrap(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = trainable_filter(spec)
-    if spec.method == "full":
+    whole = spec.definition.final_is_checkpoint
+    if whole:
         tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_state_dict(tensors, out_dir / "lit_model.safetensors")
         config.save(out_dir / "model_config.json")
@@ -242,7 +218,7 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if keep(n, p)}
         atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     meta = {**spec.to_dict(), "base_checkpoint_dir": str(checkpoint_dir), "base_config": asdict(config),
-            "trainable_params": sum(t.numel() for t in tensors.values()) if spec.method != "full" else None}
+            "trainable_params": None if whole else sum(t.numel() for t in tensors.values())}
     atomic_write(out_dir / ADAPTER_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return out_dir
 
@@ -252,7 +228,7 @@ def read_spec(adapter_dir: Path) -> Tuple[MethodSpec, Dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{adapter_dir} is not a fine-tuned output: {ADAPTER_CONFIG_FILE} is missing")
     meta = json.loads(path.read_text())
-    settings_cls = _settings_class(meta["method"])
+    settings_cls = get_method(meta["method"]).settings_cls
     settings = None
     if settings_cls is not None:
         known = {f.name for f in fields(settings_cls)}
@@ -277,7 +253,7 @@ def load_finetuned(
         return config, prepare_model(spec, config, checkpoint_dir, device, dtype).eval(), spec
     spec, _ = read_spec(adapter_dir)
     spec.quantize = quantize
-    if spec.method == "full":
+    if spec.definition.final_is_checkpoint:
         config = Config.from_checkpoint_dir(adapter_dir)
         return config, prepare_model(spec, config, adapter_dir, device, dtype).eval(), spec
     config = Config.from_checkpoint_dir(checkpoint_dir)
@@ -287,10 +263,7 @@ def load_finetuned(
     if not path.is_file():
         raise UserError(f"adapter weights not found: {path}")
     load_trained_tensors(model, load_file(str(path)), spec, source=str(path))
-    if spec.method == "lora":
-        from lit_adapter.lora import merge_lora
-
-        merge_lora(model, strict=False)  # folded into the weights for inference (not possible on quantized bases)
+    spec.definition.prepare_for_inference(model)
     return config, model.eval(), spec
 
 

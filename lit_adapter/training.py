@@ -11,11 +11,9 @@ Warmup, evaluation, logging and checkpoint intervals are all in steps. The data 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -24,13 +22,16 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lit_adapter import methods
-from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared
+from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared, truncate_examples
 from lit_adapter.errors import UserError
+from lit_adapter.losses import forward_loss
+from lit_adapter.memory import ESTIMATED_PATTERNS, estimate_memory, format_estimate
 from lit_adapter.methods import MethodSpec
+from lit_adapter.optim import build_optimizer
+from lit_adapter.runtime import default_precision, peak_memory_gb, weights_dtype
 
 CHECKPOINT_NAME = "last.ckpt"
 
@@ -168,96 +169,6 @@ def lr_at(step: int, total_steps: int, train: TrainArgs) -> float:
     return train.min_learning_rate + (train.learning_rate - train.min_learning_rate) * cosine
 
 
-class _CrossEntropy(torch.autograd.Function):
-    """``F.cross_entropy(rows.float(), targets, ignore_index=...)`` whose backward reuses the saved log-probabilities.
-
-    PyTorch's own pair (``log_softmax`` then ``nll_loss``) saves the float32 log-probabilities and, in the backward,
-    allocates a zero-filled ``(N, V)`` gradient for ``nll_loss`` and another for ``log_softmax``. Here the saved
-    buffer itself becomes the gradient: ``exp`` turns it into the softmax, one is subtracted at each target and each
-    row is scaled by ``grad / count`` (zero for ignored rows; ``mean=False`` sums). Same value and gradient, two fewer float32
-    ``(N, V)`` matrices at the peak and three fewer passes over them (docs/throughput.md). Because the buffer is
-    consumed, the graph can be backpropagated once (a second pass raises autograd's in-place error).
-    """
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, targets: torch.Tensor, ignore_index: int, mean: bool = True) -> torch.Tensor:
-        log_probs = torch.log_softmax(rows, dim=-1, dtype=torch.promote_types(rows.dtype, torch.float32))  # (N, V)
-        valid = targets != ignore_index  # (N,)
-        safe = targets.masked_fill(~valid, 0)
-        count = valid.sum()
-        picked = log_probs.gather(1, safe[:, None]).squeeze(1)  # (N,)
-        divisor = count.clamp(min=1) if mean else torch.ones_like(count)
-        ctx.save_for_backward(log_probs, safe, valid, divisor)
-        ctx.rows_dtype = rows.dtype
-        return -(picked * valid).sum() / divisor
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):
-        log_probs, safe, valid, divisor = ctx.saved_tensors
-        grad = log_probs.exp_()  # softmax, in the saved buffer
-        grad.scatter_add_(1, safe[:, None], grad.new_full((grad.shape[0], 1), -1.0))
-        grad.mul_((valid * (grad_output / divisor))[:, None])
-        return grad.to(ctx.rows_dtype), None, None, None
-
-
-def next_token_targets(labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
-    """The (B, T) targets aligned with the logits (position t predicts token t + 1) and how many are not ignored.
-
-    The labels are shifted, not the logits: ``logits[:, :-1]`` cannot be viewed as rows when B > 1, so slicing the
-    logits would copy them and its backward would zero-fill another (B, T, V) gradient (see docs/throughput.md).
-    The last position gets ``ignore_index``, so a mean runs over exactly the same targets. Every loss kind uses it.
-    """
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T)
-    return targets, int((targets != ignore_index).sum())
-
-
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over the unmasked targets, and how many targets there were.
-
-    The targets come from :func:`next_token_targets`; the cross-entropy is computed in float32 (at least) by
-    :class:`_CrossEntropy`, equal to ``F.cross_entropy(rows.float(), ...)``.
-    """
-    targets, count = next_token_targets(labels, ignore_index)
-    if count == 0:
-        return logits.sum() * 0.0, 0
-    rows = logits.reshape(-1, logits.size(-1))  # (B*T, V), a view
-    return _CrossEntropy.apply(rows, targets.reshape(-1), ignore_index), count
-
-
-def forward_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss: str = "cross_entropy",
-                 autocast=contextlib.nullcontext) -> Tuple[torch.Tensor, int]:
-    """The model's forward and the loss of kind ``loss`` (``TrainArgs.loss``): (mean loss, target count).
-
-    The logits are not returned: nothing saved for the backward needs them, so they are freed here rather than
-    held through the backward and the optimizer step (a (B, T, V) tensor less at the peak). ``chunked_head``
-    calls the head outside ``model.forward``; ``autocast`` (Fabric's) gives it the forward's precision context.
-    """
-    from lit_adapter.memory import LOSSES, chunked_head_loss_fn, chunked_loss_fn
-
-    if loss not in LOSSES:  # before the forward, not after it
-        raise UserError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if loss == "chunked_head":
-        hidden = model(input_ids, return_hidden=True)  # (B, T, n_embd)
-        with autocast():
-            return chunked_head_loss_fn(hidden, labels, head=model.output_logits)
-    logits = model(input_ids)  # (B, T, vocab_size)
-    return (chunked_loss_fn if loss == "chunked" else loss_fn)(logits, labels)
-
-
-def build_optimizer(params, train: TrainArgs) -> torch.optim.Optimizer:
-    """AdamW with the run's settings: torch's, or bitsandbytes' 8-bit (optionally paged) implementation."""
-    kwargs = dict(lr=train.learning_rate, weight_decay=train.weight_decay, betas=(train.beta1, train.beta2))
-    if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb
-
-    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}.get(train.optimizer)
-    if cls is None:
-        raise UserError(f"unknown train.optimizer {train.optimizer!r}; choose adamw, adamw8bit or paged_adamw8bit")
-    return cls(params, **kwargs)
-
-
 class StepBatchSampler:
     """Yields index lists of micro-batches, starting at a given optimizer step.
 
@@ -286,13 +197,6 @@ class StepBatchSampler:
                     g = torch.Generator().manual_seed(self.seed + epoch)
                     perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
                 yield perm[within * self.mbs : (within + 1) * self.mbs]
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """CUDA allocator peak on GPUs; peak resident set size of the process on CPU (includes everything)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 class _StopRequest:
@@ -357,16 +261,6 @@ class RunResult:
     out_dir: str = ""
     train_losses: List[Tuple[int, float]] = field(default_factory=list)
     val_losses: List[Tuple[int, float]] = field(default_factory=list)
-
-
-def default_precision(accelerator: str) -> str:
-    if accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-true"
-    return "32-true"
-
-
-def weights_dtype(precision: str) -> torch.dtype:
-    return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
 
 
 def build_logger(args: LoggerArgs, out_dir: Path):
@@ -445,8 +339,6 @@ def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainAr
     Mixed precisions are estimated as their ``-true`` counterpart (the weights' dtype), which under-counts the
     float32 master weights of ``*-mixed`` runs; that is said in the output.
     """
-    from lit_adapter.memory import ESTIMATED_PATTERNS, estimate_memory, format_estimate
-
     if spec.attention.pattern not in ESTIMATED_PATTERNS:
         print(f"peak memory estimate: not available for {spec.attention.pattern} attention (the estimator models "
               f"{', '.join(ESTIMATED_PATTERNS)}; scripts/memory_sweep.py measures any pattern)")
@@ -469,8 +361,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     fabric.seed_everything(train.seed)
     train_examples, val_examples, metadata = load_prepared(data.data_dir)
     max_seq_length = context_length(data, config)
-    train_examples, cut_train = _truncate(train_examples, max_seq_length)
-    val_examples, cut_val = _truncate(val_examples, max_seq_length)
+    train_examples, cut_train = truncate_examples(train_examples, max_seq_length)
+    val_examples, cut_val = truncate_examples(val_examples, max_seq_length)
     if cut_train or cut_val:
         fabric.print(f"truncated {cut_train} training and {cut_val} validation examples to {max_seq_length} tokens")
     needed = train.global_batch_size
@@ -491,7 +383,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     fabric.print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.4f}%)")
     fabric.print(f"model ready in {time.perf_counter() - t0:.2f}s ({spec.describe()})")
 
-    optimizer = build_optimizer(trainable, train)
+    optimizer = build_optimizer(trainable, train.optimizer, lr=train.learning_rate, weight_decay=train.weight_decay,
+                                betas=(train.beta1, train.beta2))
     model, optimizer = fabric.setup(model, optimizer)
     steps_per_epoch = len(train_examples) // train.global_batch_size
     total_steps = train.max_steps if train.max_steps is not None else train.epochs * steps_per_epoch
@@ -602,16 +495,6 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         fabric.print(f"stopped at step {state['step']}; resume with the same command and --resume true")
         raise SystemExit(130)
     return result
-
-
-def _truncate(examples: List[Dict[str, torch.Tensor]], max_len: int) -> Tuple[List[Dict[str, torch.Tensor]], int]:
-    cut, out = 0, []
-    for ex in examples:
-        if len(ex["input_ids"]) > max_len:
-            cut += 1
-            ex = {"input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]}
-        out.append(ex)
-    return out, cut
 
 
 @torch.no_grad()

@@ -61,6 +61,7 @@ def build_cells(model_name: Optional[str], config_overrides: Dict[str, Any], met
                 checkpointing: List[bool], optimizer: str, sparse_pattern: str, device: str, steps: int,
                 timed_steps: int, threads: Optional[int], sdpa: str, losses: List[str]) -> List[Any]:
     from lit_adapter.memory import LOSSES, Cell, precision_dtype
+    from lit_adapter.methods import get_method
 
     for label in methods:
         if label not in METHOD_LABELS:
@@ -74,7 +75,7 @@ def build_cells(model_name: Optional[str], config_overrides: Dict[str, Any], met
     for label in methods:
         method, _, sparse = label.partition("+")
         for q in quantize:
-            if method == "full" and q is not None:
+            if q is not None and not get_method(method).trains_quantized_base:
                 continue  # full fine-tuning cannot train a quantized base
             for precision in precisions:
                 for ckpt, loss in itertools.product(checkpointing, losses):

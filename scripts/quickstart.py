@@ -11,6 +11,8 @@ from typing import Literal
 from lit_adapter.errors import UserError, run_cli
 
 DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# tuned for this 60-step demo on a 260K-parameter model (the finetune commands keep their own defaults)
+DEMO_LEARNING_RATES = {"adapter": 2e-2, "adapter_v2": 2e-2, "lora": 3e-3}
 
 
 def main(
@@ -78,7 +80,7 @@ def main(
         out_dir=run_dir,
         data=DataArgs(data_dir=data_dir),
         train=TrainArgs(global_batch_size=16, micro_batch_size=8, max_steps=max_steps, warmup_steps=5,
-                        learning_rate=2e-2 if method != "lora" else 3e-3, seed=seed, log_interval=5),
+                        learning_rate=DEMO_LEARNING_RATES[method], seed=seed, log_interval=5),
         eval=EvalArgs(interval=max_steps, max_batches=10),
         fabric_args=FabricArgs(accelerator="cpu", precision="32-true"),
         logger=LoggerArgs(),

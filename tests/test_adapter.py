@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from lit_adapter import adapter
-from lit_adapter.adapter import AdapterConfig
+from lit_adapter.tuners import adapter
+from lit_adapter.tuners.adapter import AdapterConfig
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, num_parameters

@@ -6,9 +6,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_adapter import adapter_v2
-from lit_adapter.adapter import AdapterConfig
-from lit_adapter.adapter_v2 import AdapterV2Linear
+from lit_adapter.tuners import adapter_v2
+from lit_adapter.tuners.adapter import AdapterConfig
+from lit_adapter.tuners.adapter_v2 import AdapterV2Linear
 from lit_adapter.config import Config
 from lit_adapter.convert import lit_to_hf_name
 from lit_adapter.errors import UserError

@@ -276,7 +276,7 @@ def _compare_generations_module():
 
 
 def test_compare_generations_table(stories260k, tmp_path):
-    from lit_adapter.adapter import AdapterConfig
+    from lit_adapter.tuners.adapter import AdapterConfig
     from lit_adapter.config import Config
     from lit_adapter.data import InstructionRecord
     from lit_adapter.generate import generate

@@ -86,7 +86,7 @@ def test_generate_base_command(stories, extra):
 
 
 def test_adapter_that_does_not_fit_the_base_is_a_clear_error(tmp_path, stories):
-    from lit_adapter.adapter import AdapterConfig
+    from lit_adapter.tuners.adapter import AdapterConfig
     from lit_adapter.methods import MethodSpec, build_model, load_finetuned, save_adapter
 
     checkpoint_dir, _, _ = stories

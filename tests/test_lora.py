@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lit_adapter.config import Config
 from lit_adapter.convert import hf_to_lit_state_dict, lit_to_hf_name, lit_to_hf_state_dict
 from lit_adapter.errors import UserError
-from lit_adapter.lora import (
+from lit_adapter.tuners.lora import (
     LoRAConfig,
     LoRALinear,
     add_lora,

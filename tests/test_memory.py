@@ -16,8 +16,6 @@ from lit_adapter.errors import UserError
 from lit_adapter.memory import (
     Cell,
     build_random_model,
-    chunked_cross_entropy,
-    chunked_loss_fn,
     estimate_memory,
     measure_in_subprocess,
     measure_saved_activations,
@@ -27,7 +25,7 @@ from lit_adapter.memory import (
     saved_activations,
 )
 from lit_adapter.methods import MethodSpec
-from lit_adapter.training import loss_fn
+from lit_adapter.losses import chunked_cross_entropy, chunked_loss_fn, loss_fn
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(name="small", block_size=256, vocab_size=1000, n_layer=3, n_head=4, n_embd=64, intermediate_size=192)

@@ -230,8 +230,8 @@ def test_pretrained_stories260k_knows_tinystories(stories260k, shared_data):
 
 def _save_finetuned(method, checkpoint_dir, out_dir):
     """A fine-tuned output folder whose trained tensors are random (so it differs from the base)."""
-    from lit_adapter.adapter import AdapterConfig
-    from lit_adapter.lora import LoRAConfig
+    from lit_adapter.tuners.adapter import AdapterConfig
+    from lit_adapter.tuners.lora import LoRAConfig
     from lit_adapter.methods import MethodSpec, prepare_model, save_adapter, trainable_filter
 
     settings = {"adapter": AdapterConfig(prompt_length=4, start_layer=2), "adapter_v2": AdapterConfig(4, 2),

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_adapter import training
-from lit_adapter.adapter import AdapterConfig
+from lit_adapter import losses, training
+from lit_adapter.tuners.adapter import AdapterConfig
 from lit_adapter.attention import AttentionConfig
 from lit_adapter.errors import UserError
-from lit_adapter.lora import LoRAConfig
+from lit_adapter.tuners.lora import LoRAConfig
 from lit_adapter.methods import MethodSpec
 from lit_adapter.training import (
     DataArgs, EvalArgs, FabricArgs, LoggerArgs, StepBatchSampler, TrainArgs, finetune, lr_at, validate_args,
@@ -197,7 +197,7 @@ def test_quantized_base_trains_on_cpu(tmp_path, stories_checkpoint, instruction_
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, stories_checkpoint,
                                                                           instruction_data, monkeypatch):
     calls = {"n": 0}
-    original = training.loss_fn
+    original = losses.loss_fn
 
     def poisoned(logits, labels, ignore_index=-100):
         loss, n = original(logits, labels, ignore_index)
@@ -207,7 +207,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
                 loss = loss * float("nan")
         return loss, n
 
-    monkeypatch.setattr(training, "loss_fn", poisoned)
+    monkeypatch.setattr(losses, "loss_fn", poisoned)
     with pytest.raises(training.LossNotFinite, match="step 5.*last good checkpoint"):
         run(tmp_path, stories_checkpoint, instruction_data, steps=8, save_interval=2)
     state = torch.load(tmp_path / training.CHECKPOINT_NAME, weights_only=True)

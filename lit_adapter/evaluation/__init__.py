@@ -56,7 +56,7 @@ def load_model(
     """``(config, model, tokenizer, spec, device)`` for evaluation: the base, plus the fine-tuned tensors if any."""
     from lit_adapter.methods import load_finetuned
     from lit_adapter.tokenizer import Tokenizer
-    from lit_adapter.training import weights_dtype
+    from lit_adapter.runtime import weights_dtype
 
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)

@@ -381,7 +381,7 @@ def run_perplexity(
 ) -> Dict:
     """Loads the model, evaluates every dataset, prints one line each and writes ``out_dir/perplexity.json``."""
     from lit_adapter.evaluation import describe_model, load_model, run_info, split_names, write_json
-    from lit_adapter.training import peak_memory_gb
+    from lit_adapter.runtime import peak_memory_gb
 
     names = split_names(datasets, "datasets")
     for name in names:

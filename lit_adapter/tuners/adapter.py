@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import lit_adapter.model as base
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
+from lit_adapter.tuners.base import Method, TrainedParts, has_name_part
 
 ADAPTER_NAMES = ("adapter_wte", "gating_factor")
 
@@ -104,7 +105,7 @@ class CausalSelfAttention(base.CausalSelfAttention):
         return self.expand_kv_groups(ak), self.expand_kv_groups(av)  # (1, nh, aT, hs)
 
     @torch.no_grad()
-    def reset_adapter_parameters(self, device=None, dtype=None) -> None:
+    def reset_peft_parameters(self, device=None, dtype=None) -> None:
         """(Re)initialises prompt and gate, first materializing them on ``device`` if they are on the meta device."""
         self._prompt_kv_cache = None
         if not self.has_prompt:
@@ -152,13 +153,13 @@ class GPT(base.GPT):
         if dtype is None:
             dtype = reference.dtype if reference.is_floating_point() else torch.float32
         for module in self.modules():
-            if module is not self and hasattr(module, "reset_adapter_parameters"):
-                module.reset_adapter_parameters(device=device, dtype=dtype)
+            if module is not self and hasattr(module, "reset_peft_parameters"):
+                module.reset_peft_parameters(device=device, dtype=dtype)
 
 
 def adapter_filter(name: str, param: Any = None) -> bool:
     """Whether the parameter or state-dict entry ``name`` belongs to LLaMA-Adapter (usable as Fabric's filter)."""
-    return any(part in ADAPTER_NAMES for part in name.split("."))
+    return has_name_part(name, ADAPTER_NAMES)
 
 
 def mark_only_adapter_as_trainable(model: nn.Module) -> None:
@@ -210,3 +211,26 @@ def load_adapter_state_dict(
         )
     assign = any(t.is_meta for t in expected.values())
     model.load_state_dict(dict(state_dict), strict=False, assign=assign)
+
+
+class Adapter(Method):
+    name = "adapter"
+    summary = ("Fine-tune a frozen LLaMA with LLaMA-Adapter v1 (Zhang et al. 2023): learnable prompts attended through a "
+               "zero-initialised gate in every layer from adapter.start_layer on. Only prompts and gates train.")
+    settings_cls = AdapterConfig
+    settings_group = "adapter"
+    train_defaults = {"learning_rate": 9e-3}
+    trained_names = ADAPTER_NAMES
+    added_names = ADAPTER_NAMES
+
+    def validate(self, settings: AdapterConfig, config: Config) -> None:
+        settings.validate(config)
+
+    def build(self, config: Config, settings: AdapterConfig) -> base.GPT:
+        return GPT(config, settings)  # the prompts enter through GPT.build_block and the attention hook
+
+    def memory_terms(self, settings: AdapterConfig) -> TrainedParts:
+        return TrainedParts(prompt_from_layer=settings.start_layer, prompt_length=settings.prompt_length)
+
+
+METHOD = Adapter()

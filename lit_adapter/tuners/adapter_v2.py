@@ -1,7 +1,7 @@
 """LLaMA-Adapter V2: Gao et al. 2023, "LLaMA-Adapter V2: Parameter-Efficient Visual Instruction Model",
 https://arxiv.org/abs/2304.15010. Semantics follow lit-llama's ``lit_llama/adapter_v2.py``.
 
-V2 keeps v1's gated adaption prompts (:mod:`lit_adapter.adapter`) and "unlocks" more of the frozen model with
+V2 keeps v1's gated adaption prompts (:mod:`lit_adapter.tuners.adapter`) and "unlocks" more of the frozen model with
 cheap per-channel parameters: every linear layer (q/k/v/o, the MLP's gate/up/down and the output head) gets a
 learnable bias (initialised to 0) and scale (initialised to 1) on its output, ``y = scale * (linear(x) + bias)``,
 and the RMSNorm weights (``norm_1``, ``norm_2``, ``ln_f``) train too. At initialisation the model is exactly the
@@ -19,9 +19,10 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from lit_adapter import adapter
-from lit_adapter.adapter import AdapterConfig, load_adapter_state_dict, mark_only_as_trainable, materialize
 from lit_adapter.config import Config
+from lit_adapter.tuners import adapter
+from lit_adapter.tuners.adapter import AdapterConfig, load_adapter_state_dict, mark_only_as_trainable, materialize
+from lit_adapter.tuners.base import TrainedParts, has_name_part
 
 # lit-llama trains "adapter_wte", "gating_factor", "adapter_bias", "adapter_scale", "rms_1", "rms_2", "ln_f";
 # our RMSNorms are named norm_1 / norm_2
@@ -74,7 +75,7 @@ class AdapterV2Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
-    def reset_adapter_parameters(self, device=None, dtype=None) -> None:
+    def reset_peft_parameters(self, device=None, dtype=None) -> None:
         self.adapter_bias = materialize(self.adapter_bias, device, dtype)
         self.adapter_scale = materialize(self.adapter_scale, device, dtype)
         nn.init.zeros_(self.adapter_bias)
@@ -110,7 +111,7 @@ class GPT(adapter.GPT):
 
 def adapter_v2_filter(name: str, param: Any = None) -> bool:
     """Whether ``name`` belongs to LLaMA-Adapter V2's trainable set (usable as Fabric's save filter)."""
-    return any(part in ADAPTER_V2_NAMES for part in name.split("."))
+    return has_name_part(name, ADAPTER_V2_NAMES)
 
 
 def mark_only_adapter_v2_as_trainable(model: nn.Module) -> None:
@@ -124,3 +125,21 @@ def adapter_v2_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def load_adapter_v2_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
     load_adapter_state_dict(model, state_dict, method_name="adapter v2", key_filter=adapter_v2_filter)
+
+
+class AdapterV2(adapter.Adapter):
+    name = "adapter_v2"
+    summary = ("Fine-tune a frozen LLaMA with LLaMA-Adapter v2 (Gao et al. 2023): v1's gated adaption prompts plus a "
+               "learnable bias and scale on every linear layer's output and trainable RMSNorm weights.")
+    trained_names = ADAPTER_V2_NAMES
+    added_names = adapter.ADAPTER_NAMES + ("adapter_bias", "adapter_scale")
+
+    def build(self, config: Config, settings: AdapterConfig) -> GPT:
+        return GPT(config, settings)
+
+    def memory_terms(self, settings: AdapterConfig) -> TrainedParts:
+        return TrainedParts(norms=True, v2_linears=True, prompt_from_layer=settings.start_layer,
+                            prompt_length=settings.prompt_length)
+
+
+METHOD = AdapterV2()

@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
+from lit_adapter.model import GPT
+from lit_adapter.tuners.base import Method, TrainedParts, has_name_part
 
 # Names of a LoRALinear's own children/parameters; any other key under its prefix belongs to the base layer.
 _OWN_NAMES = ("linear", "lora_A", "lora_B", "lora_dropout")
@@ -105,9 +107,9 @@ class LoRALinear(nn.Module):
         # Set by ``add_lora`` when the base weight is also another layer's (a tied output head): merging in place
         # would change that layer too.
         self.weight_is_shared = False
-        self.reset_lora_parameters()
+        self.reset_peft_parameters()
 
-    def reset_lora_parameters(self) -> None:
+    def reset_peft_parameters(self) -> None:
         """Initial values as in the paper and PEFT: A ~ Kaiming-uniform(a=sqrt(5)), B = 0 (so B A = 0).
 
         LoRA tensors left on the meta device (a model built on meta, base weights loaded with ``assign=True``)
@@ -249,13 +251,13 @@ def reset_lora_parameters(model: nn.Module) -> nn.Module:
     ``torch.device("meta")``, ``load_state_dict(base, strict=False, assign=True)``, then call this.
     """
     for layer in lora_layers(model).values():
-        layer.reset_lora_parameters()
+        layer.reset_peft_parameters()
     return model
 
 
 def lora_filter(name: str, param: Optional[torch.Tensor] = None) -> bool:
     """Whether the tensor ``name`` is LoRA's (trained and saved); ``param`` is accepted for the filter protocol."""
-    return "lora_" in name
+    return has_name_part(name, ("lora_A", "lora_B"))
 
 
 def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
@@ -315,3 +317,27 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
             value = value + layer.delta_weight()
         merged[f"{owner}.{rest}"] = value
     return merged
+
+
+class LoRA(Method):
+    name = "lora"
+    summary = ("Fine-tune a frozen LLaMA with LoRA (Hu et al. 2021): low-rank updates B @ A, scaled by alpha / r, on "
+               "the chosen projections. With --quantize bnb.nf4 this is QLoRA (Dettmers et al. 2023).")
+    settings_cls = LoRAConfig
+    settings_group = "lora"
+    train_defaults = {"learning_rate": 3e-4}
+    added_names = ("lora_A", "lora_B")
+    trained_names = added_names  # lora_filter
+
+    def attach(self, model: GPT, settings: LoRAConfig) -> None:
+        add_lora(model, settings)
+
+    def memory_terms(self, settings: LoRAConfig) -> TrainedParts:
+        return TrainedParts(lora_targets=tuple(settings.target_names()), lora_r=settings.r,
+                            lora_dropout=settings.dropout)
+
+    def prepare_for_inference(self, model: nn.Module) -> None:
+        merge_lora(model, strict=False)  # folded into the weights; a quantized or tied base stays unmerged
+
+
+METHOD = LoRA()

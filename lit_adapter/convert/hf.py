@@ -1,0 +1,101 @@
+"""HF ``transformers`` ``LlamaForCausalLM`` folders: ``config.json`` and safetensors or ``.bin`` weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.convert.common import PathLike, StateDict, _existing_dir, _read_json, hf_to_lit_name
+
+# ----------------------------------------------------------------------------------------------------------------------
+# HF transformers
+
+
+def config_from_hf(hf_config: Dict[str, Any], name: str = "") -> Config:
+    """Our :class:`Config` for an HF ``LlamaConfig`` dict (``config.json``); unsupported variants raise."""
+    model_type = hf_config.get("model_type", "llama")
+    if model_type != "llama":
+        raise UserError(f"only LLaMA checkpoints are supported, config.json has model_type={model_type!r}")
+    # transformers < 5 writes rope_theta (+ rope_scaling); transformers 5 writes rope_parameters
+    rope = dict(hf_config.get("rope_scaling") or {}, **(hf_config.get("rope_parameters") or {}))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_theta = hf_config.get("rope_theta", rope.get("rope_theta", 10000.0))
+    unsupported = {
+        "rope_scaling": rope_type != "default",
+        "attention_bias": bool(hf_config.get("attention_bias", False)),
+        "mlp_bias": bool(hf_config.get("mlp_bias", False)),
+        "hidden_act": hf_config.get("hidden_act", "silu") != "silu",
+    }
+    bad = [f"{k}={rope if k == 'rope_scaling' else hf_config.get(k)!r}" for k, v in unsupported.items() if v]
+    head_dim, n_head = hf_config.get("head_dim"), hf_config.get("num_attention_heads")
+    n_embd = hf_config.get("hidden_size")
+    if head_dim is not None and n_head and n_embd and head_dim * n_head != n_embd:
+        bad.append(f"head_dim={head_dim} != hidden_size / num_attention_heads = {n_embd} / {n_head}")
+    if bad:
+        raise UserError(f"config.json uses LLaMA features lit-adapter does not implement: {', '.join(bad)}")
+    try:
+        return Config(
+            name=name,
+            block_size=hf_config.get("max_position_embeddings", 2048),
+            vocab_size=hf_config["vocab_size"],
+            n_layer=hf_config["num_hidden_layers"],
+            n_head=hf_config["num_attention_heads"],
+            n_query_groups=hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"],
+            n_embd=hf_config["hidden_size"],
+            intermediate_size=hf_config["intermediate_size"],
+            rope_base=float(rope_theta),
+            norm_eps=hf_config.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
+        )
+    except KeyError as err:
+        raise UserError(f"config.json lacks the field {err.args[0]!r}") from None
+
+
+def _hf_weight_files(checkpoint_dir: Path) -> List[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index} has no weight_map")
+            files = [checkpoint_dir / f for f in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise UserError(f"{index} lists shards that are not in {checkpoint_dir}: {', '.join(missing[:5])}")
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (checkpoint_dir / single).is_file():
+            return [checkpoint_dir / single]
+    found = sorted(checkpoint_dir.glob("*.safetensors")) or sorted(checkpoint_dir.glob("pytorch_model*.bin"))
+    if found:
+        return found
+    raise UserError(
+        f"no HF weights in {checkpoint_dir}: expected model.safetensors, pytorch_model.bin or a sharded "
+        "*.index.json with its shards"
+    )
+
+
+def load_hf_checkpoint(checkpoint_dir: PathLike) -> Tuple[Config, StateDict]:
+    """``(config, state dict under our names)`` of an HF ``LlamaForCausalLM`` directory."""
+    from lit_adapter.checkpoint import load_state_dict
+
+    checkpoint_dir = _existing_dir(checkpoint_dir)
+    config_path = checkpoint_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{checkpoint_dir} has no config.json; is it an HF transformers model directory?")
+    config = config_from_hf(_read_json(config_path), name=checkpoint_dir.name)
+    state_dict: StateDict = {}
+    for path in _hf_weight_files(checkpoint_dir):
+        for name, tensor in load_state_dict(path).items():
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            try:
+                state_dict[hf_to_lit_name(name)] = tensor
+            except KeyError:
+                raise UserError(f"{path} holds a tensor that is not part of LlamaForCausalLM: {name}") from None
+    if config.tie_embeddings:
+        state_dict.pop("lm_head.weight", None)
+    return config, state_dict

@@ -1,0 +1,315 @@
+"""The analytic peak-memory estimate of one training step (:func:`estimate_memory`) and its printout.
+
+It adds up the weights by storage type, the trainable tensors' gradients and optimizer state, the activations
+autograd keeps (:mod:`lit_adapter.memory.saved`), the logits and the loss chain (walked allocation by allocation
+through :mod:`lit_adapter.losses`), and the short-lived working memory of each phase; the peak is the largest
+phase. See the package docstring for what is counted and ``tests/test_memory.py`` for how it is checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.losses import DEFAULT_CHUNK, LOSSES
+from lit_adapter.methods import build_model, mark_trainable
+from lit_adapter.memory.saved import (
+    GB,
+    OPTIMIZERS,
+    SDPA_BACKENDS,
+    _block_saved,
+    _dims,
+    _Dims,
+    _element_size,
+    _head_saved,
+    _head_saved_chunked,
+    precision_dtype,
+)
+
+
+def quantized_linear_bytes(in_features: int, out_features: int, mode: str) -> int:
+    """Bytes bitsandbytes keeps for one frozen ``(out, in)`` weight (as measured on its CPU and CUDA layers).
+
+    int8: the int8 matrix and one float32 scale per output row. NF4/FP4: two weights per byte and one float32
+    absmax per block of 64. NF4 with double quantization: the absmax values themselves in 8 bits, with one float32
+    scale per 256 of them and a 256-entry code book.
+    """
+    n = in_features * out_features
+    if mode == "bnb.int8":
+        return n + 4 * out_features
+    blocks = -(-n // 64)
+    if mode == "bnb.nf4-dq":
+        return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4 * 256 + 4 * 16 + 4
+    if mode in ("bnb.nf4", "bnb.fp4"):
+        return -(-n // 2) + 4 * blocks + 4 * 16
+    raise UserError(f"unknown quantize mode {mode!r}")
+
+
+def _meta_model(config: Config, spec) -> nn.Module:
+    with torch.device("meta"):
+        model = build_model(spec, config)
+    mark_trainable(model, spec)
+    return model
+
+
+def weight_bytes(model: nn.Module, dtype: torch.dtype, quantize: Optional[str]) -> Dict[str, int]:
+    """Bytes of ``model``'s tensors by storage kind, as ``methods.prepare_model`` leaves them.
+
+    Every floating-point tensor is cast to ``dtype``; with ``quantize`` the linears that
+    :func:`lit_adapter.quantize.quantize_linears` replaces are counted at their quantized size instead.
+    """
+    from lit_adapter.quantize import _default_skip
+
+    quantized_weights = set()
+    out: Dict[str, int] = {}
+    if quantize is not None:
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear and not _default_skip(name):
+                quantized_weights.add(id(module.weight))
+                key = quantize.replace("bnb.", "")
+                out[key] = out.get(key, 0) + quantized_linear_bytes(module.in_features, module.out_features, quantize)
+    seen = set()
+    dtype_name = str(dtype).replace("torch.", "")
+    for p in model.parameters():
+        if id(p) in seen or id(p) in quantized_weights:
+            continue
+        seen.add(id(p))
+        out[dtype_name] = out.get(dtype_name, 0) + p.numel() * _element_size(dtype)
+    return out
+
+
+def optimizer_state_bytes(trainable: List[nn.Parameter], dtype: torch.dtype, optimizer: str) -> int:
+    """AdamW's state for ``trainable`` (shapes only; meta tensors are fine)."""
+    if optimizer == "adamw":
+        # torch.optim.AdamW: exp_avg and exp_avg_sq like the parameter, plus a float32 step counter per tensor
+        return sum(2 * p.numel() * _element_size(dtype) + 4 for p in trainable)
+    if optimizer == "adamw8bit":
+        total = 0
+        for p in trainable:
+            n = p.numel()
+            if n >= 4096:  # bitsandbytes' min_8bit_size: smaller tensors keep 32-bit state
+                total += 2 * n + 2 * 4 * -(-n // 256) + 2 * 256 * 4
+            else:
+                total += 2 * 4 * n
+        return total
+    raise UserError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str, head_weight_trains: bool = False) -> int:
+    """Peak bytes of logits + loss from the head's forward to the gradient at the head's input.
+
+    Walks ``losses.forward_loss`` allocation by allocation. Nothing of it outlives the step's backward: the
+    training loop keeps only the loss, so the logits go as soon as nothing saved for the backward needs them.
+    """
+    B, T, V, d = dims.B, dims.T, dims.V, dims.d
+    N = B * T  # the labels are shifted, so every position is a row (the last one is ignored)
+    logits = N * V * d
+    alive, peak = 0, 0
+
+    def alloc(n: int) -> None:
+        nonlocal alive, peak
+        alive += n
+        peak = max(peak, alive)
+
+    if loss == "chunked_head":
+        # One chunk of c rows at a time under checkpointing, nothing saved across chunks. The forward (and its
+        # recomputation in the backward) holds the chunk's logits (v2: its pre-scale output too), their float32
+        # copy (bf16) and the float32 log-probabilities; the backward turns those into the gradient in place
+        # (``losses.CrossEntropy``), converts it to the logits' dtype, and v2's head then forms its scale's two
+        # products. The chunks' (c, C) input gradients pile up to (N, C) and are concatenated once at the end.
+        c = min(N, DEFAULT_CHUNK) * V
+        v2 = c * d if head_keeps_output else 0
+        forward = c * d + (c * 4 if d != 4 else 0) + c * 4 + v2
+        backward = max(forward, c * 4 + (c * d if d != 4 else 0) + v2, 4 * c * d if head_keeps_output else 0)
+        hidden_grads = N * dims.C * d
+        peak = max(forward, backward + hidden_grads, 2 * hidden_grads)
+        if head_weight_trains:  # full fine-tuning: the head's .grad (from the first chunk on), and each later
+            W = V * dims.C * d  # chunk's own weight gradient beside it while the chunk's logit gradient is alive
+            peak = max(peak, backward + hidden_grads + W, 2 * W + c * d + hidden_grads, 2 * hidden_grads + W)
+        return peak
+    alloc(logits)
+    if loss == "chunked":
+        # forward: a (chunk, V) float32 copy (unless float32) and logsumexp's buffer per chunk, keeping only the
+        # (B, T) log-sum-exp and the logits themselves (saved); backward: the (B, T, V) gradient written from one
+        # float32 (chunk, V) buffer, then the saved logits go
+        chunk = min(T, DEFAULT_CHUNK) * V * 4
+        alloc(B * T * 4)
+        alloc(chunk * (2 if d != 4 else 1))
+        alive -= chunk * (2 if d != 4 else 1)
+        alloc(logits)
+        alloc(chunk)
+        alive -= chunk
+        alive -= logits
+    else:
+        upcast = N * V * 4 if d != 4 else 0  # log_softmax(dtype=float32) converts first; float32 logits are used as is
+        alloc(upcast)
+        alloc(N * V * 4)  # the float32 log-probabilities (saved); the backward turns them into the gradient in place
+        alive -= upcast
+        alive -= logits  # nothing saved needs the logits: they go when forward_loss returns
+        if d != 4:
+            alloc(N * V * d)  # the gradient in the logits' dtype, then the float32 buffer goes
+            alive -= N * V * 4
+    if head_keeps_output:  # Adapter v2's head: grad * scale and grad * (linear + bias) (summed for the scale's
+        alloc(2 * logits)  # gradient) exist together with the logits' gradient
+    return peak
+
+
+def estimate_memory(
+    config: Config,
+    spec,
+    micro_batch_size: int,
+    seq_len: int,
+    dtype: Union[str, torch.dtype] = "32-true",
+    activation_checkpointing: bool = False,
+    quantize: Optional[str] = "spec",
+    optimizer: str = "adamw",
+    device_type: str = "cpu",
+    sdpa: str = "flash",
+    loss: str = "cross_entropy",
+    framework_overhead_bytes: int = 0,
+) -> Dict[str, Any]:
+    """Predicted peak live tensor bytes of one training step of ``spec`` on ``config``, with its breakdown.
+
+    ``dtype`` is a precision (``32-true``, ``bf16-true``, ``16-true``) or a torch dtype: the weights', activations'
+    and (as in the engine) the trainable tensors' dtype. ``quantize`` defaults to ``spec.quantize``. ``sdpa`` is the
+    attention backend: ``flash`` for the fused kernels (CPU flash, CUDA flash or memory-efficient; O(T) memory) or
+    ``math`` (O(T^2)). ``loss="chunked"`` estimates :func:`chunked_loss_fn` in place of ``losses.loss_fn``.
+    ``framework_overhead_bytes`` (the process's resident size after imports, CPU) is reported beside the peak,
+    not in it. Bytes are exact counts; ``*_gb`` values are in units of 1e9 bytes.
+    """
+    if quantize == "spec":
+        quantize = spec.quantize
+    for value, allowed, what in ((optimizer, OPTIMIZERS, "optimizer"), (sdpa, SDPA_BACKENDS, "sdpa"),
+                                 (loss, LOSSES, "loss"), (device_type, ("cpu", "cuda"), "device_type")):
+        if value not in allowed:
+            raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+    if micro_batch_size < 1 or seq_len < 2:
+        raise UserError("micro_batch_size must be >= 1 and seq_len >= 2")
+    dtype = precision_dtype(dtype)
+    dims = _dims(config, micro_batch_size, seq_len, dtype, device_type, quantize)
+    N, C, I, d = dims.N, dims.C, dims.I, dims.d
+    t = spec.definition.memory_terms(spec.settings)
+
+    model = _meta_model(config, spec)
+    weights = weight_bytes(model, dtype, quantize)
+    rope = 2 * config.block_size * config.head_size * 4
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in {id(p): p for p in trainable}.values())
+    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    grads = n_trainable * d
+    opt_state = optimizer_state_bytes(trainable, dtype, optimizer)
+    state = sum(weights.values()) + rope + opt_state
+
+    # what each block keeps, and what it needs while it is recomputed and differentiated
+    x_rg = t.embedding
+    kept, saved, layer_grads = [], [], []
+    for i in range(config.n_layer):
+        s, out_rg = _block_saved(dims, t, i, x_rg, spec.attention, sdpa)
+        saved.append(s)
+        # a checkpointed block keeps its input (the previous block's output) while any of its tensors needs a grad
+        ckpt_input = N * C * d if (x_rg or out_rg) else 0
+        kept.append(ckpt_input if activation_checkpointing else s.total)
+        x_rg = out_rg
+        block = model.transformer.h[i]
+        layer_grads.append(sum(p.numel() for p in block.parameters() if p.requires_grad) * d)
+    embedding_kept = N * 8 if t.embedding else 0
+    # under chunked_head the head's own saves are recomputed chunk by chunk; the hidden states stay
+    head = _head_saved_chunked(dims, t, x_rg) if loss == "chunked_head" else _head_saved(dims, t, x_rg)[0]
+    logits = N * dims.V * d if loss != "chunked_head" else min(N, DEFAULT_CHUNK) * dims.V * d
+    loss_peak = _loss_chain(dims, t.v2_linears, loss, head_weight_trains=t.base_linears)
+    head_grads = grads - sum(layer_grads)  # embedding, ln_f and lm_head (tied ones once)
+
+    # short-lived memory: RoPE's float32 temporaries (forward); a block's gradients of x, of the MLP product and
+    # of its two factors (backward); a dequantized weight while a quantized linear runs
+    dequant = max(I * C, C * C) * d if quantize else 0
+    forward_tmp = 3 * N * C * 4 + N * C * d + dequant
+    backward_tmp = 3 * N * I * d + dequant
+    if sdpa == "math":  # the (B, nh, T, T) scores and softmax in the forward; their gradients in the backward
+        forward_tmp += 2 * dims.B * dims.nh * dims.T * dims.T * 4
+        backward_tmp = max(backward_tmp, 2 * dims.B * dims.nh * dims.T * dims.T * 4)
+    if t.prompt_from_layer is not None:
+        backward_tmp += N * C * d  # the gated prompt output's gradient
+
+    phases: Dict[str, int] = {}
+    phases["forward"] = state + embedding_kept + sum(kept) + forward_tmp  # the last block's forward
+    phases["loss"] = state + embedding_kept + sum(kept) + head.total + loss_peak
+    backward_peak = 0
+    for i in reversed(range(config.n_layer)):
+        below = embedding_kept + sum(kept[:i])
+        grads_so_far = head_grads + sum(layer_grads[i:]) if t.base_linears else grads
+        if activation_checkpointing:
+            # in float32 RMSNorm's "copy" of the block input is the kept input itself
+            recomputed = saved[i].total - (saved[i].tensors.get("x", 0) if d == 4 else 0)
+            layer = kept[i] + recomputed + max(forward_tmp, backward_tmp)
+        else:
+            layer = saved[i].total + backward_tmp
+        # N * C * d: the gradient flowing down the residual stream
+        backward_peak = max(backward_peak, state + N * C * d + below + layer + grads_so_far)
+    phases["backward"] = backward_peak
+    largest = max((p.numel() for p in trainable), default=0)
+    adam_tmp = (2 * largest * d) if device_type == "cpu" else grads  # per-tensor (CPU) vs foreach (CUDA) temporaries
+    if optimizer == "adamw8bit":
+        adam_tmp = 0
+    phases["optimizer"] = state + grads + adam_tmp
+    phase = max(phases, key=phases.get)
+    peak = phases[phase]
+
+    per_layer = [s.total for s in saved]
+    estimate = {
+        "peak_bytes": peak,
+        "peak_gb": peak / GB,
+        "peak_phase": phase,
+        "phases_bytes": phases,
+        "weights_bytes": sum(weights.values()),
+        "weights_by_kind_bytes": weights,
+        "rope_cache_bytes": rope,
+        "total_params": n_total,
+        "trainable_params": n_trainable,
+        "grads_bytes": grads,
+        "optimizer_bytes": opt_state,
+        "activations_bytes": embedding_kept + sum(kept),
+        "activations_per_layer_bytes": max(per_layer) if per_layer else 0,
+        "activations_per_layer_checkpointed_bytes": N * C * d,
+        "head_saved_bytes": head.total,
+        "logits_bytes": logits,
+        "loss_peak_bytes": loss_peak,
+        "framework_overhead_bytes": framework_overhead_bytes,
+        "process_peak_bytes": peak + framework_overhead_bytes,
+        "settings": {
+            "model": config.name or "custom", "method": spec.describe(), "micro_batch_size": micro_batch_size,
+            "seq_len": seq_len, "dtype": str(dtype).replace("torch.", ""), "quantize": quantize,
+            "activation_checkpointing": activation_checkpointing, "optimizer": optimizer,
+            "device_type": device_type, "sdpa": sdpa, "loss": loss,
+        },
+    }
+    return estimate
+
+
+def format_estimate(est: Dict[str, Any]) -> str:
+    """A short, aligned breakdown of :func:`estimate_memory`'s result."""
+    gb = lambda n: f"{n / GB:9.3f} GB"  # noqa: E731
+    s = est["settings"]
+    lines = [
+        f"estimate for {s['model']} {s['method']}: micro batch {s['micro_batch_size']} x {s['seq_len']} tokens, "
+        f"{s['dtype']}, quantize={s['quantize']}, checkpointing={s['activation_checkpointing']}, "
+        f"{s['optimizer']}, sdpa={s['sdpa']}, loss={s['loss']}",
+        f"  weights            {gb(est['weights_bytes'])}  "
+        + ", ".join(f"{k}: {v / GB:.3f}" for k, v in est["weights_by_kind_bytes"].items()),
+        f"  trainable params   {est['trainable_params']:,} of {est['total_params']:,}",
+        f"  gradients          {gb(est['grads_bytes'])}",
+        f"  optimizer state    {gb(est['optimizer_bytes'])}",
+        f"  activations kept   {gb(est['activations_bytes'])}  (largest block without checkpointing "
+        f"{est['activations_per_layer_bytes'] / GB:.3f} GB; with it "
+        f"{est['activations_per_layer_checkpointed_bytes'] / GB:.3f} GB)",
+        f"  ln_f + head kept   {gb(est['head_saved_bytes'])}",
+        f"  logits             {gb(est['logits_bytes'])}  (loss chain peak {est['loss_peak_bytes'] / GB:.3f} GB)",
+        "  phases             " + ", ".join(f"{k} {v / GB:.3f}" for k, v in est["phases_bytes"].items()),
+        f"  PEAK               {gb(est['peak_bytes'])}  (in the {est['peak_phase']} phase)",
+    ]
+    if est["framework_overhead_bytes"]:
+        lines.append(f"  + process overhead {gb(est['framework_overhead_bytes'])}  (CPU: resident size after imports)")
+    return "\n".join(lines)

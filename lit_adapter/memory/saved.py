@@ -1,0 +1,304 @@
+"""What autograd keeps for the backward of one training step, op by op, mirroring the model's code.
+
+Which op saves which tensor depends on what requires a gradient, so each method saves a different set (the
+method declares what trains as a :class:`~lit_adapter.tuners.base.TrainedParts`): LLaMA-Adapter saves nothing
+below its first adapted layer, Adapter v2 saves the output of every wrapped linear for its scale's gradient,
+LoRA's CPU dropout saves a float mask, RMSNorm keeps a float32 copy of its input, SDPA keeps q, k, v, its output
+and the log-sum-exp (O(T) with the fused kernels, an O(T^2) probability matrix on the math path), and the sparse
+patterns keep their gathered blocks. ``tests/test_memory.py`` checks every set against autograd's saved tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.tuners.base import TrainedParts
+
+GB = 1e9
+PRECISIONS = ("32-true", "bf16-true", "16-true")
+OPTIMIZERS = ("adamw", "adamw8bit")
+SDPA_BACKENDS = ("flash", "math")
+ESTIMATED_PATTERNS = ("dense", "local", "shifted")  # the attention patterns whose saved tensors are modelled
+_DTYPE_OF_PRECISION = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torch.float16}
+
+
+def precision_dtype(precision: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(precision, torch.dtype):
+        return precision
+    if precision not in _DTYPE_OF_PRECISION:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return _DTYPE_OF_PRECISION[precision]
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+
+@dataclass
+class _Dims:
+    B: int
+    T: int
+    C: int  # n_embd
+    I: int  # intermediate_size
+    V: int  # vocab_size (the logits' width)
+    nh: int
+    ng: int
+    hs: int
+    d: int  # bytes per element of weights and activations
+    device_type: str
+    quantize: Optional[str] = None
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+    @property
+    def kv(self) -> int:
+        return self.ng * self.hs
+
+
+class _Saved:
+    """Bytes of the tensors autograd keeps, by name: a tensor that several ops save is kept once."""
+
+    def __init__(self) -> None:
+        self.tensors: Dict[str, int] = {}
+
+    def add(self, name: str, nbytes: int) -> None:
+        self.tensors[name] = nbytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.tensors.values())
+
+
+def _rmsnorm(saved: _Saved, name: str, x: str, x_rg: bool, weight_trains: bool, dims: _Dims) -> bool:
+    # x.float() (a copy unless float32), x.pow(2) and x * rsqrt(...) keep the float32 input and the (N, 1) rsqrt;
+    # weight * x.to(dtype) keeps the normalized input only for the weight's gradient.
+    if x_rg:
+        saved.add(f"{x}.f32" if dims.d != 4 else x, dims.N * dims.C * 4)
+        saved.add(f"{name}.rsqrt", dims.N * 4)
+    if weight_trains:
+        saved.add(f"{name}.normed", dims.N * dims.C * dims.d)
+    return x_rg or weight_trains
+
+
+def _linear(saved: _Saved, name: str, x: str, x_rg: bool, fan_in: int, fan_out: int, dims: _Dims, t: TrainedParts,
+            quantized: bool = True) -> bool:
+    """A linear layer as the method wraps it; returns whether its output requires a gradient."""
+    N, d = dims.N, dims.d
+    if t.base_linears:  # the weight's gradient needs the input
+        saved.add(x, N * fan_in * d)
+    if quantized and dims.quantize == "bnb.int8" and x_rg:
+        # bitsandbytes' int8 matmul keeps its input on the autograd context (ctx.A / ctx.tensors) even though the
+        # frozen weight needs no gradient; its 4-bit matmul keeps only the weight
+        saved.add(x, N * fan_in * d)
+    lora = name.rpartition(".")[2] in t.lora_targets
+    if lora:
+        if t.lora_dropout > 0:
+            # CPU dropout is input * (bernoulli mask / (1 - p)) and keeps the float mask; CUDA's fused kernel
+            # keeps a bool mask. Either only when the input requires a gradient.
+            if x_rg:
+                saved.add(f"{name}.dropout_mask", N * fan_in * (d if dims.device_type == "cpu" else 1))
+            saved.add(f"{name}.dropped", N * fan_in * d)
+        else:
+            saved.add(x, N * fan_in * d)
+        saved.add(f"{name}.lora_a_out", N * t.lora_r * d)
+    if t.v2_linears:  # scale * (linear(x) + bias): the scale's gradient needs linear(x) + bias
+        saved.add(f"{name}.biased", N * fan_out * d)
+    return x_rg or t.base_linears or lora or t.v2_linears
+
+
+def _sdpa_saved(saved: _Saved, tag: str, q: Tuple[str, int], k: Tuple[str, int], v: Tuple[str, int], S: int,
+                dims: _Dims, sdpa: str, q_rg: bool = True, k_rg: bool = True) -> None:
+    """What ``F.scaled_dot_product_attention`` keeps for queries (B, nh, T, hs) over S keys.
+
+    The fused kernels keep q, k, v, their output and the (B, nh, T) log-sum-exp: O(T) memory. The math path keeps
+    float32 copies of the scaled q (for k's gradient) and k (for q's), v in float32 and the (B, nh, T, S) float32
+    probabilities (as measured on CPU, where it also upcasts half precision): O(T * S).
+    """
+    B, nh, T, hs = dims.B, dims.nh, dims.T, dims.hs
+    if sdpa == "flash":
+        for name, nbytes in (q, k, v):
+            saved.add(name, nbytes)
+        saved.add(f"{tag}.out", B * nh * T * hs * dims.d)
+        saved.add(f"{tag}.lse", B * nh * T * 4)
+        return
+    if q_rg:
+        saved.add(f"{tag}.k_scaled", B * nh * S * hs * 4)
+    if k_rg:
+        saved.add(f"{tag}.q_scaled", B * nh * T * hs * 4)
+    if q_rg or k_rg:
+        saved.add(*(v if dims.d == 4 and S == T else (f"{tag}.v_f32", B * nh * S * hs * 4)))
+    saved.add(f"{tag}.probs", B * nh * T * S * 4)
+
+
+def _local_attention(saved: _Saved, window: int, dims: _Dims, k_name: str, v_name: str, kv_bytes: int) -> str:
+    """``attention.LocalAttention`` (``band_part``): query tiles and the gathered key/value span of each tile.
+
+    RoPE's output keeps the projection's (B, T, nh, hs) memory order, so regrouping heads and tiles is a view only
+    for one sequence (B == 1) without padding; otherwise the tiles and spans are copies. Returns the name of the
+    tensor ``o_proj`` receives.
+    """
+    B, nh, T, hs, d = dims.B, dims.nh, dims.T, dims.hs, dims.d
+    from lit_adapter.attention import _query_tile
+
+    band = min(window, T)
+    tile = min(_query_tile(band), T)
+    nb = -(-T // tile)
+    before = band - 1 if nb > 1 else 0
+    span = tile + before
+    if B == 1 and nb * tile == T:
+        saved.add("q_rope", B * nh * T * hs * d)
+    else:
+        saved.add("attn.q_tiles", B * nh * nb * tile * hs * d)
+    if nb > 1:  # the spans are overlapping windows (unfold) of one zero-padded copy of k and of v
+        saved.add("attn.k_padded", B * nh * (before + nb * tile) * hs * d)
+        saved.add("attn.v_padded", B * nh * (before + nb * tile) * hs * d)
+    elif B == 1:
+        saved.add(k_name, kv_bytes)
+        saved.add(v_name, kv_bytes)
+    else:
+        saved.add("attn.k_spans", B * nh * T * hs * d)
+        saved.add("attn.v_spans", B * nh * T * hs * d)
+    saved.add("attn.mask", nb * tile * span * d)  # SDPA keeps the boolean mask converted to an additive one
+    saved.add("attn.out", B * nh * nb * tile * hs * d)
+    saved.add("attn.lse", B * nh * nb * tile * 4)
+    # the output follows the query's memory order: when the tiles are a view of q, transpose + reshape is one too
+    return "attn.out" if B == 1 and nb * tile == T else "attn.y"
+
+
+def _shifted_attention(saved: _Saved, group: int, dims: _Dims, k_name: str, v_name: str, kv_bytes: int) -> None:
+    """``attention.ShiftedSparseAttention``: causal SDPA in groups, per half of the heads.
+
+    A head range regrouped into (B * heads, groups, G, hs) is a view of RoPE's (B, T, nh, hs)-ordered output only
+    for B == 1 without padding; otherwise SDPA gets (and keeps) copies. The shifted half's first group is a slice,
+    which keeps the whole tensors it views.
+    """
+    B, nh, T, hs, d = dims.B, dims.nh, dims.T, dims.hs, dims.d
+    half = nh // 2
+    first = group // 2  # the shifted heads' groups start at G // 2 + m * G
+    full = (("q_rope", B * nh * T * hs * d), (k_name, kv_bytes), (v_name, kv_bytes))
+
+    def groups(tag: str, heads: int, length: int) -> None:
+        rows = length if length <= group else -(-length // group) * group
+        if length <= group or (B == 1 and rows == length):
+            for name, nbytes in full:
+                saved.add(name, nbytes)
+        else:
+            for part in ("q", "k", "v"):
+                saved.add(f"{tag}.{part}", B * heads * rows * hs * d)
+        saved.add(f"{tag}.out", B * heads * rows * hs * d)
+        saved.add(f"{tag}.lse", B * heads * rows * 4)
+
+    if half:
+        groups("attn.plain", half, T)
+    if first:
+        groups("attn.shift0", nh - half, min(first, T))
+    if T > first:
+        groups("attn.shift1", nh - half, T - first)
+
+
+def _block_saved(dims: _Dims, t: TrainedParts, layer: int, x_rg: bool, attention, sdpa: str) -> Tuple[_Saved, bool]:
+    """What one ``Block`` keeps for backward (mirrors model.Block / CausalSelfAttention / LLaMAMLP)."""
+    N, C, I, d = dims.N, dims.C, dims.I, dims.d
+    s = _Saved()
+    h1 = _rmsnorm(s, "norm_1", "x", x_rg, t.norms, dims)
+    q_rg = _linear(s, "attn.q_proj", "h1", h1, C, C, dims, t)
+    k_rg = _linear(s, "attn.k_proj", "h1", h1, C, dims.kv, dims, t)
+    v_rg = _linear(s, "attn.v_proj", "h1", h1, C, dims.kv, dims, t)
+    # RoPE's products with the (constant) cos/sin tables keep nothing; q and k become new tensors.
+    expanded = dims.ng != dims.nh  # repeat_interleave copies k and v for every query head
+    k_name, v_name = ("k_expanded", "v_expanded") if expanded else ("k_rope", "v_out")
+    kv_bytes = N * (C if expanded else dims.kv) * d
+    base_rg = q_rg or k_rg or v_rg
+    # The fused kernels return (B, T, nh, hs) memory, so transpose + reshape is a view of their output.
+    y = "attn.out" if sdpa == "flash" else "attn.y"
+    if attention.pattern == "dense":
+        if base_rg:
+            q = ("q_rope", N * C * d)
+            _sdpa_saved(s, "attn", q, (k_name, kv_bytes), (v_name, kv_bytes), dims.T, dims, sdpa, q_rg, k_rg)
+    elif attention.pattern == "local":
+        y = _local_attention(s, attention.window, dims, k_name, v_name, kv_bytes) if base_rg else "attn.y"
+    elif attention.pattern == "shifted":
+        y = "attn.y"
+        if base_rg:
+            _shifted_attention(s, attention.resolve(dims.T).group_size, dims, k_name, v_name, kv_bytes)
+    else:
+        raise UserError(f"the memory estimator models {', '.join(ESTIMATED_PATTERNS)} attention, "
+                        f"not {attention.pattern!r}")
+    y_rg = base_rg
+    has_prompt = t.prompt_from_layer is not None and layer >= t.prompt_from_layer
+    if has_prompt:  # a second, non-causal SDPA over the (1, nh, aT, hs) prompt keys and values
+        aT = t.prompt_length
+        if t.v2_linears:
+            s.add("prompt.k.biased", aT * dims.kv * d)
+            s.add("prompt.v.biased", aT * dims.kv * d)
+        prompt_kv = aT * (C if expanded else dims.kv) * d
+        _sdpa_saved(s, "prompt", ("q_rope", N * C * d), ("prompt.k", prompt_kv), ("prompt.v", prompt_kv), aT,
+                    dims, sdpa, q_rg, True)
+        s.add("prompt.out", N * C * d)  # the gate's product keeps the prompt attention's output
+        y_rg = True
+        y = "attn.y"  # y + gate * prompt output is a new tensor
+    o_rg = _linear(s, "attn.o_proj", y, y_rg, C, C, dims, t)
+    x2_rg = x_rg or o_rg
+    h2 = _rmsnorm(s, "norm_2", "x2", x2_rg, t.norms, dims)
+    g_rg = _linear(s, "mlp.gate_proj", "h2", h2, C, I, dims, t)
+    u_rg = _linear(s, "mlp.up_proj", "h2", h2, C, I, dims, t)
+    if g_rg:  # silu keeps its input, and silu(gate) * up keeps up for the gradient of silu(gate)
+        s.add("mlp.gate", N * I * d)
+        s.add("mlp.up", N * I * d)
+    if u_rg:  # ... and silu(gate) for the gradient of up
+        s.add("mlp.silu", N * I * d)
+    m_rg = g_rg or u_rg
+    out_rg = _linear(s, "mlp.down_proj", "mlp.prod", m_rg, I, C, dims, t)
+    return s, x2_rg or out_rg
+
+
+def _head_saved(dims: _Dims, t: TrainedParts, x_rg: bool) -> Tuple[_Saved, bool]:
+    s = _Saved()
+    h = _rmsnorm(s, "ln_f", "x", x_rg, t.norms, dims)
+    out_rg = _linear(s, "lm_head", "hf", h, dims.C, dims.V, dims, t, quantized=False)  # the head stays unquantized
+    return s, out_rg
+
+
+def _head_saved_chunked(dims: _Dims, t: TrainedParts, x_rg: bool) -> _Saved:
+    """What ``ln_f`` and the head keep under the head-chunked loss: ln_f's set and its output (the chunks' input)."""
+    s = _Saved()
+    h = _rmsnorm(s, "ln_f", "x", x_rg, t.norms, dims)
+    if h:
+        s.add("hidden", dims.N * dims.C * dims.d)
+    return s
+
+
+def saved_activations(
+    config: Config, spec, micro_batch_size: int, seq_len: int, dtype: Union[str, torch.dtype] = torch.float32,
+    device_type: str = "cpu", sdpa: str = "flash",
+) -> Dict[str, Any]:
+    """Bytes autograd keeps for backward without checkpointing: per block, for ``ln_f`` + ``lm_head`` and the loss.
+
+    The loss part is the float32 log-probabilities, the int64 targets and their bool mask (``losses.loss_fn``).
+    """
+    dims = _dims(config, micro_batch_size, seq_len, precision_dtype(dtype), device_type, spec.quantize)
+    t = spec.definition.memory_terms(spec.settings)
+    x_rg = t.embedding
+    layers = []
+    embedding = dims.N * 8 if t.embedding else 0  # the embedding's backward keeps the token ids
+    for i in range(config.n_layer):
+        s, x_rg = _block_saved(dims, t, i, x_rg, spec.attention, sdpa)
+        layers.append(s.total)
+    head, _ = _head_saved(dims, t, x_rg)
+    rows = dims.N  # the labels are shifted, so every position is a row of the loss (the last one is ignored)
+    return {"layers": layers, "embedding": embedding, "head": head.total, "loss": rows * dims.V * 4 + rows * 9}
+
+
+def _dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str,
+          quantize: Optional[str] = None) -> _Dims:
+    return _Dims(B=B, T=T, C=config.n_embd, I=config.intermediate_size, V=config.vocab_size, nh=config.n_head,
+                 ng=config.n_query_groups, hs=config.head_size, d=_element_size(dtype), device_type=device_type,
+                 quantize=quantize)

@@ -1,0 +1,29 @@
+"""The optimizers a run can use (``--train.optimizer``), built one way for the training loop and the measurements."""
+
+from __future__ import annotations
+
+from typing import Iterable, Tuple
+
+import torch
+
+from lit_adapter.errors import UserError
+
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-3,
+                    weight_decay: float = 0.0, betas: Tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """AdamW: torch's, or bitsandbytes' 8-bit (optionally paged) implementation.
+
+    bitsandbytes' 8-bit AdamW keeps its moments in uint8 for tensors of 4096+ values (a quarter of the state); the
+    paged variant lets CUDA state spill to host memory under pressure (on CPU it runs unpaged).
+    """
+    kwargs = dict(lr=lr, weight_decay=weight_decay, betas=betas)
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+    return cls(params, **kwargs)

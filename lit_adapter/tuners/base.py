@@ -1,0 +1,113 @@
+"""What a fine-tuning method declares, and the defaults most methods share.
+
+The rest of the package sees a method only through :class:`Method` (looked up by name in
+:data:`lit_adapter.methods.REGISTRY`): the training loop, the ``final/`` writer and loader, the memory estimator,
+the comparison grid and the ``finetune/<method>.py`` commands never branch on a method's name. A method module
+(``lit_adapter/tuners/<method>.py``) opens with its paper and defines one subclass, instantiated once as
+``METHOD``:
+
+* its hyper-parameters, a dataclass (``settings_cls``) that becomes the ``--<settings_group>.*`` options;
+* how it attaches to the base (:meth:`Method.build`): by composition (wrapping layers, as LoRA does) or through
+  the model's hooks (``GPT.build_block``, ``CausalSelfAttention.scaled_dot_product_attention``, as
+  LLaMA-Adapter does); never a copied ``forward`` or a patched global;
+* what trains (:meth:`Method.trainable`), which is also what the resumable checkpoint keeps, and which of those
+  tensors the method adds to the base (:meth:`Method.is_added`: they are initialised, not loaded);
+* what ``final/`` stores: the trained tensors only, or (``final_is_checkpoint``) a whole checkpoint folder;
+* its terms for the memory estimator (:meth:`Method.memory_terms`, a :class:`TrainedParts`);
+* what inference needs after loading (:meth:`Method.prepare_for_inference`, e.g. folding LoRA into the weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Optional, Tuple
+
+import torch.nn as nn
+
+from lit_adapter.config import Config
+from lit_adapter.model import GPT
+
+
+@dataclass(frozen=True)
+class TrainedParts:
+    """What trains, in the vocabulary of the memory estimator's op-by-op model (``lit_adapter.memory.saved``).
+
+    Which tensors autograd keeps depends on which inputs and weights require a gradient, so this is all the
+    estimator needs to know of a method.
+    """
+
+    norms: bool = False
+    """The RMSNorm weights train."""
+    base_linears: bool = False
+    """Every base linear's weight trains (full fine-tuning)."""
+    embedding: bool = False
+    """The token embedding trains."""
+    v2_linears: bool = False
+    """Every linear is wrapped as ``scale * (linear(x) + bias)`` with trainable scale and bias (Adapter v2)."""
+    lora_targets: Tuple[str, ...] = ()
+    """Attribute names of the linears with a low-rank branch (``q_proj``, ...)."""
+    lora_r: int = 0
+    lora_dropout: float = 0.0
+    prompt_from_layer: Optional[int] = None
+    """First layer with a gated adaption prompt (LLaMA-Adapter), or None."""
+    prompt_length: int = 0
+
+
+def has_name_part(name: str, parts: Tuple[str, ...]) -> bool:
+    """Whether one of the dotted components of the tensor name ``name`` is in ``parts``."""
+    return any(part in parts for part in name.split("."))
+
+
+class Method:
+    """One fine-tuning method. Subclasses set the class attributes and override what differs from the defaults."""
+
+    name: ClassVar[str]
+    """The registry key, the ``finetune/<name>.py`` script and the ``method`` recorded in ``adapter_config.json``."""
+    summary: ClassVar[str]
+    """The paper and one paragraph of what trains: the first lines of ``finetune/<name>.py --help``."""
+    settings_cls: ClassVar[Optional[type]] = None
+    """The hyper-parameter dataclass, or None for a method without any."""
+    settings_group: ClassVar[Optional[str]] = None
+    """The command-line group of those settings (``lora`` gives ``--lora.r``)."""
+    train_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 3e-4}
+    """The finetune command's defaults for ``--train.*`` where this method differs (its learning rate, ...)."""
+    trained_names: ClassVar[Tuple[str, ...]] = ()
+    """Components of the names of the tensors that train (see :meth:`trainable`)."""
+    added_names: ClassVar[Tuple[str, ...]] = ()
+    """Components of the names of the tensors the method adds to the base (see :meth:`is_added`)."""
+    final_is_checkpoint: ClassVar[bool] = False
+    """``final/`` is a complete checkpoint folder (weights, config, tokenizer) instead of the trained tensors."""
+    trains_quantized_base: ClassVar[bool] = True
+    """The frozen base may be quantized (``--quantize``); False for methods that train the base weights."""
+
+    def default_settings(self) -> Any:
+        return self.settings_cls() if self.settings_cls is not None else None
+
+    def validate(self, settings: Any, config: Config) -> None:
+        """Raises :class:`~lit_adapter.errors.UserError` when ``settings`` cannot apply to ``config``."""
+
+    def build(self, config: Config, settings: Any) -> GPT:
+        """The base model with the method attached, on the current default device (meta: nothing allocated)."""
+        model = GPT(config)
+        self.attach(model, settings)
+        return model
+
+    def attach(self, model: GPT, settings: Any) -> None:
+        """Adds the method to a plain ``GPT`` in place (the default :meth:`build` calls it)."""
+
+    def trainable(self, name: str, param: Any = None) -> bool:
+        """Whether the parameter or state-dict entry ``name`` trains; usable as Fabric's save filter."""
+        return has_name_part(name, self.trained_names)
+
+    def is_added(self, name: str) -> bool:
+        """Whether ``name`` is a tensor the method adds, which a base checkpoint does not have."""
+        return has_name_part(name, self.added_names)
+
+    def memory_terms(self, settings: Any) -> TrainedParts:
+        raise NotImplementedError(f"{self.name} declares no memory terms")
+
+    def prepare_for_inference(self, model: nn.Module) -> None:
+        """Called once the trained tensors are loaded, before evaluation or generation."""
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"

@@ -1,0 +1,147 @@
+"""The package's shape: no import cycle (counting imports inside functions too), no oversized module, and one
+method registry that nothing outside the method modules branches around."""
+
+import ast
+import dataclasses
+import re
+from pathlib import Path
+from typing import Dict, List, Set
+
+import pytest
+
+from lit_adapter.methods import METHODS, REGISTRY
+from lit_adapter.tuners.base import Method, TrainedParts
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "lit_adapter"
+MAX_LINES = 600
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> Dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p.name != "__main__.py"}
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    """Edges module -> package module it imports, from every import statement (also those inside functions).
+
+    ``from a.b import c`` names the module ``a.b.c`` when that is a module, else ``a.b``; a submodule's implicit
+    import of its parent package is Python's mechanics, not a dependency, and is not counted.
+    """
+    modules = _modules()
+    graph: Dict[str, Set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: List[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            for target in targets:
+                while target and target not in modules:  # ``import a.b.c`` of a name inside a module
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def find_cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: Set[str] = set()
+    cycles: List[List[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_import_graph_sees_imports_inside_functions():
+    graph = import_graph()
+    # lit_adapter.methods imports the method modules at the top and nothing imports the loop lazily from them
+    assert {"lit_adapter.tuners.lora", "lit_adapter.checkpoint"} <= graph["lit_adapter.methods"]
+    # training imports the estimator, which imports the losses, not the loop
+    assert "lit_adapter.memory" in graph["lit_adapter.training"]
+    assert "lit_adapter.losses" in graph["lit_adapter.memory.estimate"]
+
+
+def test_no_import_cycle():
+    assert find_cycles(import_graph()) == []
+
+
+def test_no_module_is_oversized():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+    assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_nothing_outside_the_method_modules_branches_on_a_method_name():
+    names = "|".join(re.escape(m) for m in METHODS)
+    branch = re.compile(rf"""(\.method|method)\s*(==|!=|in)\s*\(?\s*["']({names})["']""")
+    offenders = []
+    for path in [*PACKAGE.rglob("*.py"), *(REPO / d for d in ("finetune", "scripts")) ]:
+        files = [path] if path.is_file() else sorted(path.rglob("*.py"))
+        for f in files:
+            if "tuners" in f.parts:
+                continue
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                if branch.search(line):
+                    offenders.append(f"{f.relative_to(REPO)}:{i}: {line.strip()}")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_registered_method_declares_what_the_package_asks(name):
+    method = REGISTRY[name]
+    assert isinstance(method, Method) and method.name == name
+    assert method.summary and "(" in method.summary, "the summary cites the paper"
+    module = type(method).__module__
+    assert module.startswith("lit_adapter.tuners."), module
+    doc = __import__(module, fromlist=["_"]).__doc__
+    assert doc and len(doc.splitlines()) >= 3, "a method module opens with the paper and what it does"
+    settings = method.default_settings()
+    if method.settings_cls is not None:
+        assert dataclasses.is_dataclass(settings) and method.settings_group
+    assert isinstance(method.memory_terms(settings), TrainedParts)
+    assert (REPO / "finetune" / f"{name}.py").is_file()
+    assert {"learning_rate"} <= set(method.train_defaults)
