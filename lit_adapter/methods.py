@@ -27,7 +27,7 @@ from lit_adapter.checkpoint import atomic_write, find_weights, load_state_dict, 
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, num_parameters
-from lit_adapter.quantize import QUANTIZE_MODES, quantize_linears
+from lit_adapter.quantize import QUANTIZE_MODES, _default_skip, quantize_linears
 from lit_adapter.tuners import adapter, adapter_v2, full, lora
 from lit_adapter.tuners.base import Method
 
@@ -115,6 +115,12 @@ def build_model(spec: MethodSpec, config: Config) -> GPT:
     return model
 
 
+def unquantized(spec: MethodSpec) -> Callable[[str], bool]:
+    """Which linear layers (by qualified name) stay unquantized on a quantized base: the head, and the layers the
+    method adds (an adapter's own projections train, so they must stay floating-point)."""
+    return lambda name: _default_skip(name) or spec.definition.is_added(name)
+
+
 def mark_trainable(model: nn.Module, spec: MethodSpec) -> None:
     keep = trainable_filter(spec)
     for name, param in model.named_parameters():
@@ -182,7 +188,7 @@ def prepare_model(
     _materialize_new_parameters(model, torch.device("cpu"))
     model = model.to(dtype=dtype)
     # Quantize layer by layer on the way to the device, so the full-precision base never sits on the GPU at once.
-    quantize_linears(model, spec.quantize, device=torch.device(device), compute_dtype=dtype)
+    quantize_linears(model, spec.quantize, device=torch.device(device), compute_dtype=dtype, skip=unquantized(spec))
     model = model.to(device=device)
     mark_trainable(model, spec)
     return model

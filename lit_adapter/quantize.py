@@ -22,7 +22,7 @@ QUANTIZE_MODES = ("bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4")
 def _default_skip(name: str) -> bool:
     # The output head stays in full precision: quantizing it costs the most accuracy for the least memory
     # (and with tied embeddings it shares its weight with the embedding table).
-    return name == "lm_head" or name.startswith("lm_head.") or "lora_" in name
+    return name == "lm_head" or name.startswith("lm_head.")
 
 
 def quantize_linears(
@@ -35,7 +35,8 @@ def quantize_linears(
     """Replaces the ``nn.Linear`` layers of ``model`` (in place) by frozen bitsandbytes counterparts.
 
     ``mode`` is one of :data:`QUANTIZE_MODES` (``None`` leaves the model as is). Layers whose qualified name
-    ``skip`` accepts (by default the output head and LoRA's own matrices) are left alone.
+    ``skip`` accepts (by default the output head; ``methods.unquantized`` adds the layers a method trains) are
+    left alone.
     """
     if mode is None:
         return model

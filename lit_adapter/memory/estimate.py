@@ -8,7 +8,7 @@ phase. See the package docstring for what is counted and ``tests/test_memory.py`
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,8 @@ import torch.nn as nn
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.losses import DEFAULT_CHUNK, LOSSES
-from lit_adapter.methods import build_model, mark_trainable
+from lit_adapter.methods import build_model, mark_trainable, unquantized
+from lit_adapter.quantize import _default_skip
 from lit_adapter.memory.saved import (
     GB,
     OPTIMIZERS,
@@ -56,19 +57,18 @@ def _meta_model(config: Config, spec) -> nn.Module:
     return model
 
 
-def weight_bytes(model: nn.Module, dtype: torch.dtype, quantize: Optional[str]) -> Dict[str, int]:
+def weight_bytes(model: nn.Module, dtype: torch.dtype, quantize: Optional[str],
+                 skip: Callable[[str], bool] = _default_skip) -> Dict[str, int]:
     """Bytes of ``model``'s tensors by storage kind, as ``methods.prepare_model`` leaves them.
 
     Every floating-point tensor is cast to ``dtype``; with ``quantize`` the linears that
     :func:`lit_adapter.quantize.quantize_linears` replaces are counted at their quantized size instead.
     """
-    from lit_adapter.quantize import _default_skip
-
     quantized_weights = set()
     out: Dict[str, int] = {}
     if quantize is not None:
         for name, module in model.named_modules():
-            if type(module) is nn.Linear and not _default_skip(name):
+            if type(module) is nn.Linear and not skip(name):
                 quantized_weights.add(id(module.weight))
                 key = quantize.replace("bnb.", "")
                 out[key] = out.get(key, 0) + quantized_linear_bytes(module.in_features, module.out_features, quantize)
@@ -195,7 +195,7 @@ def estimate_memory(
     t = spec.definition.memory_terms(spec.settings)
 
     model = _meta_model(config, spec)
-    weights = weight_bytes(model, dtype, quantize)
+    weights = weight_bytes(model, dtype, quantize, skip=unquantized(spec))
     rope = 2 * config.block_size * config.head_size * 4
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in {id(p): p for p in trainable}.values())

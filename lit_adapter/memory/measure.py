@@ -27,7 +27,7 @@ from lit_adapter.config import Config
 from lit_adapter.errors import UserError, looks_like_out_of_memory
 from lit_adapter.losses import LOSSES, forward_loss, loss_fn
 from lit_adapter.memory.saved import GB, OPTIMIZERS, precision_dtype
-from lit_adapter.methods import INIT_HOOK, MethodSpec, build_model, mark_trainable
+from lit_adapter.methods import INIT_HOOK, MethodSpec, build_model, mark_trainable, unquantized
 from lit_adapter.optim import build_optimizer
 from lit_adapter.quantize import quantize_linears
 
@@ -248,7 +248,7 @@ def build_random_model(cell: Cell, device: torch.device) -> nn.Module:
             getattr(module, INIT_HOOK)()
     model = model.to(dtype=dtype)
     mark_trainable(model, spec)
-    quantize_linears(model, spec.quantize, device=device, compute_dtype=dtype)
+    quantize_linears(model, spec.quantize, device=device, compute_dtype=dtype, skip=unquantized(spec))
     mark_trainable(model, spec)
     return model
 
