@@ -23,13 +23,16 @@ _COMMON_DOC = """
         out_dir: Where checkpoints, logs, summary.json and the final adapter go.
         data: The prepared instruction data.
         attention: Dense or sparse causal attention for the base model's layers.
-        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes (trainable tensors stay unquantized).
+        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes: bnb.int8 (LLM.int8()), bnb.nf4 (QLoRA), bnb.nf4-dq
+            (NF4 with double quantization) or bnb.fp4; the trainable tensors stay unquantized.
         train: Optimisation settings.
         eval: Validation settings.
         fabric: Accelerator, devices, strategy and precision.
         logger: Experiment logging.
         resume: Continue the run in out_dir from its last.ckpt (model, optimizer, scheduler, step, data order, RNG).
         dry_run: Build the model on the meta device, print the trainable and total parameter counts and exit.
+        overwrite: Replace the run already in out_dir (its last.ckpt, final/ and summary.json); without it, or
+            --resume, a second run into a used out_dir is refused.
 """
 
 
@@ -67,6 +70,7 @@ def make_finetune_command(method: str) -> Callable[..., Any]:
         P("logger", P.KEYWORD_ONLY, default=LoggerArgs(), annotation=LoggerArgs),
         P("resume", P.KEYWORD_ONLY, default=False, annotation=bool),
         P("dry_run", P.KEYWORD_ONLY, default=False, annotation=bool),
+        P("overwrite", P.KEYWORD_ONLY, default=False, annotation=bool),
     ]
     setup.__signature__ = inspect.Signature(params)
     setup.__annotations__ = {p.name: p.annotation for p in params}
@@ -80,7 +84,6 @@ def make_finetune_command(method: str) -> Callable[..., Any]:
 
 def cli(function: Callable[..., Any]) -> Any:
     """Parses the command line for ``function`` and runs it, reporting user mistakes as one line."""
-    from jsonargparse import CLI, set_parsing_settings
+    from jsonargparse import CLI
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docstrings become --help
     return run_cli(CLI, function, as_positional=False)

@@ -68,10 +68,20 @@ class Config:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"model config {path} is not valid JSON: {err}") from None
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        if not isinstance(data, dict):
+            raise UserError(f"model config {path} is not a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
             raise UserError(f"model config {path} has unknown fields: {', '.join(unknown)}")
+        for name, value in data.items():
+            expected = _FIELD_TYPES.get(str(known[name].type))  # a field of another kind is checked by its own code
+            if expected is None or (value is None and str(known[name].type).startswith("Optional")):
+                continue
+            # JSON has one number type: an integral float is a fine int, a bool is never a number
+            if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+                if not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
+                    raise UserError(f"model config {path}: {name} must be {expected.__name__}, got {value!r}")
         return cls(**data)
 
     @classmethod
@@ -83,6 +93,10 @@ class Config:
 
     def save(self, path: Union[str, Path]) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+_FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Optional[int]": int}
+"""The annotation of each Config field (as written, under ``from __future__ import annotations``) -> its type."""
 
 
 def _llama_hidden(n_embd: int, multiple_of: int) -> int:

@@ -91,14 +91,19 @@ def run_generation(
     precision: Optional[str] = None,
     seed: int = 1234,
     device: Optional[str] = None,
+    expected_method: Optional[str] = None,
 ) -> str:
-    """Loads a base (plus optional fine-tuned tensors), generates, prints text to stdout and stats to stderr."""
+    """Loads a base (plus optional fine-tuned tensors), generates, prints text to stdout and stats to stderr.
+
+    ``expected_method`` (the ``generate/<method>.py`` scripts) refuses an ``adapter_dir`` of another method.
+    """
     import sys
     import time
 
-    from lit_adapter.methods import load_finetuned
+    from lit_adapter.methods import load_finetuned, read_spec
+    from lit_adapter.preflight import check_tokenizer_fits
+    from lit_adapter.runtime import peak_memory_gb, resolve_device, resolve_precision, weights_dtype
     from lit_adapter.tokenizer import Tokenizer
-    from lit_adapter.runtime import peak_memory_gb, weights_dtype
 
     if (prompt is None) == (instruction is None):
         raise UserError("pass exactly one of --prompt (raw text) or --instruction (uses the instruction template)")
@@ -106,14 +111,24 @@ def run_generation(
         from lit_adapter.prompts import generate_prompt
 
         prompt = _instruction_prompt(generate_prompt, instruction, input)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if precision is None:
-        precision = "bf16-true" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or (top_k is not None and top_k < 1):
+        raise UserError("--temperature must be >= 0 (0 is greedy) and --top_k >= 1 (or null)")
     torch.manual_seed(seed)
     checkpoint_dir = Path(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
     t0 = time.perf_counter()
+    if adapter_dir is not None and expected_method is not None:
+        found = read_spec(adapter_dir)[0].method
+        if found != expected_method:
+            script = Path(__file__).resolve().parents[1] / "generate" / f"{found}.py"
+            hint = f"; use generate/{found}.py" if script.is_file() else ""
+            raise UserError(f"{adapter_dir} holds a {found} fine-tune, not {expected_method}{hint}")
     config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize)
+    check_tokenizer_fits(tokenizer, config, checkpoint_dir)
     print(f"loaded {spec.describe()} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     encoded = tokenizer.encode(prompt, bos=True, device=dev)
     t0 = time.perf_counter()
@@ -164,19 +179,23 @@ def generate_instruction_answer(
         seed: Random seed for sampling.
         device: cpu or cuda (default: cuda when available).
     """
-    return run_generation(checkpoint_dir, adapter_dir, instruction=instruction, input=input,
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, quantize=quantize,
-                          precision=precision, seed=seed, device=device)
+    return _answer(**locals())
+
+
+def _answer(expected_method: Optional[str] = None, **kwargs) -> str:
+    return run_generation(kwargs.pop("checkpoint_dir"), kwargs.pop("adapter_dir"), expected_method=expected_method,
+                          **kwargs)
 
 
 def instruction_command(method: str):
-    """``generate/<method>.py``'s entry point: :func:`generate_instruction_answer` defaulting to ``out/<method>/final``."""
+    """``generate/<method>.py``'s entry point: :func:`generate_instruction_answer` for ``method``'s runs only,
+    defaulting to ``out/<method>/final``."""
     import functools
     import inspect
 
     @functools.wraps(generate_instruction_answer)
     def command(**kwargs):
-        return generate_instruction_answer(**kwargs)
+        return _answer(expected_method=method, **kwargs)
 
     signature = inspect.signature(generate_instruction_answer)
     params = [p.replace(default=Path(f"out/{method}/final")) if p.name == "adapter_dir" else p

@@ -230,16 +230,25 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
 
 
 def read_spec(adapter_dir: Path) -> Tuple[MethodSpec, Dict[str, Any]]:
+    """The :class:`MethodSpec` recorded in a run's ``final/adapter_config.json``; a broken file is one line."""
     path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
     if not path.is_file():
         raise UserError(f"{adapter_dir} is not a fine-tuned output: {ADAPTER_CONFIG_FILE} is missing")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); the run's final/ folder is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("method"), str):
+        raise UserError(f"{path} does not say which method trained it (no \"method\" field)")
     settings_cls = get_method(meta["method"]).settings_cls
     settings = None
-    if settings_cls is not None:
-        known = {f.name for f in fields(settings_cls)}
-        settings = settings_cls(**{k: v for k, v in (meta.get("settings") or {}).items() if k in known})
-    attention = AttentionConfig(**meta.get("attention", {}))
+    try:
+        if settings_cls is not None:
+            known = {f.name for f in fields(settings_cls)}
+            settings = settings_cls(**{k: v for k, v in (meta.get("settings") or {}).items() if k in known})
+        attention = AttentionConfig(**(meta.get("attention") or {}))
+    except (TypeError, AttributeError) as err:
+        raise UserError(f"{path}: its settings do not fit {meta['method']} ({err})") from None
     return MethodSpec(meta["method"], settings, attention, meta.get("quantize")), meta
 
 
@@ -251,8 +260,6 @@ def load_finetuned(
     quantize: Optional[str] = None,
 ) -> Tuple[Config, GPT, MethodSpec]:
     """The base of ``checkpoint_dir`` with the fine-tuned tensors of ``adapter_dir`` (``None``: the base alone)."""
-    from safetensors.torch import load_file
-
     if adapter_dir is None:
         spec = MethodSpec("full", quantize=quantize)
         config = Config.from_checkpoint_dir(checkpoint_dir)
@@ -268,7 +275,7 @@ def load_finetuned(
     path = Path(adapter_dir) / ADAPTER_FILE
     if not path.is_file():
         raise UserError(f"adapter weights not found: {path}")
-    load_trained_tensors(model, load_file(str(path)), spec, source=str(path))
+    load_trained_tensors(model, load_state_dict(path), spec, source=str(path))
     spec.definition.prepare_for_inference(model)
     return config, model.eval(), spec
 

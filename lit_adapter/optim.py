@@ -7,6 +7,7 @@ from typing import Iterable, Tuple
 import torch
 
 from lit_adapter.errors import UserError
+from lit_adapter.logs import import_bitsandbytes
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
@@ -23,7 +24,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", l
         return torch.optim.AdamW(params, **kwargs)
     if name not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    import bitsandbytes as bnb
+    bnb = import_bitsandbytes()
 
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
     return cls(params, **kwargs)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.errors import UserError
+from lit_adapter.logs import import_bitsandbytes
 
 QUANTIZE_MODES = ("bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4")
 
@@ -43,7 +44,7 @@ def quantize_linears(
     if mode not in QUANTIZE_MODES:
         raise UserError(f"unknown --quantize {mode!r}; choose one of {', '.join(QUANTIZE_MODES)}")
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
     except ImportError as err:  # pragma: no cover - bitsandbytes is a dependency
         raise UserError(f"--quantize {mode} needs bitsandbytes: {err}") from None
 

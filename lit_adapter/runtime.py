@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import resource
+from typing import Optional
 
 import torch
+
+from lit_adapter.errors import UserError
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -22,3 +25,23 @@ def default_precision(accelerator: str) -> str:
 
 def weights_dtype(precision: str) -> torch.dtype:
     return {"bf16-true": torch.bfloat16, "16-true": torch.float16}.get(precision, torch.float32)
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA device is available")
+    return dev
+
+
+def resolve_precision(precision: Optional[str], device: torch.device) -> str:
+    if precision is None:
+        return "bf16-true" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
+    if precision not in ("32-true", "bf16-true", "16-true"):
+        raise UserError(f"unknown --precision {precision!r}; choose 32-true, bf16-true or 16-true")
+    return precision

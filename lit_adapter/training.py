@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -27,10 +26,14 @@ from torch.utils.data import DataLoader
 from lit_adapter import methods
 from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared, truncate_examples
 from lit_adapter.errors import UserError
+from lit_adapter.guards import LossNotFinite, StopRequest, check_finite, gradient_norm
+from lit_adapter.loggers import LoggerArgs, build_logger, logger_supports_hparams, logger_summary
 from lit_adapter.losses import forward_loss
 from lit_adapter.memory import ESTIMATED_PATTERNS, estimate_memory, format_estimate
 from lit_adapter.methods import MethodSpec
 from lit_adapter.optim import build_optimizer
+from lit_adapter.preflight import check_fabric_args, check_parts_fit, claim_out_dir
+from lit_adapter.results import RunResult, summarize, to_jsonable
 from lit_adapter.runtime import default_precision, peak_memory_gb, weights_dtype
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -65,13 +68,18 @@ class TrainArgs:
     warmup_steps: int = 100
     """Linear warmup length in optimizer steps (capped at the run's length)."""
     weight_decay: float = 0.02
+    """AdamW's decoupled weight decay (applied to every trainable tensor)."""
     beta1: float = 0.9
+    """AdamW's decay rate of the first moment (the gradient's running mean)."""
     beta2: float = 0.95
+    """AdamW's decay rate of the second moment (the squared gradient's running mean)."""
     max_grad_norm: Optional[float] = 1.0
     """Clip the global gradient norm to this value; null disables clipping."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
     seed: int = 1337
+    """Seeds the initialisation of the method's tensors, dropout and the data order (a pure function of seed and
+    step, so --resume continues exactly)."""
     log_interval: int = 1
     """Log training metrics every this many steps."""
     save_interval: Optional[int] = None
@@ -105,26 +113,19 @@ class FabricArgs:
     """Hardware and numerics, passed to Lightning Fabric."""
 
     accelerator: str = "auto"
+    """cpu, cuda (or gpu), mps, or auto (a GPU when there is one)."""
     devices: int = 1
+    """Devices (GPUs or CPU processes) to train on; the global batch is split across them."""
     strategy: Literal["auto", "ddp", "fsdp", "ddp_spawn"] = "auto"
+    """How several devices share the work: ddp (replicas, gradients averaged), fsdp (sharded weights), ddp_spawn."""
     precision: Optional[str] = None
     """32-true, bf16-true, bf16-mixed or 16-mixed; default: bf16-true on GPUs that support it, else 32-true."""
 
 
-@dataclass
-class LoggerArgs:
-    """Experiment logging."""
-
-    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv"
-    """CSV files by default; wandb honours WANDB_MODE=offline/disabled."""
-    project: str = "lit-adapter"
-    """WandB project name."""
-    run_name: Optional[str] = None
-    """Run name for WandB/TensorBoard (default: the output folder's name)."""
-
-
 def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
     """Checks the hyper-parameters together; returns the gradient-accumulation factor."""
+    if isinstance(fabric.devices, bool) or not isinstance(fabric.devices, int) or fabric.devices < 1:
+        raise UserError(f"fabric.devices must be a whole number >= 1, got {fabric.devices!r}")
     for name in ("global_batch_size", "micro_batch_size", "log_interval"):
         if getattr(train, name) < 1:
             raise UserError(f"train.{name} must be >= 1, got {getattr(train, name)}")
@@ -199,91 +200,6 @@ class StepBatchSampler:
                 yield perm[within * self.mbs : (within + 1) * self.mbs]
 
 
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so a checkpoint can be written."""
-
-    def __init__(self) -> None:
-        self.signal: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopRequest":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. spawned workers): leave the defaults
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a resumable checkpoint after this step", file=sys.stderr)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class LossNotFinite(UserError):
-    pass
-
-
-def to_jsonable(obj: Any) -> Any:
-    if is_dataclass(obj):
-        return {k: to_jsonable(v) for k, v in asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {k: to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-@dataclass
-class RunResult:
-    """What a finished (or stopped) run reports; also written to ``summary.json``."""
-
-    method: str
-    status: str
-    steps: int
-    trainable_params: int
-    total_params: int
-    initial_val_loss: Optional[float] = None
-    final_val_loss: Optional[float] = None
-    avg_train_loss: Optional[float] = None
-    last_train_loss: Optional[float] = None
-    train_time_s: float = 0.0
-    tokens_per_s: float = 0.0
-    peak_memory_gb: float = 0.0
-    peak_memory_kind: str = ""
-    out_dir: str = ""
-    train_losses: List[Tuple[int, float]] = field(default_factory=list)
-    val_losses: List[Tuple[int, float]] = field(default_factory=list)
-
-
-def build_logger(args: LoggerArgs, out_dir: Path):
-    name = args.run_name or out_dir.name
-    if args.logger_name == "csv":
-        from lightning.fabric.loggers import CSVLogger
-
-        return CSVLogger(root_dir=str(out_dir), name="logs", flush_logs_every_n_steps=1)
-    if args.logger_name == "tensorboard":
-        from lightning.fabric.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(root_dir=str(out_dir), name="logs", version=name)
-    from lightning.pytorch.loggers import WandbLogger
-
-    return WandbLogger(project=args.project, name=name, save_dir=str(out_dir))
-
-
-def logger_supports_hparams(logger) -> bool:
-    from lightning.fabric.loggers import CSVLogger
-
-    return not isinstance(logger, CSVLogger)  # Fabric's CSV logger has no hyper-parameter file; we write our own
-
-
 def finetune(
     spec: MethodSpec,
     *,
@@ -297,14 +213,18 @@ def finetune(
     logger: LoggerArgs,
     resume: bool = False,
     dry_run: bool = False,
+    overwrite: bool = False,
 ) -> Optional[RunResult]:
     """Fine-tunes with ``spec`` and returns the run's summary (``None`` for a dry run)."""
     from lightning.fabric import Fabric
 
     accum = validate_args(train, eval, fabric_args)
+    if data.max_seq_length is not None and data.max_seq_length < 2:
+        raise UserError(f"data.max_seq_length must be >= 2 (or null for the model's window), got {data.max_seq_length}")
     config = methods.resolve_config(checkpoint_dir, model_name)
     spec.validate(config)
     precision = fabric_args.precision or default_precision(fabric_args.accelerator)
+    check_fabric_args(fabric_args.accelerator, fabric_args.devices, precision)
     if dry_run:
         methods.dry_run(spec, config)
         print_memory_estimate(spec, config, context_length(data, config), train, fabric_args.accelerator, precision)
@@ -313,18 +233,25 @@ def finetune(
         raise UserError("--checkpoint_dir is required for training (only --dry_run works from --model_name alone)")
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fabric = Fabric(
-        accelerator=fabric_args.accelerator,
-        devices=fabric_args.devices,
-        strategy=fabric_args.strategy,
-        precision=precision,
-        loggers=[build_logger(logger, out_dir)],
-    )
-    fabric.launch()
-    return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
-                 hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train,
-                              eval=eval, fabric=fabric_args, logger=logger, precision=precision))
+    # Lightning's DDP launcher runs this script again for ranks 1..n-1 (LOCAL_RANK set): the first process owns
+    # the folder, the others only join its run.
+    launched_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    lock = claim_out_dir(out_dir, resume, overwrite) if launched_rank == 0 else None
+    try:
+        fabric = Fabric(
+            accelerator=fabric_args.accelerator,
+            devices=fabric_args.devices,
+            strategy=fabric_args.strategy,
+            precision=precision,
+            loggers=[build_logger(logger, out_dir)],
+        )
+        fabric.launch()
+        return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
+                     hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train,
+                                  eval=eval, fabric=fabric_args, logger=logger, precision=precision))
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def context_length(data: DataArgs, config) -> int:
@@ -357,9 +284,11 @@ def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainAr
 def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams):
     from tqdm import tqdm
 
-
     fabric.seed_everything(train.seed)
     train_examples, val_examples, metadata = load_prepared(data.data_dir)
+    check_parts_fit(config, checkpoint_dir, data.data_dir, metadata,
+                    {"training": train_examples, "validation": val_examples},
+                    needs_tokenizer=spec.definition.final_is_checkpoint)
     max_seq_length = context_length(data, config)
     train_examples, cut_train = truncate_examples(train_examples, max_seq_length)
     val_examples, cut_val = truncate_examples(val_examples, max_seq_length)
@@ -435,62 +364,90 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     progress = tqdm(total=total_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0,
                     dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
     window_start, window_tokens = time.perf_counter(), 0
-    with _StopRequest() as stop:
-        while state["step"] < total_steps:
-            step_start = time.perf_counter()
-            step_loss = torch.zeros((), device=fabric.device)
-            for micro in range(accum):
-                batch = next(train_iter)
-                with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                    loss, _ = forward_loss(model, batch["input_ids"], batch["labels"], train.loss, fabric.autocast)
-                    fabric.backward(loss / accum)
-                step_loss += loss.detach() / accum
-                # processed positions, padding included: that is the compute the step paid for
-                window_tokens += batch["input_ids"].numel()
-            step_loss_value = float(fabric.all_reduce(step_loss, reduce_op="mean"))
-            if not math.isfinite(step_loss_value):
-                last_good = f"; the last good checkpoint is {checkpoint_path}" if checkpoint_path.exists() else ""
-                raise LossNotFinite(
-                    f"the training loss became {step_loss_value} at step {state['step'] + 1}; "
-                    f"no update was applied{last_good}. Lower train.learning_rate or check the data."
-                )
-            if train.max_grad_norm is not None:
-                fabric.clip_gradients(model, optimizer, max_norm=train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state["step"] += 1
-            state["train_time"] += time.perf_counter() - step_start
-            state["train_losses"].append((state["step"], step_loss_value))
-            step = state["step"]
-            progress.update(1)
-            if step % train.log_interval == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens * fabric.world_size / max(elapsed, 1e-9)
-                state["tokens"] += window_tokens * fabric.world_size
-                window_start, window_tokens = time.perf_counter(), 0
-                metrics = {"train_loss": step_loss_value, "learning_rate": scheduler.get_last_lr()[0],
-                           "tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(fabric.device),
-                           "epoch": step / max(steps_per_epoch, 1), "step": step}
-                fabric.log_dict(metrics, step=step)
-                progress.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            if step % eval.interval == 0 and step != total_steps:
-                val_loss = run_validation(step)
-                progress.write(f"step {step}: validation loss {val_loss:.4f}")
-            if train.save_interval and step % train.save_interval == 0:
-                save_resumable(fabric, state, scheduler, checkpoint_path, spec)
-            if stop.signal is not None:
-                status = "interrupted"
-                break
-    progress.close()
+    # the step of the newest checkpoint on disk, which is always finite (save_resumable refuses anything else)
+    saved = {"step": state["step"] if resume else None}
 
-    if status == "completed":
-        run_validation(state["step"])
-    save_resumable(fabric, state, scheduler, checkpoint_path, spec)
-    if status == "completed":
-        methods.save_adapter(model, spec, config, checkpoint_dir, out_dir / "final")
-    result = _summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
+    def save(step: int) -> None:
+        save_resumable(fabric, state, scheduler, checkpoint_path, spec, model)
+        saved["step"] = step
+
+    def not_finite(what: str) -> LossNotFinite:
+        if saved["step"] is None:
+            where = "; no checkpoint had been written yet"
+        else:
+            where = (f"; the last good checkpoint is {checkpoint_path} (step {saved['step']}, all finite): "
+                     "continue from it with --resume true")
+        return LossNotFinite(f"{what}{where}. Lower train.learning_rate, keep train.max_grad_norm set, or check the "
+                             "data.")
+
+    with StopRequest() as stop:
+        try:
+            while state["step"] < total_steps:
+                step_start = time.perf_counter()
+                step_loss = torch.zeros((), device=fabric.device)
+                for micro in range(accum):
+                    batch = next(train_iter)
+                    with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+                        loss, _ = forward_loss(model, batch["input_ids"], batch["labels"], train.loss,
+                                               fabric.autocast)
+                        fabric.backward(loss / accum)
+                    step_loss += loss.detach() / accum
+                    # processed positions, padding included: that is the compute the step paid for
+                    window_tokens += batch["input_ids"].numel()
+                step_loss_value = float(fabric.all_reduce(step_loss, reduce_op="mean"))
+                if not math.isfinite(step_loss_value):
+                    raise not_finite(f"the training loss became {step_loss_value} at step {state['step'] + 1}; "
+                                     "no update was applied")
+                grad_norm = gradient_norm(fabric, model, optimizer, trainable, train.max_grad_norm)
+                if not math.isfinite(grad_norm):
+                    raise not_finite(f"the gradients became non-finite (norm {grad_norm}) at step "
+                                     f"{state['step'] + 1}; no update was applied")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state["step"] += 1
+                state["train_time"] += time.perf_counter() - step_start
+                state["train_losses"].append((state["step"], step_loss_value))
+                step = state["step"]
+                progress.update(1)
+                if step % train.log_interval == 0 or step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_tokens * fabric.world_size / max(elapsed, 1e-9)
+                    state["tokens"] += window_tokens * fabric.world_size
+                    window_start, window_tokens = time.perf_counter(), 0
+                    metrics = {"train_loss": step_loss_value, "learning_rate": scheduler.get_last_lr()[0],
+                               "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+                               "peak_memory_gb": peak_memory_gb(fabric.device),
+                               "epoch": step / max(steps_per_epoch, 1), "step": step}
+                    fabric.log_dict(metrics, step=step)
+                    progress.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                if step % eval.interval == 0 and step != total_steps:
+                    val_loss = run_validation(step)
+                    progress.write(f"step {step}: validation loss {val_loss:.4f}")
+                if train.save_interval and step % train.save_interval == 0:
+                    save(step)
+                if stop.signal is not None:
+                    status = "interrupted"
+                    break
+            progress.close()
+            if status == "completed":
+                run_validation(state["step"])
+            save(state["step"])
+            if status == "completed":
+                check_finite(model, spec, f"after step {state['step']}", not_finite)
+                methods.save_adapter(model, spec, config, checkpoint_dir, out_dir / "final")
+        except KeyboardInterrupt:  # a second SIGINT/SIGTERM while stopping: say what is on disk
+            progress.close()
+            left = (f"{checkpoint_path} is the complete checkpoint of step {saved['step']}" if saved["step"] is not None
+                    else "no checkpoint was written")
+            print(f"\nstopped again during shutdown: {left} (checkpoints are written atomically, so it is whole); "
+                  "final/ was not written", file=sys.stderr)
+            raise SystemExit(130) from None
+    result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
+    summary = logger_summary(fabric.logger)
     fabric.logger.finalize("success" if status == "completed" else "aborted")
+    if summary and fabric.global_rank == 0:
+        fabric.print(summary)
     if status == "interrupted":
         fabric.print(f"stopped at step {state['step']}; resume with the same command and --resume true")
         raise SystemExit(130)
@@ -499,27 +456,48 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
 
 @torch.no_grad()
 def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cross_entropy") -> float:
-    """Token-weighted mean validation loss (each target token counts once, whatever its batch)."""
+    """Token-weighted mean validation loss (each target token counts once, whatever its batch).
+
+    A transient progress bar shows it: a full Dolly validation split is minutes of work on a small machine.
+    """
+    from tqdm import tqdm
+
     model.eval()
     total, count = torch.zeros((), device=fabric.device, dtype=torch.float64), 0
+    batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = tqdm(total=batches, desc="validation", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
+               disable=fabric.global_rank != 0, mininterval=0.5)
     for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
+        if i >= batches:
             break
         value, n = forward_loss(model, batch["input_ids"], batch["labels"], loss, fabric.autocast)
         total += value.double() * n
         count += n
+        bar.update(1)
+    bar.close()
     model.train()
     total = fabric.all_reduce(total, reduce_op="sum")
     count = fabric.all_reduce(torch.tensor(count, device=fabric.device), reduce_op="sum")
     return float(total / count.clamp(min=1))
 
 
-def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec) -> None:
-    """Writes the trainable tensors, optimizer, scheduler, step and RNG atomically (temp file + rename)."""
+def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec, model=None) -> None:
+    """Writes the trainable tensors, optimizer, scheduler, step and RNG atomically (temp file + rename).
+
+    Refuses non-finite tensors (so the newest checkpoint is always one to resume from) and turns a failed write
+    (a full disk) into one line; the previous checkpoint is left as it was in both cases.
+    """
+    if model is not None:
+        check_finite(model, spec, f"after step {state['step']}", LossNotFinite)
     state["scheduler"] = scheduler.state_dict()
     state["rng"] = torch.get_rng_state()
     tmp = path.with_name(path.name + ".tmp")
-    fabric.save(tmp, state, filter={"model": methods.trainable_filter(spec)})
+    try:
+        fabric.save(tmp, state, filter={"model": methods.trainable_filter(spec)})
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise UserError(f"could not write the checkpoint {path}: {reason}; the previous checkpoint is unchanged") from None
     fabric.barrier()
     if fabric.global_rank == 0:
         os.replace(tmp, path)
@@ -530,57 +508,35 @@ def _resume(fabric, state, scheduler, path: Path, model, spec) -> None:
         raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
     # what save_resumable wrote: the filtered state dict, in which a tied head appears under both of its names
     keep = methods.trainable_filter(spec)
-    expected = {n for n, t in methods.unwrap(model).state_dict(keep_vars=True).items() if keep(n, t)}
-    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    found = set(saved.get("model", {}))
-    if found != expected:
-        missing, extra = sorted(expected - found), sorted(found - expected)
+    expected = {n: t for n, t in methods.unwrap(model).state_dict(keep_vars=True).items() if keep(n, t)}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated, crafted (weights_only refuses code) or not a checkpoint at all
+        raise UserError(f"--resume: cannot read {path} ({type(err).__name__}: "
+                        f"{(str(err).strip().splitlines() or [''])[0][:200]}); it is not a complete checkpoint") from None
+    tensors = saved.get("model") if isinstance(saved, dict) else None
+    missing_fields = [k for k in ("model", "optimizer", "step", "scheduler", "rng") if not isinstance(saved, dict)
+                      or k not in saved]
+    if missing_fields or not isinstance(tensors, dict):
+        raise UserError(f"--resume: {path} is not a checkpoint of this trainer (missing {', '.join(missing_fields) or 'model'})")
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    shapes = [f"{n}: {tuple(tensors[n].shape)} vs {tuple(expected[n].shape)}" for n in sorted(set(expected) & set(tensors))
+              if not isinstance(tensors[n], torch.Tensor) or tensors[n].shape != expected[n].shape]
+    if missing or extra or shapes:
         raise UserError(
             f"--resume: {path} does not fit this run's {spec.describe()}: "
-            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}, shapes {shapes[:2]}"
         )
-    del saved
-    remainder = fabric.load(path, state, strict=False, weights_only=True)
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
+    del saved, tensors
+    try:
+        remainder = fabric.load(path, state, strict=False, weights_only=True)
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:  # e.g. optimizer state of another method
+        raise UserError(f"--resume: {path} does not fit this run ({type(err).__name__}: "
+                        f"{(str(err).strip().splitlines() or [''])[0][:200]})") from None
     for key in remainder:
         state[key] = remainder[key]
     fabric.print(f"resumed from {path} at step {state['step']}")
 
 
-def _summarize(fabric, spec, status, state, n_trainable, n_total, out_dir: Path) -> RunResult:
-    losses = [loss for _, loss in state["train_losses"]]
-    vals = state["val_losses"]
-    result = RunResult(
-        method=spec.describe(),
-        status=status,
-        steps=state["step"],
-        trainable_params=n_trainable,
-        total_params=n_total,
-        initial_val_loss=vals[0][1] if vals and vals[0][0] == 0 else None,
-        final_val_loss=vals[-1][1] if vals else None,
-        avg_train_loss=sum(losses) / len(losses) if losses else None,
-        last_train_loss=losses[-1] if losses else None,
-        train_time_s=state["train_time"],
-        tokens_per_s=state["tokens"] / max(state["train_time"], 1e-9),
-        peak_memory_gb=peak_memory_gb(fabric.device),
-        peak_memory_kind="cuda_max_allocated" if fabric.device.type == "cuda" else "process_peak_rss",
-        out_dir=str(out_dir),
-        train_losses=[tuple(x) for x in state["train_losses"]],
-        val_losses=[tuple(x) for x in vals],
-    )
-    if fabric.global_rank == 0:
-        (out_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-        fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-        fabric.print(
-            "\n".join([
-                f"--- {result.method}: {status} after {result.steps} steps ---",
-                f"trainable parameters: {n_trainable:,} of {n_total:,}",
-                f"train loss: average {fmt(result.avg_train_loss)}, last {fmt(result.last_train_loss)}",
-                f"validation loss: before {fmt(result.initial_val_loss)}, after {fmt(result.final_val_loss)}",
-                f"training time: {result.train_time_s:.1f}s, {result.tokens_per_s:,.0f} tokens/s",
-                f"peak memory: {result.peak_memory_gb:.2f} GB ({result.peak_memory_kind})",
-                f"outputs: {out_dir}",
-            ])
-        )
-    return result

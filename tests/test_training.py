@@ -240,7 +240,7 @@ def test_finetune_and_generate_scripts_end_to_end(tmp_path, stories_checkpoint, 
     proc = subprocess.run([sys.executable, str(REPO / "finetune" / "lora.py"), "--config", str(config)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "trainable parameters:" in proc.stdout and "validation loss: before" in proc.stdout
+    assert "trainable parameters:" in proc.stdout and "before training (step 0)" in proc.stdout
     out = tmp_path / "out"
     for name in ("final/adapter.safetensors", "final/adapter_config.json", "summary.json", "hparams.json",
                  training.CHECKPOINT_NAME):

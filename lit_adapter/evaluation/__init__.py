@@ -19,31 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from lit_adapter.errors import UserError
+from lit_adapter.runtime import resolve_device, resolve_precision  # noqa: F401 (used by the evaluation scripts)
 
 DEFAULT_DATA_DIR = Path(
     os.environ.get("LIT_ADAPTER_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
 )
 """``../shared/data`` beside the checkout (or ``$LIT_ADAPTER_SHARED_DATA``): the offline copies of the data."""
-
-
-def resolve_device(device: Optional[str]) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA device is available")
-    return dev
-
-
-def resolve_precision(precision: Optional[str], device: torch.device) -> str:
-    if precision is None:
-        return "bf16-true" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32-true"
-    if precision not in ("32-true", "bf16-true", "16-true"):
-        raise UserError(f"unknown --precision {precision!r}; choose 32-true, bf16-true or 16-true")
-    return precision
 
 
 def load_model(
@@ -55,8 +36,9 @@ def load_model(
 ):
     """``(config, model, tokenizer, spec, device)`` for evaluation: the base, plus the fine-tuned tensors if any."""
     from lit_adapter.methods import load_finetuned
-    from lit_adapter.tokenizer import Tokenizer
+    from lit_adapter.preflight import check_tokenizer_fits
     from lit_adapter.runtime import weights_dtype
+    from lit_adapter.tokenizer import Tokenizer
 
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
@@ -68,6 +50,7 @@ def load_model(
     tokenizer = Tokenizer.from_checkpoint_dir(checkpoint_dir)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize)
+    check_tokenizer_fits(tokenizer, config, checkpoint_dir)
     return config, model.eval(), tokenizer, spec, dev
 
 

@@ -1,0 +1,73 @@
+"""Experiment loggers: CSV files by default, TensorBoard, or WandB (online, ``WANDB_MODE=offline`` or ``disabled``).
+
+They are the real Lightning Fabric / Lightning loggers, set up so their output stays readable: TensorBoard gets no
+placeholder ``hp_metric = -1``; WandB gets no deprecated ``anonymous`` setting (it would warn on every run), and
+when stderr is not a terminal (a piped or redirected log) its own console output, which is ANSI-coloured
+regardless, is silenced unless ``WANDB_SILENT`` is set; the run's summary then says where the run is and how to
+upload it (:func:`logger_summary`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+
+@dataclass
+class LoggerArgs:
+    """Experiment logging."""
+
+    logger_name: Literal["csv", "tensorboard", "wandb"] = "csv"
+    """CSV files by default; wandb honours WANDB_MODE=offline/disabled."""
+    project: str = "lit-adapter"
+    """WandB project name."""
+    run_name: Optional[str] = None
+    """Run name for WandB/TensorBoard (default: the output folder's name)."""
+
+
+def build_logger(args: LoggerArgs, out_dir: Path):
+    name = args.run_name or out_dir.name
+    if args.logger_name == "csv":
+        from lightning.fabric.loggers import CSVLogger
+
+        return CSVLogger(root_dir=str(out_dir), name="logs", flush_logs_every_n_steps=1)
+    if args.logger_name == "tensorboard":
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(root_dir=str(out_dir), name="logs", version=name, default_hp_metric=False)
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not sys.stderr.isatty():
+        os.environ.setdefault("WANDB_SILENT", "true")
+    logger = WandbLogger(project=args.project, name=name, save_dir=str(out_dir))
+    # Lightning always passes anonymous=None, which current wandb answers with a deprecation warning
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+    return logger
+
+
+def logger_supports_hparams(logger) -> bool:
+    from lightning.fabric.loggers import CSVLogger
+
+    return not isinstance(logger, CSVLogger)  # Fabric's CSV logger has no hyper-parameter file; we write our own
+
+
+def logger_summary(logger) -> Optional[str]:
+    """One line on where the logger's run went, for the end-of-run summary (WandB: the run folder, and for an
+    offline run the ``wandb sync`` command that uploads it)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger) or logger._experiment is None:
+        return None
+    run = logger.experiment
+    settings = getattr(run, "settings", None)
+    mode = getattr(settings, "mode", None)
+    folder = getattr(settings, "sync_dir", None)
+    if mode == "offline" and folder:
+        return f"wandb: offline run in {folder}; upload it with: wandb sync {folder}"
+    if mode == "disabled":
+        return None
+    url = getattr(run, "url", None)
+    return f"wandb: {url}" if url else None

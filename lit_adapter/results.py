@@ -1,0 +1,99 @@
+"""What a run reports: :class:`RunResult` (also ``summary.json``) and the summary printed at its end."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+from lit_adapter.runtime import peak_memory_gb
+
+
+def to_jsonable(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {k: to_jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports; also written to ``summary.json``."""
+
+    method: str
+    status: str
+    steps: int
+    trainable_params: int
+    total_params: int
+    initial_val_loss: Optional[float] = None
+    """Validation loss of the model before training (step 0), when it was measured."""
+    final_val_loss: Optional[float] = None
+    """The last validation loss measured, at ``final_val_step``."""
+    final_val_step: Optional[int] = None
+    avg_train_loss: Optional[float] = None
+    last_train_loss: Optional[float] = None
+    train_time_s: float = 0.0
+    tokens_per_s: float = 0.0
+    peak_memory_gb: float = 0.0
+    peak_memory_kind: str = ""
+    out_dir: str = ""
+    train_losses: List[Tuple[int, float]] = field(default_factory=list)
+    val_losses: List[Tuple[int, float]] = field(default_factory=list)
+
+
+def describe_validation(result: RunResult) -> str:
+    """What was measured when, so a stopped run never passes the step-0 loss off as the trained model's."""
+    parts = []
+    if result.initial_val_loss is not None:
+        parts.append(f"{result.initial_val_loss:.4f} before training (step 0)")
+    if result.final_val_step:
+        last = "the last step" if result.final_val_step == result.steps else "the last validation"
+        parts.append(f"{result.final_val_loss:.4f} at step {result.final_val_step} ({last})")
+    elif result.steps and result.initial_val_loss is not None:
+        parts.append(f"none after training (stopped at step {result.steps})")
+    return ", ".join(parts) or "not measured"
+
+
+def summarize(fabric, spec, status, state, n_trainable, n_total, out_dir: Path) -> RunResult:
+    losses = [loss for _, loss in state["train_losses"]]
+    vals = state["val_losses"]
+    result = RunResult(
+        method=spec.describe(),
+        status=status,
+        steps=state["step"],
+        trainable_params=n_trainable,
+        total_params=n_total,
+        initial_val_loss=vals[0][1] if vals and vals[0][0] == 0 else None,
+        final_val_loss=vals[-1][1] if vals else None,
+        final_val_step=vals[-1][0] if vals else None,
+        avg_train_loss=sum(losses) / len(losses) if losses else None,
+        last_train_loss=losses[-1] if losses else None,
+        train_time_s=state["train_time"],
+        tokens_per_s=state["tokens"] / max(state["train_time"], 1e-9),
+        peak_memory_gb=peak_memory_gb(fabric.device),
+        peak_memory_kind="cuda_max_allocated" if fabric.device.type == "cuda" else "process_peak_rss",
+        out_dir=str(out_dir),
+        train_losses=[tuple(x) for x in state["train_losses"]],
+        val_losses=[tuple(x) for x in vals],
+    )
+    if fabric.global_rank == 0:
+        (out_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+        fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+        fabric.print(
+            "\n".join([
+                f"--- {result.method}: {status} after {result.steps} steps ---",
+                f"trainable parameters: {n_trainable:,} of {n_total:,}",
+                f"train loss: average {fmt(result.avg_train_loss)}, last {fmt(result.last_train_loss)}",
+                f"validation loss: {describe_validation(result)}",
+                f"training time: {result.train_time_s:.1f}s, {result.tokens_per_s:,.0f} tokens/s",
+                f"peak memory: {result.peak_memory_gb:.2f} GB ({result.peak_memory_kind})",
+                f"outputs: {out_dir}",
+            ])
+        )
+    return result
