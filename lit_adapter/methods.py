@@ -28,7 +28,7 @@ from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, num_parameters
 from lit_adapter.quantize import QUANTIZE_MODES, _default_skip, quantize_linears
-from lit_adapter.tuners import adapter, adapter_v2, full, lora
+from lit_adapter.tuners import adapter, adapter_v2, bottleneck, full, lora
 from lit_adapter.tuners.base import Method
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (
@@ -36,6 +36,8 @@ REGISTRY: Dict[str, Method] = {m.name: m for m in (
     adapter_v2.METHOD,
     lora.METHOD,
     full.METHOD,
+    bottleneck.HOULSBY,
+    bottleneck.PFEIFFER,
 )}
 METHODS = tuple(REGISTRY)
 ADAPTER_FILE = "adapter.safetensors"

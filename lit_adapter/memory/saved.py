@@ -17,7 +17,7 @@ import torch
 
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.tuners.base import TrainedParts
+from lit_adapter.tuners.base import TrainedParts, bottleneck_width
 
 GB = 1e9
 PRECISIONS = ("32-true", "bf16-true", "16-true")
@@ -112,6 +112,25 @@ def _linear(saved: _Saved, name: str, x: str, x_rg: bool, fan_in: int, fan_out: 
     if t.v2_linears:  # scale * (linear(x) + bias): the scale's gradient needs linear(x) + bias
         saved.add(f"{name}.biased", N * fan_out * d)
     return x_rg or t.base_linears or lora or t.v2_linears
+
+
+def _bottleneck(saved: _Saved, name: str, x: str, layer: int, dims: _Dims, t: TrainedParts) -> bool:
+    """A bottleneck adapter ``x + scaling * up(act(down(x)))`` at site ``name`` (Houlsby, Pfeiffer), if there is one.
+
+    Its weights' gradients need ``x`` and ``act(down(x))``; relu and tanh compute theirs from that output, the other
+    activations keep their input too. Returns whether it is there (its output then requires a gradient).
+    """
+    if name.partition(".")[0] not in t.bottleneck_sites or layer in t.bottleneck_leave_out:
+        return False
+    N, d = dims.N, dims.d
+    r = bottleneck_width(dims.C, t.bottleneck_reduction_factor, t.bottleneck_size)
+    saved.add(x, N * dims.C * d)
+    saved.add(f"{name}.act", N * r * d)
+    if t.bottleneck_activation not in ("relu", "tanh"):
+        saved.add(f"{name}.down", N * r * d)
+    if t.bottleneck_dropout > 0:  # as LoRA's: a float mask on CPU, a bool one from CUDA's fused kernel
+        saved.add(f"{name}.dropout_mask", N * dims.C * (d if dims.device_type == "cpu" else 1))
+    return True
 
 
 def _sdpa_saved(saved: _Saved, tag: str, q: Tuple[str, int], k: Tuple[str, int], v: Tuple[str, int], S: int,
@@ -246,6 +265,7 @@ def _block_saved(dims: _Dims, t: TrainedParts, layer: int, x_rg: bool, attention
         y_rg = True
         y = "attn.y"  # y + gate * prompt output is a new tensor
     o_rg = _linear(s, "attn.o_proj", y, y_rg, C, C, dims, t)
+    o_rg = _bottleneck(s, "attn.bottleneck", "attn.o_proj.out", layer, dims, t) or o_rg
     x2_rg = x_rg or o_rg
     h2 = _rmsnorm(s, "norm_2", "x2", x2_rg, t.norms, dims)
     g_rg = _linear(s, "mlp.gate_proj", "h2", h2, C, I, dims, t)
@@ -257,7 +277,8 @@ def _block_saved(dims: _Dims, t: TrainedParts, layer: int, x_rg: bool, attention
         s.add("mlp.silu", N * I * d)
     m_rg = g_rg or u_rg
     out_rg = _linear(s, "mlp.down_proj", "mlp.prod", m_rg, I, C, dims, t)
-    return s, x2_rg or out_rg
+    out_rg = _bottleneck(s, "mlp.bottleneck", "mlp.down_proj.out", layer, dims, t) or out_rg
+    return s, _bottleneck(s, "block.bottleneck", "block.out", layer, dims, t) or x2_rg or out_rg
 
 
 def _head_saved(dims: _Dims, t: TrainedParts, x_rg: bool) -> Tuple[_Saved, bool]:

@@ -51,6 +51,22 @@ class TrainedParts:
     prompt_from_layer: Optional[int] = None
     """First layer with a gated adaption prompt (LLaMA-Adapter), or None."""
     prompt_length: int = 0
+    bottleneck_sites: Tuple[str, ...] = ()
+    """Where a bottleneck adapter ``x + scaling * up(act(down(x)))`` acts (Houlsby, Pfeiffer): ``attn`` and ``mlp``
+    on that sublayer's output before the residual add, ``block`` on the block's output."""
+    bottleneck_size: Optional[int] = None
+    """The adapters' hidden width; None: ``bottleneck_width(n_embd, bottleneck_reduction_factor)``."""
+    bottleneck_reduction_factor: float = 16.0
+    bottleneck_activation: str = ""
+    """The adapters' non-linearity by name (what it saves for backward: its input or its output)."""
+    bottleneck_dropout: float = 0.0
+    bottleneck_leave_out: Tuple[int, ...] = ()
+    """Layers without bottleneck adapters."""
+
+
+def bottleneck_width(n_embd: int, reduction_factor: float, size: Optional[int] = None) -> int:
+    """A bottleneck adapter's hidden width: ``size``, else AdapterHub's ``int(n_embd // reduction_factor)``, >= 1."""
+    return size if size is not None else max(1, int(n_embd // reduction_factor))
 
 
 def has_name_part(name: str, parts: Tuple[str, ...]) -> bool:

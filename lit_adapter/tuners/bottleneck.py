@@ -1,0 +1,242 @@
+"""Bottleneck adapters: Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP",
+https://arxiv.org/abs/1902.00751, and Pfeiffer et al. 2021, "AdapterFusion: Non-Destructive Task Composition for
+Transfer Learning", https://arxiv.org/abs/2005.00247. Semantics follow AdapterHub's ``adapters`` library
+(``DoubleSeqBnConfig`` for Houlsby, ``SeqBnConfig`` for Pfeiffer) on its LLaMA integration.
+
+A bottleneck adapter maps a hidden state ``x`` (n_embd wide) to ``x + scaling * up(act(down(x)))``: ``down`` and
+``up`` are affine maps through ``r << n_embd`` units (``r = n_embd // reduction_factor``, or ``bottleneck_size``).
+Only the adapters train. Where they sit in a pre-norm LLaMA block ``x -> x + attn(norm_1(x)) -> ... + mlp(...)``:
+
+* ``houlsby``: two adapters per layer, on the attention output and on the MLP output, each *before* the residual
+  add: ``x2 = x + A1(attn(norm_1(x)))``, ``out = x2 + A2(mlp(norm_2(x2)))``. This is AdapterHub's
+  ``original_ln_before=False, residual_before_ln=True`` with no layer norm handed to the adapter layer (its LLaMA
+  layer passes ``None``), so the adapter's own skip connection carries the sublayer output and the block's residual
+  is added after it.
+* ``pfeiffer``: one adapter per layer after the MLP. AdapterHub's ``original_ln_before=True`` adds the block's
+  residual to the MLP output *before* the adapter, which then reads ``x3 = x2 + mlp(norm_2(x2))`` and returns
+  ``x2 + mlp(...) + up(act(down(x3)))``, i.e. ``out = A(x3)``: the adapter acts on the block's output.
+
+The adapters attach through forward hooks on the attention and MLP modules (``houlsby``) or on the block
+(``pfeiffer``), whose outputs are exactly those sublayer and block outputs. Nothing of the base is wrapped or
+renamed, so base checkpoints load as they are, a quantized base (``--quantize``) keeps its adapters (the hooked
+modules are not the linears bitsandbytes replaces), and sparse attention kernels, gradient checkpointing and the KV
+cache are unaffected. The adapters' own affine maps are plain parameters, not ``nn.Linear``, so quantization leaves
+them alone.
+
+AdapterHub initialises adapters with ``init_weights="bert"`` (normal weights of std 0.02, zero biases): near the
+identity, not exactly it. ``houlsby`` is the paper's near-identity (std 0.01, cut at 2 std), and ``mam_adapter``
+(Kaiming-uniform ``down``, zero ``up``) is exactly the base model at initialisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, get_args
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.model import GPT
+from lit_adapter.tuners.base import Method, TrainedParts, bottleneck_width
+
+BOTTLENECK_NAME = "bottleneck"
+"""The attribute under which every adapter hangs, so its tensors are ``...attn.bottleneck.down_weight`` etc."""
+
+ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    # AdapterHub's names (transformers' get_activation): "swish" is SiLU, "gelu_new" the tanh approximation
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "swish": F.silu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "leakyrelu": F.leaky_relu,
+}
+Activation = Literal["relu", "gelu", "gelu_new", "swish", "silu", "tanh", "leakyrelu"]
+Init = Literal["bert", "houlsby", "mam_adapter"]
+
+
+@dataclass
+class BottleneckConfig:
+    """Bottleneck adapter settings (AdapterHub's ``BnConfig`` fields that apply to a pre-norm LLaMA)."""
+
+    reduction_factor: float = 16.0
+    """The adapter's hidden width is n_embd // reduction_factor (at least 1); below 1 the adapter widens."""
+    bottleneck_size: Optional[int] = None
+    """The adapter's hidden width; overrides reduction_factor when set."""
+    non_linearity: Activation = "swish"
+    """Activation between the down and up projection (AdapterHub's names; swish = silu)."""
+    init_weights: Init = "bert"
+    """Initialisation: bert (AdapterHub's default: normal weights of std 0.02, zero biases), houlsby (normal weights
+    of std 0.01 cut at 2 std, zero biases) or mam_adapter (Kaiming-uniform down, zero up: exactly the base model)."""
+    scaling: float = 1.0
+    """Factor on the adapter's output before its skip connection (He et al. 2021's scaled addition)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's output before its skip connection (training only)."""
+    leave_out: List[int] = field(default_factory=list)
+    """Layers (from 0) that get no adapter."""
+
+    def __post_init__(self) -> None:
+        if not self.reduction_factor > 0:
+            raise UserError(f"bottleneck reduction_factor must be > 0, got {self.reduction_factor!r}")
+        size = self.bottleneck_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise UserError(f"bottleneck bottleneck_size must be an integer >= 1, got {size!r}")
+        if self.non_linearity not in ACTIVATIONS:
+            raise UserError(f"bottleneck non_linearity {self.non_linearity!r} is not one of {', '.join(ACTIVATIONS)}")
+        if self.init_weights not in get_args(Init):
+            raise UserError(f"bottleneck init_weights {self.init_weights!r} is not one of {', '.join(get_args(Init))}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"bottleneck dropout must be in [0, 1), got {self.dropout!r}")
+        self.leave_out = sorted(set(self.leave_out))
+
+    def width(self, n_embd: int) -> int:
+        return bottleneck_width(n_embd, self.reduction_factor, self.bottleneck_size)
+
+
+@dataclass
+class HoulsbyConfig(BottleneckConfig):
+    """Houlsby adapters: AdapterHub's ``DoubleSeqBnConfig`` defaults (reduction 16, swish)."""
+
+    non_linearity: Activation = "swish"
+    """Activation between the down and up projection (AdapterHub's names; swish = silu)."""
+
+
+@dataclass
+class PfeifferConfig(BottleneckConfig):
+    """Pfeiffer adapters: AdapterHub's ``SeqBnConfig`` defaults (reduction 16, relu)."""
+
+    non_linearity: Activation = "relu"
+    """Activation between the down and up projection (AdapterHub's names; swish = silu)."""
+
+
+class BottleneckAdapter(nn.Module):
+    """``x + dropout(scaling * (up_weight @ act(down_weight @ x + down_bias) + up_bias))`` over the last dim."""
+
+    def __init__(self, size: int, width: int, settings: BottleneckConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.size, self.width = size, width
+        self.non_linearity = settings.non_linearity
+        self.init_weights = settings.init_weights
+        self.scaling = settings.scaling
+        self.down_weight = nn.Parameter(torch.empty(width, size, device=device, dtype=dtype))
+        self.down_bias = nn.Parameter(torch.empty(width, device=device, dtype=dtype))
+        self.up_weight = nn.Parameter(torch.empty(size, width, device=device, dtype=dtype))
+        self.up_bias = nn.Parameter(torch.empty(size, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        self.reset_peft_parameters()
+
+    @torch.no_grad()
+    def reset_peft_parameters(self) -> None:
+        """AdapterHub's initialisations (``init_weights``); on the meta device this does nothing."""
+        if self.init_weights == "bert":
+            nn.init.normal_(self.down_weight, std=0.02)
+            nn.init.normal_(self.up_weight, std=0.02)
+        elif self.init_weights == "houlsby":
+            for weight in (self.down_weight, self.up_weight):
+                nn.init.trunc_normal_(weight, std=1e-2, a=-2e-2, b=2e-2)
+        else:  # mam_adapter
+            nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up_weight)
+        nn.init.zeros_(self.down_bias)
+        nn.init.zeros_(self.up_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.down_weight.dtype)
+        up = F.linear(ACTIVATIONS[self.non_linearity](F.linear(h, self.down_weight, self.down_bias)),
+                      self.up_weight, self.up_bias)  # (..., size)
+        if self.scaling != 1.0:  # multiplying by 1 would change nothing but cost a copy
+            up = up * self.scaling
+        return x + self.dropout(up).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.size} -> {self.width} -> {self.size}, {self.non_linearity}, scaling={self.scaling}"
+
+
+def _apply_bottleneck(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the hooked module's output goes through the adapter that hangs on the module."""
+    return getattr(module, BOTTLENECK_NAME)(output)
+
+
+def hooked_modules(model: GPT, sites: Tuple[str, ...], leave_out: Sequence[int] = ()) -> List[nn.Module]:
+    """The modules of ``model`` whose output an adapter transforms: ``attn``, ``mlp`` or the ``block`` itself."""
+    modules = []
+    for i, block in enumerate(model.transformer.h):
+        if i not in leave_out:
+            modules += [block if site == "block" else getattr(block, site) for site in sites]
+    return modules
+
+
+def add_bottleneck_adapters(model: GPT, settings: BottleneckConfig, sites: Tuple[str, ...]) -> GPT:
+    """Hangs a :class:`BottleneckAdapter` on each of ``model``'s ``sites`` (in place) and hooks it in.
+
+    The adapters are created on the device and in the dtype of the final norm's weight (the meta device while the
+    model is built), which a quantized base keeps in floating point.
+    """
+    reference = model.transformer.ln_f.weight
+    for module in hooked_modules(model, sites, settings.leave_out):
+        if hasattr(module, BOTTLENECK_NAME):
+            raise RuntimeError("the model already has bottleneck adapters")
+        adapter = BottleneckAdapter(model.config.n_embd, settings.width(model.config.n_embd), settings,
+                                    device=reference.device, dtype=reference.dtype)
+        setattr(module, BOTTLENECK_NAME, adapter)
+        module.register_forward_hook(_apply_bottleneck)
+    return model
+
+
+def bottleneck_adapters(model: nn.Module) -> Dict[str, BottleneckAdapter]:
+    """The adapters of ``model`` by qualified name (``"transformer.h.0.attn.bottleneck"``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
+
+
+class _Bottleneck(Method):
+    """What Houlsby and Pfeiffer share; they differ in where the adapters sit (``sites``) and the defaults."""
+
+    sites: ClassVar[Tuple[str, ...]]
+    # the rate AdapterFusion (Pfeiffer et al. 2021) trains its adapters with; Houlsby et al. sweep 3e-5 to 3e-3
+    train_defaults = {"learning_rate": 1e-4}
+    trained_names = (BOTTLENECK_NAME,)
+    added_names = trained_names
+
+    def validate(self, settings: BottleneckConfig, config: Config) -> None:
+        outside = [i for i in settings.leave_out if not 0 <= i < config.n_layer]
+        if outside:
+            raise UserError(f"{self.name} leave_out={outside} names layers the model lacks (n_layer={config.n_layer})")
+        if len(settings.leave_out) == config.n_layer:
+            raise UserError(f"{self.name} leave_out covers all {config.n_layer} layers: nothing would train")
+
+    def attach(self, model: GPT, settings: BottleneckConfig) -> None:
+        add_bottleneck_adapters(model, settings, self.sites)
+
+    def memory_terms(self, settings: BottleneckConfig) -> TrainedParts:
+        return TrainedParts(bottleneck_sites=self.sites, bottleneck_size=settings.bottleneck_size,
+                            bottleneck_reduction_factor=settings.reduction_factor,
+                            bottleneck_activation=settings.non_linearity, bottleneck_dropout=settings.dropout,
+                            bottleneck_leave_out=tuple(settings.leave_out))
+
+
+class Houlsby(_Bottleneck):
+    name = "houlsby"
+    summary = ("Fine-tune a frozen LLaMA with Houlsby bottleneck adapters (Houlsby et al. 2019): x + up(act(down(x))) "
+               "on the attention and on the MLP output of every layer, before the residual add (AdapterHub's "
+               "double_seq_bn).")
+    settings_cls = HoulsbyConfig
+    settings_group = "houlsby"
+    sites = ("attn", "mlp")
+
+
+class Pfeiffer(_Bottleneck):
+    name = "pfeiffer"
+    summary = ("Fine-tune a frozen LLaMA with Pfeiffer bottleneck adapters (Pfeiffer et al. 2021): x + "
+               "up(act(down(x))) once per layer, after the MLP and its residual add (AdapterHub's seq_bn).")
+    settings_cls = PfeifferConfig
+    settings_group = "pfeiffer"
+    sites = ("block",)
+
+
+HOULSBY = Houlsby()
+PFEIFFER = Pfeiffer()
