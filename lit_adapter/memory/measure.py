@@ -256,8 +256,9 @@ def build_random_model(cell: Cell, device: torch.device) -> nn.Module:
 def measure_step(cell: Cell) -> Dict[str, Any]:
     """Runs ``cell.steps`` + ``cell.timed_steps`` optimizer steps of the engine's loop on random weights.
 
-    Returns peak memory (CUDA allocator peak; on CPU the allocator peak over the training steps and the process's
-    peak resident size, raw and net of the baseline after imports), step times and tokens/s.
+    Returns peak memory (CUDA: the allocator's peak allocated and peak reserved bytes; on CPU the allocator peak over
+    the training steps and the process's peak resident size, raw and net of the baseline after imports), step times
+    and tokens/s.
     """
     if cell.threads:
         torch.set_num_threads(cell.threads)
@@ -301,6 +302,7 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
         batch = batch.to(device)
         if device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # max_memory_reserved then starts from the live tensors, not the build's cache
             torch.cuda.reset_peak_memory_stats(device)
         if tracker is not None:
             tracker.mark()
@@ -328,6 +330,8 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
     result["rss_net_bytes"] = result["rss_peak_bytes"] - rss_baseline
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        result["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        result["device_name"] = torch.cuda.get_device_name(device)
         result["peak_kind"] = "cuda_max_memory_allocated"
     else:
         result["peak_bytes"] = tracker.peak_bytes
