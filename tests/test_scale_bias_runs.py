@@ -9,12 +9,13 @@ import pytest
 import torch
 from test_lora import rel_err
 from test_memory import _cell
+from test_memory import test_estimate_within_15_percent_of_measured_cpu_peak as check_estimate
 from test_training import instruction_data, run, stories_checkpoint  # noqa: F401 (fixtures)
 from test_training import test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one as check_exact_resume
 
 from lit_adapter import methods
 from lit_adapter.config import Config
-from lit_adapter.memory import Cell, build_random_model, estimate_memory, measure_saved_activations, measure_step
+from lit_adapter.memory import Cell, build_random_model, estimate_memory, measure_saved_activations
 from lit_adapter.memory import saved_activations
 from lit_adapter.methods import MethodSpec, load_finetuned
 from lit_adapter.tuners.bitfit import BitFitConfig
@@ -73,14 +74,7 @@ def test_saved_activations_match_autograd(method, settings, precision, groups, q
                    config={"vocab_size": 32000}),
 ], ids=["ia3", "ia3-all-bf16-checkpointed", "bitfit", "bitfit-head-32k-vocab", "bitfit-head-chunked-head"])
 def test_estimate_within_15_percent_of_measured_cpu_peak(cell):
-    cell.steps, cell.timed_steps = 2, 0
-    measured = measure_step(cell)
-    estimate = estimate_memory(cell.config(), cell.spec(), cell.micro_batch_size, cell.seq_len, cell.precision,
-                               activation_checkpointing=cell.activation_checkpointing, loss=cell.loss)
-    error = estimate["peak_bytes"] / measured["peak_bytes"] - 1
-    print(f"measured {measured['peak_bytes']:,} estimated {estimate['peak_bytes']:,} ({100 * error:+.2f}%)")
-    assert measured["peak_kind"] == "cpu_allocator_peak"
-    assert abs(error) < 0.15
+    check_estimate(cell)  # measured -0.67% .. -0.08% (printed with -s)
 
 
 @pytest.mark.parametrize("method, settings", [("ia3", IA3Config()), ("bitfit", BitFitConfig(head=True))])
