@@ -28,7 +28,7 @@ from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, num_parameters
 from lit_adapter.quantize import QUANTIZE_MODES, _default_skip, quantize_linears
-from lit_adapter.tuners import adapter, adapter_v2, bottleneck, full, lora
+from lit_adapter.tuners import adapter, adapter_v2, bitfit, bottleneck, full, ia3, lora
 from lit_adapter.tuners.base import Method
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (
@@ -36,6 +36,8 @@ REGISTRY: Dict[str, Method] = {m.name: m for m in (
     adapter_v2.METHOD,
     lora.METHOD,
     full.METHOD,
+    ia3.METHOD,
+    bitfit.METHOD,
     bottleneck.HOULSBY,
     bottleneck.PFEIFFER,
 )}
@@ -134,7 +136,8 @@ def count_parameters(model: nn.Module, requires_grad: Optional[bool] = None) -> 
 
 
 def dry_run(spec: MethodSpec, config: Config) -> Tuple[int, int]:
-    """Prints the trainable and total parameter counts of ``spec`` on ``config`` without allocating weights."""
+    """Prints the trainable and total parameter counts of ``spec`` on ``config`` and the trainable share of the
+    total, without allocating weights."""
     with torch.device("meta"):
         model = build_model(spec, config)
     mark_trainable(model, spec)
@@ -142,7 +145,13 @@ def dry_run(spec: MethodSpec, config: Config) -> Tuple[int, int]:
     print(f"model: {config.name or 'custom'} ({spec.describe()})")
     print(f"trainable parameters: {trainable}")
     print(f"total parameters: {total}")
+    print(f"trainable share: {format_share(trainable, total)}")
     return trainable, total
+
+
+def format_share(part: int, whole: int) -> str:
+    """``part`` as a percentage of ``whole`` with two decimals (``"0.02%"``), as ``--dry_run`` prints it."""
+    return f"{100 * part / whole:.2f}%"
 
 
 def _match_base_names(

@@ -92,6 +92,9 @@ def _linear(saved: _Saved, name: str, x: str, x_rg: bool, fan_in: int, fan_out: 
             quantized: bool = True) -> bool:
     """A linear layer as the method wraps it; returns whether its output requires a gradient."""
     N, d = dims.N, dims.d
+    if name.rpartition(".")[2] in t.ia3_inputs:  # linear(x * l): l's gradient needs x; the layer gets x * l
+        saved.add(x, N * fan_in * d)
+        x, x_rg = f"{name}.ia3_scaled", True
     if t.base_linears:  # the weight's gradient needs the input
         saved.add(x, N * fan_in * d)
     if quantized and dims.quantize == "bnb.int8" and x_rg:
@@ -111,7 +114,11 @@ def _linear(saved: _Saved, name: str, x: str, x_rg: bool, fan_in: int, fan_out: 
         saved.add(f"{name}.lora_a_out", N * t.lora_r * d)
     if t.v2_linears:  # scale * (linear(x) + bias): the scale's gradient needs linear(x) + bias
         saved.add(f"{name}.biased", N * fan_out * d)
-    return x_rg or t.base_linears or lora or t.v2_linears
+    ia3_out = name.rpartition(".")[2] in t.ia3_outputs
+    if ia3_out:  # linear(x) * l: l's gradient needs linear(x)
+        saved.add(f"{name}.out", N * fan_out * d)
+    bias = name.rpartition(".")[2] in t.bias_linears  # linear(x) + b keeps nothing, but its output needs a gradient
+    return x_rg or t.base_linears or lora or t.v2_linears or ia3_out or bias
 
 
 def _bottleneck(saved: _Saved, name: str, x: str, layer: int, dims: _Dims, t: TrainedParts) -> bool:

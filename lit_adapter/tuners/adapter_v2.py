@@ -23,6 +23,7 @@ from lit_adapter.config import Config
 from lit_adapter.tuners import adapter
 from lit_adapter.tuners.adapter import AdapterConfig, load_adapter_state_dict, mark_only_as_trainable, materialize
 from lit_adapter.tuners.base import TrainedParts, has_name_part
+from lit_adapter.tuners.wrapping import LinearWrapper
 
 # lit-llama trains "adapter_wte", "gating_factor", "adapter_bias", "adapter_scale", "rms_1", "rms_2", "ln_f";
 # our RMSNorms are named norm_1 / norm_2
@@ -31,48 +32,19 @@ WRAPPED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 WRAPPED_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
-class AdapterV2Linear(nn.Module):
+class AdapterV2Linear(LinearWrapper):
     """``scale * (linear(x) + bias)`` around any linear-like module (``nn.Linear``, bitsandbytes layers)."""
 
+    own_names = ("adapter_bias", "adapter_scale")
+
     def __init__(self, linear: nn.Module) -> None:
-        super().__init__()
-        self.linear = linear
-        weight = getattr(linear, "weight", None)
-        device = weight.device if weight is not None else None
-        dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-        self.adapter_bias = nn.Parameter(torch.zeros(linear.out_features, device=device, dtype=dtype))
-        self.adapter_scale = nn.Parameter(torch.ones(linear.out_features, device=device, dtype=dtype))
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        # keeps ``model.lm_head.weight = model.transformer.wte.weight`` (re-tying after loading) working
-        if name == "weight":
-            setattr(self.linear, name, value)
-        else:
-            super().__setattr__(name, value)
+        super().__init__(linear)
+        self.adapter_bias = self.new_vector(linear.out_features, 0.0)
+        self.adapter_scale = self.new_vector(linear.out_features, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)  # (..., out_features)
         return self.adapter_scale.to(y.dtype) * (y + self.adapter_bias.to(y.dtype))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # Base checkpoints name the linear's tensors ``<prefix>weight``; here they are ``<prefix>linear.weight``.
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            if rest not in self._parameters and not rest.startswith("linear."):
-                state_dict[prefix + "linear." + rest] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def reset_peft_parameters(self, device=None, dtype=None) -> None:

@@ -51,6 +51,12 @@ class TrainedParts:
     prompt_from_layer: Optional[int] = None
     """First layer with a gated adaption prompt (LLaMA-Adapter), or None."""
     prompt_length: int = 0
+    ia3_outputs: Tuple[str, ...] = ()
+    """Attribute names of the linears whose output a trainable vector rescales, ``linear(x) * l`` (IA³)."""
+    ia3_inputs: Tuple[str, ...] = ()
+    """Attribute names of the linears whose input a trainable vector rescales, ``linear(x * l)`` (IA³)."""
+    bias_linears: Tuple[str, ...] = ()
+    """Attribute names of the linears given a trainable output bias, ``linear(x) + b`` (BitFit)."""
     bottleneck_sites: Tuple[str, ...] = ()
     """Where a bottleneck adapter ``x + scaling * up(act(down(x)))`` acts (Houlsby, Pfeiffer): ``attn`` and ``mlp``
     on that sublayer's output before the residual add, ``block`` on the block's output."""

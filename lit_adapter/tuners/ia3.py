@@ -1,0 +1,176 @@
+"""IA³: Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context
+Learning", https://arxiv.org/abs/2205.05638 ("Infused Adapter by Inhibiting and Amplifying Inner Activations").
+
+Learned vectors rescale inner activations elementwise: the attention keys and values, ``l_k * k_proj(x)`` and
+``l_v * v_proj(x)``, and the feed-forward network's intermediate activation, which in LLaMA's SwiGLU is the input of
+``down_proj``: ``down_proj(l_ff * (silu(gate_proj(x)) * up_proj(x)))``. The vectors start at one, so the adapted
+model starts exactly as the base model, and only they train: for LLaMA 7B, 32 x (4096 + 4096 + 11008) = 614,400
+values. As in HF PEFT (whose ``IA3Config`` the tests use as the oracle) the keys are rescaled at ``k_proj``'s
+output, before the rotary embedding, and the targets are configurable (``targets``, and ``feedforward`` for
+those whose *input* is rescaled).
+
+:class:`IA3Linear` wraps the base layer by composition and only calls it, so the base may be quantized. For
+inference the vectors can be folded into the frozen weights once (``W <- diag(l) W`` for an output scale,
+``W <- W diag(l)`` for an input scale; :func:`fold_ia3`), which removes the extra multiplication; that needs a
+plain floating-point weight that no other layer shares, so a quantized base stays unfolded (same output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from lit_adapter.errors import UserError
+from lit_adapter.model import GPT
+from lit_adapter.tuners.base import Method, TrainedParts
+from lit_adapter.tuners.wrapping import LinearWrapper, wrap_linears, wrapped_layers
+
+IA3_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The block linears IA³ may rescale, in model order."""
+
+
+def _linear_names(value, what: str) -> Tuple[str, ...]:
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [n.strip() for n in names if n.strip()]
+    unknown = sorted(set(names) - set(IA3_LINEARS))
+    if unknown:
+        raise UserError(f"ia3 {what} {', '.join(unknown)} unknown; choose from {', '.join(IA3_LINEARS)}")
+    return tuple(n for n in IA3_LINEARS if n in names)
+
+
+@dataclass
+class IA3Config:
+    targets: Tuple[str, ...] = ("k_proj", "v_proj", "down_proj")
+    """The block linears to rescale (PEFT's target_modules), from q_proj, k_proj, v_proj, o_proj, gate_proj,
+    up_proj, down_proj. The default is the paper's and PEFT's for LLaMA: keys, values and the FFN activation."""
+    feedforward: Tuple[str, ...] = ("down_proj",)
+    """Those targets whose input is rescaled instead of their output (PEFT's feedforward_modules); down_proj's
+    input is the FFN's intermediate activation. A name that is not among the targets has no effect."""
+
+    def __post_init__(self) -> None:
+        self.targets = _linear_names(self.targets, "targets")
+        if not self.targets:
+            raise UserError(f"ia3 targets nothing: name at least one of {', '.join(IA3_LINEARS)}")
+        # kept to the targets, so that narrowing the targets does not need the default feedforward changed too
+        self.feedforward = tuple(n for n in _linear_names(self.feedforward, "feedforward") if n in self.targets)
+
+    def outputs_scaled(self) -> Tuple[str, ...]:
+        return tuple(n for n in self.targets if n not in self.feedforward)
+
+
+class IA3Linear(LinearWrapper):
+    """``linear(x) * l`` (an output scale) or, with ``feedforward``, ``linear(x * l)`` (an input scale)."""
+
+    own_names = ("ia3_l",)
+
+    def __init__(self, linear: nn.Module, feedforward: bool = False) -> None:
+        super().__init__(linear)
+        self.feedforward = feedforward
+        self.ia3_l = self.new_vector(linear.in_features if feedforward else linear.out_features, 1.0)
+        self.folded = False
+
+    def reset_peft_parameters(self) -> None:
+        """Ones (the identity), allocated beside the base weight if still on meta; a folded vector is unfolded."""
+        self.unfold()
+        self.materialize_own()
+        with torch.no_grad():
+            nn.init.ones_(self.ia3_l)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            if self.training and torch.is_grad_enabled() and self.ia3_l.requires_grad:
+                # the vector is in the weight, so it would silently get no gradient
+                raise RuntimeError("training a folded IA³ layer: call unfold_ia3(model) before training")
+            return self.linear(x)
+        if self.feedforward:
+            return self.linear(x * self.ia3_l.to(x.dtype))  # (..., in) scaled, then (..., out)
+        y = self.linear(x)  # (..., out)
+        return y * self.ia3_l.to(y.dtype)
+
+    def _scale_weight(self, scale: torch.Tensor) -> None:
+        weight, bias = self.linear.weight, getattr(self.linear, "bias", None)
+        weight.mul_(scale.to(weight.dtype)[None, :] if self.feedforward else scale.to(weight.dtype)[:, None])
+        if bias is not None and not self.feedforward:  # (W x + b) * l = (l W) x + l b
+            bias.mul_(scale.to(bias.dtype))
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Folds the vector into the base weight; does nothing if already folded."""
+        if self.folded:
+            return
+        reason = self.weight_refusal()
+        if reason is not None:
+            raise UserError(f"cannot fold IA³ into this layer: {reason}")
+        self._scale_weight(self.ia3_l)
+        self.folded = True
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        """Divides the vector out of the base weight again (exact up to float rounding); no-op if not folded."""
+        if not self.folded:
+            return
+        if (self.ia3_l == 0).any():
+            raise UserError("cannot unfold IA³: a scale of 0 erased its rows or columns of the base weight")
+        self._scale_weight(1.0 / self.ia3_l.float())
+        self.folded = False
+
+    def extra_repr(self) -> str:
+        return f"scales={'input' if self.feedforward else 'output'}, folded={self.folded}"
+
+
+def ia3_layers(model: nn.Module) -> Dict[str, IA3Linear]:
+    return wrapped_layers(model, IA3Linear)
+
+
+def add_ia3(model: nn.Module, cfg: IA3Config) -> nn.Module:
+    """Wraps the targeted linears of every block of a ``lit_adapter.model.GPT`` in :class:`IA3Linear`, in place."""
+    feedforward = set(cfg.feedforward)
+    wrap_linears(model, cfg.targets, lambda name, linear: IA3Linear(linear, feedforward=name in feedforward))
+    return model
+
+
+def fold_ia3(model: nn.Module, strict: bool = True) -> List[str]:
+    """Folds every IA³ vector into its base weight; folding twice changes nothing.
+
+    A layer that cannot be folded (quantized or shared weight) raises :class:`UserError` when ``strict``;
+    otherwise it stays unfolded, which computes the same output, and its name is returned.
+    """
+    layers = ia3_layers(model)
+    kept = [] if strict else [name for name, layer in layers.items() if layer.weight_refusal() is not None]
+    for name, layer in layers.items():
+        if name not in kept:
+            layer.fold()
+    return kept
+
+
+def unfold_ia3(model: nn.Module) -> nn.Module:
+    for layer in ia3_layers(model).values():
+        layer.unfold()
+    return model
+
+
+class IA3(Method):
+    name = "ia3"
+    summary = ("Fine-tune a frozen LLaMA with IA³ (Liu et al. 2022): learned vectors, initialised to ones, rescale "
+               "the attention keys and values (k_proj, v_proj outputs) and the FFN's intermediate activation "
+               "(down_proj's input). Only the vectors train (614,400 values for LLaMA 7B).")
+    settings_cls = IA3Config
+    settings_group = "ia3"
+    # the paper's rate (with Adafactor); no weight decay, which would pull the scales from 1 towards 0
+    train_defaults = {"learning_rate": 3e-3, "weight_decay": 0.0}
+    trained_names = added_names = IA3Linear.own_names
+
+    def attach(self, model: GPT, settings: IA3Config) -> None:
+        add_ia3(model, settings)
+
+    def memory_terms(self, settings: IA3Config) -> TrainedParts:
+        return TrainedParts(ia3_outputs=settings.outputs_scaled(), ia3_inputs=tuple(settings.feedforward))
+
+    def prepare_for_inference(self, model: nn.Module) -> None:
+        fold_ia3(model, strict=False)  # a quantized base stays unfolded
+
+
+METHOD = IA3()

@@ -1,0 +1,121 @@
+"""What the methods that wrap a frozen linear by composition share (IA³, BitFit).
+
+A :class:`LinearWrapper` holds the base layer as ``linear`` and only *calls* it, so the base may be a plain
+``nn.Linear`` or a frozen bitsandbytes ``Linear8bitLt`` / ``Linear4bit``; its own tensors are small per-channel
+vectors. It answers ``in_features``, ``out_features`` and ``weight`` like the layer it wraps (a tied output head is
+re-tied through it after loading), and it accepts a base checkpoint's names (``...k_proj.weight``) for the
+wrapped ``...k_proj.linear.weight``. :func:`wrap_linears` puts a wrapper around every linear of a model whose
+attribute name is targeted and records which of them share their weight with another layer (the output head tied
+to the embedding), where folding a method into the weight would change that other layer too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Collection, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a bitsandbytes (or any non-floating-point) weight, which cannot be scaled in place."""
+    return type(weight).__module__.startswith("bitsandbytes") or not weight.is_floating_point()
+
+
+class LinearWrapper(nn.Module):
+    """A frozen ``linear`` (only called) plus the per-channel parameters named in :attr:`own_names`."""
+
+    own_names: ClassVar[Tuple[str, ...]] = ()
+    """The wrapper's own parameters; every other key under its prefix belongs to the wrapped layer."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+        # set by wrap_linears when the base weight is also another layer's (a tied output head)
+        self.weight_is_shared = False
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # keeps ``model.lm_head.weight = model.transformer.wte.weight`` (re-tying after loading) working
+        if name == "weight":
+            setattr(self.linear, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def new_vector(self, size: int, fill: float) -> nn.Parameter:
+        """A parameter of ``size`` values ``fill`` beside the base weight: its dtype, or for a quantized base the
+        layer's compute dtype (float32 if it has none)."""
+        weight = self.linear.weight
+        dtype = weight.dtype if weight.is_floating_point() else getattr(self.linear, "compute_dtype", None)
+        return nn.Parameter(torch.full((size,), fill, device=weight.device, dtype=dtype or torch.float32))
+
+    def materialize_own(self) -> None:
+        """Allocates own parameters left on the meta device (a model built on meta, its base loaded with
+        ``assign=True``) on the base weight's device; on a meta base they stay on meta."""
+        base = self.linear.weight
+        for name in self.own_names:
+            old = getattr(self, name)
+            if old.is_meta and not base.is_meta:
+                new = torch.empty(old.shape, device=base.device, dtype=old.dtype)
+                setattr(self, name, nn.Parameter(new, requires_grad=old.requires_grad))
+
+    def weight_refusal(self) -> Optional[str]:
+        """Why the base weight cannot be changed in place (to fold a method into it), or None if it can."""
+        if is_quantized(self.linear.weight):
+            return (f"its base is a quantized {type(self.linear).__name__}: dequantize-scale-requantize would change "
+                    "the base weights; keep it unfolded (its output is the same) or load the base without --quantize")
+        if self.weight_is_shared:
+            return ("its weight is shared with another layer (the output head tied to the embedding): changing it "
+                    "would change that layer too; keep it unfolded")
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A base checkpoint names the layer's tensors ``<prefix>weight``; here they are ``<prefix>linear.weight``.
+        # ``state_dict`` holds the keys under this module; its children are loaded from it afterwards.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if rest.split(".", 1)[0] not in (*self.own_names, "linear") and prefix + "linear." + rest not in state_dict:
+                state_dict[prefix + "linear." + rest] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def wrapped_layers(model: nn.Module, kind: type = LinearWrapper) -> Dict[str, LinearWrapper]:
+    """The wrappers of type ``kind`` in ``model`` by qualified name (``"transformer.h.0.attn.k_proj"``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
+
+
+def wrap_linears(
+    model: nn.Module, names: Collection[str], make: Callable[[str, nn.Module], LinearWrapper]
+) -> Dict[str, LinearWrapper]:
+    """Replaces, in place, every linear of ``model`` whose attribute name is in ``names`` by ``make(name, linear)``
+    (``name`` the attribute name, e.g. ``"k_proj"``); returns the wrappers by qualified name.
+
+    Works on the meta device and on already quantized linears. A tied head keeps its tie: the wrapper holds the
+    same ``nn.Linear``, whose weight is the embedding's, and is marked ``weight_is_shared``.
+    """
+    if wrapped_layers(model):
+        raise RuntimeError("the model's linears are already wrapped by a PEFT method")
+    targets = [(name, module) for name, module in model.named_modules()
+               if name.rpartition(".")[2] in names and hasattr(module, "in_features") and hasattr(module, "weight")]
+    counts: Dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    wrappers = {}
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        wrapper = make(child, linear)
+        wrapper.weight_is_shared = counts.get(id(linear.weight), 0) > 1
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
+        wrappers[name] = wrapper
+    return wrappers
