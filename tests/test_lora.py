@@ -386,3 +386,17 @@ def test_trainable_count_on_7b_and_state_dict_round_trip():
     with torch.no_grad():
         assert torch.equal(target.eval()(idx), source.eval()(idx))
         assert torch.equal(partial.transformer.h[1].mlp.up_proj.lora_B, source.transformer.h[1].mlp.up_proj.lora_B)
+
+
+def test_lora_on_a_tied_head_keeps_the_tie(stories260k):
+    """stories260K ties its head to the embedding; re-tying after loading must reach the wrapped head."""
+    from lit_adapter.config import Config
+    from lit_adapter.methods import MethodSpec, prepare_model
+
+    config = Config.from_checkpoint_dir(stories260k)
+    assert config.tie_embeddings
+    spec = MethodSpec("lora", LoRAConfig(r=2, alpha=4, dropout=0.0, head=True))
+    model = prepare_model(spec, config, stories260k, torch.device("cpu"), torch.float32)
+    assert model.lm_head.linear.weight is model.transformer.wte.weight
+    assert "lm_head.weight" not in dict(model.named_parameters(remove_duplicate=False))
+    assert model.lm_head.weight_is_shared

@@ -27,9 +27,7 @@ import torch.nn.functional as F
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.tuners.base import Method, TrainedParts, has_name_part
-
-# Names of a LoRALinear's own children/parameters; any other key under its prefix belongs to the base layer.
-_OWN_NAMES = ("linear", "lora_A", "lora_B", "lora_dropout")
+from lit_adapter.tuners.wrapping import LinearWrapper
 
 
 @dataclass
@@ -79,21 +77,17 @@ class LoRAConfig:
         return names
 
 
-def _is_quantized(weight: torch.Tensor) -> bool:
-    # bitsandbytes parameters (Int8Params, Params4bit) are the quantized weights we know; a non-float weight is too.
-    return type(weight).__module__.startswith("bitsandbytes") or not weight.is_floating_point()
-
-
-class LoRALinear(nn.Module):
+class LoRALinear(LinearWrapper):
     """``linear(x) + dropout(x) @ A^T @ B^T * (alpha / r)`` around a frozen base ``linear``.
 
-    ``linear`` is only called and asked for ``in_features`` / ``out_features``, so it may be quantized.
+    ``linear`` is only called and asked for ``in_features`` / ``out_features``, so it may be quantized; the wrapper
+    (:class:`~lit_adapter.tuners.wrapping.LinearWrapper`) passes ``weight`` through, so a tied head stays tied.
     """
 
+    own_names = ("lora_A", "lora_B", "lora_dropout")
+
     def __init__(self, linear: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.linear = linear
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear)
         self.r = r
         self.alpha = alpha
         self.scaling = alpha / r
@@ -104,9 +98,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=weight.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=weight.device, dtype=dtype))
         self.merged = False
-        # Set by ``add_lora`` when the base weight is also another layer's (a tied output head): merging in place
-        # would change that layer too.
-        self.weight_is_shared = False
         self.reset_peft_parameters()
 
     def reset_peft_parameters(self) -> None:
@@ -150,17 +141,9 @@ class LoRALinear(nn.Module):
         return out + update.to(out.dtype)
 
     def _check_mergeable(self) -> None:
-        if _is_quantized(self.linear.weight):
-            raise UserError(
-                f"cannot merge LoRA into a quantized {type(self.linear).__name__}: dequantize-add-requantize would "
-                "change the base weights and not be undone exactly; keep it unmerged (its output is the same) or "
-                "load the base without --quantize to merge"
-            )
-        if self.weight_is_shared:
-            raise UserError(
-                "cannot merge LoRA into a weight shared with another layer (the output head tied to the "
-                "embedding): merging would change the embedding too; keep it unmerged"
-            )
+        refusal = self.weight_refusal()
+        if refusal is not None:
+            raise UserError(f"cannot merge LoRA into this layer: {refusal}")
 
     @property
     def mergeable(self) -> bool:
@@ -189,21 +172,6 @@ class LoRALinear(nn.Module):
             return
         self.linear.weight.sub_(self.delta_weight())
         self.merged = False
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        # A base checkpoint names the weight ``<prefix>weight``; here the base layer lives at ``<prefix>linear.``.
-        # ``state_dict`` is the part of the dict under this module, and children are loaded from it afterwards.
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            if rest.split(".", 1)[0] not in _OWN_NAMES:
-                wrapped = prefix + "linear." + rest
-                if wrapped not in state_dict:
-                    state_dict[wrapped] = state_dict.pop(key)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
