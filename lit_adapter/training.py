@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from lit_adapter import methods
 from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared, truncate_examples
 from lit_adapter.errors import UserError
-from lit_adapter.guards import LossNotFinite, StopRequest, check_finite, gradient_norm
+from lit_adapter.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
 from lit_adapter.loggers import LoggerArgs, build_logger, logger_supports_hparams, logger_summary
 from lit_adapter.losses import forward_loss
 from lit_adapter.memory import ESTIMATED_PATTERNS, estimate_memory, format_estimate
@@ -364,21 +364,16 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     progress = tqdm(total=total_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0,
                     dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
     window_start, window_tokens = time.perf_counter(), 0
-    # the step of the newest checkpoint on disk, which is always finite (save_resumable refuses anything else)
-    saved = {"step": state["step"] if resume else None}
+    keeper = GoodCheckpoint(checkpoint_path, state["step"] if resume else None, is_main=fabric.global_rank == 0)
 
     def save(step: int) -> None:
-        save_resumable(fabric, state, scheduler, checkpoint_path, spec, model)
-        saved["step"] = step
+        save_resumable(fabric, state, scheduler, checkpoint_path, spec, model, keep_previous=keeper.previous)
+        keeper.written(step)
 
     def not_finite(what: str) -> LossNotFinite:
-        if saved["step"] is None:
-            where = "; no checkpoint had been written yet"
-        else:
-            where = (f"; the last good checkpoint is {checkpoint_path} (step {saved['step']}, all finite): "
-                     "continue from it with --resume true")
-        return LossNotFinite(f"{what}{where}. Lower train.learning_rate, keep train.max_grad_norm set, or check the "
-                             "data.")
+        keeper.diverged()
+        return LossNotFinite(f"{what}{keeper.describe()}. Lower train.learning_rate, keep train.max_grad_norm set, "
+                             "or check the data.")
 
     with StopRequest() as stop:
         try:
@@ -398,11 +393,18 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                 if not math.isfinite(step_loss_value):
                     raise not_finite(f"the training loss became {step_loss_value} at step {state['step'] + 1}; "
                                      "no update was applied")
+                keeper.step_was_finite()
                 grad_norm = gradient_norm(fabric, model, optimizer, trainable, train.max_grad_norm)
                 if not math.isfinite(grad_norm):
                     raise not_finite(f"the gradients became non-finite (norm {grad_norm}) at step "
                                      f"{state['step'] + 1}; no update was applied")
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as err:  # torch's AdamW cannot even form an update that large
+                    if "overflow" not in str(err):
+                        raise
+                    raise not_finite(f"the optimizer's update overflowed at step {state['step'] + 1} "
+                                     f"(train.learning_rate={train.learning_rate:g})") from None
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 state["step"] += 1
@@ -436,13 +438,17 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
             if status == "completed":
                 check_finite(model, spec, f"after step {state['step']}", not_finite)
                 methods.save_adapter(model, spec, config, checkpoint_dir, out_dir / "final")
+            keeper.finish()
         except KeyboardInterrupt:  # a second SIGINT/SIGTERM while stopping: say what is on disk
             progress.close()
-            left = (f"{checkpoint_path} is the complete checkpoint of step {saved['step']}" if saved["step"] is not None
+            newest = keeper.pending if keeper.pending is not None else keeper.good
+            left = (f"{checkpoint_path} is the complete checkpoint of step {newest}" if newest is not None
                     else "no checkpoint was written")
             print(f"\nstopped again during shutdown: {left} (checkpoints are written atomically, so it is whole); "
                   "final/ was not written", file=sys.stderr)
             raise SystemExit(130) from None
+        finally:
+            progress.close()  # before any error line, so it does not land on the bar's line
     result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
     summary = logger_summary(fabric.logger)
     fabric.logger.finalize("success" if status == "completed" else "aborted")
@@ -481,7 +487,8 @@ def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cro
     return float(total / count.clamp(min=1))
 
 
-def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec, model=None) -> None:
+def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec, model=None,
+                   keep_previous: Optional[Path] = None) -> None:
     """Writes the trainable tensors, optimizer, scheduler, step and RNG atomically (temp file + rename).
 
     Refuses non-finite tensors (so the newest checkpoint is always one to resume from) and turns a failed write
@@ -500,6 +507,8 @@ def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec, m
         raise UserError(f"could not write the checkpoint {path}: {reason}; the previous checkpoint is unchanged") from None
     fabric.barrier()
     if fabric.global_rank == 0:
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)  # until the new one has proven itself (guards.GoodCheckpoint)
         os.replace(tmp, path)
 
 

@@ -208,11 +208,14 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
         return loss, n
 
     monkeypatch.setattr(losses, "loss_fn", poisoned)
-    with pytest.raises(training.LossNotFinite, match="step 5.*last good checkpoint"):
+    with pytest.raises(training.LossNotFinite, match=r"step 5.*last good checkpoint .* \(step 2.*step-4 checkpoint"):
         run(tmp_path, stories_checkpoint, instruction_data, steps=8, save_interval=2)
+    # the step-4 checkpoint's next step diverged, so it is set aside; the step-2 one (whose next step was fine) is
+    # last.ckpt again
     state = torch.load(tmp_path / training.CHECKPOINT_NAME, weights_only=True)
-    assert state["step"] == 4
+    assert state["step"] == 2
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert torch.load(tmp_path / (training.CHECKPOINT_NAME + ".diverged"), weights_only=True)["step"] == 4
 
 
 def test_missing_data_and_empty_split_are_clear_errors(tmp_path, stories_checkpoint, instruction_data):
