@@ -7,6 +7,7 @@ from typing import Literal, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lit_adapter.errors import run_cli  # noqa: E402
+from lit_adapter.quantize import LoadQuantize  # noqa: E402
 
 
 def main(
@@ -22,7 +23,7 @@ def main(
     data_dir: Optional[Path] = None,
     nli_file: Optional[Path] = None,
     out_file: Optional[Path] = None,
-    quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
+    quantize: LoadQuantize = None,
     precision: Optional[str] = None,
     device: Optional[str] = None,
 ) -> None:
@@ -48,7 +49,8 @@ def main(
         nli_file: Local NLI data (JSON, JSONL or TSV with premise, hypothesis, label); default: nyu-mll/multi_nli
             validation_matched from the Hugging Face hub.
         out_file: Where to write the JSON report with every answer (default: print only).
-        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes.
+        quantize: How to load the base: as the fine-tune was trained (default; recorded in its
+            adapter_config.json), none (full precision), or bnb.int8 / bnb.nf4 / bnb.nf4-dq / bnb.fp4.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         device: cpu or cuda (default: cuda when available).
     """

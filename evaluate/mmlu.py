@@ -2,11 +2,12 @@
 
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lit_adapter.errors import run_cli  # noqa: E402
+from lit_adapter.quantize import LoadQuantize  # noqa: E402
 
 
 def main(
@@ -18,7 +19,7 @@ def main(
     data_dir: Optional[Path] = None,
     batch_size: int = 8,
     out_dir: Optional[Path] = None,
-    quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
+    quantize: LoadQuantize = None,
     precision: Optional[str] = None,
     device: Optional[str] = None,
 ) -> None:
@@ -38,7 +39,8 @@ def main(
             the header question,choice0..choice3,answer), e.g. ../shared/data/mmlu; default: cais/mmlu from the hub.
         batch_size: Questions per forward pass.
         out_dir: Where to write mmlu.json (default: print only).
-        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes.
+        quantize: How to load the base: as the fine-tune was trained (default; recorded in its
+            adapter_config.json), none (full precision), or bnb.int8 / bnb.nf4 / bnb.nf4-dq / bnb.fp4.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         device: cpu or cuda (default: cuda when available).
     """

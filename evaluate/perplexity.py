@@ -2,11 +2,12 @@
 
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lit_adapter.errors import run_cli  # noqa: E402
+from lit_adapter.quantize import LoadQuantize  # noqa: E402
 
 
 def main(
@@ -19,7 +20,7 @@ def main(
     batch_size: int = 1,
     data_dir: Optional[Path] = None,
     out_dir: Optional[Path] = None,
-    quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
+    quantize: LoadQuantize = None,
     precision: Optional[str] = None,
     device: Optional[str] = None,
     progress: bool = True,
@@ -43,7 +44,8 @@ def main(
             c4/c4-validation.00000-of-00008.json.gz or c4/c4-train.00000-of-01024.first1000.json.gz), e.g.
             ../shared/data; default: download from the Hugging Face hub.
         out_dir: Where to write perplexity.json (default: print only).
-        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes.
+        quantize: How to load the base: as the fine-tune was trained (default; recorded in its
+            adapter_config.json), none (full precision), or bnb.int8 / bnb.nf4 / bnb.nf4-dq / bnb.fp4.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         device: cpu or cuda (default: cuda when available).
         progress: Show a progress bar with tokens/s and the time left.

@@ -1,10 +1,11 @@
 """Generate text from a base LLaMA checkpoint with the KV cache."""
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 from lit_adapter.errors import run_cli
 from lit_adapter.generate import run_generation
+from lit_adapter.quantize import LoadQuantize
 
 
 def main(
@@ -13,7 +14,7 @@ def main(
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: Optional[int] = 200,
-    quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
+    quantize: LoadQuantize = None,
     precision: Optional[str] = None,
     seed: int = 1234,
     device: Optional[str] = None,
@@ -26,7 +27,8 @@ def main(
         max_new_tokens: How many tokens to generate at most (stops early at end-of-sequence).
         temperature: Sampling temperature; 0 means greedy decoding.
         top_k: Sample only among the k most likely tokens.
-        quantize: Load the weights in 8 or 4 bits with bitsandbytes.
+        quantize: How to load the base: as the fine-tune was trained (default; recorded in its
+            adapter_config.json), none (full precision), or bnb.int8 / bnb.nf4 / bnb.nf4-dq / bnb.fp4.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         seed: Random seed for sampling.
         device: cpu or cuda (default: cuda when available).

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Optional
 
 import torch
 
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
+from lit_adapter.quantize import LoadQuantize
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None) -> torch.Tensor:
@@ -159,7 +160,7 @@ def generate_instruction_answer(
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: Optional[int] = 200,
-    quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
+    quantize: LoadQuantize = None,
     precision: Optional[str] = None,
     seed: int = 1234,
     device: Optional[str] = None,
@@ -174,7 +175,8 @@ def generate_instruction_answer(
         max_new_tokens: How many tokens to generate at most (stops early at end-of-sequence).
         temperature: Sampling temperature; 0 means greedy decoding.
         top_k: Sample only among the k most likely tokens.
-        quantize: Load the frozen base in 8 or 4 bits with bitsandbytes.
+        quantize: How to load the base: as the fine-tune was trained (default; recorded in its
+            adapter_config.json), none (full precision), or bnb.int8 / bnb.nf4 / bnb.nf4-dq / bnb.fp4.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         seed: Random seed for sampling.
         device: cpu or cuda (default: cuda when available).

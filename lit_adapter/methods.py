@@ -14,6 +14,7 @@ finished run (:func:`save_adapter`, :func:`load_finetuned`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -240,6 +241,25 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
     return out_dir
 
 
+def save_adapter_folder(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_dir: Path,
+                        out_dir: Path) -> Path:
+    """:func:`save_adapter` into a temporary folder that then replaces ``out_dir`` whole, so a reader (or a crash)
+    never sees a mix of two saves."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    old = out_dir.with_name(out_dir.name + ".old")
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    save_adapter(model, spec, config, checkpoint_dir, tmp)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    return out_dir
+
+
 def read_spec(adapter_dir: Path) -> Tuple[MethodSpec, Dict[str, Any]]:
     """The :class:`MethodSpec` recorded in a run's ``final/adapter_config.json``; a broken file is one line."""
     path = Path(adapter_dir) / ADAPTER_CONFIG_FILE
@@ -270,13 +290,18 @@ def load_finetuned(
     dtype: torch.dtype,
     quantize: Optional[str] = None,
 ) -> Tuple[Config, GPT, MethodSpec]:
-    """The base of ``checkpoint_dir`` with the fine-tuned tensors of ``adapter_dir`` (``None``: the base alone)."""
+    """The base of ``checkpoint_dir`` with the fine-tuned tensors of ``adapter_dir`` (``None``: the base alone).
+
+    ``quantize``: ``None`` loads the base as the fine-tune was trained (the quantization its adapter_config.json
+    records), ``"none"`` in full precision, a mode in that mode; a choice that differs from the training is said in
+    one line on stderr.
+    """
     if adapter_dir is None:
-        spec = MethodSpec("full", quantize=quantize)
+        spec = MethodSpec("full", quantize=None if quantize == "none" else quantize)
         config = Config.from_checkpoint_dir(checkpoint_dir)
         return config, prepare_model(spec, config, checkpoint_dir, device, dtype).eval(), spec
     spec, _ = read_spec(adapter_dir)
-    spec.quantize = quantize
+    spec.quantize = _quantization_for(spec.quantize, quantize, adapter_dir)
     if spec.definition.final_is_checkpoint:
         config = Config.from_checkpoint_dir(adapter_dir)
         return config, prepare_model(spec, config, adapter_dir, device, dtype).eval(), spec
@@ -289,6 +314,21 @@ def load_finetuned(
     load_trained_tensors(model, load_state_dict(path), spec, source=str(path))
     spec.definition.prepare_for_inference(model)
     return config, model.eval(), spec
+
+
+def _quantization_for(trained: Optional[str], asked: Optional[str], adapter_dir: Path) -> Optional[str]:
+    import sys
+
+    if asked is None:
+        if trained is not None:
+            print(f"note: loading the base in {trained}, as {adapter_dir} was trained (--quantize none loads it in "
+                  "full precision)", file=sys.stderr)
+        return trained
+    chosen = None if asked == "none" else asked
+    if chosen != trained:
+        print(f"note: {adapter_dir} was trained on a {trained or 'full-precision'} base; loading it "
+              f"{'in full precision' if chosen is None else 'in ' + chosen} as asked", file=sys.stderr)
+    return chosen
 
 
 def load_trained_tensors(model: nn.Module, tensors: Dict[str, torch.Tensor], spec: MethodSpec, source: str) -> None:

@@ -9,7 +9,7 @@ quantized when the layer is moved to its device.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,9 @@ from lit_adapter.errors import UserError
 from lit_adapter.logs import import_bitsandbytes
 
 QUANTIZE_MODES = ("bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4")
+LoadQuantize = Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "none"]]
+"""How generation and evaluation load a base: ``None`` as the fine-tune was trained (its ``adapter_config.json``
+records the quantization), ``"none"`` in full precision, or a mode."""
 
 
 def _default_skip(name: str) -> bool:

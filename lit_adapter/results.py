@@ -36,6 +36,9 @@ class RunResult:
     final_val_loss: Optional[float] = None
     """The last validation loss measured, at ``final_val_step``."""
     final_val_step: Optional[int] = None
+    best_val_loss: Optional[float] = None
+    """The lowest validation loss after step 0; ``best/`` holds the tensors of ``best_val_step``."""
+    best_val_step: Optional[int] = None
     avg_train_loss: Optional[float] = None
     last_train_loss: Optional[float] = None
     train_time_s: float = 0.0
@@ -57,6 +60,8 @@ def describe_validation(result: RunResult) -> str:
         parts.append(f"{result.final_val_loss:.4f} at step {result.final_val_step} ({last})")
     elif result.steps and result.initial_val_loss is not None:
         parts.append(f"none after training (stopped at step {result.steps})")
+    if result.best_val_step is not None and result.best_val_step != result.final_val_step:
+        parts.append(f"best {result.best_val_loss:.4f} at step {result.best_val_step} (best/)")
     return ", ".join(parts) or "not measured"
 
 
@@ -72,6 +77,8 @@ def summarize(fabric, spec, status, state, n_trainable, n_total, out_dir: Path) 
         initial_val_loss=vals[0][1] if vals and vals[0][0] == 0 else None,
         final_val_loss=vals[-1][1] if vals else None,
         final_val_step=vals[-1][0] if vals else None,
+        best_val_loss=state["best_val"][1] if state.get("best_val") else None,
+        best_val_step=state["best_val"][0] if state.get("best_val") else None,
         avg_train_loss=sum(losses) / len(losses) if losses else None,
         last_train_loss=losses[-1] if losses else None,
         train_time_s=state["train_time"],

@@ -106,6 +106,8 @@ class EvalArgs:
     """Use at most this many validation micro-batches per evaluation (default: the whole split)."""
     initial: bool = True
     """Also evaluate the model before the first step (the frozen model, for adapters and LoRA)."""
+    save_best: bool = True
+    """Keep out_dir/best/ (same format as final/): the trained tensors at the lowest validation loss after step 0."""
 
 
 @dataclass
@@ -322,7 +324,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     )
     state: Dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler.state_dict(),
                              "step": 0, "train_losses": [], "val_losses": [], "rng": torch.get_rng_state(),
-                             "tokens": 0, "train_time": 0.0}
+                             "tokens": 0, "train_time": 0.0, "best_val": []}
     checkpoint_path = out_dir / CHECKPOINT_NAME
     if resume:
         _resume(fabric, state, scheduler, checkpoint_path, model, spec)
@@ -352,7 +354,16 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     def run_validation(step: int) -> float:
         loss = validate(fabric, model, val_loader, eval.max_batches, train.loss)
         state["val_losses"].append((step, loss))
-        fabric.log_dict({"val_loss": loss, "step": step}, step=step)
+        metrics = {"val_loss": loss, "step": step}
+        best = state["best_val"]
+        if step > 0 and math.isfinite(loss) and (not best or loss < best[1]):
+            state["best_val"] = [step, loss]
+            if eval.save_best and fabric.global_rank == 0:
+                methods.save_adapter_folder(model, spec, config, checkpoint_dir, out_dir / "best")
+            fabric.barrier()
+        if state["best_val"]:
+            metrics["best_val_loss"] = state["best_val"][1]
+        fabric.log_dict(metrics, step=step)
         return loss
 
     if state["step"] == 0 and eval.initial:
@@ -437,7 +448,9 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
             save(state["step"])
             if status == "completed":
                 check_finite(model, spec, f"after step {state['step']}", not_finite)
-                methods.save_adapter(model, spec, config, checkpoint_dir, out_dir / "final")
+                if fabric.global_rank == 0:  # the ranks hold the same tensors; one writes them
+                    methods.save_adapter_folder(model, spec, config, checkpoint_dir, out_dir / "final")
+                fabric.barrier()
             keeper.finish()
         except KeyboardInterrupt:  # a second SIGINT/SIGTERM while stopping: say what is on disk
             progress.close()

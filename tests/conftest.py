@@ -1,8 +1,13 @@
 import os
 from pathlib import Path
 
+import lightning.fabric  # noqa: F401 (see below)
 import pytest
 import torch
+
+# Lightning's log handler binds sys.stderr when lightning.fabric is first imported. Imported here, before any test
+# captures output, it writes to the session's stream; imported inside a capsys test, later tests would log into that
+# test's closed capture ("--- Logging error ---").
 
 # Unit tests use tiny models, for which OpenMP threads cost more than they give (and stall badly when the cores are
 # shared); one thread also makes the timings of the end-to-end tests steadier.
