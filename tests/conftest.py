@@ -40,3 +40,19 @@ def stories260k(tmp_path_factory, shared_data) -> Path:
     source = shared_data / "checkpoints" / "stories260K"
     convert_llama2c_checkpoint(source / "stories260K.bin", out, tokenizer_path=source / "tok512.bin")
     return out
+
+
+@pytest.fixture(scope="session")
+def stories_checkpoint(stories260k):
+    return stories260k
+
+
+@pytest.fixture(scope="session")
+def instruction_data(tmp_path_factory, stories_checkpoint):
+    """400 synthetic instruction records prepared for stories260K (40 for validation): the loop tests' data."""
+    from lit_adapter.data import prepare
+
+    out = tmp_path_factory.mktemp("synthetic")
+    prepare(out, stories_checkpoint, source="synthetic", max_records=400, val_size=40, seed=3, max_seq_length=160,
+            progress=False, log=lambda *_: None)
+    return out

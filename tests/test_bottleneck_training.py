@@ -10,7 +10,7 @@ from lit_adapter.config import Config
 from lit_adapter.methods import MethodSpec, load_finetuned, prepare_model
 from lit_adapter.tuners.bottleneck import HoulsbyConfig, PfeifferConfig, bottleneck_adapters
 
-from test_training import instruction_data, run, stories_checkpoint  # noqa: F401 (fixtures)
+from test_training import run
 from test_training import test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one as check_exact_resume
 
 

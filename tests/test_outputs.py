@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lit_adapter.methods import load_finetuned
 from lit_adapter.tuners.lora import LoRAConfig
-from test_training import instruction_data, run, stories_checkpoint  # noqa: F401,F811 (pytest fixtures)
+from test_training import run
 
 
 def test_best_holds_the_lowest_validation_loss_after_step_0(tmp_path, stories_checkpoint, instruction_data):

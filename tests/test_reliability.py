@@ -16,7 +16,7 @@ import torch
 from lit_adapter import losses, training
 from lit_adapter.errors import UserError, run_cli
 from lit_adapter.preflight import LOCK_FILE
-from test_training import instruction_data, run, stories_checkpoint  # noqa: F401,F811 (pytest fixtures)
+from test_training import run
 
 REPO = Path(__file__).resolve().parents[1]
 

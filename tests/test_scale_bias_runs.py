@@ -10,7 +10,7 @@ import torch
 from test_lora import rel_err
 from test_memory import _cell
 from test_memory import test_estimate_within_15_percent_of_measured_cpu_peak as check_estimate
-from test_training import instruction_data, run, stories_checkpoint  # noqa: F401 (fixtures)
+from test_training import run
 from test_training import test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one as check_exact_resume
 
 from lit_adapter import methods

@@ -26,21 +26,6 @@ from lit_adapter.training import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def stories_checkpoint(stories260k):
-    return stories260k
-
-
-@pytest.fixture(scope="session")
-def instruction_data(tmp_path_factory, stories_checkpoint):
-    from lit_adapter.data import prepare
-
-    out = tmp_path_factory.mktemp("synthetic")
-    prepare(out, stories_checkpoint, source="synthetic", max_records=400, val_size=40, seed=3, max_seq_length=160,
-            progress=False, log=lambda *_: None)
-    return out
-
-
 def run(out_dir, checkpoint, data_dir, method="adapter_v2", steps=6, attention=None, quantize=None, settings=None,
         resume=False, **train_overrides):
     settings = settings or (AdapterConfig(start_layer=0) if method.startswith("adapter") else None)
