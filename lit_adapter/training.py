@@ -307,7 +307,8 @@ def finetune(
     precision = fabric_args.precision or default_precision(fabric_args.accelerator)
     if dry_run:
         methods.dry_run(spec, config)
-        print_memory_estimate(spec, config, context_length(data, config), train, fabric_args.accelerator, precision)
+        print_memory_estimate(spec, config, context_length(data, config, spec), train, fabric_args.accelerator,
+                              precision)
         return None
     if checkpoint_dir is None:
         raise UserError("--checkpoint_dir is required for training (only --dry_run works from --model_name alone)")
@@ -327,9 +328,11 @@ def finetune(
                               eval=eval, fabric=fabric_args, logger=logger, precision=precision))
 
 
-def context_length(data: DataArgs, config) -> int:
-    """Tokens per training sequence: ``--data.max_seq_length``, capped at (and by default) the model's context."""
-    return min(data.max_seq_length or config.block_size, config.block_size)
+def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) -> int:
+    """Tokens per training sequence: ``--data.max_seq_length``, capped at (and by default) the model's context
+    (less the positions the method puts before the real tokens: the prompt methods' virtual tokens)."""
+    room = config.block_size - (spec.definition.reserved_positions(spec.settings) if spec is not None else 0)
+    return min(data.max_seq_length or room, room)
 
 
 def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainArgs, accelerator: str,
@@ -360,7 +363,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
 
     fabric.seed_everything(train.seed)
     train_examples, val_examples, metadata = load_prepared(data.data_dir)
-    max_seq_length = context_length(data, config)
+    max_seq_length = context_length(data, config, spec)
     train_examples, cut_train = truncate_examples(train_examples, max_seq_length)
     val_examples, cut_val = truncate_examples(val_examples, max_seq_length)
     if cut_train or cut_val:
