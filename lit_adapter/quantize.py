@@ -21,8 +21,9 @@ QUANTIZE_MODES = ("bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4")
 
 def _default_skip(name: str) -> bool:
     # The output head stays in full precision: quantizing it costs the most accuracy for the least memory
-    # (and with tied embeddings it shares its weight with the embedding table).
-    return name == "lm_head" or name.startswith("lm_head.") or "lora_" in name
+    # (and with tied embeddings it shares its weight with the embedding table). The methods' own layers train:
+    # LoRA's matrices and the prompt methods' encoders (under ``virtual_tokens``).
+    return name == "lm_head" or name.startswith("lm_head.") or "lora_" in name or name.startswith("virtual_tokens.")
 
 
 def quantize_linears(
@@ -35,7 +36,7 @@ def quantize_linears(
     """Replaces the ``nn.Linear`` layers of ``model`` (in place) by frozen bitsandbytes counterparts.
 
     ``mode`` is one of :data:`QUANTIZE_MODES` (``None`` leaves the model as is). Layers whose qualified name
-    ``skip`` accepts (by default the output head and LoRA's own matrices) are left alone.
+    ``skip`` accepts (by default the output head and the methods' own layers) are left alone.
     """
     if mode is None:
         return model
