@@ -1,4 +1,4 @@
-"""Fine-tune a frozen LLaMA with prompt tuning (Lester et al. 2021): a learned soft prompt in front of every sequence."""
+"""Fine-tune a frozen LLaMA with prompt tuning (Lester et al. 2021): a soft prompt in front of every sequence."""
 
 from lit_adapter.cli import cli, make_finetune_command
 

@@ -28,7 +28,7 @@ from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, num_parameters
 from lit_adapter.quantize import QUANTIZE_MODES, quantize_linears
-from lit_adapter.tuners import adapter, adapter_v2, full, lora, p_tuning, prompt_tuning
+from lit_adapter.tuners import adapter, adapter_v2, full, lora, p_tuning, prefix_tuning, prompt_tuning
 from lit_adapter.tuners.base import Method
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (
@@ -38,6 +38,7 @@ REGISTRY: Dict[str, Method] = {m.name: m for m in (
     full.METHOD,
     prompt_tuning.METHOD,
     p_tuning.METHOD,
+    prefix_tuning.METHOD,
 )}
 METHODS = tuple(REGISTRY)
 ADAPTER_FILE = "adapter.safetensors"

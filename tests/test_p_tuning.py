@@ -8,6 +8,7 @@ from virtual_token_helpers import (
     base_model,
     check_generation_with_and_without_cache,
     check_interrupted_run_resumes_exactly,
+    check_saved_activations_match_autograd,
     check_reloaded_final_matches_trained_model,
     compare_with_peft,
     copy_into_peft,
@@ -71,6 +72,10 @@ def test_trainable_count_closed_form_and_7b_dry_run(capsys):
 def test_greedy_generation_with_and_without_kv_cache(encoder):
     settings = PTuningConfig(num_virtual_tokens=P, encoder=encoder, encoder_hidden_size=16)
     check_generation_with_and_without_cache(method_model("p_tuning", base_model("tiny-gqa", std=0.2), settings))
+
+
+def test_saved_activations_match_autograd():
+    check_saved_activations_match_autograd("p_tuning", PTuningConfig(num_virtual_tokens=7))
 
 
 @pytest.mark.parametrize("kwargs", [dict(seq_len=128, micro_batch_size=2, config={"vocab_size": 4096}),

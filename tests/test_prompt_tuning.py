@@ -12,6 +12,7 @@ from virtual_token_helpers import (
     base_model,
     check_generation_with_and_without_cache,
     check_interrupted_run_resumes_exactly,
+    check_saved_activations_match_autograd,
     check_reloaded_final_matches_trained_model,
     compare_with_peft,
     copy_into_peft,
@@ -145,9 +146,13 @@ def test_dry_run_counts_7b(capsys):
     assert dry_run_trainable("prompt_tuning", capsys) == 20 * 4096  # num_virtual_tokens x n_embd
 
 
+def test_saved_activations_match_autograd():
+    check_saved_activations_match_autograd("prompt_tuning", PromptTuningConfig(num_virtual_tokens=7))
+
+
 @pytest.mark.parametrize("kwargs", [dict(seq_len=128, micro_batch_size=2, config={"vocab_size": 4096}),
-                                    dict(seq_len=256, micro_batch_size=1, precision="bf16-true", config={"block_size": 512},
-                                         activation_checkpointing=True)])
+                                    dict(seq_len=256, micro_batch_size=1, precision="bf16-true",
+                                         config={"block_size": 512}, activation_checkpointing=True)])
 def test_estimate_within_15_percent_of_measured_cpu_peak(kwargs):
     measured, estimate = estimate_vs_measured("prompt_tuning", PromptTuningConfig(num_virtual_tokens=16), **kwargs)
     print(f"measured {measured:,} estimated {estimate:,} ({100 * (estimate / measured - 1):+.2f}%)")
@@ -169,3 +174,17 @@ def test_trains_on_an_int8_base(tmp_path, stories_checkpoint, instruction_data):
     result = run(tmp_path, stories_checkpoint, instruction_data, method="prompt_tuning", steps=4,
                  quantize="bnb.int8", settings=PromptTuningConfig(num_virtual_tokens=8), learning_rate=3e-2)
     assert result.status == "completed" and result.final_val_loss < result.initial_val_loss
+
+
+@pytest.mark.parametrize("method, doc", [("prompt_tuning", "Length of the soft prompt"),
+                                         ("p_tuning", "Hidden size H of the encoder"),
+                                         ("prefix_tuning", "Reparameterise the prefixes through an MLP")])
+def test_help_documents_the_settings(capsys, method, doc):
+    from jsonargparse import CLI, set_parsing_settings
+    from test_scripts import load_setup
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    with pytest.raises(SystemExit):
+        CLI(load_setup(method), args=["--help"], as_positional=False)
+    text = capsys.readouterr().out
+    assert f"--{method}.num_virtual_tokens" in text and doc in text

@@ -6,6 +6,9 @@ below its first adapted layer, Adapter v2 saves the output of every wrapped line
 LoRA's CPU dropout saves a float mask, RMSNorm keeps a float32 copy of its input, SDPA keeps q, k, v, its output
 and the log-sum-exp (O(T) with the fused kernels, an O(T^2) probability matrix on the math path), and the sparse
 patterns keep their gathered blocks. ``tests/test_memory.py`` checks every set against autograd's saved tensors.
+Prompt and P-tuning run every block on ``P + T`` rows that all require a gradient; prefix tuning's attention keeps
+its concatenated ``P + T`` keys and values and the mask, and requires a gradient in every layer (both checked in
+``tests/test_prompt_tuning.py`` and its siblings; virtual tokens with a sparse pattern are not modelled).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ https://arxiv.org/abs/2104.08691.
 
 ``num_virtual_tokens`` learned input embeddings (a "soft prompt", ``(P, n_embd)``) are prepended to every
 sequence; the model stays frozen and only the soft prompt trains. The virtual tokens run through the model like
-tokens at positions ``0..P-1`` and the real tokens follow at ``P, P + 1, ...`` (:mod:`lit_adapter.tuners.virtual_tokens`),
-as in HF PEFT's ``PromptTuningConfig``, which the tests match number for number.
+tokens at positions ``0..P-1`` and the real tokens follow at ``P, P + 1, ...``
+(:mod:`lit_adapter.tuners.virtual_tokens`), as in HF PEFT's ``PromptTuningConfig``, which the tests match number
+for number.
 
 Initialisation follows PEFT's ``prompt_tuning_init``: ``random`` draws the prompt from N(0, 1) (an
 ``nn.Embedding``'s default, PEFT's ``RANDOM``), ``text`` copies the token embeddings of ``init_text``, its tokens

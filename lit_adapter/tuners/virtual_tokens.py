@@ -65,7 +65,7 @@ class VirtualTokens(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The real tokens' embeddings ``(B, T, C)`` with the virtual rows in front (``(B, P + T, C)``) when they enter."""
+        """The real tokens' embeddings (B, T, C), with the virtual rows in front (B, P + T, C) when they enter."""
         if not self.entering(input_pos):
             return x  # decoding: the virtual tokens are in the KV cache already
         prompt = self.embeddings().to(x.dtype)  # (P, C)
