@@ -180,3 +180,21 @@ def test_trains_on_an_int8_base_with_a_sparse_pattern(tmp_path, stories_checkpoi
                  settings=PrefixTuningConfig(num_virtual_tokens=8, encoder_hidden_size=32), learning_rate=1e-2)
     assert result.status == "completed" and result.final_val_loss < result.initial_val_loss
     assert result.trainable_params == 8 * 32 + (32 * 32 + 32) + (32 * 320 + 320)
+
+
+@pytest.mark.parametrize("method, settings", [("prefix_tuning", PrefixTuningConfig(num_virtual_tokens=P)),
+                                              ("p_tuning", None)])
+def test_activation_checkpointing_gives_the_same_gradients(method, settings):
+    """A checkpointed block recomputed in the backward reads the same prefixes (or virtual rows) as the forward."""
+    base = base_model("tiny-gqa")
+    idx = torch.randint(0, 512, (2, 9))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        model = method_model(method, base, settings).train()
+        model.gradient_checkpointing = checkpointing
+        model(idx).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-7)
