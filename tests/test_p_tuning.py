@@ -4,20 +4,7 @@ folded into final/, the 7B count, the memory estimate and runs of the training l
 import pytest
 import torch
 from test_training import instruction_data, run, stories_checkpoint  # noqa: F401 (fixtures)
-from virtual_token_helpers import (
-    base_model,
-    check_generation_with_and_without_cache,
-    check_interrupted_run_resumes_exactly,
-    check_saved_activations_match_autograd,
-    check_reloaded_final_matches_trained_model,
-    compare_with_peft,
-    copy_into_peft,
-    dry_run_trainable,
-    estimate_vs_measured,
-    method_model,
-    peft_model,
-    rel_err,
-)
+import virtual_token_helpers as vt
 
 from lit_adapter import training
 from lit_adapter.errors import UserError
@@ -41,47 +28,46 @@ def test_settings_are_validated():
 def test_matches_peft(name, encoder, hidden, layers):
     import peft
 
-    base = base_model(name)
+    base = vt.base_model(name)
     settings = PTuningConfig(num_virtual_tokens=P, encoder=encoder, encoder_hidden_size=hidden,
                              encoder_num_layers=layers)
-    model = method_model("p_tuning", base, settings)
-    oracle = peft_model(base, peft.PromptEncoderConfig(
+    model = vt.method_model("p_tuning", base, settings)
+    oracle = vt.peft_model(base, peft.PromptEncoderConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=P, encoder_reparameterization_type=encoder.upper(),
         encoder_hidden_size=hidden, encoder_num_layers=layers))
-    copy_into_peft(model, oracle, RENAMES)
+    vt.copy_into_peft(model, oracle, RENAMES)
     idx = torch.randint(0, base.config.vocab_size, (2, 10))
-    compare_with_peft(model, oracle, idx, RENAMES, real_offset=P)
+    vt.compare_with_peft(model, oracle, idx, RENAMES, real_offset=P)
     with torch.no_grad():  # no identity at initialisation, as in the reference
-        assert rel_err(model(idx), base(idx)) > 1e-2
+        assert vt.rel_err(model(idx), base(idx)) > 1e-2
 
 
 def test_trainable_count_closed_form_and_7b_dry_run(capsys):
     C = H = 4096
     mlp = 20 * C + (C * H + H) + (H * H + H) + (H * C + C)  # inputs, then Linear(C,H), Linear(H,H), Linear(H,C)
-    assert dry_run_trainable("p_tuning", capsys) == mlp == 50_425_856
-    from virtual_token_helpers import ours_trainable
-
+    assert vt.dry_run_trainable("p_tuning", capsys) == mlp == 50_425_856
     C, H, L, P_ = 32, 24, 2, 3  # the LSTM: per layer and direction 4H x (input + H) weights and two 4H biases
     lstm = P_ * C + 2 * (4 * H * (C + H) + 8 * H) + 2 * (4 * H * (2 * H + H) + 8 * H) + (4 * H * H + 2 * H) \
         + (2 * H * C + C)
     settings = PTuningConfig(num_virtual_tokens=P_, encoder="lstm", encoder_hidden_size=H, encoder_num_layers=L)
-    assert ours_trainable(method_model("p_tuning", base_model("tiny"), settings)) == lstm
+    assert vt.ours_trainable(vt.method_model("p_tuning", vt.base_model("tiny"), settings)) == lstm
 
 
 @pytest.mark.parametrize("encoder", ["mlp", "lstm"])
 def test_greedy_generation_with_and_without_kv_cache(encoder):
     settings = PTuningConfig(num_virtual_tokens=P, encoder=encoder, encoder_hidden_size=16)
-    check_generation_with_and_without_cache(method_model("p_tuning", base_model("tiny-gqa", std=0.2), settings))
+    model = vt.method_model("p_tuning", vt.base_model("tiny-gqa", std=0.2), settings)
+    vt.check_generation_with_and_without_cache(model)
 
 
 def test_saved_activations_match_autograd():
-    check_saved_activations_match_autograd("p_tuning", PTuningConfig(num_virtual_tokens=7))
+    vt.check_saved_activations_match_autograd("p_tuning", PTuningConfig(num_virtual_tokens=7))
 
 
 @pytest.mark.parametrize("kwargs", [dict(seq_len=128, micro_batch_size=2, config={"vocab_size": 4096}),
                                     dict(seq_len=200, micro_batch_size=1, precision="bf16-true")])
 def test_estimate_within_15_percent_of_measured_cpu_peak(kwargs):
-    measured, estimate = estimate_vs_measured("p_tuning", PTuningConfig(num_virtual_tokens=16), **kwargs)
+    measured, estimate = vt.estimate_vs_measured("p_tuning", PTuningConfig(num_virtual_tokens=16), **kwargs)
     print(f"measured {measured:,} estimated {estimate:,} ({100 * (estimate / measured - 1):+.2f}%)")
     assert abs(estimate / measured - 1) < 0.15
 
@@ -89,13 +75,13 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(kwargs):
 def test_training_resumes_with_the_encoder_and_final_holds_the_folded_embeddings(
         tmp_path, stories_checkpoint, instruction_data, monkeypatch):
     settings = PTuningConfig(num_virtual_tokens=8, encoder="lstm", encoder_hidden_size=32)
-    whole = check_interrupted_run_resumes_exactly(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
+    whole = vt.check_interrupted_run_resumes_exactly(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
                                                   "p_tuning", settings, learning_rate=1e-3)
     assert whole.final_val_loss < whole.initial_val_loss
     # the resumable checkpoint keeps the encoder; final/ only its output
     resumable = torch.load(tmp_path / "whole" / training.CHECKPOINT_NAME, weights_only=True)["model"]
     assert any("lstm_head" in k for k in resumable) and any("mlp_head" in k for k in resumable)
-    tensors, meta = check_reloaded_final_matches_trained_model(tmp_path / "reload", stories_checkpoint, "p_tuning",
+    tensors, meta = vt.check_reloaded_final_matches_trained_model(tmp_path / "reload", stories_checkpoint, "p_tuning",
                                                                settings)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {"virtual_tokens.embedding": (8, 64)}
     assert meta["settings"]["encoder"] == "none" and meta["trainable_params"] == 8 * 64

@@ -6,20 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_training import instruction_data, run, stories_checkpoint  # noqa: F401 (fixtures)
-from virtual_token_helpers import (
-    base_model,
-    check_generation_with_and_without_cache,
-    check_interrupted_run_resumes_exactly,
-    check_saved_activations_match_autograd,
-    check_reloaded_final_matches_trained_model,
-    compare_with_peft,
-    copy_into_peft,
-    dry_run_trainable,
-    estimate_vs_measured,
-    method_model,
-    peft_model,
-    rel_err,
-)
+import virtual_token_helpers as vt
 
 from lit_adapter import training
 from lit_adapter.attention import AttentionConfig, apply_attention
@@ -46,21 +33,21 @@ def test_matches_peft(name, projection, hidden):
     """PEFT passes the prefixes as HF past_key_values: no RoPE on them, the real tokens at positions P.. ."""
     import peft
 
-    base = base_model(name)
+    base = vt.base_model(name)
     settings = PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=projection, encoder_hidden_size=hidden)
-    model = method_model("prefix_tuning", base, settings)
-    oracle = peft_model(base, peft.PrefixTuningConfig(
+    model = vt.method_model("prefix_tuning", base, settings)
+    oracle = vt.peft_model(base, peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=P, prefix_projection=projection, encoder_hidden_size=hidden))
-    copy_into_peft(model, oracle, RENAMES)
+    vt.copy_into_peft(model, oracle, RENAMES)
     idx = torch.randint(0, base.config.vocab_size, (2, 10))
-    compare_with_peft(model, oracle, idx, RENAMES)
+    vt.compare_with_peft(model, oracle, idx, RENAMES)
     with torch.no_grad():  # no identity at initialisation, as in the reference
-        assert rel_err(model(idx), base(idx)) > 1e-2
+        assert vt.rel_err(model(idx), base(idx)) > 1e-2
 
 
 def _layer_with_prefix(pattern=None, T=12):
     """Layer 0's attention hook with a random prefix of keys and zero values, for one-hot value probes."""
-    model = method_model("prefix_tuning", base_model("tiny-gqa"), PrefixTuningConfig(num_virtual_tokens=P))
+    model = vt.method_model("prefix_tuning", vt.base_model("tiny-gqa"), PrefixTuningConfig(num_virtual_tokens=P))
     if pattern:
         apply_attention(model, AttentionConfig(**pattern))
     attn = model.transformer.h[0].attn
@@ -115,20 +102,20 @@ def test_sparse_patterns_let_every_query_see_the_prefix(pattern):
                                                        ("tiny-gqa", True, SPARSE[0])])
 def test_greedy_generation_with_and_without_kv_cache(name, projection, pattern):
     settings = PrefixTuningConfig(num_virtual_tokens=P, prefix_projection=projection, encoder_hidden_size=16)
-    model = method_model("prefix_tuning", base_model(name, std=0.2), settings)
+    model = vt.method_model("prefix_tuning", vt.base_model(name, std=0.2), settings)
     if pattern:
         apply_attention(model, AttentionConfig(**pattern))
-    check_generation_with_and_without_cache(model)
+    vt.check_generation_with_and_without_cache(model)
 
 
 def test_trainable_count_closed_form_and_7b_dry_run(capsys):
     P_, kv, H, L = 20, 4096, 512, 32  # the MLP: Linear(kv, H), Tanh, Linear(H, L * 2 * kv)
-    assert dry_run_trainable("prefix_tuning", capsys) == P_ * kv + (kv * H + H) + (H * L * 2 * kv + L * 2 * kv) \
+    assert vt.dry_run_trainable("prefix_tuning", capsys) == P_ * kv + (kv * H + H) + (H * L * 2 * kv + L * 2 * kv) \
         == 136_659_456
 
 
 def test_saved_activations_match_autograd():
-    check_saved_activations_match_autograd("prefix_tuning", PrefixTuningConfig(num_virtual_tokens=7))
+    vt.check_saved_activations_match_autograd("prefix_tuning", PrefixTuningConfig(num_virtual_tokens=7))
 
 
 @pytest.mark.parametrize("kwargs", [dict(seq_len=128, micro_batch_size=2, config={"vocab_size": 4096}),
@@ -138,7 +125,7 @@ def test_saved_activations_match_autograd():
                                          config={"block_size": 512})])
 def test_estimate_within_15_percent_of_measured_cpu_peak(kwargs):
     settings = PrefixTuningConfig(num_virtual_tokens=16, encoder_hidden_size=64)
-    measured, estimate = estimate_vs_measured("prefix_tuning", settings, **kwargs)
+    measured, estimate = vt.estimate_vs_measured("prefix_tuning", settings, **kwargs)
     print(f"measured {measured:,} estimated {estimate:,} ({100 * (estimate / measured - 1):+.2f}%)")
     assert abs(estimate / measured - 1) < 0.15
 
@@ -162,12 +149,12 @@ def test_estimator_refuses_virtual_tokens_with_sparse_attention_and_the_dry_run_
 def test_training_resumes_with_the_mlp_and_final_holds_the_computed_prefixes(
         tmp_path, stories_checkpoint, instruction_data, monkeypatch):
     settings = PrefixTuningConfig(num_virtual_tokens=8, encoder_hidden_size=32)
-    whole = check_interrupted_run_resumes_exactly(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
+    whole = vt.check_interrupted_run_resumes_exactly(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
                                                   "prefix_tuning", settings, learning_rate=1e-2)
     assert whole.final_val_loss < whole.initial_val_loss
     resumable = torch.load(tmp_path / "whole" / training.CHECKPOINT_NAME, weights_only=True)["model"]
     assert any("transform" in k for k in resumable)
-    tensors, meta = check_reloaded_final_matches_trained_model(tmp_path / "reload", stories_checkpoint,
+    tensors, meta = vt.check_reloaded_final_matches_trained_model(tmp_path / "reload", stories_checkpoint,
                                                                "prefix_tuning", settings)
     # stories260K: 5 layers, 4 key/value heads of 8
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {"virtual_tokens.embedding": (8, 5 * 2 * 32)}
@@ -186,12 +173,12 @@ def test_trains_on_an_int8_base_with_a_sparse_pattern(tmp_path, stories_checkpoi
                                               ("p_tuning", None)])
 def test_activation_checkpointing_gives_the_same_gradients(method, settings):
     """A checkpointed block recomputed in the backward reads the same prefixes (or virtual rows) as the forward."""
-    base = base_model("tiny-gqa")
+    base = vt.base_model("tiny-gqa")
     idx = torch.randint(0, 512, (2, 9))
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(1)
-        model = method_model(method, base, settings).train()
+        model = vt.method_model(method, base, settings).train()
         model.gradient_checkpointing = checkpointing
         model(idx).logsumexp(-1).sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})

@@ -8,20 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_training import instruction_data, run, stories_checkpoint  # noqa: F401 (fixtures)
-from virtual_token_helpers import (
-    base_model,
-    check_generation_with_and_without_cache,
-    check_interrupted_run_resumes_exactly,
-    check_saved_activations_match_autograd,
-    check_reloaded_final_matches_trained_model,
-    compare_with_peft,
-    copy_into_peft,
-    dry_run_trainable,
-    estimate_vs_measured,
-    method_model,
-    peft_model,
-    rel_err,
-)
+import virtual_token_helpers as vt
 
 from lit_adapter.attention import AttentionConfig, apply_attention
 from lit_adapter.checkpoint import save_state_dict
@@ -42,18 +29,18 @@ def test_settings_are_validated():
 def test_matches_peft(name):
     import peft
 
-    base = base_model(name)
-    model = method_model("prompt_tuning", base, PromptTuningConfig(num_virtual_tokens=P))
-    oracle = peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    base = vt.base_model(name)
+    model = vt.method_model("prompt_tuning", base, PromptTuningConfig(num_virtual_tokens=P))
+    oracle = vt.peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
     # both start at N(0, 1) (PEFT's RANDOM is an nn.Embedding's own initialisation)
     ours_init, theirs_init = model.virtual_tokens.embedding, oracle.prompt_encoder.default.embedding.weight
     assert 0.9 < ours_init.std().item() < 1.1 and 0.9 < theirs_init.std().item() < 1.1
-    copy_into_peft(model, oracle, {"embedding": "embedding.weight"})
+    vt.copy_into_peft(model, oracle, {"embedding": "embedding.weight"})
     idx = torch.randint(0, base.config.vocab_size, (2, 11))
-    compare_with_peft(model, oracle, idx, {"embedding": "embedding.weight"}, real_offset=P)
+    vt.compare_with_peft(model, oracle, idx, {"embedding": "embedding.weight"}, real_offset=P)
     # no identity at initialisation, in the reference as here: the prompt changes every real token's logits
     with torch.no_grad():
-        assert rel_err(model(idx), base(idx)) > 1e-2
+        assert vt.rel_err(model(idx), base(idx)) > 1e-2
 
 
 def _checkpoint_dir(tmp_path, base, shared_data):
@@ -73,27 +60,27 @@ def test_text_initialisation_matches_peft(tmp_path, shared_data, text):
 
     from lit_adapter.methods import MethodSpec, prepare_model
 
-    base = base_model("tiny-32k")
+    base = vt.base_model("tiny-32k")
     checkpoint = _checkpoint_dir(tmp_path, base, shared_data)
     spec = MethodSpec("prompt_tuning", PromptTuningConfig(num_virtual_tokens=8, init="text", init_text=text))
     model = prepare_model(spec, base.config, checkpoint, torch.device("cpu"), torch.float32).eval()
     # PEFT reads the tokenizer with AutoTokenizer; a folder with only tokenizer.model adds no BOS either
-    oracle = peft_model(base, peft.PromptTuningConfig(
+    oracle = vt.peft_model(base, peft.PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=8, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
         tokenizer_name_or_path=str(checkpoint)))
     assert torch.equal(model.virtual_tokens.embedding, oracle.prompt_encoder.default.embedding.weight)
     idx = torch.randint(0, base.config.vocab_size, (2, 9))
-    compare_with_peft(model, oracle, idx, {"embedding": "embedding.weight"}, real_offset=8)
+    vt.compare_with_peft(model, oracle, idx, {"embedding": "embedding.weight"}, real_offset=8)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 def test_greedy_generation_with_and_without_kv_cache(name):
-    model = method_model("prompt_tuning", base_model(name, std=0.2), PromptTuningConfig(num_virtual_tokens=P))
-    check_generation_with_and_without_cache(model)
+    model = vt.method_model("prompt_tuning", vt.base_model(name, std=0.2), PromptTuningConfig(num_virtual_tokens=P))
+    vt.check_generation_with_and_without_cache(model)
 
 
 def test_context_of_real_and_virtual_tokens_beyond_block_size_is_a_one_line_error():
-    model = method_model("prompt_tuning", base_model(), PromptTuningConfig(num_virtual_tokens=P))
+    model = vt.method_model("prompt_tuning", vt.base_model(), PromptTuningConfig(num_virtual_tokens=P))
     block = model.config.block_size
     model(torch.zeros(1, block - P, dtype=torch.long))  # exactly fits
     for call in (lambda: model(torch.zeros(1, block - P + 1, dtype=torch.long)),
@@ -127,7 +114,8 @@ def _dense_reference(kernel, q, k, v):
                                      dict(pattern="fixed", block_size=4, summary_size=1),
                                      dict(pattern="shifted", group_size=6)])
 def test_sparse_patterns_let_every_query_see_the_virtual_tokens(pattern):
-    model = method_model("prompt_tuning", base_model("tiny-gqa", std=0.2), PromptTuningConfig(num_virtual_tokens=P))
+    settings = PromptTuningConfig(num_virtual_tokens=P)
+    model = vt.method_model("prompt_tuning", vt.base_model("tiny-gqa", std=0.2), settings)
     apply_attention(model, AttentionConfig(**pattern))
     attn = model.transformer.h[0].attn
     q, k, v = (torch.randn(2, 4, P + 30, 8, dtype=torch.float64) for _ in range(3))
@@ -139,32 +127,32 @@ def test_sparse_patterns_let_every_query_see_the_virtual_tokens(pattern):
     model(idx)[0, -1].logsumexp(-1).backward()
     assert model.virtual_tokens.embedding.grad.abs().max() > 0
     model.eval()
-    check_generation_with_and_without_cache(model)
+    vt.check_generation_with_and_without_cache(model)
 
 
 def test_dry_run_counts_7b(capsys):
-    assert dry_run_trainable("prompt_tuning", capsys) == 20 * 4096  # num_virtual_tokens x n_embd
+    assert vt.dry_run_trainable("prompt_tuning", capsys) == 20 * 4096  # num_virtual_tokens x n_embd
 
 
 def test_saved_activations_match_autograd():
-    check_saved_activations_match_autograd("prompt_tuning", PromptTuningConfig(num_virtual_tokens=7))
+    vt.check_saved_activations_match_autograd("prompt_tuning", PromptTuningConfig(num_virtual_tokens=7))
 
 
 @pytest.mark.parametrize("kwargs", [dict(seq_len=128, micro_batch_size=2, config={"vocab_size": 4096}),
                                     dict(seq_len=256, micro_batch_size=1, precision="bf16-true",
                                          config={"block_size": 512}, activation_checkpointing=True)])
 def test_estimate_within_15_percent_of_measured_cpu_peak(kwargs):
-    measured, estimate = estimate_vs_measured("prompt_tuning", PromptTuningConfig(num_virtual_tokens=16), **kwargs)
+    measured, estimate = vt.estimate_vs_measured("prompt_tuning", PromptTuningConfig(num_virtual_tokens=16), **kwargs)
     print(f"measured {measured:,} estimated {estimate:,} ({100 * (estimate / measured - 1):+.2f}%)")
     assert abs(estimate / measured - 1) < 0.15
 
 
 def test_training_resumes_exactly_and_final_reloads(tmp_path, stories_checkpoint, instruction_data, monkeypatch):
     settings = PromptTuningConfig(num_virtual_tokens=8)
-    whole = check_interrupted_run_resumes_exactly(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
+    whole = vt.check_interrupted_run_resumes_exactly(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
                                                   "prompt_tuning", settings, learning_rate=3e-2)
     assert whole.final_val_loss < whole.initial_val_loss
-    tensors, meta = check_reloaded_final_matches_trained_model(tmp_path / "reload", stories_checkpoint,
+    tensors, meta = vt.check_reloaded_final_matches_trained_model(tmp_path / "reload", stories_checkpoint,
                                                                "prompt_tuning", settings)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {"virtual_tokens.embedding": (8, 64)}
     assert meta["trainable_params"] == 8 * 64
