@@ -21,6 +21,11 @@ apply the small residual mask built from ``mask_mod``; shifted runs plain causal
 pattern that is the union of two structured parts computes each part with its log-sum-exp and merges the two
 partial softmaxes exactly. With ``input_pos`` (KV-cache decoding) the rows of ``dense_mask`` for those positions
 are used with dense SDPA, which is cheap for a few query rows.
+
+``forward(..., prefix=(pk, pv))`` adds keys and values that every query sees in the same softmax (the virtual
+tokens of prompt tuning, P-tuning and prefix tuning) while the pattern applies to the other keys: the prefix is one
+more disjoint part of the union (merged exactly by log-sum-exp), or, for the shifted groups, concatenated in front
+of every group's keys.
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ class SparseAttention(nn.Module):
         # Query-key scores computed by the last forward, per (batch element, head); the sparsity tests read it.
         self.last_scored_elements = 0.0
         self._scored = 0
+        # (q, prefix keys, prefix values) during a forward with a prefix, else None
+        self._prefix: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def mask_mod(self, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         """Whether query position ``q_idx`` may see key position ``kv_idx`` (broadcasting; causality excluded)."""
@@ -137,18 +144,30 @@ class SparseAttention(nn.Module):
         return self.mask_mod(head, q_idx, kv_idx) & (kv_idx <= q_idx)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+        prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """``q``, ``k``, ``v``: (B, nh, T, hs) with key/value groups already expanded; returns (B, nh, T, hs)."""
+        """``q``, ``k``, ``v``: (B, nh, T, hs) with key/value groups already expanded; returns (B, nh, T, hs).
+
+        ``prefix``: keys and values (B, nh, P, hs) that every query sees besides those the pattern selects.
+        """
         B, nh, T, _ = q.shape
         self._scored = 0
         if input_pos is not None:
             mask = self.dense_mask(nh, T, k.shape[-2], q_positions=input_pos)  # (nh or 1, T, S)
+            if prefix is not None:
+                visible = mask.new_ones(mask.shape[0], T, prefix[0].shape[-2])  # (nh or 1, T, P)
+                k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, nh, P + S, hs)
+                mask = torch.cat([visible, mask], dim=-1)
             y = self._sdpa(q, k, v, attn_mask=mask.unsqueeze(0))
         else:
             if k.shape[-2] != T:
                 raise ValueError(f"without input_pos keys and queries need the same length, got {k.shape[-2]}, {T}")
-            y = self.sparse_forward(q, k, v)
+            self._prefix = None if prefix is None else (q, *prefix)
+            try:
+                y = self.sparse_forward(q, k, v)
+            finally:
+                self._prefix = None
         self.last_scored_elements = self._scored / (B * nh)
         return y
 
@@ -172,8 +191,26 @@ class SparseAttention(nn.Module):
         self._scored += q.shape[:-1].numel() * k.shape[-2]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
+    def _attend(self, part: Part) -> torch.Tensor:
+        """One part's attention in the common layout (with the prefix, if any, merged in)."""
+        if self._prefix is not None:
+            return self._union([part])
+        return part.to_common(self._sdpa(part.q, part.k, part.v, attn_mask=part.mask))
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Plain causal attention of a whole (B, nh, T, hs) sequence (with the prefix, if any, merged in)."""
+        if self._prefix is None:
+            return self._sdpa(q, k, v, is_causal=True)
+        T = q.shape[-2]
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().view(1, 1, T, T)
+        return self._union([Part(q, k, v, mask, _identity, _identity)])
+
     def _union(self, parts: List[Part]) -> torch.Tensor:
         """Exact attention over the union of disjoint parts, (B, nh, T, hs) in the dtype of the queries."""
+        if self._prefix is not None:  # every query sees the whole prefix: one more disjoint part
+            q, pk, pv = self._prefix
+            visible = torch.ones(1, 1, q.shape[-2], pk.shape[-2], dtype=torch.bool, device=q.device)
+            parts = [*parts, Part(q, pk, pv, visible, _identity, _identity)]
         for part in parts:
             self._scored += part.q.shape[:-1].numel() * part.k.shape[-2]
         dtype = parts[0].q.dtype
@@ -185,6 +222,10 @@ class SparseAttention(nn.Module):
             out, lse = _attend_with_lse(part.q, part.k, part.v, part.mask)
             outputs.append((part.to_common(out), part.to_common(lse)))
         return merge_partial_softmaxes(outputs)[0].to(dtype)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -335,8 +376,7 @@ class LocalAttention(SparseAttention):
         return (q_idx - kv_idx) < self.window
 
     def sparse_forward(self, q, k, v):
-        part = band_part(self, q, k, v, min(self.window, q.shape[-2]))
-        return part.to_common(self._sdpa(part.q, part.k, part.v, attn_mask=part.mask))
+        return self._attend(band_part(self, q, k, v, min(self.window, q.shape[-2])))
 
 
 class StridedAttention(SparseAttention):
@@ -363,8 +403,7 @@ class StridedAttention(SparseAttention):
         l = self.stride
         n = -(-T // l)  # positions per residue class
         if n == 1:  # no token is a full stride back: the band is everything
-            part = band_part(self, q, k, v, T)
-            return part.to_common(self._sdpa(part.q, part.k, part.v, attn_mask=part.mask))
+            return self._attend(band_part(self, q, k, v, T))
         band = band_part(self, q, k, v, l, part_mod=lambda qp, kp: qp - kp < l)
 
         # position m * l + r <-> (residue r, step m): (B, nh, T, d) <-> (B * nh, l, n, d)
@@ -407,7 +446,7 @@ class FixedAttention(SparseAttention):
         device = q.device
         head = torch.zeros((), dtype=torch.long, device=device)
         if T <= l:  # one block: plain causal attention
-            return self._sdpa(q, k, v, is_causal=True)
+            return self._causal(q, k, v)
         nb = -(-T // l)
         to_common, from_common = _tiled(B, nh, T, nb, l)
         pos = torch.arange(nb * l, device=device).view(nb, l)
@@ -422,8 +461,7 @@ class FixedAttention(SparseAttention):
         summary_pos = pos[:, l - c:].reshape(-1)
         q_pos = torch.arange(T, device=device).view(T, 1)
         sum_mask = (summary_pos // l < q_pos // l) & self.mask_mod(head, q_pos, summary_pos)  # (T, nb * c)
-        identity = lambda x: x  # noqa: E731
-        summaries = Part(q, k_sum, v_sum, sum_mask.view(1, 1, T, nb * c), identity, identity)
+        summaries = Part(q, k_sum, v_sum, sum_mask.view(1, 1, T, nb * c), _identity, _identity)
         return self._union([own, summaries])
 
 
@@ -454,29 +492,43 @@ class ShiftedSparseAttention(SparseAttention):
             raise ValueError(f"shifted attention was built for {self.num_heads} heads, got {q.shape[1]}")
         half = self.num_heads // 2
         first = self.group_size // 2  # the shifted heads' groups start at G // 2 + m * G
+        prefix = None if self._prefix is None else self._prefix[1:]
+        pre, post = (None, None) if prefix is None else ([t[:, :half] for t in prefix], [t[:, half:] for t in prefix])
         outputs = []
         if half:
-            outputs.append(self._groups(q[:, :half], k[:, :half], v[:, :half]))
+            outputs.append(self._groups(q[:, :half], k[:, :half], v[:, :half], pre))
         shifted = []
         if first:
-            shifted.append(self._groups(q[:, half:, :first], k[:, half:, :first], v[:, half:, :first]))
+            shifted.append(self._groups(q[:, half:, :first], k[:, half:, :first], v[:, half:, :first], post))
         if q.shape[-2] > first:
-            shifted.append(self._groups(q[:, half:, first:], k[:, half:, first:], v[:, half:, first:]))
+            shifted.append(self._groups(q[:, half:, first:], k[:, half:, first:], v[:, half:, first:], post))
         outputs.append(torch.cat(shifted, dim=2) if len(shifted) > 1 else shifted[0])
         return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
-    def _groups(self, q, k, v):
-        """Causal attention inside consecutive groups of ``group_size`` (the last one may be shorter)."""
+    def _groups(self, q, k, v, prefix=None):
+        """Causal attention inside consecutive groups of ``group_size`` (the last one may be shorter).
+
+        ``prefix`` (keys, values (B, nh, P, hs)) is concatenated in front of every group's keys, visible to all.
+        """
         B, nh, T, hs = q.shape
         G = self.group_size
-        if T <= G:
+        if T <= G and prefix is None:
             return self._sdpa(q, k, v, is_causal=True)
         ng = -(-T // G)
+        G = min(G, T)
 
         def groups(x):  # (B, nh, T, hs) -> (B * nh, ng, G, hs); padding sits after every real query
             return _pad_seq(x, 0, ng * G - T).reshape(B * nh, ng, G, hs)
 
-        out = self._sdpa(groups(q), groups(k), groups(v), is_causal=True)
+        if prefix is None:
+            out = self._sdpa(groups(q), groups(k), groups(v), is_causal=True)
+        else:
+            P = prefix[0].shape[-2]
+            pk, pv = (t.reshape(B * nh, 1, P, hs).expand(-1, ng, -1, -1) for t in prefix)  # (B * nh, ng, P, hs)
+            causal = torch.ones(G, G, dtype=torch.bool, device=q.device).tril()
+            mask = torch.cat([causal.new_ones(G, P), causal], dim=-1)  # (G, P + G)
+            out = self._sdpa(groups(q), torch.cat([pk, groups(k)], dim=2), torch.cat([pv, groups(v)], dim=2),
+                             attn_mask=mask)
         return out.reshape(B, nh, ng * G, hs)[:, :, :T]
 
 

@@ -42,7 +42,7 @@ def generate_tokens(
         raise UserError("the prompt must encode to at least one token")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    block_size = model.config.block_size
+    block_size = model.config.block_size - model.num_virtual_tokens  # the real tokens' context
     total = prompt.numel() + max_new_tokens
     if prompt.numel() > block_size:
         raise UserError(f"the prompt has {prompt.numel()} tokens; the model's context is {block_size}")

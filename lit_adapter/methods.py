@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -29,7 +29,9 @@ from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT, num_parameters
 from lit_adapter.quantize import QUANTIZE_MODES, _default_skip, quantize_linears
-from lit_adapter.tuners import adapter, adapter_v2, bitfit, bottleneck, full, ia3, lora
+from lit_adapter.tuners import (
+    adapter, adapter_v2, bitfit, bottleneck, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning,
+)
 from lit_adapter.tuners.base import Method
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (
@@ -41,6 +43,9 @@ REGISTRY: Dict[str, Method] = {m.name: m for m in (
     bitfit.METHOD,
     bottleneck.HOULSBY,
     bottleneck.PFEIFFER,
+    prompt_tuning.METHOD,
+    p_tuning.METHOD,
+    prefix_tuning.METHOD,
 )}
 METHODS = tuple(REGISTRY)
 ADAPTER_FILE = "adapter.safetensors"
@@ -198,6 +203,7 @@ def prepare_model(
     state_dict = _match_base_names(state_dict, model_keys, config)
     load_weights_into(model, state_dict, allow_missing=spec.definition.is_added, source=str(checkpoint_dir))
     _materialize_new_parameters(model, torch.device("cpu"))
+    spec.definition.initialize_from_base(model, spec.settings, Path(checkpoint_dir))
     model = model.to(dtype=dtype)
     # Quantize layer by layer on the way to the device, so the full-precision base never sits on the GPU at once.
     quantize_linears(model, spec.quantize, device=torch.device(device), compute_dtype=dtype, skip=unquantized(spec))
@@ -225,7 +231,6 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
     model = unwrap(model)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keep = trainable_filter(spec)
     whole = spec.definition.final_is_checkpoint
     if whole:
         tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -233,7 +238,8 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
         config.save(out_dir / "model_config.json")
         shutil.copyfile(Path(checkpoint_dir) / "tokenizer.model", out_dir / "tokenizer.model")
     else:
-        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if keep(n, p)}
+        tensors, settings = spec.definition.final_tensors(model, spec.settings)  # a reparameterisation folded away
+        spec = replace(spec, settings=settings)
         atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     meta = {**spec.to_dict(), "base_checkpoint_dir": str(checkpoint_dir), "base_config": asdict(config),
             "trainable_params": None if whole else sum(t.numel() for t in tensors.values())}

@@ -10,6 +10,13 @@ Extension points for the PEFT variants, so that none of them copies a ``forward`
   attention class.
 * ``CausalSelfAttention.scaled_dot_product_attention(q, k, v, input_pos)`` is the attention hook. LLaMA-Adapter
   overrides it to add the prompt attention; ``attention_kernel`` swaps dense attention for a sparse pattern.
+* ``GPT.virtual_tokens`` (a module, ``None`` by default) occupies the positions before the first real token, for
+  prompt tuning, P-tuning and prefix tuning. It has ``num_virtual_tokens`` (P) and ``forward(x, input_pos)``, which
+  gets the real tokens' embeddings and returns them with the rows of virtual tokens that enter now prepended (or
+  as they are: prefix tuning's virtual tokens are keys and values only). The real tokens then sit at positions
+  ``P, P + 1, ...`` (RoPE and KV-cache slots; the cache gets P more slots) and the rows of virtual tokens are
+  dropped before the final norm, so logits, hidden states and the loss see only the real tokens. Real plus
+  virtual tokens must fit in ``block_size``.
 """
 
 from __future__ import annotations
@@ -43,12 +50,18 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.gradient_checkpointing = False
+        self.virtual_tokens: Optional[nn.Module] = None  # the prompt methods' hook (see the module docstring)
         # Built lazily on the device of the input: a plain attribute, so it is neither saved nor materialized.
         self._rope_cache: Optional[RopeCache] = None
 
     def build_block(self, block_idx: int) -> "Block":
         """Hook for variants that need a different block or attention class."""
         return Block(self.config, block_idx)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions before the first real token (0 without a prompt method): the real tokens' context is the rest."""
+        return 0 if self.virtual_tokens is None else self.virtual_tokens.num_virtual_tokens
 
     def rope_cache(self, device: torch.device) -> RopeCache:
         if self._rope_cache is None or self._rope_cache[0].device != device:
@@ -63,26 +76,34 @@ class GPT(nn.Module):
         """Next-token logits ``(B, T, vocab_size)``.
 
         ``input_pos`` (``(T,)`` positions) switches to incremental decoding with the KV cache set by
-        :meth:`set_kv_cache`; without it the whole sequence is processed causally from position 0.
+        :meth:`set_kv_cache`; without it the whole sequence is processed causally from position 0. Both count real
+        tokens: with ``virtual_tokens`` the model shifts them past its P virtual positions.
         ``return_hidden`` stops before the head and returns the final normalized states ``(B, T, n_embd)``, which
         :meth:`output_logits` turns into logits (the head-chunked loss does that a chunk at a time).
         """
         B, T = idx.shape
-        if input_pos is None and T > self.config.block_size:
-            raise UserError(f"sequence of {T} tokens exceeds the model's block_size={self.config.block_size}")
+        P = self.num_virtual_tokens
+        if input_pos is None and P + T > self.config.block_size:
+            virtual = f" and {P} virtual tokens" if P else ""
+            raise UserError(f"sequence of {T} tokens{virtual} exceeds the model's block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        if self.virtual_tokens is not None:
+            x = self.virtual_tokens(x, input_pos)  # (B, P_in + T, n_embd): P_in rows of virtual tokens enter now
+        P_in = x.shape[1] - T
         cos, sin = self.rope_cache(idx.device)
         if input_pos is None:
-            cos, sin = cos[:T], sin[:T]  # (T, hs)
+            cos, sin = cos[P - P_in : P + T], sin[P - P_in : P + T]  # (P_in + T, hs)
         else:
+            if P:  # the real tokens' positions (and cache slots) follow the virtual ones
+                input_pos = torch.cat([torch.arange(P_in, device=input_pos.device), input_pos + P])
             cos, sin = cos.index_select(0, input_pos), sin.index_select(0, input_pos)
 
-        x = self.transformer.wte(idx)  # (B, T, n_embd)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
             else:
                 x = block(x, cos, sin, input_pos)
-        x = self.transformer.ln_f(x)  # (B, T, n_embd)
+        x = self.transformer.ln_f(x[:, P_in:] if P_in else x)  # (B, T, n_embd): the real tokens only
         return x if return_hidden else self.output_logits(x)
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,9 +114,11 @@ class GPT(nn.Module):
         return logits
 
     def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None, device=None, dtype=None) -> None:
-        max_seq_length = max_seq_length or self.config.block_size
+        P = self.num_virtual_tokens
+        max_seq_length = (max_seq_length or self.config.block_size - P) + P  # the virtual tokens' slots come first
         if max_seq_length > self.config.block_size:
-            raise UserError(f"KV cache of {max_seq_length} exceeds block_size={self.config.block_size}")
+            size = f"{max_seq_length - P} tokens and {P} virtual tokens" if P else f"{max_seq_length}"
+            raise UserError(f"KV cache of {size} exceeds block_size={self.config.block_size}")
         reference = self.transformer.wte.weight
         device = device or reference.device
         dtype = dtype or (reference.dtype if reference.is_floating_point() else torch.float32)

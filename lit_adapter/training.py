@@ -229,7 +229,8 @@ def finetune(
     check_fabric_args(fabric_args.accelerator, fabric_args.devices, precision)
     if dry_run:
         methods.dry_run(spec, config)
-        print_memory_estimate(spec, config, context_length(data, config), train, fabric_args.accelerator, precision)
+        print_memory_estimate(spec, config, context_length(data, config, spec), train, fabric_args.accelerator,
+                              precision)
         return None
     if checkpoint_dir is None:
         raise UserError("--checkpoint_dir is required for training (only --dry_run works from --model_name alone)")
@@ -256,9 +257,11 @@ def finetune(
             lock.release()
 
 
-def context_length(data: DataArgs, config) -> int:
-    """Tokens per training sequence: ``--data.max_seq_length``, capped at (and by default) the model's context."""
-    return min(data.max_seq_length or config.block_size, config.block_size)
+def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) -> int:
+    """Tokens per training sequence: ``--data.max_seq_length``, capped at (and by default) the model's context
+    (less the positions the method puts before the real tokens: the prompt methods' virtual tokens)."""
+    room = config.block_size - (spec.definition.reserved_positions(spec.settings) if spec is not None else 0)
+    return min(data.max_seq_length or room, room)
 
 
 def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainArgs, accelerator: str,
@@ -274,10 +277,14 @@ def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainAr
         return
     estimated_as = {"bf16-mixed": "bf16-true", "16-mixed": "16-true"}.get(precision, precision)
     on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    estimate = estimate_memory(config, spec, train.micro_batch_size, seq_len, estimated_as,
-                               train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
-                               optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
-                               loss=train.loss)
+    try:
+        estimate = estimate_memory(config, spec, train.micro_batch_size, seq_len, estimated_as,
+                                   train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
+                                   optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
+                                   loss=train.loss)
+    except UserError as err:  # a combination the estimator does not model (e.g. virtual tokens + sparse)
+        print(f"peak memory estimate: not available ({err})")
+        return
     note = "" if estimated_as == precision else f" ({precision} estimated as {estimated_as}: no float32 master copy)"
     print(f"peak memory estimate per device (analytic, not measured){note}:")
     print(format_estimate(estimate))
@@ -291,7 +298,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     check_parts_fit(config, checkpoint_dir, data.data_dir, metadata,
                     {"training": train_examples, "validation": val_examples},
                     needs_tokenizer=spec.definition.final_is_checkpoint)
-    max_seq_length = context_length(data, config)
+    max_seq_length = context_length(data, config, spec)
     train_examples, cut_train = truncate_examples(train_examples, max_seq_length)
     val_examples, cut_val = truncate_examples(val_examples, max_seq_length)
     if cut_train or cut_val:

@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hf_oracle import hf_llama
 
 from lit_adapter.config import Config
-from lit_adapter.convert import hf_to_lit_state_dict, lit_to_hf_name, lit_to_hf_state_dict
+from lit_adapter.convert import hf_to_lit_state_dict, lit_to_hf_name
 from lit_adapter.errors import UserError
 from lit_adapter.tuners.lora import (
     LoRAConfig,
@@ -99,17 +100,8 @@ def test_gradients_only_on_lora():
 
 def _peft_model(base: GPT, r: int, alpha: float, targets):
     import peft
-    import transformers
 
-    c = base.config
-    hf_config = transformers.LlamaConfig(
-        vocab_size=c.padded_vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_query_groups,
-        max_position_embeddings=c.block_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_base,
-        tie_word_embeddings=c.tie_embeddings, attn_implementation="eager",
-    )
-    hf = transformers.LlamaForCausalLM(hf_config)
-    hf.load_state_dict(lit_to_hf_state_dict(base.state_dict()))
+    hf = hf_llama(base)
     lora_config = peft.LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, init_lora_weights=False
     )

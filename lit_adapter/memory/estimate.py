@@ -24,6 +24,7 @@ from lit_adapter.memory.saved import (
     SDPA_BACKENDS,
     _block_saved,
     _dims,
+    block_dims,
     _Dims,
     _element_size,
     _head_saved,
@@ -193,6 +194,8 @@ def estimate_memory(
     dims = _dims(config, micro_batch_size, seq_len, dtype, device_type, quantize)
     N, C, I, d = dims.N, dims.C, dims.I, dims.d
     t = spec.definition.memory_terms(spec.settings)
+    bdims = block_dims(dims, t)  # the blocks' rows: the real tokens and prompt/P-tuning's virtual ones
+    bN = bdims.N
 
     model = _meta_model(config, spec)
     weights = weight_bytes(model, dtype, quantize, skip=unquantized(spec))
@@ -205,13 +208,13 @@ def estimate_memory(
     state = sum(weights.values()) + rope + opt_state
 
     # what each block keeps, and what it needs while it is recomputed and differentiated
-    x_rg = t.embedding
+    x_rg = t.embedding or t.virtual_tokens > 0
     kept, saved, layer_grads = [], [], []
     for i in range(config.n_layer):
-        s, out_rg = _block_saved(dims, t, i, x_rg, spec.attention, sdpa)
+        s, out_rg = _block_saved(bdims, t, i, x_rg, spec.attention, sdpa)
         saved.append(s)
         # a checkpointed block keeps its input (the previous block's output) while any of its tensors needs a grad
-        ckpt_input = N * C * d if (x_rg or out_rg) else 0
+        ckpt_input = bN * C * d if (x_rg or out_rg) else 0
         kept.append(ckpt_input if activation_checkpointing else s.total)
         x_rg = out_rg
         block = model.transformer.h[i]
@@ -226,11 +229,12 @@ def estimate_memory(
     # short-lived memory: RoPE's float32 temporaries (forward); a block's gradients of x, of the MLP product and
     # of its two factors (backward); a dequantized weight while a quantized linear runs
     dequant = max(I * C, C * C) * d if quantize else 0
-    forward_tmp = 3 * N * C * 4 + N * C * d + dequant
-    backward_tmp = 3 * N * I * d + dequant
-    if sdpa == "math":  # the (B, nh, T, T) scores and softmax in the forward; their gradients in the backward
-        forward_tmp += 2 * dims.B * dims.nh * dims.T * dims.T * 4
-        backward_tmp = max(backward_tmp, 2 * dims.B * dims.nh * dims.T * dims.T * 4)
+    forward_tmp = 3 * bN * C * 4 + bN * C * d + dequant
+    backward_tmp = 3 * bN * I * d + dequant
+    if sdpa == "math":  # the (B, nh, T, S) scores and softmax in the forward; their gradients in the backward
+        scores = dims.B * dims.nh * bdims.T * (bdims.T + t.prefix_length) * 4
+        forward_tmp += 2 * scores
+        backward_tmp = max(backward_tmp, 2 * scores)
     if t.prompt_from_layer is not None:
         backward_tmp += N * C * d  # the gated prompt output's gradient
 
@@ -248,7 +252,7 @@ def estimate_memory(
         else:
             layer = saved[i].total + backward_tmp
         # N * C * d: the gradient flowing down the residual stream
-        backward_peak = max(backward_peak, state + N * C * d + below + layer + grads_so_far)
+        backward_peak = max(backward_peak, state + bN * C * d + below + layer + grads_so_far)
     phases["backward"] = backward_peak
     largest = max((p.numel() for p in trainable), default=0)
     adam_tmp = (2 * largest * d) if device_type == "cpu" else grads  # per-tensor (CPU) vs foreach (CUDA) temporaries
@@ -273,7 +277,7 @@ def estimate_memory(
         "optimizer_bytes": opt_state,
         "activations_bytes": embedding_kept + sum(kept),
         "activations_per_layer_bytes": max(per_layer) if per_layer else 0,
-        "activations_per_layer_checkpointed_bytes": N * C * d,
+        "activations_per_layer_checkpointed_bytes": bN * C * d,
         "head_saved_bytes": head.total,
         "logits_bytes": logits,
         "loss_peak_bytes": loss_peak,

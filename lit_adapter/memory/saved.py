@@ -6,11 +6,14 @@ below its first adapted layer, Adapter v2 saves the output of every wrapped line
 LoRA's CPU dropout saves a float mask, RMSNorm keeps a float32 copy of its input, SDPA keeps q, k, v, its output
 and the log-sum-exp (O(T) with the fused kernels, an O(T^2) probability matrix on the math path), and the sparse
 patterns keep their gathered blocks. ``tests/test_memory.py`` checks every set against autograd's saved tensors.
+Prompt and P-tuning run every block on ``P + T`` rows that all require a gradient; prefix tuning's attention keeps
+its concatenated ``P + T`` keys and values and the mask, and requires a gradient in every layer (both checked in
+``tests/test_prompt_tuning.py`` and its siblings; virtual tokens with a sparse pattern are not modelled).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -230,6 +233,18 @@ def _shifted_attention(saved: _Saved, group: int, dims: _Dims, k_name: str, v_na
         groups("attn.shift1", nh - half, T - first)
 
 
+def _prefix_attention(saved: _Saved, prefix_length: int, dims: _Dims, sdpa: str, q_rg: bool) -> None:
+    """Prefix tuning's SDPA: over the concatenated (B, nh, P + T, hs) prefix and real keys/values under a (T, P + T)
+    boolean mask; the keys require a gradient in every layer (the prefix's)."""
+    S = prefix_length + dims.T
+    kv_bytes = dims.B * dims.nh * S * dims.hs * dims.d
+    q = ("q_rope", dims.N * dims.C * dims.d)
+    _sdpa_saved(saved, "attn", q, ("attn.k_prefixed", kv_bytes), ("attn.v_prefixed", kv_bytes), S, dims, sdpa,
+                q_rg, True)
+    if sdpa == "flash":  # the fused kernels keep the mask converted to an additive one
+        saved.add("attn.mask", dims.T * S * dims.d)
+
+
 def _block_saved(dims: _Dims, t: TrainedParts, layer: int, x_rg: bool, attention, sdpa: str) -> Tuple[_Saved, bool]:
     """What one ``Block`` keeps for backward (mirrors model.Block / CausalSelfAttention / LLaMAMLP)."""
     N, C, I, d = dims.N, dims.C, dims.I, dims.d
@@ -245,7 +260,12 @@ def _block_saved(dims: _Dims, t: TrainedParts, layer: int, x_rg: bool, attention
     base_rg = q_rg or k_rg or v_rg
     # The fused kernels return (B, T, nh, hs) memory, so transpose + reshape is a view of their output.
     y = "attn.out" if sdpa == "flash" else "attn.y"
-    if attention.pattern == "dense":
+    if attention.pattern != "dense" and (t.virtual_tokens or t.prefix_length):
+        raise UserError(f"the memory estimator models virtual tokens with dense attention only, not "
+                        f"{attention.pattern!r}")
+    if t.prefix_length:
+        _prefix_attention(s, t.prefix_length, dims, sdpa, q_rg)
+    elif attention.pattern == "dense":
         if base_rg:
             q = ("q_rope", N * C * d)
             _sdpa_saved(s, "attn", q, (k_name, kv_bytes), (v_name, kv_bytes), dims.T, dims, sdpa, q_rg, k_rg)
@@ -258,7 +278,7 @@ def _block_saved(dims: _Dims, t: TrainedParts, layer: int, x_rg: bool, attention
     else:
         raise UserError(f"the memory estimator models {', '.join(ESTIMATED_PATTERNS)} attention, "
                         f"not {attention.pattern!r}")
-    y_rg = base_rg
+    y_rg = base_rg or t.prefix_length > 0  # the trained prefix reaches every layer's attention output
     has_prompt = t.prompt_from_layer is not None and layer >= t.prompt_from_layer
     if has_prompt:  # a second, non-causal SDPA over the (1, nh, aT, hs) prompt keys and values
         aT = t.prompt_length
@@ -288,9 +308,21 @@ def _block_saved(dims: _Dims, t: TrainedParts, layer: int, x_rg: bool, attention
     return s, _bottleneck(s, "block.bottleneck", "block.out", layer, dims, t) or x2_rg or out_rg
 
 
+def block_dims(dims: _Dims, t: TrainedParts) -> _Dims:
+    """The blocks' dimensions: prompt and P-tuning's virtual rows lengthen every block's sequence."""
+    return replace(dims, T=dims.T + t.virtual_tokens)
+
+
+def _virtual_rows_input(s: _Saved, dims: _Dims, t: TrainedParts, x_rg: bool) -> None:
+    """ln_f's float32 input is a view of the last block's (B, P + T, C) output, whose whole storage it keeps."""
+    if t.virtual_tokens and x_rg and dims.d == 4:
+        s.add("x", block_dims(dims, t).N * dims.C * 4)
+
+
 def _head_saved(dims: _Dims, t: TrainedParts, x_rg: bool) -> Tuple[_Saved, bool]:
     s = _Saved()
     h = _rmsnorm(s, "ln_f", "x", x_rg, t.norms, dims)
+    _virtual_rows_input(s, dims, t, x_rg)
     out_rg = _linear(s, "lm_head", "hf", h, dims.C, dims.V, dims, t, quantized=False)  # the head stays unquantized
     return s, out_rg
 
@@ -299,6 +331,7 @@ def _head_saved_chunked(dims: _Dims, t: TrainedParts, x_rg: bool) -> _Saved:
     """What ``ln_f`` and the head keep under the head-chunked loss: ln_f's set and its output (the chunks' input)."""
     s = _Saved()
     h = _rmsnorm(s, "ln_f", "x", x_rg, t.norms, dims)
+    _virtual_rows_input(s, dims, t, x_rg)
     if h:
         s.add("hidden", dims.N * dims.C * dims.d)
     return s
@@ -314,11 +347,11 @@ def saved_activations(
     """
     dims = _dims(config, micro_batch_size, seq_len, precision_dtype(dtype), device_type, spec.quantize)
     t = spec.definition.memory_terms(spec.settings)
-    x_rg = t.embedding
+    x_rg = t.embedding or t.virtual_tokens > 0
     layers = []
     embedding = dims.N * 8 if t.embedding else 0  # the embedding's backward keeps the token ids
     for i in range(config.n_layer):
-        s, x_rg = _block_saved(dims, t, i, x_rg, spec.attention, sdpa)
+        s, x_rg = _block_saved(block_dims(dims, t), t, i, x_rg, spec.attention, sdpa)
         layers.append(s.total)
     head, _ = _head_saved(dims, t, x_rg)
     rows = dims.N  # the labels are shifted, so every position is a row of the loss (the last one is ignored)

@@ -14,14 +14,18 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
   tensors the method adds to the base (:meth:`Method.is_added`: they are initialised, not loaded);
 * what ``final/`` stores: the trained tensors only, or (``final_is_checkpoint``) a whole checkpoint folder;
 * its terms for the memory estimator (:meth:`Method.memory_terms`, a :class:`TrainedParts`);
-* what inference needs after loading (:meth:`Method.prepare_for_inference`, e.g. folding LoRA into the weights).
+* what inference needs after loading (:meth:`Method.prepare_for_inference`, e.g. folding LoRA into the weights);
+* optionally, initial values taken from the base checkpoint (:meth:`Method.initialize_from_base`) and a folded
+  form of the trained tensors for ``final/`` (:meth:`Method.final_tensors`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional, Tuple
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from lit_adapter.config import Config
@@ -68,6 +72,14 @@ class TrainedParts:
     bottleneck_dropout: float = 0.0
     bottleneck_leave_out: Tuple[int, ...] = ()
     """Layers without bottleneck adapters."""
+    virtual_tokens: int = 0
+    """Rows of trained virtual tokens in front of every sequence (prompt tuning, P-tuning): every block runs on
+    ``T + virtual_tokens`` rows, all requiring a gradient from the first block on; ln_f, the head and the loss see
+    the ``T`` real rows. An encoder's few (P, hidden) activations (P-tuning, prefix tuning's MLP) are not counted:
+    under a megabyte for 7B."""
+    prefix_length: int = 0
+    """Trained keys and values in front of every layer's attention (prefix tuning): each SDPA attends over
+    ``prefix_length + T`` keys under a boolean mask, and its output requires a gradient in every layer."""
 
 
 def bottleneck_width(n_embd: int, reduction_factor: float, size: Optional[int] = None) -> int:
@@ -125,11 +137,27 @@ class Method:
         """Whether ``name`` is a tensor the method adds, which a base checkpoint does not have."""
         return has_name_part(name, self.added_names)
 
+    def reserved_positions(self, settings: Any) -> int:
+        """Positions the method occupies before the first real token (the prompt methods' virtual tokens): the
+        training context of real tokens is ``block_size`` minus these."""
+        return 0
+
     def memory_terms(self, settings: Any) -> TrainedParts:
         raise NotImplementedError(f"{self.name} declares no memory terms")
 
     def prepare_for_inference(self, model: nn.Module) -> None:
         """Called once the trained tensors are loaded, before evaluation or generation."""
+
+    def initialize_from_base(self, model: nn.Module, settings: Any, checkpoint_dir: Path) -> None:
+        """Called once the base weights are loaded and the added tensors initialised: a method may derive initial
+        values from the base checkpoint (prompt tuning's text initialisation reads its tokenizer and embedding)."""
+
+    def final_tensors(self, model: nn.Module, settings: Any) -> Tuple[Dict[str, torch.Tensor], Any]:
+        """What ``final/`` stores and the settings that rebuild a model around it: by default the trainable tensors
+        and the training settings; a method may fold a training-only reparameterisation away (P-tuning's encoder,
+        prefix tuning's MLP) and return the settings of the folded form."""
+        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if self.trainable(n, p)}
+        return tensors, settings
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"

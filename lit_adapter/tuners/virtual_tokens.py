@@ -1,0 +1,154 @@
+"""What prompt tuning, P-tuning and prefix tuning share: virtual tokens before the first real token.
+
+The three methods (Lester et al. 2021, https://arxiv.org/abs/2104.08691; Liu et al. 2021,
+https://arxiv.org/abs/2103.10385; Li & Liang 2021, https://arxiv.org/abs/2101.00190) train only P virtual tokens
+in front of every sequence and leave the model frozen. They enter through the model's one hook for this,
+``GPT.virtual_tokens`` (:mod:`lit_adapter.model`), so the real tokens sit at positions ``P, P + 1, ...`` and the
+model drops the virtual rows from its output: logits, the loss and the training loop see only the real tokens.
+
+* Prompt tuning and P-tuning put P input embeddings in front of the sequence (P-tuning computes them with a small
+  encoder). They run through every layer like tokens at positions ``0..P-1`` (RoPE included), as HF PEFT does by
+  concatenating them to ``inputs_embeds``.
+* Prefix tuning adds no rows: every layer's attention sees P learned keys and values (no RoPE), as HF PEFT does by
+  passing them as ``past_key_values``.
+
+Dense attention over ``[virtual; real]`` is plain causal attention. With a sparse pattern
+(:mod:`lit_adapter.attention`) every real token still sees every virtual token in the same softmax: the pattern
+applies among the real tokens (counted from the first real one) and the virtual keys are passed to the kernel as
+its ``prefix``, merged exactly; the virtual rows of prompt and P-tuning attend causally among themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lit_adapter.model as base
+from lit_adapter.config import Config
+from lit_adapter.errors import UserError
+from lit_adapter.tuners.base import Method, TrainedParts
+
+VIRTUAL_NAMES = ("virtual_tokens",)
+"""Every tensor of the three methods lives under ``GPT.virtual_tokens``."""
+
+
+def check_num_virtual_tokens(method: str, n: Any) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"{method} num_virtual_tokens must be an integer >= 1, got {n!r}")
+
+
+def check_hidden_size(method: str, n: Any) -> None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise UserError(f"{method} encoder_hidden_size must be a positive integer or None, got {n!r}")
+
+
+class VirtualTokens(nn.Module):
+    """Base of the ``GPT.virtual_tokens`` modules: ``num_virtual_tokens`` positions before the first real token.
+
+    Subclasses give the rows that enter in front of the sequence (:meth:`embeddings`, ``(P, n_embd)``) or, for
+    prefix tuning, override :meth:`forward` to add none.
+    """
+
+    def __init__(self, num_virtual_tokens: int) -> None:
+        super().__init__()
+        self.num_virtual_tokens = num_virtual_tokens
+
+    @staticmethod
+    def entering(input_pos: Optional[torch.Tensor]) -> bool:
+        """Whether the virtual tokens enter with this input: in training, and with a decoding session's first chunk."""
+        return input_pos is None or bool(input_pos[0] == 0)
+
+    def embeddings(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The real tokens' embeddings (B, T, C), with the virtual rows in front (B, P + T, C) when they enter."""
+        if not self.entering(input_pos):
+            return x  # decoding: the virtual tokens are in the KV cache already
+        prompt = self.embeddings().to(x.dtype)  # (P, C)
+        return torch.cat([prompt.unsqueeze(0).expand(x.shape[0], -1, -1), x], dim=1)
+
+
+def attend_with_prefix(
+    attn: base.CausalSelfAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    input_pos: Optional[torch.Tensor], prefix: Tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Causal attention of ``q`` (B, nh, T, hs) over ``k``, ``v`` (B, nh, S, hs), plus keys and values ``prefix``
+    (B, nh, P, hs) that every query sees, in one softmax. ``input_pos`` as in the base hook, counted over ``k``."""
+    if attn.attention_kernel is not None:
+        return attn.attention_kernel(q, k, v, input_pos, prefix=prefix)
+    pk, pv = prefix
+    T, S, P = q.shape[-2], k.shape[-2], pk.shape[-2]
+    if input_pos is None:
+        content = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    else:
+        content = base.causal_mask_for_positions(input_pos, S)
+    mask = torch.cat([content.new_ones(T, P), content], dim=-1)  # (T, P + S)
+    return F.scaled_dot_product_attention(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), attn_mask=mask)
+
+
+class VirtualRowsAttention(base.CausalSelfAttention):
+    """Attention for prompt tuning and P-tuning, whose first P rows (and KV-cache slots) are the virtual tokens.
+
+    Dense attention is the base's plain causal attention. A sparse pattern applies among the real tokens, and
+    every real token also sees all virtual ones; the virtual rows attend causally among themselves.
+    """
+
+    def __init__(self, config: Config, block_idx: int, num_virtual_tokens: int) -> None:
+        super().__init__(config, block_idx)
+        self.num_virtual_tokens = num_virtual_tokens
+
+    def scaled_dot_product_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if self.attention_kernel is None:
+            return super().scaled_dot_product_attention(q, k, v, input_pos)
+        P = self.num_virtual_tokens
+        if input_pos is None:  # rows 0..P-1 are the virtual tokens
+            virtual = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True)
+            real = self.attention_kernel(q[:, :, P:], k[:, :, P:], v[:, :, P:], prefix=(k[:, :, :P], v[:, :, :P]))
+            return torch.cat([virtual, real], dim=2)  # (B, nh, P + T, hs)
+        # decoding: a virtual query (position < P) sees no real token (the pattern's causal part) and the virtual
+        # ones up to itself; a real query sees every virtual token and the pattern's keys among the real ones
+        content = self.attention_kernel.dense_mask(q.shape[1], q.shape[2], k.shape[2] - P, q_positions=input_pos - P)
+        virtual = torch.arange(P, device=q.device) <= input_pos[:, None]  # (T, P)
+        mask = torch.cat([virtual.expand(content.shape[0], -1, -1), content], dim=-1)  # (nh or 1, T, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
+
+
+class GPT(base.GPT):
+    """The base model with ``virtual_tokens`` set and each layer's attention built by ``attention``."""
+
+    def __init__(self, config: Config, virtual_tokens: VirtualTokens, attention) -> None:
+        self._build_attention = attention  # used by build_block while nn.Module.__init__ runs (a plain attribute)
+        super().__init__(config)
+        self.virtual_tokens = virtual_tokens
+
+    def build_block(self, block_idx: int) -> base.Block:
+        return base.Block(self.config, block_idx, attn=self._build_attention(self.config, block_idx))
+
+
+class VirtualTokenMethod(Method):
+    """What the three methods declare alike: the trained tensors, the checks and the memory terms."""
+
+    trained_names = VIRTUAL_NAMES
+    added_names = VIRTUAL_NAMES
+
+    def validate(self, settings: Any, config: Config) -> None:
+        if settings.num_virtual_tokens >= config.block_size:
+            raise UserError(f"{self.name} num_virtual_tokens={settings.num_virtual_tokens} leaves no room for real "
+                            f"tokens in the model's block_size={config.block_size}")
+
+    def reserved_positions(self, settings: Any) -> int:
+        return settings.num_virtual_tokens
+
+    def memory_terms(self, settings: Any) -> TrainedParts:
+        return TrainedParts(virtual_tokens=settings.num_virtual_tokens)
+
+
+def folded(values: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """``final/``'s tensors when a reparameterisation is folded away: its output as ``virtual_tokens.embedding``."""
+    return {"virtual_tokens.embedding": values.detach().cpu().contiguous()}
