@@ -1,21 +1,28 @@
-"""Generate text from a base LLaMA checkpoint with the KV cache."""
+"""Continue text with a base LLaMA checkpoint (or a fine-tune of any method) and the KV cache."""
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Literal, Optional
 
 from lit_adapter.errors import run_cli
-from lit_adapter.generate import run_generation
+from lit_adapter.generation_cli import run_generation
 from lit_adapter.quantize import LoadQuantize
 
 
 def main(
     checkpoint_dir: Path,
-    prompt: str = "Once upon a time",
+    adapter_dir: Optional[Path] = None,
+    prompt: Optional[str] = "Once upon a time",
+    prompts_file: Optional[Path] = None,
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: Optional[int] = 200,
+    top_p: Optional[float] = None,
+    repetition_penalty: float = 1.0,
+    stop: Optional[List[str]] = None,
+    stream: bool = True,
+    compile: bool = False,
     quantize: LoadQuantize = None,
-    precision: Optional[str] = None,
+    precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
     seed: int = 1234,
     device: Optional[str] = None,
 ) -> None:
@@ -23,18 +30,26 @@ def main(
 
     Args:
         checkpoint_dir: Converted checkpoint folder (model_config.json, weights, tokenizer.model).
-        prompt: The text to continue.
+        adapter_dir: Optionally a fine-tune's final/ or best/ folder, of any method, to continue text with.
+        prompt: The text to continue (null with --prompts_file).
+        prompts_file: A file of prompts, one per line (\\n for a line break inside one), continued as one batch.
         max_new_tokens: How many tokens to generate at most (stops early at end-of-sequence).
         temperature: Sampling temperature; 0 means greedy decoding.
         top_k: Sample only among the k most likely tokens.
-        quantize: How to load the base: as the fine-tune was trained (default; recorded in its
-            adapter_config.json), none (full precision), or bnb.int8 / bnb.nf4 / bnb.nf4-dq / bnb.fp4.
+        top_p: Nucleus sampling: only among the most likely tokens whose probability reaches top_p.
+        repetition_penalty: Divide (multiply, if negative) the logits of tokens already in the text by this; 1 is off.
+        stop: Stop a text where one of these strings appears (it is cut before it).
+        stream: Print a single text token by token as it is produced.
+        compile: torch.compile the one-token decode step (faster after a compile of tens of seconds).
+        quantize: Load the weights in 8 or 4 bits with bitsandbytes (none: full precision).
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         seed: Random seed for sampling.
         device: cpu or cuda (default: cuda when available).
     """
-    run_generation(checkpoint_dir, None, prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k, quantize=quantize, precision=precision, seed=seed, device=device)
+    run_generation(checkpoint_dir, adapter_dir, prompt=None if prompts_file is not None else prompt,
+                   prompts_file=prompts_file, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, repetition_penalty=repetition_penalty, stop=stop, stream=stream, compile=compile,
+                   quantize=quantize, precision=precision, seed=seed, device=device)
 
 
 if __name__ == "__main__":

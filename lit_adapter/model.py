@@ -205,7 +205,12 @@ class CausalSelfAttention(nn.Module):
             return self.attention_kernel(q, k, v, input_pos)
         if input_pos is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        mask = causal_mask_for_positions(input_pos, k.shape[-2])
+        mask = causal_mask_for_positions(input_pos, k.shape[-2])  # (T, S)
+        key_valid = getattr(self.kv_cache, "key_valid", None)  # (B, S): False at a left-padded batch's padding
+        if key_valid is not None:
+            # a padded query would see no key at all (a NaN row): it keeps its own slot, which no real token reads
+            own = torch.arange(k.shape[-2], device=q.device)[None, :] == input_pos[:, None]
+            mask = mask & (key_valid[:, None, None, :] | own)  # (B, 1, T, S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -249,6 +254,8 @@ class KVCache(nn.Module):
         shape = (batch_size, config.n_query_groups, max_seq_length, config.head_size)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        # (B, S) bool, set by batched generation: which slots hold real tokens (None: all of them)
+        self.key_valid: Optional[torch.Tensor] = None
 
     def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Writes ``k``, ``v`` (B, ng, T, hs) at ``input_pos`` and returns the whole cache (B, ng, S, hs)."""

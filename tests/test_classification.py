@@ -92,6 +92,7 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, tokenizer, respond, block_size=4096):
         super().__init__()
         self.config = SimpleNamespace(block_size=block_size)
+        self.num_virtual_tokens = 0
         self.tokenizer, self.respond = tokenizer, respond
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.prompts, self.queue = [], []
