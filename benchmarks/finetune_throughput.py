@@ -287,7 +287,7 @@ def main(
         our_loss: Our loss, as --train.loss: cross_entropy (the engine's default), chunked or chunked_head.
         interleaved: Instead, run both frameworks in one process per round, alternating steps, and report the
             median over all step pairs of HF's step time / ours (contention hits both alike); no memory.
-        out_json: Also write the results here.
+        out_json: Also write the results here (e.g. out/throughput.json; out/ is git-ignored).
     """
     from lit_adapter.memory import LOSSES
 
@@ -349,7 +349,7 @@ def main(
               f"{row['hf_peak_gb']:.3f} | {row['ours_trainable']:,} / {row['hf_trainable']:,} |")
     print(f"\nload average at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if out_json:
-        Path(out_json).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+        _write_json(out_json, {"machine": info, "results": results})
     return results
 
 
@@ -382,8 +382,14 @@ def _interleaved_main(size_list, method_list, rounds, timeout_s, out_json, info,
               f"{row['hf_median_tokens_per_s']:.0f}, {row['hf_best_tokens_per_s']:.0f} |")
     print(f"\nload average at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if out_json:
-        Path(out_json).write_text(json.dumps({"machine": info, "interleaved": True, "results": results}, indent=2))
+        _write_json(out_json, {"machine": info, "interleaved": True, "results": results})
     return results
+
+
+def _write_json(path: Path, obj: Dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # e.g. --out_json out/throughput/run.json on a fresh checkout
+    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 if __name__ == "__main__":

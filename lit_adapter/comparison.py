@@ -4,6 +4,12 @@ Each cell is a separate ``finetune/<script>.py`` process with a generated YAML c
 (or any crash) in one cell is recorded and the grid goes on. Every cell of one context length trains on the same
 prepared split with the same shared hyper-parameters; only the method's own settings differ.
 
+Before any cell runs, every cell's config is checked (:mod:`lit_adapter.grid_validation`): a misspelled option is
+an error naming the cell. A grid can be stopped (Ctrl-C, SIGTERM, a cell's time limit: the running cell writes its
+``last.ckpt``) and continued with ``resume=True``: cells whose folder holds a completed run (``summary.json`` with
+status completed, and ``final/``) are skipped and keep their recorded results, cells with a ``last.ckpt`` continue
+from it (``--resume true``), the others run. A cell whose config changed since it ran starts afresh.
+
 Grid file (see ``configs/comparison_*.yaml``)::
 
     checkpoint_dir: checkpoints/Llama-2-7b
@@ -19,21 +25,25 @@ from __future__ import annotations
 
 import copy
 import csv
+import inspect
 import json
-import os
-import subprocess
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from lit_adapter.cell_process import run_child
 from lit_adapter.errors import UserError, looks_like_out_of_memory
 from lit_adapter.methods import METHODS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT_NAME = "last.ckpt"  # what lit_adapter.training writes and --resume reads
+# Grid `data` keys that are the grid's to set per context, not prepare()'s options
+_PREPARE_FIXED = ("destination_path", "tokenizer_path", "max_seq_length", "progress", "log")
 COLUMNS = ("method", "context", "status", "trainable_params", "avg_train_loss", "initial_val_loss", "val_loss",
            "train_time_s", "tokens_per_s", "peak_memory_gb", "peak_memory_kind", "steps")
 
@@ -87,10 +97,23 @@ def load_grid(path: Path, overrides: Optional[Dict[str, Any]] = None) -> Grid:
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise UserError(f"{path}: run names must be unique, got {names}")
+    _check_data_settings(path, raw["data"])
     contexts = [int(c) for c in raw["context_lengths"]]
     if not contexts or any(c < 8 for c in contexts):
         raise UserError(f"{path}: context_lengths must be a non-empty list of lengths >= 8")
     return Grid(Path(raw["checkpoint_dir"]), Path(raw["out_dir"]), raw["data"], contexts, runs, raw.get("common") or {})
+
+
+def _check_data_settings(path: Path, data: Any) -> None:
+    from lit_adapter.data import prepare
+
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: data must be a mapping of prepare options (source, val_size, ...)")
+    allowed = [name for name in inspect.signature(prepare).parameters if name not in _PREPARE_FIXED]
+    for key in data:
+        if key not in allowed:
+            raise UserError(f"{path}: unknown data option {key!r}; the data options are {', '.join(allowed)}"
+                            + (" (max_seq_length comes from context_lengths)" if key == "max_seq_length" else ""))
 
 
 def run_config(grid: Grid, run: GridRun, context: int, data_dir: Path, out_dir: Path) -> Dict[str, Any]:
@@ -103,14 +126,23 @@ def run_config(grid: Grid, run: GridRun, context: int, data_dir: Path, out_dir: 
     })
 
 
+def data_dir_for(grid: Grid, context: int) -> Path:
+    """The prepared split every cell of ``context`` tokens trains on."""
+    return grid.out_dir / f"data-{context}"
+
+
+def cell_config(grid: Grid, run: GridRun, context: int) -> Dict[str, Any]:
+    """The config a cell's finetune script gets, with the grid's own folders."""
+    return run_config(grid, run, context, data_dir_for(grid, context), cell_dir(grid, run, context))
+
+
 def prepare_data(grid: Grid, context: int) -> Path:
     from lit_adapter.data import prepare
 
-    data_dir = grid.out_dir / f"data-{context}"
-    if (data_dir / "metadata.json").is_file():
-        meta = json.loads((data_dir / "metadata.json").read_text())
-        if meta.get("max_seq_length") == context:
-            return data_dir
+    data_dir = data_dir_for(grid, context)
+    if (data_dir / "metadata.json").is_file() and _prepared_as(grid, context, json.loads(
+            (data_dir / "metadata.json").read_text())):
+        return data_dir
     settings = dict(grid.data)
     source = settings.pop("source", "databricks/databricks-dolly-15k")
     schema = settings.pop("schema", "dolly")
@@ -118,45 +150,115 @@ def prepare_data(grid: Grid, context: int) -> Path:
     return data_dir
 
 
-def classify_failure(returncode: int, log_text: str) -> str:
+def _prepared_as(grid: Grid, context: int, meta: Dict[str, Any]) -> bool:
+    """Whether already prepared data (its metadata) was made with the grid's settings at ``context`` tokens."""
+    from lit_adapter.data import DEFAULT_TRUNCATION
+
+    if meta.get("max_seq_length") != context:
+        return False
+    # data prepared before the truncation policies existed has no policy: prepare it again
+    if (meta.get("truncation") or {}).get("policy") != grid.data.get("truncation", DEFAULT_TRUNCATION):
+        return False
+    return all(meta.get(key) == grid.data[key] for key in ("val_size", "seed", "mask_inputs", "max_records")
+               if key in grid.data)
+
+
+def classify_failure(returncode: Optional[int], log_text: str) -> str:
+    """``OOM``, ``error`` (a user error: the command's one-line ``error:``), ``interrupted``, ``timeout`` or
+    ``failed``."""
+    if returncode is None:
+        return "timeout"
     if returncode in (-9, 137) or looks_like_out_of_memory(log_text):
         return "OOM"
+    if returncode == 130:
+        return "interrupted"
+    if returncode == 2 and _error_line(log_text):
+        return "error"
     return "failed"
 
 
-def run_cell(grid: Grid, run: GridRun, context: int, data_dir: Path, timeout_s: Optional[float]) -> Dict[str, Any]:
-    cell_dir = grid.out_dir / f"{run.name}-{context}"
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    config_path = cell_dir / "run_config.yaml"
-    config_path.write_text(yaml.safe_dump(run_config(grid, run, context, data_dir, cell_dir), sort_keys=False))
-    (cell_dir / "summary.json").unlink(missing_ok=True)
-    command = [sys.executable, str(REPO_ROOT / "finetune" / f"{run.script}.py"), "--config", str(config_path)]
-    log_path = cell_dir / "run.log"
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        try:
-            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            returncode = proc.returncode
-        except subprocess.TimeoutExpired:
-            returncode = None
+def _error_line(log_text: str) -> str:
+    """The message of the last ``error: ...`` line a command printed (``run_cli``'s one-line user errors)."""
+    line = next((line for line in reversed(log_text.splitlines()) if line.startswith("error:")), "")
+    return line[len("error:"):].strip()
+
+
+def cell_dir(grid: Grid, run: GridRun, context: int) -> Path:
+    return grid.out_dir / f"{run.name}-{context}"
+
+
+def cell_state(folder: Path, config: Dict[str, Any]) -> str:
+    """What a cell's folder holds for ``config``: ``completed``, ``resumable`` (a ``last.ckpt``), ``changed`` (outputs
+    of another config) or ``new``."""
+    config_path = folder / "run_config.yaml"
+    if not config_path.is_file():
+        return "new"
+    try:
+        same = yaml.safe_load(config_path.read_text()) == config
+    except yaml.YAMLError:
+        same = False
+    if not same:
+        return "changed"
+    summary = _read_summary(folder)
+    if summary is not None and summary.get("status") == "completed" and (folder / "final").is_dir():
+        return "completed"
+    return "resumable" if (folder / CHECKPOINT_NAME).is_file() else "new"
+
+
+def _read_summary(folder: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads((folder / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _row_from_summary(run: GridRun, context: int, summary: Dict[str, Any], log_path: Path) -> Dict[str, Any]:
     row: Dict[str, Any] = {"method": run.name, "context": context, "log": str(log_path)}
-    summary_path = cell_dir / "summary.json"
-    if returncode == 0 and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        row.update(
-            status=summary["status"], trainable_params=summary["trainable_params"],
-            avg_train_loss=summary["avg_train_loss"], initial_val_loss=summary["initial_val_loss"],
-            val_loss=summary["final_val_loss"], train_time_s=summary["train_time_s"],
-            tokens_per_s=summary["tokens_per_s"], peak_memory_gb=summary["peak_memory_gb"],
-            peak_memory_kind=summary["peak_memory_kind"], steps=summary["steps"],
-            train_losses=summary["train_losses"], val_losses=summary["val_losses"],
-        )
+    row.update(
+        status=summary["status"], trainable_params=summary["trainable_params"],
+        avg_train_loss=summary["avg_train_loss"], initial_val_loss=summary["initial_val_loss"],
+        val_loss=summary["final_val_loss"], train_time_s=summary["train_time_s"],
+        tokens_per_s=summary["tokens_per_s"], peak_memory_gb=summary["peak_memory_gb"],
+        peak_memory_kind=summary["peak_memory_kind"], steps=summary["steps"],
+        train_losses=summary["train_losses"], val_losses=summary["val_losses"],
+    )
+    return row
+
+
+def run_cell(grid: Grid, run: GridRun, context: int, data_dir: Path, timeout_s: Optional[float],
+             tag: str = "", resume: bool = False) -> Dict[str, Any]:
+    """Runs one cell in its own process (continuing from its ``last.ckpt`` with ``resume``) and returns its row.
+
+    The row's ``status`` is the run's (``completed``) or :func:`classify_failure`'s; a failure's row has the
+    log's last line as ``reason``."""
+    folder = cell_dir(grid, run, context)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "run_config.yaml"
+    config_path.write_text(yaml.safe_dump(run_config(grid, run, context, data_dir, folder), sort_keys=False))
+    (folder / "summary.json").unlink(missing_ok=True)
+    if not resume:
+        # A fresh run must not leave an older run's checkpoint behind: a later --resume would continue from it.
+        (folder / CHECKPOINT_NAME).unlink(missing_ok=True)
+        shutil.rmtree(folder / "final", ignore_errors=True)
+    command = [sys.executable, str(REPO_ROOT / "finetune" / f"{run.script}.py"), "--config", str(config_path)]
+    if resume:
+        command += ["--resume", "true"]
+    log_path = folder / "run.log"
+    start = time.perf_counter()
+    result = run_child(command, log_path, tag or f"[{run.name} @ {context}]", timeout_s, append=resume)
+    summary = _read_summary(folder)
+    if result.returncode == 0 and summary is not None:
+        row = _row_from_summary(run, context, summary, log_path)
     else:
-        status = "timeout" if returncode is None else classify_failure(returncode, log_path.read_text())
-        row.update(status=status, train_time_s=time.perf_counter() - start)
-        tail = log_path.read_text().strip().splitlines()[-1:] or [""]
-        print(f"  {run.name} @ {context}: {status} (exit {returncode}): {tail[0][:200]}", file=sys.stderr)
+        log_text = log_path.read_text(errors="replace")
+        status = classify_failure(result.returncode, log_text)
+        tail = _error_line(log_text) or (log_text.strip().splitlines()[-1:] or [""])[0]
+        row = {"method": run.name, "context": context, "log": str(log_path), "status": status,
+               "train_time_s": time.perf_counter() - start, "reason": tail[:200]}
+        if summary is not None:  # an interrupted run still says how far it got
+            row.update(steps=summary.get("steps"), train_losses=summary.get("train_losses"),
+                       val_losses=summary.get("val_losses"))
+    row["interrupted"] = result.interrupted
     return row
 
 
@@ -222,16 +324,76 @@ def plot_losses(rows: List[Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_grid(grid: Grid, only: Optional[List[str]] = None, timeout_s: Optional[float] = None) -> List[Dict[str, Any]]:
-    rows = []
-    for context in grid.context_lengths:
-        data_dir = prepare_data(grid, context)
-        for run in grid.runs:
-            if only and run.name not in only:
-                continue
-            print(f"[{run.name} @ {context}] running ...", file=sys.stderr, flush=True)
-            row = run_cell(grid, run, context, data_dir, timeout_s)
-            print(f"[{run.name} @ {context}] {row['status']}", file=sys.stderr, flush=True)
-            rows.append(row)
-            write_results(rows, grid.out_dir, "Fine-tuning comparison")
+def grid_cells(grid: Grid, only: Optional[List[str]] = None) -> List[Tuple[GridRun, int]]:
+    """The cells to run, in order (context by context), restricted to the runs named in ``only``."""
+    if only:
+        unknown = [name for name in only if name not in {r.name for r in grid.runs}]
+        if unknown:
+            raise UserError(f"--only names no run {', '.join(map(repr, unknown))}; the grid's runs are "
+                            f"{', '.join(r.name for r in grid.runs)}")
+    cells = [(run, context) for context in grid.context_lengths for run in grid.runs if not only or run.name in only]
+    if not cells:
+        raise UserError("the grid has no runs")
+    return cells
+
+
+def check_cells(grid: Grid, cells: List[Tuple[GridRun, int]]) -> None:
+    """Raises :class:`UserError` naming the first cell whose config its finetune script would reject."""
+    from lit_adapter.config import Config
+    from lit_adapter.grid_validation import CellChecker
+
+    checker = CellChecker(Config.from_checkpoint_dir(grid.checkpoint_dir))
+    for run, context in cells:
+        checker.check(run.script, cell_config(grid, run, context), f"{run.name} @ {context}")
+
+
+def run_grid(grid: Grid, only: Optional[List[str]] = None, timeout_s: Optional[float] = None,
+             resume: bool = False) -> List[Dict[str, Any]]:
+    """Checks every cell, then runs them (see the module docstring for ``resume``) and writes the results after
+    each one. Returns the rows; raises ``KeyboardInterrupt`` once the results are written if the grid was stopped."""
+    cells = grid_cells(grid, only)
+    check_cells(grid, cells)
+    rows: List[Dict[str, Any]] = []
+    data_dirs: Dict[int, Path] = {}
+    states = [cell_state(cell_dir(grid, run, context), cell_config(grid, run, context)) for run, context in cells]
+    if not resume and "completed" in states:
+        print(f"note: {states.count('completed')} of {len(cells)} cells already hold completed runs, which are run "
+              "again; --resume true keeps them", file=sys.stderr)
+    for index, ((run, context), state) in enumerate(zip(cells, states), 1):
+        tag = f"[{index}/{len(cells)} {run.name} @ {context}]"
+        folder = cell_dir(grid, run, context)
+        if resume and state == "completed":
+            rows.append(_row_from_summary(run, context, _read_summary(folder), folder / "run.log"))
+            print(f"{tag} completed earlier: skipped (val loss {_fmt_loss(rows[-1])})", file=sys.stderr, flush=True)
+            continue
+        if context not in data_dirs:
+            data_dirs[context] = prepare_data(grid, context)
+        continuing = resume and state == "resumable"
+        if resume and state == "changed":
+            print(f"{tag} its config changed since it ran: running it afresh", file=sys.stderr, flush=True)
+        print(f"{tag} {'resuming from ' + CHECKPOINT_NAME if continuing else 'running'} ...", file=sys.stderr,
+              flush=True)
+        row = run_cell(grid, run, context, data_dirs[context], timeout_s, tag, resume=continuing)
+        rows.append(row)
+        stopped = row.pop("interrupted")
+        done = f" (val loss {_fmt_loss(row)})" if row["status"] == "completed" else f": {row.get('reason', '')}"
+        print(f"{tag} {row['status']}{done}", file=sys.stderr, flush=True)
+        write_results(rows, grid.out_dir, "Fine-tuning comparison")
+        if stopped:
+            print(f"grid stopped at cell {index} of {len(cells)}; run the same command with --resume true to "
+                  "continue it", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+    write_results(rows, grid.out_dir, "Fine-tuning comparison")
     return rows
+
+
+def _fmt_loss(row: Dict[str, Any]) -> str:
+    before, after = row.get("initial_val_loss"), row.get("val_loss")
+    fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
+    return f"{fmt(before)} -> {fmt(after)}"
+
+
+def failed_cells(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The rows of cells that failed for a user error or a crash (an out-of-memory cell or a time limit is a
+    result of the grid, not a failure of it)."""
+    return [r for r in rows if r["status"] in ("error", "failed")]

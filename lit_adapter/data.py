@@ -6,9 +6,11 @@ The pipeline behind ``scripts/prepare_dolly.py`` and ``scripts/prepare_alpaca.py
    of them), or the built-in :func:`synthetic_instructions`, into :class:`InstructionRecord` objects. Malformed input
    is reported with the file and the line (JSONL) or record index (JSON array).
 2. :func:`split_records` draws a seeded validation split.
-3. :func:`tokenize_record` renders the Alpaca template (:mod:`lit_adapter.prompts`) and tokenizes
-   ``BOS + prompt + response + EOS``. With ``mask_inputs`` the prompt positions get label ``-100``, so the loss
-   only covers the response and EOS, as in Alpaca and LLaMA-Adapter.
+3. :func:`tokenize_record` (:mod:`lit_adapter.truncation`) renders the Alpaca template (:mod:`lit_adapter.prompts`)
+   and tokenizes ``BOS + prompt + response + EOS``. With ``mask_inputs`` the prompt positions get label ``-100``, so
+   the loss only covers the response and EOS, as in Alpaca and LLaMA-Adapter. An example longer than
+   ``max_seq_length`` (by default the model's ``block_size``) is shortened or dropped by the truncation policy:
+   by default its input (Dolly's ``context``) is shortened so that the response fits.
 4. :func:`prepare` writes ``train.pt`` / ``val.pt`` (lists of ``{"input_ids", "labels"}`` LongTensors, loadable with
    ``torch.load(weights_only=True)``) and ``metadata.json``. :func:`load_prepared` reads them back.
 
@@ -20,24 +22,36 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset
 
+from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import TEMPLATE_NAME, InstructionRecord, generate_prompt
+from lit_adapter.prompts import TEMPLATE_NAME, InstructionRecord
 from lit_adapter.synthetic import SYNTHETIC_DEFAULT_SIZE, synthetic_instructions
 from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.truncation import (
+    DEFAULT_TRUNCATION,
+    IGNORE_INDEX,
+    TRUNCATION_POLICIES,
+    Example,
+    check_policy,
+    describe_truncation,
+    min_seq_length,
+    tokenize_record,
+    tokenize_split,
+    total_counts,
+)
 
 __all__ = [
-    "IGNORE_INDEX", "InstructionRecord", "InstructionDataset", "collate_instructions", "load_prepared",
-    "load_records", "min_seq_length", "prepare", "split_records", "synthetic_instructions", "tokenize_record",
+    "DEFAULT_TRUNCATION", "IGNORE_INDEX", "InstructionRecord", "InstructionDataset", "TRUNCATION_POLICIES",
+    "collate_instructions", "load_prepared", "load_records", "min_seq_length", "model_block_size", "prepare",
+    "split_records", "synthetic_instructions", "tokenize_record",
 ]
 
-IGNORE_INDEX = -100
 SYNTHETIC = "synthetic"
 FORMAT_VERSION = 1
 SPLIT_FILES = ("train.pt", "val.pt")
@@ -50,7 +64,6 @@ SCHEMAS: Dict[str, Tuple[str, str, str]] = {
 }
 
 Source = Union[str, Path, Sequence[Union[str, Path]]]
-Example = Dict[str, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
@@ -281,80 +294,29 @@ def split_records(
     return [records[i] for i in order[val_size:]], [records[i] for i in order[:val_size]]
 
 
-# ------------------------------------------------------------------------------------------------------ tokenizing
-
-
-def _encode(record: InstructionRecord, tokenizer: Tokenizer) -> Tuple[torch.Tensor, int]:
-    """``BOS + prompt + output + EOS`` ids and the number of leading prompt positions (BOS included)."""
-    prompt = generate_prompt(record)
-    n_prompt = len(tokenizer.encode(prompt, bos=True, eos=False))
-    # Encoding the whole text (not prompt and output separately) gives the response the same tokens it gets when
-    # the model continues the prompt; for LLaMA the prompt ends with a byte token for "\n" that never merges.
-    ids = tokenizer.encode(prompt + record.output, bos=True, eos=True)
-    return ids, n_prompt
-
-
-def min_seq_length(tokenizer: Tokenizer) -> int:
-    """The shortest ``max_seq_length`` that fits BOS, the template with an empty instruction and one response
-    token."""
-    return len(tokenizer.encode(generate_prompt(InstructionRecord("")), bos=True, eos=False)) + 1
-
-
-def tokenize_record(
-    record: InstructionRecord, tokenizer: Tokenizer, max_seq_length: Optional[int] = None, mask_inputs: bool = True
-) -> Tuple[Example, int]:
-    """Tokenizes one record as ``BOS + prompt + output + EOS``; returns ``(example, n_dropped)``.
-
-    ``example`` holds 1-D LongTensors ``input_ids`` and ``labels`` (equal, except that with ``mask_inputs`` the
-    prompt positions are ``-100``). Examples longer than ``max_seq_length`` lose their tail; ``n_dropped`` is the
-    number of tokens cut (0 when the example fits, so it doubles as the truncated flag).
-    """
-    ids, n_prompt = _encode(record, tokenizer)
-    return _make_example(ids, n_prompt, max_seq_length, mask_inputs)
-
-
-def _make_example(
-    ids: torch.Tensor, n_prompt: int, max_seq_length: Optional[int], mask_inputs: bool
-) -> Tuple[Example, int]:
-    labels = ids.clone()
-    if mask_inputs:
-        labels[:n_prompt] = IGNORE_INDEX
-    dropped = 0
-    if max_seq_length is not None and len(ids) > max_seq_length:
-        dropped = len(ids) - max_seq_length
-        ids, labels = ids[:max_seq_length].clone(), labels[:max_seq_length].clone()  # clone: save only what is kept
-    return {"input_ids": ids, "labels": labels}, dropped
-
-
-def _tokenize_split(
-    name: str, records: Sequence[InstructionRecord], tokenizer: Tokenizer, max_seq_length: int, mask_inputs: bool,
-    progress: bool,
-) -> Tuple[List[Example], Dict[str, Any]]:
-    from tqdm import tqdm
-
-    examples: List[Example] = []
-    stats = {"examples": len(records), "examples_truncated": 0, "tokens_dropped": 0,
-             "examples_without_response": 0, "tokens": 0, "target_tokens": 0,
-             "longest_tokens": 0, "longest_index": -1}
-    bar = tqdm(records, desc=f"tokenizing {name}", unit=" records", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, mininterval=0.5)
-    for i, record in enumerate(bar):
-        ids, n_prompt = _encode(record, tokenizer)
-        if len(ids) > stats["longest_tokens"]:
-            stats["longest_tokens"], stats["longest_index"] = len(ids), i
-        example, dropped = _make_example(ids, n_prompt, max_seq_length, mask_inputs)
-        if dropped:
-            stats["examples_truncated"] += 1
-            stats["tokens_dropped"] += dropped
-            # The whole response (and EOS) was cut: the example teaches nothing when inputs are masked.
-            stats["examples_without_response"] += int(n_prompt >= max_seq_length)
-        stats["tokens"] += len(example["input_ids"])
-        stats["target_tokens"] += int((example["labels"] != IGNORE_INDEX).sum())
-        examples.append(example)
-    return examples, stats
-
-
 # ------------------------------------------------------------------------------------------------------- preparing
+
+
+def model_block_size(tokenizer_path: Union[str, Path]) -> Optional[int]:
+    """The model's context length: ``block_size`` from ``model_config.json`` in the checkpoint folder
+    ``tokenizer_path`` (or the folder of the tokenizer file ``tokenizer_path``); ``None`` when there is none."""
+    path = Path(tokenizer_path)
+    config_file = (path if path.is_dir() else path.parent) / "model_config.json"
+    return Config.from_file(config_file).block_size if config_file.is_file() else None
+
+
+def _resolve_max_seq_length(max_seq_length: Optional[int], block_size: Optional[int],
+                            tokenizer_path: Union[str, Path]) -> Tuple[int, str]:
+    """``max_seq_length``, or by default the model's ``block_size``; and where the number came from (for the log)."""
+    if max_seq_length is not None:
+        return max_seq_length, ""
+    if block_size is None:
+        path = Path(tokenizer_path)
+        raise UserError(
+            f"{path if path.is_dir() else path.parent} has no model_config.json to take the model's context length "
+            "(block_size) from: pass the model's --checkpoint_dir, or --max_seq_length"
+        )
+    return block_size, " (the model's block_size)"
 
 
 def prepare(
@@ -365,7 +327,8 @@ def prepare(
     val_size: int = 2000,
     seed: int = 42,
     mask_inputs: bool = True,
-    max_seq_length: int = 512,
+    max_seq_length: Optional[int] = None,
+    truncation: str = DEFAULT_TRUNCATION,
     skip_invalid: bool = False,
     max_records: Optional[int] = None,
     progress: bool = True,
@@ -376,12 +339,17 @@ def prepare(
 
     ``tokenizer_path`` is a ``tokenizer.model`` file or a checkpoint folder holding one. ``source`` is
     ``"synthetic"`` (``max_records`` records of :func:`synthetic_instructions`, 5,000 by default), a Hub dataset id
-    or local file(s)/folder(s); see :func:`load_records`. The other arguments are those of the prepare scripts.
+    or local file(s)/folder(s); see :func:`load_records`. ``max_seq_length`` defaults to the model's ``block_size``
+    (read from the checkpoint's ``model_config.json``); ``truncation`` is one of :data:`TRUNCATION_POLICIES` (see
+    :mod:`lit_adapter.truncation`). The other arguments are those of the prepare scripts.
     """
     destination_path = Path(destination_path)
     if destination_path.exists() and not destination_path.is_dir():
         raise UserError(f"the destination {destination_path} exists and is not a folder")
-    if max_seq_length is None or max_seq_length < 1:
+    check_policy(truncation)
+    block_size = model_block_size(tokenizer_path)
+    max_seq_length, origin = _resolve_max_seq_length(max_seq_length, block_size, tokenizer_path)
+    if max_seq_length < 1:
         raise UserError(f"max_seq_length must be a positive number of tokens, got {max_seq_length}")
     tokenizer = Tokenizer(tokenizer_path)
     minimum = min_seq_length(tokenizer)
@@ -390,6 +358,10 @@ def prepare(
             f"max_seq_length {max_seq_length} is too short for the {TEMPLATE_NAME} prompt template: BOS, the template "
             f"and one response token need at least {minimum} tokens with this tokenizer"
         )
+    if block_size is not None and max_seq_length > block_size:
+        # training caps sequences at block_size by cutting their tail, which would undo the policy chosen here
+        log(f"warning: max_seq_length {max_seq_length} is longer than the model's block_size {block_size}; training "
+            f"cuts longer examples' tails to {block_size} tokens, so prepare with --max_seq_length {block_size}")
 
     skip_reasons: List[str] = []
     if isinstance(source, str) and source == SYNTHETIC:
@@ -410,18 +382,22 @@ def prepare(
     log(f"loaded {len(records):,} records from {_summarize_source(source)}{subset}; using {len(train):,} for training "
         f"and {len(val):,} for validation (seed {seed})")
 
-    train_examples, train_stats = _tokenize_split("train", train, tokenizer, max_seq_length, mask_inputs, progress)
-    val_examples, val_stats = _tokenize_split("val", val, tokenizer, max_seq_length, mask_inputs, progress)
+    splits = {}
+    for name, split in (("train", train), ("val", val)):
+        splits[name] = tokenize_split(name, split, tokenizer, max_seq_length, mask_inputs, truncation, progress)
+        if not splits[name][0]:
+            hint = "use --truncation context or raise --max_seq_length" if truncation == "drop" else (
+                "raise --max_seq_length")
+            raise UserError(f"the truncation policy {truncation!r} dropped all {len(split):,} {name} examples at "
+                            f"max_seq_length {max_seq_length}: {hint}")
+    (train_examples, train_stats), (val_examples, val_stats) = splits["train"], splits["val"]
     longest_split, longest = max((("train", train_stats), ("val", val_stats)), key=lambda s: s[1]["longest_tokens"])
-    truncated = train_stats["examples_truncated"] + val_stats["examples_truncated"]
-    dropped = train_stats["tokens_dropped"] + val_stats["tokens_dropped"]
-    without_response = train_stats["examples_without_response"] + val_stats["examples_without_response"]
-    log(f"truncated {train_stats['examples_truncated']:,} of {len(train):,} training and "
-        f"{val_stats['examples_truncated']:,} of {len(val):,} validation examples to max_seq_length "
-        f"{max_seq_length} ({dropped:,} tokens dropped); the longest example has {longest['longest_tokens']:,} tokens")
-    if without_response:
-        log(f"warning: {without_response:,} examples lost their whole response to truncation and, with masked "
-            "inputs, give no training signal; raise --max_seq_length to keep them")
+    counts = total_counts(train_stats, val_stats)
+    log(describe_truncation(counts, truncation, max_seq_length, len(train) + len(val), longest["longest_tokens"],
+                            origin))
+    if counts["examples_without_target"]:
+        log(f"warning: {counts['examples_without_target']:,} examples have no target token left (their whole "
+            "response was cut) and give no training signal; use --truncation context or raise --max_seq_length")
 
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -437,10 +413,10 @@ def prepare(
         "val_size": val_size,
         "seed": seed,
         "max_seq_length": max_seq_length,
+        "model_block_size": block_size,
         "mask_inputs": mask_inputs,
         "ignore_index": IGNORE_INDEX,
-        "truncation": {"examples_truncated": truncated, "tokens_dropped": dropped,
-                       "examples_without_response": without_response},
+        "truncation": {"policy": truncation, **counts},
         "longest_example": {"split": longest_split, "index": longest["longest_index"],
                             "tokens": longest["longest_tokens"]},
         "splits": {"train": train_stats, "val": val_stats},

@@ -12,7 +12,7 @@ training, generation and evaluation all build their prompt through :func:`genera
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Mapping, Optional, Tuple, Union
 
 TEMPLATE_NAME = "alpaca"
 
@@ -53,6 +53,19 @@ def generate_prompt(record: Union[InstructionRecord, Mapping[str, str]]) -> str:
     if context.strip():
         return _WITH_INPUT.format(instruction=instruction, input=context)
     return _WITHOUT_INPUT.format(instruction=instruction)
+
+
+def input_span(record: InstructionRecord) -> Optional[Tuple[int, int]]:
+    """Where ``record.input`` sits in ``generate_prompt(record)``: ``(start, end)`` character offsets, or ``None``
+    when the prompt has no ``### Input:`` section (the input is empty or only whitespace).
+
+    Data preparation shortens a too-long input in place (``lit_adapter.truncation``) and needs to know which
+    characters of the rendered prompt are the input and which are the template around it.
+    """
+    if not record.input.strip():
+        return None
+    head = _WITH_INPUT.split("{input}")[0].format(instruction=record.instruction)
+    return len(head), len(head) + len(record.input)
 
 
 def extract_response(text: str) -> str:

@@ -194,6 +194,18 @@ class Tokenizer:
         """``encode`` for many texts at once (SentencePiece encodes the list in its own threads); unpadded."""
         return [self._finish(ids, bos, eos, max_length, device) for ids in self.processor.encode(list(texts))]
 
+    def token_spans(self, text: str) -> List[Tuple[int, int]]:
+        """The ``(begin, end)`` UTF-8 byte offsets in ``text`` of each token of ``encode(text, bos=False)``.
+
+        A character split into byte-fallback tokens has every byte token but the last one empty
+        (``begin == end``), so each ``end`` is a character boundary: ``text.encode()[:end].decode()`` is safe.
+        """
+        try:
+            encoded = self.processor.encode(text, out_type="proto")
+        except ValueError:  # sentencepiece before 0.2.1 names the same object "immutable_proto"
+            encoded = self.processor.encode(text, out_type="immutable_proto")
+        return [(piece.begin, piece.end) for piece in encoded.pieces]
+
     def decode(self, ids: Union[torch.Tensor, List[int]]) -> str:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()

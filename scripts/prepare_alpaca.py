@@ -1,7 +1,7 @@
 """Prepares Alpaca-format instruction data (instruction/input/output JSON or JSONL) for fine-tuning."""
 
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Literal, Optional, Union
 
 from lit_adapter.data import prepare
 from lit_adapter.errors import UserError, run_cli
@@ -15,7 +15,8 @@ def main(
     val_size: int = 2000,
     seed: int = 42,
     mask_inputs: bool = True,
-    max_seq_length: int = 512,
+    max_seq_length: Optional[int] = None,
+    truncation: Literal["context", "response", "drop"] = "context",
     skip_invalid: bool = False,
     max_records: Optional[int] = None,
 ) -> None:
@@ -33,13 +34,20 @@ def main(
         val_size: Number of records drawn at random for the validation split.
         seed: Seed of the train/validation split (and of the --max_records subset).
         mask_inputs: Leave the prompt tokens out of the loss (label -100), training on the response only.
-        max_seq_length: Examples longer than this many tokens lose their tail; the cut is counted and reported.
+        max_seq_length: Tokens per example; default: the model's context length (block_size in the checkpoint's
+            model_config.json). Longer examples are handled by --truncation; what it did is counted, printed and
+            recorded in metadata.json.
+        truncation: What to do with an example longer than max_seq_length. context: shorten the record's input (the
+            "### Input:" section) until the whole response and EOS fit, and only then cut the response's tail; a record
+            whose instruction alone leaves no room for a response is dropped. response: cut the example's tail
+            (the response goes first, so a long input can leave no response at all). drop: skip the example.
         skip_invalid: Skip (and count) records that are malformed or miss a field instead of stopping.
         max_records: Use only this many randomly chosen records (for quick runs).
     """
     tokenizer = _tokenizer_source(checkpoint_dir, tokenizer_path)
     prepare(destination_path, tokenizer, source=source, schema="alpaca", val_size=val_size, seed=seed,
-            mask_inputs=mask_inputs, max_seq_length=max_seq_length, skip_invalid=skip_invalid,
+            mask_inputs=mask_inputs, max_seq_length=max_seq_length, truncation=truncation,
+            skip_invalid=skip_invalid,
             max_records=max_records)
 
 

@@ -260,10 +260,14 @@ def test_truncation_counted_on_crafted_records(tmp_path, tokenizer, tokenizer_pa
     expected_dropped = sum(max(0, n - max_len) for n in lengths)
     assert 3 <= expected_truncated < len(rows)
 
+    # the response policy (what preparation did before there were policies) cuts every tail, prompt or not
     meta = prepare(tmp_path / "out", tokenizer_path, source=path, schema="alpaca", val_size=3, seed=0,
-                   max_seq_length=max_len, **_quiet())
-    assert meta["truncation"] == {"examples_truncated": expected_truncated, "tokens_dropped": expected_dropped,
-                                  "examples_without_response": 1}
+                   max_seq_length=max_len, truncation="response", **_quiet())
+    assert meta["truncation"] == {
+        "policy": "response", "examples_too_long": expected_truncated, "examples_truncated": expected_truncated,
+        "contexts_shortened": 0, "responses_cut": expected_truncated, "examples_dropped": 0,
+        "examples_without_response": 1, "examples_without_target": 1, "tokens_dropped": expected_dropped,
+    }
     assert meta["splits"]["train"]["examples_truncated"] + meta["splits"]["val"]["examples_truncated"] == (
         expected_truncated)
     assert meta["longest_example"]["tokens"] == max(lengths)
@@ -276,15 +280,25 @@ def test_truncation_counted_on_crafted_records(tmp_path, tokenizer, tokenizer_pa
     assert dropped == len(full["input_ids"]) - max_len
     assert torch.equal(example["input_ids"], full["input_ids"][:max_len])
 
+    # the default policy: no input to shorten, so the tails are cut, but the record whose prompt alone is too long
+    # is dropped instead of being kept without a response
+    meta = prepare(tmp_path / "out3", tokenizer_path, source=path, schema="alpaca", val_size=3, seed=0,
+                   max_seq_length=max_len, **_quiet())
+    assert meta["truncation"]["policy"] == "context"
+    assert (meta["truncation"]["responses_cut"], meta["truncation"]["examples_dropped"]) == (expected_truncated - 1, 1)
+    assert meta["truncation"]["examples_without_target"] == meta["truncation"]["examples_without_response"] == 0
+    assert meta["train_records"] + meta["val_records"] == len(rows) - 1
+
     with pytest.raises(UserError, match=f"need at least {minimum} tokens"):
         prepare(tmp_path / "out2", tokenizer_path, source=path, val_size=3, max_seq_length=minimum - 1, **_quiet())
-    prepare(tmp_path / "out2", tokenizer_path, source=path, val_size=3, max_seq_length=minimum, **_quiet())
+    prepare(tmp_path / "out2", tokenizer_path, source=path, val_size=3, max_seq_length=minimum, truncation="response",
+            **_quiet())
 
 
 def test_prepare_dolly_subset_and_cache_roundtrip(tmp_path, tokenizer, tokenizer_path, dolly_dir, dolly):
     out = tmp_path / "dolly"
     meta = prepare(out, tokenizer_path, source=dolly_dir, schema="dolly", val_size=30, seed=7, max_records=300,
-                   **_quiet())
+                   max_seq_length=512, **_quiet())
     assert (meta["records_loaded"], meta["train_records"], meta["val_records"]) == (15_011, 270, 30)
     assert meta["tokenizer"]["vocab_size"] == 32_000 and meta["template"] == "alpaca"
     assert meta["mask_inputs"] is True and meta["seed"] == 7 and meta["max_seq_length"] == 512
@@ -304,7 +318,7 @@ def test_prepare_dolly_subset_and_cache_roundtrip(tmp_path, tokenizer, tokenizer
 
 def test_failed_write_keeps_previous_cache(tmp_path, tokenizer_path, monkeypatch):
     out = tmp_path / "syn"
-    prepare(out, tokenizer_path, source="synthetic", val_size=5, max_records=40, **_quiet())
+    prepare(out, tokenizer_path, source="synthetic", val_size=5, max_records=40, max_seq_length=512, **_quiet())
     before = load_prepared(out)
     calls = []
 
@@ -317,7 +331,8 @@ def test_failed_write_keeps_previous_cache(tmp_path, tokenizer_path, monkeypatch
     original_save = torch.save
     monkeypatch.setattr(data_module.torch, "save", failing_save)
     with pytest.raises(OSError):
-        prepare(out, tokenizer_path, source="synthetic", val_size=5, max_records=50, seed=1, **_quiet())
+        prepare(out, tokenizer_path, source="synthetic", val_size=5, max_records=50, seed=1, max_seq_length=512,
+                **_quiet())
     after = load_prepared(out)
     assert len(after[0]) == 35 and after[2] == before[2]
     assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "train.pt", "val.pt"]
@@ -327,7 +342,7 @@ def test_load_prepared_errors(tmp_path, tokenizer_path):
     with pytest.raises(UserError, match="no prepared data at .*prepare_dolly.py"):
         load_prepared(tmp_path / "missing")
     out = tmp_path / "syn"
-    prepare(out, tokenizer_path, source="synthetic", val_size=5, max_records=20, **_quiet())
+    prepare(out, tokenizer_path, source="synthetic", val_size=5, max_records=20, max_seq_length=512, **_quiet())
     (out / "val.pt").unlink()
     with pytest.raises(UserError, match="val.pt missing"):
         load_prepared(out)

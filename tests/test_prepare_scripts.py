@@ -29,7 +29,8 @@ def test_prepare_dolly_script_on_real_file(tmp_path, shared_data, tokenizer_path
     n_source = len(json.loads(source.read_text()))
     out = tmp_path / "dolly"
     result = _run("prepare_dolly.py", "--tokenizer_path", tokenizer_path, "--destination_path", out,
-                  "--source", source, "--max_records", 200, "--val_size", 20, "--seed", 3)
+                  "--source", source, "--max_records", 200, "--val_size", 20, "--seed", 3, "--max_seq_length", 512,
+                  "--truncation", "response")
     assert result.returncode == 0, result.stderr
     assert "using 180 for training and 20 for validation" in result.stdout
     assert "records/s" in result.stderr  # the tokenization progress bar
@@ -42,7 +43,9 @@ def test_prepare_dolly_script_on_real_file(tmp_path, shared_data, tokenizer_path
     assert meta["tokenizer"]["path"] == str(tokenizer_path.resolve())
     assert all(ex["input_ids"][0] == 1 and len(ex["input_ids"]) <= 512 for ex in train + val)
     truncated = sum(1 for ex in train + val if ex["input_ids"][-1] != 2)  # lost their EOS
-    assert meta["truncation"]["examples_truncated"] == truncated
+    assert meta["truncation"]["examples_truncated"] == truncated and meta["truncation"]["policy"] == "response"
+    assert f"truncation policy 'response' at max_seq_length 512: {truncated} of 200 examples did not fit" in (
+        result.stdout)
 
 
 def test_prepare_alpaca_script(tmp_path, shared_data, tokenizer_path):
@@ -66,7 +69,7 @@ def test_scripts_report_user_errors_without_traceback(tmp_path, tokenizer_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "context": "", "response": "b"}\n{"instruction": "c"}\n{oops\n')
     result = _run("prepare_dolly.py", "--tokenizer_path", tokenizer_path, "--destination_path", tmp_path / "o",
-                  "--source", bad, "--val_size", 1)
+                  "--source", bad, "--val_size", 1, "--max_seq_length", 512)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
@@ -78,9 +81,19 @@ def test_scripts_report_user_errors_without_traceback(tmp_path, tokenizer_path):
     assert "error: max_seq_length 8 is too short" in result.stderr and "at least 37 tokens" in result.stderr
     # the default Hub source, offline: the message says to pass local files
     result = _run("prepare_alpaca.py", "--tokenizer_path", tokenizer_path, "--destination_path", tmp_path / "o",
-                  env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+                  "--max_seq_length", 512, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: could not load 'tatsu-lab/alpaca'" in result.stderr and "pass local files" in result.stderr
+    # a bare tokenizer has no model to take the default length from: say what to pass
+    result = _run("prepare_dolly.py", "--tokenizer_path", tokenizer_path, "--destination_path", tmp_path / "o",
+                  "--source", bad)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: {tokenizer_path.parent} has no model_config.json to take the model's context length (block_size) "
+        "from: pass the model's --checkpoint_dir, or --max_seq_length"
+    ]
+    result = _run("prepare_dolly.py", "--tokenizer_path", tokenizer_path, "--destination_path", tmp_path / "o",
+                  "--source", bad, "--max_seq_length", 512, "--truncation", "tail")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "truncation" in result.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -94,6 +107,7 @@ def test_help_shows_docstrings(script, phrase):
     text = " ".join(result.stdout.split())
     assert phrase in text
     for option in ("--checkpoint_dir", "--tokenizer_path", "--destination_path", "--source", "--val_size", "--seed",
-                   "--mask_inputs", "--max_seq_length", "--skip_invalid", "--max_records"):
+                   "--mask_inputs", "--max_seq_length", "--truncation", "--skip_invalid", "--max_records"):
         assert option in text
     assert "Leave the prompt tokens out of the loss" in text and "Use only this many randomly chosen records" in text
+    assert "default: the model's context length" in text and "only then cut the response's tail" in text

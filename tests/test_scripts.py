@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 from lit_adapter.comparison import classify_failure, load_grid, run_config
+from lit_adapter.config import Config
+from lit_adapter.grid_validation import CellChecker
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = ["adapter", "adapter_v2", "lora", "full"]
@@ -115,6 +117,10 @@ def test_every_config_loads(path, tmp_path, capsys):
         cells = [(run.script, run_config(grid, run, ctx, tmp_path / "data", tmp_path / run.name))
                  for ctx in grid.context_lengths for run in grid.runs]
         assert len(cells) == len(grid.runs) * len(grid.context_lengths)
+        # the check run_comparison.py makes before the first cell runs, against the grid's model (by its name)
+        checker = CellChecker(Config.from_name(grid.checkpoint_dir.name))
+        for (script, cfg), (run, ctx) in zip(cells, [(r, c) for c in grid.context_lengths for r in grid.runs]):
+            checker.check(script, cfg, f"{run.name} @ {ctx}")
     else:
         assert path.name in SINGLE_RUN, f"say which finetune script {path.name} is for"
         cells = [(SINGLE_RUN[path.name], raw)]
@@ -136,3 +142,35 @@ def test_comparison_cells_recognise_every_out_of_memory_message():
         assert classify_failure(1, log) == "OOM", log
     assert classify_failure(-9, "") == "OOM"  # killed by the OOM killer
     assert classify_failure(1, "ValueError: bad config") == "failed"
+    assert classify_failure(2, "usage: ...\nerror: train.global_batch_size=6 is not a multiple") == "error"
+    assert classify_failure(130, "stopped at step 3") == "interrupted" and classify_failure(None, "") == "timeout"
+
+
+# Parameters through which a command line writes files, and the top-level folders their defaults may use: out/ for
+# outputs, data/ for prepared data (train.pt, ...; --data.data_dir's default), both ignored by .gitignore.
+OUTPUT_PARAMETERS = ("out", "out_dir", "out_file", "out_json", "output_dir", "destination_path")
+IGNORED_OUTPUT_FOLDERS = ("out", "data")
+
+
+def test_no_command_writes_outside_ignored_folders_by_default():
+    import ast
+
+    ignored = set((REPO / ".gitignore").read_text().split())
+    assert {f"{folder}/" for folder in IGNORED_OUTPUT_FOLDERS} <= ignored
+    checked = 0
+    for script in sorted([*REPO.glob("scripts/*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("evaluate/*.py"),
+                          *REPO.glob("generate/*.py")]):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if not isinstance(node, ast.FunctionDef) or node.name != "main":
+                continue
+            args = node.args.args + node.args.kwonlyargs
+            defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults
+            defaults += node.args.kw_defaults
+            for arg, default in zip(args, defaults):
+                if arg.arg not in OUTPUT_PARAMETERS or default is None:
+                    continue
+                value = ast.literal_eval(default.args[0]) if isinstance(default, ast.Call) else (
+                    ast.literal_eval(default))
+                assert value is None or Path(value).parts[0] in IGNORED_OUTPUT_FOLDERS, (script.name, arg.arg, value)
+                checked += 1
+    assert checked >= 4  # compare_generations, memory_sweep, quickstart, the prepare scripts
