@@ -508,15 +508,17 @@ def _check_examples(path: Path, examples: Any) -> None:
 # -------------------------------------------------------------------------------------------------------- batching
 
 
-def truncate_examples(examples: List[Example], max_len: int) -> Tuple[List[Example], int]:
-    """``examples`` cut to ``max_len`` tokens (input ids and labels alike), and how many were cut."""
-    cut, out = 0, []
+def truncate_examples(examples: List[Example], max_len: int) -> Tuple[List[Example], int, int]:
+    """``examples`` cut to ``max_len`` tokens (input ids and labels alike), how many were cut, and how many of
+    those lost every target token (they still cost compute but teach nothing)."""
+    cut, emptied, out = 0, 0, []
     for ex in examples:
         if len(ex["input_ids"]) > max_len:
             cut += 1
             ex = {"input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]}
+            emptied += int(bool((ex["labels"][1:] == IGNORE_INDEX).all()))
         out.append(ex)
-    return out, cut
+    return out, cut, emptied
 
 
 class InstructionDataset(Dataset):

@@ -299,10 +299,16 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                     {"training": train_examples, "validation": val_examples},
                     needs_tokenizer=spec.definition.final_is_checkpoint)
     max_seq_length = context_length(data, config, spec)
-    train_examples, cut_train = truncate_examples(train_examples, max_seq_length)
-    val_examples, cut_val = truncate_examples(val_examples, max_seq_length)
+    train_examples, cut_train, empty_train = truncate_examples(train_examples, max_seq_length)
+    val_examples, cut_val, empty_val = truncate_examples(val_examples, max_seq_length)
     if cut_train or cut_val:
-        fabric.print(f"truncated {cut_train} training and {cut_val} validation examples to {max_seq_length} tokens")
+        # the data were prepared for longer sequences: this cut is at the end, not the preparation's policy
+        fabric.print(f"truncated {cut_train} training and {cut_val} validation examples to {max_seq_length} tokens "
+                     f"(the data in {data.data_dir} were prepared for longer ones)")
+        if empty_train or empty_val:
+            fabric.print(f"warning: {empty_train} training and {empty_val} validation examples lost every target "
+                         f"token to that cut; prepare the data with --max_seq_length {max_seq_length} instead, so "
+                         "their context is shortened and their response kept")
     needed = train.global_batch_size
     if len(train_examples) < needed:
         raise UserError(
