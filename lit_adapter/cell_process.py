@@ -35,7 +35,7 @@ _LOSS = re.compile(r"loss=([-+\w.]+)")
 # Child lines shown as they come (prefixed with the cell), besides the progress line.
 _RELAYED = ("validation loss", "resumed from", "received SIG", "stopped at step")
 # The run's closing summary: the grid prints its own line per cell (and an interrupted run's "after" is stale).
-_NOT_RELAYED = ("validation loss: before",)
+_NOT_RELAYED = ("validation loss: ",)
 
 
 @dataclass
@@ -66,7 +66,7 @@ class _Relay:
             self._line(line)
 
     def _line(self, line: str) -> None:
-        bar = _BAR.search(line)
+        bar = _BAR.search(line) if ("step/s" in line or "s/step" in line) else None  # the training bar only
         if bar:
             step, total, _, eta = bar.groups()
             loss = _LOSS.search(line)

@@ -41,7 +41,8 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_measures_every_cell(tiny_run):
     state, md, stdout, wall = tiny_run
-    assert wall < 60, f"the tiny CPU run took {wall:.0f} s"  # ~20 s on 2 cores when the machine is not shared
+    # ~20-26 s on 2 quiet cores; the bound leaves room for a shared machine (90 s measured at load average 7)
+    assert wall < 180, f"the tiny CPU run took {wall:.0f} s"
     assert state["complete"] and state["settings"]["cells"] == 24 and state["settings"]["precision"] == "32-true"
     env = state["environment"]
     for key in ("device_name", "driver", "torch", "cuda", "bitsandbytes", "date", "git_commit"):

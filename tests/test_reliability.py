@@ -344,3 +344,16 @@ def test_user_error_is_not_swallowed_for_programming_errors():
         run_cli(lambda: 1 / 0)
     with pytest.raises(SystemExit):
         run_cli(lambda: (_ for _ in ()).throw(UserError("x")))
+
+
+def test_an_offline_wandb_run_logs_plainly_and_says_how_to_upload(cli, tmp_path, stories_checkpoint,
+                                                                    instruction_data, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    proc = cli(*finetune_args(stories_checkpoint, instruction_data, tmp_path / "out", "--logger.logger_name", "wandb"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "\x1b[" not in output and "anonymous" not in output
+    sync = [line for line in output.splitlines() if line.startswith("wandb: offline run in")]
+    assert len(sync) == 1 and "wandb sync " in sync[0]
+    assert Path(sync[0].rsplit("wandb sync ", 1)[1]).is_dir()
