@@ -235,6 +235,7 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if keep(n, p)}
         atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     meta = {**spec.to_dict(), "base_checkpoint_dir": str(checkpoint_dir), "base_config": asdict(config),
+            "rope_scaling": config.rope_scaling,  # the run's window: load_finetuned rebuilds it
             "trainable_params": None if whole else sum(t.numel() for t in tensors.values())}
     atomic_write(out_dir / ADAPTER_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return out_dir
@@ -269,18 +270,24 @@ def load_finetuned(
     device: torch.device,
     dtype: torch.dtype,
     quantize: Optional[str] = None,
+    rope_scaling: Optional[Dict[str, Any]] = None,
 ) -> Tuple[Config, GPT, MethodSpec]:
-    """The base of ``checkpoint_dir`` with the fine-tuned tensors of ``adapter_dir`` (``None``: the base alone)."""
+    """The base of ``checkpoint_dir`` with the fine-tuned tensors of ``adapter_dir`` (``None``: the base alone).
+
+    The model gets the RoPE scaling the run recorded in ``adapter_config.json`` (the window it was trained for);
+    ``rope_scaling`` (``--model.rope_scaling``) replaces it, with a note when it differs from the recorded one.
+    """
     if adapter_dir is None:
         spec = MethodSpec("full", quantize=quantize)
-        config = Config.from_checkpoint_dir(checkpoint_dir)
+        config = Config.from_checkpoint_dir(checkpoint_dir).with_rope_scaling(rope_scaling)
         return config, prepare_model(spec, config, checkpoint_dir, device, dtype).eval(), spec
-    spec, _ = read_spec(adapter_dir)
+    spec, meta = read_spec(adapter_dir)
     spec.quantize = quantize
-    if spec.definition.final_is_checkpoint:
-        config = Config.from_checkpoint_dir(adapter_dir)
+    if spec.definition.final_is_checkpoint:  # its model_config.json is the run's, scaling included
+        config = _run_window(Config.from_checkpoint_dir(adapter_dir), None, rope_scaling, adapter_dir)
         return config, prepare_model(spec, config, adapter_dir, device, dtype).eval(), spec
-    config = Config.from_checkpoint_dir(checkpoint_dir)
+    config = _run_window(Config.from_checkpoint_dir(checkpoint_dir), meta.get("rope_scaling"), rope_scaling,
+                         adapter_dir)
     spec.validate(config)
     model = prepare_model(spec, config, checkpoint_dir, device, dtype)
     path = Path(adapter_dir) / ADAPTER_FILE
@@ -289,6 +296,21 @@ def load_finetuned(
     load_trained_tensors(model, load_state_dict(path), spec, source=str(path))
     spec.definition.prepare_for_inference(model)
     return config, model.eval(), spec
+
+
+def _run_window(config: Config, recorded: Optional[Dict[str, Any]], requested: Optional[Dict[str, Any]],
+                adapter_dir: Path) -> Config:
+    """The base config with the run's recorded RoPE scaling, or the one requested for this evaluation."""
+    trained = config.with_rope_scaling(recorded)
+    if requested is None:
+        return trained
+    wanted = trained.with_rope_scaling(requested)
+    if wanted.rope_scaling != trained.rope_scaling:
+        import sys
+
+        print(f"note: {adapter_dir} was fine-tuned for a window of {trained.describe_window()}; evaluating it with "
+              f"{wanted.describe_window()} as --model.rope_scaling asks", file=sys.stderr)
+    return wanted
 
 
 def load_trained_tensors(model: nn.Module, tensors: Dict[str, torch.Tensor], spec: MethodSpec, source: str) -> None:
