@@ -108,8 +108,9 @@ def resolve_config(checkpoint_dir: Optional[Path], model_name: Optional[str]) ->
 
 
 def trainable_filter(spec: MethodSpec) -> Callable[[str, Any], bool]:
-    """``filter(name, param)``: which tensors train, and so which are checkpointed."""
-    return spec.definition.trainable
+    """``filter(name, param)``: which tensors train under the spec's settings, and so which are checkpointed."""
+    definition, settings = spec.definition, spec.settings
+    return lambda name, param=None: definition.trainable(name, param, settings)
 
 
 def build_model(spec: MethodSpec, config: Config) -> GPT:

@@ -223,7 +223,7 @@ def estimate_memory(
     # under chunked_head the head's own saves are recomputed chunk by chunk; the hidden states stay
     head = _head_saved_chunked(dims, t, x_rg) if loss == "chunked_head" else _head_saved(dims, t, x_rg)[0]
     logits = N * dims.V * d if loss != "chunked_head" else min(N, DEFAULT_CHUNK) * dims.V * d
-    loss_peak = _loss_chain(dims, t.v2_linears, loss, head_weight_trains=t.base_linears)
+    loss_peak = _loss_chain(dims, t.v2_linears, loss, head_weight_trains=dims.head_weight_trains(t))
     head_grads = grads - sum(layer_grads)  # embedding, ln_f and lm_head (tied ones once)
 
     # short-lived memory: RoPE's float32 temporaries (forward); a block's gradients of x, of the MLP product and
