@@ -272,18 +272,22 @@ def load_finetuned(
     dtype: torch.dtype,
     quantize: Optional[str] = None,
     rope_scaling: Optional[Dict[str, Any]] = None,
+    attention: Optional[AttentionConfig] = None,
 ) -> Tuple[Config, GPT, MethodSpec]:
     """The base of ``checkpoint_dir`` with the fine-tuned tensors of ``adapter_dir`` (``None``: the base alone).
 
     The model gets the RoPE scaling the run recorded in ``adapter_config.json`` (the window it was trained for);
     ``rope_scaling`` (``--model.rope_scaling``) replaces it, with a note when it differs from the recorded one.
+    ``attention`` replaces the recorded attention pattern (LongLoRA trains with shifted sparse attention and
+    evaluates with dense attention).
     """
     if adapter_dir is None:
-        spec = MethodSpec("full", quantize=quantize)
+        spec = MethodSpec("full", quantize=quantize, attention=attention or AttentionConfig())
         config = Config.from_checkpoint_dir(checkpoint_dir).with_rope_scaling(rope_scaling)
         return config, prepare_model(spec, config, checkpoint_dir, device, dtype).eval(), spec
     spec, meta = read_spec(adapter_dir)
     spec.quantize = quantize
+    spec.attention = attention or spec.attention
     if spec.definition.final_is_checkpoint:  # its model_config.json is the run's, scaling included
         config = _run_window(Config.from_checkpoint_dir(adapter_dir), None, rope_scaling, adapter_dir)
         return config, prepare_model(spec, config, adapter_dir, device, dtype).eval(), spec

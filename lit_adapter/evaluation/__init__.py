@@ -34,11 +34,12 @@ def load_model(
     precision: Optional[str] = None,
     device: Optional[str] = None,
     rope_scaling: Optional[Dict[str, Any]] = None,
+    attention=None,
 ):
     """``(config, model, tokenizer, spec, device)`` for evaluation: the base, plus the fine-tuned tensors if any.
 
-    A fine-tuned run's RoPE scaling comes from its ``adapter_config.json``; ``rope_scaling`` scales the base (or
-    replaces the run's), see :func:`lit_adapter.methods.load_finetuned`.
+    A fine-tuned run's RoPE scaling and attention pattern come from its ``adapter_config.json``; ``rope_scaling``
+    and ``attention`` (an ``AttentionConfig``) replace them, see :func:`lit_adapter.methods.load_finetuned`.
     """
     from lit_adapter.methods import load_finetuned
     from lit_adapter.preflight import check_tokenizer_fits
@@ -55,7 +56,7 @@ def load_model(
     tokenizer = Tokenizer.from_checkpoint_dir(checkpoint_dir)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize,
-                                         rope_scaling)
+                                         rope_scaling, attention)
     check_tokenizer_fits(tokenizer, config, checkpoint_dir)
     return config, model.eval(), tokenizer, spec, dev
 

@@ -381,10 +381,12 @@ def run_perplexity(
     bos: bool = True,
     progress: bool = True,
     rope_scaling: Optional[Dict] = None,
+    attention=None,
 ) -> Dict:
     """Loads the model, evaluates every dataset, prints one line each and writes ``out_dir/perplexity.json``.
 
-    ``rope_scaling`` extends the base's window (a fine-tuned run brings its own, see ``evaluation.load_model``).
+    ``rope_scaling`` extends the base's window and ``attention`` (an ``AttentionConfig``) sets the attention
+    pattern; a fine-tuned run brings its own of both (see ``evaluation.load_model``), which they replace.
     """
     from lit_adapter.evaluation import describe_model, load_model, run_info, split_names, write_json
     from lit_adapter.runtime import peak_memory_gb
@@ -395,7 +397,7 @@ def run_perplexity(
             raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     corpora = [load_corpus(name, data_dir) for name in names]  # data problems surface before the model loads
     config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device,
-                                                     rope_scaling)
+                                                     rope_scaling, attention)
     seqlen = seqlen if seqlen is not None else min(config.block_size, 2048)
 
     results = []
@@ -410,7 +412,7 @@ def run_perplexity(
     report = {
         **describe_model(checkpoint_dir, adapter_dir, spec),
         "seqlen": seqlen, "stride": stride, "max_windows": max_windows, "batch_size": batch_size, "bos": bos,
-        "window": config.block_size, "rope_scaling": config.rope_scaling,
+        "window": config.block_size, "rope_scaling": config.rope_scaling, "attention": spec.attention.pattern,
         "results": {r.dataset: r.to_dict() for r in results},
         "peak_memory_gb": peak_memory_gb(dev),
         "run": run_info(dev),
