@@ -2,7 +2,8 @@
 
 The network follows Touvron et al. 2023 and matches HF ``transformers``' ``LlamaForCausalLM`` logit for logit on
 converted weights (rotary embeddings use the "rotate half" layout; the converters permute Meta's and llama2.c's
-interleaved q/k weights into it).
+interleaved q/k weights into it). The cos/sin tables come from :mod:`lit_adapter.rope`, which also scales them past
+the pretrained window when ``Config.rope_scaling`` asks (linear, dynamic NTK, YaRN, llama3).
 
 Extension points for the PEFT variants, so that none of them copies a ``forward``:
 

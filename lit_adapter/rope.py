@@ -23,10 +23,11 @@ sets it to ``factor * original``); the rope_scaling dict always records ``origin
 
 Dynamic NTK and HF: per call, both compute the frequencies from ``max(position) + 1``. HF's rotary module also
 *remembers* the longest length it has seen and keeps those frequencies for later, shorter calls above the
-original window (until a call within the window resets it); here a forward depends on its input only. The two
-agree on a freshly built HF model and whenever the calls' lengths never decrease. In KV-cache decoding both rotate
-each new key with the frequencies of its own step and keep the cached keys as they were, so beyond the original
-window incremental decoding differs (slightly) from one full forward over the same tokens, in HF as here.
+original window (until a call shorter than the original window resets it); here a forward depends on its input
+only. The two agree on a freshly built HF model and whenever the calls' lengths never decrease. In KV-cache
+decoding both rotate each new key with the frequencies of its own step and keep the cached keys as they were, so
+beyond the original window incremental decoding differs (slightly) from one full forward over the same tokens, in
+HF as here.
 """
 
 from __future__ import annotations

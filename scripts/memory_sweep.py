@@ -40,7 +40,8 @@ METHOD_LABELS = ("adapter", "adapter+sparse", "adapter_v2", "adapter_v2+sparse",
                  "full+sparse")
 COLUMNS = [
     "model", "method", "context", "micro_batch_size", "precision", "quantize", "checkpointing", "loss", "optimizer",
-    "device", "window", "beyond_window", "status", "peak_gb", "peak_kind", "est_peak_gb", "est_error_pct", "est_phase", "rss_peak_gb", "rss_net_gb",
+    "device", "window", "beyond_window", "status", "peak_gb", "peak_kind", "est_peak_gb", "est_error_pct", "est_phase",
+    "rss_peak_gb", "rss_net_gb",
     "rss_baseline_gb", "tokens_per_s", "step_time_s", "trainable_params",
 ]
 

@@ -215,5 +215,6 @@ def test_scaled_run_records_its_window_and_evaluation_rebuilds_it(cli, stories26
     assert code == 0 and "wikitext2: perplexity" in out, err
     code, _, err = cli("evaluate/perplexity.py", "--checkpoint_dir", stories260k, "--adapter_dir", out_dir / "final",
                        *ppl[:-4], "--seqlen", 2048, "--max_windows", 1)
-    one_error_line(code, err, "--seqlen=2048 exceeds the scaled window, block_size=1024 (linear x2 of the pretrained "
-                              "512); raise the factor, e.g. --model.rope_scaling '{\"type\": \"linear\", \"factor\": 4}'")
+    one_error_line(code, err, "--seqlen=2048 exceeds the scaled window, block_size=1024 (linear x2 of the "
+                              "pretrained 512); raise the factor, e.g. --model.rope_scaling "
+                              "'{\"type\": \"linear\", \"factor\": 4}'")

@@ -103,7 +103,7 @@ def test_dynamic_ntk_follows_the_sequence_length_like_a_fresh_hf_model():
         fresh = hf_twin(model)(idx[:, :64]).logits
     assert rel(ours, fresh) < 1e-5
     assert rel(ours, stale) > 1e-4
-    # a call within the original window resets HF's module
+    # a call shorter than the original window resets HF's module
     with torch.no_grad():
         hf(idx[:, :16])
         assert rel(model(idx[:, :64]), hf(idx[:, :64]).logits) < 1e-5

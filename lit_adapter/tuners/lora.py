@@ -17,7 +17,8 @@ against ``peft.get_peft_model`` number for number.
 "LoRA+" (Chen et al. 2023, https://arxiv.org/abs/2309.12307, Sec. 3.3), which found plain LoRA unable to close the
 gap to full fine-tuning when extending the context and these few tensors enough to. They are saved with ``A`` and
 ``B`` (the embedding is ``vocab x n_embd``: megabytes, not kilobytes). With a tied head the head trains too: it is
-the embedding's weight. The LongLoRA recipe in full: ``configs/long_context_stories260k.yaml``, ``docs/long_context.md``.
+the embedding's weight. The LongLoRA recipe in full: ``configs/long_context_stories260k.yaml`` and
+``docs/long_context.md``.
 """
 
 from __future__ import annotations
