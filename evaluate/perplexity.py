@@ -6,6 +6,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from lit_adapter.attention import AttentionConfig  # noqa: E402
+from lit_adapter.config import ModelArgs  # noqa: E402
 from lit_adapter.errors import run_cli  # noqa: E402
 from lit_adapter.quantize import LoadQuantize  # noqa: E402
 
@@ -13,6 +15,8 @@ from lit_adapter.quantize import LoadQuantize  # noqa: E402
 def main(
     checkpoint_dir: Path,
     adapter_dir: Optional[Path] = None,
+    model: ModelArgs = ModelArgs(),
+    attention: Optional[AttentionConfig] = None,
     datasets: str = "wikitext2,ptb,c4",
     seqlen: Optional[int] = None,
     stride: Optional[int] = None,
@@ -35,8 +39,12 @@ def main(
     Args:
         checkpoint_dir: Converted base checkpoint folder (model_config.json, weights, tokenizer.model).
         adapter_dir: A fine-tuning run's final/ folder (adapter, adapter_v2, lora or a full fine-tune); none: the base.
+        model: --model.rope_scaling extends the base's window (e.g. '{"type": "linear", "factor": 4}'); a
+            fine-tuned run's own scaling comes from its final/adapter_config.json.
+        attention: The attention pattern to evaluate with (default: the run's, as in its final/adapter_config.json;
+            dense for a base), e.g. --attention.pattern dense for a model trained with shifted attention.
         datasets: Comma-separated names among wikitext2, ptb, c4.
-        seqlen: Tokens per window (default: the model's block_size, at most 2048).
+        seqlen: Tokens per window (default: the model's window, block_size, at most 2048); past the window is refused.
         stride: Sliding-window mode: new tokens scored per window (1..seqlen); default: non-overlapping windows.
         max_windows: Evaluate only the first N windows of each dataset (a quick, partial number).
         batch_size: Windows per forward pass.
@@ -55,7 +63,8 @@ def main(
     run_perplexity(
         checkpoint_dir, adapter_dir, datasets=datasets, seqlen=seqlen, stride=stride, max_windows=max_windows,
         batch_size=batch_size, data_dir=data_dir, out_dir=out_dir, quantize=quantize, precision=precision,
-        device=device, progress=progress,
+        device=device, progress=progress, rope_scaling=model.rope_scaling,
+        attention=attention,
     )
 
 

@@ -20,6 +20,7 @@ _COMMON_DOC = """
         checkpoint_dir: Folder with the base model (model_config.json, lit_model.safetensors or lit_model.pth,
             tokenizer.model), as written by scripts/convert_*_checkpoint.py.
         model_name: A known configuration (e.g. 7B, Llama-2-7b, stories260K) for --dry_run without weights.
+        model: Changes to the base model for this run: --model.rope_scaling extends its context window.
         out_dir: Where checkpoints, logs, summary.json and the final adapter go.
         data: The prepared instruction data.
         attention: Dense or sparse causal attention for the base model's layers.
@@ -40,6 +41,7 @@ def make_finetune_command(method: str) -> Callable[..., Any]:
     """The ``setup`` function of ``finetune/<method>.py``: its options, defaults and ``--help`` come from the
     method's registry entry (its settings dataclass becomes the ``--<settings_group>.*`` group)."""
     from lit_adapter.attention import AttentionConfig
+    from lit_adapter.config import ModelArgs
     from lit_adapter.methods import MethodSpec, get_method
     from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
 
@@ -56,6 +58,7 @@ def make_finetune_command(method: str) -> Callable[..., Any]:
     params = [
         P("checkpoint_dir", P.KEYWORD_ONLY, default=None, annotation=Optional[Path]),
         P("model_name", P.KEYWORD_ONLY, default=None, annotation=Optional[str]),
+        P("model", P.KEYWORD_ONLY, default=ModelArgs(), annotation=ModelArgs),
         P("out_dir", P.KEYWORD_ONLY, default=Path(f"out/{method}"), annotation=Path),
         P("data", P.KEYWORD_ONLY, default=DataArgs(), annotation=DataArgs),
     ]

@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 from lit_adapter.errors import UserError
+from lit_adapter.rope import ORIGINAL, check_rope_scaling, describe_window, parse_rope_scaling
 
 
 @dataclass
 class Config:
     name: str = ""
     block_size: int = 2048
-    """The longest sequence the model is built for (RoPE cache length, KV cache limit)."""
+    """The longest sequence the model is built for (RoPE cache length, KV cache limit); with ``rope_scaling`` the
+    scaled window."""
     vocab_size: int = 32000
     padded_vocab_size: Optional[int] = None
     """Rows of the embedding and the output head; ``None`` means ``vocab_size``. Logits are cut to ``vocab_size``."""
@@ -32,6 +34,10 @@ class Config:
     intermediate_size: int = 11008
     """Hidden size of the SwiGLU MLP."""
     rope_base: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    """RoPE scaling past the pretrained window, in HF ``config.json``'s terms: ``rope_type`` (linear, dynamic, yarn,
+    llama3), ``factor``, ``original_max_position_embeddings`` (the pretrained window) and the type's own fields
+    (``lit_adapter.rope``). ``None``: plain RoPE. :meth:`with_rope_scaling` adds it to a pretrained config."""
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     """Whether the output head shares its weight with the token embedding (llama2.c's TinyStories models)."""
@@ -47,10 +53,35 @@ class Config:
             raise UserError(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}")
         if self.padded_vocab_size < self.vocab_size:
             raise UserError(f"padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size={self.vocab_size}")
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, self.block_size)
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def original_block_size(self) -> int:
+        """The pretrained window: ``block_size`` itself unless RoPE is scaled."""
+        return self.rope_scaling[ORIGINAL] if self.rope_scaling else self.block_size
+
+    def describe_window(self) -> str:
+        """``"2048 tokens (linear x4 of the pretrained 512)"``, or ``"512 tokens"`` without scaling."""
+        return describe_window(self.block_size, self.rope_scaling)
+
+    def with_rope_scaling(self, rope_scaling: Optional[Dict[str, Any]]) -> "Config":
+        """This config with its RoPE scaled by ``rope_scaling`` (HF ``config.json`` fields, ``type`` or
+        ``rope_type``); the window becomes ``factor x`` the pretrained one.
+
+        The pretrained window defaults to this config's (its ``block_size``, or the original window of a scaling it
+        already has, which ``rope_scaling`` replaces). ``None`` returns the config unchanged.
+        """
+        scaling = parse_rope_scaling(rope_scaling)
+        if scaling is None:
+            return self
+        scaling.setdefault(ORIGINAL, self.original_block_size)
+        if scaling == self.rope_scaling:
+            return self  # e.g. the scaling a fine-tuned run recorded, on a base that already has it
+        return replace(self, rope_scaling=scaling, block_size=int(scaling["factor"] * scaling[ORIGINAL]))
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "Config":
@@ -95,8 +126,21 @@ class Config:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
-_FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Optional[int]": int}
+_FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Optional[int]": int,
+                "Optional[Dict[str, Any]]": dict}
 """The annotation of each Config field (as written, under ``from __future__ import annotations``) -> its type."""
+
+
+@dataclass
+class ModelArgs:
+    """Changes to the checkpoint's model for this run (recorded in hparams.json and final/adapter_config.json)."""
+
+    rope_scaling: Optional[Dict[str, Any]] = None
+    """Extend the context window by RoPE scaling, e.g. '{"type": "linear", "factor": 4}' (position interpolation,
+    4x the pretrained window); types linear, dynamic, yarn, llama3 with HF config.json's fields."""
+
+    def apply(self, config: Config) -> Config:
+        return config.with_rope_scaling(self.rope_scaling)
 
 
 def _llama_hidden(n_embd: int, multiple_of: int) -> int:

@@ -114,8 +114,9 @@ def resolve_config(checkpoint_dir: Optional[Path], model_name: Optional[str]) ->
 
 
 def trainable_filter(spec: MethodSpec) -> Callable[[str, Any], bool]:
-    """``filter(name, param)``: which tensors train, and so which are checkpointed."""
-    return spec.definition.trainable
+    """``filter(name, param)``: which tensors train under the spec's settings, and so which are checkpointed."""
+    definition, settings = spec.definition, spec.settings
+    return lambda name, param=None: definition.trainable(name, param, settings)
 
 
 def build_model(spec: MethodSpec, config: Config) -> GPT:
@@ -242,6 +243,7 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
         spec = replace(spec, settings=settings)
         atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     meta = {**spec.to_dict(), "base_checkpoint_dir": str(checkpoint_dir), "base_config": asdict(config),
+            "rope_scaling": config.rope_scaling,  # the run's window: load_finetuned rebuilds it
             "trainable_params": None if whole else sum(t.numel() for t in tensors.values())}
     atomic_write(out_dir / ADAPTER_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return out_dir
@@ -295,23 +297,31 @@ def load_finetuned(
     device: torch.device,
     dtype: torch.dtype,
     quantize: Optional[str] = None,
+    rope_scaling: Optional[Dict[str, Any]] = None,
+    attention: Optional[AttentionConfig] = None,
 ) -> Tuple[Config, GPT, MethodSpec]:
     """The base of ``checkpoint_dir`` with the fine-tuned tensors of ``adapter_dir`` (``None``: the base alone).
 
     ``quantize``: ``None`` loads the base as the fine-tune was trained (the quantization its adapter_config.json
     records), ``"none"`` in full precision, a mode in that mode; a choice that differs from the training is said in
-    one line on stderr.
+    one line on stderr. The model gets the RoPE scaling the run recorded (the window it was trained for);
+    ``rope_scaling`` (``--model.rope_scaling``) replaces it, with a note when it differs from the recorded one.
+    ``attention`` replaces the recorded attention pattern (LongLoRA trains with shifted sparse attention and
+    evaluates with dense attention).
     """
     if adapter_dir is None:
-        spec = MethodSpec("full", quantize=None if quantize == "none" else quantize)
-        config = Config.from_checkpoint_dir(checkpoint_dir)
+        spec = MethodSpec("full", quantize=None if quantize == "none" else quantize,
+                          attention=attention or AttentionConfig())
+        config = Config.from_checkpoint_dir(checkpoint_dir).with_rope_scaling(rope_scaling)
         return config, prepare_model(spec, config, checkpoint_dir, device, dtype).eval(), spec
-    spec, _ = read_spec(adapter_dir)
+    spec, meta = read_spec(adapter_dir)
     spec.quantize = _quantization_for(spec.quantize, quantize, adapter_dir)
-    if spec.definition.final_is_checkpoint:
-        config = Config.from_checkpoint_dir(adapter_dir)
+    spec.attention = attention or spec.attention
+    if spec.definition.final_is_checkpoint:  # its model_config.json is the run's, scaling included
+        config = _run_window(Config.from_checkpoint_dir(adapter_dir), None, rope_scaling, adapter_dir)
         return config, prepare_model(spec, config, adapter_dir, device, dtype).eval(), spec
-    config = Config.from_checkpoint_dir(checkpoint_dir)
+    config = _run_window(Config.from_checkpoint_dir(checkpoint_dir), meta.get("rope_scaling"), rope_scaling,
+                         adapter_dir)
     spec.validate(config)
     model = prepare_model(spec, config, checkpoint_dir, device, dtype)
     path = Path(adapter_dir) / ADAPTER_FILE
@@ -335,6 +345,21 @@ def _quantization_for(trained: Optional[str], asked: Optional[str], adapter_dir:
         print(f"note: {adapter_dir} was trained on a {trained or 'full-precision'} base; loading it "
               f"{'in full precision' if chosen is None else 'in ' + chosen} as asked", file=sys.stderr)
     return chosen
+
+
+def _run_window(config: Config, recorded: Optional[Dict[str, Any]], requested: Optional[Dict[str, Any]],
+                adapter_dir: Path) -> Config:
+    """The base config with the run's recorded RoPE scaling, or the one requested for this evaluation."""
+    trained = config.with_rope_scaling(recorded)
+    if requested is None:
+        return trained
+    wanted = trained.with_rope_scaling(requested)
+    if wanted.rope_scaling != trained.rope_scaling:
+        import sys
+
+        print(f"note: {adapter_dir} was fine-tuned for a window of {trained.describe_window()}; evaluating it with "
+              f"{wanted.describe_window()} as --model.rope_scaling asks", file=sys.stderr)
+    return wanted
 
 
 def load_trained_tensors(model: nn.Module, tensors: Dict[str, torch.Tensor], spec: MethodSpec, source: str) -> None:

@@ -2,7 +2,8 @@
 
 The network follows Touvron et al. 2023 and matches HF ``transformers``' ``LlamaForCausalLM`` logit for logit on
 converted weights (rotary embeddings use the "rotate half" layout; the converters permute Meta's and llama2.c's
-interleaved q/k weights into it).
+interleaved q/k weights into it). The cos/sin tables come from :mod:`lit_adapter.rope`, which also scales them past
+the pretrained window when ``Config.rope_scaling`` asks (linear, dynamic NTK, YaRN, llama3).
 
 Extension points for the PEFT variants, so that none of them copies a ``forward``:
 
@@ -31,8 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-
-RopeCache = Tuple[torch.Tensor, torch.Tensor]
+from lit_adapter.rope import RopeCache, build_rope_cache, context_error, dynamic_length
 
 
 class GPT(nn.Module):
@@ -53,6 +53,7 @@ class GPT(nn.Module):
         self.virtual_tokens: Optional[nn.Module] = None  # the prompt methods' hook (see the module docstring)
         # Built lazily on the device of the input: a plain attribute, so it is neither saved nor materialized.
         self._rope_cache: Optional[RopeCache] = None
+        self._rope_key: Optional[tuple] = None
 
     def build_block(self, block_idx: int) -> "Block":
         """Hook for variants that need a different block or attention class."""
@@ -63,11 +64,20 @@ class GPT(nn.Module):
         """Positions before the first real token (0 without a prompt method): the real tokens' context is the rest."""
         return 0 if self.virtual_tokens is None else self.virtual_tokens.num_virtual_tokens
 
-    def rope_cache(self, device: torch.device) -> RopeCache:
-        if self._rope_cache is None or self._rope_cache[0].device != device:
+    def rope_cache(self, device: torch.device, seq_len: int = 0) -> RopeCache:
+        """cos and sin tables ``(rows, head_size)`` for positions ``0..rows-1`` (``lit_adapter.rope``).
+
+        ``seq_len`` is the length of the sequence seen (the longest position + 1), which only dynamic NTK scaling
+        depends on: past the original window its table is rebuilt for that length (``seq_len`` rows).
+        """
+        dynamic = dynamic_length(self.config.rope_scaling, seq_len)
+        key = (device, dynamic)
+        if self._rope_cache is None or self._rope_key != key:
             self._rope_cache = build_rope_cache(
-                self.config.block_size, self.config.head_size, self.config.rope_base, device
+                dynamic or self.config.block_size, self.config.head_size, self.config.rope_base, device,
+                self.config.rope_scaling, dynamic,
             )
+            self._rope_key = key
         return self._rope_cache
 
     def forward(
@@ -84,18 +94,19 @@ class GPT(nn.Module):
         B, T = idx.shape
         P = self.num_virtual_tokens
         if input_pos is None and P + T > self.config.block_size:
-            virtual = f" and {P} virtual tokens" if P else ""
-            raise UserError(f"sequence of {T} tokens{virtual} exceeds the model's block_size={self.config.block_size}")
+            what = f"sequence length (with {P} virtual tokens)" if P else "sequence length"
+            raise UserError(context_error(self.config.block_size, self.config.rope_scaling, P + T, what))
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if self.virtual_tokens is not None:
             x = self.virtual_tokens(x, input_pos)  # (B, P_in + T, n_embd): P_in rows of virtual tokens enter now
         P_in = x.shape[1] - T
-        cos, sin = self.rope_cache(idx.device)
+        if input_pos is not None and P:  # the real tokens' positions (and cache slots) follow the virtual ones
+            input_pos = torch.cat([torch.arange(P_in, device=input_pos.device), input_pos + P])
+        seen = P + T if input_pos is None else self.positions_seen(input_pos)
+        cos, sin = self.rope_cache(idx.device, seen)
         if input_pos is None:
             cos, sin = cos[P - P_in : P + T], sin[P - P_in : P + T]  # (P_in + T, hs)
         else:
-            if P:  # the real tokens' positions (and cache slots) follow the virtual ones
-                input_pos = torch.cat([torch.arange(P_in, device=input_pos.device), input_pos + P])
             cos, sin = cos.index_select(0, input_pos), sin.index_select(0, input_pos)
 
         for block in self.transformer.h:
@@ -105,6 +116,12 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, input_pos)
         x = self.transformer.ln_f(x[:, P_in:] if P_in else x)  # (B, T, n_embd): the real tokens only
         return x if return_hidden else self.output_logits(x)
+
+    def positions_seen(self, input_pos: torch.Tensor) -> int:
+        """The sequence length a decoding step has seen, ``max(input_pos) + 1``; only dynamic NTK asks for it (a
+        device sync), every other table is fixed."""
+        scaling = self.config.rope_scaling
+        return int(input_pos.max()) + 1 if scaling and scaling["rope_type"] == "dynamic" else 0
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head: final normalized states ``(..., n_embd)`` to logits ``(..., vocab_size)``."""
@@ -263,15 +280,6 @@ class KVCache(nn.Module):
         self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k[:B], self.v[:B]
-
-
-def build_rope_cache(seq_len: int, n_elem: int, base: float, device=None) -> RopeCache:
-    """cos and sin tables (seq_len, n_elem) in float32, with the frequencies repeated for both halves."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, n_elem, 2, device=device, dtype=torch.int64).float() / n_elem))
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)  # (seq_len, n_elem / 2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (seq_len, n_elem)
-    return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

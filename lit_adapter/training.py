@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_adapter import methods
+from lit_adapter.config import ModelArgs
 from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared, truncate_examples
 from lit_adapter.errors import UserError
 from lit_adapter.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
@@ -34,6 +35,7 @@ from lit_adapter.methods import MethodSpec
 from lit_adapter.optim import build_optimizer
 from lit_adapter.preflight import check_fabric_args, check_parts_fit, claim_out_dir
 from lit_adapter.results import RunResult, summarize, to_jsonable
+from lit_adapter.rope import context_error
 from lit_adapter.runtime import default_precision, peak_memory_gb, weights_dtype
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -46,7 +48,8 @@ class DataArgs:
     data_dir: Path = Path("data/dolly")
     """Folder with train.pt, val.pt and metadata.json from scripts/prepare_dolly.py or prepare_alpaca.py."""
     max_seq_length: Optional[int] = None
-    """Cut longer examples to this many tokens (counted and reported); default: the model's block_size."""
+    """Cut longer examples to this many tokens (counted and reported); default: the model's window (block_size).
+    Longer than the window is refused: extend it with --model.rope_scaling."""
 
 
 @dataclass
@@ -216,21 +219,29 @@ def finetune(
     resume: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
+    model: Optional[ModelArgs] = None,
 ) -> Optional[RunResult]:
-    """Fine-tunes with ``spec`` and returns the run's summary (``None`` for a dry run)."""
+    """Fine-tunes with ``spec`` and returns the run's summary (``None`` for a dry run).
+
+    ``model.rope_scaling`` scales the base's RoPE for this run (its window becomes ``factor x`` the pretrained one);
+    it is recorded in ``hparams.json`` and ``final/adapter_config.json``, from which evaluation and generation
+    rebuild the same window.
+    """
     from lightning.fabric import Fabric
 
     accum = validate_args(train, eval, fabric_args)
     if data.max_seq_length is not None and data.max_seq_length < 2:
         raise UserError(f"data.max_seq_length must be >= 2 (or null for the model's window), got {data.max_seq_length}")
-    config = methods.resolve_config(checkpoint_dir, model_name)
+    model = model or ModelArgs()
+    config = model.apply(methods.resolve_config(checkpoint_dir, model_name))
+    seq_len = context_length(data, config, spec)  # past the window: one line that names --model.rope_scaling
     spec.validate(config)
     precision = fabric_args.precision or default_precision(fabric_args.accelerator)
     check_fabric_args(fabric_args.accelerator, fabric_args.devices, precision)
     if dry_run:
         methods.dry_run(spec, config)
-        print_memory_estimate(spec, config, context_length(data, config, spec), train, fabric_args.accelerator,
-                              precision)
+        print(f"context: {seq_len} tokens per sequence, of a window of {config.describe_window()}")
+        print_memory_estimate(spec, config, seq_len, train, fabric_args.accelerator, precision)
         return None
     if checkpoint_dir is None:
         raise UserError("--checkpoint_dir is required for training (only --dry_run works from --model_name alone)")
@@ -250,7 +261,9 @@ def finetune(
         )
         fabric.launch()
         return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
-                     hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train,
+                     hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, model=model,
+                                  rope_scaling=config.rope_scaling, block_size=config.block_size,
+                                  out_dir=out_dir, data=data, train=train,
                                   eval=eval, fabric=fabric_args, logger=logger, precision=precision))
     finally:
         if lock is not None:
@@ -258,10 +271,15 @@ def finetune(
 
 
 def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) -> int:
-    """Tokens per training sequence: ``--data.max_seq_length``, capped at (and by default) the model's context
-    (less the positions the method puts before the real tokens: the prompt methods' virtual tokens)."""
-    room = config.block_size - (spec.definition.reserved_positions(spec.settings) if spec is not None else 0)
-    return min(data.max_seq_length or room, room)
+    """Tokens per training sequence: ``--data.max_seq_length``, by default the model's window less the positions the
+    method puts before the real tokens (the prompt methods' virtual tokens); past that (the scaled window with RoPE
+    scaling) it is a one-line error naming the fix, never a silent cap."""
+    reserved = spec.definition.reserved_positions(spec.settings) if spec is not None else 0
+    room = config.block_size - reserved
+    if data.max_seq_length is not None and data.max_seq_length > room:
+        what = "--data.max_seq_length" + (f" (plus {reserved} virtual tokens)" if reserved else "")
+        raise UserError(context_error(config.block_size, config.rope_scaling, data.max_seq_length + reserved, what))
+    return data.max_seq_length or room
 
 
 def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainArgs, accelerator: str,
@@ -299,6 +317,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                     {"training": train_examples, "validation": val_examples},
                     needs_tokenizer=spec.definition.final_is_checkpoint)
     max_seq_length = context_length(data, config, spec)
+    if config.rope_scaling:
+        fabric.print(f"RoPE scaled: sequences of up to {max_seq_length} tokens, window {config.describe_window()}")
     train_examples, cut_train, empty_train = truncate_examples(train_examples, max_seq_length)
     val_examples, cut_val, empty_val = truncate_examples(val_examples, max_seq_length)
     if cut_train or cut_val:

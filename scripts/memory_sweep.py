@@ -9,7 +9,12 @@ the process killed by signal 9) is a result, not a crash.
     python scripts/memory_sweep.py --model_name stories15M --contexts 256,1024,4096
     python scripts/memory_sweep.py --model_name 7B --estimate_only true --methods adapter_v2 --quantize bnb.nf4 \\
         --precisions bf16-true --checkpointing true --micro_batch_sizes 4 --contexts 1024 --device cuda
-    python scripts/memory_sweep.py --model_name stories15M --methods lora --find_max_context true --budget_gb 1
+    python scripts/memory_sweep.py --model_name stories15M --methods lora --find_max_context true --budget_gb 1 \\
+        --rope_scaling '{"type": "linear", "factor": 16}'
+
+A context longer than the model's window (``block_size``; ``--rope_scaling`` scales it) is measured on a model
+whose RoPE table is grown to cover it (memory does not depend on the rotation angles) and marked "beyond window":
+training refuses such a context without RoPE scaling. ``--find_max_context`` searches up to the window only.
 
 Peak memory is, on CUDA, ``torch.cuda.max_memory_allocated``; on CPU the peak of live bytes of the c10 CPU
 allocator during the training steps (the same quantity, see ``memory.AllocatorPeak``). The process's peak resident
@@ -35,7 +40,8 @@ METHOD_LABELS = ("adapter", "adapter+sparse", "adapter_v2", "adapter_v2+sparse",
                  "full+sparse")
 COLUMNS = [
     "model", "method", "context", "micro_batch_size", "precision", "quantize", "checkpointing", "loss", "optimizer",
-    "device", "status", "peak_gb", "peak_kind", "est_peak_gb", "est_error_pct", "est_phase", "rss_peak_gb", "rss_net_gb",
+    "device", "window", "beyond_window", "status", "peak_gb", "peak_kind", "est_peak_gb", "est_error_pct", "est_phase",
+    "rss_peak_gb", "rss_net_gb",
     "rss_baseline_gb", "tokens_per_s", "step_time_s", "trainable_params",
 ]
 
@@ -59,7 +65,8 @@ def _quantize(value: str) -> Optional[str]:
 def build_cells(model_name: Optional[str], config_overrides: Dict[str, Any], methods: List[str], contexts: List[int],
                 micro_batch_sizes: List[int], precisions: List[str], quantize: List[Optional[str]],
                 checkpointing: List[bool], optimizer: str, sparse_pattern: str, device: str, steps: int,
-                timed_steps: int, threads: Optional[int], sdpa: str, losses: List[str]) -> List[Any]:
+                timed_steps: int, threads: Optional[int], sdpa: str, losses: List[str],
+                rope_scaling: Optional[Dict[str, Any]] = None) -> List[Any]:
     from lit_adapter.memory import LOSSES, Cell, precision_dtype
     from lit_adapter.methods import get_method
 
@@ -86,7 +93,7 @@ def build_cells(model_name: Optional[str], config_overrides: Dict[str, Any], met
                                 precision=precision, seq_len=T, micro_batch_size=B, activation_checkpointing=ckpt,
                                 optimizer=optimizer, model_name=model_name, config_overrides=config_overrides,
                                 steps=steps, timed_steps=timed_steps, device=device, threads=threads, sdpa=sdpa,
-                                loss=loss,
+                                loss=loss, rope_scaling=rope_scaling,
                             ))
     return cells
 
@@ -113,7 +120,7 @@ def row_for(cell, result: Optional[Dict[str, Any]], estimate: Optional[Dict[str,
         "model": cell.config().name or "custom", "method": method_label(cell), "context": cell.seq_len,
         "micro_batch_size": cell.micro_batch_size, "precision": cell.precision, "quantize": cell.quantize or "none",
         "checkpointing": cell.activation_checkpointing, "loss": cell.loss, "optimizer": cell.optimizer,
-        "device": cell.device,
+        "device": cell.device, "window": cell.model_config().block_size, "beyond_window": cell.beyond_window,
         "status": "estimate" if result is None else result["status"],
     }
     if estimate is not None:
@@ -154,7 +161,8 @@ def run_grid(cells, estimate_only: bool, timeout_s: float, log=print) -> List[Di
 
 def _describe(row: Dict[str, Any]) -> str:
     head = (f"{row['model']} {row['method']} T={row['context']} B={row['micro_batch_size']} {row['precision']} "
-            f"q={row['quantize']} ckpt={row['checkpointing']} loss={row.get('loss', 'cross_entropy')}: ")
+            f"q={row['quantize']} ckpt={row['checkpointing']} loss={row.get('loss', 'cross_entropy')}"
+            + (f" (beyond the {row['window']}-token window)" if row.get("beyond_window") else "") + ": ")
     if row["status"] == "estimate":
         return head + f"estimated {row.get('est_peak_gb', float('nan')):.3f} GB"
     if row["status"] != "ok":
@@ -300,6 +308,7 @@ def main(
     min_context: int = 256,
     max_context: int = 131072,
     context_step: int = 128,
+    rope_scaling: Optional[str] = None,
     out_dir: Path = Path("out/memory_sweep"),
 ) -> List[Dict[str, Any]]:
     """Sweep peak memory and speed of fine-tuning.
@@ -327,13 +336,17 @@ def main(
         find_max_context: For each grid cell except the context, search the longest context within budget_gb.
         budget_gb: Memory budget (GB = 1e9 bytes) for find_max_context: measured peak (or the estimate).
         min_context: Where the search starts.
-        max_context: Where the search stops doubling.
+        max_context: Where the search stops doubling; never past the model's window (block_size, or the scaled
+            window with rope_scaling), which is as far as training can go.
         context_step: Granularity of the bisection.
+        rope_scaling: JSON of the RoPE scaling the runs would use, as --model.rope_scaling, e.g.
+            '{"type": "linear", "factor": 4}': the window becomes factor x the pretrained one.
         out_dir: Where sweep.csv, sweep.md and sweep.png go.
     """
     from lit_adapter.memory import format_estimate, measure_framework_overhead
 
     overrides = json.loads(config_json) if config_json else {}
+    scaling = json.loads(rope_scaling) if isinstance(rope_scaling, str) else rope_scaling
     if model_name is None and not overrides:
         raise UserError("pass --model_name or --config_json with a whole custom config")
     if find_max_context and budget_gb is None:
@@ -341,13 +354,14 @@ def main(
     cells = build_cells(
         model_name, overrides, _split(methods), _split(contexts, int), _split(micro_batch_sizes, int),
         _split(precisions), [_quantize(q) for q in _split(quantize)], [_bool(c) for c in _split(checkpointing)],
-        optimizer, sparse_pattern, device, steps, timed_steps, threads, sdpa, _split(loss),
+        optimizer, sparse_pattern, device, steps, timed_steps, threads, sdpa, _split(loss), scaling,
     )
     if not cells:
         raise UserError("the grid is empty (full fine-tuning is skipped with a quantized base)")
-    config = cells[0].config()
+    config = cells[0].model_config()
     title = (f"Memory sweep: {config.name or 'custom'} (n_embd {config.n_embd}, {config.n_layer} layers, "
-             f"vocab {config.vocab_size}) on {device}" + (" — estimates only" if estimate_only else ""))
+             f"vocab {config.vocab_size}, window {config.describe_window()}) on {device}"
+             + (" — estimates only" if estimate_only else ""))
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     summary: List[str] = []
@@ -356,16 +370,19 @@ def main(
         seen = set()
         for cell in cells:
             key = (cell.method, cell.pattern, cell.quantize, cell.precision, cell.micro_batch_size,
-                   cell.activation_checkpointing)
+                   cell.activation_checkpointing, cell.loss)
             if key in seen:
                 continue
             seen.add(key)
-            best, probes = search_max_context(cell, budget_gb, min_context, max_context, context_step, estimate_only,
-                                            timeout_s)
+            window = cell.model_config().block_size
+            best, probes = search_max_context(cell, budget_gb, min(min_context, window), min(max_context, window),
+                                              context_step, estimate_only, timeout_s)
             rows += probes
+            limit = (f"the whole window of {config.describe_window()} fits" if best == window else
+                     f"searched up to the window of {config.describe_window()}")
             line = (f"- {method_label(cell)}, B={cell.micro_batch_size}, {cell.precision}, "
-                    f"quantize={cell.quantize or 'none'}, ckpt={cell.activation_checkpointing}: "
-                    + (f"longest context within {budget_gb} GB: **{best}** tokens" if best
+                    f"quantize={cell.quantize or 'none'}, ckpt={cell.activation_checkpointing}, loss={cell.loss}: "
+                    + (f"longest context within {budget_gb} GB: **{best}** tokens ({limit})" if best
                        else f"not even {min_context} tokens fit in {budget_gb} GB"))
             print(line)
             summary.append(line)
@@ -375,6 +392,12 @@ def main(
             for cell in cells:
                 print(format_estimate(estimate_cell(cell, overhead)), end="\n\n")
         rows = run_grid(cells, estimate_only, timeout_s)
+        beyond = sorted({r["context"] for r in rows if r["beyond_window"]})
+        if beyond:
+            line = (f"Contexts {', '.join(map(str, beyond))} exceed the model's window of {config.describe_window()}: "
+                    "measured with the RoPE table grown to cover them; training needs --model.rope_scaling there.")
+            print(line)
+            summary.append(line)
         errors = [abs(r["est_error_pct"]) for r in rows if "est_error_pct" in r]
         if errors:
             line = (f"Estimator vs measurement over {len(errors)} cells: mean |error| "

@@ -328,8 +328,10 @@ def test_unsupported_hf_configs():
 
     assert config_from_hf(dict(base, rope_parameters={"rope_theta": 5e5, "rope_type": "default"})).rope_base == 5e5
     assert config_from_hf(dict(base, rope_theta=1e6, rope_scaling=None)).rope_base == 1e6
-    with pytest.raises(UserError, match="does not implement: rope_scaling=.*linear"):
-        config_from_hf(dict(base, rope_scaling={"type": "linear", "factor": 2.0}))
+    linear = config_from_hf(dict(base, rope_scaling={"type": "linear", "factor": 2.0}))  # tests/test_rope.py
+    assert (linear.block_size, linear.original_block_size) == (4096, 2048)
+    with pytest.raises(UserError, match="does not implement: rope_scaling=.*longrope"):
+        config_from_hf(dict(base, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
     with pytest.raises(UserError, match="does not implement: attention_bias=True"):
         config_from_hf(dict(base, attention_bias=True))
     with pytest.raises(UserError, match="only LLaMA checkpoints are supported, config.json has model_type='mistral'"):

@@ -2,6 +2,7 @@
 ``F.cross_entropy``; the sweep script's outputs and its out-of-memory handling."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -273,16 +274,27 @@ def test_sweep_measures_estimates_and_searches(tmp_path):
         assert (tmp_path / "grid" / name).stat().st_size > 0
     assert "adapter_v2+sparse" in (tmp_path / "grid" / "sweep.md").read_text()
 
-    # the search on estimates: the answer fits, one more step does not
+    # the search on estimates stops at the model's window (LLaMA 7B: 2048) and says so
     rows = sweep.main(model_name="7B", methods="adapter_v2", quantize="bnb.nf4", precisions="bf16-true",
                       checkpointing="true", micro_batch_sizes="4", device="cuda", estimate_only=True,
-                      find_max_context=True, budget_gb=24, context_step=256, out_dir=tmp_path / "search")
+                      find_max_context=True, budget_gb=24, context_step=256, out_dir=tmp_path / "window")
+    assert max(r["context"] for r in rows) == 2048
+    assert "**2048** tokens (the whole window of 2048 tokens fits)" in (tmp_path / "window" / "sweep.md").read_text()
+    # with RoPE scaling (x8: a 16384-token window) the answer fits, one more step does not
+    scaling = {"type": "linear", "factor": 8}
+    rows = sweep.main(model_name="7B", methods="adapter_v2", quantize="bnb.nf4", precisions="bf16-true",
+                      checkpointing="true", micro_batch_sizes="4", device="cuda", estimate_only=True,
+                      find_max_context=True, budget_gb=24, context_step=256, rope_scaling=json.dumps(scaling),
+                      out_dir=tmp_path / "search")
     fitting = [r["context"] for r in rows if r["est_peak_gb"] <= 24]
     best = max(fitting)
-    config, spec = Config.from_name("7B"), MethodSpec("adapter_v2", quantize="bnb.nf4")
+    config, spec = Config.from_name("7B").with_rope_scaling(scaling), MethodSpec("adapter_v2", quantize="bnb.nf4")
     over = estimate_memory(config, spec, 4, best + 256, "bf16-true", activation_checkpointing=True, device_type="cuda")
-    assert best >= 1024 and over["peak_bytes"] > 24e9
-    assert f"**{best}**" in (tmp_path / "search" / "sweep.md").read_text()
+    assert 2048 < best < 16384 and over["peak_bytes"] > 24e9
+    assert f"**{best}** tokens (searched up to the window of 16384 tokens (linear x8" in (
+        tmp_path / "search" / "sweep.md").read_text()
+    with pytest.raises(UserError, match="seq_len=4096 exceeds the model's window, block_size=2048"):
+        estimate_memory(Config.from_name("7B"), spec, 4, 4096, "bf16-true")
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path):

@@ -103,7 +103,8 @@ def test_there_are_configs_for_both_contexts():
 
 
 # single-run configs and the finetune script each one is for
-SINGLE_RUN = {"adapter_v2_dolly_512.yaml": "adapter_v2", "qlora_dolly_1024.yaml": "lora"}
+SINGLE_RUN = {"adapter_v2_dolly_512.yaml": "adapter_v2", "qlora_dolly_1024.yaml": "lora",
+              "long_context_stories260k.yaml": "lora"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -34,7 +34,7 @@ from lit_adapter.convert.common import (
     lit_to_hf_name,
     lit_to_hf_state_dict,
 )
-from lit_adapter.convert.hf import config_from_hf, load_hf_checkpoint
+from lit_adapter.convert.hf import config_from_hf, hf_config_from_lit, load_hf_checkpoint, rope_scaling_from_hf
 from lit_adapter.convert.llama2c import load_llama2c_bin, load_llama2c_checkpoint, load_llama2c_pt
 from lit_adapter.convert.meta import (
     config_from_meta_params,
@@ -46,10 +46,10 @@ from lit_adapter.errors import UserError
 
 __all__ = [
     "config_from_hf", "config_from_meta_params", "convert_hf_checkpoint", "convert_llama2c_checkpoint",
-    "convert_meta_checkpoint", "half_to_interleaved", "hf_to_lit_name", "hf_to_lit_state_dict", "interleaved_to_half",
-    "lit_to_hf_name", "lit_to_hf_state_dict", "load_hf_checkpoint", "load_llama2c_bin", "load_llama2c_checkpoint",
-    "load_llama2c_pt", "load_meta_checkpoint", "merge_meta_shards", "meta_to_lit_state_dict", "parse_dtype",
-    "write_checkpoint_dir",
+    "convert_meta_checkpoint", "half_to_interleaved", "hf_config_from_lit", "hf_to_lit_name", "hf_to_lit_state_dict",
+    "interleaved_to_half", "lit_to_hf_name", "lit_to_hf_state_dict", "load_hf_checkpoint", "load_llama2c_bin",
+    "load_llama2c_checkpoint", "load_llama2c_pt", "load_meta_checkpoint", "merge_meta_shards", "meta_to_lit_state_dict",
+    "parse_dtype", "rope_scaling_from_hf", "write_checkpoint_dir",
 ]
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing the converted checkpoint directory

@@ -33,8 +33,14 @@ def load_model(
     quantize: Optional[str] = None,
     precision: Optional[str] = None,
     device: Optional[str] = None,
+    rope_scaling: Optional[Dict[str, Any]] = None,
+    attention=None,
 ):
-    """``(config, model, tokenizer, spec, device)`` for evaluation: the base, plus the fine-tuned tensors if any."""
+    """``(config, model, tokenizer, spec, device)`` for evaluation: the base, plus the fine-tuned tensors if any.
+
+    A fine-tuned run's RoPE scaling and attention pattern come from its ``adapter_config.json``; ``rope_scaling``
+    and ``attention`` (an ``AttentionConfig``) replace them, see :func:`lit_adapter.methods.load_finetuned`.
+    """
     from lit_adapter.methods import load_finetuned
     from lit_adapter.preflight import check_tokenizer_fits
     from lit_adapter.runtime import weights_dtype
@@ -49,7 +55,8 @@ def load_model(
         raise UserError(f"adapter directory not found: {adapter_dir}")
     tokenizer = Tokenizer.from_checkpoint_dir(checkpoint_dir)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
-    config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize)
+    config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize,
+                                         rope_scaling, attention)
     check_tokenizer_fits(tokenizer, config, checkpoint_dir)
     return config, model.eval(), tokenizer, spec, dev
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
+from lit_adapter.rope import context_error
 
 DATASETS = ("wikitext2", "ptb", "c4")
 C4_DOCUMENTS = 1100
@@ -335,9 +336,10 @@ def evaluate_corpus(
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on the tokenized ``corpus`` (see the module docstring for the protocol)."""
-    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    config = getattr(model, "config", None)
+    block_size = getattr(config, "block_size", None)
     if block_size is not None and seqlen > block_size:
-        raise UserError(f"--seqlen={seqlen} exceeds the model's context (block_size={block_size})")
+        raise UserError(context_error(block_size, getattr(config, "rope_scaling", None), seqlen, "--seqlen"))
     if corpus.name == "c4":
         tokens = tokens[: C4_WINDOWS * seqlen]
     windows = make_windows(tokens.numel(), seqlen, stride, max_windows)
@@ -378,8 +380,14 @@ def run_perplexity(
     device: Optional[str] = None,
     bos: bool = True,
     progress: bool = True,
+    rope_scaling: Optional[Dict] = None,
+    attention=None,
 ) -> Dict:
-    """Loads the model, evaluates every dataset, prints one line each and writes ``out_dir/perplexity.json``."""
+    """Loads the model, evaluates every dataset, prints one line each and writes ``out_dir/perplexity.json``.
+
+    ``rope_scaling`` extends the base's window and ``attention`` (an ``AttentionConfig``) sets the attention
+    pattern; a fine-tuned run brings its own of both (see ``evaluation.load_model``), which they replace.
+    """
     from lit_adapter.evaluation import describe_model, load_model, run_info, split_names, write_json
     from lit_adapter.runtime import peak_memory_gb
 
@@ -388,7 +396,8 @@ def run_perplexity(
         if name not in DATASETS:
             raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     corpora = [load_corpus(name, data_dir) for name in names]  # data problems surface before the model loads
-    config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device)
+    config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device,
+                                                     rope_scaling, attention)
     seqlen = seqlen if seqlen is not None else min(config.block_size, 2048)
 
     results = []
@@ -403,6 +412,7 @@ def run_perplexity(
     report = {
         **describe_model(checkpoint_dir, adapter_dir, spec),
         "seqlen": seqlen, "stride": stride, "max_windows": max_windows, "batch_size": batch_size, "bos": bos,
+        "window": config.block_size, "rope_scaling": config.rope_scaling, "attention": spec.attention.pattern,
         "results": {r.dataset: r.to_dict() for r in results},
         "peak_memory_gb": peak_memory_gb(dev),
         "run": run_info(dev),

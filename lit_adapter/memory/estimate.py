@@ -18,6 +18,7 @@ from lit_adapter.errors import UserError
 from lit_adapter.losses import DEFAULT_CHUNK, LOSSES
 from lit_adapter.methods import build_model, mark_trainable, unquantized
 from lit_adapter.quantize import _default_skip
+from lit_adapter.rope import context_error, rope_table_rows
 from lit_adapter.memory.saved import (
     GB,
     OPTIMIZERS,
@@ -190,6 +191,8 @@ def estimate_memory(
             raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
     if micro_batch_size < 1 or seq_len < 2:
         raise UserError("micro_batch_size must be >= 1 and seq_len >= 2")
+    if seq_len > config.block_size:  # the model cannot run it: estimate only what it can (scaled windows included)
+        raise UserError(context_error(config.block_size, config.rope_scaling, seq_len, "the estimate's seq_len"))
     dtype = precision_dtype(dtype)
     dims = _dims(config, micro_batch_size, seq_len, dtype, device_type, quantize)
     N, C, I, d = dims.N, dims.C, dims.I, dims.d
@@ -199,7 +202,7 @@ def estimate_memory(
 
     model = _meta_model(config, spec)
     weights = weight_bytes(model, dtype, quantize, skip=unquantized(spec))
-    rope = 2 * config.block_size * config.head_size * 4
+    rope = 2 * rope_table_rows(config.block_size, config.rope_scaling, seq_len) * config.head_size * 4
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in {id(p): p for p in trainable}.values())
     n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -223,7 +226,7 @@ def estimate_memory(
     # under chunked_head the head's own saves are recomputed chunk by chunk; the hidden states stay
     head = _head_saved_chunked(dims, t, x_rg) if loss == "chunked_head" else _head_saved(dims, t, x_rg)[0]
     logits = N * dims.V * d if loss != "chunked_head" else min(N, DEFAULT_CHUNK) * dims.V * d
-    loss_peak = _loss_chain(dims, t.v2_linears, loss, head_weight_trains=t.base_linears)
+    loss_peak = _loss_chain(dims, t.v2_linears, loss, head_weight_trains=dims.head_weight_trains(t))
     head_grads = grads - sum(layer_grads)  # embedding, ln_f and lm_head (tied ones once)
 
     # short-lived memory: RoPE's float32 temporaries (forward); a block's gradients of x, of the MLP product and
@@ -285,7 +288,8 @@ def estimate_memory(
         "process_peak_bytes": peak + framework_overhead_bytes,
         "settings": {
             "model": config.name or "custom", "method": spec.describe(), "micro_batch_size": micro_batch_size,
-            "seq_len": seq_len, "dtype": str(dtype).replace("torch.", ""), "quantize": quantize,
+            "seq_len": seq_len, "window": config.describe_window(),
+            "dtype": str(dtype).replace("torch.", ""), "quantize": quantize,
             "activation_checkpointing": activation_checkpointing, "optimizer": optimizer,
             "device_type": device_type, "sdpa": sdpa, "loss": loss,
         },
@@ -298,7 +302,8 @@ def format_estimate(est: Dict[str, Any]) -> str:
     gb = lambda n: f"{n / GB:9.3f} GB"  # noqa: E731
     s = est["settings"]
     lines = [
-        f"estimate for {s['model']} {s['method']}: micro batch {s['micro_batch_size']} x {s['seq_len']} tokens, "
+        f"estimate for {s['model']} {s['method']}: micro batch {s['micro_batch_size']} x {s['seq_len']} tokens "
+        f"(window {s['window']}), "
         f"{s['dtype']}, quantize={s['quantize']}, checkpointing={s['activation_checkpointing']}, "
         f"{s['optimizer']}, sdpa={s['sdpa']}, loss={s['loss']}",
         f"  weights            {gb(est['weights_bytes'])}  "

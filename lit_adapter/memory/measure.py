@@ -211,19 +211,37 @@ class Cell:
     seed: int = 0
     memory_limit_gb: Optional[float] = None
     """CPU, in a child process only: cap the address space at its size after imports plus this, to make OOM real."""
+    rope_scaling: Optional[Dict[str, Any]] = None
+    """RoPE scaling of the model (``--model.rope_scaling``): its window becomes ``factor x`` the pretrained one."""
+    method_settings: Dict[str, Any] = field(default_factory=dict)
+    """The method's hyper-parameters (fields of its settings dataclass); empty: its defaults."""
 
-    def config(self) -> Config:
+    def model_config(self) -> Config:
+        """The model as configured (and scaled): its ``block_size`` is the window a training run may use."""
         from dataclasses import replace
 
         config = Config.from_name(self.model_name) if self.model_name else Config(**self.config_overrides)
         if self.model_name and self.config_overrides:
             config = replace(config, **self.config_overrides)
-        # random weights: any context length is allowed, the RoPE cache just has to cover it
+        return config.with_rope_scaling(self.rope_scaling)
+
+    @property
+    def beyond_window(self) -> bool:
+        """The context exceeds the model's window, which training refuses (memory is measured all the same)."""
+        return self.seq_len > self.model_config().block_size
+
+    def config(self) -> Config:
+        """:meth:`model_config`, its RoPE table grown to cover ``seq_len`` where that exceeds the window: on random
+        weights memory does not depend on the rotation angles (see :attr:`beyond_window`)."""
+        from dataclasses import replace
+
+        config = self.model_config()
         return replace(config, block_size=max(config.block_size, self.seq_len))
 
     def spec(self):
         attention = AttentionConfig(pattern=self.pattern, **self.attention_overrides).resolve(self.seq_len)
-        return MethodSpec(self.method, attention=attention, quantize=self.quantize)
+        return MethodSpec(self.method, settings=dict(self.method_settings) or None, attention=attention,
+                          quantize=self.quantize)
 
     def label(self) -> str:
         return self.spec().describe()

@@ -56,6 +56,11 @@ class _Dims:
     d: int  # bytes per element of weights and activations
     device_type: str
     quantize: Optional[str] = None
+    tied: bool = False  # the head's weight is the embedding's
+
+    def head_weight_trains(self, t: TrainedParts) -> bool:
+        """The head's weight needs a gradient: full fine-tuning, or a trained embedding that the head is tied to."""
+        return t.base_linears or (t.embedding and self.tied)
 
     @property
     def N(self) -> int:
@@ -324,7 +329,9 @@ def _head_saved(dims: _Dims, t: TrainedParts, x_rg: bool) -> Tuple[_Saved, bool]
     h = _rmsnorm(s, "ln_f", "x", x_rg, t.norms, dims)
     _virtual_rows_input(s, dims, t, x_rg)
     out_rg = _linear(s, "lm_head", "hf", h, dims.C, dims.V, dims, t, quantized=False)  # the head stays unquantized
-    return s, out_rg
+    if dims.head_weight_trains(t):  # a tied head of a trained embedding: its weight's gradient needs the input
+        s.add("hf", dims.N * dims.C * dims.d)
+    return s, out_rg or dims.head_weight_trains(t)
 
 
 def _head_saved_chunked(dims: _Dims, t: TrainedParts, x_rg: bool) -> _Saved:
@@ -362,4 +369,4 @@ def _dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str,
           quantize: Optional[str] = None) -> _Dims:
     return _Dims(B=B, T=T, C=config.n_embd, I=config.intermediate_size, V=config.vocab_size, nh=config.n_head,
                  ng=config.n_query_groups, hs=config.head_size, d=_element_size(dtype), device_type=device_type,
-                 quantize=quantize)
+                 quantize=quantize, tied=config.tie_embeddings)

@@ -16,7 +16,7 @@ KV cache (the prompt's keys and values are cached for the duration of a decoding
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import lit_adapter.model as base
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.tuners.base import Method, TrainedParts, has_name_part
+from lit_adapter.tuners.base import EMBEDDING_NAMES, Method, TrainedParts, has_name_part
 
 ADAPTER_NAMES = ("adapter_wte", "gating_factor")
 
@@ -38,6 +38,8 @@ class AdapterConfig:
     """Number of learnable adaption-prompt vectors per adapted layer."""
     start_layer: int = 2
     """Index of the first layer that gets a prompt; layers below it are left as they are."""
+    train_embeddings: bool = False
+    """Also train the token embedding (LongLoRA's unfreezing for long context; with a tied head, the head too)."""
 
     def __post_init__(self) -> None:
         if self.prompt_length < 1:
@@ -229,8 +231,12 @@ class Adapter(Method):
     def build(self, config: Config, settings: AdapterConfig) -> base.GPT:
         return GPT(config, settings)  # the prompts enter through GPT.build_block and the attention hook
 
+    def trained_names_for(self, settings: Optional[AdapterConfig]) -> Tuple[str, ...]:
+        return self.trained_names + (EMBEDDING_NAMES if settings is not None and settings.train_embeddings else ())
+
     def memory_terms(self, settings: AdapterConfig) -> TrainedParts:
-        return TrainedParts(prompt_from_layer=settings.start_layer, prompt_length=settings.prompt_length)
+        return TrainedParts(prompt_from_layer=settings.start_layer, prompt_length=settings.prompt_length,
+                            embedding=settings.train_embeddings)
 
 
 METHOD = Adapter()

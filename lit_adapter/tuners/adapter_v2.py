@@ -10,11 +10,14 @@ pretrained one.
 The bias and scale live in :class:`AdapterV2Linear`, a wrapper that only calls the linear it holds, so the frozen
 linear may be a quantized bitsandbytes layer. The prompt's keys and values go through the wrapped ``k_proj`` and
 ``v_proj`` and so see their bias and scale, as in lit-llama.
+
+``--adapter.train_embeddings true`` also trains the token embedding: with v2's trainable norms, LongLoRA's
+"LoRA+" unfreezing (Chen et al. 2023) for context extension (``docs/long_context.md``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,7 +25,7 @@ import torch.nn as nn
 from lit_adapter.config import Config
 from lit_adapter.tuners import adapter
 from lit_adapter.tuners.adapter import AdapterConfig, load_adapter_state_dict, mark_only_as_trainable, materialize
-from lit_adapter.tuners.base import TrainedParts, has_name_part
+from lit_adapter.tuners.base import EMBEDDING_NAMES, TrainedParts, has_name_part
 from lit_adapter.tuners.wrapping import LinearWrapper
 
 # lit-llama trains "adapter_wte", "gating_factor", "adapter_bias", "adapter_scale", "rms_1", "rms_2", "ln_f";
@@ -109,9 +112,12 @@ class AdapterV2(adapter.Adapter):
     def build(self, config: Config, settings: AdapterConfig) -> GPT:
         return GPT(config, settings)
 
+    def trained_names_for(self, settings: Optional[AdapterConfig]) -> Tuple[str, ...]:
+        return self.trained_names + (EMBEDDING_NAMES if settings is not None and settings.train_embeddings else ())
+
     def memory_terms(self, settings: AdapterConfig) -> TrainedParts:
         return TrainedParts(norms=True, v2_linears=True, prompt_from_layer=settings.start_layer,
-                            prompt_length=settings.prompt_length)
+                            prompt_length=settings.prompt_length, embedding=settings.train_embeddings)
 
 
 METHOD = AdapterV2()

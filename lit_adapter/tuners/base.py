@@ -10,8 +10,9 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
 * how it attaches to the base (:meth:`Method.build`): by composition (wrapping layers, as LoRA does) or through
   the model's hooks (``GPT.build_block``, ``CausalSelfAttention.scaled_dot_product_attention``, as
   LLaMA-Adapter does); never a copied ``forward`` or a patched global;
-* what trains (:meth:`Method.trainable`), which is also what the resumable checkpoint keeps, and which of those
-  tensors the method adds to the base (:meth:`Method.is_added`: they are initialised, not loaded);
+* what trains (:meth:`Method.trainable`, from :meth:`Method.trained_names_for` its settings), which is also what
+  the resumable checkpoint keeps, and which of those tensors the method adds to the base (:meth:`Method.is_added`:
+  they are initialised, not loaded);
 * what ``final/`` stores: the trained tensors only, or (``final_is_checkpoint``) a whole checkpoint folder;
 * its terms for the memory estimator (:meth:`Method.memory_terms`, a :class:`TrainedParts`);
 * what inference needs after loading (:meth:`Method.prepare_for_inference`, e.g. folding LoRA into the weights);
@@ -87,6 +88,12 @@ def bottleneck_width(n_embd: int, reduction_factor: float, size: Optional[int] =
     return size if size is not None else max(1, int(n_embd // reduction_factor))
 
 
+EMBEDDING_NAMES = ("wte",)
+"""The token embedding (``transformer.wte``); with a tied head (llama2.c's models) the head's weight is the same."""
+NORM_NAMES = ("norm_1", "norm_2", "ln_f")
+"""Every RMSNorm weight: the two of each block and the final one."""
+
+
 def has_name_part(name: str, parts: Tuple[str, ...]) -> bool:
     """Whether one of the dotted components of the tensor name ``name`` is in ``parts``."""
     return any(part in parts for part in name.split("."))
@@ -106,7 +113,7 @@ class Method:
     train_defaults: ClassVar[Mapping[str, Any]] = {"learning_rate": 3e-4}
     """The finetune command's defaults for ``--train.*`` where this method differs (its learning rate, ...)."""
     trained_names: ClassVar[Tuple[str, ...]] = ()
-    """Components of the names of the tensors that train (see :meth:`trainable`)."""
+    """Components of the names of the tensors that train with the default settings (see :meth:`trainable`)."""
     added_names: ClassVar[Tuple[str, ...]] = ()
     """Components of the names of the tensors the method adds to the base (see :meth:`is_added`)."""
     final_is_checkpoint: ClassVar[bool] = False
@@ -129,9 +136,15 @@ class Method:
     def attach(self, model: GPT, settings: Any) -> None:
         """Adds the method to a plain ``GPT`` in place (the default :meth:`build` calls it)."""
 
-    def trainable(self, name: str, param: Any = None) -> bool:
-        """Whether the parameter or state-dict entry ``name`` trains; usable as Fabric's save filter."""
-        return has_name_part(name, self.trained_names)
+    def trained_names_for(self, settings: Any) -> Tuple[str, ...]:
+        """Components of the names of the tensors that train with ``settings`` (``None``: the defaults); a method
+        whose settings unfreeze base tensors (LongLoRA's embedding and norms) adds their names."""
+        return self.trained_names
+
+    def trainable(self, name: str, param: Any = None, settings: Any = None) -> bool:
+        """Whether the parameter or state-dict entry ``name`` trains under ``settings``; ``methods.trainable_filter``
+        binds the settings, giving Fabric's save filter ``(name, tensor)``."""
+        return has_name_part(name, self.trained_names_for(settings))
 
     def is_added(self, name: str) -> bool:
         """Whether ``name`` is a tensor the method adds, which a base checkpoint does not have."""
@@ -156,7 +169,7 @@ class Method:
         """What ``final/`` stores and the settings that rebuild a model around it: by default the trainable tensors
         and the training settings; a method may fold a training-only reparameterisation away (P-tuning's encoder,
         prefix tuning's MLP) and return the settings of the folded form."""
-        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if self.trainable(n, p)}
+        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if self.trainable(n, p, settings)}
         return tensors, settings
 
     def __repr__(self) -> str:

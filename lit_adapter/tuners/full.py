@@ -21,7 +21,7 @@ class Full(Method):
     final_is_checkpoint = True
     trains_quantized_base = False
 
-    def trainable(self, name: str, param: Any = None) -> bool:
+    def trainable(self, name: str, param: Any = None, settings: Any = None) -> bool:
         return True
 
     def memory_terms(self, settings: Any) -> TrainedParts:

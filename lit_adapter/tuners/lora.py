@@ -12,13 +12,20 @@ layer shares: a quantized or tied base stays unmerged (its output is the same, o
 
 Naming follows HF PEFT (``lora_A``, ``lora_B``, ``alpha``, ``r``) and so does the arithmetic, which the tests check
 against ``peft.get_peft_model`` number for number.
+
+``train_embeddings`` and ``train_norms`` also unfreeze the token embedding and every RMSNorm weight: LongLoRA's
+"LoRA+" (Chen et al. 2023, https://arxiv.org/abs/2309.12307, Sec. 3.3), which found plain LoRA unable to close the
+gap to full fine-tuning when extending the context and these few tensors enough to. They are saved with ``A`` and
+``B`` (the embedding is ``vocab x n_embd``: megabytes, not kilobytes). With a tied head the head trains too: it is
+the embedding's weight. The LongLoRA recipe in full: ``configs/long_context_stories260k.yaml`` and
+``docs/long_context.md``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +33,7 @@ import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
-from lit_adapter.tuners.base import Method, TrainedParts, has_name_part
+from lit_adapter.tuners.base import EMBEDDING_NAMES, NORM_NAMES, Method, TrainedParts, has_name_part
 from lit_adapter.tuners.wrapping import LinearWrapper
 
 
@@ -50,6 +57,10 @@ class LoRAConfig:
     """Adapt the MLP projections (gate_proj, up_proj, down_proj)."""
     head: bool = False
     """Adapt the output head (lm_head)."""
+    train_embeddings: bool = False
+    """Also train the token embedding (LongLoRA's LoRA+; with a tied head, the head too)."""
+    train_norms: bool = False
+    """Also train every RMSNorm weight (LongLoRA's LoRA+)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -300,9 +311,15 @@ class LoRA(Method):
     def attach(self, model: GPT, settings: LoRAConfig) -> None:
         add_lora(model, settings)
 
+    def trained_names_for(self, settings: Optional[LoRAConfig]) -> Tuple[str, ...]:
+        settings = settings or LoRAConfig()
+        return (self.added_names + (EMBEDDING_NAMES if settings.train_embeddings else ())
+                + (NORM_NAMES if settings.train_norms else ()))
+
     def memory_terms(self, settings: LoRAConfig) -> TrainedParts:
         return TrainedParts(lora_targets=tuple(settings.target_names()), lora_r=settings.r,
-                            lora_dropout=settings.dropout)
+                            lora_dropout=settings.dropout, embedding=settings.train_embeddings,
+                            norms=settings.train_norms)
 
     def prepare_for_inference(self, model: nn.Module) -> None:
         merge_lora(model, strict=False)  # folded into the weights; a quantized or tied base stays unmerged
