@@ -71,3 +71,12 @@ def logger_summary(logger) -> Optional[str]:
         return None
     url = getattr(run, "url", None)
     return f"wandb: {url}" if url else None
+
+
+def close_logger(logger) -> None:
+    """Ends a WandB run: Lightning's ``finalize`` leaves it open, and the next run in the same process (a notebook,
+    a sweep in one script) would then be logged into it."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        logger.experiment.finish()

@@ -28,7 +28,7 @@ from lit_adapter.config import ModelArgs
 from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared, truncate_examples
 from lit_adapter.errors import UserError
 from lit_adapter.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
-from lit_adapter.loggers import LoggerArgs, build_logger, logger_supports_hparams, logger_summary
+from lit_adapter.loggers import LoggerArgs, build_logger, close_logger, logger_supports_hparams, logger_summary
 from lit_adapter.losses import forward_loss
 from lit_adapter.memory import ESTIMATED_PATTERNS, estimate_memory, format_estimate
 from lit_adapter.methods import MethodSpec
@@ -498,6 +498,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
     summary = logger_summary(fabric.logger)
     fabric.logger.finalize("success" if status == "completed" else "aborted")
+    close_logger(fabric.logger)
     if summary and fabric.global_rank == 0:
         fabric.print(summary)
     if status == "interrupted":
