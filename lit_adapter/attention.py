@@ -23,15 +23,15 @@ function (:class:`_TiledAttention`) runs the calls: rows that several calls cove
 their log-sum-exps, and it saves only q, k, v, the output and the log-sum-exp, the set dense flash attention
 keeps. Its backward rebuilds the plan and runs each call's backward with the merged output and log-sum-exp,
 adding the call's gradients into dq, dk, dv. No call holds more than ``tiled_attention.CALL_ROWS`` rows of
-temporaries, so the peak stays at dense SDPA's (docs/sparse_attention.md has the measurements). With ``input_pos`` (KV-cache decoding)
-the rows of ``dense_mask`` for those positions are used with dense SDPA, which is cheap for a few query rows.
+temporaries, so the peak stays at dense SDPA's (docs/sparse_attention.md has the measurements). With
+``input_pos`` (KV-cache decoding) the rows of ``dense_mask`` for those positions are used with dense SDPA, which is
+cheap for a few query rows.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from typing import Callable, List, Literal, NamedTuple, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from lit_adapter import tiled_attention as tiled
 from lit_adapter.errors import UserError
 from lit_adapter.tiled_attention import (
-    Call, Plan, View, _MASKED_SCORE, _TiledAttention, _accumulation_dtype, _additive_mask, _finish,
+    Call, Plan, View, _TiledAttention, _accumulation_dtype, _additive_mask, _finish,
     _fused_cpu_supported, _runs, _seq, tiled_forward,
 )
 
@@ -155,7 +155,7 @@ class SparseAttention(nn.Module):
         return out.transpose(1, 2)  # (B, nh, T, hs), a view like dense SDPA's output
 
     def build_plan(self, q: torch.Tensor, fused: bool) -> Tuple[Plan, int]:
-        """The pattern's calls for queries shaped like ``q`` (split to ``tiled.CALL_ROWS``) and the scores they compute."""
+        """The pattern's calls for queries shaped like ``q``, split to ``tiled.CALL_ROWS``, and their score count."""
         B, nh, T, hs = q.shape
         mask_dtype = q.dtype if fused else _accumulation_dtype(q.dtype)  # the fused kernel adds masks in q's dtype
         return _finish(self.plan(B, nh, T, q.device, mask_dtype), B, nh, T, hs)

@@ -242,7 +242,7 @@ class _TiledAttention(torch.autograd.Function):
     """A plan's attention that saves q, k, v, the output and the log-sum-exp, and recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, kernel: "SparseAttention", plan: Plan, fused: bool, q, k, v):
+    def forward(ctx, kernel: torch.nn.Module, plan: Plan, fused: bool, q, k, v):  # an attention.SparseAttention
         out, lse = tiled_forward(plan, q, k, v, fused)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kernel, ctx.fused = kernel, fused  # the plan is rebuilt in backward: its masks are not kept meanwhile
