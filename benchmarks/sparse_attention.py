@@ -14,8 +14,16 @@ the kernels' code and starts the thread pool. Memory is the growth of the peak r
 after the steps minus the resident set size just before the first full-length step (inputs already allocated),
 so it covers activations, masks, temporaries and gradients. Prints a Markdown table.
 
+``--memory`` adds one more forward + backward step per case, after the timed ones and after the RSS reading,
+under :class:`lit_adapter.memory.AllocatorPeak`: the peak of live bytes that the c10 CPU allocator hands out during
+that step, minus what was live at its start (the inputs and the upstream gradient, allocated before). It counts
+every tensor the step creates: saved activations, masks, gathered tiles, temporaries of forward and backward, and
+the q/k/v gradients; unlike RSS it does not depend on what the allocator and the OS keep mapped, so it is exact
+and repeatable. It leaves out memory outside c10 (oneDNN scratch, the kernels' per-thread buffers if not c10).
+
     python benchmarks/sparse_attention.py                        # the table in docs/sparse_attention.md
     python benchmarks/sparse_attention.py --contexts 1024 2048 --repeats 2
+    python benchmarks/sparse_attention.py --contexts 4096 8192 16384 --repeats 1 --no-masked --memory
 """
 
 from __future__ import annotations
@@ -81,8 +89,23 @@ def run_case(case: dict) -> dict:
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     scores = kernel.last_scored_elements if case["impl"] == "sparse" else T * T
-    return dict(case, seconds=statistics.median(times[1:]), best=min(times[1:]),
-                peak_mib=max(0, peak - baseline) / 1024, scores_per_row=scores / T)
+    result = dict(case, seconds=statistics.median(times[1:]), best=min(times[1:]),
+                  peak_mib=max(0, peak - baseline) / 1024, scores_per_row=scores / T)
+    if case.get("memory"):
+        result["alloc_mib"] = allocator_peak_growth(step, tensors) / 2**20
+    return result
+
+
+def allocator_peak_growth(step, tensors) -> int:
+    """Peak live c10 CPU allocator bytes of one forward + backward step, beyond those live when it starts."""
+    from lit_adapter.memory import AllocatorPeak
+
+    for t in tensors[:3]:
+        t.grad = None  # the previous step's gradients are freed before the window opens
+    with AllocatorPeak() as tracker:
+        tracker.mark()
+        step(*tensors)
+    return tracker.peak_bytes - tracker.at_mark_bytes
 
 
 def machine() -> dict:
@@ -114,6 +137,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per case; 1 gives repeatable numbers on a machine shared with other work")
     parser.add_argument("--no-masked", action="store_true", help="skip the dense-with-mask references")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure each case's allocator peak of live tensor bytes (one profiled step)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -126,7 +151,7 @@ def main() -> None:
     print(f"B={args.batch}, heads={args.heads}, head size={args.head_size}, float32, forward + backward, "
           f"median of {args.repeats} after 1 warm-up\n")
     common = dict(batch=args.batch, heads=args.heads, head_size=args.head_size, repeats=args.repeats,
-                  threads=args.threads)
+                  threads=args.threads, memory=args.memory)
     rows = []
     for T in args.contexts:
         cases = [dict(pattern="dense", impl="sdpa-causal")]
@@ -144,15 +169,20 @@ def main() -> None:
             print(f"  measured {case['pattern']:>7} {case['impl']:<11} T={T}: {rows[-1]['seconds']:.3f} s",
                   file=sys.stderr, flush=True)
 
-    dense = {r["T"]: r["seconds"] for r in rows if r["impl"] == "sdpa-causal"}
+    dense = {r["T"]: r for r in rows if r["impl"] == "sdpa-causal"}
     names = {"sdpa-causal": "dense (SDPA causal)", "sparse": "{} (block-sparse)", "masked": "{} (dense + mask)"}
+    memory = ("| allocator peak MiB | vs dense " if args.memory else "", "---:|---:|" if args.memory else "")
     print("| T | attention | fwd+bwd ms, median | best | vs dense SDPA (median) | peak RSS growth MiB "
-          "| scores per query |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+          f"{memory[0]}| scores per query |")
+    print(f"|---:|---|---:|---:|---:|---:|{memory[1]}---:|")
     for r in rows:
         name = names[r["impl"]].format(r["pattern"])
+        alloc = ""
+        if args.memory:
+            alloc = f" {r['alloc_mib']:.1f} | {r['alloc_mib'] / dense[r['T']]['alloc_mib']:.2f}x |"
         print(f"| {r['T']} | {name} | {1000 * r['seconds']:.1f} | {1000 * r['best']:.1f} | "
-              f"{dense[r['T']] / r['seconds']:.2f}x | {r['peak_mib']:.0f} | {r['scores_per_row']:.0f} |")
+              f"{dense[r['T']]['seconds'] / r['seconds']:.2f}x | {r['peak_mib']:.0f} |{alloc} "
+              f"{r['scores_per_row']:.0f} |")
 
 
 if __name__ == "__main__":

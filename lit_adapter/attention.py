@@ -1,4 +1,4 @@
-"""Sparse causal attention patterns that skip the masked work.
+"""Sparse causal attention patterns that skip the masked work and keep no more memory than dense attention.
 
 Four patterns replace the dense causal attention of :class:`lit_adapter.model.CausalSelfAttention`:
 
@@ -16,37 +16,42 @@ Four patterns replace the dense causal attention of :class:`lit_adapter.model.Ca
 
 Every pattern is a parameter-free module. ``mask_mod(head, q_idx, kv_idx)`` defines it (without causality) and
 ``dense_mask`` turns it into the boolean reference mask. ``forward`` without ``input_pos`` computes only the
-blocks the pattern touches: local and the structured parts of strided/fixed gather key blocks per query block and
-apply the small residual mask built from ``mask_mod``; shifted runs plain causal attention inside its groups. A
-pattern that is the union of two structured parts computes each part with its log-sum-exp and merges the two
-partial softmaxes exactly. With ``input_pos`` (KV-cache decoding) the rows of ``dense_mask`` for those positions
-are used with dense SDPA, which is cheap for a few query rows.
+blocks the pattern touches. Each pattern's ``plan`` splits its (query, key) pairs into disjoint rectangles, each
+one :class:`Call` of the attention kernel on *views* of q, k and v (slices, or reshapes of the sequence such as
+strided's residue classes), with a small mask where the rectangle is not fully visible or causal. One autograd
+function (:class:`_TiledAttention`) runs the calls: rows that several calls cover are merged exactly through
+their log-sum-exps, and it saves only q, k, v, the output and the log-sum-exp, the set dense flash attention
+keeps. Its backward rebuilds the plan and runs each call's backward with the merged output and log-sum-exp,
+adding the call's gradients into dq, dk, dv. No call holds more than ``tiled_attention.CALL_ROWS`` rows of
+temporaries, so the peak stays at dense SDPA's (docs/sparse_attention.md has the measurements). With
+``input_pos`` (KV-cache decoding) the rows of ``dense_mask`` for those positions are used with dense SDPA, which is
+cheap for a few query rows.
 
 ``forward(..., prefix=(pk, pv))`` adds keys and values that every query sees in the same softmax (the virtual
-tokens of prompt tuning, P-tuning and prefix tuning) while the pattern applies to the other keys: the prefix is one
-more disjoint part of the union (merged exactly by log-sum-exp), or, for the shifted groups, concatenated in front
-of every group's keys.
+tokens of prompt tuning, P-tuning and prefix tuning) while the pattern applies to the other keys. On the tiled
+kernel the prefix is one more unmasked call, all queries over the prefix keys, merged into every row by the same
+log-sum-exp logic and recomputed in the backward like the pattern's calls (its gradients go to ``pk``, ``pv``);
+with ``input_pos`` the prefix is concatenated in front of the keys with a column of ones in the mask.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from typing import Callable, List, Literal, NamedTuple, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_adapter import tiled_attention as tiled
 from lit_adapter.errors import UserError
+from lit_adapter.tiled_attention import (
+    PREFIX, Call, Plan, View, _TiledAttention, _accumulation_dtype, _additive_mask, _finish,
+    _fused_cpu_supported, _runs, _seq, tiled_forward,
+)
 
 Pattern = Literal["dense", "strided", "fixed", "local", "shifted"]
 PATTERNS = ("dense", "strided", "fixed", "local", "shifted")
-
-# Masked scores in the log-sum-exp parts. Finite on purpose: a part with no visible key in a row then gets a
-# finite log-sum-exp near -1e30, so its merge weight is exactly 0 and no NaN reaches the gradients.
-_MASKED_SCORE = -1e30
-
 
 @dataclass
 class AttentionConfig:
@@ -94,27 +99,11 @@ class AttentionConfig:
         return replace(self, group_size=max(1, int(self.group_size_ratio * max_seq_length)))
 
 
-class Part(NamedTuple):
-    """One disjoint part of a pattern in the layout its kernel runs in.
-
-    ``q``, ``k``, ``v``: (N, H, Tq, hs) and (N, H, Tk, hs); ``mask``: boolean, broadcastable to (N, H, Tq, Tk);
-    ``to_common`` maps a per-query tensor (N, H, Tq, d) of this layout to (B, nh, T, d), ``from_common`` back
-    (with zero rows where the layout has padding).
-    """
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    mask: torch.Tensor
-    to_common: Callable[[torch.Tensor], torch.Tensor]
-    from_common: Callable[[torch.Tensor], torch.Tensor]
-
-
 class SparseAttention(nn.Module):
-    """Base of the patterns: the dense reference, the KV-cache path, the union of parts and the work count."""
+    """Base of the patterns: the dense reference, the KV-cache path, the tiled kernel and the work count."""
 
-    # On CPU the parts of a union run in PyTorch's fused flash kernel, whose log-sum-exp output makes the merge
-    # exact; elsewhere (or with this switched off) they run as plain matmul + softmax.
+    # On CPU the calls run in PyTorch's fused flash kernel (which returns the log-sum-exp the merges need);
+    # elsewhere, for float16, or with this switched off they run as plain matmul + softmax in float32.
     fused_cpu_parts = True
 
     def __init__(self) -> None:
@@ -122,8 +111,6 @@ class SparseAttention(nn.Module):
         # Query-key scores computed by the last forward, per (batch element, head); the sparsity tests read it.
         self.last_scored_elements = 0.0
         self._scored = 0
-        # (q, prefix keys, prefix values) during a forward with a prefix, else None
-        self._prefix: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def mask_mod(self, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         """Whether query position ``q_idx`` may see key position ``kv_idx`` (broadcasting; causality excluded)."""
@@ -159,20 +146,48 @@ class SparseAttention(nn.Module):
                 visible = mask.new_ones(mask.shape[0], T, prefix[0].shape[-2])  # (nh or 1, T, P)
                 k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, nh, P + S, hs)
                 mask = torch.cat([visible, mask], dim=-1)
-            y = self._sdpa(q, k, v, attn_mask=mask.unsqueeze(0))
+            self._scored += q.shape[:-1].numel() * k.shape[-2]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
         else:
             if k.shape[-2] != T:
                 raise ValueError(f"without input_pos keys and queries need the same length, got {k.shape[-2]}, {T}")
-            self._prefix = None if prefix is None else (q, *prefix)
-            try:
-                y = self.sparse_forward(q, k, v)
-            finally:
-                self._prefix = None
+            y = self.sparse_forward(q, k, v, prefix)
         self.last_scored_elements = self._scored / (B * nh)
         return y
 
-    def sparse_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The block-sparse computation for a full causal sequence (query ``i`` at position ``i``)."""
+    def sparse_forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """The block-sparse computation for a full causal sequence (query ``i`` at position ``i``), with the
+        ``prefix`` keys and values (B, nh, P, hs), if any, visible to every query in the same softmax."""
+        # the kernel reads rows of head_size values; anything else (an expanded tensor) is copied once
+        tensors = (q, k, v) if prefix is None else (q, k, v, *prefix)
+        tensors = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+        q = tensors[0]
+        fused = self.fused_cpu_parts and _fused_cpu_supported(q)
+        P = 0 if prefix is None else tensors[3].shape[-2]
+        plan, scored = self.build_plan(q, fused, P)
+        self._scored += scored
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            out = _TiledAttention.apply(self, plan, fused, *tensors)
+        else:
+            out = tiled_forward(plan, *tensors[:3], fused, tensors[3:] or None)[0]
+        return out.transpose(1, 2)  # (B, nh, T, hs), a view like dense SDPA's output
+
+    def build_plan(self, q: torch.Tensor, fused: bool, prefix_length: int = 0) -> Tuple[Plan, int]:
+        """The pattern's calls for queries shaped like ``q`` (and, with ``prefix_length`` P > 0, one call of all
+        queries over the P prefix keys), split to ``tiled.CALL_ROWS``, and their score count."""
+        B, nh, T, hs = q.shape
+        mask_dtype = q.dtype if fused else _accumulation_dtype(q.dtype)  # the fused kernel adds masks in q's dtype
+        plan = self.plan(B, nh, T, q.device, mask_dtype)
+        if prefix_length:  # every row is written by the pattern (its diagonal), so the prefix merges into it
+            plan = Plan([*plan.calls, Call(_seq(0, T), _seq(0, prefix_length), merge=True, source=PREFIX)],
+                        plan.gathers)
+        return _finish(plan, B, nh, T, hs, prefix_length)
+
+    def plan(self, B: int, nh: int, T: int, device, mask_dtype: torch.dtype) -> Plan:
+        """The pattern's (query, key) pairs as disjoint rectangles, one :class:`Call` each."""
         raise NotImplementedError
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -187,140 +202,9 @@ class SparseAttention(nn.Module):
         self(x, x, x)
         return self.last_scored_elements
 
-    def _sdpa(self, q, k, v, attn_mask=None, is_causal=False) -> torch.Tensor:
-        self._scored += q.shape[:-1].numel() * k.shape[-2]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
-    def _attend(self, part: Part) -> torch.Tensor:
-        """One part's attention in the common layout (with the prefix, if any, merged in)."""
-        if self._prefix is not None:
-            return self._union([part])
-        return part.to_common(self._sdpa(part.q, part.k, part.v, attn_mask=part.mask))
-
-    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Plain causal attention of a whole (B, nh, T, hs) sequence (with the prefix, if any, merged in)."""
-        if self._prefix is None:
-            return self._sdpa(q, k, v, is_causal=True)
-        T = q.shape[-2]
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().view(1, 1, T, T)
-        return self._union([Part(q, k, v, mask, _identity, _identity)])
-
-    def _union(self, parts: List[Part]) -> torch.Tensor:
-        """Exact attention over the union of disjoint parts, (B, nh, T, hs) in the dtype of the queries."""
-        if self._prefix is not None:  # every query sees the whole prefix: one more disjoint part
-            q, pk, pv = self._prefix
-            visible = torch.ones(1, 1, q.shape[-2], pk.shape[-2], dtype=torch.bool, device=q.device)
-            parts = [*parts, Part(q, pk, pv, visible, _identity, _identity)]
-        for part in parts:
-            self._scored += part.q.shape[:-1].numel() * part.k.shape[-2]
-        dtype = parts[0].q.dtype
-        if self.fused_cpu_parts and _fused_cpu_supported(parts[0].q):
-            tensors = [t for part in parts for t in (part.q, part.k, part.v)]
-            return _FusedCPUUnion.apply(parts, *tensors).to(dtype)
-        outputs = []
-        for part in parts:
-            out, lse = _attend_with_lse(part.q, part.k, part.v, part.mask)
-            outputs.append((part.to_common(out), part.to_common(lse)))
-        return merge_partial_softmaxes(outputs)[0].to(dtype)
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics and merges run in at least float32."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _attend_with_lse(q, k, v, mask) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention with its log-sum-exp (..., Tq, 1), with plain matmuls."""
-    acc = _accumulation_dtype(q.dtype)
-    scores = torch.matmul(q, k.transpose(-1, -2)).to(acc) * (1.0 / math.sqrt(q.shape[-1]))
-    scores = scores.masked_fill(~mask, _MASKED_SCORE)
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    probs = torch.exp(scores - lse)
-    return torch.matmul(probs.to(v.dtype), v).to(acc), lse
-
-
-def merge_partial_softmaxes(parts: List[Tuple[torch.Tensor, torch.Tensor]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over the union of disjoint key sets from each set's output and log-sum-exp (..., 1)."""
-    lse = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), dim=0)
-    return sum(out * torch.exp(part_lse - lse) for out, part_lse in parts), lse
-
-
-def _fused_cpu_supported(q: torch.Tensor) -> bool:
-    # float16 cannot hold the finite mask value that keeps empty rows' log-sum-exp meaningful.
-    return (
-        q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.bfloat16, torch.float64)
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
-    )
-
-
-class _FusedCPUUnion(torch.autograd.Function):
-    """The parts in PyTorch's CPU flash kernel, merged by log-sum-exp.
-
-    Backward runs each part's flash backward with the *merged* output and log-sum-exp: the kernel recomputes the
-    probabilities as ``exp(score - lse)``, which with the merged statistics are exactly the union's softmax
-    restricted to the part, so the per-part gradients add up to the exact gradient (as in split-KV flash
-    attention). A part whose row sees nothing gets a log-sum-exp near -1e30 and merge weight 0.
-    """
-
-    @staticmethod
-    def forward(ctx, parts: List[Part], *tensors: torch.Tensor) -> torch.Tensor:
-        # ``tensors`` repeats the parts' q, k, v so that autograd routes their gradients.
-        dtype = parts[0].q.dtype
-        # the kernel takes additive masks in the dtype of the queries
-        masks = [torch.zeros(p.mask.shape, dtype=dtype).masked_fill_(~p.mask, _MASKED_SCORE) for p in parts]
-        outputs = []
-        for part, mask in zip(parts, masks):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                part.q, part.k, part.v, 0.0, False, attn_mask=mask
-            )
-            acc = _accumulation_dtype(dtype)
-            outputs.append((part.to_common(out.to(acc)), part.to_common(lse.unsqueeze(-1).to(acc))))
-        out, lse = merge_partial_softmaxes(outputs)
-        out = out.to(parts[0].q.dtype)
-        ctx.layouts = [(part.to_common, part.from_common) for part in parts]
-        ctx.save_for_backward(*tensors, *masks, out, lse)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        *saved, out, lse = ctx.saved_tensors
-        n = len(ctx.layouts)
-        qkv, masks = saved[: 3 * n], saved[3 * n:]
-        grads = []
-        for i, (_, from_common) in enumerate(ctx.layouts):
-            q, k, v = qkv[3 * i: 3 * i + 3]
-            # Padded rows come back as zeros: a zero gradient there makes their (finite) probabilities irrelevant.
-            grads += torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                from_common(grad_out.to(q.dtype)).contiguous(),
-                q, k, v,
-                from_common(out).contiguous(),
-                from_common(lse).squeeze(-1).contiguous(),
-                0.0, False, attn_mask=masks[i],
-            )
-        return (None, *grads)
-
-
-def _pad_seq(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """Zero rows before and after the sequence dimension (-2) of (..., T, d)."""
-    return F.pad(x, (0, 0, before, after)) if before or after else x
-
-
-def _tiled(B: int, nh: int, T: int, nb: int, tile: int):
-    """Layout maps between (B, nh, T, d) and query tiles (B * nh, nb, tile, d)."""
-
-    def to_common(x):
-        return x.reshape(B, nh, nb * tile, -1)[:, :, :T]
-
-    def from_common(x):
-        return _pad_seq(x, 0, nb * tile - T).reshape(B * nh, nb, tile, -1)
-
-    return to_common, from_common
+def _causal(T: int) -> Plan:
+    return Plan([Call(_seq(0, T), _seq(0, T), causal=True)], [])
 
 
 def _query_tile(window: int) -> int:
@@ -329,37 +213,28 @@ def _query_tile(window: int) -> int:
     return max(16, min(window, 128))
 
 
-def band_part(pattern: SparseAttention, q, k, v, band: int, part_mod=None) -> Part:
-    """Each query over the ``band`` positions ending at itself, gathered per query tile.
+def band_calls(T: int, band: int, device, mask_dtype: torch.dtype) -> List[Call]:
+    """Each query over the ``band`` positions ending at itself (``i - band < j <= i``), per query tile.
 
-    Each tile of queries gathers the contiguous keys from ``band - 1`` before its first query to its last query,
-    so the work is ``T * (tile + band - 1)`` instead of ``T * T``. Inside the gathered keys ``pattern.mask_mod``
-    (and ``part_mod``, which restricts to one part of a union) decides what is seen.
+    A tile of queries reads the contiguous keys from ``band - 1`` before its first query to its last query (a
+    slice: nothing is copied), so the work is ``T * (tile + band - 1)`` instead of ``T * T``. Tiles whose key
+    range has the same shape share one mask.
     """
-    B, nh, T, hs = q.shape
     tile = min(_query_tile(band), T)
-    nb = -(-T // tile)
-    # Keys before position 0 are zero padding so that every tile gathers the same span; one tile needs none.
-    before = band - 1 if nb > 1 else 0
-    span = tile + before
-    device = q.device
-
-    # (B, nh, before + nb * tile, hs) -> (B, nh, nb, span, hs) -> (B * nh, nb, span, hs): the gathered key blocks
-    def gather(x):
-        x = _pad_seq(x, before, nb * tile - T).unfold(2, span, tile).transpose(-1, -2)
-        return x.reshape(B * nh, nb, span, hs)
-
-    q_pos = torch.arange(nb * tile, device=device).view(nb, tile, 1)  # (nb, tile, 1)
-    k_pos = (torch.arange(nb, device=device) * tile - before).view(nb, 1, 1) + torch.arange(
-        span, device=device
-    ).view(1, 1, span)  # (nb, 1, span)
-    # Padded queries (positions >= T) keep their diagonal so that no row is empty; their outputs are dropped.
-    mask = (k_pos >= 0) & (k_pos <= q_pos) & (q_pos - k_pos < band)
-    mask = mask & pattern.mask_mod(torch.zeros((), dtype=torch.long, device=device), q_pos, k_pos)
-    if part_mod is not None:
-        mask = mask & part_mod(q_pos, k_pos)
-    to_common, from_common = _tiled(B, nh, T, nb, tile)
-    return Part(from_common(q), gather(k), gather(v), mask.unsqueeze(0), to_common, from_common)
+    masks = {}
+    calls = []
+    for start in range(0, T, tile):
+        end, first = min(start + tile, T), max(0, start - band + 1)
+        if first == start and band >= end - start:  # the first tile: plain causal attention
+            calls.append(Call(_seq(start, end), _seq(start, end), causal=True))
+            continue
+        key = (start - first, end - start, end - first)
+        if key not in masks:
+            q_pos = torch.arange(key[1], device=device).view(-1, 1) + key[0]  # relative to the first key
+            k_pos = torch.arange(key[2], device=device).view(1, -1)
+            masks[key] = _additive_mask((k_pos <= q_pos) & (q_pos - k_pos < band), mask_dtype)
+        calls.append(Call(_seq(start, end), _seq(first, end), mask=masks[key]))
+    return calls
 
 
 class LocalAttention(SparseAttention):
@@ -375,16 +250,18 @@ class LocalAttention(SparseAttention):
     def mask_mod(self, head, q_idx, kv_idx):
         return (q_idx - kv_idx) < self.window
 
-    def sparse_forward(self, q, k, v):
-        return self._attend(band_part(self, q, k, v, min(self.window, q.shape[-2])))
+    def plan(self, B, nh, T, device, mask_dtype):
+        return Plan(band_calls(T, min(self.window, T), device, mask_dtype), [])
 
 
 class StridedAttention(SparseAttention):
     """Child et al.'s strided pattern: the previous ``stride`` tokens plus every ``stride``-th earlier token.
 
-    The two parts are made disjoint: the band ``i - j < stride`` (gathered per query tile) and the strided
-    positions ``i - j >= stride`` with ``(i - j) % stride == 0``. The latter are causal attention within each
-    residue class ``i % stride``, a dense (T / stride)² problem per class after a reshape.
+    Two disjoint parts: the band ``i - j < stride`` (query tiles as for ``local``), and the positions
+    ``stride, 2 stride, ...`` back. Position ``m * stride + r`` is step ``m`` of residue class ``r``; the second
+    part is causal attention among the earlier steps of the same class. Viewing one sequence's
+    ``(nh, n * stride, hs)`` as ``(nh, stride, n, hs)`` (heads x classes x steps) makes it a batch of causal
+    problems of ``n = T / stride`` tokens on a view, with queries at steps ``1..n-1`` and keys at ``0..n-2``.
     """
 
     def __init__(self, stride: int) -> None:
@@ -398,34 +275,33 @@ class StridedAttention(SparseAttention):
         distance = q_idx - kv_idx
         return (distance < self.stride) | (distance % self.stride == 0)
 
-    def sparse_forward(self, q, k, v):
-        B, nh, T, hs = q.shape
+    def plan(self, B, nh, T, device, mask_dtype):
         l = self.stride
-        n = -(-T // l)  # positions per residue class
-        if n == 1:  # no token is a full stride back: the band is everything
-            return self._attend(band_part(self, q, k, v, T))
-        band = band_part(self, q, k, v, l, part_mod=lambda qp, kp: qp - kp < l)
+        if T <= l:  # no token is a full stride back: the band is everything
+            return _causal(T)
+        calls = band_calls(T, l, device, mask_dtype)
+        n, rest = divmod(T, l)  # full steps; the classes r < rest have one more step, m = n
 
-        # position m * l + r <-> (residue r, step m): (B, nh, T, d) <-> (B * nh, l, n, d)
-        def from_common(x):
-            return _pad_seq(x, 0, n * l - T).view(B, nh, n, l, -1).transpose(2, 3).reshape(B * nh, l, n, -1)
+        def classes(b: int, steps: slice, r1: Optional[int] = None) -> View:
+            # (B, nh, T, d) -> (nh, classes, steps, d): x[b, h, m * l + r] at [h, r, m]
+            return lambda x: x[b, :, :n * l].unflatten(1, (n, l)).transpose(1, 2)[:, :r1, steps]
 
-        def to_common(x):
-            return x.view(B, nh, l, n, -1).transpose(2, 3).reshape(B, nh, n * l, -1)[:, :, :T]
-
-        pos = torch.arange(n * l, device=q.device).view(n, l).t()  # (l, n): pos[r, m] = m * l + r
-        q_pos, k_pos = pos.unsqueeze(-1), pos.unsqueeze(-2)  # (l, n, 1), (l, 1, n)
-        head = torch.zeros((), dtype=torch.long, device=q.device)
-        mask = (q_pos - k_pos >= l) & self.mask_mod(head, q_pos, k_pos)  # (l, n, n); rows m = 0 see nothing
-        strided = Part(from_common(q), from_common(k), from_common(v), mask.unsqueeze(0), to_common, from_common)
-        return self._union([band, strided])
+        for b in range(B):
+            if n > 1:
+                calls.append(Call(classes(b, slice(1, n)), classes(b, slice(0, n - 1)), causal=True, merge=True))
+            if rest:  # the last, partial step sees all n earlier steps of its class
+                last = lambda x, b=b: x[b, :, n * l:T].unsqueeze(2)  # noqa: E731  (nh, rest, 1, d)
+                calls.append(Call(last, classes(b, slice(None), rest), merge=True))
+        return Plan(calls, [])
 
 
 class FixedAttention(SparseAttention):
     """Child et al.'s fixed pattern: a token sees its own block and the last ``summary_size`` tokens of each block.
 
-    Disjoint parts: causal attention inside the block (block-diagonal), and attention to the summary tokens of
-    strictly earlier blocks (a ``T x (T / block_size * summary_size)`` problem).
+    Disjoint parts: causal attention inside each block (the full blocks of a sequence as one view), and attention to
+    the summary tokens of strictly earlier blocks. The summary tokens are no single view of the sequence; they are
+    copied in chunks of ``m`` blocks (``m * summary_size`` rows, freed when the chunk's calls are done). Each query
+    block reads the chunks' blocks before it: unmasked rectangles, one per chunk.
     """
 
     def __init__(self, block_size: int, summary_size: int) -> None:
@@ -440,29 +316,29 @@ class FixedAttention(SparseAttention):
         l, c = self.block_size, self.summary_size
         return (q_idx // l == kv_idx // l) | (kv_idx % l >= l - c)
 
-    def sparse_forward(self, q, k, v):
-        B, nh, T, hs = q.shape
+    def plan(self, B, nh, T, device, mask_dtype):
         l, c = self.block_size, self.summary_size
-        device = q.device
-        head = torch.zeros((), dtype=torch.long, device=device)
         if T <= l:  # one block: plain causal attention
-            return self._causal(q, k, v)
-        nb = -(-T // l)
-        to_common, from_common = _tiled(B, nh, T, nb, l)
-        pos = torch.arange(nb * l, device=device).view(nb, l)
-        q_pos, k_pos = pos.unsqueeze(-1), pos.unsqueeze(-2)  # (nb, l, 1), (nb, 1, l)
-        own_mask = (k_pos <= q_pos) & self.mask_mod(head, q_pos, k_pos)  # (nb, l, l)
-        k_blocks, v_blocks = from_common(k), from_common(v)  # (B * nh, nb, l, hs)
-        own = Part(from_common(q), k_blocks, v_blocks, own_mask.unsqueeze(0), to_common, from_common)
-
-        # The summary tokens of every block: (B, nh, nb * c, hs).
-        k_sum = k_blocks[:, :, l - c:].reshape(B, nh, nb * c, hs)
-        v_sum = v_blocks[:, :, l - c:].reshape(B, nh, nb * c, hs)
-        summary_pos = pos[:, l - c:].reshape(-1)
-        q_pos = torch.arange(T, device=device).view(T, 1)
-        sum_mask = (summary_pos // l < q_pos // l) & self.mask_mod(head, q_pos, summary_pos)  # (T, nb * c)
-        summaries = Part(q, k_sum, v_sum, sum_mask.view(1, 1, T, nb * c), _identity, _identity)
-        return self._union([own, summaries])
+            return _causal(T)
+        full, rest = divmod(T, l)
+        blocks = full + (rest > 0)
+        calls = [Call(_runs(b, 0, nh, 0, l, full), _runs(b, 0, nh, 0, l, full), causal=True) for b in range(B)]
+        if rest:
+            calls.append(Call(_seq(full * l, T), _seq(full * l, T), causal=True))
+        # Summaries of blocks 0 .. blocks - 2 (the last block's are seen by nobody), in chunks whose copies of k
+        # and v and of their gradients stay within one call's budget.
+        per_chunk = max(1, tiled.CALL_ROWS // (4 * B * nh * c))
+        gathers = []
+        for first in range(0, blocks - 1, per_chunk):
+            last = min(first + per_chunk, blocks - 1)  # key blocks [first, last)
+            gathers.append(lambda x, a=first * l, e=last * l: x[:, :, a:e].unflatten(2, (-1, l))[:, :, :, l - c:])
+            source = len(gathers)
+            for block in range(first + 1, last):  # query blocks that see only part of the chunk
+                seen = (block - first) * c
+                calls.append(Call(_seq(block * l, (block + 1) * l), _seq(0, seen), merge=True, source=source))
+            # every later query sees the whole chunk: one rectangle, split by rows if large
+            calls.append(Call(_seq(last * l, T), _seq(0, (last - first) * c), merge=True, source=source))
+        return Plan(calls, gathers)
 
 
 class ShiftedSparseAttention(SparseAttention):
@@ -471,7 +347,8 @@ class ShiftedSparseAttention(SparseAttention):
     Heads ``< num_heads // 2`` use the groups ``[m * G, (m + 1) * G)``. The other heads use groups that start at
     ``G // 2 + m * G`` (group id ``(i + G - G // 2) // G``, i.e. ``(i + G / 2) // G`` for even ``G``): the
     partition LongLoRA gets by rolling those heads by ``G // 2``, minus the roll's wrap-around, so the first
-    ``G // 2`` tokens form a group of their own instead of joining the last tokens.
+    ``G // 2`` tokens form a group of their own instead of joining the last tokens. Every group is a causal call
+    on a view (the full groups of a sequence as one (heads, groups, G, hs) view).
     """
 
     def __init__(self, group_size: int, num_heads: int) -> None:
@@ -487,49 +364,28 @@ class ShiftedSparseAttention(SparseAttention):
         shift = torch.where(head >= self.num_heads // 2, G - G // 2, 0)
         return (q_idx + shift) // G == (kv_idx + shift) // G
 
-    def sparse_forward(self, q, k, v):
-        if q.shape[1] != self.num_heads:
-            raise ValueError(f"shifted attention was built for {self.num_heads} heads, got {q.shape[1]}")
-        half = self.num_heads // 2
-        first = self.group_size // 2  # the shifted heads' groups start at G // 2 + m * G
-        prefix = None if self._prefix is None else self._prefix[1:]
-        pre, post = (None, None) if prefix is None else ([t[:, :half] for t in prefix], [t[:, half:] for t in prefix])
-        outputs = []
+    def plan(self, B, nh, T, device, mask_dtype):
+        if nh != self.num_heads:
+            raise ValueError(f"shifted attention was built for {self.num_heads} heads, got {nh}")
+        G, half = self.group_size, nh // 2
+        first = min(G // 2, T)  # the shifted heads' groups start at G // 2 + m * G
+        calls = []
+
+        def groups(h0: int, h1: int, start: int) -> None:
+            full, rest = divmod(T - start, G)
+            if full:
+                calls.extend(Call(_runs(b, h0, h1, start, G, full), _runs(b, h0, h1, start, G, full), causal=True)
+                             for b in range(B))
+            if rest:
+                tail = _seq(start + full * G, T, h0, h1)
+                calls.append(Call(tail, tail, causal=True))
+
         if half:
-            outputs.append(self._groups(q[:, :half], k[:, :half], v[:, :half], pre))
-        shifted = []
+            groups(0, half, 0)
         if first:
-            shifted.append(self._groups(q[:, half:, :first], k[:, half:, :first], v[:, half:, :first], post))
-        if q.shape[-2] > first:
-            shifted.append(self._groups(q[:, half:, first:], k[:, half:, first:], v[:, half:, first:], post))
-        outputs.append(torch.cat(shifted, dim=2) if len(shifted) > 1 else shifted[0])
-        return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-
-    def _groups(self, q, k, v, prefix=None):
-        """Causal attention inside consecutive groups of ``group_size`` (the last one may be shorter).
-
-        ``prefix`` (keys, values (B, nh, P, hs)) is concatenated in front of every group's keys, visible to all.
-        """
-        B, nh, T, hs = q.shape
-        G = self.group_size
-        if T <= G and prefix is None:
-            return self._sdpa(q, k, v, is_causal=True)
-        ng = -(-T // G)
-        G = min(G, T)
-
-        def groups(x):  # (B, nh, T, hs) -> (B * nh, ng, G, hs); padding sits after every real query
-            return _pad_seq(x, 0, ng * G - T).reshape(B * nh, ng, G, hs)
-
-        if prefix is None:
-            out = self._sdpa(groups(q), groups(k), groups(v), is_causal=True)
-        else:
-            P = prefix[0].shape[-2]
-            pk, pv = (t.reshape(B * nh, 1, P, hs).expand(-1, ng, -1, -1) for t in prefix)  # (B * nh, ng, P, hs)
-            causal = torch.ones(G, G, dtype=torch.bool, device=q.device).tril()
-            mask = torch.cat([causal.new_ones(G, P), causal], dim=-1)  # (G, P + G)
-            out = self._sdpa(groups(q), torch.cat([pk, groups(k)], dim=2), torch.cat([pv, groups(v)], dim=2),
-                             attn_mask=mask)
-        return out.reshape(B, nh, ng * G, hs)[:, :, :T]
+            calls.append(Call(_seq(0, first, half, nh), _seq(0, first, half, nh), causal=True))
+        groups(half, nh, first)
+        return Plan(calls, [])
 
 
 def build_attention_kernel(cfg: AttentionConfig, num_heads: Optional[int] = None) -> Optional[SparseAttention]:

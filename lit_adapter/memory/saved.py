@@ -5,10 +5,11 @@ method declares what trains as a :class:`~lit_adapter.tuners.base.TrainedParts`)
 below its first adapted layer, Adapter v2 saves the output of every wrapped linear for its scale's gradient,
 LoRA's CPU dropout saves a float mask, RMSNorm keeps a float32 copy of its input, SDPA keeps q, k, v, its output
 and the log-sum-exp (O(T) with the fused kernels, an O(T^2) probability matrix on the math path), and the sparse
-patterns keep their gathered blocks. ``tests/test_memory.py`` checks every set against autograd's saved tensors.
-Prompt and P-tuning run every block on ``P + T`` rows that all require a gradient; prefix tuning's attention keeps
-its concatenated ``P + T`` keys and values and the mask, and requires a gradient in every layer (both checked in
-``tests/test_prompt_tuning.py`` and its siblings; virtual tokens with a sparse pattern are not modelled).
+patterns' tiled kernel keeps the fused kernels' set. ``tests/test_memory.py`` checks every set against autograd's
+saved tensors. Prompt and P-tuning run every block on ``P + T`` rows that all require a gradient; prefix tuning's
+attention keeps its concatenated ``P + T`` keys and values and the mask, and requires a gradient in every layer
+(both checked in ``tests/test_prompt_tuning.py`` and its siblings; virtual tokens with a sparse pattern, where the
+tiled kernel also keeps the prefix's keys and values, are not modelled).
 """
 
 from __future__ import annotations
@@ -172,70 +173,27 @@ def _sdpa_saved(saved: _Saved, tag: str, q: Tuple[str, int], k: Tuple[str, int],
     saved.add(f"{tag}.probs", B * nh * T * S * 4)
 
 
+def _tiled_attention(saved: _Saved, dims: _Dims, k_name: str, v_name: str, kv_bytes: int) -> str:
+    """``attention.SparseAttention``'s tiled kernel (every pattern): what dense flash SDPA keeps, nothing more.
+
+    Its autograd function saves the q, k, v it was given (RoPE's outputs, or the expanded k and v under GQA), its
+    output, allocated in (B, T, nh, hs) order like the fused kernels' so that ``o_proj``'s input is a view of it, and
+    the float32 (B, nh, T) log-sum-exp; the backward rebuilds the tiles, masks and gathered keys. Returns the name
+    of the tensor ``o_proj`` receives.
+    """
+    q = ("q_rope", dims.N * dims.nh * dims.hs * dims.d)
+    _sdpa_saved(saved, "attn", q, (k_name, kv_bytes), (v_name, kv_bytes), dims.T, dims, "flash")
+    return "attn.out"
+
+
 def _local_attention(saved: _Saved, window: int, dims: _Dims, k_name: str, v_name: str, kv_bytes: int) -> str:
-    """``attention.LocalAttention`` (``band_part``): query tiles and the gathered key/value span of each tile.
-
-    RoPE's output keeps the projection's (B, T, nh, hs) memory order, so regrouping heads and tiles is a view only
-    for one sequence (B == 1) without padding; otherwise the tiles and spans are copies. Returns the name of the
-    tensor ``o_proj`` receives.
-    """
-    B, nh, T, hs, d = dims.B, dims.nh, dims.T, dims.hs, dims.d
-    from lit_adapter.attention import _query_tile
-
-    band = min(window, T)
-    tile = min(_query_tile(band), T)
-    nb = -(-T // tile)
-    before = band - 1 if nb > 1 else 0
-    span = tile + before
-    if B == 1 and nb * tile == T:
-        saved.add("q_rope", B * nh * T * hs * d)
-    else:
-        saved.add("attn.q_tiles", B * nh * nb * tile * hs * d)
-    if nb > 1:  # the spans are overlapping windows (unfold) of one zero-padded copy of k and of v
-        saved.add("attn.k_padded", B * nh * (before + nb * tile) * hs * d)
-        saved.add("attn.v_padded", B * nh * (before + nb * tile) * hs * d)
-    elif B == 1:
-        saved.add(k_name, kv_bytes)
-        saved.add(v_name, kv_bytes)
-    else:
-        saved.add("attn.k_spans", B * nh * T * hs * d)
-        saved.add("attn.v_spans", B * nh * T * hs * d)
-    saved.add("attn.mask", nb * tile * span * d)  # SDPA keeps the boolean mask converted to an additive one
-    saved.add("attn.out", B * nh * nb * tile * hs * d)
-    saved.add("attn.lse", B * nh * nb * tile * 4)
-    # the output follows the query's memory order: when the tiles are a view of q, transpose + reshape is one too
-    return "attn.out" if B == 1 and nb * tile == T else "attn.y"
+    """``attention.LocalAttention``: the tiled kernel's set, whatever the window (its tiles are slices of k, v)."""
+    return _tiled_attention(saved, dims, k_name, v_name, kv_bytes)
 
 
-def _shifted_attention(saved: _Saved, group: int, dims: _Dims, k_name: str, v_name: str, kv_bytes: int) -> None:
-    """``attention.ShiftedSparseAttention``: causal SDPA in groups, per half of the heads.
-
-    A head range regrouped into (B * heads, groups, G, hs) is a view of RoPE's (B, T, nh, hs)-ordered output only
-    for B == 1 without padding; otherwise SDPA gets (and keeps) copies. The shifted half's first group is a slice,
-    which keeps the whole tensors it views.
-    """
-    B, nh, T, hs, d = dims.B, dims.nh, dims.T, dims.hs, dims.d
-    half = nh // 2
-    first = group // 2  # the shifted heads' groups start at G // 2 + m * G
-    full = (("q_rope", B * nh * T * hs * d), (k_name, kv_bytes), (v_name, kv_bytes))
-
-    def groups(tag: str, heads: int, length: int) -> None:
-        rows = length if length <= group else -(-length // group) * group
-        if length <= group or (B == 1 and rows == length):
-            for name, nbytes in full:
-                saved.add(name, nbytes)
-        else:
-            for part in ("q", "k", "v"):
-                saved.add(f"{tag}.{part}", B * heads * rows * hs * d)
-        saved.add(f"{tag}.out", B * heads * rows * hs * d)
-        saved.add(f"{tag}.lse", B * heads * rows * 4)
-
-    if half:
-        groups("attn.plain", half, T)
-    if first:
-        groups("attn.shift0", nh - half, min(first, T))
-    if T > first:
-        groups("attn.shift1", nh - half, T - first)
+def _shifted_attention(saved: _Saved, group: int, dims: _Dims, k_name: str, v_name: str, kv_bytes: int) -> str:
+    """``attention.ShiftedSparseAttention``: the tiled kernel's set, whatever the group size (groups are views)."""
+    return _tiled_attention(saved, dims, k_name, v_name, kv_bytes)
 
 
 def _prefix_attention(saved: _Saved, prefix_length: int, dims: _Dims, sdpa: str, q_rg: bool) -> None:
@@ -277,9 +235,8 @@ def _block_saved(dims: _Dims, t: TrainedParts, layer: int, x_rg: bool, attention
     elif attention.pattern == "local":
         y = _local_attention(s, attention.window, dims, k_name, v_name, kv_bytes) if base_rg else "attn.y"
     elif attention.pattern == "shifted":
-        y = "attn.y"
-        if base_rg:
-            _shifted_attention(s, attention.resolve(dims.T).group_size, dims, k_name, v_name, kv_bytes)
+        group = attention.resolve(dims.T).group_size
+        y = _shifted_attention(s, group, dims, k_name, v_name, kv_bytes) if base_rg else "attn.y"
     else:
         raise UserError(f"the memory estimator models {', '.join(ESTIMATED_PATTERNS)} attention, "
                         f"not {attention.pattern!r}")
