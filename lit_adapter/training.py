@@ -31,6 +31,7 @@ from lit_adapter.loggers import LoggerArgs, build_logger, logger_supports_hparam
 from lit_adapter.losses import forward_loss
 from lit_adapter.memory import ESTIMATED_PATTERNS, estimate_memory, format_estimate
 from lit_adapter.methods import MethodSpec
+from lit_adapter.objectives import Objective, resolve as resolve_objective
 from lit_adapter.optim import build_optimizer
 from lit_adapter.preflight import check_fabric_args, check_parts_fit, claim_out_dir
 from lit_adapter.results import RunResult, summarize, to_jsonable
@@ -216,8 +217,13 @@ def finetune(
     resume: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
+    objective: Optional[Objective] = None,
 ) -> Optional[RunResult]:
-    """Fine-tunes with ``spec`` and returns the run's summary (``None`` for a dry run)."""
+    """Fine-tunes with ``spec`` and returns the run's summary (``None`` for a dry run).
+
+    ``objective`` (:mod:`lit_adapter.objectives`) says what is optimised on which examples; the default is next-token
+    cross-entropy on the prepared data in ``data.data_dir``.
+    """
     from lightning.fabric import Fabric
 
     accum = validate_args(train, eval, fabric_args)
@@ -248,9 +254,12 @@ def finetune(
             loggers=[build_logger(logger, out_dir)],
         )
         fabric.launch()
+        objective = resolve_objective(objective)
         return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
                      hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, out_dir=out_dir, data=data, train=train,
-                                  eval=eval, fabric=fabric_args, logger=logger, precision=precision))
+                                  eval=eval, fabric=fabric_args, logger=logger, precision=precision,
+                                  objective=objective.describe()),
+                     objective=objective)
     finally:
         if lock is not None:
             lock.release()
@@ -283,17 +292,19 @@ def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainAr
     print(format_estimate(estimate))
 
 
-def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams):
+def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams,
+          objective: Optional[Objective] = None):
     from tqdm import tqdm
 
     fabric.seed_everything(train.seed)
-    train_examples, val_examples, metadata = load_prepared(data.data_dir)
+    objective = resolve_objective(objective)
+    train_examples, val_examples, metadata = objective.load_examples(data.data_dir)
     check_parts_fit(config, checkpoint_dir, data.data_dir, metadata,
                     {"training": train_examples, "validation": val_examples},
                     needs_tokenizer=spec.definition.final_is_checkpoint)
     max_seq_length = context_length(data, config)
-    train_examples, cut_train = truncate_examples(train_examples, max_seq_length)
-    val_examples, cut_val = truncate_examples(val_examples, max_seq_length)
+    train_examples, cut_train = objective.truncate(train_examples, max_seq_length)
+    val_examples, cut_val = objective.truncate(val_examples, max_seq_length)
     if cut_train or cut_val:
         fabric.print(f"truncated {cut_train} training and {cut_val} validation examples to {max_seq_length} tokens")
     needed = train.global_batch_size
@@ -308,6 +319,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     t0 = time.perf_counter()
     model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision))
     model.gradient_checkpointing = train.activation_checkpointing
+    objective.attach(model, spec, train.loss)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = methods.count_parameters(model, requires_grad=True)
     n_total = methods.count_parameters(model)
@@ -337,7 +349,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     pad_id = 0
     sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
                                fabric.global_rank, train.seed, state["step"], total_steps)
-    collate = lambda batch: collate_instructions(batch, pad_id=pad_id)  # noqa: E731
+    collate = lambda batch: objective.collate(batch, pad_id=pad_id)  # noqa: E731
     # Loaders draw their iterator seeds from their own generator, not the global RNG: otherwise creating an
     # iterator (at resume, or for each validation) would shift the dropout masks and break exact resumption.
     train_loader = fabric.setup_dataloaders(
@@ -351,10 +363,14 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         use_distributed_sampler=False,
     )
 
+    val_extra: Dict[str, float] = {}  # the objective's other validation metrics (accuracy, rewards, ...)
+
     def run_validation(step: int) -> float:
-        loss = validate(fabric, model, val_loader, eval.max_batches, train.loss)
+        loss = validate(fabric, model, val_loader, eval.max_batches, train.loss, objective)
         state["val_losses"].append((step, loss))
-        metrics = {"val_loss": loss, "step": step}
+        val_extra.clear()
+        val_extra.update(objective.metrics(fabric, "val"))
+        metrics = {"val_loss": loss, "step": step, **{f"val_{k}": v for k, v in val_extra.items()}}
         best = state["best_val"]
         if step > 0 and math.isfinite(loss) and (not best or loss < best[1]):
             state["best_val"] = [step, loss]
@@ -368,7 +384,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
 
     if state["step"] == 0 and eval.initial:
         loss = run_validation(0)
-        fabric.print(f"validation loss before training: {loss:.4f}")
+        fabric.print(f"validation loss before training: {loss:.4f}{_format_metrics(val_extra)}")
 
     status = "completed"
     train_iter = iter(train_loader)
@@ -394,8 +410,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                 for micro in range(accum):
                     batch = next(train_iter)
                     with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                        loss, _ = forward_loss(model, batch["input_ids"], batch["labels"], train.loss,
-                                               fabric.autocast)
+                        loss, _ = objective.forward_loss(model, batch, train.loss, fabric.autocast)
                         fabric.backward(loss / accum)
                     step_loss += loss.detach() / accum
                     # processed positions, padding included: that is the compute the step paid for
@@ -432,11 +447,12 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                                "peak_memory_gb": peak_memory_gb(fabric.device),
                                "epoch": step / max(steps_per_epoch, 1), "step": step}
+                    metrics.update({f"train_{k}": v for k, v in objective.metrics(fabric, "train").items()})
                     fabric.log_dict(metrics, step=step)
                     progress.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 if step % eval.interval == 0 and step != total_steps:
                     val_loss = run_validation(step)
-                    progress.write(f"step {step}: validation loss {val_loss:.4f}")
+                    progress.write(f"step {step}: validation loss {val_loss:.4f}{_format_metrics(val_extra)}")
                 if train.save_interval and step % train.save_interval == 0:
                     save(step)
                 if stop.signal is not None:
@@ -473,14 +489,21 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     return result
 
 
+def _format_metrics(metrics: Dict[str, float]) -> str:
+    return "".join(f", {name} {value:.4f}" for name, value in metrics.items())
+
+
 @torch.no_grad()
-def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cross_entropy") -> float:
-    """Token-weighted mean validation loss (each target token counts once, whatever its batch).
+def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cross_entropy",
+             objective: Optional[Objective] = None) -> float:
+    """Token-weighted mean validation loss (each target token counts once, whatever its batch; each item of the
+    objective's, e.g. each example or pair, for other objectives).
 
     A transient progress bar shows it: a full Dolly validation split is minutes of work on a small machine.
     """
     from tqdm import tqdm
 
+    objective = resolve_objective(objective)
     model.eval()
     total, count = torch.zeros((), device=fabric.device, dtype=torch.float64), 0
     batches = len(loader) if max_batches is None else min(len(loader), max_batches)
@@ -489,7 +512,7 @@ def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cro
     for i, batch in enumerate(loader):
         if i >= batches:
             break
-        value, n = forward_loss(model, batch["input_ids"], batch["labels"], loss, fabric.autocast)
+        value, n = objective.forward_loss(model, batch, loss, fabric.autocast)
         total += value.double() * n
         count += n
         bar.update(1)
