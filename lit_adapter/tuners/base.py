@@ -14,13 +14,17 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
   tensors the method adds to the base (:meth:`Method.is_added`: they are initialised, not loaded);
 * what ``final/`` stores: the trained tensors only, or (``final_is_checkpoint``) a whole checkpoint folder;
 * its terms for the memory estimator (:meth:`Method.memory_terms`, a :class:`TrainedParts`);
-* what inference needs after loading (:meth:`Method.prepare_for_inference`, e.g. folding LoRA into the weights).
+* what inference needs after loading (:meth:`Method.prepare_for_inference`, e.g. folding LoRA into the weights);
+* how its contribution is switched off, leaving the base model's function (:meth:`Method.switched_off`: DPO's
+  reference policy without a second copy of the weights). By default every module of the method that declares
+  ``peft_enabled`` (:data:`SWITCH`) is told to pass through; a method's own modules check that flag.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Iterator, List, Mapping, Optional, Tuple
 
 import torch.nn as nn
 
@@ -73,6 +77,24 @@ class TrainedParts:
 def bottleneck_width(n_embd: int, reduction_factor: float, size: Optional[int] = None) -> int:
     """A bottleneck adapter's hidden width: ``size``, else AdapterHub's ``int(n_embd // reduction_factor)``, >= 1."""
     return size if size is not None else max(1, int(n_embd // reduction_factor))
+
+
+SWITCH = "peft_enabled"
+"""The flag (a class attribute, True) of every module that adds a method's contribution; False: pass through."""
+
+
+@contextlib.contextmanager
+def switched_off(model: nn.Module) -> Iterator[List[nn.Module]]:
+    """Inside, every module of ``model`` carrying :data:`SWITCH` computes what the base layer alone would; the
+    modules switched off are yielded. Their tensors are untouched, so leaving the block restores the method."""
+    modules = [m for m in model.modules() if getattr(m, SWITCH, None) is True]
+    for module in modules:
+        setattr(module, SWITCH, False)
+    try:
+        yield modules
+    finally:
+        for module in modules:
+            setattr(module, SWITCH, True)
 
 
 def has_name_part(name: str, parts: Tuple[str, ...]) -> bool:
@@ -130,6 +152,14 @@ class Method:
 
     def prepare_for_inference(self, model: nn.Module) -> None:
         """Called once the trained tensors are loaded, before evaluation or generation."""
+
+    def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which ``model`` computes the base model's function: the method's modules pass through.
+
+        Only the method's *added* modules are switched; base tensors it trains in place (Adapter v2's norms, full
+        fine-tuning's weights) stay as trained, so a caller that needs the base needs its own copy of those.
+        """
+        return switched_off(model)
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
