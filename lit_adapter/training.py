@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_adapter import methods
-from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared, truncate_examples
+from lit_adapter.data import InstructionDataset
 from lit_adapter.errors import UserError
 from lit_adapter.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
 from lit_adapter.loggers import LoggerArgs, build_logger, logger_supports_hparams, logger_summary
-from lit_adapter.losses import forward_loss
+from lit_adapter.losses import forward_loss  # noqa: F401 (imported from here by benchmarks and tests)
 from lit_adapter.memory import ESTIMATED_PATTERNS, estimate_memory, format_estimate
 from lit_adapter.methods import MethodSpec
 from lit_adapter.objectives import Objective, resolve as resolve_objective

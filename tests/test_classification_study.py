@@ -43,11 +43,11 @@ def test_the_study_runs_end_to_end(stories260k, shared_data, tmp_path):
         "common": {"train": {"global_batch_size": 8, "micro_batch_size": 8, "max_steps": 2, "warmup_steps": 1,
                              "learning_rate": 1e-3, "log_interval": 1},
                    "eval": {"interval": 1, "max_batches": 1}, "fabric": {"accelerator": "cpu", "precision": "32-true"}},
-        "runs": [{"name": "lora-r4", "script": "lora", "args": {"lora": {"r": 4, "alpha": 16}}},
-                 {"name": "full", "script": "full"}],
+        # one cell (each is a process of its own: seconds of start-up); the full-fine-tuning row is the same path
+        "runs": [{"name": "lora-r4", "script": "lora", "args": {"lora": {"r": 4, "alpha": 16}}}],
     }))
     report = run_study(config)
-    assert [c["status"] for c in report["cells"]] == ["completed", "completed"]
+    assert [c["status"] for c in report["cells"]] == ["completed"]
     for cell in report["cells"]:
         assert cell["evaluated"] == "best" and cell["test"]["examples"] == 12
         assert cell["test"]["correct"] + cell["test"]["no_answer"] <= 12  # garbage is counted wrong, not dropped
