@@ -128,11 +128,20 @@ class ReferencePolicy:
         self.copies: List[torch.Tensor] = []
         if separate is None:
             trains, added, seen = methods.trainable_filter(spec), methods.is_added(spec), set()
-            for name, param in methods.unwrap(model).named_parameters():
+            named = list(methods.unwrap(model).named_parameters())
+            for name, param in named:
                 if trains(name, param) and not added(name) and id(param) not in seen:
                     seen.add(id(param))  # a tied head and embedding are one tensor: one copy
                     self.in_place.append(param)
                     self.copies.append(param.detach().clone())
+            # every added tensor that trains must sit in a module that switches off, or the "reference" would
+            # silently be the policy (a method whose modules do not declare peft_enabled)
+            with spec.definition.switched_off(methods.unwrap(model)) as switched:
+                owners = {id(p) for module in switched for p in module.parameters()}
+            stuck = [name for name, p in named if trains(name, p) and added(name) and id(p) not in owners]
+            if stuck:
+                raise UserError(f"{spec.method} cannot be switched off for DPO's reference ({stuck[0]} is in no module "
+                                "declaring peft_enabled); pass --dpo.reference_dir with a reference checkpoint")
 
     @contextlib.contextmanager
     def active(self, model):

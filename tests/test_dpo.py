@@ -330,3 +330,14 @@ def test_the_command_names_the_line_of_a_bad_record(stories260k, tmp_path):
                           capture_output=True, text=True, cwd=repo, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {path}, line 4: the preference record has no 'rejected'"
+
+
+def test_a_method_that_cannot_be_switched_off_is_refused(stories260k, monkeypatch):
+    from lit_adapter.tuners.lora import LoRALinear
+
+    spec = MethodSpec("lora")
+    model = methods.prepare_model(spec, Config.from_checkpoint_dir(stories260k), stories260k, torch.device("cpu"),
+                                  torch.float32)
+    monkeypatch.setattr(LoRALinear, "peft_enabled", None)  # as a method module that never declared the switch
+    with pytest.raises(UserError, match="cannot be switched off for DPO's reference"):
+        DPOObjective([], [], {}, DPOArgs()).attach(model, spec, "cross_entropy")
