@@ -50,7 +50,7 @@ def _ours(job: Dict[str, Any]):
     import torch
 
     from lit_adapter.memory import Cell, build_random_model
-    from lit_adapter.training import forward_loss
+    from lit_adapter.losses import forward_loss
 
     cell = Cell(method=job["method"], model_name=job["size"], seq_len=job["seq_len"],
                 micro_batch_size=job["micro_batch_size"], precision=job["precision"], device=job["device"])

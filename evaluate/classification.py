@@ -26,6 +26,9 @@ def main(
     quantize: LoadQuantize = None,
     precision: Optional[str] = None,
     device: Optional[str] = None,
+    cot: Literal["none", "few_shot", "zero_shot"] = "none",
+    cot_file: Optional[Path] = None,
+    rationale_tokens: int = 64,
 ) -> None:
     """Classify by generating the label after k demonstrations; prints accuracy, no-answer rate and per-label counts.
 
@@ -53,13 +56,20 @@ def main(
             adapter_config.json), none (full precision), or bnb.int8 / bnb.nf4 / bnb.nf4-dq / bnb.fp4.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         device: cpu or cuda (default: cuda when available).
+        cot: Chain of thought: few_shot (demonstrations with a rationale, then the label; the answer is read from
+            the end of the model's reasoning) or zero_shot ("Let's think step by step.", then "Therefore, the
+            sentiment (positive or negative) is"); none: answer directly. --shots does not apply to CoT.
+        cot_file: JSON lines of few-shot CoT demonstrations (text or premise/hypothesis, rationale, label); default:
+            the few built into lit_adapter/evaluation/cot.py.
+        rationale_tokens: Tokens the model may spend on its reasoning.
     """
     from lit_adapter.evaluation.classification import run_classification
 
     run_classification(checkpoint_dir, adapter_dir, task=task, shots=shots, template=template,
                        max_examples=max_examples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                        data_dir=data_dir, nli_file=nli_file, out_file=out_file, quantize=quantize,
-                       precision=precision, device=device)
+                       precision=precision, device=device, cot=cot, cot_file=cot_file,
+                       rationale_tokens=rationale_tokens)
 
 
 if __name__ == "__main__":

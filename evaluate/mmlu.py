@@ -2,7 +2,7 @@
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -22,6 +22,9 @@ def main(
     quantize: LoadQuantize = None,
     precision: Optional[str] = None,
     device: Optional[str] = None,
+    cot: Literal["none", "few_shot", "zero_shot"] = "none",
+    cot_file: Optional[Path] = None,
+    rationale_tokens: int = 128,
 ) -> None:
     """MMLU accuracy per subject plus macro and micro averages; out_dir/mmlu.json holds every prediction.
 
@@ -43,12 +46,17 @@ def main(
             adapter_config.json), none (full precision), or bnb.int8 / bnb.nf4 / bnb.nf4-dq / bnb.fp4.
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         device: cpu or cuda (default: cuda when available).
+        cot: Chain of thought, answered by generation: few_shot (demonstrations with rationales from --cot_file,
+            then "The answer is (X).") or zero_shot ("Let's think step by step.", then "Therefore, among A through
+            D, the answer is"); none: the letters' likelihood. Unreadable answers count as wrong.
+        cot_file: JSON lines of few-shot CoT demonstrations: question, choices (4), answer, rationale[, subject].
+        rationale_tokens: Tokens the model may spend on its reasoning.
     """
     from lit_adapter.evaluation.mmlu import run_mmlu
 
     run_mmlu(checkpoint_dir, adapter_dir, k=k, subjects=subjects, max_questions_per_subject=max_questions_per_subject,
              data_dir=data_dir, batch_size=batch_size, out_dir=out_dir, quantize=quantize, precision=precision,
-             device=device)
+             device=device, cot=cot, cot_file=cot_file, rationale_tokens=rationale_tokens)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ jsonargparse turns the typed parameters below into options (dataclasses become g
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence, Tuple
 
 from lit_adapter.errors import run_cli
 
@@ -37,9 +37,27 @@ _COMMON_DOC = """
 """
 
 
-def make_finetune_command(method: str) -> Callable[..., Any]:
+@dataclass
+class EntryPoint:
+    """Another command on the same loop and the same method options (``finetune/classify.py``, ``finetune/dpo.py``)."""
+
+    run: Callable[..., Any]
+    """Called as ``run(spec, fabric_args=..., **options)`` in place of :func:`lit_adapter.training.finetune`."""
+    data: Any
+    """The ``--data.*`` group's default (a dataclass instance; its type is the group)."""
+    data_help: str
+    summary: str
+    """The first paragraph of ``--help``, before the method's own summary."""
+    extra: Sequence[Tuple[str, Any, str]] = ()
+    """More option groups, ``(name, default dataclass instance, help line)``, after the method's settings."""
+    out_prefix: str = "out"
+    """``--out_dir`` defaults to ``<out_prefix>/<method>``."""
+
+
+def make_finetune_command(method: str, entry: Optional[EntryPoint] = None) -> Callable[..., Any]:
     """The ``setup`` function of ``finetune/<method>.py``: its options, defaults and ``--help`` come from the
-    method's registry entry (its settings dataclass becomes the ``--<settings_group>.*`` group)."""
+    method's registry entry (its settings dataclass becomes the ``--<settings_group>.*`` group). ``entry`` makes
+    the same options drive another entry point (:class:`EntryPoint`)."""
     from lit_adapter.attention import AttentionConfig
     from lit_adapter.config import ModelArgs
     from lit_adapter.methods import MethodSpec, get_method
@@ -47,23 +65,28 @@ def make_finetune_command(method: str) -> Callable[..., Any]:
 
     definition = get_method(method)
     settings_name, settings_cls = definition.settings_group, definition.settings_cls
+    run = entry.run if entry is not None else finetune
+    data = entry.data if entry is not None else DataArgs()
+    extra = entry.extra if entry is not None else ()
+    out_prefix = entry.out_prefix if entry is not None else "out"
 
     def setup(**kwargs: Any):
         settings = kwargs.pop(settings_name) if settings_name else None
         spec = MethodSpec(method=method, settings=settings, attention=kwargs.pop("attention"),
                           quantize=kwargs.pop("quantize"))
-        return finetune(spec, fabric_args=kwargs.pop("fabric"), **kwargs)
+        return run(spec, fabric_args=kwargs.pop("fabric"), **kwargs)
 
     P = inspect.Parameter
     params = [
         P("checkpoint_dir", P.KEYWORD_ONLY, default=None, annotation=Optional[Path]),
         P("model_name", P.KEYWORD_ONLY, default=None, annotation=Optional[str]),
         P("model", P.KEYWORD_ONLY, default=ModelArgs(), annotation=ModelArgs),
-        P("out_dir", P.KEYWORD_ONLY, default=Path(f"out/{method}"), annotation=Path),
-        P("data", P.KEYWORD_ONLY, default=DataArgs(), annotation=DataArgs),
+        P("out_dir", P.KEYWORD_ONLY, default=Path(f"{out_prefix}/{method}"), annotation=Path),
+        P("data", P.KEYWORD_ONLY, default=data, annotation=type(data)),
     ]
     if settings_name:
         params.append(P(settings_name, P.KEYWORD_ONLY, default=settings_cls(), annotation=settings_cls))
+    params += [P(name, P.KEYWORD_ONLY, default=default, annotation=type(default)) for name, default, _ in extra]
     params += [
         P("attention", P.KEYWORD_ONLY, default=AttentionConfig(), annotation=AttentionConfig),
         P("quantize", P.KEYWORD_ONLY, default=None, annotation=QuantizeMode),
@@ -80,7 +103,13 @@ def make_finetune_command(method: str) -> Callable[..., Any]:
     doc = _COMMON_DOC
     if settings_name:
         doc = doc.replace("        attention:", f"        {settings_name}: The method's hyper-parameters.\n        attention:")
-    setup.__doc__ = definition.summary.strip() + "\n" + doc
+    for name, _, help_line in extra:
+        doc = doc.replace("        attention:", f"        {name}: {help_line}\n        attention:")
+    summary = definition.summary.strip()
+    if entry is not None:
+        doc = doc.replace("        data: The prepared instruction data.", f"        data: {entry.data_help}")
+        summary = entry.summary.strip() + "\n\n" + summary
+    setup.__doc__ = summary + "\n" + doc
     setup.__name__ = f"finetune_{method}"
     return setup
 

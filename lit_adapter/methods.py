@@ -27,6 +27,7 @@ from lit_adapter.attention import AttentionConfig, apply_attention
 from lit_adapter.checkpoint import atomic_write, find_weights, load_state_dict, load_weights_into, save_state_dict
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
+from lit_adapter.heads import HeadSpec, attach_head, is_head_tensor
 from lit_adapter.model import GPT, num_parameters
 from lit_adapter.quantize import QUANTIZE_MODES, _default_skip, quantize_linears
 from lit_adapter.tuners import (
@@ -66,6 +67,8 @@ class MethodSpec:
     settings: Any = None
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     quantize: Optional[str] = None
+    head: Optional[HeadSpec] = None
+    """A sequence-classification head on top (``lit_adapter.heads``); it trains and is saved with the method."""
 
     def __post_init__(self) -> None:
         definition = self.definition  # an unknown name fails here
@@ -75,6 +78,8 @@ class MethodSpec:
             self.settings = definition.settings_cls(**self.settings)
         if isinstance(self.attention, dict):
             self.attention = AttentionConfig(**self.attention)
+        if isinstance(self.head, dict):
+            self.head = HeadSpec(**self.head)
 
     @property
     def definition(self) -> Method:
@@ -94,15 +99,20 @@ class MethodSpec:
             name += f"+{self.attention.pattern}"
         if self.quantize:
             name += f" ({self.quantize})"
+        if self.head is not None:
+            name += f" + {self.head.num_labels}-way head"
         return name
 
     def to_dict(self) -> Dict[str, Any]:
-        return {
+        out = {
             "method": self.method,
             "settings": asdict(self.settings) if self.settings is not None else None,
             "attention": asdict(self.attention),
             "quantize": self.quantize,
         }
+        if self.head is not None:  # absent otherwise, so a run without a head records what it always did
+            out["head"] = asdict(self.head)
+        return out
 
 
 def resolve_config(checkpoint_dir: Optional[Path], model_name: Optional[str]) -> Config:
@@ -114,22 +124,35 @@ def resolve_config(checkpoint_dir: Optional[Path], model_name: Optional[str]) ->
 
 
 def trainable_filter(spec: MethodSpec) -> Callable[[str, Any], bool]:
-    """``filter(name, param)``: which tensors train under the spec's settings, and so which are checkpointed."""
+    """``filter(name, param)``: which tensors train under the spec's settings, and so which are checkpointed (a
+    head's too)."""
     definition, settings = spec.definition, spec.settings
-    return lambda name, param=None: definition.trainable(name, param, settings)
+    method = lambda name, param=None: definition.trainable(name, param, settings)  # noqa: E731
+    if spec.head is None:
+        return method
+    return lambda name, param=None: is_head_tensor(name) or method(name, param)
+
+
+def is_added(spec: MethodSpec) -> Callable[[str], bool]:
+    """Which tensors ``spec`` adds to the base (initialised, not loaded): the method's and a head's."""
+    if spec.head is None:
+        return spec.definition.is_added
+    return lambda name: is_head_tensor(name) or spec.definition.is_added(name)
 
 
 def build_model(spec: MethodSpec, config: Config) -> GPT:
     """The model of ``spec`` on the current default device (use ``torch.device("meta")`` to allocate nothing)."""
     model = spec.definition.build(config, spec.settings)
     apply_attention(model, spec.attention)
+    if spec.head is not None:
+        attach_head(model, spec.head)
     return model
 
 
 def unquantized(spec: MethodSpec) -> Callable[[str], bool]:
     """Which linear layers (by qualified name) stay unquantized on a quantized base: the head, and the layers the
     method adds (an adapter's own projections train, so they must stay floating-point)."""
-    return lambda name: _default_skip(name) or spec.definition.is_added(name)
+    return lambda name: _default_skip(name) or is_added(spec)(name)
 
 
 def mark_trainable(model: nn.Module, spec: MethodSpec) -> None:
@@ -202,7 +225,7 @@ def prepare_model(
     state_dict = load_state_dict(find_weights(checkpoint_dir))
     model_keys = set(model.state_dict())
     state_dict = _match_base_names(state_dict, model_keys, config)
-    load_weights_into(model, state_dict, allow_missing=spec.definition.is_added, source=str(checkpoint_dir))
+    load_weights_into(model, state_dict, allow_missing=is_added(spec), source=str(checkpoint_dir))
     _materialize_new_parameters(model, torch.device("cpu"))
     spec.definition.initialize_from_base(model, spec.settings, Path(checkpoint_dir))
     model = model.to(dtype=dtype)
@@ -240,6 +263,8 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
         shutil.copyfile(Path(checkpoint_dir) / "tokenizer.model", out_dir / "tokenizer.model")
     else:
         tensors, settings = spec.definition.final_tensors(model, spec.settings)  # a reparameterisation folded away
+        if spec.head is not None:  # a classification head trains with every method and is saved with it
+            tensors.update({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if is_head_tensor(n)})
         spec = replace(spec, settings=settings)
         atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     meta = {**spec.to_dict(), "base_checkpoint_dir": str(checkpoint_dir), "base_config": asdict(config),
@@ -286,9 +311,10 @@ def read_spec(adapter_dir: Path) -> Tuple[MethodSpec, Dict[str, Any]]:
             known = {f.name for f in fields(settings_cls)}
             settings = settings_cls(**{k: v for k, v in (meta.get("settings") or {}).items() if k in known})
         attention = AttentionConfig(**(meta.get("attention") or {}))
+        head = HeadSpec(**meta["head"]) if meta.get("head") else None
     except (TypeError, AttributeError) as err:
         raise UserError(f"{path}: its settings do not fit {meta['method']} ({err})") from None
-    return MethodSpec(meta["method"], settings, attention, meta.get("quantize")), meta
+    return MethodSpec(meta["method"], settings, attention, meta.get("quantize"), head), meta
 
 
 def load_finetuned(

@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader
 
 from lit_adapter import methods
 from lit_adapter.config import ModelArgs
-from lit_adapter.data import InstructionDataset, collate_instructions, load_prepared, truncate_examples
+from lit_adapter.data import InstructionDataset
 from lit_adapter.errors import UserError
 from lit_adapter.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
 from lit_adapter.loggers import LoggerArgs, build_logger, close_logger, logger_supports_hparams, logger_summary
-from lit_adapter.losses import forward_loss
-from lit_adapter.memory import ESTIMATED_PATTERNS, estimate_memory, format_estimate
+from lit_adapter.memory.estimate import print_memory_estimate
 from lit_adapter.methods import MethodSpec
+from lit_adapter.objectives import Objective, resolve as resolve_objective
 from lit_adapter.optim import build_optimizer
 from lit_adapter.preflight import check_fabric_args, check_parts_fit, claim_out_dir
 from lit_adapter.results import RunResult, summarize, to_jsonable
@@ -220,12 +220,14 @@ def finetune(
     dry_run: bool = False,
     overwrite: bool = False,
     model: Optional[ModelArgs] = None,
+    objective: Optional[Objective] = None,
 ) -> Optional[RunResult]:
     """Fine-tunes with ``spec`` and returns the run's summary (``None`` for a dry run).
 
     ``model.rope_scaling`` scales the base's RoPE for this run (its window becomes ``factor x`` the pretrained one);
     it is recorded in ``hparams.json`` and ``final/adapter_config.json``, from which evaluation and generation
-    rebuild the same window.
+    rebuild the same window. ``objective`` (:mod:`lit_adapter.objectives`) says what is optimised on which
+    examples; the default is next-token cross-entropy on the prepared data in ``data.data_dir``.
     """
     from lightning.fabric import Fabric
 
@@ -260,11 +262,14 @@ def finetune(
             loggers=[build_logger(logger, out_dir)],
         )
         fabric.launch()
+        objective = resolve_objective(objective)
         return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
                      hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, model=model,
                                   rope_scaling=config.rope_scaling, block_size=config.block_size,
                                   out_dir=out_dir, data=data, train=train,
-                                  eval=eval, fabric=fabric_args, logger=logger, precision=precision))
+                                  eval=eval, fabric=fabric_args, logger=logger, precision=precision,
+                                  objective=objective.describe()),
+                     objective=objective)
     finally:
         if lock is not None:
             lock.release()
@@ -282,45 +287,23 @@ def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) ->
     return data.max_seq_length or room
 
 
-def print_memory_estimate(spec: MethodSpec, config, seq_len: int, train: TrainArgs, accelerator: str,
-                          precision: str) -> None:
-    """The analytic peak-memory estimate of one training step of this run (``lit_adapter.memory``), as an estimate.
-
-    Mixed precisions are estimated as their ``-true`` counterpart (the weights' dtype), which under-counts the
-    float32 master weights of ``*-mixed`` runs; that is said in the output.
-    """
-    if spec.attention.pattern not in ESTIMATED_PATTERNS:
-        print(f"peak memory estimate: not available for {spec.attention.pattern} attention (the estimator models "
-              f"{', '.join(ESTIMATED_PATTERNS)}; scripts/memory_sweep.py measures any pattern)")
-        return
-    estimated_as = {"bf16-mixed": "bf16-true", "16-mixed": "16-true"}.get(precision, precision)
-    on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    try:
-        estimate = estimate_memory(config, spec, train.micro_batch_size, seq_len, estimated_as,
-                                   train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
-                                   optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
-                                   loss=train.loss)
-    except UserError as err:  # a combination the estimator does not model (e.g. virtual tokens + sparse)
-        print(f"peak memory estimate: not available ({err})")
-        return
-    note = "" if estimated_as == precision else f" ({precision} estimated as {estimated_as}: no float32 master copy)"
-    print(f"peak memory estimate per device (analytic, not measured){note}:")
-    print(format_estimate(estimate))
-
-
-def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams):
+def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams,
+          objective: Optional[Objective] = None):
     from tqdm import tqdm
 
     fabric.seed_everything(train.seed)
-    train_examples, val_examples, metadata = load_prepared(data.data_dir)
+    objective = resolve_objective(objective)
+    train_examples, val_examples, metadata = objective.load_examples(data.data_dir)
     check_parts_fit(config, checkpoint_dir, data.data_dir, metadata,
                     {"training": train_examples, "validation": val_examples},
                     needs_tokenizer=spec.definition.final_is_checkpoint)
     max_seq_length = context_length(data, config, spec)
     if config.rope_scaling:
         fabric.print(f"RoPE scaled: sequences of up to {max_seq_length} tokens, window {config.describe_window()}")
-    train_examples, cut_train, empty_train = truncate_examples(train_examples, max_seq_length)
-    val_examples, cut_val, empty_val = truncate_examples(val_examples, max_seq_length)
+    train_examples, cut_train = objective.truncate(train_examples, max_seq_length)
+    empty_train = getattr(objective, "emptied", 0)
+    val_examples, cut_val = objective.truncate(val_examples, max_seq_length)
+    empty_val = getattr(objective, "emptied", 0)
     if cut_train or cut_val:
         # the data were prepared for longer sequences: this cut is at the end, not the preparation's policy
         fabric.print(f"truncated {cut_train} training and {cut_val} validation examples to {max_seq_length} tokens "
@@ -341,6 +324,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     t0 = time.perf_counter()
     model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision))
     model.gradient_checkpointing = train.activation_checkpointing
+    objective.attach(model, spec, train.loss)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = methods.count_parameters(model, requires_grad=True)
     n_total = methods.count_parameters(model)
@@ -370,7 +354,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     pad_id = 0
     sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
                                fabric.global_rank, train.seed, state["step"], total_steps)
-    collate = lambda batch: collate_instructions(batch, pad_id=pad_id)  # noqa: E731
+    collate = lambda batch: objective.collate(batch, pad_id=pad_id)  # noqa: E731
     # Loaders draw their iterator seeds from their own generator, not the global RNG: otherwise creating an
     # iterator (at resume, or for each validation) would shift the dropout masks and break exact resumption.
     train_loader = fabric.setup_dataloaders(
@@ -384,10 +368,14 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         use_distributed_sampler=False,
     )
 
+    val_extra: Dict[str, float] = {}  # the objective's other validation metrics (accuracy, rewards, ...)
+
     def run_validation(step: int) -> float:
-        loss = validate(fabric, model, val_loader, eval.max_batches, train.loss)
+        loss = validate(fabric, model, val_loader, eval.max_batches, train.loss, objective)
         state["val_losses"].append((step, loss))
-        metrics = {"val_loss": loss, "step": step}
+        val_extra.clear()
+        val_extra.update(objective.metrics(fabric, "val"))
+        metrics = {"val_loss": loss, "step": step, **{f"val_{k}": v for k, v in val_extra.items()}}
         best = state["best_val"]
         if step > 0 and math.isfinite(loss) and (not best or loss < best[1]):
             state["best_val"] = [step, loss]
@@ -401,7 +389,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
 
     if state["step"] == 0 and eval.initial:
         loss = run_validation(0)
-        fabric.print(f"validation loss before training: {loss:.4f}")
+        fabric.print(f"validation loss before training: {loss:.4f}{_format_metrics(val_extra)}")
 
     status = "completed"
     train_iter = iter(train_loader)
@@ -427,8 +415,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                 for micro in range(accum):
                     batch = next(train_iter)
                     with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                        loss, _ = forward_loss(model, batch["input_ids"], batch["labels"], train.loss,
-                                               fabric.autocast)
+                        loss, _ = objective.forward_loss(model, batch, train.loss, fabric.autocast)
                         fabric.backward(loss / accum)
                     step_loss += loss.detach() / accum
                     # processed positions, padding included: that is the compute the step paid for
@@ -465,11 +452,12 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                                "peak_memory_gb": peak_memory_gb(fabric.device),
                                "epoch": step / max(steps_per_epoch, 1), "step": step}
+                    metrics.update({f"train_{k}": v for k, v in objective.metrics(fabric, "train").items()})
                     fabric.log_dict(metrics, step=step)
                     progress.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
                 if step % eval.interval == 0 and step != total_steps:
                     val_loss = run_validation(step)
-                    progress.write(f"step {step}: validation loss {val_loss:.4f}")
+                    progress.write(f"step {step}: validation loss {val_loss:.4f}{_format_metrics(val_extra)}")
                 if train.save_interval and step % train.save_interval == 0:
                     save(step)
                 if stop.signal is not None:
@@ -507,14 +495,21 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     return result
 
 
+def _format_metrics(metrics: Dict[str, float]) -> str:
+    return "".join(f", {name} {value:.4f}" for name, value in metrics.items())
+
+
 @torch.no_grad()
-def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cross_entropy") -> float:
-    """Token-weighted mean validation loss (each target token counts once, whatever its batch).
+def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cross_entropy",
+             objective: Optional[Objective] = None) -> float:
+    """Token-weighted mean validation loss (each target token counts once, whatever its batch; each item of the
+    objective's, e.g. each example or pair, for other objectives).
 
     A transient progress bar shows it: a full Dolly validation split is minutes of work on a small machine.
     """
     from tqdm import tqdm
 
+    objective = resolve_objective(objective)
     model.eval()
     total, count = torch.zeros((), device=fabric.device, dtype=torch.float64), 0
     batches = len(loader) if max_batches is None else min(len(loader), max_batches)
@@ -523,7 +518,7 @@ def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cro
     for i, batch in enumerate(loader):
         if i >= batches:
             break
-        value, n = forward_loss(model, batch["input_ids"], batch["labels"], loss, fabric.autocast)
+        value, n = objective.forward_loss(model, batch, loss, fabric.autocast)
         total += value.double() * n
         count += n
         bar.update(1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,57 +27,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lit_adapter.errors import UserError
+from lit_adapter.evaluation.labels import LABELS, TASKS, Example, parse_label  # noqa: F401 (their home before)
 
-TASKS = ("sentiment", "nli")
-LABELS = {"sentiment": ("positive", "negative"), "nli": ("entailment", "neutral", "contradiction")}
 POOL_SIZE = 200
 """Examples set aside (after the seeded shuffle) as the demonstration pool; the rest are evaluated."""
 
-# words that name a label, after lower-casing; "neg"/"pos" are common abbreviations in short answers
-_SYNONYMS = {
-    "sentiment": {
-        "positive": {"positive", "pos", "positively", "favorable", "favourable"},
-        "negative": {"negative", "neg", "negatively", "unfavorable", "unfavourable"},
-    },
-    "nli": {
-        "entailment": {"entailment", "entails", "entailed", "entail", "yes", "true"},
-        "neutral": {"neutral", "maybe", "undetermined", "unknown", "unrelated"},
-        "contradiction": {"contradiction", "contradicts", "contradicted", "contradict", "contradictory", "no",
-                          "false"},
-    },
-}
-_WORD = re.compile(r"[a-z]+")
-_NEGATIONS = {"not", "never", "t"}  # "t": the end of "isn't", "doesn't" after the split into words
-
-
-def parse_label(text: str, task: str) -> Optional[str]:
-    """The label ``text`` names, or ``None`` when it names none or several ("positive or negative?").
-
-    Only the first line of the answer counts: a base model continuing the few-shot pattern goes on with the next
-    "Review: ..." on a new line, whose words are not its answer. A negated label ("not positive", "isn't
-    negative") is not read as its opposite; it makes the answer unparseable.
-    """
-    first_line = text.strip().split("\n", 1)[0].lower()
-    words = _WORD.findall(first_line.replace("\u2019", "'"))
-    named = set()
-    for j, word in enumerate(words):
-        for label, synonyms in _SYNONYMS[task].items():
-            if word in synonyms:
-                if j > 0 and words[j - 1] in _NEGATIONS:
-                    return None
-                named.add(label)
-    return named.pop() if len(named) == 1 else None
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # data
-
-
-@dataclass(frozen=True)
-class Example:
-    fields: Tuple[str, ...]
-    """(review,) for sentiment; (premise, hypothesis) for NLI."""
-    label: str
 
 
 def load_sentiment(data_dir: Path) -> List[Example]:
@@ -250,7 +205,15 @@ def evaluate_classification(
     max_new_tokens: int = 5,
     temperature: float = 0.0,
     seed: int = 42,
+    pool: Optional[Sequence[Example]] = None,
+    cot: str = "none",
+    cot_demos: Optional[Sequence] = None,
+    rationale_tokens: int = 64,
 ) -> Tuple[ClassificationResult, List[Dict]]:
+    """Accuracy by generation on ``examples``: ``shots`` demonstrations drawn from a seeded pool of them (or from
+    ``pool``, in which case every one of ``examples`` is evaluated, in order), or chain-of-thought prompts
+    (``cot``: ``few_shot`` with ``cot_demos`` rationales, ``zero_shot``; :mod:`lit_adapter.evaluation.cot`)."""
+    from lit_adapter.evaluation.cot import check_style, classify_with_cot, load_classification_demos
     from lit_adapter.generate import generate_tokens
 
     if task not in TASKS:
@@ -259,7 +222,10 @@ def evaluate_classification(
         raise UserError(f"--shots must be >= 0, got {shots}")
     if max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
-    pool, evaluated = split_pool(examples, seed)
+    check_style(cot)
+    if cot == "few_shot" and cot_demos is None:
+        cot_demos = load_classification_demos(None, task)
+    pool, evaluated = split_pool(examples, seed) if pool is None else (list(pool), list(examples))
     if max_examples is not None:
         evaluated = evaluated[:max_examples]
     if not evaluated:
@@ -273,13 +239,17 @@ def evaluate_classification(
     records, correct, none, truncated = [], 0, 0, 0
     t0 = time.perf_counter()
     for i, example in enumerate(evaluated):
-        demos = draw_demonstrations(pool, shots, seed, i)
-        ids, cut = _fit(tokenizer, task, demos, example, template, room)
-        truncated += cut
-        new = [t.item() for t in generate_tokens(model, ids.to(device), max_new_tokens, temperature,
-                                                 eos_id=tokenizer.eos_id)]
-        answer = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
-        predicted = parse_label(answer, task)
+        if cot != "none":  # the rationale, then the answer read from its end
+            answer, predicted = classify_with_cot(model, tokenizer, task, example, cot, cot_demos or (),
+                                                  rationale_tokens, max_new_tokens, temperature)
+        else:
+            demos = draw_demonstrations(pool, shots, seed, i)
+            ids, cut = _fit(tokenizer, task, demos, example, template, room)
+            truncated += cut
+            new = [t.item() for t in generate_tokens(model, ids.to(device), max_new_tokens, temperature,
+                                                     eos_id=tokenizer.eos_id)]
+            answer = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+            predicted = parse_label(answer, task)
         per_label[example.label]["n"] += 1
         per_label[example.label][predicted or "none"] += 1
         correct += predicted == example.label
@@ -288,7 +258,7 @@ def evaluate_classification(
         records.append({"label": example.label, "answer": answer, "predicted": predicted})
     n = len(evaluated)
     result = ClassificationResult(
-        task=task, shots=shots, template=template, examples=n, correct=correct, accuracy=correct / n,
+        task=task, shots=len(cot_demos or ()) if cot == "few_shot" else shots, template=template, examples=n, correct=correct, accuracy=correct / n,
         no_answer=none, no_answer_rate=none / n, per_label=per_label, truncated_prompts=truncated,
         seconds=time.perf_counter() - t0,
     )
@@ -311,8 +281,13 @@ def run_classification(
     quantize: Optional[str] = None,
     precision: Optional[str] = None,
     device: Optional[str] = None,
+    cot: str = "none",
+    cot_file: Optional[Path] = None,
+    rationale_tokens: int = 64,
 ) -> Dict:
     """Loads data and model, evaluates, prints the summary and writes the JSON report."""
+    from lit_adapter.evaluation.cot import check_style, load_classification_demos
+
     from lit_adapter.evaluation import DEFAULT_DATA_DIR, describe_model, load_model, run_info, write_json
 
     if task not in TASKS:
@@ -329,18 +304,23 @@ def run_classification(
         examples, source = load_nli_file(Path(nli_file)), str(nli_file)
     else:
         examples, source = load_nli_hub(), "hub: nyu-mll/multi_nli validation_matched"
+    demos = load_classification_demos(cot_file, task) if check_style(cot) == "few_shot" else None
     config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device)
 
     result, records = evaluate_classification(model, tokenizer, task, examples, shots, template, max_examples,
-                                              max_new_tokens, temperature, seed)
-    print(f"{task}, {shots}-shot, {template} prompt: accuracy {result.accuracy:.4f} "
+                                              max_new_tokens, temperature, seed, cot=cot, cot_demos=demos,
+                                              rationale_tokens=rationale_tokens)
+    style = f"{cot.replace('_', '-')} CoT" if cot != "none" else f"{shots}-shot, {template} prompt"
+    print(f"{task}, {style}: accuracy {result.accuracy:.4f} "
           f"({result.correct}/{result.examples}), no answer {result.no_answer_rate:.4f}, {result.seconds:.1f} s")
     for gold, counts in result.per_label.items():
         others = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("n", "correct"))
         print(f"  {gold}: {counts['correct']}/{counts['n']} correct; predicted: {others}")
     report = {
         **describe_model(checkpoint_dir, adapter_dir, spec), "data": source, "seed": seed,
-        "max_new_tokens": max_new_tokens, "temperature": temperature, **result.__dict__,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "cot": cot,
+        "cot_demonstrations": str(cot_file) if cot_file else ("built-in" if cot == "few_shot" else None),
+        **result.__dict__,
         "answers": records, "run": run_info(dev),
     }
     if out_file is not None:

@@ -234,9 +234,17 @@ def run_mmlu(
     quantize: Optional[str] = None,
     precision: Optional[str] = None,
     device: Optional[str] = None,
+    cot: str = "none",
+    cot_file: Optional[Path] = None,
+    rationale_tokens: int = 128,
 ) -> Dict:
-    """Evaluates the chosen subjects, prints per-subject and average accuracies, writes ``out_dir/mmlu.json``."""
+    """Evaluates the chosen subjects, prints per-subject and average accuracies, writes ``out_dir/mmlu.json``.
+
+    ``cot`` (``few_shot`` with the rationales of ``cot_file``, or ``zero_shot``) answers by generation with a chain
+    of thought instead of by the letters' likelihood; unreadable answers count as wrong and are reported.
+    """
     from lit_adapter.evaluation import describe_model, load_model, run_info, split_names, write_json
+    from lit_adapter.evaluation.cot import check_style
 
     names = split_names(subjects, "subjects")
     if names == ["all"]:
@@ -250,25 +258,39 @@ def run_mmlu(
     if unknown and data_dir is None:
         raise UserError(f"unknown MMLU subjects: {', '.join(unknown)}; known: {', '.join(SUBJECTS)}")
     data = {name: load_subject(name, Path(data_dir) if data_dir is not None else None) for name in names}
+    demos = {n: load_mmlu_demos(cot_file, n) for n in names} if check_style(cot) == "few_shot" else {}
     config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device)
 
     t0 = time.perf_counter()
-    results, records = [], {}
+    results, records, no_answer = [], {}, 0
     for name in names:
-        result, recs = evaluate_subject(model, tokenizer, name, *data[name], k=k, batch_size=batch_size,
-                                        max_questions=max_questions_per_subject)
-        print(f"{name}: {result.accuracy:.4f} ({result.correct}/{result.total}, {result.shots}-shot)")
+        if cot != "none":
+            questions = data[name][1][:max_questions_per_subject]
+            correct, none, recs = evaluate_subject_cot(model, tokenizer, name, questions, cot, demos.get(name, ()),
+                                                       rationale_tokens)
+            result = SubjectResult(name, correct, len(questions), correct / max(len(questions), 1),
+                                   len(demos.get(name, ())))
+            no_answer += none
+        else:
+            result, recs = evaluate_subject(model, tokenizer, name, *data[name], k=k, batch_size=batch_size,
+                                            max_questions=max_questions_per_subject)
+        print(f"{name}: {result.accuracy:.4f} ({result.correct}/{result.total}, {result.shots}-shot"
+              f"{', ' + cot.replace('_', '-') + ' CoT' if cot != 'none' else ''})")
         results.append(result)
         records[name] = recs
     seconds = time.perf_counter() - t0
     total = sum(r.total for r in results)
     macro = sum(r.accuracy for r in results) / len(results)
     micro = sum(r.correct for r in results) / total if total else 0.0
-    print(f"MMLU {k}-shot over {len(results)} subjects, {total} questions: macro {macro:.4f}, micro {micro:.4f} "
+    mode = f"{cot.replace('_', '-')} CoT" if cot != "none" else f"{k}-shot"
+    print(f"MMLU {mode} over {len(results)} subjects, {total} questions: macro {macro:.4f}, micro {micro:.4f} "
           f"({seconds:.1f} s, {total / max(seconds, 1e-9):.1f} questions/s)")
+    if cot != "none":
+        print(f"no answer (counted wrong): {no_answer} of {total}")
     report = {
         **describe_model(checkpoint_dir, adapter_dir, spec),
         "k": k, "data": str(data_dir) if data_dir is not None else "hub: cais/mmlu",
+        "cot": cot, "cot_file": str(cot_file) if cot_file else None, "no_answer": no_answer if cot != "none" else None,
         "max_questions_per_subject": max_questions_per_subject,
         "macro_accuracy": macro, "micro_accuracy": micro, "questions": total, "seconds": seconds,
         "subjects": {r.subject: asdict(r) for r in results},
@@ -278,3 +300,61 @@ def run_mmlu(
     if out_dir is not None:
         print(f"wrote {write_json(Path(out_dir) / 'mmlu.json', report)}")
     return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# chain of thought (lit_adapter.evaluation.cot)
+
+
+def load_mmlu_demos(path: Optional[Path], subject: str):
+    """``(question, rationale)`` demonstrations of ``path`` for ``subject`` (rows without a subject serve all)."""
+    from lit_adapter.evaluation.cot import read_rows
+
+    if path is None:
+        raise UserError("few-shot CoT on MMLU needs demonstrations with rationales (its dev split has none): pass "
+                        "--cot_file (JSON lines: question, choices, answer, rationale[, subject]), or use --cot zero_shot")
+    demos = []
+    for where, row in read_rows(Path(path)):
+        if row.get("subject", subject) != subject:
+            continue
+        choices, answer = row.get("choices"), str(row.get("answer", "")).strip()
+        if not isinstance(choices, list) or len(choices) != 4 or "question" not in row or "rationale" not in row:
+            raise UserError(f"{where}: an MMLU CoT demonstration needs question, 4 choices, answer and rationale")
+        if answer not in LETTERS and answer not in ("0", "1", "2", "3"):
+            raise UserError(f"{where}: answer {answer!r} is neither a letter A-D nor an index 0-3")
+        index = LETTERS.index(answer) if answer in LETTERS else int(answer)
+        demos.append((Question(str(row["question"]), tuple(str(c) for c in choices), index),
+                      str(row["rationale"]).strip()))
+    return demos
+
+
+def mmlu_prompt(subject: str, demos, question) -> str:
+    """Hendrycks' header, demonstrations ending "... The answer is (X).", the question ending "Let's think step by
+    step."."""
+    from lit_adapter.evaluation.cot import STEP_BY_STEP
+
+    header = f"The following are multiple choice questions (with answers) about {format_subject(subject)}.\n\n"
+    shots = "".join(f"{format_question(q, False)} {STEP_BY_STEP} {rationale} The answer is ({LETTERS[q.answer]}).\n\n"
+                    for q, rationale in demos)
+    return header + shots + f"{format_question(question, False)} {STEP_BY_STEP}"
+
+
+def evaluate_subject_cot(model, tokenizer, subject: str, questions, style: str, demos=(), rationale_tokens: int = 128,
+                         answer_tokens: int = 5, temperature: float = 0.0):
+    """``(correct, no_answer, records)`` of ``questions`` answered by generation with CoT."""
+    from lit_adapter.evaluation.cot import TRIGGERS, extract_letter, generate_text
+
+    correct, none, records = 0, 0, []
+    for q in questions:
+        prompt = mmlu_prompt(subject, demos if style == "few_shot" else (), q)
+        rationale = generate_text(model, tokenizer, prompt, rationale_tokens, temperature, stop=("\n\n",))
+        if style == "few_shot":
+            text, prediction = rationale, extract_letter(rationale, q.choices)
+        else:
+            answer = generate_text(model, tokenizer, f"{prompt}{rationale}\n{TRIGGERS['mmlu']}", answer_tokens,
+                                   temperature, stop=("\n",))
+            text, prediction = f"{rationale}\n{TRIGGERS['mmlu']}{answer}", extract_letter(answer, q.choices)
+        correct += prediction == q.answer
+        none += prediction is None
+        records.append({"answer": q.answer, "prediction": prediction, "generation": text})
+    return correct, none, records

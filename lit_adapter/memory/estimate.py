@@ -20,6 +20,7 @@ from lit_adapter.methods import build_model, mark_trainable, unquantized
 from lit_adapter.quantize import _default_skip
 from lit_adapter.rope import context_error, rope_table_rows
 from lit_adapter.memory.saved import (
+    ESTIMATED_PATTERNS,
     GB,
     OPTIMIZERS,
     SDPA_BACKENDS,
@@ -322,3 +323,29 @@ def format_estimate(est: Dict[str, Any]) -> str:
     if est["framework_overhead_bytes"]:
         lines.append(f"  + process overhead {gb(est['framework_overhead_bytes'])}  (CPU: resident size after imports)")
     return "\n".join(lines)
+
+
+def print_memory_estimate(spec, config, seq_len: int, train, accelerator: str,
+                          precision: str) -> None:
+    """The analytic peak-memory estimate of one training step of this run (``lit_adapter.memory``), as an estimate.
+
+    Mixed precisions are estimated as their ``-true`` counterpart (the weights' dtype), which under-counts the
+    float32 master weights of ``*-mixed`` runs; that is said in the output.
+    """
+    if spec.attention.pattern not in ESTIMATED_PATTERNS:
+        print(f"peak memory estimate: not available for {spec.attention.pattern} attention (the estimator models "
+              f"{', '.join(ESTIMATED_PATTERNS)}; scripts/memory_sweep.py measures any pattern)")
+        return
+    estimated_as = {"bf16-mixed": "bf16-true", "16-mixed": "16-true"}.get(precision, precision)
+    on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    try:
+        estimate = estimate_memory(config, spec, train.micro_batch_size, seq_len, estimated_as,
+                                   train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
+                                   optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
+                                   loss=train.loss)
+    except UserError as err:  # a combination the estimator does not model (e.g. virtual tokens + sparse)
+        print(f"peak memory estimate: not available ({err})")
+        return
+    note = "" if estimated_as == precision else f" ({precision} estimated as {estimated_as}: no float32 master copy)"
+    print(f"peak memory estimate per device (analytic, not measured){note}:")
+    print(format_estimate(estimate))

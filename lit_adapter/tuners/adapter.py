@@ -57,6 +57,9 @@ class AdapterConfig:
 
 
 class CausalSelfAttention(base.CausalSelfAttention):
+    peft_enabled = True
+    """False (``tuners.base.switched_off``): the prompt attention is skipped, leaving the base attention."""
+
     def __init__(self, config: Config, block_idx: int, adapter_config: AdapterConfig) -> None:
         super().__init__(config, block_idx)
         self.has_prompt = block_idx >= adapter_config.start_layer
@@ -72,7 +75,7 @@ class CausalSelfAttention(base.CausalSelfAttention):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         y = super().scaled_dot_product_attention(q, k, v, input_pos)  # (B, nh, T, hs)
-        if not self.has_prompt:
+        if not self.has_prompt or not self.peft_enabled:
             return y
         B = q.shape[0]
         ak, av = self.prompt_keys_values(q.dtype, use_cache=input_pos is not None)  # (1, nh, aT, hs)

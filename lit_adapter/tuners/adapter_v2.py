@@ -47,6 +47,8 @@ class AdapterV2Linear(LinearWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)  # (..., out_features)
+        if not self.peft_enabled:
+            return y
         return self.adapter_scale.to(y.dtype) * (y + self.adapter_bias.to(y.dtype))
 
     @torch.no_grad()

@@ -18,13 +18,17 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
 * what inference needs after loading (:meth:`Method.prepare_for_inference`, e.g. folding LoRA into the weights);
 * optionally, initial values taken from the base checkpoint (:meth:`Method.initialize_from_base`) and a folded
   form of the trained tensors for ``final/`` (:meth:`Method.final_tensors`).
+* how its contribution is switched off, leaving the base model's function (:meth:`Method.switched_off`: DPO's
+  reference policy without a second copy of the weights). By default every module of the method that declares
+  ``peft_enabled`` (:data:`SWITCH`) is told to pass through; a method's own modules check that flag.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -94,6 +98,24 @@ NORM_NAMES = ("norm_1", "norm_2", "ln_f")
 """Every RMSNorm weight: the two of each block and the final one."""
 
 
+SWITCH = "peft_enabled"
+"""The flag (a class attribute, True) of every module that adds a method's contribution; False: pass through."""
+
+
+@contextlib.contextmanager
+def switched_off(model: nn.Module) -> Iterator[List[nn.Module]]:
+    """Inside, every module of ``model`` carrying :data:`SWITCH` computes what the base layer alone would; the
+    modules switched off are yielded. Their tensors are untouched, so leaving the block restores the method."""
+    modules = [m for m in model.modules() if getattr(m, SWITCH, None) is True]
+    for module in modules:
+        setattr(module, SWITCH, False)
+    try:
+        yield modules
+    finally:
+        for module in modules:
+            setattr(module, SWITCH, True)
+
+
 def has_name_part(name: str, parts: Tuple[str, ...]) -> bool:
     """Whether one of the dotted components of the tensor name ``name`` is in ``parts``."""
     return any(part in parts for part in name.split("."))
@@ -120,6 +142,8 @@ class Method:
     """``final/`` is a complete checkpoint folder (weights, config, tokenizer) instead of the trained tensors."""
     trains_quantized_base: ClassVar[bool] = True
     """The frozen base may be quantized (``--quantize``); False for methods that train the base weights."""
+    can_switch_off: ClassVar[bool] = True
+    """:meth:`switched_off` gives the base model's function (DPO's reference policy without a second copy)."""
 
     def default_settings(self) -> Any:
         return self.settings_cls() if self.settings_cls is not None else None
@@ -171,6 +195,14 @@ class Method:
         prefix tuning's MLP) and return the settings of the folded form."""
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if self.trainable(n, p, settings)}
         return tensors, settings
+
+    def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context in which ``model`` computes the base model's function: the method's modules pass through.
+
+        Only the method's *added* modules are switched; base tensors it trains in place (Adapter v2's norms, full
+        fine-tuning's weights) stay as trained, so a caller that needs the base needs its own copy of those.
+        """
+        return switched_off(model)
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"

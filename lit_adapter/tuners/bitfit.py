@@ -56,6 +56,8 @@ class BitFitLinear(LinearWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)  # (..., out_features)
+        if not self.peft_enabled:
+            return y
         return y + self.bitfit_bias.to(y.dtype)
 
 

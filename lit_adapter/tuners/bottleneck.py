@@ -117,6 +117,9 @@ class PfeifferConfig(BottleneckConfig):
 class BottleneckAdapter(nn.Module):
     """``x + dropout(scaling * (up_weight @ act(down_weight @ x + down_bias) + up_bias))`` over the last dim."""
 
+    peft_enabled = True
+    """False (``tuners.base.switched_off``): the adapter returns its input."""
+
     def __init__(self, size: int, width: int, settings: BottleneckConfig, device=None, dtype=None) -> None:
         super().__init__()
         self.size, self.width = size, width
@@ -146,6 +149,8 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.peft_enabled:
+            return x
         h = x.to(self.down_weight.dtype)
         up = F.linear(ACTIVATIONS[self.non_linearity](F.linear(h, self.down_weight, self.down_bias)),
                       self.up_weight, self.up_bias)  # (..., size)

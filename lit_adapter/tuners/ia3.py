@@ -80,6 +80,10 @@ class IA3Linear(LinearWrapper):
             nn.init.ones_(self.ia3_l)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.peft_enabled:
+            if self.folded:  # the vector is inside W: switching it off would not remove it
+                raise UserError("cannot switch off a folded IA³ layer: call unfold_ia3(model) first")
+            return self.linear(x)
         if self.folded:
             if self.training and torch.is_grad_enabled() and self.ia3_l.requires_grad:
                 # the vector is in the weight, so it would silently get no gradient

@@ -141,6 +141,10 @@ class LoRALinear(LinearWrapper):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)  # (..., out)
+        if not self.peft_enabled:
+            if self.merged:  # the update is inside W: switching the branch off would not remove it
+                raise UserError("cannot switch off a merged LoRA layer: call unmerge_lora(model) first")
+            return out
         if self.merged:
             if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
                 # The merged branch is not computed, so A and B would silently get no gradient.

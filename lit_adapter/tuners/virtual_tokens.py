@@ -132,6 +132,8 @@ class GPT(base.GPT):
 
 
 class VirtualTokenMethod(Method):
+    # the virtual positions shift every real token's position: passing them through in place is not the base model
+    can_switch_off = False
     """What the three methods declare alike: the trained tensors, the checks and the memory terms."""
 
     trained_names = VIRTUAL_NAMES

@@ -27,6 +27,8 @@ class LinearWrapper(nn.Module):
 
     own_names: ClassVar[Tuple[str, ...]] = ()
     """The wrapper's own parameters; every other key under its prefix belongs to the wrapped layer."""
+    peft_enabled: ClassVar[bool] = True
+    """False (``tuners.base.switched_off``): the subclass's forward returns ``linear(x)`` alone."""
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__()
