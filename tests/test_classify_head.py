@@ -210,6 +210,8 @@ def test_a_real_run_reports_the_best_checkpoint_on_the_test_split(stories260k, s
         head=HeadArgs(pad_id=0), train=_train_args(), eval=EvalArgs(interval=1, initial=False),
         fabric_args=FabricArgs(accelerator="cpu", precision="32-true"), logger=LoggerArgs())
     assert result.status == "completed" and result.best_val_step in (1, 2)
+    # the seeded run's per-step losses, pinned (a change to the head, the objective or the loop shows up here)
+    assert [loss for _, loss in result.train_losses] == pytest.approx([0.691734, 0.8737], abs=2e-5)
     saved = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     assert saved["checkpoint"].endswith("best") and saved["examples"] == 16
     assert sum(map(sum, saved["confusion"])) == 16 and 0 <= saved["macro_f1"] <= saved["accuracy"] + 1e-9 <= 1
