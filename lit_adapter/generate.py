@@ -83,9 +83,14 @@ def decode_steps(
         model.clear_kv_cache()
 
 
+def real_window(model) -> int:
+    """The real tokens' context: ``block_size`` less the positions a prompt method's virtual tokens take."""
+    return model.config.block_size - getattr(model, "num_virtual_tokens", 0)
+
+
 def room_for(model: GPT, prompt_length: int) -> int:
     """How many tokens fit after a prompt of ``prompt_length`` in the model's window (virtual tokens take theirs)."""
-    window = model.config.block_size - model.num_virtual_tokens  # the real tokens' context
+    window = real_window(model)
     if prompt_length > window:
         raise UserError(f"the prompt has {prompt_length} tokens; the model's context is {window}")
     return window - prompt_length

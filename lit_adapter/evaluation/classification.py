@@ -230,7 +230,9 @@ def evaluate_classification(
         evaluated = evaluated[:max_examples]
     if not evaluated:
         raise UserError(f"no {task} examples to evaluate")
-    room = model.config.block_size - max_new_tokens
+    from lit_adapter.generate import real_window
+
+    room = real_window(model) - max_new_tokens
     device = next(model.parameters()).device
     torch.manual_seed(seed)
 

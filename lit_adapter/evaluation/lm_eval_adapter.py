@@ -77,9 +77,14 @@ class LitAdapterLM(LM):
         self.model, self.tokenizer = model.eval(), tokenizer
         self._device = next(model.parameters()).device
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" is not supported
-        self.max_length = int(max_length) if max_length is not None else model.config.block_size
-        if self.max_length > model.config.block_size:
-            raise UserError(f"max_length={self.max_length} exceeds the model's block_size={model.config.block_size}")
+        from lit_adapter.generate import real_window
+
+        window = real_window(model)  # virtual tokens take their positions first
+        self.max_length = int(max_length) if max_length is not None else window
+        if self.max_length > window:
+            raise UserError(f"max_length={self.max_length} exceeds the model's context of {window} tokens"
+                            + (f" ({model.num_virtual_tokens} of its {model.config.block_size} positions are virtual"
+                               " tokens)" if window < model.config.block_size else ""))
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token in (True, "True", "true", "1")
         self.prefix_token_id = tokenizer.bos_id if self.add_bos_token else tokenizer.eos_id

@@ -194,7 +194,9 @@ def evaluate_subject(
         raise UserError(f"--k must be >= 0, got {k}")
     if k > len(dev):
         raise UserError(f"MMLU subject {subject}: --k {k} but only {len(dev)} dev examples")
-    block_size = model.config.block_size
+    from lit_adapter.generate import real_window
+
+    block_size = real_window(model)  # virtual tokens take their positions first
     questions = list(test)[:max_questions] if max_questions is not None else list(test)
     queries, min_shots = [], k
     for q in questions:

@@ -338,8 +338,12 @@ def evaluate_corpus(
     """Perplexity of ``model`` on the tokenized ``corpus`` (see the module docstring for the protocol)."""
     config = getattr(model, "config", None)
     block_size = getattr(config, "block_size", None)
+    virtual = getattr(model, "num_virtual_tokens", 0)
     if block_size is not None and seqlen > block_size:
         raise UserError(context_error(block_size, getattr(config, "rope_scaling", None), seqlen, "--seqlen"))
+    if block_size is not None and seqlen > block_size - virtual:
+        raise UserError(f"--seqlen={seqlen} and the adapter's {virtual} virtual tokens exceed the model's window, "
+                        f"block_size={block_size}; use --seqlen {block_size - virtual} or less")
     if corpus.name == "c4":
         tokens = tokens[: C4_WINDOWS * seqlen]
     windows = make_windows(tokens.numel(), seqlen, stride, max_windows)
@@ -398,7 +402,9 @@ def run_perplexity(
     corpora = [load_corpus(name, data_dir) for name in names]  # data problems surface before the model loads
     config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device,
                                                      rope_scaling, attention)
-    seqlen = seqlen if seqlen is not None else min(config.block_size, 2048)
+    from lit_adapter.generate import real_window
+
+    seqlen = seqlen if seqlen is not None else min(real_window(model), 2048)
 
     results = []
     for corpus in corpora:
