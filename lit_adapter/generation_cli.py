@@ -132,8 +132,7 @@ def run_generation(
         found = read_spec(adapter_dir)[0].method
         if found != expected_method:
             script = Path(__file__).resolve().parents[1] / "generate" / f"{found}.py"
-            hint = (f"; use generate/{found}.py" if script.is_file()
-                    else f"; generate/base.py --adapter_dir {adapter_dir} continues text with any method")
+            hint = f"; use generate/{found}.py" if script.is_file() else "; use generate/finetuned.py (any method)"
             raise UserError(f"{adapter_dir} holds a {found} fine-tune, not {expected_method}{hint}")
     config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize)
     check_tokenizer_fits(tokenizer, config, checkpoint_dir)

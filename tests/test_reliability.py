@@ -244,6 +244,8 @@ def test_generation_refuses_another_methods_folder_and_bad_options(cli, tmp_path
             "--device", "cpu")
     assert_one_error_line(cli("generate/adapter_v2.py", *base), "holds a lora fine-tune, not adapter_v2",
                           "generate/lora.py")
+    answered = cli("generate/finetuned.py", *base, "--temperature", 0, "--instruction", "Name a bird.")
+    assert answered.returncode == 0 and "loaded lora" in answered.stderr, answered.stderr[-2000:]
     assert_one_error_line(cli("generate/lora.py", *base, "--precision", "fp8"), "--precision")
     assert_one_error_line(cli("generate/lora.py", *base[:-2], "--device", "tpu9"), "--device")
 
