@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from lit_adapter import methods
 from lit_adapter.config import ModelArgs
 from lit_adapter.data import InstructionDataset
+from lit_adapter.data_order import StepBatchSampler
 from lit_adapter.errors import UserError
 from lit_adapter.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
 from lit_adapter.loggers import LoggerArgs, build_logger, close_logger, logger_supports_hparams, logger_summary
@@ -173,36 +174,6 @@ def lr_at(step: int, total_steps: int, train: TrainArgs) -> float:
     progress = min((step - warmup) / decay_steps, 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return train.min_learning_rate + (train.learning_rate - train.min_learning_rate) * cosine
-
-
-class StepBatchSampler:
-    """Yields index lists of micro-batches, starting at a given optimizer step.
-
-    Epoch ``e`` visits the training set in ``randperm(n, seed + e)`` order; a step consumes
-    ``accum * world_size`` consecutive micro-batches of it (this rank takes every ``world_size``-th one). The
-    remainder of an epoch that does not fill a whole step is dropped, as a fixed-size comparison requires.
-    """
-
-    def __init__(self, n: int, micro_batch_size: int, accum: int, world_size: int, rank: int, seed: int,
-                 start_step: int, total_steps: int) -> None:
-        self.n, self.mbs, self.accum, self.world, self.rank = n, micro_batch_size, accum, world_size, rank
-        self.seed, self.start_step, self.total_steps = seed, start_step, total_steps
-        self.steps_per_epoch = n // (micro_batch_size * accum * world_size)
-
-    def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * self.accum
-
-    def __iter__(self) -> Iterator[List[int]]:
-        per_epoch = self.steps_per_epoch * self.accum * self.world
-        perm, perm_epoch = None, -1
-        for step in range(self.start_step, self.total_steps):
-            for micro in range(self.accum):
-                global_micro = (step * self.accum + micro) * self.world + self.rank
-                epoch, within = divmod(global_micro, per_epoch)
-                if epoch != perm_epoch:
-                    g = torch.Generator().manual_seed(self.seed + epoch)
-                    perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
-                yield perm[within * self.mbs : (within + 1) * self.mbs]
 
 
 def finetune(
