@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
@@ -37,6 +37,7 @@ from lit_adapter.optim import build_optimizer
 from lit_adapter.preflight import check_fabric_args, check_parts_fit, claim_out_dir
 from lit_adapter.results import RunResult, summarize, to_jsonable
 from lit_adapter.rope import context_error
+from lit_adapter.run_logging import RunRecord, answer_prompts, check_prompt_settings
 from lit_adapter.runtime import default_precision, peak_memory_gb, weights_dtype
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -112,6 +113,11 @@ class EvalArgs:
     """Also evaluate the model before the first step (the frozen model, for adapters and LoRA)."""
     save_best: bool = True
     """Keep out_dir/best/ (same format as final/): the trained tensors at the lowest validation loss after step 0."""
+    prompts: List[str] = field(default_factory=list)
+    """Fixed instructions the final model answers at the end of a completed run (the instruction template, greedy,
+    prompt_max_new_tokens tokens): written to out_dir/generations.jsonl and logged as a WandB table."""
+    prompt_max_new_tokens: int = 64
+    """Tokens generated at most per answer to eval.prompts."""
 
 
 @dataclass
@@ -153,6 +159,7 @@ def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
         raise UserError(f"train.save_interval must be >= 1, got {train.save_interval}")
     if eval.interval < 1 or (eval.max_batches is not None and eval.max_batches < 1):
         raise UserError("eval.interval and eval.max_batches must be >= 1")
+    check_prompt_settings(eval.prompts, eval.prompt_max_new_tokens)
     if train.loss == "chunked_head" and fabric.strategy == "fsdp":
         raise UserError("train.loss=chunked_head calls the head outside the model's forward, which FSDP does not "
                         "allow (the head's weights are sharded there); use train.loss=chunked with fsdp")
@@ -224,6 +231,7 @@ def finetune(
     # the folder, the others only join its run.
     launched_rank = int(os.environ.get("LOCAL_RANK", "0"))
     lock = claim_out_dir(out_dir, resume, overwrite) if launched_rank == 0 else None
+    record = None
     try:
         fabric = Fabric(
             accelerator=fabric_args.accelerator,
@@ -234,13 +242,16 @@ def finetune(
         )
         fabric.launch()
         objective = resolve_objective(objective)
+        hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,
+                       block_size=config.block_size, out_dir=out_dir, data=data, train=train, eval=eval,
+                       fabric=fabric_args, logger=logger, precision=precision, objective=objective.describe())
+        record = RunRecord(fabric.logger, logger, hparams).open()
         return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
-                     hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, model=model,
-                                  rope_scaling=config.rope_scaling, block_size=config.block_size,
-                                  out_dir=out_dir, data=data, train=train,
-                                  eval=eval, fabric=fabric_args, logger=logger, precision=precision,
-                                  objective=objective.describe()),
-                     objective=objective)
+                     hparams=hparams, objective=objective, record=record)
+    except BaseException as err:  # failed or OOM cells are runs too, with their status (a no-op once ended)
+        if record is not None:
+            record.fail(err)
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -259,7 +270,7 @@ def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) ->
 
 
 def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams,
-          objective: Optional[Objective] = None):
+          objective: Optional[Objective] = None, record: Optional[RunRecord] = None):
     from tqdm import tqdm
 
     fabric.seed_everything(train.seed)
@@ -321,6 +332,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         (out_dir / "hparams.json").write_text(json.dumps(hparams, indent=2) + "\n")
     if logger_supports_hparams(fabric.logger):
         fabric.logger.log_hyperparams(hparams)
+    record = record or RunRecord(fabric.logger, LoggerArgs(), hparams)
+    record.track(state, spec.describe(), n_trainable, n_total, fabric.device)
 
     pad_id = 0
     sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
@@ -346,7 +359,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         state["val_losses"].append((step, loss))
         val_extra.clear()
         val_extra.update(objective.metrics(fabric, "val"))
-        metrics = {"val_loss": loss, "step": step, **{f"val_{k}": v for k, v in val_extra.items()}}
+        metrics = {"val_loss": loss, "step": step, "tokens": state["tokens"],
+                   **{f"val_{k}": v for k, v in val_extra.items()}}
         best = state["best_val"]
         if step > 0 and math.isfinite(loss) and (not best or loss < best[1]):
             state["best_val"] = [step, loss]
@@ -422,7 +436,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                     metrics = {"train_loss": step_loss_value, "learning_rate": scheduler.get_last_lr()[0],
                                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                                "peak_memory_gb": peak_memory_gb(fabric.device),
-                               "epoch": step / max(steps_per_epoch, 1), "step": step}
+                               "epoch": step / max(steps_per_epoch, 1), "step": step, "tokens": state["tokens"]}
                     metrics.update({f"train_{k}": v for k, v in objective.metrics(fabric, "train").items()})
                     fabric.log_dict(metrics, step=step)
                     progress.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -455,6 +469,9 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         finally:
             progress.close()  # before any error line, so it does not land on the bar's line
     result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
+    answers = (answer_prompts(fabric, model, checkpoint_dir, eval.prompts, eval.prompt_max_new_tokens,
+                              state["step"], out_dir, objective) if status == "completed" else [])
+    record.finish(result, answers, out_dir)
     summary = logger_summary(fabric.logger)
     fabric.logger.finalize("success" if status == "completed" else "aborted")
     close_logger(fabric.logger)

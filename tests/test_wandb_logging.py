@@ -1,0 +1,141 @@
+"""A training run as its WandB dashboard will show it: real wandb in offline mode, the run's ``.wandb`` transaction
+log read back (tests/wandb_reader.py) for the group, tags, config, summary, curves' axes, the generations table and
+the model artifact; failed and out-of-memory runs are runs too, with their status."""
+
+import json
+
+import pytest
+import torch
+
+from lit_adapter import losses
+from lit_adapter.data_order import StepBatchSampler
+from lit_adapter.guards import LossNotFinite
+from lit_adapter.methods import MethodSpec
+from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
+from lit_adapter.tuners.lora import LoRAConfig
+from wandb_reader import offline_runs
+
+PROMPTS = ["Add 2 and 3.", "Name a colour of the sky."]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def cell(out_dir, checkpoint, data_dir, steps=3, prompts=(), log_artifacts=False, run_id="cell-0001", **train):
+    args = dict(global_batch_size=8, micro_batch_size=4, max_steps=steps, warmup_steps=1, learning_rate=1e-2, seed=7)
+    args.update(train)
+    return finetune(
+        MethodSpec("lora", settings=LoRAConfig(r=4)), checkpoint_dir=checkpoint, model_name=None, out_dir=out_dir,
+        data=DataArgs(data_dir=data_dir), train=TrainArgs(**args),
+        eval=EvalArgs(interval=2, max_batches=1, prompts=list(prompts), prompt_max_new_tokens=6),
+        fabric_args=FabricArgs(accelerator="cpu", precision="32-true"),
+        logger=LoggerArgs(logger_name="wandb", project="unit", group="grid-a", job_type="lora-160",
+                          tags=["lora", "dense", "none", "ctx-160", "seed-7"], run_id=run_id,
+                          log_artifacts=log_artifacts),
+    )
+
+
+def test_a_cell_is_one_run_with_its_group_tags_config_summary_axes_table_and_model(
+        tmp_path, stories_checkpoint, instruction_data):
+    out = tmp_path / "cell"
+    result = cell(out, stories_checkpoint, instruction_data, prompts=PROMPTS, log_artifacts=True)
+    assert result.status == "completed"
+    (run,) = offline_runs(out)
+    # identity: the grid's group, the cell as job type, its tags and id
+    assert (run.run.run_id, run.run.project, run.run.run_group, run.run.job_type) == (
+        "cell-0001", "unit", "grid-a", "lora-160")
+    assert list(run.run.tags) == ["lora", "dense", "none", "ctx-160", "seed-7"]
+    # the full resolved config, as hparams.json has it
+    hparams = json.loads((out / "hparams.json").read_text())
+    assert run.config["train"]["learning_rate"] == 1e-2 and run.config["method"]["settings"]["r"] == 4
+    for key in ("train", "eval", "data", "fabric", "method", "checkpoint_dir", "precision", "trainable_params"):
+        assert run.config[key] == hparams[key], key
+    # the summary: summary.json's numbers, the status, the wall time
+    summary = json.loads((out / "summary.json").read_text())
+    assert run.summary["status"] == "completed" and run.exit_codes == [0]
+    for key in ("final_val_loss", "best_val_loss", "best_val_step", "avg_train_loss", "tokens_per_s",
+                "peak_memory_gb", "train_time_s", "trainable_params", "steps"):
+        assert run.summary[key] == summary[key], key
+    assert run.summary["final_val_loss"] == result.final_val_loss and run.summary["wall_time_s"] >= summary["train_time_s"]
+    # curves against the optimizer step, tokens seen as a second axis on every train and validation row
+    axes = {(m.name, m.glob_name, m.step_metric) for m in run.metrics}
+    assert {("", "*", "trainer/global_step"), ("tokens", "", "")} <= axes
+    train_rows = [r for r in run.history if "train_loss" in r]
+    val_rows = [r for r in run.history if "val_loss" in r]
+    assert [r["trainer/global_step"] for r in train_rows] == [1, 2, 3]
+    assert [r["train_loss"] for r in train_rows] == pytest.approx([loss for _, loss in result.train_losses])
+    tokens = [r["tokens"] for r in train_rows]
+    assert tokens == expected_tokens(instruction_data, steps=3)
+    assert [(r["trainer/global_step"], r["tokens"]) for r in val_rows] == [(0, 0), (2, tokens[1]), (3, tokens[2])]
+    assert [r["val_loss"] for r in val_rows] == pytest.approx([loss for _, loss in result.val_losses])
+    # the fixed prompts, answered by the final model: generations.jsonl and the table hold the same rows
+    written = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [(g["step"], g["prompt"]) for g in written] == [(3, p) for p in PROMPTS]
+    table = run.table("generations")
+    assert table["columns"] == ["step", "prompt", "response"]
+    assert table["data"] == [[g["step"], g["prompt"], g["response"]] for g in written]
+    from lit_adapter.generation_cli import generate_instruction_answer
+
+    for g in written:  # what generate/lora.py answers greedily with final/
+        (answer,) = generate_instruction_answer(stories_checkpoint, out / "final", instruction=g["prompt"],
+                                                max_new_tokens=6, temperature=0.0, stream=False, device="cpu")
+        assert g["response"] == answer.strip()
+    # best/ as a model artifact, its metadata the summary
+    (model,) = [a for a in run.artifacts if a.type == "model"]
+    assert model.name == "model-cell-0001"
+    assert sorted(c.path for c in model.manifest.contents) == sorted(
+        f"best/{p.name}" for p in (out / "best").iterdir())
+    metadata = json.loads(model.metadata)
+    assert metadata["folder"] == "best" and metadata["best_val_loss"] == summary["best_val_loss"]
+
+
+def expected_tokens(data_dir, steps, micro=4, accum=2, seed=7):
+    """Positions processed after each step, padding included: the data order's micro-batches, right-padded."""
+    examples = torch.load(data_dir / "train.pt", weights_only=True)
+    batches = list(StepBatchSampler(len(examples), micro, accum, 1, 0, seed, 0, steps))
+    per_batch = [len(batch) * max(len(examples[i]["input_ids"]) for i in batch) for batch in batches]
+    return [sum(per_batch[: (step + 1) * accum]) for step in range(steps)]
+
+
+class _Poison:
+    """Fault injection into the real loss: from the given training forward on, NaN, or CUDA's out-of-memory error."""
+
+    def __init__(self, after, error=None):
+        self.after, self.error, self.calls, self.original = after, error, 0, losses.loss_fn
+
+    def __call__(self, logits, labels, ignore_index=-100):
+        loss, n = self.original(logits, labels, ignore_index)
+        if logits.requires_grad:
+            self.calls += 1
+            if self.calls > self.after:
+                if self.error is not None:
+                    raise self.error
+                loss = loss * float("nan")
+        return loss, n
+
+
+@pytest.mark.parametrize("status", ["failed", "oom"])
+def test_a_failed_or_out_of_memory_cell_is_a_run_with_its_status(tmp_path, stories_checkpoint, instruction_data,
+                                                                  monkeypatch, status):
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if status == "oom" else None
+    monkeypatch.setattr(losses, "loss_fn", _Poison(after=2, error=error))  # step 1 is clean, step 2 is not
+    out = tmp_path / "cell"
+    with pytest.raises(LossNotFinite if status == "failed" else torch.OutOfMemoryError):
+        cell(out, stories_checkpoint, instruction_data, steps=4, prompts=PROMPTS, log_artifacts=True)
+    (run,) = offline_runs(out)
+    assert run.run.run_id == "cell-0001" and run.exit_codes == [1]
+    assert run.summary["status"] == status
+    assert ("loss became nan at step 2" if status == "failed" else "OutOfMemoryError: CUDA out of memory") in \
+        run.summary["reason"]
+    # what was measured before the failure: step 0's validation, step 1's training loss
+    assert run.summary["steps"] == 1
+    assert run.summary["avg_train_loss"] == pytest.approx([r["train_loss"] for r in run.history
+                                                           if "train_loss" in r][0])
+    assert run.summary["final_val_loss"] == [r["val_loss"] for r in run.history if "val_loss" in r][0]
+    assert run.config["train"]["learning_rate"] == 1e-2
+    # no answers, no table, no model from a failed run
+    assert not (out / "generations.jsonl").exists() and "generations" not in run.summary
+    assert [a for a in run.artifacts if a.type == "model"] == []
