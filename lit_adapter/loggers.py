@@ -50,6 +50,11 @@ def build_logger(args: LoggerArgs, out_dir: Path):
         return TensorBoardLogger(root_dir=str(out_dir), name="logs", version=name, default_hp_metric=False)
     from lightning.pytorch.loggers import WandbLogger
 
+    from lit_adapter.errors import UserError
+
+    bad_tags = [tag for tag in args.tags if not isinstance(tag, str) or not 1 <= len(tag.strip()) <= 64]
+    if bad_tags:  # wandb would refuse them with a pydantic traceback
+        raise UserError(f"logger.tags must be 1 to 64 characters each, got {bad_tags[0]!r}")
     if not sys.stderr.isatty():
         os.environ.setdefault("WANDB_SILENT", "true")
     # Lightning passes resume="allow": with run_id set, --resume true (or a grid's retry) continues the same run

@@ -14,6 +14,7 @@ a resumed run are never dropped and wandb's own ``_step`` keeps counting up.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -88,8 +89,10 @@ class RunRecord:
 
         try:
             run = self._run()
-        except wandb.errors.Error as err:
-            message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        except (wandb.errors.Error, ValueError) as err:  # UsageError (project, run id), pydantic's ValueError
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            message = next((line for line in lines if "error" in line.lower() and "validation error" not in line),
+                           lines[0] if lines else type(err).__name__)
             raise UserError(f"wandb could not start the run: {message} (WANDB_MODE=offline logs without an "
                             "account; upload later with wandb sync)") from None
         if run is not None:
@@ -116,7 +119,8 @@ class RunRecord:
         if self.args.log_artifacts and result.status == "completed":
             folder = next((out_dir / name for name in ("best", "final") if (out_dir / name).is_dir()), None)
             if folder is not None:
-                artifact = wandb.Artifact(f"model-{run.id}", type="model",
+                name = re.sub(r"[^\w.-]", "-", f"model-{run.id}")  # the characters artifact names allow
+                artifact = wandb.Artifact(name, type="model",
                                           metadata={"folder": folder.name, **values})
                 artifact.add_dir(str(folder), name=folder.name)
                 run.log_artifact(artifact, aliases=["latest", folder.name])

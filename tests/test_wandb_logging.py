@@ -3,6 +3,8 @@ log read back (tests/wandb_reader.py) for the group, tags, config, summary, curv
 the model artifact; failed and out-of-memory runs are runs too, with their status."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -24,7 +26,8 @@ def _offline(monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
-def cell(out_dir, checkpoint, data_dir, steps=3, prompts=(), log_artifacts=False, run_id="cell-0001", **train):
+def cell(out_dir, checkpoint, data_dir, steps=3, prompts=(), log_artifacts=False, run_id="cell-0001", resume=False,
+         **train):
     args = dict(global_batch_size=8, micro_batch_size=4, max_steps=steps, warmup_steps=1, learning_rate=1e-2, seed=7)
     args.update(train)
     return finetune(
@@ -35,6 +38,7 @@ def cell(out_dir, checkpoint, data_dir, steps=3, prompts=(), log_artifacts=False
         logger=LoggerArgs(logger_name="wandb", project="unit", group="grid-a", job_type="lora-160",
                           tags=["lora", "dense", "none", "ctx-160", "seed-7"], run_id=run_id,
                           log_artifacts=log_artifacts),
+        resume=resume,
     )
 
 
@@ -139,3 +143,47 @@ def test_a_failed_or_out_of_memory_cell_is_a_run_with_its_status(tmp_path, stori
     # no answers, no table, no model from a failed run
     assert not (out / "generations.jsonl").exists() and "generations" not in run.summary
     assert [a for a in run.artifacts if a.type == "model"] == []
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(project="grid/a"), "wandb could not start the run: Invalid project name 'grid/a'"),
+    (dict(run_id="cell:1"), "wandb could not start the run: Run ID cannot contain"),
+    (dict(tags=["x" * 65]), "logger.tags must be 1 to 64 characters each"),
+])
+def test_settings_wandb_refuses_are_one_line_errors(tmp_path, stories_checkpoint, instruction_data, change,
+                                                       message):
+    from lit_adapter.errors import UserError
+
+    logger = LoggerArgs(logger_name="wandb", **change)
+    with pytest.raises(UserError) as info:
+        finetune(MethodSpec("lora"), checkpoint_dir=stories_checkpoint, model_name=None, out_dir=tmp_path / "cell",
+                 data=DataArgs(data_dir=instruction_data), train=TrainArgs(global_batch_size=8, max_steps=1),
+                 eval=EvalArgs(), fabric_args=FabricArgs(accelerator="cpu"), logger=logger)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_a_resumed_cell_continues_its_run_and_its_steps(tmp_path, stories_checkpoint, instruction_data, monkeypatch):
+    from lit_adapter import training
+
+    original = training.lr_at
+
+    def interrupt_after_step_2(step, total, train):
+        if step == 2:  # asked right after optimizer step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(step, total, train)
+
+    out = tmp_path / "cell"
+    monkeypatch.setattr(training, "lr_at", interrupt_after_step_2)
+    with pytest.raises(SystemExit):
+        cell(out, stories_checkpoint, instruction_data, steps=4)
+    monkeypatch.setattr(training, "lr_at", original)
+    cell(out, stories_checkpoint, instruction_data, steps=4, resume=True)
+    first, second = offline_runs(out)  # offline, each process writes its part; wandb sync uploads both as one run
+    assert first.run.run_id == second.run.run_id == "cell-0001"
+    assert (first.summary["status"], first.summary["steps"], first.exit_codes) == ("interrupted", 2, [0])
+    assert (second.summary["status"], second.summary["steps"]) == ("completed", 4)
+    steps = [r["trainer/global_step"] for run in (first, second) for r in run.history if "train_loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert [r["trainer/global_step"] for r in second.history if "val_loss" in r] == [4]
+    tokens = [r["tokens"] for run in (first, second) for r in run.history if "train_loss" in r]
+    assert tokens == expected_tokens(instruction_data, steps=4)  # the count resumes with the checkpoint
