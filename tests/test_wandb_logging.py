@@ -15,6 +15,7 @@ from lit_adapter.guards import LossNotFinite
 from lit_adapter.methods import MethodSpec
 from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
 from lit_adapter.tuners.lora import LoRAConfig
+from lit_adapter.tuners.prompt_tuning import PromptTuningConfig
 from wandb_reader import offline_runs
 
 PROMPTS = ["Add 2 and 3.", "Name a colour of the sky."]
@@ -187,3 +188,26 @@ def test_a_resumed_cell_continues_its_run_and_its_steps(tmp_path, stories_checkp
     assert [r["trainer/global_step"] for r in second.history if "val_loss" in r] == [4]
     tokens = [r["tokens"] for run in (first, second) for r in run.history if "train_loss" in r]
     assert tokens == expected_tokens(instruction_data, steps=4)  # the count resumes with the checkpoint
+
+
+@pytest.mark.parametrize("method, settings, quantize", [
+    ("prompt_tuning", PromptTuningConfig(num_virtual_tokens=4), None),  # virtual tokens before the prompt
+    ("lora", LoRAConfig(r=2, alpha=4, dropout=0.0), "bnb.int8"),  # a quantized base
+])
+def test_the_prompts_are_answered_by_every_method_with_any_logger(tmp_path, stories_checkpoint, instruction_data,
+                                                                  method, settings, quantize):
+    from lit_adapter.generation_cli import generate_instruction_answer
+
+    spec = MethodSpec(method, settings=settings, quantize=quantize)
+    out = tmp_path / "run"
+    finetune(spec, checkpoint_dir=stories_checkpoint, model_name=None, out_dir=out,
+             data=DataArgs(data_dir=instruction_data),
+             train=TrainArgs(global_batch_size=8, micro_batch_size=4, max_steps=2, warmup_steps=1, learning_rate=1e-2),
+             eval=EvalArgs(interval=1000, max_batches=1, prompts=PROMPTS, prompt_max_new_tokens=5),
+             fabric_args=FabricArgs(accelerator="cpu", precision="32-true"), logger=LoggerArgs())  # CSV
+    written = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [(g["step"], g["prompt"]) for g in written] == [(2, p) for p in PROMPTS]
+    for g in written:
+        (answer,) = generate_instruction_answer(stories_checkpoint, out / "final", instruction=g["prompt"],
+                                                max_new_tokens=5, temperature=0.0, stream=False, device="cpu")
+        assert g["response"] == answer.strip() and answer.strip()
