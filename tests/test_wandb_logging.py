@@ -16,9 +16,12 @@ from lit_adapter.methods import MethodSpec
 from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
 from lit_adapter.tuners.lora import LoRAConfig
 from lit_adapter.tuners.prompt_tuning import PromptTuningConfig
+import test_reliability
+from test_reliability import assert_one_error_line, finetune_args
 from wandb_reader import offline_runs
 
 PROMPTS = ["Add 2 and 3.", "Name a colour of the sky."]
+cli = test_reliability.cli  # the fixture: a command line run in this process
 
 
 @pytest.fixture(autouse=True)
@@ -211,3 +214,17 @@ def test_the_prompts_are_answered_by_every_method_with_any_logger(tmp_path, stor
         (answer,) = generate_instruction_answer(stories_checkpoint, out / "final", instruction=g["prompt"],
                                                 max_new_tokens=5, temperature=0.0, stream=False, device="cpu")
         assert g["response"] == answer.strip() and answer.strip()
+
+
+def test_a_diverging_command_line_run_is_one_error_line_and_a_failed_run_to_sync(cli, tmp_path, stories_checkpoint,
+                                                                                 instruction_data):
+    out = tmp_path / "out"
+    proc = cli(*finetune_args(stories_checkpoint, instruction_data, out, "--logger.logger_name", "wandb",
+                              "--logger.group", "grid-a", "--train.learning_rate", "1e37", "--train.max_grad_norm",
+                              "null", "--train.warmup_steps", "0", "--train.max_steps", "4"))
+    assert_one_error_line(proc, "Lower train.learning_rate")
+    (sync,) = [line for line in proc.stderr.splitlines() if line.startswith("wandb: offline run in")]
+    (run,) = offline_runs(out)
+    assert sync.endswith(f"wandb sync {run.folder}")
+    assert run.summary["status"] == "failed" and "Lower train.learning_rate" in run.summary["reason"]
+    assert run.run.run_group == "grid-a" and run.exit_codes == [1]
