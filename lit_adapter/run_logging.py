@@ -122,7 +122,8 @@ class RunRecord:
                 name = re.sub(r"[^\w.-]", "-", f"model-{run.id}")  # the characters artifact names allow
                 artifact = wandb.Artifact(name, type="model",
                                           metadata={"folder": folder.name, **values})
-                artifact.add_dir(str(folder), name=folder.name)
+                # referenced in place, not copied into ~/.local/share/wandb (a full fine-tune's best/ is a model)
+                artifact.add_dir(str(folder), name=folder.name, skip_cache=True, policy="immutable")
                 run.log_artifact(artifact, aliases=["latest", folder.name])
 
     def fail(self, err: BaseException) -> None:

@@ -96,6 +96,7 @@ def test_a_cell_is_one_run_with_its_group_tags_config_summary_axes_table_and_mod
     assert model.name == "model-cell-0001"
     assert sorted(c.path for c in model.manifest.contents) == sorted(
         f"best/{p.name}" for p in (out / "best").iterdir())
+    assert {c.local_path for c in model.manifest.contents} == {str(p) for p in (out / "best").iterdir()}  # no copies
     metadata = json.loads(model.metadata)
     assert metadata["folder"] == "best" and metadata["best_val_loss"] == summary["best_val_loss"]
 
