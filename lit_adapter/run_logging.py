@@ -85,6 +85,10 @@ class RunRecord:
     def open(self) -> "RunRecord":
         """Starts the WandB run now, so a run that fails before its first step is a run too; wandb's refusals (no
         API key, a bad project name or tag) are one line."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not isinstance(self.logger, WandbLogger):
+            return self
         import wandb
 
         try:

@@ -229,3 +229,12 @@ def test_a_diverging_command_line_run_is_one_error_line_and_a_failed_run_to_sync
     assert sync.endswith(f"wandb sync {run.folder}")
     assert run.summary["status"] == "failed" and "Lower train.learning_rate" in run.summary["reason"]
     assert run.run.run_group == "grid-a" and run.exit_codes == [1]
+
+
+def test_disabled_wandb_runs_the_same_and_writes_no_run(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
+                                                        capsys):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    out = tmp_path / "cell"
+    result = cell(out, stories_checkpoint, instruction_data, steps=2, prompts=PROMPTS[:1], log_artifacts=True)
+    assert result.status == "completed" and len((out / "generations.jsonl").read_text().splitlines()) == 1
+    assert list(out.glob("wandb/*run-*")) == [] and "wandb sync" not in capsys.readouterr().out
