@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from lit_adapter import losses
+from lit_adapter.attention import AttentionConfig
 from lit_adapter.data_order import StepBatchSampler
 from lit_adapter.guards import LossNotFinite
 from lit_adapter.methods import MethodSpec
 from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
+from lit_adapter.tuners.adapter import AdapterConfig
 from lit_adapter.tuners.lora import LoRAConfig
 from lit_adapter.tuners.prompt_tuning import PromptTuningConfig
 import test_reliability
@@ -194,15 +196,16 @@ def test_a_resumed_cell_continues_its_run_and_its_steps(tmp_path, stories_checkp
     assert tokens == expected_tokens(instruction_data, steps=4)  # the count resumes with the checkpoint
 
 
-@pytest.mark.parametrize("method, settings, quantize", [
-    ("prompt_tuning", PromptTuningConfig(num_virtual_tokens=4), None),  # virtual tokens before the prompt
-    ("lora", LoRAConfig(r=2, alpha=4, dropout=0.0), "bnb.int8"),  # a quantized base
+@pytest.mark.parametrize("method, settings, quantize, attention", [
+    ("prompt_tuning", PromptTuningConfig(num_virtual_tokens=4), None, None),  # virtual tokens before the prompt
+    ("lora", LoRAConfig(r=2, alpha=4, dropout=0.0), "bnb.int8", None),  # a quantized base
+    ("adapter", AdapterConfig(start_layer=0), None, AttentionConfig(pattern="shifted", group_size_ratio=0.25)),
 ])
 def test_the_prompts_are_answered_by_every_method_with_any_logger(tmp_path, stories_checkpoint, instruction_data,
-                                                                  method, settings, quantize):
+                                                                  method, settings, quantize, attention):
     from lit_adapter.generation_cli import generate_instruction_answer
 
-    spec = MethodSpec(method, settings=settings, quantize=quantize)
+    spec = MethodSpec(method, settings=settings, quantize=quantize, attention=attention or AttentionConfig())
     out = tmp_path / "run"
     finetune(spec, checkpoint_dir=stories_checkpoint, model_name=None, out_dir=out,
              data=DataArgs(data_dir=instruction_data),
