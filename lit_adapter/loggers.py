@@ -38,7 +38,10 @@ class LoggerArgs:
     """Upload best/ as a WandB model artifact at the end of the run."""
 
 
-def build_logger(args: LoggerArgs, out_dir: Path):
+RUN_ID_FILE = "wandb_run_id"  # in out_dir: the WandB run that --resume true continues when no run_id is given
+
+
+def build_logger(args: LoggerArgs, out_dir: Path, resume: bool = False):
     name = args.run_name or out_dir.name
     if args.logger_name == "csv":
         from lightning.fabric.loggers import CSVLogger
@@ -58,7 +61,10 @@ def build_logger(args: LoggerArgs, out_dir: Path):
     if not sys.stderr.isatty():
         os.environ.setdefault("WANDB_SILENT", "true")
     # Lightning passes resume="allow": with run_id set, --resume true (or a grid's retry) continues the same run
-    logger = WandbLogger(project=args.project, name=name, save_dir=str(out_dir), id=args.run_id, group=args.group,
+    run_id = args.run_id
+    if run_id is None and resume and (out_dir / RUN_ID_FILE).is_file():
+        run_id = (out_dir / RUN_ID_FILE).read_text().strip() or None
+    logger = WandbLogger(project=args.project, name=name, save_dir=str(out_dir), id=run_id, group=args.group,
                          job_type=args.job_type, tags=list(args.tags) or None)
     # Lightning always passes anonymous=None, which current wandb answers with a deprecation warning
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)

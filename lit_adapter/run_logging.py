@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from lit_adapter.errors import UserError, looks_like_out_of_memory
 from lit_adapter.guards import LossNotFinite
-from lit_adapter.loggers import LoggerArgs, logger_summary
+from lit_adapter.loggers import RUN_ID_FILE, LoggerArgs, logger_summary
 from lit_adapter.results import RunResult, result_from_state, to_jsonable
 
 GENERATIONS_FILE = "generations.jsonl"
@@ -101,6 +101,8 @@ class RunRecord:
                             "account; upload later with wandb sync)") from None
         if run is not None:
             run.define_metric("tokens", summary="max")  # a second x-axis, chosen in the UI
+            if getattr(run, "id", None) and self.logger.save_dir:
+                (Path(self.logger.save_dir) / RUN_ID_FILE).write_text(f"{run.id}\n")
         return self
 
     def track(self, state: Dict[str, Any], method: str, n_trainable: int, n_total: int, device) -> None:

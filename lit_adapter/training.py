@@ -238,7 +238,7 @@ def finetune(
             devices=fabric_args.devices,
             strategy=fabric_args.strategy,
             precision=precision,
-            loggers=[build_logger(logger, out_dir)],
+            loggers=[build_logger(logger, out_dir, resume)],
         )
         fabric.launch()
         objective = resolve_objective(objective)

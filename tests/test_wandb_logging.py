@@ -169,7 +169,9 @@ def test_settings_wandb_refuses_are_one_line_errors(tmp_path, stories_checkpoint
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
 
 
-def test_a_resumed_cell_continues_its_run_and_its_steps(tmp_path, stories_checkpoint, instruction_data, monkeypatch):
+@pytest.mark.parametrize("run_id", ["cell-0001", None])  # None: wandb's own id, kept in out_dir for --resume
+def test_a_resumed_cell_continues_its_run_and_its_steps(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
+                                                        run_id):
     from lit_adapter import training
 
     original = training.lr_at
@@ -182,11 +184,11 @@ def test_a_resumed_cell_continues_its_run_and_its_steps(tmp_path, stories_checkp
     out = tmp_path / "cell"
     monkeypatch.setattr(training, "lr_at", interrupt_after_step_2)
     with pytest.raises(SystemExit):
-        cell(out, stories_checkpoint, instruction_data, steps=4)
+        cell(out, stories_checkpoint, instruction_data, steps=4, run_id=run_id)
     monkeypatch.setattr(training, "lr_at", original)
-    cell(out, stories_checkpoint, instruction_data, steps=4, resume=True)
+    cell(out, stories_checkpoint, instruction_data, steps=4, resume=True, run_id=run_id)
     first, second = offline_runs(out)  # offline, each process writes its part; wandb sync uploads both as one run
-    assert first.run.run_id == second.run.run_id == "cell-0001"
+    assert first.run.run_id == second.run.run_id == (run_id or (out / "wandb_run_id").read_text().strip())
     assert (first.summary["status"], first.summary["steps"], first.exit_codes) == ("interrupted", 2, [0])
     assert (second.summary["status"], second.summary["steps"]) == ("completed", 4)
     steps = [r["trainer/global_step"] for run in (first, second) for r in run.history if "train_loss" in r]
