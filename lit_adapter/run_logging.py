@@ -172,8 +172,12 @@ def answer_prompts(fabric, model, checkpoint_dir: Path, prompts: Sequence[str], 
     (sharded weights) and with objectives whose model does not produce text nothing is answered."""
     if not prompts or fabric.global_rank != 0:
         return []
-    if objective.name not in ANSWERING_OBJECTIVES or type(fabric.strategy).__name__.startswith("FSDP"):
-        fabric.print(f"note: eval.prompts are not answered by a {objective.name} run with this strategy")
+    if objective.name not in ANSWERING_OBJECTIVES:
+        fabric.print(f"note: eval.prompts are not answered: a {objective.name} model does not write text")
+        return []
+    if type(fabric.strategy).__name__.startswith("FSDP"):
+        fabric.print("note: eval.prompts are not answered under fsdp (rank 0 holds a shard of the weights); "
+                     "answer them with generate/*.py --adapter_dir final/")
         return []
     from lit_adapter import methods
     from lit_adapter.generate import generate_batch, room_for
