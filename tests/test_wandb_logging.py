@@ -243,3 +243,17 @@ def test_disabled_wandb_runs_the_same_and_writes_no_run(tmp_path, stories_checkp
     result = cell(out, stories_checkpoint, instruction_data, steps=2, prompts=PROMPTS[:1], log_artifacts=True)
     assert result.status == "completed" and len((out / "generations.jsonl").read_text().splitlines()) == 1
     assert list(out.glob("wandb/*run-*")) == [] and "wandb sync" not in capsys.readouterr().out
+
+
+def test_a_cell_refused_before_its_first_step_is_a_run_with_status_error_and_its_config(tmp_path, stories_checkpoint,
+                                                                                      instruction_data):
+    from lit_adapter.errors import UserError
+
+    out = tmp_path / "cell"
+    with pytest.raises(UserError, match="fewer than one global batch of 1000"):
+        cell(out, stories_checkpoint, instruction_data, global_batch_size=1000)
+    (run,) = offline_runs(out)
+    assert (run.summary["status"], run.exit_codes) == ("error", [1])
+    assert run.summary["reason"].startswith("the training split has 360 examples, fewer than one global batch")
+    assert run.config["train"]["global_batch_size"] == 1000 and run.run.job_type == "lora-160"
+    assert "final_val_loss" not in run.summary  # nothing was measured
