@@ -26,10 +26,17 @@ PROMPTS = ["Add 2 and 3.", "Name a colour of the sky."]
 cli = test_reliability.cli  # the fixture: a command line run in this process
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
+@pytest.fixture(scope="module", autouse=True)
+def _offline():
+    import wandb
+
+    saved = {name: os.environ.get(name) for name in ("WANDB_MODE", "WANDB_SILENT")}
+    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    wandb.teardown()  # wandb reads WANDB_MODE once per process, when it first sets up: set it up again offline
+    yield
+    wandb.teardown()
+    for name, value in saved.items():
+        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
 
 
 def cell(out_dir, checkpoint, data_dir, steps=3, prompts=(), log_artifacts=False, run_id="cell-0001", resume=False,
@@ -238,9 +245,15 @@ def test_a_diverging_command_line_run_is_one_error_line_and_a_failed_run_to_sync
 
 def test_disabled_wandb_runs_the_same_and_writes_no_run(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
                                                         capsys):
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    wandb.teardown()  # (see _offline)
     out = tmp_path / "cell"
-    result = cell(out, stories_checkpoint, instruction_data, steps=2, prompts=PROMPTS[:1], log_artifacts=True)
+    try:
+        result = cell(out, stories_checkpoint, instruction_data, steps=2, prompts=PROMPTS[:1], log_artifacts=True)
+    finally:
+        wandb.teardown()
     assert result.status == "completed" and len((out / "generations.jsonl").read_text().splitlines()) == 1
     assert list(out.glob("wandb/*run-*")) == [] and "wandb sync" not in capsys.readouterr().out
 
