@@ -270,3 +270,30 @@ def test_a_cell_refused_before_its_first_step_is_a_run_with_status_error_and_its
     assert run.summary["reason"].startswith("the training split has 360 examples, fewer than one global batch")
     assert run.config["train"]["global_batch_size"] == 1000 and run.run.job_type == "lora-160"
     assert "final_val_loss" not in run.summary  # nothing was measured
+
+
+OOM_SCRIPT = """
+import runpy, sys, torch
+from lit_adapter import losses
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+losses.loss_fn = out_of_memory
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_process_that_dies_of_out_of_memory_leaves_a_complete_run_to_sync(tmp_path, stories_checkpoint,
+                                                                            instruction_data):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    args = finetune_args(stories_checkpoint, instruction_data, out, "--logger.logger_name", "wandb")
+    proc = subprocess.run([sys.executable, "-c", OOM_SCRIPT, str(test_reliability.REPO / args[0]), *map(str, args[1:])],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(
+                              test_reliability.REPO)})
+    assert proc.returncode == 1 and "OutOfMemoryError" in proc.stderr  # what the grid classifies as OOM
+    (run,) = offline_runs(out)  # the process has exited: what wandb sync will upload
+    assert (run.summary["status"], run.exit_codes) == ("oom", [1])
+    assert run.summary["reason"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
