@@ -236,6 +236,7 @@ def test_a_diverging_command_line_run_is_one_error_line_and_a_failed_run_to_sync
                               "--logger.group", "grid-a", "--train.learning_rate", "1e37", "--train.max_grad_norm",
                               "null", "--train.warmup_steps", "0", "--train.max_steps", "4"))
     assert_one_error_line(proc, "Lower train.learning_rate")
+    assert "\x1b[" not in proc.stdout + proc.stderr and "anonymous" not in proc.stdout + proc.stderr
     (sync,) = [line for line in proc.stderr.splitlines() if line.startswith("wandb: offline run in")]
     (run,) = offline_runs(out)
     assert sync.endswith(f"wandb sync {run.folder}")
