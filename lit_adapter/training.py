@@ -396,7 +396,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         try:
             while state["step"] < total_steps:
                 step_start = time.perf_counter()
-                step_loss = torch.zeros((), device=fabric.device)
+                step_loss, step_tokens = torch.zeros((), device=fabric.device), 0
                 for micro in range(accum):
                     batch = next(train_iter)
                     with fabric.no_backward_sync(model, enabled=micro < accum - 1):
@@ -404,7 +404,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                         fabric.backward(loss / accum)
                     step_loss += loss.detach() / accum
                     # processed positions, padding included: that is the compute the step paid for
-                    window_tokens += batch["input_ids"].numel()
+                    step_tokens += batch["input_ids"].numel()
                 step_loss_value = float(fabric.all_reduce(step_loss, reduce_op="mean"))
                 if not math.isfinite(step_loss_value):
                     raise not_finite(f"the training loss became {step_loss_value} at step {state['step'] + 1}; "
@@ -424,6 +424,9 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 state["step"] += 1
+                # counted per step, not per log window: validation rows and checkpoints between logs see them
+                state["tokens"] += step_tokens * fabric.world_size
+                window_tokens += step_tokens
                 state["train_time"] += time.perf_counter() - step_start
                 state["train_losses"].append((state["step"], step_loss_value))
                 step = state["step"]
@@ -431,7 +434,6 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                 if step % train.log_interval == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens * fabric.world_size / max(elapsed, 1e-9)
-                    state["tokens"] += window_tokens * fabric.world_size
                     window_start, window_tokens = time.perf_counter(), 0
                     metrics = {"train_loss": step_loss_value, "learning_rate": scheduler.get_last_lr()[0],
                                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,

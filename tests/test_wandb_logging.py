@@ -298,3 +298,14 @@ def test_a_process_that_dies_of_out_of_memory_leaves_a_complete_run_to_sync(tmp_
     (run,) = offline_runs(out)  # the process has exited: what wandb sync will upload
     assert (run.summary["status"], run.exit_codes) == ("oom", [1])
     assert run.summary["reason"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+
+
+def test_tokens_are_counted_at_every_step_whatever_the_log_interval(tmp_path, stories_checkpoint, instruction_data):
+    out = tmp_path / "cell"
+    result = cell(out, stories_checkpoint, instruction_data, steps=3, log_interval=3)  # validation at 2, log at 3
+    (run,) = offline_runs(out)
+    expected = expected_tokens(instruction_data, steps=3)
+    assert [(r["trainer/global_step"], r["tokens"]) for r in run.history if "train_loss" in r] == [(3, expected[2])]
+    assert [(r["trainer/global_step"], r["tokens"]) for r in run.history if "val_loss" in r] == [
+        (0, 0), (2, expected[1]), (3, expected[2])]
+    assert result.tokens_per_s == pytest.approx(expected[2] / result.train_time_s)
