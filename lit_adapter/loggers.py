@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 
 @dataclass
@@ -26,9 +26,22 @@ class LoggerArgs:
     """WandB project name."""
     run_name: Optional[str] = None
     """Run name for WandB/TensorBoard (default: the output folder's name)."""
+    group: Optional[str] = None
+    """WandB group: the comparison grid's name, so a grid's runs sit together."""
+    job_type: Optional[str] = None
+    """WandB job type (the grid gives each cell's name)."""
+    tags: List[str] = field(default_factory=list)
+    """WandB tags (the grid tags method, attention, quantization, context and seed)."""
+    run_id: Optional[str] = None
+    """WandB run id; a resumed run or a grid's record of a failed cell continues the same run."""
+    log_artifacts: bool = False
+    """Upload best/ as a WandB model artifact at the end of the run."""
 
 
-def build_logger(args: LoggerArgs, out_dir: Path):
+RUN_ID_FILE = "wandb_run_id"  # in out_dir: the WandB run that --resume true continues when no run_id is given
+
+
+def build_logger(args: LoggerArgs, out_dir: Path, resume: bool = False):
     name = args.run_name or out_dir.name
     if args.logger_name == "csv":
         from lightning.fabric.loggers import CSVLogger
@@ -40,9 +53,19 @@ def build_logger(args: LoggerArgs, out_dir: Path):
         return TensorBoardLogger(root_dir=str(out_dir), name="logs", version=name, default_hp_metric=False)
     from lightning.pytorch.loggers import WandbLogger
 
+    from lit_adapter.errors import UserError
+
+    bad_tags = [tag for tag in args.tags if not isinstance(tag, str) or not 1 <= len(tag.strip()) <= 64]
+    if bad_tags:  # wandb would refuse them with a pydantic traceback
+        raise UserError(f"logger.tags must be 1 to 64 characters each, got {bad_tags[0]!r}")
     if not sys.stderr.isatty():
         os.environ.setdefault("WANDB_SILENT", "true")
-    logger = WandbLogger(project=args.project, name=name, save_dir=str(out_dir))
+    # Lightning passes resume="allow": with run_id set, --resume true (or a grid's retry) continues the same run
+    run_id = args.run_id
+    if run_id is None and resume and (out_dir / RUN_ID_FILE).is_file():
+        run_id = (out_dir / RUN_ID_FILE).read_text().strip() or None
+    logger = WandbLogger(project=args.project, name=name, save_dir=str(out_dir), id=run_id, group=args.group,
+                         job_type=args.job_type, tags=list(args.tags) or None)
     # Lightning always passes anonymous=None, which current wandb answers with a deprecation warning
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     return logger

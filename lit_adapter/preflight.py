@@ -23,7 +23,7 @@ from lit_adapter.errors import UserError
 PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-true", "16-mixed", "64-true")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 LOCK_FILE = ".lock"
-RUN_OUTPUTS = ("last.ckpt", "final", "best", "summary.json")
+RUN_OUTPUTS = ("last.ckpt", "final", "best", "summary.json", "generations.jsonl")
 """What a started or finished run leaves in its ``out_dir`` (``--overwrite true`` removes exactly these)."""
 
 

@@ -65,11 +65,12 @@ def describe_validation(result: RunResult) -> str:
     return ", ".join(parts) or "not measured"
 
 
-def summarize(fabric, spec, status, state, n_trainable, n_total, out_dir: Path) -> RunResult:
+def result_from_state(method: str, status: str, state, n_trainable: int, n_total: int, device, out_dir: Path) -> RunResult:
+    """The :class:`RunResult` of the loop's ``state`` so far (also for a run that failed midway)."""
     losses = [loss for _, loss in state["train_losses"]]
     vals = state["val_losses"]
-    result = RunResult(
-        method=spec.describe(),
+    return RunResult(
+        method=method,
         status=status,
         steps=state["step"],
         trainable_params=n_trainable,
@@ -83,12 +84,16 @@ def summarize(fabric, spec, status, state, n_trainable, n_total, out_dir: Path) 
         last_train_loss=losses[-1] if losses else None,
         train_time_s=state["train_time"],
         tokens_per_s=state["tokens"] / max(state["train_time"], 1e-9),
-        peak_memory_gb=peak_memory_gb(fabric.device),
-        peak_memory_kind="cuda_max_allocated" if fabric.device.type == "cuda" else "process_peak_rss",
+        peak_memory_gb=peak_memory_gb(device),
+        peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         out_dir=str(out_dir),
         train_losses=[tuple(x) for x in state["train_losses"]],
         val_losses=[tuple(x) for x in vals],
     )
+
+
+def summarize(fabric, spec, status, state, n_trainable, n_total, out_dir: Path) -> RunResult:
+    result = result_from_state(spec.describe(), status, state, n_trainable, n_total, fabric.device, out_dir)
     if fabric.global_rank == 0:
         (out_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
         fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731

@@ -16,9 +16,9 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from lit_adapter import methods
 from lit_adapter.config import ModelArgs
 from lit_adapter.data import InstructionDataset
+from lit_adapter.data_order import StepBatchSampler
 from lit_adapter.errors import UserError
 from lit_adapter.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
 from lit_adapter.loggers import LoggerArgs, build_logger, close_logger, logger_supports_hparams, logger_summary
@@ -36,6 +37,7 @@ from lit_adapter.optim import build_optimizer
 from lit_adapter.preflight import check_fabric_args, check_parts_fit, claim_out_dir
 from lit_adapter.results import RunResult, summarize, to_jsonable
 from lit_adapter.rope import context_error
+from lit_adapter.run_logging import RunRecord, answer_prompts, check_prompt_settings
 from lit_adapter.runtime import default_precision, peak_memory_gb, weights_dtype
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -111,6 +113,11 @@ class EvalArgs:
     """Also evaluate the model before the first step (the frozen model, for adapters and LoRA)."""
     save_best: bool = True
     """Keep out_dir/best/ (same format as final/): the trained tensors at the lowest validation loss after step 0."""
+    prompts: List[str] = field(default_factory=list)
+    """Fixed instructions the final model answers at the end of a completed run (the instruction template, greedy,
+    prompt_max_new_tokens tokens): written to out_dir/generations.jsonl and logged as a WandB table."""
+    prompt_max_new_tokens: int = 64
+    """Tokens generated at most per answer to eval.prompts."""
 
 
 @dataclass
@@ -152,6 +159,7 @@ def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
         raise UserError(f"train.save_interval must be >= 1, got {train.save_interval}")
     if eval.interval < 1 or (eval.max_batches is not None and eval.max_batches < 1):
         raise UserError("eval.interval and eval.max_batches must be >= 1")
+    check_prompt_settings(eval.prompts, eval.prompt_max_new_tokens)
     if train.loss == "chunked_head" and fabric.strategy == "fsdp":
         raise UserError("train.loss=chunked_head calls the head outside the model's forward, which FSDP does not "
                         "allow (the head's weights are sharded there); use train.loss=chunked with fsdp")
@@ -173,36 +181,6 @@ def lr_at(step: int, total_steps: int, train: TrainArgs) -> float:
     progress = min((step - warmup) / decay_steps, 1.0)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return train.min_learning_rate + (train.learning_rate - train.min_learning_rate) * cosine
-
-
-class StepBatchSampler:
-    """Yields index lists of micro-batches, starting at a given optimizer step.
-
-    Epoch ``e`` visits the training set in ``randperm(n, seed + e)`` order; a step consumes
-    ``accum * world_size`` consecutive micro-batches of it (this rank takes every ``world_size``-th one). The
-    remainder of an epoch that does not fill a whole step is dropped, as a fixed-size comparison requires.
-    """
-
-    def __init__(self, n: int, micro_batch_size: int, accum: int, world_size: int, rank: int, seed: int,
-                 start_step: int, total_steps: int) -> None:
-        self.n, self.mbs, self.accum, self.world, self.rank = n, micro_batch_size, accum, world_size, rank
-        self.seed, self.start_step, self.total_steps = seed, start_step, total_steps
-        self.steps_per_epoch = n // (micro_batch_size * accum * world_size)
-
-    def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * self.accum
-
-    def __iter__(self) -> Iterator[List[int]]:
-        per_epoch = self.steps_per_epoch * self.accum * self.world
-        perm, perm_epoch = None, -1
-        for step in range(self.start_step, self.total_steps):
-            for micro in range(self.accum):
-                global_micro = (step * self.accum + micro) * self.world + self.rank
-                epoch, within = divmod(global_micro, per_epoch)
-                if epoch != perm_epoch:
-                    g = torch.Generator().manual_seed(self.seed + epoch)
-                    perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
-                yield perm[within * self.mbs : (within + 1) * self.mbs]
 
 
 def finetune(
@@ -253,23 +231,27 @@ def finetune(
     # the folder, the others only join its run.
     launched_rank = int(os.environ.get("LOCAL_RANK", "0"))
     lock = claim_out_dir(out_dir, resume, overwrite) if launched_rank == 0 else None
+    record = None
     try:
         fabric = Fabric(
             accelerator=fabric_args.accelerator,
             devices=fabric_args.devices,
             strategy=fabric_args.strategy,
             precision=precision,
-            loggers=[build_logger(logger, out_dir)],
+            loggers=[build_logger(logger, out_dir, resume)],
         )
         fabric.launch()
         objective = resolve_objective(objective)
+        hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,
+                       block_size=config.block_size, out_dir=out_dir, data=data, train=train, eval=eval,
+                       fabric=fabric_args, logger=logger, precision=precision, objective=objective.describe())
+        record = RunRecord(fabric.logger, logger, hparams).open()
         return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
-                     hparams=dict(method=spec, checkpoint_dir=checkpoint_dir, model=model,
-                                  rope_scaling=config.rope_scaling, block_size=config.block_size,
-                                  out_dir=out_dir, data=data, train=train,
-                                  eval=eval, fabric=fabric_args, logger=logger, precision=precision,
-                                  objective=objective.describe()),
-                     objective=objective)
+                     hparams=hparams, objective=objective, record=record)
+    except BaseException as err:  # failed or OOM cells are runs too, with their status (a no-op once ended)
+        if record is not None:
+            record.fail(err)
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -288,7 +270,7 @@ def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) ->
 
 
 def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams,
-          objective: Optional[Objective] = None):
+          objective: Optional[Objective] = None, record: Optional[RunRecord] = None):
     from tqdm import tqdm
 
     fabric.seed_everything(train.seed)
@@ -350,6 +332,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         (out_dir / "hparams.json").write_text(json.dumps(hparams, indent=2) + "\n")
     if logger_supports_hparams(fabric.logger):
         fabric.logger.log_hyperparams(hparams)
+    record = record or RunRecord(fabric.logger, LoggerArgs(), hparams)
+    record.track(state, spec.describe(), n_trainable, n_total, fabric.device)
 
     pad_id = 0
     sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
@@ -375,7 +359,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         state["val_losses"].append((step, loss))
         val_extra.clear()
         val_extra.update(objective.metrics(fabric, "val"))
-        metrics = {"val_loss": loss, "step": step, **{f"val_{k}": v for k, v in val_extra.items()}}
+        metrics = {"val_loss": loss, "step": step, "tokens": state["tokens"],
+                   **{f"val_{k}": v for k, v in val_extra.items()}}
         best = state["best_val"]
         if step > 0 and math.isfinite(loss) and (not best or loss < best[1]):
             state["best_val"] = [step, loss]
@@ -411,7 +396,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         try:
             while state["step"] < total_steps:
                 step_start = time.perf_counter()
-                step_loss = torch.zeros((), device=fabric.device)
+                step_loss, step_tokens = torch.zeros((), device=fabric.device), 0
                 for micro in range(accum):
                     batch = next(train_iter)
                     with fabric.no_backward_sync(model, enabled=micro < accum - 1):
@@ -419,7 +404,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                         fabric.backward(loss / accum)
                     step_loss += loss.detach() / accum
                     # processed positions, padding included: that is the compute the step paid for
-                    window_tokens += batch["input_ids"].numel()
+                    step_tokens += batch["input_ids"].numel()
                 step_loss_value = float(fabric.all_reduce(step_loss, reduce_op="mean"))
                 if not math.isfinite(step_loss_value):
                     raise not_finite(f"the training loss became {step_loss_value} at step {state['step'] + 1}; "
@@ -439,6 +424,9 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 state["step"] += 1
+                # counted per step, not per log window: validation rows and checkpoints between logs see them
+                state["tokens"] += step_tokens * fabric.world_size
+                window_tokens += step_tokens
                 state["train_time"] += time.perf_counter() - step_start
                 state["train_losses"].append((state["step"], step_loss_value))
                 step = state["step"]
@@ -446,12 +434,11 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                 if step % train.log_interval == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens * fabric.world_size / max(elapsed, 1e-9)
-                    state["tokens"] += window_tokens * fabric.world_size
                     window_start, window_tokens = time.perf_counter(), 0
                     metrics = {"train_loss": step_loss_value, "learning_rate": scheduler.get_last_lr()[0],
                                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
                                "peak_memory_gb": peak_memory_gb(fabric.device),
-                               "epoch": step / max(steps_per_epoch, 1), "step": step}
+                               "epoch": step / max(steps_per_epoch, 1), "step": step, "tokens": state["tokens"]}
                     metrics.update({f"train_{k}": v for k, v in objective.metrics(fabric, "train").items()})
                     fabric.log_dict(metrics, step=step)
                     progress.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -484,6 +471,9 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         finally:
             progress.close()  # before any error line, so it does not land on the bar's line
     result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
+    answers = (answer_prompts(fabric, model, checkpoint_dir, eval.prompts, eval.prompt_max_new_tokens,
+                              state["step"], out_dir, objective) if status == "completed" else [])
+    record.finish(result, answers, out_dir)
     summary = logger_summary(fabric.logger)
     fabric.logger.finalize("success" if status == "completed" else "aborted")
     close_logger(fabric.logger)
