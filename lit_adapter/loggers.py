@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 
 @dataclass
@@ -26,6 +26,16 @@ class LoggerArgs:
     """WandB project name."""
     run_name: Optional[str] = None
     """Run name for WandB/TensorBoard (default: the output folder's name)."""
+    group: Optional[str] = None
+    """WandB group: the comparison grid's name, so a grid's runs sit together."""
+    job_type: Optional[str] = None
+    """WandB job type (the grid gives each cell's name)."""
+    tags: List[str] = field(default_factory=list)
+    """WandB tags (the grid tags method, attention, quantization, context and seed)."""
+    run_id: Optional[str] = None
+    """WandB run id; a resumed run or a grid's record of a failed cell continues the same run."""
+    log_artifacts: bool = False
+    """Upload best/ as a WandB model artifact at the end of the run."""
 
 
 def build_logger(args: LoggerArgs, out_dir: Path):
@@ -42,7 +52,8 @@ def build_logger(args: LoggerArgs, out_dir: Path):
 
     if not sys.stderr.isatty():
         os.environ.setdefault("WANDB_SILENT", "true")
-    logger = WandbLogger(project=args.project, name=name, save_dir=str(out_dir))
+    logger = WandbLogger(project=args.project, name=name, save_dir=str(out_dir), group=args.group,
+                         job_type=args.job_type, tags=args.tags or None, id=args.run_id)
     # Lightning always passes anonymous=None, which current wandb answers with a deprecation warning
     getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     return logger
