@@ -247,7 +247,7 @@ def run_grid(grid: Grid, only: Optional[List[str]] = None, timeout_s: Optional[f
         stopped = row.pop("interrupted")
         done = f" (val loss {_fmt_loss(row)})" if row["status"] == "completed" else f": {row.get('reason', '')}"
         print(f"{tag} {row['status']}{done}", file=sys.stderr, flush=True)
-        write_results(rows, grid.out_dir, grid.name)
+        write_results(rows, grid.out_dir, grid.name, pictures=stopped)
         if stopped:
             print(f"grid stopped at cell {index} of {len(cells)}; run the same command with --resume true to "
                   "continue it", file=sys.stderr, flush=True)

@@ -123,8 +123,9 @@ def _notes(rows: List[Dict[str, Any]], meta: Dict[str, str]) -> List[str]:
 
 
 def write_results(rows: List[Dict[str, Any]], out_dir: Path, title: str,
-                  meta: Optional[Dict[str, str]] = None) -> Dict[str, Path]:
-    """Writes every results file into ``out_dir`` and returns their paths."""
+                  meta: Optional[Dict[str, str]] = None, pictures: bool = True) -> Dict[str, Path]:
+    """Writes every results file into ``out_dir`` and returns their paths; without ``pictures`` only the tables
+    (the grid's update after each cell: the pictures take seconds, and plot_comparison.py draws them any time)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = meta or provenance()
     paths = {"csv": out_dir / "results.csv", "json": out_dir / "results.json", "md": out_dir / "results.md",
@@ -137,7 +138,8 @@ def write_results(rows: List[Dict[str, Any]], out_dir: Path, title: str,
     paths["json"].write_text(json.dumps({"title": title, **meta, "cells": rows,
                                          "groups": group_rows(rows)}, indent=2) + "\n")
     paths["md"].write_text(markdown(rows, title, meta))
-    render(rows, title, meta, out_dir)
+    if pictures:
+        render(rows, title, meta, out_dir)
     return paths
 
 

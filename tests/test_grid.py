@@ -91,6 +91,38 @@ def read_wandb_run(cell_folder: Path):
     return runs
 
 
+def _run(*args):
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "run_comparison.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_print_cells_and_dry_run_of_the_dolly_grid_without_weights(capsys):
+    script = _load_script()
+    script.main(**script.parse_args(["--config", str(REPO / "configs/dolly_comparison_512.yaml"), "--dry_run", "true",
+                                     "--model_name", "Llama-2-7b"]))
+    stdout = capsys.readouterr().out
+    lines = [line.split(" | ") for line in stdout.splitlines() if "/s1337" in line]
+    names = [cols[0].strip() for cols in lines]
+    assert names == [f"{m}/{q}/s1337" for m in ("adapter", "adapter+sparse", "adapter_v2", "adapter_v2+sparse")
+                     for q in ("bf16", "int8", "nf4")] + ["lora/bf16/s1337", "qlora/nf4/s1337"]
+    trainable = {cols[0].strip(): int(cols[6].replace(",", "")) for cols in lines}
+    # LLaMA-Adapter on 7B: a 10-token prompt in each of the top 30 layers plus their gates (1.2M, as the paper's)
+    assert trainable["adapter/nf4/s1337"] == 30 * (10 * 4096 + 32) == 1_229_760
+    assert trainable["lora/bf16/s1337"] == 32 * 2 * 8 * (4096 + 4096)  # r=8 on query and value
+    peaks = {cols[0].strip(): float(cols[7].split()[0]) for cols in lines}
+    assert peaks["adapter/nf4/s1337"] < peaks["adapter/int8/s1337"] < peaks["adapter/bf16/s1337"]
+    assert "not a measurement" in stdout
+
+
+def _load_script(name="run_comparison"):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_miniature_grid_writes_every_result_and_one_wandb_run_per_cell(tmp_path, stories260k, shared_data,
                                                                        monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -138,7 +170,8 @@ def test_miniature_grid_writes_every_result_and_one_wandb_run_per_cell(tmp_path,
         runs = read_wandb_run(Path(row["folder"]))
         assert runs, row["name"]
         for run, _, _ in runs:
-            assert (run.group, run.display_name, run.job_type) == ("mini", row["name"], row["name"])
+            assert (run.run_group, run.display_name, run.job_type, run.project) == ("mini", row["name"], row["name"],
+                                                                              "grid-test")
             assert run.run_id == run_id("mini", row["name"]) and re.fullmatch(r"[A-Za-z0-9_-]+", run.run_id)
             assert list(run.tags) == tags.split()
     (*_, (_, summary, exit_code)) = read_wandb_run(Path(rows[2]["folder"]))
@@ -146,9 +179,7 @@ def test_miniature_grid_writes_every_result_and_one_wandb_run_per_cell(tmp_path,
     # plot_comparison.py re-renders the pictures and the report from the results
     (out / "dashboard.png").unlink()
     (out / "report.html").unlink()
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "plot_comparison.py"), "--out_dir", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
+    _load_script("plot_comparison").main(out)
     assert (out / "dashboard.png").is_file() and f"{mean:.4f} ± {std:.4f}" in (out / "report.html").read_text()
 
 
@@ -178,36 +209,6 @@ def test_axes_expand_into_named_cells_and_overrides_reach_every_cell(tmp_path, s
     assert [c.name for c in grid_cells(grid, ["adapter+sparse/nf4", "*/int8/s8"])] == [
         "adapter/int8/s8", "adapter+sparse/int8/s8", "adapter+sparse/nf4/s7", "adapter+sparse/nf4/s8"]
     assert run_id("dolly-512", "adapter_v2+sparse/nf4/s1337") != run_id("dolly-512", "adapter_v2/sparse/nf4/s1337")
-
-
-def _run(*args):
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "run_comparison.py"), *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
-
-
-def test_print_cells_and_dry_run_of_the_dolly_grid_without_weights():
-    proc = _run("--config", "configs/dolly_comparison_512.yaml", "--dry_run", "true", "--model_name", "Llama-2-7b")
-    assert proc.returncode == 0, proc.stderr
-    lines = [line.split(" | ") for line in proc.stdout.splitlines() if "/s1337" in line]
-    names = [cols[0].strip() for cols in lines]
-    assert names == [f"{m}/{q}/s1337" for m in ("adapter", "adapter+sparse", "adapter_v2", "adapter_v2+sparse")
-                     for q in ("bf16", "int8", "nf4")] + ["lora/bf16/s1337", "qlora/nf4/s1337"]
-    trainable = {cols[0].strip(): int(cols[6].replace(",", "")) for cols in lines}
-    # LLaMA-Adapter on 7B: a 10-token prompt in each of the top 30 layers plus their gates (1.2M, as the paper's)
-    assert trainable["adapter/nf4/s1337"] == 30 * (10 * 4096 + 32) == 1_229_760
-    assert trainable["lora/bf16/s1337"] == 32 * 2 * 8 * (4096 + 4096)  # r=8 on query and value
-    peaks = {cols[0].strip(): float(cols[7].split()[0]) for cols in lines}
-    assert peaks["adapter/nf4/s1337"] < peaks["adapter/int8/s1337"] < peaks["adapter/bf16/s1337"]
-    assert "not a measurement" in proc.stdout
-
-
-def _load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_comparison", REPO / "scripts" / "run_comparison.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("args, message", [

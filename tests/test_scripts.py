@@ -114,7 +114,7 @@ def test_every_config_loads(path, tmp_path, capsys):
 
     raw = yaml.safe_load(path.read_text())
     if "runs" in raw:
-        grid = load_grid(path)
+        grid = load_grid(path, extra_keys=("study",))  # the classification study's own section
         expanded = expand(grid)
         cells = [(cell.run.script, run_config(grid, cell, tmp_path / "data", tmp_path / cell.folder_name))
                  for cell in expanded]
