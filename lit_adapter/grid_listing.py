@@ -37,7 +37,7 @@ def list_cells(grid: Grid, cells: List[Cell], dry_run: bool = False, model_name:
     notes = set()
     for cell in cells:
         parsed = checker.check(cell.run.script, cell_config(grid, cell), cell.name)
-        row = [cell.name, cell.run.script, cell.attention, cell.quantize or "none", str(cell.context), str(cell.seed)]
+        row = [cell.name, cell.run.script, cell.attention_tag, cell.quantize or "none", str(cell.context), str(cell.seed)]
         if dry_run:
             counts = dry_run_cell(cell.run.script, parsed, config)
             peak = counts["estimated_peak_gb"]

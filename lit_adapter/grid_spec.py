@@ -84,6 +84,9 @@ class Cell:
     name: str
     group: str
     """The name without the seed: the seeds of one group are averaged in the table."""
+    attention_tag: str = DENSE
+    """What the tables and WandB tags call the cell's attention: its axis label, or for a run that sets
+    ``attention`` in its own args, the pattern."""
 
     @property
     def folder_name(self) -> str:
@@ -91,7 +94,7 @@ class Cell:
 
     def axes(self) -> Dict[str, Any]:
         return {"name": self.name, "group": self.group, "run": self.run.name, "method": self.run.script,
-                "attention": self.attention, "quantize": self.quantize or "none", "context": self.context,
+                "attention": self.attention_tag, "quantize": self.quantize or "none", "context": self.context,
                 "seed": self.seed}
 
 
@@ -280,8 +283,11 @@ def expand(grid: Grid) -> List[Cell]:
                         group += f"/{base_label(quantize, options)}"
                         if len(grid.context_lengths) > 1:
                             group += f"/{context}"
+                        # a run that sets its attention in its args (older grid files) is tagged with its pattern
+                        kind = attention if attention != DENSE else (options.get("attention") or {}).get(
+                            "pattern", DENSE)
                         cells.append(Cell(run, attention, quantize, context, seed_used, f"{group}/s{seed_used}",
-                                          group))
+                                          group, kind))
     return cells
 
 

@@ -29,7 +29,7 @@ def run_id(grid_name: str, cell_name: str) -> str:
 
 
 def cell_tags(cell: Cell) -> List[str]:
-    return [f"method:{cell.run.script}", f"attention:{cell.attention}", f"quantize:{cell.quantize or 'none'}",
+    return [f"method:{cell.run.script}", f"attention:{cell.attention_tag}", f"quantize:{cell.quantize or 'none'}",
             f"context:{cell.context}", f"seed:{cell.seed}"]
 
 

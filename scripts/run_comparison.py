@@ -1,6 +1,7 @@
 """Run a grid of fine-tuning runs (methods x attention x base quantization x context x seeds) on the same data and
 write one comparison table."""
 
+import inspect
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -10,7 +11,7 @@ from lit_adapter.errors import UserError, run_cli
 OVERRIDES_HELP = """Any value of the grid file can be set from the command line with its dotted key, for every cell:
   --common.train.learning_rate 3e-3      an option of every cell (also --train.learning_rate 3e-3)
   --quantize '[none, bnb.nf4]'           an axis: quantize, attention, context_lengths, seeds
-  --seeds '[1337, 1338]'                 (values are read as YAML)
+  --seeds '[1337, 1338]'                 (values are read as JSON or YAML)
   --data.max_records 400                 the data preparation
   --common.logger.logger_name wandb      every cell one WandB run of the grid's group
 Misspelled options are one error line naming the closest option before anything runs."""
@@ -87,7 +88,7 @@ def parse_args(argv=None):
     from lit_adapter.parser import OneLineParser
 
     own, rest = split_overrides(sys.argv[1:] if argv is None else argv)
-    parser = OneLineParser(description=main.__doc__.strip(), epilog=OVERRIDES_HELP,
+    parser = OneLineParser(description=inspect.cleandoc(main.__doc__), epilog=OVERRIDES_HELP,
                            formatter_class=_raw_epilog_formatter())
     assert isinstance(parser, ArgumentParser)
     parser.add_argument("--config", type=Path, required=True, help="The grid file (see configs/dolly_comparison_512.yaml).")
