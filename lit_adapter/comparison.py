@@ -192,7 +192,7 @@ def run_cell(grid: Grid, cell: Cell, data_dir: Path, timeout_s: Optional[float],
             row.update(steps=summary.get("steps"), train_losses=summary.get("train_losses"),
                        val_losses=summary.get("val_losses"))
     row["interrupted"] = result.interrupted
-    if row["status"] != "completed":
+    if row["status"] not in ("completed", "interrupted"):  # a stopped cell closes its own run, and is resumed
         from lit_adapter.grid_wandb import record_failed_cell
 
         record_failed_cell(config, folder, row["status"], row.get("reason", ""))

@@ -237,3 +237,22 @@ def test_a_grid_of_zero_cells_is_refused(tmp_path, stories260k, shared_data):
     path = write_grid(tmp_path / "grid.yaml", stories260k, shared_data, tmp_path / "out", runs=[])
     with pytest.raises(UserError, match="the grid has no cells"):
         grid_cells(load_grid(path))
+
+
+def test_a_cell_whose_seeds_partly_failed_says_so():
+    from lit_adapter.grid_report import markdown
+
+    def row(seed, status, loss=None):
+        done = status == "completed"
+        return {"name": f"adapter/nf4/s{seed}", "group": "adapter/nf4", "seed": seed, "status": status,
+                "trainable_params": 3240 if done else None, "val_loss": loss, "avg_train_loss": loss,
+                "avg_val_loss": loss, "train_time_s": 65.0 if done else 3.0, "tokens_per_s": 100.0 if done else None,
+                "peak_memory_gb": 0.5 if done else None, "reason": "" if done else "CUDA out of memory"}
+
+    md = markdown([row(1, "completed", 2.0), row(2, "completed", 3.0), row(3, "OOM")], "t",
+                  {"machine": "m", "date": "d", "commit": "c"})
+    # the mean and sample std of the two seeds that completed, marked as two of three
+    assert "| Val loss (final) | 2.5000 ± 0.7071 (n=2) |" in md
+    assert "| Training time | 1m 05s ± 0.0s (n=2) |" in md  # the OOM seed's 3 s are not a training time
+    assert "| Status | completed 2/3, OOM 1/3 |" in md
+    assert "adapter/nf4/s3: OOM: CUDA out of memory" in md
