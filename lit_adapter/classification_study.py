@@ -123,7 +123,7 @@ def run_study(config: Path, checkpoint_dir: Optional[Path] = None, out_dir: Opti
         overrides["checkpoint_dir"] = str(checkpoint_dir)
     if out_dir is not None:
         overrides["out_dir"] = str(out_dir)
-    grid = load_grid(config, overrides)
+    grid = load_grid(config, overrides, extra_keys=("study",))
     prepared = write_records(settings, grid.out_dir)
     grid.data = {**grid.data, "source": str(prepared["records"]), "schema": "alpaca",
                  "val_size": prepared["val_size"], "mask_inputs": True}
@@ -139,9 +139,9 @@ def run_study(config: Path, checkpoint_dir: Optional[Path] = None, out_dir: Opti
         base = evaluate_folder(grid.checkpoint_dir, None, prepared["test"], settings)
     cells = []
     for row in rows:
-        cell_dir = grid.out_dir / f"{row['method']}-{row['context']}"
-        run = next(r for r in grid.runs if r.name == row["method"])
-        cell = {"name": row["method"], "script": run.script, "settings": run.args.get(run.script) or {},
+        cell_dir = Path(row["folder"])
+        run = next(r for r in grid.runs if r.name == row["run"])
+        cell = {"name": row["run"], "script": run.script, "settings": run.args.get(run.script) or {},
                 "context": row["context"], "status": row["status"], "trainable_params": row.get("trainable_params"),
                 "val_losses": row.get("val_losses") or []}
         summary_path = cell_dir / "summary.json"

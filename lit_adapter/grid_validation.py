@@ -57,8 +57,9 @@ class CellChecker:
             self._commands[method] = (setup, parser)
         return self._commands[method]
 
-    def check(self, method: str, cell_config: Dict[str, Any], cell: str) -> None:
-        """Raises :class:`UserError` ``cell <cell>: ...`` for the first problem in ``cell_config``."""
+    def check(self, method: str, cell_config: Dict[str, Any], cell: str):
+        """Raises :class:`UserError` ``cell <cell>: ...`` for the first problem in ``cell_config``; returns the
+        parsed options (the namespace the script's ``setup`` gets)."""
         setup, parser = self._command(method)
         known = {name: p.annotation for name, p in inspect.signature(setup).parameters.items()}
         for key, candidates in unknown_options(cell_config, known):
@@ -76,6 +77,7 @@ class CellChecker:
         except (argparse.ArgumentError, TypeError, ValueError) as err:
             raise UserError(f"cell {cell}: {' '.join(str(err).split())[:400]}") from None
         self._semantic_checks(method, parsed, cell)
+        return parsed
 
     def _semantic_checks(self, method: str, parsed, cell: str) -> None:
         from lit_adapter.methods import MethodSpec, get_method
@@ -97,3 +99,53 @@ def _settings_owner(group: str) -> Optional[str]:
     from lit_adapter.methods import METHODS, get_method
 
     return next((name for name in METHODS if get_method(name).settings_group == group), None)
+
+
+def cell_option_groups() -> List[str]:
+    """The top-level options a cell's config can set, for any method (``train``, ``lora``, ``quantize``, ...)."""
+    from lit_adapter.cli import make_finetune_command
+    from lit_adapter.methods import METHODS
+
+    names: List[str] = []
+    for method in METHODS:
+        names += [n for n in inspect.signature(make_finetune_command(method)).parameters if n not in names]
+    return names
+
+
+def dry_run_cell(method: str, parsed, config: Config) -> Dict[str, Any]:
+    """A cell's trainable and total parameter counts (the model built on the meta device, as ``--dry_run`` does)
+    and the analytic peak-memory estimate of one training step (an estimate, not a measurement)."""
+    import torch
+
+    from lit_adapter import methods
+    from lit_adapter.memory.estimate import estimate_memory
+    from lit_adapter.memory.saved import ESTIMATED_PATTERNS
+    from lit_adapter.runtime import default_precision
+    from lit_adapter.training import context_length
+
+    settings_group = methods.get_method(method).settings_group
+    spec = methods.MethodSpec(method=method, settings=getattr(parsed, settings_group) if settings_group else None,
+                              attention=parsed.attention, quantize=parsed.quantize)
+    config = parsed.model.apply(config)
+    with torch.device("meta"):
+        model = methods.build_model(spec, config)
+    methods.mark_trainable(model, spec)
+    out: Dict[str, Any] = {"trainable_params": methods.count_parameters(model, requires_grad=True),
+                           "total_params": methods.count_parameters(model), "estimated_peak_gb": None}
+    train, fabric = parsed.train, parsed.fabric
+    precision = fabric.precision or default_precision(fabric.accelerator)
+    on_gpu = fabric.accelerator in ("cuda", "gpu") or (fabric.accelerator == "auto" and torch.cuda.is_available())
+    out["estimate_device"] = "cuda" if on_gpu else "cpu"
+    if spec.attention.pattern not in ESTIMATED_PATTERNS:
+        out["estimate_note"] = f"no estimate for {spec.attention.pattern} attention"
+        return out
+    try:
+        estimate = estimate_memory(config, spec, train.micro_batch_size, context_length(parsed.data, config, spec),
+                                   {"bf16-mixed": "bf16-true", "16-mixed": "16-true"}.get(precision, precision),
+                                   train.activation_checkpointing, device_type=out["estimate_device"],
+                                   optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit", loss=train.loss)
+    except UserError as err:  # a combination the estimator does not model
+        out["estimate_note"] = str(err)
+        return out
+    out["estimated_peak_gb"] = estimate["peak_bytes"] / 1e9
+    return out

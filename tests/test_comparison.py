@@ -47,23 +47,24 @@ def _stamp(folder: Path):
 def test_stopped_grid_resumes_without_rerunning_completed_cells(tmp_path, stories260k, shared_data, capsys,
                                                                  monkeypatch):
     grid = load_grid(write_grid(tmp_path / "grid.yaml", stories260k, shared_data, tmp_path / "out"))
-    first, second = grid.out_dir / f"adapter-{CONTEXT}", grid.out_dir / f"lora-{CONTEXT}"
+    first, second = grid.out_dir / "adapter-fp32-s1337", grid.out_dir / "lora-fp32-s1337"
 
     # the grid stopped after its first cell
     rows = run_grid(grid, only=["adapter"])
     assert [r["status"] for r in rows] == ["completed"]
     err = capsys.readouterr().err
-    assert f"[1/1 adapter @ {CONTEXT}] running" in err
-    assert f"[1/1 adapter @ {CONTEXT}] step 2/2, loss " in err  # the child's progress, relayed
-    assert f"[1/1 adapter @ {CONTEXT}] step 1: validation loss" in err
+    assert "[1/1 adapter/fp32/s1337] running" in err
+    assert "[1/1 adapter/fp32/s1337] step 2/2, loss " in err  # the child's progress, relayed
+    assert "[1/1 adapter/fp32/s1337] step 1: validation loss" in err
     completed = _stamp(first)
 
     # --resume: the completed cell is skipped and its recorded result reported; the other one runs
     rows = run_grid(grid, resume=True)
     err = capsys.readouterr().err
-    assert f"[1/2 adapter @ {CONTEXT}] completed earlier: skipped" in err
-    assert f"[2/2 lora @ {CONTEXT}] running" in err and f"[2/2 lora @ {CONTEXT}] step 2/2" in err
-    assert [(r["method"], r["status"]) for r in rows] == [("adapter", "completed"), ("lora", "completed")]
+    assert "[1/2 adapter/fp32/s1337] completed earlier: skipped" in err
+    assert "[2/2 lora/fp32/s1337] running" in err and "[2/2 lora/fp32/s1337] step 2/2" in err
+    assert [(r["name"], r["status"]) for r in rows] == [("adapter/fp32/s1337", "completed"),
+                                                        ("lora/fp32/s1337", "completed")]
     assert _stamp(first) == completed
 
     # the second cell interrupted (a summary saying so and its last.ckpt, no final/): continued from its checkpoint.
@@ -82,15 +83,15 @@ def test_stopped_grid_resumes_without_rerunning_completed_cells(tmp_path, storie
     monkeypatch.setattr(comparison, "run_child", resumed_child)
     rows = run_grid(grid, resume=True)
     err = capsys.readouterr().err
-    assert f"[1/2 adapter @ {CONTEXT}] completed earlier: skipped" in err
-    assert f"[2/2 lora @ {CONTEXT}] resuming from last.ckpt" in err
+    assert "[1/2 adapter/fp32/s1337] completed earlier: skipped" in err
+    assert "[2/2 lora/fp32/s1337] resuming from last.ckpt" in err
     assert [command[-2:] for command, _ in commands] == [["--resume", "true"]] and commands[0][1]  # log appended
     assert (second / "last.ckpt").is_file()  # a resumed cell keeps its checkpoint
     assert _stamp(first) == completed
     with open(grid.out_dir / "results.csv") as f:  # the table holds the skipped cell's recorded result
         table = list(csv.DictReader(f))
-    assert [(r["method"], r["status"], r["steps"]) for r in table] == [("adapter", "completed", "2"),
-                                                                       ("lora", "completed", "2")]
+    assert [(r["run"], r["status"], r["steps"]) for r in table] == [("adapter", "completed", "2"),
+                                                                    ("lora", "completed", "2")]
     assert float(table[0]["val_loss"]) == json.loads((first / "summary.json").read_text())["final_val_loss"]
 
 
@@ -101,7 +102,7 @@ def test_a_misspelled_option_is_one_error_before_anything_runs(tmp_path, stories
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: cell lora @ {CONTEXT}: unknown option train.learnig_rate (did you mean "
+    assert errors == ["error: cell lora/fp32/s1337: unknown option train.learnig_rate (did you mean "
                       "train.learning_rate?) for finetune/lora.py"], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()  # no data prepared, no cell run
@@ -109,7 +110,8 @@ def test_a_misspelled_option_is_one_error_before_anything_runs(tmp_path, stories
 
 def test_grid_level_mistakes(tmp_path, stories260k, shared_data):
     grid = load_grid(write_grid(tmp_path / "grid.yaml", stories260k, shared_data, tmp_path / "out"))
-    with pytest.raises(UserError, match="--only names no run 'lroa'; the grid's runs are adapter, lora"):
+    with pytest.raises(UserError, match="--only 'lroa' matches no cell of the grid; its cells are adapter/fp32/s1337, "
+                                        "lora/fp32/s1337"):
         grid_cells(grid, ["lroa"])
     raw = yaml.safe_load((tmp_path / "grid.yaml").read_text())
     raw["data"]["val_sise"] = 3

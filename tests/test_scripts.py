@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_adapter.comparison import classify_failure, load_grid, run_config
+from lit_adapter.comparison import classify_failure, expand, load_grid, run_config
 from lit_adapter.config import Config
 from lit_adapter.grid_validation import CellChecker
 
@@ -114,14 +114,16 @@ def test_every_config_loads(path, tmp_path, capsys):
 
     raw = yaml.safe_load(path.read_text())
     if "runs" in raw:
-        grid = load_grid(path)
-        cells = [(run.script, run_config(grid, run, ctx, tmp_path / "data", tmp_path / run.name))
-                 for ctx in grid.context_lengths for run in grid.runs]
-        assert len(cells) == len(grid.runs) * len(grid.context_lengths)
+        grid = load_grid(path, extra_keys=("study",))  # the classification study's own section
+        expanded = expand(grid)
+        cells = [(cell.run.script, run_config(grid, cell, tmp_path / "data", tmp_path / cell.folder_name))
+                 for cell in expanded]
+        assert len({cell.name for cell in expanded}) == len(cells) >= len(grid.runs) * len(grid.context_lengths)
         # the check run_comparison.py makes before the first cell runs, against the grid's model (by its name)
         checker = CellChecker(Config.from_name(grid.checkpoint_dir.name))
-        for (script, cfg), (run, ctx) in zip(cells, [(r, c) for c in grid.context_lengths for r in grid.runs]):
-            checker.check(script, cfg, f"{run.name} @ {ctx}")
+        for (script, cfg), cell in zip(cells, expanded):
+            checker.check(script, cfg, cell.name)
+        cells = list({cell.group: pair for cell, pair in zip(expanded, cells)}.values())  # one seed of each
     else:
         assert path.name in SINGLE_RUN, f"say which finetune script {path.name} is for"
         cells = [(SINGLE_RUN[path.name], raw)]
