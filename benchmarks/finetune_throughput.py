@@ -127,6 +127,18 @@ def _hf_v2_parts(peft_model) -> None:
     base.lm_head = BiasScaleLinear(base.lm_head)
 
 
+def _compile(model, framework: str) -> None:
+    """torch.compile each decoder layer, on both sides alike (ours: ``--train.compile true``'s compile_blocks)."""
+    from lit_adapter.runtime import compile_blocks
+
+    if framework == "ours":
+        compile_blocks(model, dynamic=False)
+        return
+    base = model.base_model.model if hasattr(model.base_model, "model") else model.base_model
+    for layer in base.model.layers:
+        layer.compile(dynamic=False)
+
+
 class _Side:
     """One framework's model, loss, trainable tensors and optimizer, and its timed training step."""
 
@@ -140,6 +152,8 @@ class _Side:
         self.model, self.forward_loss = (_ours if framework == "ours" else _hf)(job)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.trainable, "adamw")
+        if job.get("compile"):
+            _compile(self.model, framework)
 
     def step(self, batch) -> float:
         import torch
@@ -188,25 +202,52 @@ def worker(job: Dict[str, Any]) -> Dict[str, Any]:
             "trainable_params": sum(p.numel() for p in side.trainable)}
 
 
+COMPILED_PAIRS = (("ours_compiled", "hf_compiled"), ("ours_compiled", "hf"), ("ours_compiled", "ours"),
+                  ("hf_compiled", "hf"))
+"""With --compile: (a, b) pairs whose step-time ratio b / a (a's throughput over b's) is reported."""
+
+
 def interleaved_worker(job: Dict[str, Any]) -> Dict[str, Any]:
     """Both frameworks in one process, alternating steps: contention on a shared machine hits both alike.
 
     Returns each framework's step times and, per adjacent pair of steps, HF's step time over ours (ours / HF in
-    throughput); no memory is measured here.
+    throughput); no memory is measured here. With ``compile`` four sides take turns (ours and HF, eager and
+    compiled) and the ``COMPILED_PAIRS`` ratios come too.
     """
     import torch
 
+    from lit_adapter import flops
+
     torch.set_num_threads(job["threads"])
-    sides = {framework: _Side(job, framework) for framework in ("ours", "hf")}
-    batch = _token_batch(job, sides["ours"].model.config.vocab_size)
-    for _ in range(job["warmup"]):
-        sides["ours"].step(batch), sides["hf"].step(batch)
-    times: Dict[str, List[float]] = {"ours": [], "hf": []}
+    names = ["ours", "hf"] + (["ours_compiled", "hf_compiled"] if job.get("compile") else [])
+    sides = {name: _Side(dict(job, compile=name.endswith("_compiled")), name.split("_")[0]) for name in names}
+    config = sides["ours"].model.config
+    batch = _token_batch(job, config.vocab_size)
+    rows = job["micro_batch_size"] * job["seq_len"]
+    rate_before = flops.measure_matmul_rate(config, rows)
+    first = {name: side.step(batch) for name, side in sides.items()}  # compilation, if any, is here
+    for _ in range(job["warmup"] - 1):
+        for side in sides.values():
+            side.step(batch)
+    times: Dict[str, List[float]] = {name: [] for name in names}
     for i in range(job["steps"]):
-        for framework in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
-            times[framework].append(sides[framework].step(batch))
-    return {"ours_step_times_s": times["ours"], "hf_step_times_s": times["hf"],
-            "pair_ratios": [h / o for o, h in zip(times["ours"], times["hf"])]}
+        order = names[i % len(names):] + names[:i % len(names)]
+        for name in (order if i % 2 == 0 else order[::-1]):
+            times[name].append(sides[name].step(batch))
+    rate_after = flops.measure_matmul_rate(config, rows)
+    step = flops.step_flops(config, job["seq_len"], job["micro_batch_size"],
+                            backward_from=flops.first_backward_layer(sides["ours"].model))
+    out = {"ours_step_times_s": times["ours"], "hf_step_times_s": times["hf"],
+           "pair_ratios": [h / o for o, h in zip(times["ours"], times["hf"])],
+           "first_step_s": first, "step_flops": step.total,
+           "matmul_rate": {"model_weighted": (rate_before.model_weighted + rate_after.model_weighted) / 2,
+                           "peak": max(rate_before.peak, rate_after.peak), "before": rate_before.model_weighted,
+                           "after": rate_after.model_weighted, "by_shape_after": rate_after.by_shape}}
+    if job.get("compile"):
+        out["step_times_s"] = times
+        out["compiled_pair_ratios"] = {f"{a}/{b}": [tb / ta for ta, tb in zip(times[a], times[b])]
+                                       for a, b in COMPILED_PAIRS}
+    return out
 
 
 def _live_bytes(model, optimizer) -> int:
@@ -229,7 +270,7 @@ def run_job(job: Dict[str, Any], timeout_s: float, mode: str = "--worker") -> Di
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{job['framework']} {job['method']} failed:\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"{job.get('framework', 'interleaved')} {job['method']} failed:\n{proc.stderr[-3000:]}")
 
 
 def machine() -> Dict[str, str]:
@@ -268,6 +309,7 @@ def main(
     timeout_s: float = 1200.0,
     our_loss: str = "cross_entropy",
     interleaved: bool = False,
+    compile: bool = False,
     out_json: Optional[Path] = None,
 ) -> List[Dict[str, Any]]:
     """Tokens/s and peak memory of our fine-tuning against HF transformers + PEFT.
@@ -286,7 +328,12 @@ def main(
         timeout_s: Limit per run.
         our_loss: Our loss, as --train.loss: cross_entropy (the engine's default), chunked or chunked_head.
         interleaved: Instead, run both frameworks in one process per round, alternating steps, and report the
-            median over all step pairs of HF's step time / ours (contention hits both alike); no memory.
+            median over all step pairs of HF's step time / ours (contention hits both alike), and each side's MFU
+            against torch.mm's rate at the model's shapes measured in the same process; no memory.
+        compile: Also build both sides with every decoder layer torch.compiled (ours as --train.compile true):
+            four sides take turns, and a second table gives compiled ours / compiled HF, compiled ours / eager HF,
+            and each side's compiled / eager; the first step, which compiles, is reported apart and not timed
+            (interleaved mode only).
         out_json: Also write the results here (e.g. out/throughput.json; out/ is git-ignored).
     """
     from lit_adapter.memory import LOSSES
@@ -302,15 +349,18 @@ def main(
 
     for size in size_list:
         Config.from_name(size)
+    if compile and not interleaved:
+        raise UserError("--compile true needs --interleaved true (the first, compiling step is reported there)")
     info = machine()
     print(f"# machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
           f"{info['transformers']}, peft {info['peft']}; commit {info['commit']}; {info['date']}; "
-          f"load average at start {info['load_average']}; our loss: {our_loss}")
+          f"load average at start {info['load_average']}; our loss: {our_loss}; compile: {compile}")
     results = []
     if interleaved:
         return _interleaved_main(size_list, method_list, rounds, timeout_s, out_json, info,
                                  dict(seq_len=seq_len, micro_batch_size=micro_batch_size, precision=precision,
-                                      threads=threads, warmup=warmup, steps=steps, device=device, our_loss=our_loss))
+                                      threads=threads, warmup=max(warmup, 1), steps=steps, device=device,
+                                      our_loss=our_loss, compile=compile))
     for size in size_list:
         for method in method_list:
             runs: Dict[str, List[Dict[str, Any]]] = {"ours": [], "hf": []}
@@ -367,23 +417,65 @@ def _interleaved_main(size_list, method_list, rounds, timeout_s, out_json, info,
                    "ours_median_tokens_per_s": tokens / statistics.median(ours),
                    "hf_median_tokens_per_s": tokens / statistics.median(hf),
                    "ours_best_tokens_per_s": tokens / min(ours), "hf_best_tokens_per_s": tokens / min(hf),
-                   "ratio_quartiles": statistics.quantiles(ratios, n=4)}
+                   "ratio_quartiles": statistics.quantiles(ratios, n=4),
+                   "step_flops": runs[0]["step_flops"],
+                   "matmul_rate": statistics.median(run["matmul_rate"]["model_weighted"] for run in runs),
+                   "matmul_peak": max(run["matmul_rate"]["peak"] for run in runs),
+                   "first_step_s": {f: [round(run["first_step_s"][f], 1) for run in runs] for f in ("ours", "hf")},
+                   "runs": runs}
+            for side, ts in (("ours", ours), ("hf", hf)):
+                achieved = row["step_flops"] / statistics.median(ts)
+                row[f"{side}_mfu"] = achieved / row["matmul_rate"]
+                row[f"{side}_mfu_peak"] = achieved / row["matmul_peak"]
             results.append(row)
             print(f"{size} {method}: median of {len(ratios)} step pairs, ours/HF throughput "
-                  f"{row['median_ratio']:.3f}", flush=True)
+                  f"{row['median_ratio']:.3f}; first (compiling) steps ours {row['first_step_s']['ours']} s, "
+                  f"HF {row['first_step_s']['hf']} s", flush=True)
     print()
     print("| model | method | step pairs | ours / HF tok/s (median pair) | quartiles | ours tok/s (median, best) | "
-          "HF+PEFT tok/s (median, best) |")
-    print("|---|---|---|---|---|---|---|")
+          "HF+PEFT tok/s (median, best) | MFU ours / HF (model-shape mm rate) | MFU ours / HF (peak mm rate) | "
+          "mm rate GFLOP/s (model shapes, peak) | step GFLOP |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         q1, _, q3 = row["ratio_quartiles"]
         print(f"| {row['size']} | {row['method']} | {row['pairs']} | **{row['median_ratio']:.3f}** | "
               f"{q1:.3f}–{q3:.3f} | {row['ours_median_tokens_per_s']:.0f}, {row['ours_best_tokens_per_s']:.0f} | "
-              f"{row['hf_median_tokens_per_s']:.0f}, {row['hf_best_tokens_per_s']:.0f} |")
+              f"{row['hf_median_tokens_per_s']:.0f}, {row['hf_best_tokens_per_s']:.0f} | "
+              f"{100 * row['ours_mfu']:.0f}% / {100 * row['hf_mfu']:.0f}% | "
+              f"{100 * row['ours_mfu_peak']:.0f}% / {100 * row['hf_mfu_peak']:.0f}% | "
+              f"{row['matmul_rate'] / 1e9:.0f}, {row['matmul_peak'] / 1e9:.0f} | {row['step_flops'] / 1e9:.1f} |")
+    if settings.get("compile"):
+        _print_compiled(results, tokens)
     print(f"\nload average at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if out_json:
         _write_json(out_json, {"machine": info, "interleaved": True, "results": results})
     return results
+
+
+def _print_compiled(results, tokens: int) -> None:
+    """The --compile table: each compiled pair's median ratio and quartiles, compiled MFUs, first steps."""
+    print()
+    print("| model | method | pairs | " + " | ".join(f"{a} / {b} tok/s (quartiles)" for a, b in COMPILED_PAIRS)
+          + " | tok/s ours, HF compiled (median) | MFU ours / HF compiled (model-shape, peak mm rate) "
+          "| first step ours / HF compiled s (compile + step) |")
+    print("|---|---|---|" + "---|" * len(COMPILED_PAIRS) + "---|---|---|")
+    for row in results:
+        cells = []
+        for a, b in COMPILED_PAIRS:
+            ratios = [r for run in row["runs"] for r in run["compiled_pair_ratios"][f"{a}/{b}"]]
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            cells.append(f"**{statistics.median(ratios):.3f}** ({q1:.3f}–{q3:.3f})")
+            row.setdefault("compiled_ratios", {})[f"{a}/{b}"] = statistics.median(ratios)
+        medians = {name: statistics.median(t for run in row["runs"] for t in run["step_times_s"][name])
+                   for name in ("ours_compiled", "hf_compiled")}
+        mfu = {name: row["step_flops"] / t for name, t in medians.items()}
+        mm, peak = row["matmul_rate"], row["matmul_peak"]
+        first = {name: [round(run["first_step_s"][name], 1) for run in row["runs"]] for name in medians}
+        print(f"| {row['size']} | {row['method']} | {row['pairs']} | " + " | ".join(cells)
+              + f" | {tokens / medians['ours_compiled']:.0f}, {tokens / medians['hf_compiled']:.0f} | "
+              f"{100 * mfu['ours_compiled'] / mm:.0f}% / {100 * mfu['hf_compiled'] / mm:.0f}%, "
+              f"{100 * mfu['ours_compiled'] / peak:.0f}% / {100 * mfu['hf_compiled'] / peak:.0f}% | "
+              f"{first['ours_compiled']} / {first['hf_compiled']} |")
 
 
 def _write_json(path: Path, obj: Dict[str, Any]) -> None:

@@ -45,3 +45,17 @@ def resolve_precision(precision: Optional[str], device: torch.device) -> str:
     if precision not in ("32-true", "bf16-true", "16-true"):
         raise UserError(f"unknown --precision {precision!r}; choose 32-true, bf16-true or 16-true")
     return precision
+
+
+def compile_blocks(model: torch.nn.Module, dynamic: Optional[bool] = None) -> int:
+    """``torch.compile`` each transformer block of ``model`` in place (``TrainArgs.compile``); returns how many.
+
+    The blocks are compiled, not the whole step: the embedding, the head and the fused loss stay eager (the loss
+    is already one pass, lit_adapter.losses), and the blocks share one compiled graph (same code, same shapes).
+    Compilation happens in the first forward and backward (minutes on a small CPU), and again when a new sequence
+    length arrives (``dynamic=None``: after the first change torch marks the length dynamic).
+    """
+    blocks = model.transformer.h
+    for block in blocks:
+        block.compile(dynamic=dynamic)
+    return len(blocks)

@@ -38,7 +38,7 @@ from lit_adapter.preflight import check_fabric_args, check_parts_fit, claim_out_
 from lit_adapter.results import RunResult, summarize, to_jsonable
 from lit_adapter.rope import context_error
 from lit_adapter.run_logging import RunRecord, answer_prompts, check_prompt_settings
-from lit_adapter.runtime import default_precision, peak_memory_gb, weights_dtype
+from lit_adapter.runtime import compile_blocks, default_precision, peak_memory_gb, weights_dtype
 
 CHECKPOINT_NAME = "last.ckpt"
 
@@ -82,6 +82,9 @@ class TrainArgs:
     """Clip the global gradient norm to this value; null disables clipping."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
+    compile: bool = False
+    """torch.compile each transformer block (runtime.compile_blocks): faster steps after a compilation of about
+    two minutes on a 2-core CPU, counted in the first step's time (docs/throughput.md)."""
     seed: int = 1337
     """Seeds the initialisation of the method's tensors, dropout and the data order (a pure function of seed and
     step, so --resume continues exactly)."""
@@ -306,6 +309,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     t0 = time.perf_counter()
     model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision))
     model.gradient_checkpointing = train.activation_checkpointing
+    if train.compile:
+        fabric.print(f"torch.compile: {compile_blocks(model)} blocks (compiled in the first step)")
     objective.attach(model, spec, train.loss)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = methods.count_parameters(model, requires_grad=True)

@@ -253,3 +253,48 @@ def test_quantized_base():
     for q, r in zip(quantized, reference):
         torch.testing.assert_close(q, r, rtol=1e-4, atol=1e-6)
     assert quantized[1].abs().sum() > 0 and quantized[2].abs().sum() > 0
+
+
+def _unfused(x, weight, bias, scale):
+    return scale * (x @ weight.T + bias)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_fused_epilogue_equals_the_unfused_form_forward_and_gradients(dtype, tol):
+    """lit_adapter.tuners.scale_bias against ``scale * (x W^T + b)`` through autograd, every input trained."""
+    from lit_adapter.tuners.scale_bias import scale_bias_linear
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 7, 6, generator=g, dtype=dtype), torch.randn(5, 6, generator=g, dtype=dtype),
+               torch.randn(5, generator=g, dtype=dtype), torch.rand(5, generator=g, dtype=dtype) + 0.5]
+    grad_out = torch.randn(3, 7, 5, generator=g, dtype=dtype)
+    results = []
+    for fn in (scale_bias_linear, _unfused):
+        leaves = [t.clone().requires_grad_(True) for t in tensors]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for fused, unfused in zip(*results):
+        torch.testing.assert_close(fused, unfused, rtol=tol, atol=tol)
+
+
+def test_fused_epilogue_only_where_it_applies_and_a_second_backward_raises():
+    from lit_adapter.tuners.scale_bias import fusable
+
+    plain, biased = nn.Linear(6, 5, bias=False), nn.Linear(6, 5, bias=True)
+    x = torch.randn(2, 6)
+    wrapped = AdapterV2Linear(plain)
+    assert fusable(plain, x, wrapped.adapter_bias, wrapped.adapter_scale)
+    assert not fusable(biased, x, wrapped.adapter_bias, wrapped.adapter_scale)  # its own bias: unfused path
+    assert not fusable(plain, x.double(), wrapped.adapter_bias, wrapped.adapter_scale)  # mixed dtypes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fusable(plain, x, wrapped.adapter_bias, wrapped.adapter_scale)
+    with torch.no_grad():
+        wrapped.adapter_bias.normal_()
+        wrapped.adapter_scale.uniform_(0.5, 1.5)
+    out = wrapped(x.requires_grad_(True))
+    torch.testing.assert_close(out, _unfused(x, plain.weight, wrapped.adapter_bias, wrapped.adapter_scale),
+                               rtol=1e-6, atol=1e-6)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):  # the saved z was consumed by the first backward
+        out.sum().backward()

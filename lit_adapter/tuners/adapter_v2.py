@@ -26,6 +26,7 @@ from lit_adapter.config import Config
 from lit_adapter.tuners import adapter
 from lit_adapter.tuners.adapter import AdapterConfig, load_adapter_state_dict, mark_only_as_trainable, materialize
 from lit_adapter.tuners.base import EMBEDDING_NAMES, TrainedParts, has_name_part
+from lit_adapter.tuners.scale_bias import fusable, scale_bias_linear
 from lit_adapter.tuners.wrapping import LinearWrapper
 
 # lit-llama trains "adapter_wte", "gating_factor", "adapter_bias", "adapter_scale", "rms_1", "rms_2", "ln_f";
@@ -46,6 +47,9 @@ class AdapterV2Linear(LinearWrapper):
         self.adapter_scale = self.new_vector(linear.out_features, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.peft_enabled and fusable(self.linear, x, self.adapter_bias, self.adapter_scale):
+            # one autograd node, fewer passes over the output (lit_adapter.tuners.scale_bias)
+            return scale_bias_linear(x, self.linear.weight, self.adapter_bias, self.adapter_scale)
         y = self.linear(x)  # (..., out_features)
         if not self.peft_enabled:
             return y
