@@ -124,3 +124,32 @@ def hf_llama3(n_layer: int = 2, n_embd: int = 32, n_head: int = 4, n_kv: int = 2
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def perplexity_matches_hf(lit_dir: Path, hf_dir: Path, data_dir: Path, tmp_path: Path, seqlen: int,
+                          n_windows: int = 3) -> float:
+    """Our perplexity evaluation on WikiText-2 against HF's loss on the windows of HF's own token ids; returns
+    our perplexity (the caller asserts on it)."""
+    import math
+
+    import torch
+    import transformers
+
+    from lit_adapter.evaluation.perplexity import run_perplexity
+
+    report = run_perplexity(lit_dir, datasets="wikitext2", seqlen=seqlen, max_windows=n_windows, batch_size=2,
+                            data_dir=data_dir, out_dir=tmp_path, progress=False)
+    rows = [json.loads(line)["text"] for line in (data_dir / "wikitext-2-raw" / "wiki.test.rows.jsonl").open()]
+    text = "\n\n".join(rows)[: 40 * seqlen * n_windows]  # a prefix holds the first windows' tokens
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    tokens = torch.tensor(tokenizer(text)["input_ids"][: seqlen * n_windows])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    nll = 0.0
+    with torch.no_grad():
+        for i in range(n_windows):
+            ids = tokens[i * seqlen:(i + 1) * seqlen][None]
+            nll += hf(input_ids=ids, labels=ids).loss.double().item() * (seqlen - 1)
+    expected = math.exp(nll / (n_windows * (seqlen - 1)))
+    ours = report["results"]["wikitext2"]["perplexity"]
+    assert abs(ours - expected) <= 1e-4 * expected, (ours, expected)
+    return ours

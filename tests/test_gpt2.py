@@ -137,3 +137,9 @@ def test_old_model_configs_load_as_llama(tmp_path):
         ("RMSNorm", "LLaMAMLP", False, "rope")
     with pytest.raises(UserError, match="norm_class='BatchNorm' is not one of RMSNorm, LayerNorm"):
         Config.from_name("tiny", norm_class="BatchNorm")
+
+
+def test_perplexity_evaluation_equals_hf(hf_dir, lit_dir, shared_data, tmp_path):
+    from family_fixtures import perplexity_matches_hf
+
+    assert perplexity_matches_hf(lit_dir, hf_dir, shared_data, tmp_path, seqlen=64) > 1

@@ -96,3 +96,24 @@ def test_export_loads_in_transformers_and_converts_back_bit_for_bit(lit_dir, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert [tok.encode(t).tolist() for t in TRICKY] == [hf_tok(t)["input_ids"] for t in TRICKY]
+
+
+def test_perplexity_evaluation_equals_hf(hf_dir, lit_dir, shared_data, tmp_path):
+    from family_fixtures import perplexity_matches_hf
+
+    assert perplexity_matches_hf(lit_dir, hf_dir, shared_data, tmp_path, seqlen=96) > 1  # past the window of 32
+
+
+def test_lora_export_loads_in_peft_with_our_logits(lit_dir, tmp_path):
+    from test_export import ids as export_ids, make_run, rel_error
+    from test_export_peft import peft_logits
+
+    from lit_adapter.export import export_peft
+
+    final, model = make_run(tmp_path / "run", lit_dir, "lora", dict(r=4, alpha=8, key=True, mlp=True))
+    convert_to_hf(tmp_path / "hf", checkpoint_dir=lit_dir)
+    export_peft(final, tmp_path / "peft")
+    idx = export_ids()
+    with torch.no_grad():
+        expected = model(idx)
+    assert rel_error(peft_logits(tmp_path / "hf", tmp_path / "peft", idx), expected) < 1e-5
