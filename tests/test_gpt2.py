@@ -143,3 +143,10 @@ def test_perplexity_evaluation_equals_hf(hf_dir, lit_dir, shared_data, tmp_path)
     from family_fixtures import perplexity_matches_hf
 
     assert perplexity_matches_hf(lit_dir, hf_dir, shared_data, tmp_path, seqlen=64) > 1
+
+
+def test_chat_without_a_template_is_one_line(lit_dir):
+    from lit_adapter.generation_cli import run_generation
+
+    with pytest.raises(UserError, match="has no chat template"):
+        run_generation(lit_dir, prompt="Hi", chat=True, device="cpu")

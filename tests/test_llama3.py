@@ -117,3 +117,19 @@ def test_lora_export_loads_in_peft_with_our_logits(lit_dir, tmp_path):
     with torch.no_grad():
         expected = model(idx)
     assert rel_error(peft_logits(tmp_path / "hf", tmp_path / "peft", idx), expected) < 1e-5
+
+
+def test_chat_generation_uses_the_chat_template(lit_dir, capsys):
+    from lit_adapter.errors import UserError
+    from lit_adapter.generation_cli import run_generation
+    from lit_adapter.prompts import chat_prompt
+
+    tok = Tokenizer(lit_dir)
+    text = chat_prompt(tok, "Hi", system="Be brief.")
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>")
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    out = run_generation(lit_dir, prompt="Hi", chat=True, system="Be brief.", max_new_tokens=3, temperature=0.0,
+                         device="cpu", stream=False)
+    assert len(out) == 1 and "<|" not in out[0]
+    with pytest.raises(UserError, match="pass it as --prompt, not --instruction"):
+        run_generation(lit_dir, instruction="Hi", chat=True, device="cpu")
