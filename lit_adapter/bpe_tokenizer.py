@@ -152,7 +152,8 @@ class BPETokenizer:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         names = {k: self._token_name(self.tokenizer_config.get(k)) or "" for k in ("bos_token", "eos_token")}
 
         def raise_exception(message):

@@ -231,9 +231,12 @@ configs = [
         tie_embeddings=True,
     ),
     # GPT-2 (Radford et al. 2019): LayerNorm, learned positions, a GELU MLP, biases everywhere, a tied head
-    dict(name="gpt2", block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, intermediate_size=3072, **_GPT2),
-    dict(name="gpt2-medium", block_size=1024, vocab_size=50257, n_layer=24, n_head=16, n_embd=1024, intermediate_size=4096, **_GPT2),
-    dict(name="gpt2-large", block_size=1024, vocab_size=50257, n_layer=36, n_head=20, n_embd=1280, intermediate_size=5120, **_GPT2),
+    dict(name="gpt2", block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768,
+         intermediate_size=3072, **_GPT2),
+    dict(name="gpt2-medium", block_size=1024, vocab_size=50257, n_layer=24, n_head=16, n_embd=1024,
+         intermediate_size=4096, **_GPT2),
+    dict(name="gpt2-large", block_size=1024, vocab_size=50257, n_layer=36, n_head=20, n_embd=1280,
+         intermediate_size=5120, **_GPT2),
     # tiny configurations for unit tests
     dict(name="tiny", block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=32, intermediate_size=88),
     dict(

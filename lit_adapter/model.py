@@ -6,9 +6,9 @@ The family is chosen by :class:`Config` fields, as in LitGPT: ``norm_class`` (RM
 ``lm_head_bias``. GPT-2's fused ``c_attn`` is held as separate ``q_proj``/``k_proj``/``v_proj`` (the converters
 split and transpose HF's Conv1D weights), so every PEFT method sees one layout for both families.
 
-The LLaMA network follows Touvron et al. 2023 and matches HF ``transformers``' ``LlamaForCausalLM`` (and GPT-2
-``GPT2LMHeadModel``) logit for logit on converted weights (rotary embeddings use the "rotate half" layout; the converters permute Meta's and llama2.c's
-interleaved q/k weights into it). The cos/sin tables come from :mod:`lit_adapter.rope`, which also scales them past
+The LLaMA network follows Touvron et al. 2023 and matches HF ``transformers``' ``LlamaForCausalLM`` (GPT-2:
+``GPT2LMHeadModel``) logit for logit on converted weights (rotary embeddings use the "rotate half" layout; the
+converters permute Meta's and llama2.c's interleaved q/k weights into it). The cos/sin tables come from :mod:`lit_adapter.rope`, which also scales them past
 the pretrained window when ``Config.rope_scaling`` asks (linear, dynamic NTK, YaRN, llama3).
 
 Extension points for the PEFT variants, so that none of them copies a ``forward``:

@@ -140,7 +140,9 @@ def resolve_tokenizer_path(path: Union[str, Path]) -> Path:
     ``vocab.json`` (with ``merges.txt``)."""
     path = Path(path)
     if path.is_dir():
-        return path / TOKENIZER_FILE if (path / TOKENIZER_FILE).is_file() else (bpe_source(path) or path / TOKENIZER_FILE)
+        if (path / TOKENIZER_FILE).is_file():
+            return path / TOKENIZER_FILE
+        return bpe_source(path) or path / TOKENIZER_FILE
     return path
 
 

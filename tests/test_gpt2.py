@@ -150,3 +150,12 @@ def test_chat_without_a_template_is_one_line(lit_dir):
 
     with pytest.raises(UserError, match="has no chat template"):
         run_generation(lit_dir, prompt="Hi", chat=True, device="cpu")
+
+
+def test_lm_eval_adapter_has_no_bos_on_gpt2(lit_dir):
+    pytest.importorskip("lm_eval")
+    from lit_adapter.evaluation.lm_eval_adapter import LitAdapterLM
+
+    _, model, tok = load_checkpoint_dir(lit_dir)
+    lm = LitAdapterLM(model=model, tokenizer=tok, add_bos_token=True)
+    assert not lm.add_bos_token and lm.prefix_token_id == tok.eos_id >= 0  # lm-eval's HFLM: EOT for GPT-2

@@ -1,9 +1,11 @@
-"""Checkpoint conversion between lit-adapter and other LLaMA layouts.
+"""Checkpoint conversion between lit-adapter and other LLaMA layouts, and HF's GPT-2.
 
 Three sources become a lit-adapter checkpoint directory (``model_config.json``, ``lit_model.safetensors``,
 ``tokenizer.model``):
 
-* HF ``transformers`` ``LlamaForCausalLM`` directories (same rotary layout as ours: only names change);
+* HF ``transformers`` ``LlamaForCausalLM`` directories (same rotary layout as ours: only names change) and
+  ``GPT2LMHeadModel`` ones (``convert/gpt2.py``: Conv1D transposed, the fused ``c_attn`` split), with a
+  SentencePiece ``tokenizer.model`` or a BPE ``tokenizer.json`` / ``vocab.json`` + ``merges.txt``;
 * Meta's ``consolidated.NN.pth`` tensor-parallel shards with ``params.json``;
 * karpathy's llama2.c exports: legacy ``.bin`` (v0), versioned fp32 ``.bin`` (v1) and ``.pt`` training checkpoints.
 
