@@ -65,3 +65,28 @@ def test_bitfit_trains_gpt2s_own_biases(tmp_path):
     assert trainable and all(n.endswith(".bias") for n in trainable), trainable
     assert not any("bitfit_bias" in n for n in trainable)
     assert "transformer.h.0.attn.q_proj.bias" in trainable and "transformer.h.1.mlp.down_proj.bias" in trainable
+
+
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.int8"])
+def test_qlora_on_a_quantized_base_with_biases(tmp_path, mode):
+    """QLoRA on GPT-2 (its quantized linears keep their float biases) and on Llama 3; widths of 64 (see
+    tests/test_lora.py for bitsandbytes' CPU kernels at other widths)."""
+    pytest.importorskip("bitsandbytes")
+    for name in ("tiny-gpt2", "tiny-llama3"):
+        config = Config.from_name(name, n_embd=64, intermediate_size=128)
+        torch.manual_seed(0)
+        model = GPT(config)
+        model.init_weights()
+        folder = tmp_path / name
+        folder.mkdir()
+        save_state_dict(model.state_dict(), folder / "lit_model.safetensors")
+        config.save(folder / "model_config.json")
+        q = prepare_model(MethodSpec("lora", quantize=mode), config, folder, torch.device("cpu"), torch.float32)
+        x = torch.randint(0, config.vocab_size, (2, 10))
+        with torch.no_grad():
+            close = (q(x) - model(x)).abs().max() / model(x).abs().max()
+        assert close < 0.2, (name, mode, close)  # the quantized base computes nearly the float model
+        q(x).sum().backward()
+        assert all(p.grad is not None for p in q.parameters() if p.requires_grad)
+        if config.bias:  # the quantized linears kept their biases, frozen
+            assert q.transformer.h[0].attn.q_proj.linear.bias is not None
