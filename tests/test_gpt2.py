@@ -159,3 +159,19 @@ def test_lm_eval_adapter_has_no_bos_on_gpt2(lit_dir):
     _, model, tok = load_checkpoint_dir(lit_dir)
     lm = LitAdapterLM(model=model, tokenizer=tok, add_bos_token=True)
     assert not lm.add_bos_token and lm.prefix_token_id == tok.eos_id >= 0  # lm-eval's HFLM: EOT for GPT-2
+
+
+def test_hub_layout_without_prefix_and_with_mask_buffers(hf_dir, lit_dir):
+    """The hub's gpt2 files name tensors without ``transformer.`` and old .bin files hold the causal-mask buffers."""
+    from lit_adapter.convert.gpt2 import hf_gpt2_to_lit
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    raw = {k[len("transformer."):]: v for k, v in hf.state_dict().items() if k.startswith("transformer.")}
+    raw["h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
+    raw["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    config = Config.from_checkpoint_dir(lit_dir)
+    ours = load_state_dict(find_weights(lit_dir))
+    converted = hf_gpt2_to_lit(raw, config)
+    assert converted.keys() == ours.keys() and all(torch.equal(converted[k], ours[k]) for k in ours)
+    with pytest.raises(UserError, match="not part of GPT2LMHeadModel: h.0.attn.rotary"):
+        hf_gpt2_to_lit({"h.0.attn.rotary.weight": torch.ones(1)}, config)
