@@ -90,3 +90,21 @@ def test_qlora_on_a_quantized_base_with_biases(tmp_path, mode):
         assert all(p.grad is not None for p in q.parameters() if p.requires_grad)
         if config.bias:  # the quantized linears kept their biases, frozen
             assert q.transformer.h[0].attn.q_proj.linear.bias is not None
+
+
+def test_context_truncation_with_byte_level_tokenizers(tmp_path):
+    """The context policy cuts the input at a token boundary of GPT-2's and Llama 3's tokenizers too (their
+    token_spans are byte offsets; a token may straddle the input's end), and the response stays whole."""
+    from family_fixtures import gpt2_tokenizer_dir, llama3_tokenizer_dir
+    from lit_adapter.prompts import InstructionRecord
+    from lit_adapter.tokenizer import Tokenizer
+    from lit_adapter.truncation import encode_record, fit_record
+
+    record = InstructionRecord("Summarise the review.", "A long, rambling review: café 😀 " * 30 + "the end.",
+                               "Too long.")
+    for tok in (Tokenizer(gpt2_tokenizer_dir(tmp_path / "gpt2")), Tokenizer(llama3_tokenizer_dir(tmp_path / "l3"))):
+        full, _ = encode_record(record, tok)
+        fitted = fit_record(record, tok, len(full) - 40, policy="context")
+        ids = fitted.example["input_ids"]
+        assert fitted.context_shortened and not fitted.response_cut and len(ids) <= len(full) - 40
+        assert tok.decode(ids).endswith("### Response:\nToo long.")
