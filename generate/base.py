@@ -25,6 +25,8 @@ def main(
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
     seed: int = 1234,
     device: Optional[str] = None,
+    chat: bool = False,
+    system: Optional[str] = None,
 ) -> None:
     """Generate text from a base model: the text goes to stdout, tokens/s and peak memory to stderr.
 
@@ -45,11 +47,14 @@ def main(
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         seed: Random seed for sampling.
         device: cpu or cuda (default: cuda when available).
+        chat: Render the prompt as a user turn with the checkpoint's chat template (tokenizer_config.json's
+            chat_template: Llama 3 Instruct) and stop at the end of the assistant's turn.
+        system: With --chat true, a system message before the user's.
     """
     run_generation(checkpoint_dir, adapter_dir, prompt=None if prompts_file is not None else prompt,
                    prompts_file=prompts_file, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, repetition_penalty=repetition_penalty, stop=stop, stream=stream, compile=compile,
-                   quantize=quantize, precision=precision, seed=seed, device=device)
+                   quantize=quantize, precision=precision, seed=seed, device=device, chat=chat, system=system)
 
 
 if __name__ == "__main__":

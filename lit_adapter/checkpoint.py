@@ -20,7 +20,7 @@ import torch.nn as nn
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
-from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
+from lit_adapter.tokenizer import Tokenizer
 
 CONFIG_FILE = "model_config.json"
 WEIGHT_FILES = ("lit_model.safetensors", "lit_model.pth")
@@ -183,10 +183,8 @@ def load_checkpoint_dir(
         raise UserError(f"checkpoint directory not found: {checkpoint_dir}")
     if not (checkpoint_dir / CONFIG_FILE).is_file():
         raise UserError(f"{checkpoint_dir} has no {CONFIG_FILE}; is it a converted lit-adapter checkpoint directory?")
-    if not (checkpoint_dir / TOKENIZER_FILE).is_file():
-        raise UserError(f"{checkpoint_dir} has no {TOKENIZER_FILE} (the SentencePiece tokenizer of the checkpoint)")
     config = Config.from_checkpoint_dir(checkpoint_dir)
-    tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_FILE)
+    tokenizer = Tokenizer.from_checkpoint_dir(checkpoint_dir)
     weights = find_weights(checkpoint_dir)
     state_dict = cast_state_dict(load_state_dict(weights), device=device, dtype=dtype)
     with torch.device("meta"):

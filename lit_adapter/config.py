@@ -1,4 +1,4 @@
-"""Model configurations for the LLaMA family.
+"""Model configurations: the LLaMA family (LLaMA 1/2/3, OpenLLaMA, TinyLlama, TinyStories) and GPT-2.
 
 A :class:`Config` describes the shape of the network only (no PEFT settings, no training settings), so the same
 object serves the base model, every PEFT variant and the checkpoint converters. ``Config.from_name`` knows the
@@ -32,7 +32,7 @@ class Config:
     """Key/value heads for grouped-query attention; ``None`` means ``n_head`` (multi-head attention)."""
     n_embd: int = 4096
     intermediate_size: int = 11008
-    """Hidden size of the SwiGLU MLP."""
+    """Hidden size of the MLP (SwiGLU's, or GPT-2's 4 * n_embd)."""
     rope_base: float = 10000.0
     rope_scaling: Optional[Dict[str, Any]] = None
     """RoPE scaling past the pretrained window, in HF ``config.json``'s terms: ``rope_type`` (linear, dynamic, yarn,
@@ -40,7 +40,21 @@ class Config:
     (``lit_adapter.rope``). ``None``: plain RoPE. :meth:`with_rope_scaling` adds it to a pretrained config."""
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    """Whether the output head shares its weight with the token embedding (llama2.c's TinyStories models)."""
+    """Whether the output head shares its weight with the token embedding (llama2.c's TinyStories models, GPT-2)."""
+    # The family, chosen field by field as LitGPT does; the defaults are LLaMA's (old model_config.json files
+    # without these fields load as LLaMA). GPT-2: LayerNorm, GptNeoxMLP, bias, learned positions, tanh GELU.
+    norm_class: str = "RMSNorm"
+    """``RMSNorm`` (LLaMA) or ``LayerNorm`` (GPT-2: with a bias)."""
+    mlp_class: str = "LLaMAMLP"
+    """``LLaMAMLP`` (SwiGLU: gate/up/down) or ``GptNeoxMLP`` (``down(gelu(up(x)))``, GPT-2's c_fc / c_proj)."""
+    bias: bool = False
+    """Whether every linear of the blocks (q/k/v/o and the MLP's) has a bias (GPT-2)."""
+    lm_head_bias: bool = False
+    """Whether the output head has a bias."""
+    position_embedding: str = "rope"
+    """``rope`` (rotary, LLaMA) or ``learned`` (an absolute position embedding ``transformer.wpe``, GPT-2)."""
+    gelu_approximate: str = "none"
+    """The GptNeoxMLP's GELU: ``none`` (exact erf) or ``tanh`` (GPT-2's ``gelu_new``)."""
 
     def __post_init__(self) -> None:
         if self.padded_vocab_size is None:
@@ -53,6 +67,12 @@ class Config:
             raise UserError(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}")
         if self.padded_vocab_size < self.vocab_size:
             raise UserError(f"padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size={self.vocab_size}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if self.rope_scaling and self.position_embedding != "rope":
+            raise UserError(f"rope_scaling needs rotary positions; this model has position_embedding="
+                            f"{self.position_embedding!r} (its window is block_size={self.block_size})")
         self.rope_scaling = check_rope_scaling(self.rope_scaling, self.block_size)
 
     @property
@@ -126,6 +146,9 @@ class Config:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
 
+_CHOICES = {"norm_class": ("RMSNorm", "LayerNorm"), "mlp_class": ("LLaMAMLP", "GptNeoxMLP"),
+            "position_embedding": ("rope", "learned"), "gelu_approximate": ("none", "tanh")}
+
 _FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Optional[int]": int,
                 "Optional[Dict[str, Any]]": dict}
 """The annotation of each Config field (as written, under ``from __future__ import annotations``) -> its type."""
@@ -148,6 +171,11 @@ def _llama_hidden(n_embd: int, multiple_of: int) -> int:
     hidden = int(2 * (4 * n_embd) / 3)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
+
+_LLAMA3_SCALING = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=8192)
+_GPT2 = dict(norm_class="LayerNorm", mlp_class="GptNeoxMLP", bias=True, position_embedding="learned",
+             gelu_approximate="tanh", tie_embeddings=True, norm_eps=1e-5)
 
 configs = [
     # LLaMA 1 (Touvron et al. 2023)
@@ -187,11 +215,40 @@ configs = [
         name="stories110M", block_size=1024, n_layer=12, n_head=12, n_embd=768,
         intermediate_size=_llama_hidden(768, 32), tie_embeddings=True,
     ),
+    # Llama 3 (Meta 2024): a 128256-token tiktoken-style BPE vocabulary, GQA, rope_base 500000; 3.1 and 3.2
+    # scale RoPE by the llama3 rule to 128K tokens (HF config.json's rope_scaling)
+    dict(
+        name="Llama-3-8B", block_size=8192, vocab_size=128256, n_layer=32, n_head=32, n_query_groups=8,
+        n_embd=4096, intermediate_size=14336, rope_base=500000.0,
+    ),
+    dict(
+        name="Llama-3.1-8B", block_size=131072, vocab_size=128256, n_layer=32, n_head=32, n_query_groups=8,
+        n_embd=4096, intermediate_size=14336, rope_base=500000.0, rope_scaling=dict(_LLAMA3_SCALING, factor=8.0),
+    ),
+    dict(
+        name="Llama-3.2-1B", block_size=131072, vocab_size=128256, n_layer=16, n_head=32, n_query_groups=8,
+        n_embd=2048, intermediate_size=8192, rope_base=500000.0, rope_scaling=dict(_LLAMA3_SCALING, factor=32.0),
+        tie_embeddings=True,
+    ),
+    # GPT-2 (Radford et al. 2019): LayerNorm, learned positions, a GELU MLP, biases everywhere, a tied head
+    dict(name="gpt2", block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768,
+         intermediate_size=3072, **_GPT2),
+    dict(name="gpt2-medium", block_size=1024, vocab_size=50257, n_layer=24, n_head=16, n_embd=1024,
+         intermediate_size=4096, **_GPT2),
+    dict(name="gpt2-large", block_size=1024, vocab_size=50257, n_layer=36, n_head=20, n_embd=1280,
+         intermediate_size=5120, **_GPT2),
     # tiny configurations for unit tests
     dict(name="tiny", block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=32, intermediate_size=88),
     dict(
         name="tiny-gqa", block_size=128, vocab_size=512, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
         intermediate_size=88,
+    ),
+    dict(name="tiny-gpt2", block_size=64, vocab_size=512, n_layer=2, n_head=4, n_embd=32, intermediate_size=128,
+         **_GPT2),
+    dict(
+        name="tiny-llama3", block_size=256, vocab_size=512, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+        intermediate_size=88, rope_base=500000.0,
+        rope_scaling=dict(_LLAMA3_SCALING, factor=8.0, original_max_position_embeddings=32),
     ),
     dict(
         name="tiny-32k", block_size=128, vocab_size=32000, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,

@@ -93,16 +93,20 @@ def run_generation(
     stream: bool = True,
     compile: bool = False,
     as_instructions: bool = False,
+    chat: bool = False,
+    system: Optional[str] = None,
 ) -> List[str]:
     """Loads a base (plus optional fine-tuned tensors), generates, prints text to stdout and stats to stderr.
 
     ``expected_method`` (the ``generate/<method>.py`` scripts) refuses an ``adapter_dir`` of another method.
+    ``chat`` renders each prompt as a user turn (after ``system``) with the checkpoint's chat template
+    (:func:`lit_adapter.prompts.chat_prompt`) and stops at the end of the assistant's turn (``<|eot_id|>``).
     Returns the generated texts (one per prompt).
     """
     from lit_adapter.generate import generate_batch, room_for
     from lit_adapter.methods import load_finetuned, read_spec
     from lit_adapter.preflight import check_tokenizer_fits
-    from lit_adapter.prompts import InstructionRecord, generate_prompt
+    from lit_adapter.prompts import InstructionRecord, chat_prompt, generate_prompt
     from lit_adapter.runtime import peak_memory_gb, resolve_device, resolve_precision, weights_dtype
     from lit_adapter.sampling import check_sampling
     from lit_adapter.tokenizer import Tokenizer
@@ -127,6 +131,13 @@ def run_generation(
     torch.manual_seed(seed)
     checkpoint_dir = Path(checkpoint_dir)
     tokenizer = Tokenizer(checkpoint_dir)
+    end_of_turn = None
+    if chat:
+        if templated:
+            raise UserError("--chat true formats the prompt with the model's chat template; pass it as --prompt, "
+                            "not --instruction")
+        prompts = [chat_prompt(tokenizer, p, system) for p in prompts]
+        end_of_turn = tokenizer.token_id("<|eot_id|>") if hasattr(tokenizer, "token_id") else None
     t0 = time.perf_counter()
     if adapter_dir is not None and expected_method is not None:
         found = read_spec(adapter_dir)[0].method
@@ -137,7 +148,7 @@ def run_generation(
     config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize)
     check_tokenizer_fits(tokenizer, config, checkpoint_dir)
     print(f"loaded {spec.describe()} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
-    encoded = [tokenizer.encode(p, bos=True, device=dev) for p in prompts]
+    encoded = [tokenizer.encode(p, bos=not chat, device=dev) for p in prompts]  # a chat template writes BOS
     room = min(room_for(model, e.numel()) for e in encoded)
     if room < max_new_tokens:
         print(f"note: at most {room} new tokens fit in the model's window of {config.block_size}", file=sys.stderr)
@@ -148,13 +159,13 @@ def run_generation(
         sys.stdout.flush()
 
     rows = [RowText(tokenizer, stop or [], write if streaming else None) for _ in prompts]
-    if streaming and not templated:
+    if streaming and not templated and not chat:
         write(prompts[0])
     t0 = time.perf_counter()
     tokens = generate_batch(model, encoded, max_new_tokens, temperature, top_k, tokenizer.eos_id, top_p=top_p,
                             repetition_penalty=repetition_penalty, compile=compile,
                             on_token=lambda row, token: rows[row].add(token),
-                            stop=lambda row, ids: rows[row].stopped)
+                            stop=lambda row, ids: rows[row].stopped or bool(ids) and ids[-1] == end_of_turn)
     elapsed = time.perf_counter() - t0
     results = [row.text() for row in rows]
     if streaming:

@@ -30,6 +30,7 @@ from lit_adapter.errors import UserError
 from lit_adapter.heads import HeadSpec, attach_head, is_head_tensor
 from lit_adapter.model import GPT, num_parameters
 from lit_adapter.quantize import QUANTIZE_MODES, _default_skip, quantize_linears
+from lit_adapter.tokenizer import tokenizer_files
 from lit_adapter.tuners import (
     adapter, adapter_v2, bitfit, bottleneck, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning,
 )
@@ -260,7 +261,8 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
         tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_state_dict(tensors, out_dir / "lit_model.safetensors")
         config.save(out_dir / "model_config.json")
-        shutil.copyfile(Path(checkpoint_dir) / "tokenizer.model", out_dir / "tokenizer.model")
+        for file in tokenizer_files(checkpoint_dir):  # tokenizer.model, or a BPE tokenizer's files
+            shutil.copyfile(file, out_dir / file.name)
     else:
         tensors, settings = spec.definition.final_tensors(model, spec.settings)  # a reparameterisation folded away
         if spec.head is not None:  # a classification head trains with every method and is saved with it

@@ -1,8 +1,14 @@
-"""One readable LLaMA: RMSNorm, rotary embeddings, grouped-query attention and a SwiGLU MLP.
+"""One readable decoder: LLaMA (RMSNorm, rotary embeddings, grouped-query attention, a SwiGLU MLP) and GPT-2.
 
-The network follows Touvron et al. 2023 and matches HF ``transformers``' ``LlamaForCausalLM`` logit for logit on
-converted weights (rotary embeddings use the "rotate half" layout; the converters permute Meta's and llama2.c's
-interleaved q/k weights into it). The cos/sin tables come from :mod:`lit_adapter.rope`, which also scales them past
+The family is chosen by :class:`Config` fields, as in LitGPT: ``norm_class`` (RMSNorm or LayerNorm),
+``mlp_class`` (LLaMAMLP or GptNeoxMLP, a GELU MLP), ``bias`` (on every linear of the blocks),
+``position_embedding`` (rope, or a learned absolute ``transformer.wpe`` added to the token embeddings) and
+``lm_head_bias``. GPT-2's fused ``c_attn`` is held as separate ``q_proj``/``k_proj``/``v_proj`` (the converters
+split and transpose HF's Conv1D weights), so every PEFT method sees one layout for both families.
+
+The LLaMA network follows Touvron et al. 2023 and matches HF ``transformers``' ``LlamaForCausalLM`` (GPT-2:
+``GPT2LMHeadModel``) logit for logit on converted weights (rotary embeddings use the "rotate half" layout; the
+converters permute Meta's and llama2.c's interleaved q/k weights into it). The cos/sin tables come from :mod:`lit_adapter.rope`, which also scales them past
 the pretrained window when ``Config.rope_scaling`` asks (linear, dynamic NTK, YaRN, llama3).
 
 Extension points for the PEFT variants, so that none of them copies a ``forward``:
@@ -43,10 +49,12 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 h=nn.ModuleList(self.build_block(i) for i in range(config.n_layer)),
-                ln_f=RMSNorm(config.n_embd, eps=config.norm_eps),
+                ln_f=build_norm(config),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.position_embedding == "learned":  # GPT-2: one learned vector per absolute position
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
         if config.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
         self.gradient_checkpointing = False
@@ -102,12 +110,17 @@ class GPT(nn.Module):
         P_in = x.shape[1] - T
         if input_pos is not None and P:  # the real tokens' positions (and cache slots) follow the virtual ones
             input_pos = torch.cat([torch.arange(P_in, device=input_pos.device), input_pos + P])
-        seen = P + T if input_pos is None else self.positions_seen(input_pos)
-        cos, sin = self.rope_cache(idx.device, seen)
-        if input_pos is None:
-            cos, sin = cos[P - P_in : P + T], sin[P - P_in : P + T]  # (P_in + T, hs)
+        if self.config.position_embedding == "learned":
+            pos = torch.arange(P - P_in, P + T, device=idx.device) if input_pos is None else input_pos
+            x = x + self.transformer.wpe(pos)  # (B, P_in + T, n_embd): the virtual rows get positions 0..P-1 too
+            cos = sin = None  # no rotation
         else:
-            cos, sin = cos.index_select(0, input_pos), sin.index_select(0, input_pos)
+            seen = P + T if input_pos is None else self.positions_seen(input_pos)
+            cos, sin = self.rope_cache(idx.device, seen)
+            if input_pos is None:
+                cos, sin = cos[P - P_in : P + T], sin[P - P_in : P + T]  # (P_in + T, hs)
+            else:
+                cos, sin = cos.index_select(0, input_pos), sin.index_select(0, input_pos)
 
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -148,24 +161,28 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Random initialisation as in HF ``LlamaForCausalLM``: N(0, std) for linear and embedding weights."""
+        """Random initialisation as in HF ``LlamaForCausalLM``: N(0, std) for linear and embedding weights, zero
+        biases, unit norm weights."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 nn.init.ones_(module.weight)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 class Block(nn.Module):
     def __init__(self, config: Config, block_idx: int, attn: Optional["CausalSelfAttention"] = None) -> None:
         super().__init__()
-        self.norm_1 = RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.norm_1 = build_norm(config)
         self.attn = attn if attn is not None else CausalSelfAttention(config, block_idx)
-        self.norm_2 = RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.mlp = LLaMAMLP(config)
+        self.norm_2 = build_norm(config)
+        self.mlp = GptNeoxMLP(config) if config.mlp_class == "GptNeoxMLP" else LLaMAMLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+        input_pos: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), cos, sin, input_pos)
         return x + self.mlp(self.norm_2(x))
@@ -177,23 +194,25 @@ class CausalSelfAttention(nn.Module):
         self.config = config
         self.block_idx = block_idx
         hs, kv_dim = config.head_size, config.n_query_groups * config.head_size
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, kv_dim, bias=config.bias)
+        self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=config.bias)
         self.kv_cache: Optional[KVCache] = None
         # ``None`` is dense causal attention; a sparse pattern (lit_adapter.attention) replaces it.
         self.attention_kernel: Optional[nn.Module] = None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+        input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         nh, ng, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
         q = self.q_proj(x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
         v = self.v_proj(x).view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # rotary positions (learned ones were added to the embeddings)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if input_pos is not None:
             if self.kv_cache is None:
@@ -242,12 +261,32 @@ class LLaMAMLP(nn.Module):
 
     def __init__(self, config: Config) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GptNeoxMLP(nn.Module):
+    """GPT-2's feed-forward: ``down(gelu(up(x)))`` (HF's ``c_fc`` and ``c_proj``), with biases when ``bias``."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))  # (..., n_embd)
+
+
+def build_norm(config: Config) -> nn.Module:
+    """The ``norm_class`` of ``config``: RMSNorm (LLaMA) or LayerNorm with a bias (GPT-2)."""
+    if config.norm_class == "LayerNorm":
+        return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+    return RMSNorm(config.n_embd, eps=config.norm_eps)
 
 
 class RMSNorm(nn.Module):

@@ -124,7 +124,7 @@ def claim_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> OutDirLock:
 def check_parts_fit(config, checkpoint_dir: Path, data_dir: Path, metadata: Dict[str, Any],
                     splits: Dict[str, List[Dict[str, torch.Tensor]]], needs_tokenizer: bool) -> None:
     """The data, the tokenizer and the model agree, before the first forward (where a mismatch is an IndexError)."""
-    from lit_adapter.tokenizer import TOKENIZER_FILE
+    from lit_adapter.tokenizer import TOKENIZER_FILE, has_tokenizer
 
     recorded = (metadata.get("tokenizer") or {}).get("vocab_size")
     if recorded is not None and recorded > config.vocab_size:
@@ -136,11 +136,11 @@ def check_parts_fit(config, checkpoint_dir: Path, data_dir: Path, metadata: Dict
         if largest >= config.vocab_size:
             raise UserError(f"the {name} split of {data_dir} holds token id {largest}, outside the model's vocabulary "
                             f"of {config.vocab_size}; prepare the data again with --checkpoint_dir {checkpoint_dir}")
-    tokenizer_path = Path(checkpoint_dir) / TOKENIZER_FILE
-    if tokenizer_path.is_file():
-        check_tokenizer_fits(tokenizer_path, config, checkpoint_dir)
+    if has_tokenizer(checkpoint_dir):  # tokenizer.model, or a BPE tokenizer's files (GPT-2, Llama 3)
+        check_tokenizer_fits(Path(checkpoint_dir), config, checkpoint_dir)
     elif needs_tokenizer:
-        raise UserError(f"{checkpoint_dir} has no {TOKENIZER_FILE}, which this method's final/ (a whole checkpoint "
+        raise UserError(f"{checkpoint_dir} has no {TOKENIZER_FILE} (nor tokenizer.json or vocab.json + merges.txt), "
+                        "which this method's final/ (a whole checkpoint "
                         "folder) must include; copy the base's tokenizer there first")
 
 

@@ -7,12 +7,18 @@ Taori et al., "Stanford Alpaca: An Instruction-following LLaMA Model" (2023) fin
 
 A model fine-tuned with one template only answers well when prompted with exactly the same text, so
 training, generation and evaluation all build their prompt through :func:`generate_prompt`.
+
+A chat model (Llama 3 Instruct) is prompted with its own chat template instead: :func:`chat_prompt` renders a
+user message (and an optional system one) with the checkpoint's ``tokenizer_config.json`` ``chat_template``, as
+HF's ``apply_chat_template`` does (``generate/base.py --chat true``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+from lit_adapter.errors import UserError
 
 TEMPLATE_NAME = "alpaca"
 
@@ -53,6 +59,16 @@ def generate_prompt(record: Union[InstructionRecord, Mapping[str, str]]) -> str:
     if context.strip():
         return _WITH_INPUT.format(instruction=instruction, input=context)
     return _WITHOUT_INPUT.format(instruction=instruction)
+
+
+def chat_prompt(tokenizer, text: str, system: Optional[str] = None) -> str:
+    """``text`` as a user turn (after ``system``, if given) under the tokenizer's chat template, ending with the
+    assistant's header; the template writes BOS itself, so encode the result with ``bos=False``."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError(f"the tokenizer {tokenizer.path} has no chat template (tokenizer_config.json's "
+                        "chat_template); prompt it with plain text or --instruction instead")
+    messages: List[Dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    return tokenizer.apply_chat_template(messages + [{"role": "user", "content": text}])
 
 
 def input_span(record: InstructionRecord) -> Optional[Tuple[int, int]]:

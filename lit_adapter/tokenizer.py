@@ -1,4 +1,9 @@
-"""SentencePiece tokenizer for LLaMA-family checkpoints, including llama2.c vocabularies.
+"""The checkpoint's tokenizer: SentencePiece (LLaMA 1/2, llama2.c vocabularies) or byte-level BPE (GPT-2, Llama 3).
+
+:class:`Tokenizer` picks its backend from the files in the checkpoint folder: ``tokenizer.model`` is
+SentencePiece; otherwise ``tokenizer.json`` or ``vocab.json`` + ``merges.txt`` are loaded with HF's
+``tokenizers`` library (:mod:`lit_adapter.bpe_tokenizer`, which says how BOS/EOS behave there: GPT-2 has no BOS,
+``bos_id == -1``, and ``encode(bos=True)`` then adds nothing, as HF does). Both have the same interface.
 
 Every checkpoint directory holds a SentencePiece ``tokenizer.model``. karpathy's llama2.c ships its vocabularies in
 its own ``tokenizer.bin`` format instead (a list of ``(score, piece)`` records). That format holds everything a
@@ -17,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from lit_adapter.bpe_tokenizer import HF_TOKENIZER_FILES, BPETokenizer, bpe_source
 from lit_adapter.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -128,21 +134,51 @@ def is_llama2c_vocab(path: Path) -> bool:
     return len(head) == 4 and head[0] != 0x0A and head[2:] == b"\0\0"
 
 
-class Tokenizer:
-    """Encodes text to LLaMA token ids and back.
+def resolve_tokenizer_path(path: Union[str, Path]) -> Path:
+    """The tokenizer file of ``path``: the file itself, or in a folder ``tokenizer.model`` (preferred: LLaMA 1/2's
+    SentencePiece model, also in our HF exports beside their ``tokenizer.json``), ``tokenizer.json`` or GPT-2's
+    ``vocab.json`` (with ``merges.txt``)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / TOKENIZER_FILE).is_file():
+            return path / TOKENIZER_FILE
+        return bpe_source(path) or path / TOKENIZER_FILE
+    return path
 
-    ``path`` is a SentencePiece ``.model``, a llama2.c vocabulary (``tokenizer.bin``, ``tok512.bin``) or a checkpoint
-    directory holding ``tokenizer.model``.
+
+def has_tokenizer(folder: Union[str, Path]) -> bool:
+    return resolve_tokenizer_path(folder).is_file() and Path(folder).is_dir()
+
+
+def tokenizer_files(folder: Union[str, Path]) -> List[Path]:
+    """The files of ``folder``'s tokenizer that a checkpoint keeps (``tokenizer.model``, or the BPE files present)."""
+    folder = Path(folder)
+    if (folder / TOKENIZER_FILE).is_file():
+        return [folder / TOKENIZER_FILE]
+    return [folder / name for name in HF_TOKENIZER_FILES if (folder / name).is_file()] if bpe_source(folder) else []
+
+
+class Tokenizer:
+    """Encodes text to token ids and back.
+
+    ``path`` is a SentencePiece ``.model``, a llama2.c vocabulary (``tokenizer.bin``, ``tok512.bin``), a
+    ``tokenizer.json`` / ``vocab.json`` or a checkpoint directory holding one (:func:`resolve_tokenizer_path`).
     """
+
+    def __new__(cls, path: Union[str, Path]) -> "Tokenizer":
+        if cls is Tokenizer and resolve_tokenizer_path(path).name in ("tokenizer.json", "vocab.json"):
+            return object.__new__(_BPETokenizer)
+        return object.__new__(cls)
 
     def __init__(self, path: Union[str, Path]) -> None:
         from sentencepiece import SentencePieceProcessor
 
-        path = Path(path)
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
+        path = resolve_tokenizer_path(path)
         if not path.is_file():
             raise UserError(f"tokenizer not found: {path}")
+        if isinstance(self, BPETokenizer):
+            self._init_bpe(path)
+            return
         self.path = path
         try:
             if is_llama2c_vocab(path):
@@ -160,10 +196,13 @@ class Tokenizer:
         checkpoint_dir = Path(checkpoint_dir)
         if not checkpoint_dir.is_dir():
             raise UserError(f"checkpoint directory not found: {checkpoint_dir}")
-        path = checkpoint_dir / TOKENIZER_FILE
-        if not path.is_file():
-            raise UserError(f"{checkpoint_dir} has no {TOKENIZER_FILE} (the SentencePiece tokenizer of the checkpoint)")
-        return cls(path)
+        if not has_tokenizer(checkpoint_dir):
+            raise UserError(f"{checkpoint_dir} has no {TOKENIZER_FILE} (SentencePiece) and no tokenizer.json or "
+                            "vocab.json + merges.txt (BPE): the tokenizer of the checkpoint")
+        return cls(checkpoint_dir)
+
+    chat_template: Optional[str] = None
+    """A SentencePiece tokenizer has no chat template (the BPE backend reads ``tokenizer_config.json``'s)."""
 
     @property
     def vocab_size(self) -> int:
@@ -215,3 +254,7 @@ class Tokenizer:
         if isinstance(batch, torch.Tensor):
             batch = batch.tolist()
         return self.processor.decode([list(ids) for ids in batch])
+
+
+class _BPETokenizer(BPETokenizer, Tokenizer):
+    """A :class:`Tokenizer` on the ``tokenizers`` backend (what ``Tokenizer(path)`` returns for a BPE folder)."""

@@ -17,10 +17,12 @@ def main(
     overwrite: bool = False,
     quantize: Optional[Literal["bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4"]] = None,
 ) -> None:
-    """Write an HF LlamaForCausalLM folder that transformers' AutoModelForCausalLM and AutoTokenizer load.
+    """Write an HF LlamaForCausalLM (or, for GPT-2, GPT2LMHeadModel) folder that transformers'
+    AutoModelForCausalLM and AutoTokenizer load.
 
     Writes config.json, generation_config.json, model.safetensors (or shards with model.safetensors.index.json),
-    tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json. With --adapter_dir and
+    tokenizer.model, tokenizer.json, tokenizer_config.json and special_tokens_map.json (a BPE tokenizer's files,
+    GPT-2's or Llama 3's, are copied as they are; rope_scaling, e.g. Llama 3.1's llama3, is written to config.json). With --adapter_dir and
     --merge true, the run's LoRA, IA³, BitFit or Adapter v2 tensors (or a full fine-tune's weights) are folded
     into the base exactly; what LlamaForCausalLM cannot express (adaption prompts with non-zero gates, bottleneck
     adapters, a bias on the output head, sparse attention) is refused with one line. See docs/export.md.

@@ -17,6 +17,7 @@ def main(
     """Write adapter_config.json and adapter_model.safetensors in PEFT's format, which
     peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), <output_dir>) loads.
 
+    On GPT-2 the targets are HF's c_attn / c_proj / c_fc (our q/k/v LoRA stacked exactly onto the fused c_attn).
     LoRA becomes a LoraConfig adapter, IA³ an IA3Config one and LLaMA-Adapter v1 an AdaptionPromptConfig one (only
     when every layer's heads share one gate: PEFT has one gate per layer). Methods PEFT cannot represent (Adapter
     v2, BitFit, Houlsby, Pfeiffer, full fine-tuning) and sparse attention are refused with one line. The base

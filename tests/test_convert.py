@@ -334,7 +334,7 @@ def test_unsupported_hf_configs():
         config_from_hf(dict(base, rope_scaling={"rope_type": "longrope", "factor": 2.0}))
     with pytest.raises(UserError, match="does not implement: attention_bias=True"):
         config_from_hf(dict(base, attention_bias=True))
-    with pytest.raises(UserError, match="only LLaMA checkpoints are supported, config.json has model_type='mistral'"):
+    with pytest.raises(UserError, match="unsupported architecture: config.json has model_type='mistral'"):
         config_from_hf(dict(base, model_type="mistral"))
     with pytest.raises(UserError, match="lacks the field 'intermediate_size'"):
         config_from_hf({k: v for k, v in base.items() if k != "intermediate_size"})

@@ -1,9 +1,11 @@
-"""Checkpoint conversion between lit-adapter and other LLaMA layouts.
+"""Checkpoint conversion between lit-adapter and other LLaMA layouts, and HF's GPT-2.
 
 Three sources become a lit-adapter checkpoint directory (``model_config.json``, ``lit_model.safetensors``,
 ``tokenizer.model``):
 
-* HF ``transformers`` ``LlamaForCausalLM`` directories (same rotary layout as ours: only names change);
+* HF ``transformers`` ``LlamaForCausalLM`` directories (same rotary layout as ours: only names change) and
+  ``GPT2LMHeadModel`` ones (``convert/gpt2.py``: Conv1D transposed, the fused ``c_attn`` split), with a
+  SentencePiece ``tokenizer.model`` or a BPE ``tokenizer.json`` / ``vocab.json`` + ``merges.txt``;
 * Meta's ``consolidated.NN.pth`` tensor-parallel shards with ``params.json``;
 * karpathy's llama2.c exports: legacy ``.bin`` (v0), versioned fp32 ``.bin`` (v1) and ``.pt`` training checkpoints.
 
@@ -72,15 +74,18 @@ def write_checkpoint_dir(
     tokenizer: PathLike,
     dtype: Optional[torch.dtype] = None,
 ) -> Path:
-    """Writes ``model_config.json``, ``lit_model.safetensors`` and ``tokenizer.model`` (each atomically).
+    """Writes ``model_config.json``, ``lit_model.safetensors`` and the tokenizer (each atomically).
 
     The weights are first checked against ``config`` on a meta-device model, so a converter bug or an inconsistent
     source fails before anything is written. ``tokenizer`` is a SentencePiece ``.model`` (copied) or a llama2.c
-    vocabulary (converted); its vocabulary size must match the model's.
+    vocabulary (converted), or a BPE ``tokenizer.json`` / ``vocab.json`` (GPT-2, Llama 3: it and the other
+    tokenizer files beside it are copied); its vocabulary size must match the model's.
     """
     from lit_adapter.checkpoint import CONFIG_FILE, atomic_write, cast_state_dict, load_weights_into, save_state_dict
     from lit_adapter.model import GPT
-    from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer, is_llama2c_vocab, llama2c_vocab_to_sentencepiece
+    from lit_adapter.tokenizer import (
+        TOKENIZER_FILE, Tokenizer, is_llama2c_vocab, llama2c_vocab_to_sentencepiece, tokenizer_files,
+    )
 
     tokenizer = Path(tokenizer)
     tok = Tokenizer(tokenizer)  # validates the file before the slow part
@@ -100,7 +105,11 @@ def write_checkpoint_dir(
     save_state_dict(state_dict, output_dir / "lit_model.safetensors")
     atomic_write(output_dir / CONFIG_FILE, config.save)
     target = output_dir / TOKENIZER_FILE
-    if is_llama2c_vocab(tokenizer):
+    if tok.processor is None:  # BPE: copy its files
+        for file in tokenizer_files(tokenizer.parent):
+            if file.resolve() != (output_dir / file.name).resolve():
+                atomic_write(output_dir / file.name, lambda tmp, file=file: shutil.copyfile(file, tmp))
+    elif is_llama2c_vocab(tokenizer):
         proto = llama2c_vocab_to_sentencepiece(tokenizer)
         atomic_write(target, lambda tmp: tmp.write_bytes(proto))
     elif tokenizer.resolve() != target.resolve():
@@ -114,8 +123,11 @@ def convert_hf_checkpoint(
     dtype: Optional[str] = None,
     tokenizer_path: Optional[PathLike] = None,
 ) -> Config:
+    from lit_adapter.tokenizer import resolve_tokenizer_path
+
     config, state_dict = load_hf_checkpoint(checkpoint_dir)
-    tokenizer = _find_tokenizer(tokenizer_path, [Path(checkpoint_dir) / "tokenizer.model"], "--tokenizer_path")
+    candidates = [resolve_tokenizer_path(checkpoint_dir)]
+    tokenizer = _find_tokenizer(tokenizer_path, candidates, "--tokenizer_path")
     write_checkpoint_dir(output_dir, config, state_dict, tokenizer, parse_dtype(dtype))
     return config
 

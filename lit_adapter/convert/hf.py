@@ -1,4 +1,8 @@
-"""HF ``transformers`` ``LlamaForCausalLM`` folders: ``config.json`` and safetensors or ``.bin`` weights."""
+"""HF ``transformers`` folders: ``config.json`` and safetensors or ``.bin`` weights.
+
+Dispatches on ``config.json``'s ``model_type``: ``llama`` (``LlamaForCausalLM``: LLaMA 1/2/3, TinyLlama, ...) and
+``gpt2`` (``GPT2LMHeadModel``, :mod:`lit_adapter.convert.gpt2`); any other architecture is refused by name.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.convert.common import PathLike, StateDict, _existing_dir, _read_json, hf_to_lit_name
+from lit_adapter.convert.gpt2 import config_from_hf_gpt2, hf_gpt2_to_lit
 from lit_adapter.rope import ORIGINAL, ROPE_TYPES, parse_rope_scaling
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -16,10 +21,15 @@ from lit_adapter.rope import ORIGINAL, ROPE_TYPES, parse_rope_scaling
 
 
 def config_from_hf(hf_config: Dict[str, Any], name: str = "") -> Config:
-    """Our :class:`Config` for an HF ``LlamaConfig`` dict (``config.json``); unsupported variants raise."""
+    """Our :class:`Config` for an HF ``LlamaConfig`` or ``GPT2Config`` dict (``config.json``); unsupported
+    architectures and variants raise."""
     model_type = hf_config.get("model_type", "llama")
+    if model_type == "gpt2":
+        return config_from_hf_gpt2(hf_config, name)
     if model_type != "llama":
-        raise UserError(f"only LLaMA checkpoints are supported, config.json has model_type={model_type!r}")
+        arch = ", ".join(hf_config.get("architectures") or []) or "unnamed"
+        raise UserError(f"unsupported architecture: config.json has model_type={model_type!r} ({arch}); "
+                        f"lit-adapter converts {', '.join(SUPPORTED_MODEL_TYPES)}")
     # transformers < 5 writes rope_theta (+ rope_scaling); transformers 5 writes rope_parameters
     rope = dict(hf_config.get("rope_scaling") or {}, **(hf_config.get("rope_parameters") or {}))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -58,6 +68,9 @@ def config_from_hf(hf_config: Dict[str, Any], name: str = "") -> Config:
         )
     except KeyError as err:
         raise UserError(f"config.json lacks the field {err.args[0]!r}") from None
+
+
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2")
 
 
 def rope_scaling_from_hf(rope: Dict[str, Any], max_positions: int) -> Tuple[Optional[Dict[str, Any]], int]:
@@ -133,7 +146,7 @@ def _hf_weight_files(checkpoint_dir: Path) -> List[Path]:
 
 
 def load_hf_checkpoint(checkpoint_dir: PathLike) -> Tuple[Config, StateDict]:
-    """``(config, state dict under our names)`` of an HF ``LlamaForCausalLM`` directory."""
+    """``(config, state dict under our names)`` of an HF ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` directory."""
     from lit_adapter.checkpoint import load_state_dict
 
     checkpoint_dir = _existing_dir(checkpoint_dir)
@@ -142,6 +155,11 @@ def load_hf_checkpoint(checkpoint_dir: PathLike) -> Tuple[Config, StateDict]:
         raise UserError(f"{checkpoint_dir} has no config.json; is it an HF transformers model directory?")
     config = config_from_hf(_read_json(config_path), name=checkpoint_dir.name)
     state_dict: StateDict = {}
+    if config.position_embedding == "learned":  # GPT-2 (config_from_hf says which)
+        raw: StateDict = {}
+        for path in _hf_weight_files(checkpoint_dir):
+            raw.update(load_state_dict(path))
+        return config, hf_gpt2_to_lit(raw, config, source=str(checkpoint_dir))
     for path in _hf_weight_files(checkpoint_dir):
         for name, tensor in load_state_dict(path).items():
             if name.endswith("rotary_emb.inv_freq"):

@@ -1,4 +1,6 @@
-"""lit-adapter → HF ``transformers``: a ``LlamaForCausalLM`` folder from a plain state dict under our names.
+"""lit-adapter → HF ``transformers``: a ``LlamaForCausalLM`` (or, for a GPT-2 config, ``GPT2LMHeadModel``:
+:mod:`lit_adapter.convert.gpt2`, Conv1D weights transposed, ``c_attn`` fused) folder from a plain state dict under
+our names. A BPE tokenizer (GPT-2, Llama 3) is copied as its files are; a SentencePiece one is converted below.
 
 The folder holds what ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained`` read:
 ``config.json``, ``generation_config.json``, the weights as ``model.safetensors`` or, above ``max_shard_size``,
@@ -25,6 +27,7 @@ import torch
 
 from lit_adapter.config import Config
 from lit_adapter.convert.common import StateDict, lit_to_hf_name
+from lit_adapter.convert.gpt2 import hf_config_gpt2, is_gpt2, lit_to_hf_gpt2
 from lit_adapter.errors import UserError
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -89,10 +92,20 @@ def hf_config(config: Config, dtype: torch.dtype, *, attention_bias: bool = Fals
     ``vocab_size`` is the embedding's row count (``padded_vocab_size``): HF's logits then have that many columns,
     ours are cut to ``vocab_size``.
     """
-    if getattr(config, "rope_scaling", None):
-        raise UserError(f"exporting a model with rope_scaling={config.rope_scaling!r} is not supported yet: "
-                        "config.json would describe other rotary frequencies than the model uses")
+    from lit_adapter.convert.hf import hf_config_from_lit
+
     tie = config.tie_embeddings if tie_word_embeddings is None else tie_word_embeddings
+    if is_gpt2(config):
+        return hf_config_gpt2(config, _DTYPE_NAMES[dtype], bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                              tie_word_embeddings=tie)
+    if config.norm_class != "RMSNorm" or config.mlp_class != "LLaMAMLP" or config.position_embedding != "rope" \
+            or config.bias or config.lm_head_bias:
+        raise UserError("this model mixes LLaMA and GPT-2 parts (norm_class, mlp_class, position_embedding, bias): "
+                        "neither LlamaForCausalLM nor GPT2LMHeadModel holds it")
+    # the scaled rotary frequencies as HF reads them (every type we implement is one of HF's): the fields of
+    # hf_config_from_lit, and max_position_embeddings as HF's scaling code expects it
+    hf_rope = hf_config_from_lit(config)
+    rope_parameters = dict(hf_rope.get("rope_scaling") or {"rope_type": "default"}, rope_theta=config.rope_base)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -104,11 +117,11 @@ def hf_config(config: Config, dtype: torch.dtype, *, attention_bias: bool = Fals
         "num_key_value_heads": config.n_query_groups,
         "head_dim": config.head_size,
         "hidden_act": "silu",
-        "max_position_embeddings": config.block_size,
+        "max_position_embeddings": hf_rope["max_position_embeddings"],
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
+        "rope_scaling": hf_rope.get("rope_scaling"),
+        "rope_parameters": rope_parameters,
         "attention_bias": attention_bias,
         "attention_dropout": 0.0,
         "mlp_bias": mlp_bias,
@@ -178,16 +191,22 @@ def hf_tensors(state_dict: StateDict, dtype: torch.dtype, tie_word_embeddings: b
     return out
 
 
-def write_hf_folder(out_dir: Path, config: Config, state_dict: StateDict, tokenizer_model: bytes, *,
-                    dtype: torch.dtype, max_shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
+def write_hf_folder(out_dir: Path, config: Config, state_dict: StateDict, tokenizer_model: Optional[bytes], *,
+                    dtype: torch.dtype, tokenizer_dir: Optional[Path] = None,
+                    max_shard_size: Union[int, str] = DEFAULT_SHARD_SIZE,
                     tie_word_embeddings: Optional[bool] = None, bos_token_id: Optional[int] = 1,
                     eos_token_id: Optional[int] = 2) -> List[str]:
-    """Writes the whole HF folder for ``state_dict`` (our names, optionally with biases) into ``out_dir``."""
+    """Writes the whole HF folder for ``state_dict`` (our names, optionally with biases) into ``out_dir``; the
+    tokenizer is ``tokenizer_model`` (SentencePiece bytes) or, when that is None, the BPE files of
+    ``tokenizer_dir``."""
     from lit_adapter.convert.hf_tokenizer import write_tokenizer_files
+    from lit_adapter.tokenizer import tokenizer_files
 
     tie = config.tie_embeddings if tie_word_embeddings is None else tie_word_embeddings
-    flags = bias_flags(state_dict)
-    state_dict = complete_biases(state_dict, config, flags)
+    gpt2 = is_gpt2(config)
+    flags = {} if gpt2 else bias_flags(state_dict)  # GPT-2's linears all have biases already
+    if not gpt2:
+        state_dict = complete_biases(state_dict, config, flags)
     cfg = hf_config(config, dtype, tie_word_embeddings=tie, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                     **flags)
     out_dir = Path(out_dir)
@@ -196,8 +215,22 @@ def write_hf_folder(out_dir: Path, config: Config, state_dict: StateDict, tokeni
     generation = {k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)) if v is not None}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     files = ["config.json", "generation_config.json"]
-    files += write_weights(out_dir, hf_tensors(state_dict, dtype, tie), max_shard_size)
-    files += write_tokenizer_files(out_dir, tokenizer_model, config.block_size)
+    if gpt2:
+        if not tie and "lm_head.weight" not in state_dict:
+            state_dict = dict(state_dict, **{"lm_head.weight": state_dict["transformer.wte.weight"]})
+        tensors = {k: v.detach().to("cpu", dtype).clone() for k, v in lit_to_hf_gpt2(state_dict, config).items()
+                   if not (k == "lm_head.weight" and tie)}
+    else:
+        tensors = hf_tensors(state_dict, dtype, tie)
+    files += write_weights(out_dir, tensors, max_shard_size)
+    if tokenizer_model is not None:
+        files += write_tokenizer_files(out_dir, tokenizer_model, config.block_size)
+    else:
+        if tokenizer_dir is None or not tokenizer_files(tokenizer_dir):
+            raise UserError(f"{tokenizer_dir} has no tokenizer files to copy into the HF folder")
+        for file in tokenizer_files(tokenizer_dir):
+            shutil.copyfile(file, out_dir / file.name)
+            files.append(file.name)
     return files
 
 

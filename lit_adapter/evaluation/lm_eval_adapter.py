@@ -86,7 +86,8 @@ class LitAdapterLM(LM):
                             + (f" ({model.num_virtual_tokens} of its {model.config.block_size} positions are virtual"
                                " tokens)" if window < model.config.block_size else ""))
         self.max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = add_bos_token in (True, "True", "true", "1")
+        # a tokenizer without BOS (GPT-2: bos_id -1) adds none, and an empty context starts from EOS, as lm-eval's HFLM
+        self.add_bos_token = add_bos_token in (True, "True", "true", "1") and tokenizer.bos_id >= 0
         self.prefix_token_id = tokenizer.bos_id if self.add_bos_token else tokenizer.eos_id
 
     # -- tokenization ---------------------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def convert_to_hf(
     for text in merged.notes:
         note(text)
     return replace_folder(Path(output_dir), lambda tmp: write_hf_folder(
-        tmp, source.config, merged.state_dict, tokenizer_model, dtype=merged.dtype, max_shard_size=max_shard_size,
+        tmp, source.config, merged.state_dict, tokenizer_model, tokenizer_dir=source.base_dir, dtype=merged.dtype,
+        max_shard_size=max_shard_size,
         tie_word_embeddings=merged.tie_word_embeddings,
         bos_token_id=tokenizer.bos_id if tokenizer.bos_id >= 0 else None,
         eos_token_id=tokenizer.eos_id if tokenizer.eos_id >= 0 else None))

@@ -150,20 +150,29 @@ class _Merger:
         def read(key: str) -> torch.Tensor:  # each tensor in the output dtype at once: one float32 copy at a time
             return self.reader.tensor(key).to(dtype)
 
+        def read_norm(name: str, norm: nn.Module) -> None:  # RMSNorm (weight) or LayerNorm (weight, bias)
+            for kind in ("weight", "bias"):
+                if getattr(norm, kind, None) is not None:
+                    out[f"{name}.{kind}"] = read(f"{name}.{kind}")
+
         out: StateDict = {"transformer.wte.weight": read("transformer.wte.weight")}
+        if "wpe" in model.transformer:  # GPT-2's learned positions
+            out["transformer.wpe.weight"] = read("transformer.wpe.weight")
         for i, block in enumerate(model.transformer.h):
             prefix = f"transformer.h.{i}"
-            out[f"{prefix}.norm_1.weight"] = read(f"{prefix}.norm_1.weight")
+            read_norm(f"{prefix}.norm_1", block.norm_1)
             for parent, leaves in (("attn", _ATTENTION), ("mlp", _MLP)):
                 if parent == "mlp":
-                    out[f"{prefix}.norm_2.weight"] = read(f"{prefix}.norm_2.weight")
+                    read_norm(f"{prefix}.norm_2", block.norm_2)
                 for leaf in leaves:
+                    if not hasattr(getattr(block, parent), leaf):
+                        continue  # GPT-2's MLP has no gate_proj
                     name = f"{prefix}.{parent}.{leaf}"
                     W, b = self.fold(getattr(getattr(block, parent), leaf), name)
                     out[f"{name}.weight"] = W.to(dtype)
                     if b is not None:
                         out[f"{name}.bias"] = b.to(dtype)
-        out["transformer.ln_f.weight"] = read("transformer.ln_f.weight")
+        read_norm("transformer.ln_f", model.transformer.ln_f)
         head, _ = self.fold(model.lm_head, "lm_head")
         tie = config.tie_embeddings
         if tie and not torch.equal(head, self.reader.tensor("transformer.wte.weight")):

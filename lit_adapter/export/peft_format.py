@@ -19,6 +19,13 @@ method's name:
   (1, n_head, 1, 1)), PEFT's ``adaption_gate`` one per layer (shape (1,)). A run exports only if every layer's
   heads share one gate value exactly; otherwise the refusal names the layer.
 
+On GPT-2 (``GPT2LMHeadModel``) the modules are HF's: ``attn.c_attn`` (our q/k/v, fused), ``attn.c_proj``,
+``mlp.c_fc``, ``mlp.c_proj``, ``lm_head``. Our separate q/k/v LoRA layers are exactly one LoRA on the fused
+``c_attn``: ``A`` their ``A`` stacked ``(k r, in)``, ``B`` block-diagonal ``(3 n_embd, k r)`` (zero rows for a
+projection not adapted), written with ``rank_pattern`` ``k r`` and ``alpha_pattern`` ``k alpha`` so PEFT's scale
+``alpha / r`` is ours. IA³ output scales on q/k/v become one ``c_attn`` scale of ``3 n_embd`` (ones where not
+adapted); an input scale on q/k/v (they share one input in ``c_attn``) and LLaMA-Adapter prompts are refused.
+
 Everything else is refused with one line naming the method and why: Adapter v2 (PEFT has no per-linear bias and
 scale, nor trained norms beside a prompt), BitFit (PEFT's ``bias`` options train biases a model has; LLaMA's
 linears have none), Houlsby and Pfeiffer (bottleneck adapters are AdapterHub's, not PEFT's), full fine-tuning
@@ -33,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.convert.common import lit_to_hf_name
+from lit_adapter.convert.gpt2 import is_gpt2
 from lit_adapter.errors import UserError
 from lit_adapter.export.merge import layer_span
 from lit_adapter.export.source import Source, StateDict, inspect_structure
@@ -59,6 +67,27 @@ def peft_module_name(name: str) -> str:
     return "base_model.model." + lit_to_hf_name(f"{name}.weight")[: -len(".weight")]
 
 
+_GPT2_MODULES = {"q_proj": "attn.c_attn", "k_proj": "attn.c_attn", "v_proj": "attn.c_attn", "o_proj": "attn.c_proj",
+                 "up_proj": "mlp.c_fc", "down_proj": "mlp.c_proj"}
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def gpt2_module_name(name: str) -> str:
+    """HF GPT-2's module of our module ``name`` (``transformer.h.0.attn.k_proj`` -> ``transformer.h.0.attn.c_attn``)."""
+    if name == "lm_head":
+        return name
+    prefix, _, leaf = name.rpartition(".")  # transformer.h.N.attn, k_proj
+    return prefix.rpartition(".")[0] + "." + _GPT2_MODULES[leaf]
+
+
+def _fused(source: Source, layers: Dict[str, nn.Module]) -> Dict[str, Dict[str, nn.Module]]:
+    """Our layers grouped by the GPT-2 module that holds them, in model order."""
+    groups: Dict[str, Dict[str, nn.Module]] = {}
+    for name, module in layers.items():
+        groups.setdefault(gpt2_module_name(name), {})[name] = module
+    return groups
+
+
 def _common(base_model_name_or_path: Optional[str]) -> Dict[str, Any]:
     return {"base_model_name_or_path": base_model_name_or_path, "revision": None, "task_type": "CAUSAL_LM",
             "inference_mode": True}
@@ -79,6 +108,8 @@ def _lora(source: Source, layers: Dict[str, nn.Module], base_model: Optional[str
     r = _uniform({n: m.r for n, m in layers.items()}, "ranks", source)
     alpha = _uniform({n: float(m.alpha) for n, m in layers.items()}, "alphas", source)
     dropout = _uniform({n: float(getattr(m.lora_dropout, "p", 0.0)) for n, m in layers.items()}, "dropouts", source)
+    if is_gpt2(source.config):
+        return _lora_gpt2(source, layers, base_model, r, alpha, dropout)
     targets = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))  # in model order, once each
     config = {
         "peft_type": "LORA", **_common(base_model), "r": r, "lora_alpha": _number(alpha), "lora_dropout": dropout,
@@ -94,7 +125,73 @@ def _lora(source: Source, layers: Dict[str, nn.Module], base_model: Optional[str
     return config, tensors
 
 
+def _lora_gpt2(source: Source, layers: Dict[str, nn.Module], base_model: Optional[str], r: int, alpha: float,
+               dropout: float) -> Tuple[Dict, StateDict]:
+    d = source.config.n_embd
+    tensors: StateDict = {}
+    ranks: Dict[str, int] = {}
+    for hf_module, members in _fused(source, layers).items():
+        prefix = f"base_model.model.{hf_module}"
+        As = [source.trained[f"{n}.lora_A"] for n in members]
+        Bs = [source.trained[f"{n}.lora_B"] for n in members]
+        if hf_module.endswith("c_attn"):  # stacked A, block-diagonal B over the q/k/v slots
+            A = torch.cat(As, dim=0)  # (k r, in)
+            B = torch.zeros(3 * d, A.shape[0], dtype=Bs[0].dtype)  # (3 n_embd, k r)
+            for j, (n, b) in enumerate(zip(members, Bs)):
+                slot = _QKV.index(n.rsplit(".", 1)[-1])
+                B[slot * d:(slot + 1) * d, j * r:(j + 1) * r] = b
+            ranks[hf_module.rsplit(".", 1)[-1]] = A.shape[0]
+        else:
+            A, B = As[0], Bs[0]
+        tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = A, B
+    targets = list(dict.fromkeys(".".join(m.split(".")[-2:]) if m != "lm_head" else m for m in _fused(source, layers)))
+    fused = sorted(set(ranks.values()))
+    if len(fused) > 1:
+        raise _refuse(source, f"its layers adapt different numbers of q/k/v projections ({fused} ranks on "
+                              "c_attn); this exporter writes one rank for c_attn")
+    rank_pattern = {"c_attn": fused[0]} if fused and fused[0] != r else {}
+    config = {
+        "peft_type": "LORA", **_common(base_model), "r": r, "lora_alpha": _number(alpha), "lora_dropout": dropout,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": True, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": {k: _number(alpha * v / r) for k, v in rank_pattern.items()},  # keeps alpha / r
+    }
+    return config, tensors
+
+
+def _ia3_gpt2(source: Source, layers: Dict[str, nn.Module], base_model: Optional[str]) -> Tuple[Dict, StateDict]:
+    d = source.config.n_embd
+    tensors: StateDict = {}
+    feedforward = []
+    for hf_module, members in _fused(source, layers).items():
+        prefix = f"base_model.model.{hf_module}"
+        inputs = [n for n, m in members.items() if m.feedforward]
+        if hf_module.endswith("c_attn"):
+            if inputs:
+                raise _refuse(source, f"it scales the input of {inputs[0].rsplit('.', 1)[-1]}, and GPT-2's q/k/v "
+                                      "share one input in c_attn, where PEFT has one input scale for all three")
+            scale = torch.ones(3 * d, dtype=next(iter(source.trained.values())).dtype)
+            for n in members:
+                slot = _QKV.index(n.rsplit(".", 1)[-1])
+                scale[slot * d:(slot + 1) * d] = source.trained[f"{n}.ia3_l"]
+            tensors[f"{prefix}.ia3_l"] = scale[:, None]
+            continue
+        (name, layer), = members.items()
+        scale = source.trained[f"{name}.ia3_l"]
+        tensors[f"{prefix}.ia3_l"] = scale[None, :] if layer.feedforward else scale[:, None]
+        if layer.feedforward:
+            feedforward.append(".".join(hf_module.split(".")[-2:]))
+    targets = list(dict.fromkeys(".".join(m.split(".")[-2:]) for m in _fused(source, layers)))
+    config = {"peft_type": "IA3", **_common(base_model), "target_modules": targets,
+              "feedforward_modules": list(dict.fromkeys(feedforward)), "fan_in_fan_out": True,
+              "init_ia3_weights": True, "modules_to_save": None}
+    return config, tensors
+
+
 def _ia3(source: Source, layers: Dict[str, nn.Module], base_model: Optional[str]) -> Tuple[Dict, StateDict]:
+    if is_gpt2(source.config):
+        return _ia3_gpt2(source, layers, base_model)
     targets = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))
     feedforward = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n, m in layers.items() if m.feedforward))
     config = {"peft_type": "IA3", **_common(base_model), "target_modules": targets,
@@ -110,6 +207,9 @@ def _ia3(source: Source, layers: Dict[str, nn.Module], base_model: Optional[str]
 
 def _adaption_prompt(source: Source, prompts: Dict[str, nn.Module], base_model: Optional[str]
                      ) -> Tuple[Dict, StateDict]:
+    if is_gpt2(source.config):
+        raise _refuse(source, "this exporter writes LLaMA-Adapter prompts for LlamaForCausalLM only; PEFT's GPT-2 "
+                              "adaption prompt adds its own c_proj bias and query path, not checked to equal ours")
     n_layer = source.config.n_layer
     layers = sorted(int(name.split(".")[2]) for name in prompts)
     if layers != list(range(n_layer - len(layers), n_layer)):
@@ -143,6 +243,11 @@ def peft_adapter(source: Source, base_model_name_or_path: Optional[str] = None) 
     if structure.unknown:
         raise _refuse(source, structure.unknown[0][1])
     kinds = {type(m) for m in structure.wrappers.values()}
+    if not kinds and not structure.prompts:
+        in_place = sorted(source.trained)
+        raise _refuse(source, f"it trains base tensors in place ({', '.join(in_place[:2])}"
+                              f"{' ...' if len(in_place) > 2 else ''}), which no PEFT adapter holds; merge it "
+                              "into the base with scripts/convert_to_hf.py --merge true")
     for kind, why in _NOT_IN_PEFT.items():
         if kind in kinds:
             raise _refuse(source, why)

@@ -26,7 +26,7 @@ from lit_adapter.checkpoint import find_weights, load_state_dict
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.methods import ADAPTER_FILE, MethodSpec, build_model, read_spec
-from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer
+from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer, has_tokenizer
 from lit_adapter.tuners import adapter, adapter_v2, bottleneck
 from lit_adapter.tuners.bitfit import BitFitLinear
 from lit_adapter.tuners.ia3 import IA3Linear
@@ -37,7 +37,7 @@ StateDict = Dict[str, torch.Tensor]
 WRAPPERS = (LoRALinear, IA3Linear, BitFitLinear, adapter_v2.AdapterV2Linear)
 """The wrappers of a base linear whose arithmetic the exporters know."""
 _PLAIN = {nn.ModuleDict, nn.ModuleList, nn.Embedding, nn.Linear, nn.Dropout, nn.Identity, base.RMSNorm,
-          base.LLaMAMLP, base.Block, base.CausalSelfAttention}
+          nn.LayerNorm, base.LLaMAMLP, base.GptNeoxMLP, base.Block, base.CausalSelfAttention}
 """Modules of LLaMA itself (exact types: a subclass may compute something else). Dropout and Identity are LoRA's
 dropout on its branch's input, which does nothing at inference."""
 _MODELS = {base.GPT, adapter.GPT, adapter_v2.GPT}
@@ -48,7 +48,8 @@ _WHY_NOT = {
 }
 """Modules known to have no counterpart in LlamaForCausalLM, with the reason given in the refusal."""
 _COMPARED = ("vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_query_groups", "n_embd",
-             "intermediate_size", "rope_base", "norm_eps", "tie_embeddings")
+             "intermediate_size", "rope_base", "norm_eps", "tie_embeddings", "norm_class", "mlp_class", "bias",
+             "lm_head_bias", "position_embedding", "gelu_approximate")
 
 
 @dataclass
@@ -121,12 +122,14 @@ class Source:
             self._base = load_state_dict(find_weights(self.base_dir))
         return self._base
 
-    def tokenizer(self) -> Tuple[Tokenizer, bytes]:
-        """Our tokenizer of the base and the bytes of its SentencePiece ``tokenizer.model``."""
-        if self.base_dir is None or not (self.base_dir / TOKENIZER_FILE).is_file():
-            raise UserError(f"{self.base_dir} has no {TOKENIZER_FILE} (the SentencePiece tokenizer of the checkpoint)")
-        tokenizer = Tokenizer(self.base_dir / TOKENIZER_FILE)
-        return tokenizer, tokenizer.processor.serialized_model_proto()
+    def tokenizer(self) -> Tuple[Tokenizer, Optional[bytes]]:
+        """Our tokenizer of the base and the bytes of its SentencePiece ``tokenizer.model`` (None for a BPE
+        tokenizer, whose files are copied as they are)."""
+        if self.base_dir is None or not has_tokenizer(self.base_dir):
+            raise UserError(f"{self.base_dir} has no {TOKENIZER_FILE}, tokenizer.json or vocab.json + merges.txt "
+                            "(the tokenizer of the checkpoint)")
+        tokenizer = Tokenizer(self.base_dir)
+        return tokenizer, tokenizer.processor.serialized_model_proto() if tokenizer.processor is not None else None
 
 
 def load_source(checkpoint_dir: Optional[Path], adapter_dir: Optional[Path], need_base: bool = True) -> Source:

@@ -332,6 +332,11 @@ def print_memory_estimate(spec, config, seq_len: int, train, accelerator: str,
     Mixed precisions are estimated as their ``-true`` counterpart (the weights' dtype), which under-counts the
     float32 master weights of ``*-mixed`` runs; that is said in the output.
     """
+    if config.norm_class != "RMSNorm" or config.mlp_class != "LLaMAMLP":
+        print(f"peak memory estimate: not available for {config.name or 'this model'} (the estimator models LLaMA's "
+              f"blocks, RMSNorm and SwiGLU, not {config.norm_class} and {config.mlp_class}; "
+              "no estimate is better than a wrong one)")
+        return
     if spec.attention.pattern not in ESTIMATED_PATTERNS:
         print(f"peak memory estimate: not available for {spec.attention.pattern} attention (the estimator models "
               f"{', '.join(ESTIMATED_PATTERNS)}; scripts/memory_sweep.py measures any pattern)")

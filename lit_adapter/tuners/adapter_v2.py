@@ -70,7 +70,8 @@ class GPT(adapter.GPT):
             for name in WRAPPED_LINEARS:
                 setattr(block.attn, name, AdapterV2Linear(getattr(block.attn, name)))
             for name in WRAPPED_MLP_LINEARS:
-                setattr(block.mlp, name, AdapterV2Linear(getattr(block.mlp, name)))
+                if hasattr(block.mlp, name):  # GPT-2's MLP has no gate_proj
+                    setattr(block.mlp, name, AdapterV2Linear(getattr(block.mlp, name)))
         # the wrapped head still holds wte's Parameter, so tied configs stay tied
         self.lm_head = AdapterV2Linear(self.lm_head)
 

@@ -14,6 +14,10 @@ n_embd`` MLP biases: 42,496 for LLaMA 7B, 1,359,872 (0.02% of the model) over it
 :class:`BitFitLinear` wraps the base layer by composition and only calls it, so the base may be quantized; a tied
 head keeps its tie (the bias is the wrapper's own). The bias is not folded for inference: the base linears have
 no bias to fold it into, and the addition costs next to nothing.
+
+A model whose linears already have biases (``Config.bias``: GPT-2) is not wrapped: BitFit trains its existing
+biases in place, those of every linear and LayerNorm (all tensors named ``bias``, as the paper does on BERT), and
+``final/`` holds them under their base names. ``head`` still adds a bias to a head without one.
 """
 
 from __future__ import annotations
@@ -62,8 +66,14 @@ class BitFitLinear(LinearWrapper):
 
 
 def add_bitfit(model: nn.Module, cfg: BitFitConfig) -> nn.Module:
-    """Wraps every block linear (and with ``cfg.head`` the output head) of a ``GPT`` in :class:`BitFitLinear`."""
-    wrap_linears(model, cfg.target_names(), lambda name, linear: BitFitLinear(linear))
+    """Wraps every block linear (and with ``cfg.head`` the output head) of a ``GPT`` that has no bias of its own
+    in :class:`BitFitLinear`; a model whose linears have biases (``Config.bias``: GPT-2) trains those instead."""
+    config = model.config
+    names = () if config.bias else BLOCK_LINEARS
+    if cfg.head and not config.lm_head_bias:
+        names += ("lm_head",)
+    if names:
+        wrap_linears(model, names, lambda name, linear: BitFitLinear(linear))
     return model
 
 
@@ -71,12 +81,16 @@ class BitFit(Method):
     name = "bitfit"
     summary = ("Fine-tune a frozen LLaMA with BitFit (Ben Zaken et al. 2021): only biases train. LLaMA's linears have "
                "none, so zero-initialised biases are added to every linear of the blocks (q/k/v/o, gate/up/down; "
-               "--bitfit.head adds one to the output head), which leaves the model unchanged at the start.")
+               "--bitfit.head adds one to the output head), which leaves the model unchanged at the start. A model "
+               "with biases (GPT-2) trains its own: every linear's and LayerNorm's.")
     settings_cls = BitFitConfig
     settings_group = "bitfit"
     # biases are conventionally trained without weight decay
     train_defaults = {"learning_rate": 1e-3, "weight_decay": 0.0}
-    trained_names = added_names = BitFitLinear.own_names
+    # a model with biases of its own (GPT-2) trains them in place: every tensor named ``bias`` (its linears' and
+    # LayerNorms', as the paper does on BERT); LLaMA has no such tensor, so there only the added ones train
+    trained_names = BitFitLinear.own_names + ("bias",)
+    added_names = BitFitLinear.own_names
 
     def attach(self, model: GPT, settings: BitFitConfig) -> None:
         add_bitfit(model, settings)
