@@ -284,6 +284,7 @@ def test_fused_epilogue_only_where_it_applies_and_a_second_backward_raises():
     plain, biased = nn.Linear(6, 5, bias=False), nn.Linear(6, 5, bias=True)
     x = torch.randn(2, 6)
     wrapped = AdapterV2Linear(plain)
+    wrapped.fused_epilogue = True  # off by default (see AdapterV2Linear.fused_epilogue)
     assert fusable(plain, x, wrapped.adapter_bias, wrapped.adapter_scale)
     assert not fusable(biased, x, wrapped.adapter_bias, wrapped.adapter_scale)  # its own bias: unfused path
     assert not fusable(plain, x.double(), wrapped.adapter_bias, wrapped.adapter_scale)  # mixed dtypes

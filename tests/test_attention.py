@@ -147,7 +147,9 @@ def test_sparse_equals_masked_dense(name, fused, T, n_kv, monkeypatch):
     theirs = torch.autograd.grad(ref, leaves, grad)
     for a, b in zip(ours, theirs):
         assert torch.isfinite(a).all()
-        assert rel_err(a, b) < 1e-5 and (a - b).abs().max() < 1e-5
+        # relative to the reference's scale, but never below 1e-6 absolute: with one key (T = 1) the query's
+        # gradient is exactly 0, which SDPA's backward gives as float32 rounding noise (up to ~2e-7)
+        assert (a - b).abs().max() < 1e-5 * max(b.abs().max().item(), 0.1)
 
 
 @pytest.mark.parametrize("name, fused", KERNEL_PATHS)
