@@ -103,9 +103,9 @@ def parse_args(argv=None):
     parser.add_argument("--resume", type=bool, default=False,
                         help="Continue a stopped grid: skip the cells that completed (their recorded results go into "
                              "the table), continue interrupted ones from their last.ckpt, run the others.")
-    parser.add_argument("--print_cells", type=bool, default=False,
+    parser.add_argument("--print_cells", type=bool, nargs="?", const=True, default=False,
                         help="List the cells (name, method, attention, quantize, context, seed) and exit.")
-    parser.add_argument("--dry_run", type=bool, default=False,
+    parser.add_argument("--dry_run", type=bool, nargs="?", const=True, default=False,
                         help="List the cells with each one's trainable parameters and estimated peak memory "
                              "(analytic, nothing allocated) and exit.")
     parser.add_argument("--model_name", type=Optional[str], default=None,
