@@ -135,10 +135,10 @@ class _Poison:
         return loss, n
 
 
-@pytest.mark.parametrize("status", ["failed", "oom"])
+@pytest.mark.parametrize("status", ["failed", "OOM"])
 def test_a_failed_or_out_of_memory_cell_is_a_run_with_its_status(tmp_path, stories_checkpoint, instruction_data,
                                                                   monkeypatch, status):
-    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if status == "oom" else None
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if status == "OOM" else None
     monkeypatch.setattr(losses, "loss_fn", _Poison(after=2, error=error))  # step 1 is clean, step 2 is not
     out = tmp_path / "cell"
     with pytest.raises(LossNotFinite if status == "failed" else torch.OutOfMemoryError):
@@ -296,7 +296,7 @@ def test_a_process_that_dies_of_out_of_memory_leaves_a_complete_run_to_sync(tmp_
                               test_reliability.REPO)})
     assert proc.returncode == 1 and "OutOfMemoryError" in proc.stderr  # what the grid classifies as OOM
     (run,) = offline_runs(out)  # the process has exited: what wandb sync will upload
-    assert (run.summary["status"], run.exit_codes) == ("oom", [1])
+    assert (run.summary["status"], run.exit_codes) == ("OOM", [1])
     assert run.summary["reason"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
 
 
