@@ -41,9 +41,9 @@ class AdapterV2Linear(LinearWrapper):
 
     own_names = ("adapter_bias", "adapter_scale")
     fused_epilogue = False
-    """Whether to use the one-node epilogue (lit_adapter.tuners.scale_bias). Off: with it a step saved 18% more
-    activations than the unfused form (tests/test_memory.py's autograd count), so it breaks the estimator and the
-    rule that a speed lever must not raise memory; benchmarks/epilogue_ab.py measures it both ways."""
+    """Whether to use the one-node epilogue (lit_adapter.tuners.scale_bias): faster with a lower allocator peak
+    (benchmarks/epilogue_ab.py, docs/throughput.md), but off until this method's memory terms describe the tensors
+    autograd saves with it (the estimator would miss the measured peak by over 15%)."""
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__(linear)
