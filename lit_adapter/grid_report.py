@@ -28,7 +28,9 @@ def provenance() -> Dict[str, str]:
     """Where and when the results were measured: the machine, the date (UTC) and the repository's commit."""
     import torch
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{_cpu_name()}, {_cpu_count()} cores"
+    from lit_adapter.runtime import cpu_model
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_model('CPU')}, {_cpu_count()} cores"
     repo = Path(__file__).resolve().parents[1]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -41,16 +43,6 @@ def provenance() -> Dict[str, str]:
     return {"machine": f"{platform.node()}: {device}, {platform.system()} {platform.machine()}, torch "
                        f"{torch.__version__}",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def _cpu_count() -> int:

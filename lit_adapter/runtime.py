@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import resource
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -59,3 +61,15 @@ def compile_blocks(model: torch.nn.Module, dynamic: Optional[bool] = None) -> in
     for block in blocks:
         block.compile(dynamic=dynamic)
     return len(blocks)
+
+
+def cpu_model(fallback: Optional[str] = None) -> str:
+    """The CPU's model name from /proc/cpuinfo, for the provenance lines of results; elsewhere what ``platform``
+    knows, else ``fallback`` (default: the architecture)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or fallback or platform.machine()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from lit_adapter.errors import UserError
-from lit_adapter.runtime import resolve_device, resolve_precision  # noqa: F401 (used by the evaluation scripts)
+from lit_adapter.runtime import cpu_model, resolve_device, resolve_precision  # noqa: F401 (used by the evaluation scripts)
 
 DEFAULT_DATA_DIR = Path(
     os.environ.get("LIT_ADAPTER_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data")
@@ -79,23 +78,13 @@ def run_info(device: torch.device) -> Dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "torch": torch.__version__,
         "device": str(device),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
         "git": git_revision(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_json(path: Union[str, Path], obj: Any) -> Path:
