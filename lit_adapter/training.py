@@ -83,8 +83,9 @@ class TrainArgs:
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
-    """torch.compile each transformer block (runtime.compile_blocks): faster steps after a compilation of about
-    two minutes on a 2-core CPU, counted in the first step's time (docs/throughput.md)."""
+    """torch.compile each transformer block (runtime.compile_blocks): faster steps after a compilation counted in
+    the first step's time (seconds with a warm inductor cache, up to about two minutes cold on a 2-core CPU;
+    docs/throughput.md)."""
     seed: int = 1337
     """Seeds the initialisation of the method's tensors, dropout and the data order (a pure function of seed and
     step, so --resume continues exactly)."""
@@ -273,7 +274,7 @@ def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) ->
 
 
 def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams,
-          objective: Optional[Objective] = None, record: Optional[RunRecord] = None):
+          record: RunRecord, objective: Optional[Objective] = None):
     from tqdm import tqdm
 
     fabric.seed_everything(train.seed)
@@ -337,7 +338,6 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         (out_dir / "hparams.json").write_text(json.dumps(hparams, indent=2) + "\n")
     if logger_supports_hparams(fabric.logger):
         fabric.logger.log_hyperparams(hparams)
-    record = record or RunRecord(fabric.logger, LoggerArgs(), hparams)
     record.track(state, spec.describe(), n_trainable, n_total, fabric.device)
 
     pad_id = 0
