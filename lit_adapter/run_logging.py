@@ -180,7 +180,7 @@ def answer_prompts(fabric, model, checkpoint_dir: Path, prompts: Sequence[str], 
                      "answer them with generate/*.py --adapter_dir final/")
         return []
     from lit_adapter import methods
-    from lit_adapter.generate import generate_batch, room_for
+    from lit_adapter.generate import generate_batch, real_window, room_for
     from lit_adapter.prompts import InstructionRecord, generate_prompt
     from lit_adapter.tokenizer import Tokenizer
 
@@ -188,7 +188,7 @@ def answer_prompts(fabric, model, checkpoint_dir: Path, prompts: Sequence[str], 
     tokenizer = Tokenizer(checkpoint_dir)
     encoded = [tokenizer.encode(generate_prompt(InstructionRecord(instruction=p)), bos=True, device=fabric.device)
                for p in prompts]
-    window = model.config.block_size - model.num_virtual_tokens
+    window = real_window(model)
     fits = [i for i, e in enumerate(encoded) if e.numel() < window]
     responses = {i: "" for i in range(len(prompts))}
     model.eval()
