@@ -51,7 +51,9 @@ def record_failed_cell(config: Dict[str, Any], folder: Path, status: str, reason
 
     if not sys.stderr.isatty():
         os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=logger.get("project", "lit-adapter"), group=logger.get("group"),
+    from lit_adapter.loggers import LoggerArgs
+
+    run = wandb.init(project=logger.get("project", LoggerArgs.project), group=logger.get("group"),
                      name=logger.get("run_name"), job_type=logger.get("job_type"), tags=logger.get("tags") or None,
                      id=logger.get("run_id"), dir=str(folder), config=config, resume="allow")
     run.summary["status"] = status
