@@ -61,8 +61,8 @@ class ScoreHead(nn.Linear):
         super().__init__(n_embd, num_labels, bias=False)
 
     @torch.no_grad()
-    def reset_peft_parameters(self) -> None:
-        # methods._materialize_new_parameters calls this once the tensor has left the meta device
+    def reset_parameters(self) -> None:
+        # nn.Linear's initialiser, also called by methods._materialize_new_parameters once the weight leaves meta
         nn.init.normal_(self.weight, mean=0.0, std=INIT_STD)
 
 

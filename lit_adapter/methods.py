@@ -34,7 +34,7 @@ from lit_adapter.tokenizer import tokenizer_files
 from lit_adapter.tuners import (
     adapter, adapter_v2, bitfit, bottleneck, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning,
 )
-from lit_adapter.tuners.base import Method
+from lit_adapter.tuners.base import Method, initialize_tuner_layers
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (
     adapter.METHOD,
@@ -52,8 +52,6 @@ REGISTRY: Dict[str, Method] = {m.name: m for m in (
 METHODS = tuple(REGISTRY)
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-INIT_HOOK = "reset_peft_parameters"
-"""The method modules' initialiser of the tensors they add (called once they leave the meta device)."""
 
 
 def get_method(name: str) -> Method:
@@ -204,17 +202,17 @@ def _match_base_names(
 
 
 def _materialize_new_parameters(model: nn.Module, device: torch.device) -> None:
-    """Gives the PEFT tensors that no checkpoint filled (still on meta) their initial values on ``device``."""
+    """Gives the PEFT tensors that no checkpoint filled (still on meta) their initial values on ``device``: every
+    method module's (:class:`~lit_adapter.tuners.base.TunerLayer`) by its own initialiser, a plain torch layer's
+    outside them (a classification head) by its ``reset_parameters``."""
+    initialize_tuner_layers(model, device, only_meta=True)
     for module in model.modules():
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         if any(t.is_meta for _, t in own):
+            if not hasattr(module, "reset_parameters"):
+                raise RuntimeError(f"{type(module).__name__} has uninitialised tensors and no initialiser")
             module.to_empty(device=device, recurse=False)
-            for hook in (INIT_HOOK, "reset_parameters"):  # a method's own modules, or plain torch layers
-                if hasattr(module, hook):
-                    getattr(module, hook)()
-                    break
-            else:
-                raise RuntimeError(f"{type(module).__name__} has uninitialised tensors and no {INIT_HOOK} method")
+            module.reset_parameters()
 
 
 def prepare_model(

@@ -11,19 +11,24 @@ The LLaMA network follows Touvron et al. 2023 and matches HF ``transformers``' `
 converters permute Meta's and llama2.c's interleaved q/k weights into it). The cos/sin tables come from :mod:`lit_adapter.rope`, which also scales them past
 the pretrained window when ``Config.rope_scaling`` asks (linear, dynamic NTK, YaRN, llama3).
 
-Extension points for the PEFT variants, so that none of them copies a ``forward``:
+Hook points for the PEFT methods, so that none of them subclasses the model or copies a ``forward``. A method
+attaches either by wrapping a linear (``lit_adapter.tuners.wrapping``) or by setting a module into one of these
+slots, all ``None`` (nothing) by default:
 
-* ``GPT.build_block(block_idx)`` builds each transformer block; a variant may return blocks with another
-  attention class.
-* ``CausalSelfAttention.scaled_dot_product_attention(q, k, v, input_pos)`` is the attention hook. LLaMA-Adapter
-  overrides it to add the prompt attention; ``attention_kernel`` swaps dense attention for a sparse pattern.
-* ``GPT.virtual_tokens`` (a module, ``None`` by default) occupies the positions before the first real token, for
-  prompt tuning, P-tuning and prefix tuning. It has ``num_virtual_tokens`` (P) and ``forward(x, input_pos)``, which
-  gets the real tokens' embeddings and returns them with the rows of virtual tokens that enter now prepended (or
-  as they are: prefix tuning's virtual tokens are keys and values only). The real tokens then sit at positions
-  ``P, P + 1, ...`` (RoPE and KV-cache slots; the cache gets P more slots) and the rows of virtual tokens are
-  dropped before the final norm, so logits, hidden states and the loss see only the real tokens. Real plus
-  virtual tokens must fit in ``block_size``.
+* ``CausalSelfAttention.adapter`` computes the layer's attention from the RoPE'd ``q`` and the cached, group-expanded
+  ``k``, ``v``: it is called as ``adapter(attn, q, k, v, input_pos)`` in place of
+  :meth:`CausalSelfAttention.scaled_dot_product_attention`, which it may call for the base part (LLaMA-Adapter
+  adds its gated prompt attention to it; prefix tuning attends over its prefix keys in the same softmax).
+  ``attention_kernel`` swaps dense attention for a sparse pattern inside that base part.
+* ``Block.attn_adapter`` and ``Block.mlp_adapter`` transform the attention's and the MLP's output before the
+  residual add; ``Block.out_adapter`` transforms the block's output (bottleneck adapters).
+* ``GPT.virtual_tokens`` occupies the positions before the first real token, for prompt tuning, P-tuning and
+  prefix tuning. It has ``num_virtual_tokens`` (P) and ``forward(x, input_pos)``, which gets the real tokens'
+  embeddings and returns them with the rows of virtual tokens that enter now prepended (or as they are: prefix
+  tuning's virtual tokens are keys and values only). The real tokens then sit at positions ``P, P + 1, ...``
+  (RoPE and KV-cache slots; the cache gets P more slots) and the rows of virtual tokens are dropped before the
+  final norm, so logits, hidden states and the loss see only the real tokens. Real plus virtual tokens must fit in
+  ``block_size``.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
-                h=nn.ModuleList(self.build_block(i) for i in range(config.n_layer)),
+                h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 ln_f=build_norm(config),
             )
         )
@@ -62,10 +67,6 @@ class GPT(nn.Module):
         # Built lazily on the device of the input: a plain attribute, so it is neither saved nor materialized.
         self._rope_cache: Optional[RopeCache] = None
         self._rope_key: Optional[tuple] = None
-
-    def build_block(self, block_idx: int) -> "Block":
-        """Hook for variants that need a different block or attention class."""
-        return Block(self.config, block_idx)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -173,19 +174,26 @@ class GPT(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: Config, block_idx: int, attn: Optional["CausalSelfAttention"] = None) -> None:
+    def __init__(self, config: Config, block_idx: int) -> None:
         super().__init__()
         self.norm_1 = build_norm(config)
-        self.attn = attn if attn is not None else CausalSelfAttention(config, block_idx)
+        self.attn = CausalSelfAttention(config, block_idx)
         self.norm_2 = build_norm(config)
         self.mlp = GptNeoxMLP(config) if config.mlp_class == "GptNeoxMLP" else LLaMAMLP(config)
+        # hook slots (module docstring): a method's module on a sublayer's output, or on the block's
+        self.attn_adapter: Optional[nn.Module] = None
+        self.mlp_adapter: Optional[nn.Module] = None
+        self.out_adapter: Optional[nn.Module] = None
 
     def forward(
         self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
         input_pos: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), cos, sin, input_pos)
-        return x + self.mlp(self.norm_2(x))
+        h = self.attn(self.norm_1(x), cos, sin, input_pos)  # (B, T, n_embd)
+        x = x + (h if self.attn_adapter is None else self.attn_adapter(h))
+        h = self.mlp(self.norm_2(x))
+        x = x + (h if self.mlp_adapter is None else self.mlp_adapter(h))
+        return x if self.out_adapter is None else self.out_adapter(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -201,6 +209,8 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         # ``None`` is dense causal attention; a sparse pattern (lit_adapter.attention) replaces it.
         self.attention_kernel: Optional[nn.Module] = None
+        # the attention hook slot (module docstring): a method's module that computes this layer's attention
+        self.adapter: Optional[nn.Module] = None
 
     def forward(
         self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
@@ -220,7 +230,10 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs)
         k, v = self.expand_kv_groups(k), self.expand_kv_groups(v)  # (B, nh, S, hs)
 
-        y = self.scaled_dot_product_attention(q, k, v, input_pos)  # (B, nh, T, hs)
+        if self.adapter is not None:
+            y = self.adapter(self, q, k, v, input_pos)  # (B, nh, T, hs)
+        else:
+            y = self.scaled_dot_product_attention(q, k, v, input_pos)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)
         return self.o_proj(y)
 
@@ -232,7 +245,7 @@ class CausalSelfAttention(nn.Module):
     def scaled_dot_product_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """Causal attention of ``q`` (B, nh, T, hs) over ``k``, ``v`` (B, nh, S, hs); the hook variants override.
+        """Causal attention of ``q`` (B, nh, T, hs) over ``k``, ``v`` (B, nh, S, hs), dense or ``attention_kernel``'s.
 
         Without ``input_pos`` query ``i`` sits at position ``i`` and S == T. With it, the queries sit at
         ``input_pos`` and the keys are the whole KV cache (positions ``0..S-1``, unwritten slots masked out).

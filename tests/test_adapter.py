@@ -9,39 +9,46 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from lit_adapter.tuners import adapter
+from lit_adapter import methods
+from lit_adapter.checkpoint import save_state_dict
 from lit_adapter.tuners.adapter import AdapterConfig
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
+from lit_adapter.methods import MethodSpec, build_model, mark_trainable, trainable_filter
 from lit_adapter.model import GPT, num_parameters
 
 PROMPT_LENGTH, START_LAYER = 3, 1
 
 
-def build(name, method=adapter, prompt_length=PROMPT_LENGTH, start_layer=START_LAYER, std=0.02, **overrides):
-    """A random base GPT and a ``method`` model carrying its weights; also the load_state_dict report.
+def spec_of(method="adapter", prompt_length=PROMPT_LENGTH, start_layer=START_LAYER):
+    return MethodSpec(method, AdapterConfig(prompt_length=prompt_length, start_layer=start_layer))
+
+
+def build(name, method="adapter", prompt_length=PROMPT_LENGTH, start_layer=START_LAYER, std=0.02, **overrides):
+    """A random base GPT and a ``method`` model carrying its weights (built by ``methods.build_model`` on a plain
+    ``GPT``, its prompts at their initial values); also the load_state_dict report.
 
     A large ``std`` gives peaked attention, which makes the attention checks sharper.
     """
     config = Config.from_name(name, **overrides)
     base = GPT(config)
     base.init_weights(std)
-    model = method.GPT(config, AdapterConfig(prompt_length=prompt_length, start_layer=start_layer))
-    model.init_weights()
+    model = build_model(spec_of(method, prompt_length, start_layer), config)
     report = model.load_state_dict(base.state_dict(), strict=False)
     return base.eval(), model.eval(), report
 
 
 def prompt_layers(model):
-    return [block.attn for block in model.transformer.h if block.attn.has_prompt]
+    """The :class:`AdaptionPrompt` in each adapted layer's attention hook slot."""
+    return [block.attn.adapter for block in model.transformer.h if block.attn.adapter is not None]
 
 
 def set_gates(model, values=None):
     with torch.no_grad():
-        for attn in prompt_layers(model):
-            n_head = attn.config.n_head
+        for prompt in prompt_layers(model):
+            n_head = prompt.gating_factor.shape[1]
             gate = torch.full((n_head,), values) if isinstance(values, float) else torch.linspace(-0.7, 0.9, n_head)
-            attn.gating_factor.copy_(gate.view(1, n_head, 1, 1))
+            prompt.gating_factor.copy_(gate.view(1, n_head, 1, 1))
 
 
 def hf_rope(config, T):
@@ -69,7 +76,7 @@ def naive_adapter_attention(attn, x, project, gate, mask=None):
     cos, sin = hf_rope(cfg, T)
     q, _ = apply_rotary_pos_emb(q, q, cos, sin)
     k, _ = apply_rotary_pos_emb(k, k, cos, sin)
-    prompt = attn.adapter_wte.weight  # (aT, C), no norm, no position
+    prompt = attn.adapter.adapter_wte.weight  # (aT, C), no norm, no position
     pk = project("k_proj", prompt).view(-1, ng, hs)
     pv = project("v_proj", prompt).view(-1, ng, hs)
     if mask is None:
@@ -113,16 +120,16 @@ def test_config_is_validated():
     with pytest.raises(UserError, match="start_layer"):
         AdapterConfig(start_layer=-1)
     with pytest.raises(UserError, match="start_layer=3.*n_layer=2"):
-        adapter.GPT(Config.from_name("tiny"), AdapterConfig(start_layer=3))
-    with pytest.raises(UserError, match="start_layer=2"):
-        adapter.GPT(Config.from_name("tiny"), AdapterConfig(start_layer=2))  # would leave nothing to train
+        build_model(MethodSpec("adapter", AdapterConfig(start_layer=3)), Config.from_name("tiny"))
+    with pytest.raises(UserError, match="start_layer=2"):  # would leave nothing to train
+        MethodSpec("adapter", AdapterConfig(start_layer=2)).validate(Config.from_name("tiny"))
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 def test_zero_gates_leave_the_base_model_unchanged(name):
     base, model, report = build(name, start_layer=0)
     assert sorted(report.missing_keys) == [
-        f"transformer.h.{i}.attn.{p}" for i in range(2) for p in ("adapter_wte.weight", "gating_factor")
+        f"transformer.h.{i}.attn.adapter.{p}" for i in range(2) for p in ("adapter_wte.weight", "gating_factor")
     ]
     assert report.unexpected_keys == []
     idx = torch.randint(0, 512, (2, 11))
@@ -132,9 +139,9 @@ def test_zero_gates_leave_the_base_model_unchanged(name):
 
 def test_only_prompts_and_gates_get_gradients():
     _, model, _ = build("tiny-gqa")
-    adapter.mark_only_adapter_as_trainable(model)
+    mark_trainable(model, spec_of())
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable == ["transformer.h.1.attn.adapter_wte.weight", "transformer.h.1.attn.gating_factor"]
+    assert trainable == ["transformer.h.1.attn.adapter.adapter_wte.weight", "transformer.h.1.attn.adapter.gating_factor"]
     idx = torch.randint(0, 512, (2, 9))
 
     def grads():
@@ -158,8 +165,8 @@ def test_7b_trainable_count_equals_lit_llama():
     """lit-llama (``lit_llama/adapter.py``): prompt ``nn.Embedding(10, 4096)`` and gate ``zeros(1, n_head, 1, 1)``
     in layers 2..31 of LLaMA 7B: 30 x (10 x 4096 + 32) = 1,229,760 trainable parameters."""
     with torch.device("meta"):
-        model = adapter.GPT(Config.from_name("7B"), AdapterConfig())
-    adapter.mark_only_adapter_as_trainable(model)
+        model = build_model(MethodSpec("adapter", AdapterConfig()), Config.from_name("7B"))
+    mark_trainable(model, MethodSpec("adapter", AdapterConfig()))
     assert num_parameters(model, requires_grad=True) == 30 * (10 * 4096 + 32) == 1_229_760
     assert num_parameters(model) == 6_738_415_616 + 1_229_760  # LLaMA 7B itself plus the adapter
 
@@ -171,7 +178,7 @@ def test_attention_matches_naive_reference(name):
     attn = model.transformer.h[1].attn
     x = torch.randn(2, 7, attn.config.n_embd)
     cos, sin = model.rope_cache(x.device)
-    gate = attn.gating_factor.view(-1)
+    gate = attn.adapter.gating_factor.view(-1)
     with torch.no_grad():
         ours = attn(x, cos[:7], sin[:7])
         ref = naive_adapter_attention(attn, x, plain_projection(attn), gate)
@@ -198,7 +205,7 @@ def test_kv_cache_decoding_matches_full_forward(name):
         torch.testing.assert_close(incremental, model(idx), rtol=0, atol=2e-6)
         # the prompt keys/values cached while decoding must follow an in-place change of the prompt
         incremental = decode()
-        model.transformer.h[1].attn.adapter_wte.weight.mul_(2.0)
+        model.transformer.h[1].attn.adapter.adapter_wte.weight.mul_(2.0)
         incremental = decode()
         torch.testing.assert_close(incremental, model(idx), rtol=0, atol=2e-6)
     model.clear_kv_cache()
@@ -220,60 +227,81 @@ def test_composes_with_a_sparse_attention_kernel():
     mask = kernel.mask(torch.arange(10), 10)
     with torch.no_grad():
         ours = attn(x, cos[:10], sin[:10])
-        ref = naive_adapter_attention(attn, x, plain_projection(attn), attn.gating_factor.view(-1), mask)
-        dense = naive_adapter_attention(attn, x, plain_projection(attn), attn.gating_factor.view(-1))
+        gate = attn.adapter.gating_factor.view(-1)
+        ref = naive_adapter_attention(attn, x, plain_projection(attn), gate, mask)
+        dense = naive_adapter_attention(attn, x, plain_projection(attn), gate)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     assert (ours - dense).abs().max() > 0.1 * ours.abs().max()  # the kernel's pattern was used
 
 
-def test_adapter_state_dict_round_trip(tmp_path):
+def checkpoint_dir(tmp_path, base):
+    """A converted checkpoint folder of ``base`` (weights and config: no tokenizer is needed to load a method)."""
+    out = tmp_path / "base"
+    out.mkdir(exist_ok=True)
+    save_state_dict(base.state_dict(), out / "lit_model.safetensors")
+    base.config.save(out / "model_config.json")
+    return out
+
+
+def trained_tensors(model, spec):
+    keep = trainable_filter(spec)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if keep(n, p)}
+
+
+def test_adapter_round_trip_through_final(tmp_path):
+    """``methods.save_adapter`` writes only the prompts and gates; ``load_finetuned`` rebuilds the same model."""
     base, model, _ = build("tiny")
     set_gates(model)
-    sd = adapter.adapter_state_dict(model)
-    assert sorted(sd) == ["transformer.h.1.attn.adapter_wte.weight", "transformer.h.1.attn.gating_factor"]
-    assert sum(t.numel() for t in sd.values()) == PROMPT_LENGTH * 32 + 4
-    torch.save(sd, tmp_path / "adapter.pth")
+    spec = spec_of()
+    base_dir = checkpoint_dir(tmp_path, base)
+    methods.save_adapter(model, spec, base.config, base_dir, tmp_path / "final")
+    from safetensors.torch import load_file
 
-    _, fresh, _ = build("tiny")  # same base weights (seeded), other random prompt
-    fresh.load_state_dict(base.state_dict(), strict=False)
-    adapter.load_adapter_state_dict(fresh, torch.load(tmp_path / "adapter.pth", weights_only=True))
+    sd = load_file(str(tmp_path / "final" / methods.ADAPTER_FILE))
+    assert sorted(sd) == ["transformer.h.1.attn.adapter.adapter_wte.weight", "transformer.h.1.attn.adapter.gating_factor"]
+    assert sum(t.numel() for t in sd.values()) == PROMPT_LENGTH * 32 + 4
+
+    _, fresh, spec_read = methods.load_finetuned(base_dir, tmp_path / "final", torch.device("cpu"), torch.float32)
+    assert spec_read.method == "adapter" and spec_read.settings == spec.settings
     idx = torch.randint(0, 512, (2, 8))
     with torch.no_grad():
         assert torch.equal(fresh(idx), model(idx))
 
 
-def test_adapter_state_dict_for_another_config_is_a_user_error():
+def test_adapter_tensors_for_another_config_are_a_user_error():
+    spec = spec_of()
     _, model, _ = build("tiny")
-    sd = adapter.adapter_state_dict(model)
+    sd = trained_tensors(model, spec)
     _, longer, _ = build("tiny", prompt_length=PROMPT_LENGTH + 1)
-    shape = r"transformer.h.1.attn.adapter_wte.weight: checkpoint \(3, 32\) vs model \(4, 32\)"
+    shape = r"transformer.h.1.attn.adapter.adapter_wte.weight: saved \(3, 32\) vs model \(4, 32\)"
     with pytest.raises(UserError, match=shape):
-        adapter.load_adapter_state_dict(longer, sd)
+        methods.load_trained_tensors(longer, sd, spec_of(prompt_length=PROMPT_LENGTH + 1), "final")
     _, wider, _ = build("tiny", n_embd=64)
-    with pytest.raises(UserError, match=r"adapter_wte.weight: checkpoint \(3, 32\) vs model \(3, 64\)"):
-        adapter.load_adapter_state_dict(wider, sd)
+    with pytest.raises(UserError, match=r"adapter_wte.weight: saved \(3, 32\) vs model \(3, 64\)"):
+        methods.load_trained_tensors(wider, sd, spec, "final")
     _, earlier, _ = build("tiny", start_layer=0)
-    missing = r"missing \(2\): transformer.h.0.attn.gating_factor, transformer.h.0.attn.adapter_wte.weight\. "
+    missing = (r"missing \(2\): transformer.h.0.attn.adapter.adapter_wte.weight, "
+               r"transformer.h.0.attn.adapter.gating_factor$")
     with pytest.raises(UserError, match=missing):
-        adapter.load_adapter_state_dict(earlier, sd)
-    with pytest.raises(UserError, match=r"unexpected \(1\): transformer.h.1.attn.lora_A"):
-        adapter.load_adapter_state_dict(model, {**sd, "transformer.h.1.attn.lora_A": torch.zeros(1)})
+        methods.load_trained_tensors(earlier, sd, spec_of(start_layer=0), "final")
+    with pytest.raises(UserError, match=r"unexpected \(1\): transformer.h.1.attn.adapter.lora_A"):
+        methods.load_trained_tensors(model, {**sd, "transformer.h.1.attn.adapter.lora_A": torch.zeros(1)}, spec,
+                                     "final")
 
 
-def test_meta_device_model_loads_base_weights_and_materializes_the_adapter():
+def test_meta_device_model_loads_base_weights_and_materializes_the_adapter(tmp_path):
     config = Config.from_name("tiny")
     base = GPT(config)
     base.init_weights()
-    with torch.device("meta"):
-        model = adapter.GPT(config, AdapterConfig(prompt_length=64, start_layer=0))
-    report = model.load_state_dict(base.state_dict(), strict=False, assign=True)
-    assert all(adapter.adapter_filter(k) for k in report.missing_keys) and len(report.missing_keys) == 4
-    model.init_adapter_parameters()
+    spec = spec_of(prompt_length=64, start_layer=0)
+    model = methods.prepare_model(spec, config, checkpoint_dir(tmp_path, base), torch.device("cpu"), torch.float32)
     assert not any(p.is_meta for p in model.parameters())
-    prompt = model.transformer.h[0].attn.adapter_wte.weight
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        f"transformer.h.{i}.attn.adapter.{p}" for i in range(2) for p in ("adapter_wte.weight", "gating_factor")]
+    prompt = model.transformer.h[0].attn.adapter.adapter_wte.weight
     assert prompt.device.type == "cpu" and prompt.dtype == torch.float32
     assert 0.9 < prompt.std().item() < 1.1  # nn.Embedding's N(0, 1), as lit-llama
-    assert torch.count_nonzero(model.transformer.h[1].attn.gating_factor) == 0
+    assert torch.count_nonzero(model.transformer.h[1].attn.adapter.gating_factor) == 0
     idx = torch.randint(0, 512, (1, 6))
     with torch.no_grad():
         assert torch.equal(model(idx), base(idx))
@@ -310,7 +338,7 @@ def with_plain_linears(model, dequantized):
 def test_quantized_base(tmp_path):
     _, model, _ = build("tiny-gqa", start_layer=0)
     set_gates(model)
-    adapter.mark_only_adapter_as_trainable(model)
+    mark_trainable(model, spec_of(start_layer=0))
     idx = torch.randint(0, 512, (2, 8))
     dequantized = quantize_attention_nf4(model)
     assert type(model.transformer.h[0].attn.k_proj).__name__ == "Linear4bit"
@@ -319,7 +347,7 @@ def test_quantized_base(tmp_path):
         model.zero_grad(set_to_none=True)
         logits = model(idx)
         logits.square().mean().backward()
-        return logits.detach(), model.transformer.h[0].attn.adapter_wte.weight.grad.clone()
+        return logits.detach(), model.transformer.h[0].attn.adapter.adapter_wte.weight.grad.clone()
 
     quantized_logits, quantized_grad = run()
     with_plain_linears(model, dequantized)

@@ -6,23 +6,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_adapter.tuners import adapter_v2
+from lit_adapter import methods
+from lit_adapter.checkpoint import save_state_dict
 from lit_adapter.tuners.adapter import AdapterConfig
-from lit_adapter.tuners.adapter_v2 import AdapterV2Linear
+from lit_adapter.tuners.adapter_v2 import AdapterV2Linear, base_state_dict_to_v2
 from lit_adapter.config import Config
 from lit_adapter.convert import lit_to_hf_name
 from lit_adapter.errors import UserError
+from lit_adapter.methods import MethodSpec, build_model, mark_trainable
 from lit_adapter.model import GPT, num_parameters
 from test_adapter import (
-    LocalWindowKernel, build, naive_adapter_attention, prompt_layers, quantize_attention_nf4, set_gates,
-    with_plain_linears,
+    LocalWindowKernel, build, checkpoint_dir, naive_adapter_attention, prompt_layers, quantize_attention_nf4,
+    set_gates, spec_of, trained_tensors, with_plain_linears,
 )
 
 LINEARS = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
 
 def build_v2(name, **kwargs):
-    return build(name, method=adapter_v2, **kwargs)
+    return build(name, method="adapter_v2", **kwargs)
 
 
 def randomize_v2(model, gates=True):
@@ -53,7 +55,7 @@ def expected_trainable(n_layer, prompt_layers):
         names |= {f"transformer.h.{i}.norm_1.weight", f"transformer.h.{i}.norm_2.weight"}
         names |= {f"transformer.h.{i}.{lin}.adapter_{p}" for lin in LINEARS for p in ("bias", "scale")}
     for i in prompt_layers:
-        names |= {f"transformer.h.{i}.attn.adapter_wte.weight", f"transformer.h.{i}.attn.gating_factor"}
+        names |= {f"transformer.h.{i}.attn.adapter.adapter_wte.weight", f"transformer.h.{i}.attn.adapter.gating_factor"}
     return names
 
 
@@ -88,7 +90,7 @@ def test_init_leaves_the_base_model_unchanged_and_base_checkpoints_load(name, ti
 
 def test_only_v2_parameters_get_gradients():
     _, model, _ = build_v2("tiny-gqa")
-    adapter_v2.mark_only_adapter_v2_as_trainable(model)
+    mark_trainable(model, spec_of("adapter_v2"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == expected_trainable(2, [1])
     set_gates(model, 0.5)
@@ -117,9 +119,10 @@ def test_7b_trainable_count_equals_lit_llama():
 
     Our q/k/v are separate layers but their outputs add up to c_attn's 3 x 4096, so the count is the same.
     """
+    spec = MethodSpec("adapter_v2", AdapterConfig())
     with torch.device("meta"):
-        model = adapter_v2.GPT(Config.from_name("7B"), AdapterConfig())
-    adapter_v2.mark_only_adapter_v2_as_trainable(model)
+        model = build_model(spec, Config.from_name("7B"))
+    mark_trainable(model, spec)
     assert 30 * (10 * 4096 + 32) + 32 * 2 * (3 * 4096 + 4096 + 2 * 11008 + 4096) + 2 * 32000 + 65 * 4096 == 4_279_744
     assert num_parameters(model, requires_grad=True) == 4_279_744
 
@@ -165,7 +168,7 @@ def test_attention_matches_naive_reference(name):
     with torch.no_grad():
         ours = attn(x, cos[:7], sin[:7])
         # the prompt's keys and values go through the adapted k_proj / v_proj too
-        ref = naive_adapter_attention(attn, x, v2_projection(attn), attn.gating_factor.view(-1))
+        ref = naive_adapter_attention(attn, x, v2_projection(attn), attn.adapter.gating_factor.view(-1))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -186,45 +189,52 @@ def test_sparse_kernel_and_kv_cache():
     x = torch.randn(1, 9, attn.config.n_embd)
     cos, sin = model.rope_cache(x.device)
     with torch.no_grad():
-        ref = naive_adapter_attention(attn, x, v2_projection(attn), attn.gating_factor.view(-1),
+        ref = naive_adapter_attention(attn, x, v2_projection(attn), attn.adapter.gating_factor.view(-1),
                                       LocalWindowKernel(4).mask(torch.arange(9), 9))
         torch.testing.assert_close(attn(x, cos[:9], sin[:9]), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_state_dict_round_trip_and_mismatch(tmp_path):
+def test_final_round_trip_and_mismatch(tmp_path):
+    """``methods.save_adapter`` writes exactly v2's trained tensors; ``load_finetuned`` rebuilds the same model;
+    tensors of another model are refused with one line naming the shapes."""
     base, model, _ = build_v2("tiny")
     randomize_v2(model)
-    sd = adapter_v2.adapter_v2_state_dict(model)
+    spec = spec_of("adapter_v2")
+    base_dir = checkpoint_dir(tmp_path, base)
+    methods.save_adapter(model, spec, base.config, base_dir, tmp_path / "final")
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "final" / methods.ADAPTER_FILE))
     assert set(sd) == expected_trainable(2, [1])
     # 2 x (4 x 32 + 2 x 88 + 32) per layer, 2 x 512 for the head, 2 x 2 x 32 + 32 norm weights, prompt 3 x 32 + 4
     assert sum(t.numel() for t in sd.values()) == 2 * 2 * (4 * 32 + 2 * 88 + 32) + 2 * 512 + 5 * 32 + 3 * 32 + 4
-    torch.save(sd, tmp_path / "adapter_v2.pth")
-    _, fresh, _ = build_v2("tiny")
-    fresh.load_state_dict(base.state_dict(), strict=False)
-    adapter_v2.load_adapter_v2_state_dict(fresh, torch.load(tmp_path / "adapter_v2.pth", weights_only=True))
+    _, fresh, _ = methods.load_finetuned(base_dir, tmp_path / "final", torch.device("cpu"), torch.float32)
     idx = torch.randint(0, 512, (2, 8))
     with torch.no_grad():
         assert torch.equal(fresh(idx), model(idx))
     _, wider, _ = build_v2("tiny", n_embd=64)
-    with pytest.raises(UserError, match=r"adapter v2 weights do not fit.*checkpoint \(32,\) vs model \(64,\)"):
-        adapter_v2.load_adapter_v2_state_dict(wider, sd)
+    with pytest.raises(UserError, match=r"adapter_v2 weights in final do not fit.*saved \(32,\) vs model \(64,\)"):
+        methods.load_trained_tensors(wider, trained_tensors(model, spec), spec, "final")
 
 
-def test_meta_device_build_with_tied_head():
+def test_meta_device_build_with_tied_head(tmp_path):
     config = Config.from_name("tiny", tie_embeddings=True)
     base = GPT(config)
     base.init_weights()
+    spec = spec_of("adapter_v2", prompt_length=3, start_layer=1)
     with torch.device("meta"):
-        model = adapter_v2.GPT(config, AdapterConfig(prompt_length=3, start_layer=1))
+        model = build_model(spec, config)
     base_sd = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}  # tied checkpoints may omit it
-    renamed = model.base_state_dict_to_v2(base_sd)
+    renamed = base_state_dict_to_v2(model, base_sd)
     assert "transformer.h.0.attn.q_proj.linear.weight" in renamed and "lm_head.linear.weight" not in renamed
     assert set(renamed) | {"lm_head.linear.weight"} == {k for k in model.state_dict() if not (
         "adapter_" in k or "gating_factor" in k)}
-    model.load_state_dict(base_sd, strict=False, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # re-tying as a checkpoint loader does
+    folder = tmp_path / "base"
+    folder.mkdir()
+    save_state_dict(base_sd, folder / "lit_model.safetensors")
+    config.save(folder / "model_config.json")
+    model = methods.prepare_model(spec, config, folder, torch.device("cpu"), torch.float32)
     assert model.lm_head.linear.weight is model.transformer.wte.weight
-    model.init_adapter_parameters()
     assert not any(p.is_meta for p in model.parameters())
     assert len([m for m in model.modules() if isinstance(m, AdapterV2Linear)]) == 2 * 7 + 1
     idx = torch.randint(0, 512, (1, 6))
@@ -235,7 +245,7 @@ def test_meta_device_build_with_tied_head():
 def test_quantized_base():
     _, model, _ = build_v2("tiny-gqa", start_layer=0)
     randomize_v2(model)
-    adapter_v2.mark_only_adapter_v2_as_trainable(model)
+    mark_trainable(model, spec_of("adapter_v2", start_layer=0))
     dequantized = quantize_attention_nf4(model)
     assert type(model.transformer.h[0].attn.k_proj.linear).__name__ == "Linear4bit"
     idx = torch.randint(0, 512, (2, 8))

@@ -15,15 +15,17 @@ from test_scripts import load_setup
 from lit_adapter.checkpoint import save_state_dict
 from lit_adapter.config import Config
 from lit_adapter.convert import lit_to_hf_name
-from lit_adapter.methods import MethodSpec, format_share, mark_trainable, prepare_model
+from lit_adapter.methods import MethodSpec, build_model, format_share, mark_trainable, prepare_model
 from lit_adapter.model import GPT
-from lit_adapter.tuners.bitfit import BitFitConfig, BitFitLinear, add_bitfit
+from lit_adapter.tuners.bitfit import BitFitConfig, BitFitLinear
 from lit_adapter.tuners.wrapping import wrapped_layers
 
 
 def bitfit_model(base: GPT, cfg: BitFitConfig, perturb: bool = True) -> GPT:
-    """A BitFit copy of ``base``; with ``perturb`` the biases are non-zero, as after training."""
-    model = add_bitfit(copy.deepcopy(base), cfg)
+    """A BitFit copy of ``base`` (``methods.build_model`` carrying its weights); with ``perturb`` the biases are
+    non-zero, as after training."""
+    model = build_model(MethodSpec("bitfit", cfg), base.config)
+    model.load_state_dict(base.state_dict(), strict=False)
     mark_trainable(model, MethodSpec("bitfit", cfg))
     if perturb:
         with torch.no_grad():
@@ -169,7 +171,7 @@ def test_tied_base_checkpoint_loads_with_and_without_the_head_tensor(tmp_path):
 
 def test_base_state_dict_loads_under_the_wrapped_names():
     base = base_model("tiny-gqa")
-    model = add_bitfit(GPT(base.config), BitFitConfig(head=True))
+    model = build_model(MethodSpec("bitfit", BitFitConfig(head=True)), base.config)
     result = model.load_state_dict(base.state_dict(), strict=False)  # ...q_proj.weight -> ...q_proj.linear.weight
     assert result.unexpected_keys == []
     assert set(result.missing_keys) == {f"{name}.bitfit_bias" for name in biases(model)}

@@ -63,9 +63,10 @@ def adapted(base: GPT, method: str, settings: BottleneckConfig, random: bool = T
 
 
 def site_of(name: str):
-    """``transformer.h.3.attn.bottleneck`` -> (3, "attn"); a block's own adapter -> (3, "block")."""
+    """``transformer.h.3.attn_adapter`` -> (3, "attn"); ``mlp_adapter`` -> "mlp"; the block's ``out_adapter`` ->
+    (3, "block")."""
     parts = name.split(".")
-    return int(parts[2]), parts[3] if parts[3] in ("attn", "mlp") else "block"
+    return int(parts[2]), {"attn_adapter": "attn", "mlp_adapter": "mlp", "out_adapter": "block"}[parts[3]]
 
 
 def reference_logits(base: GPT, adapters, idx: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ def test_trains_and_final_reloads_to_the_same_logits(tmp_path, stories_checkpoin
     final = tmp_path / "final"
     tensors = load_file(final / "adapter.safetensors")
     assert set(tensors) == {n for n, p in trained["model"].named_parameters() if p.requires_grad}
-    assert all(".bottleneck." in name for name in tensors) and result.trainable_params == sum(
+    assert all(name.split(".")[3] in ("attn_adapter", "mlp_adapter", "out_adapter") for name in tensors) and result.trainable_params == sum(
         t.numel() for t in tensors.values())
     assert (final / "adapter.safetensors").stat().st_size < 100_000
     config, loaded, spec = load_finetuned(stories_checkpoint, final, torch.device("cpu"), torch.float32)
@@ -61,7 +61,7 @@ def test_quantized_base_trains_on_cpu(tmp_path, stories_checkpoint, instruction_
     layers = (bnb.nn.Linear4bit if quantize == "bnb.nf4" else bnb.nn.Linear8bitLt, torch.nn.Linear)
     # every block linear is quantized (the head stays full precision); the adapters stay float and alone train
     assert {type(m) for n, m in model.named_modules() if isinstance(m, layers)} == {layers[0], torch.nn.Linear}
-    assert all(p.requires_grad == (".bottleneck." in n) for n, p in model.named_parameters())
+    assert all(p.requires_grad == ("_adapter." in n) for n, p in model.named_parameters())
     assert all(p.dtype == torch.float32 for a in bottleneck_adapters(model).values() for p in a.parameters())
     # the trained adapters reload onto a quantized base and run there
     config, loaded, _ = load_finetuned(stories_checkpoint, tmp_path / "final", torch.device("cpu"), torch.float32,

@@ -52,7 +52,7 @@ def test_logits_and_gradients_match_hf_sequence_classification(name):
     model = GPT(Config.from_name(name))
     model.init_weights()
     attach_head(model, HeadSpec(labels=("a", "b", "c"), pad_id=0))
-    model.score.reset_peft_parameters()
+    model.score.reset_parameters()
     hf = _hf_classifier(model, 3, pad_id=0)
     idx = torch.randint(1, model.config.vocab_size, (4, 11))
     idx[0, 7:] = 0  # right padding

@@ -25,7 +25,8 @@ from lit_adapter.model import GPT
 from lit_adapter.preferences import PreferenceData, load_pairs, tokenize_pair
 from lit_adapter.tokenizer import Tokenizer
 from lit_adapter.training import EvalArgs, FabricArgs, LoggerArgs, TrainArgs
-from lit_adapter.tuners.lora import LoRAConfig, lora_layers
+from lit_adapter.tuners.lora import LoRAConfig, LoRALinear
+from lit_adapter.tuners.wrapping import wrapped_layers
 
 LOSSES = [("sigmoid", 0.0), ("sigmoid", 0.2), ("robust", 0.1), ("ipo", 0.0)]
 
@@ -164,7 +165,7 @@ def _lit_lora(base: GPT, peft_model) -> GPT:
     model.load_state_dict({**base.state_dict()}, strict=False)
     params = dict(peft_model.named_parameters())
     with torch.no_grad():
-        for name, layer in lora_layers(model).items():
+        for name, layer in wrapped_layers(model, LoRALinear).items():
             hf_layer = lit_to_hf_name(name + ".weight")[: -len(".weight")]
             layer.lora_A.copy_(params[f"base_model.model.{hf_layer}.lora_A.default.weight"])
             layer.lora_B.copy_(params[f"base_model.model.{hf_layer}.lora_B.default.weight"])
@@ -190,7 +191,7 @@ def test_our_model_with_lora_switched_off_gives_trls_loss(loss_type, eps):
     ours.backward()
     assert pairs == 3 and abs(ours.item() - theirs.item()) < 1e-5 * max(1.0, abs(theirs.item()))
     params = dict(peft_model.named_parameters())
-    for name, layer in lora_layers(model).items():
+    for name, layer in wrapped_layers(model, LoRALinear).items():
         hf_layer = lit_to_hf_name(name + ".weight")[: -len(".weight")]
         for matrix in ("lora_A", "lora_B"):
             theirs_grad = params[f"base_model.model.{hf_layer}.{matrix}.default.weight"].grad

@@ -28,8 +28,8 @@ def peft_logits(hf_base, adapter, idx):
 def _per_layer_gates(model):
     """One random gate per layer, the same for all its heads: what PEFT's one gate per layer can hold."""
     for block in model.transformer.h:
-        if block.attn.has_prompt:
-            block.attn.gating_factor.fill_(torch.randn(()).item())
+        if block.attn.adapter is not None:  # LLaMA-Adapter's prompt, in the attention hook slot
+            block.attn.adapter.gating_factor.fill_(torch.randn(()).item())
 
 
 @pytest.mark.parametrize("method, settings, name, tied, edit", [

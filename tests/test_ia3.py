@@ -13,16 +13,30 @@ from test_scripts import load_setup, run_script
 from lit_adapter.config import Config
 from lit_adapter.convert import lit_to_hf_name
 from lit_adapter.errors import UserError
-from lit_adapter.methods import MethodSpec, format_share, mark_trainable
+from lit_adapter.methods import MethodSpec, build_model, format_share, mark_trainable
 from lit_adapter.model import GPT
-from lit_adapter.tuners.ia3 import IA3_LINEARS, IA3Config, IA3Linear, add_ia3, fold_ia3, ia3_layers, unfold_ia3
+from lit_adapter.tuners.ia3 import IA3_LINEARS, IA3Config, IA3Linear
+from lit_adapter.tuners.wrapping import wrapped_layers
 
 ALL = dict(targets=IA3_LINEARS, feedforward=("up_proj", "down_proj"))
 
 
+def ia3_layers(model: GPT):
+    return wrapped_layers(model, IA3Linear)
+
+
+def fold_for_inference(model: GPT) -> list:
+    """The method's own inference preparation (every foldable layer folded); the layers left unfolded."""
+    MethodSpec("ia3").definition.prepare_for_inference(model)
+    return [name for name, layer in ia3_layers(model).items() if not layer.folded]
+
+
 def ia3_model(base: GPT, cfg: IA3Config, perturb: bool = True) -> GPT:
-    """An IA³ copy of ``base``; with ``perturb`` the vectors are 1 + noise, so the rescaling matters."""
-    model = add_ia3(copy.deepcopy(base), cfg)
+    """An IA³ copy of ``base`` (``methods.build_model`` carrying its weights); with ``perturb`` the vectors are
+    1 + noise, so the rescaling matters."""
+    model = build_model(MethodSpec("ia3", cfg), base.config)
+    report = model.load_state_dict(base.state_dict(), strict=False)
+    assert report.unexpected_keys == [] and all(k.endswith(".ia3_l") for k in report.missing_keys)
     mark_trainable(model, MethodSpec("ia3", cfg))
     if perturb:
         with torch.no_grad():
@@ -113,19 +127,20 @@ def test_folding_gives_the_same_logits_and_unfolds():
     idx = tokens(base.config)
     with torch.no_grad():
         unfolded = model(idx)
-        assert fold_ia3(model) == []
+        assert fold_for_inference(model) == []
         folded_weights = {k: v.clone() for k, v in model.state_dict().items()}
         assert rel_err(model(idx), unfolded) < 1e-5
-        fold_ia3(model)  # a second fold changes nothing
+        fold_for_inference(model)  # a second fold changes nothing
         assert all(torch.equal(v, folded_weights[k]) for k, v in model.state_dict().items())
     k = model.transformer.h[0].attn.k_proj  # an output scale multiplies rows, an input scale columns
     down = model.transformer.h[0].mlp.down_proj
     assert torch.equal(k.linear.weight, original["transformer.h.0.attn.k_proj.linear.weight"] * k.ia3_l[:, None])
     assert torch.equal(down.linear.weight,
                        original["transformer.h.0.mlp.down_proj.linear.weight"] * down.ia3_l[None, :])
-    with pytest.raises(RuntimeError, match="unfold_ia3"):
+    with pytest.raises(RuntimeError, match="unfold"):
         model.train()(idx).sum().backward()
-    unfold_ia3(model.eval())
+    for layer in ia3_layers(model.eval()).values():
+        layer.unfold()
     for key, value in model.state_dict().items():
         assert (value - original[key]).abs().max() < 1e-6, key
     with torch.no_grad():
@@ -164,19 +179,18 @@ def test_quantized_base_stays_unfolded_and_matches_its_dequantized_weights(mode)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(ia3_layers(qmodel))
     assert all(rel_err(g, grads[1][n]) < 1e-4 for n, g in grads[0].items())
     with pytest.raises(UserError, match="quantized"):
-        fold_ia3(qmodel)
+        qmodel.transformer.h[0].attn.k_proj.fold()
     qmodel.eval()
     with torch.no_grad():
         before = qmodel(idx)
-        MethodSpec("ia3").definition.prepare_for_inference(qmodel)  # what load_finetuned does
-        assert not any(layer.folded for layer in ia3_layers(qmodel).values())
+        assert len(fold_for_inference(qmodel)) == len(ia3_layers(qmodel))  # what load_finetuned does: none folds
         assert torch.equal(qmodel(idx), before)
 
 
 def test_base_checkpoint_loads_into_a_meta_model():
     base = base_model("tiny-gqa")
     with torch.device("meta"):
-        model = add_ia3(GPT(base.config), IA3Config())
+        model = build_model(MethodSpec("ia3"), base.config)
     result = model.load_state_dict(base.state_dict(), strict=False, assign=True)
     assert set(result.missing_keys) == {f"transformer.h.{i}.{m}.ia3_l" for i in range(base.config.n_layer)
                                         for m in ("attn.k_proj", "attn.v_proj", "mlp.down_proj")}

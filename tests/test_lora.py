@@ -12,18 +12,11 @@ from hf_oracle import hf_llama
 from lit_adapter.config import Config
 from lit_adapter.convert import hf_to_lit_state_dict, lit_to_hf_name
 from lit_adapter.errors import UserError
+from lit_adapter.methods import MethodSpec, build_model, get_method, mark_trainable, trainable_filter
+from lit_adapter.tuners.wrapping import wrapped_layers
 from lit_adapter.tuners.lora import (
     LoRAConfig,
     LoRALinear,
-    add_lora,
-    lora_filter,
-    lora_layers,
-    lora_state_dict,
-    mark_only_lora_as_trainable,
-    merge_lora,
-    merged_state_dict,
-    reset_lora_parameters,
-    unmerge_lora,
 )
 from lit_adapter.model import GPT
 
@@ -40,9 +33,44 @@ def base_model(name: str = "tiny", **overrides) -> GPT:
     return model
 
 
+def with_lora(base: GPT, cfg: LoRAConfig) -> GPT:
+    """``methods.build_model``'s LoRA model carrying ``base``'s weights (A and B at their initial values)."""
+    model = build_model(MethodSpec("lora", cfg), base.config)
+    report = model.load_state_dict(base.state_dict(), strict=False)
+    assert report.unexpected_keys == [] and all("lora_" in k for k in report.missing_keys)
+    return model.train(base.training)
+
+
+def lora_layers(model: GPT):
+    return wrapped_layers(model, LoRALinear)
+
+
+def mark_lora_trainable(model: GPT, cfg: LoRAConfig = None) -> GPT:
+    mark_trainable(model, MethodSpec("lora", cfg or LoRAConfig()))
+    return model
+
+
+def is_lora(name: str) -> bool:
+    return trainable_filter(MethodSpec("lora"))(name)
+
+
+def merge_for_inference(model: GPT) -> list:
+    """The method's own inference preparation (every mergeable layer merged); the layers left unmerged."""
+    get_method("lora").prepare_for_inference(model)
+    return [name for name, layer in lora_layers(model).items() if not layer.merged]
+
+
+def merged_state_dict(model: GPT) -> dict:
+    """A plain base checkpoint (base names) of a merged copy of ``model``, the copy merged layer by layer."""
+    model = copy.deepcopy(model)
+    for layer in lora_layers(model).values():
+        layer.merge()
+    return {k.replace(".linear.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+
+
 def lora_model(base: GPT, cfg: LoRAConfig, random_lora: bool = True) -> GPT:
     """A LoRA copy of ``base``; with ``random_lora`` B is non-zero too, so the update matters."""
-    model = add_lora(copy.deepcopy(base), cfg)
+    model = with_lora(base, cfg)
     if random_lora:
         with torch.no_grad():
             for layer in lora_layers(model).values():
@@ -69,7 +97,7 @@ def test_config_validation_and_targets():
 @pytest.mark.parametrize("name", ["tiny", "tiny-gqa"])
 def test_init_leaves_logits_unchanged(name):
     base = base_model(name)
-    model = add_lora(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, **ALL))
+    model = with_lora(base, LoRAConfig(r=4, alpha=8, **ALL))
     assert len(lora_layers(model)) == 7 * base.config.n_layer + 1
     idx = tokens(base.config)
     assert torch.equal(model(idx), base(idx))  # B = 0: bit for bit
@@ -84,18 +112,19 @@ def test_init_leaves_logits_unchanged(name):
 
 def test_gradients_only_on_lora():
     base = base_model()
-    model = lora_model(base, LoRAConfig(r=4, dropout=0.1, mlp=True))
-    mark_only_lora_as_trainable(model)
+    cfg = LoRAConfig(r=4, dropout=0.1, mlp=True)
+    model = lora_model(base, cfg)
+    mark_lora_trainable(model, cfg)
     idx = tokens(model.config)
     model(idx).logsumexp(-1).mean().backward()
-    lora = {n for n, _ in model.named_parameters() if lora_filter(n)}
+    lora = {n for n, _ in model.named_parameters() if is_lora(n)}
     assert len(lora) == 2 * 5 * model.config.n_layer
     for name, param in model.named_parameters():
         if name in lora:
             assert param.requires_grad and param.grad is not None and param.grad.abs().sum() > 0, name
         else:
             assert not param.requires_grad and param.grad is None, name
-    assert set(lora_state_dict(model)) == lora
+    assert set(get_method("lora").final_tensors(model, cfg)[0]) == lora  # what final/ holds
 
 
 def _peft_model(base: GPT, r: int, alpha: float, targets):
@@ -133,7 +162,7 @@ def test_matches_peft(name, targets):
             peft_params[_peft_name(layer_name, "lora_A")].copy_(layer.lora_A)
             peft_params[_peft_name(layer_name, "lora_B")].copy_(layer.lora_B)
     assert sum("lora_" in n for n in peft_params) == 2 * len(lora_layers(model))
-    mark_only_lora_as_trainable(model)
+    mark_lora_trainable(model, cfg)
 
     idx = tokens(base.config)
     targets_ = torch.randint(0, base.config.vocab_size, idx.shape)
@@ -162,19 +191,21 @@ def test_merge_unmerge_idempotent_and_exact():
     idx = tokens(model.config)
     with torch.no_grad():
         unmerged_out = model(idx)
-        assert merge_lora(model) == []
+        assert merge_for_inference(model) == []
         assert all(layer.merged for layer in lora_layers(model).values())
         merged_once = {k: v.clone() for k, v in model.state_dict().items()}
         merged_out = model(idx)
-        merge_lora(model)
+        merge_for_inference(model)
         assert all(torch.equal(v, merged_once[k]) for k, v in model.state_dict().items())
     assert rel_err(merged_out, unmerged_out) < 1e-5
     q = model.transformer.h[0].attn.q_proj
     assert torch.equal(q.linear.weight, original["transformer.h.0.attn.q_proj.linear.weight"] + q.delta_weight())
 
-    unmerge_lora(model)
+    for layer in lora_layers(model).values():
+        layer.unmerge()
     restored = {k: v.clone() for k, v in model.state_dict().items()}
-    unmerge_lora(model)
+    for layer in lora_layers(model).values():
+        layer.unmerge()
     for key, value in model.state_dict().items():
         assert torch.equal(value, restored[key])  # second unmerge is a no-op
         assert (value - original[key]).abs().max() < 1e-7, key  # round trip up to float rounding
@@ -185,9 +216,9 @@ def test_merge_unmerge_idempotent_and_exact():
 
 def test_training_a_merged_layer_is_refused():
     model = lora_model(base_model(), LoRAConfig(r=2))
-    mark_only_lora_as_trainable(model)
-    merge_lora(model)
-    with pytest.raises(RuntimeError, match="unmerge_lora"):
+    mark_lora_trainable(model, LoRAConfig(r=2))
+    merge_for_inference(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
         model.train()(tokens(model.config))
     with torch.no_grad():
         model(tokens(model.config))  # evaluation inside a training run is fine
@@ -208,7 +239,7 @@ def test_base_checkpoint_loads_into_meta_lora_model():
     base = base_model("tiny-gqa")
     cfg = LoRAConfig(r=4, mlp=True)
     with torch.device("meta"):
-        model = add_lora(GPT(base.config), cfg)
+        model = build_model(MethodSpec("lora", cfg), base.config)
     assert model.transformer.h[0].attn.q_proj.lora_A.is_meta
     result = model.load_state_dict(base.state_dict(), strict=False, assign=True)
     lora_keys = {f"transformer.h.{i}.{m}.{x}" for i in range(base.config.n_layer)
@@ -216,7 +247,8 @@ def test_base_checkpoint_loads_into_meta_lora_model():
                  for x in ("lora_A", "lora_B")}
     assert set(result.missing_keys) == lora_keys
     assert result.unexpected_keys == []
-    reset_lora_parameters(model)
+    for layer in lora_layers(model).values():
+        layer.reset_peft_parameters()  # the TunerLayer protocol: allocated beside the base weight, then initialised
     assert not any(p.is_meta for p in model.parameters())
     assert all(layer.lora_B.abs().max() == 0 and layer.lora_A.abs().max() > 0
                for layer in lora_layers(model).values())
@@ -224,7 +256,7 @@ def test_base_checkpoint_loads_into_meta_lora_model():
     assert torch.equal(model(idx), base(idx))
     # strict loading of a base checkpoint fails only on the LoRA keys
     with pytest.raises(RuntimeError, match="lora_A"):
-        add_lora(GPT(base.config), cfg).load_state_dict(base.state_dict())
+        build_model(MethodSpec("lora", cfg), base.config).load_state_dict(base.state_dict())
 
 
 def test_merged_state_dict_loads_into_plain_gpt():
@@ -235,7 +267,7 @@ def test_merged_state_dict_loads_into_plain_gpt():
     idx = tokens(base.config)
     with torch.no_grad():
         assert rel_err(plain(idx), model(idx)) < 1e-5
-        merge_lora(model)
+        merge_for_inference(model)
         assert all(torch.equal(v, plain.state_dict()[k]) for k, v in merged_state_dict(model).items())
 
 
@@ -249,8 +281,8 @@ def test_tied_head_keeps_tie_and_is_not_merged():
     with torch.no_grad():
         before = model(idx)
         with pytest.raises(UserError, match="shared"):
-            merge_lora(model)
-        assert merge_lora(model, strict=False) == ["lm_head"]
+            model.lm_head.merge()
+        assert merge_for_inference(model) == ["lm_head"]
         assert torch.equal(model.transformer.wte.weight, embedding)
         assert model.transformer.h[0].attn.q_proj.merged and not model.lm_head.merged
         assert rel_err(model(idx), before) < 1e-5
@@ -294,7 +326,7 @@ def _dequantized(layer: nn.Module) -> torch.Tensor:
 def _loss_and_grads(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
     logits = model(idx)
     F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
-    return logits, {n: p.grad for n, p in model.named_parameters() if lora_filter(n)}
+    return logits, {n: p.grad for n, p in model.named_parameters() if is_lora(n)}
 
 
 # Logits vs the float32 model (relative max error), measured over 4 seeds: int8 6e-3..9e-3, nf4 0.11..0.16; LoRA
@@ -312,7 +344,7 @@ def test_lora_over_quantized_base(mode, logit_tol, grad_tol):
             deq_model.get_submodule(name).linear.weight.copy_(_dequantized(layer.linear))
     assert type(qmodel.transformer.h[0].attn.q_proj.linear.weight).__module__.startswith("bitsandbytes")
     for m in (model, qmodel, deq_model):
-        mark_only_lora_as_trainable(m)
+        mark_lora_trainable(m, cfg)
 
     # layer level: the LoRA branch adds the same update to the quantized base output (up to float rounding)
     x = torch.randn(2, 5, base.config.n_embd)
@@ -335,12 +367,12 @@ def test_lora_over_quantized_base(mode, logit_tol, grad_tol):
         assert rel_err(grad, deq_grads[name]) < 1e-4, name
         assert rel_err(grad, grads[name]) < grad_tol, name
     for name, param in qmodel.named_parameters():
-        if not lora_filter(name):
+        if not is_lora(name):
             assert not param.requires_grad and param.grad is None, name
 
     with pytest.raises(UserError, match="quantized"):
-        merge_lora(qmodel)
-    assert len(merge_lora(qmodel, strict=False)) == len(lora_layers(qmodel))
+        qmodel.transformer.h[0].attn.q_proj.merge()
+    assert len(merge_for_inference(qmodel)) == len(lora_layers(qmodel))
     with pytest.raises(UserError, match="quantized"):
         merged_state_dict(qmodel)
 
@@ -354,7 +386,8 @@ def test_add_lora_after_quantizing():
     idx = tokens(base.config)
     with torch.no_grad():
         reference = qbase(idx)
-    model = add_lora(qbase, LoRAConfig(r=4))
+    model = qbase
+    get_method("lora").attach(model, LoRAConfig(r=4))
     q = model.transformer.h[0].attn.q_proj
     assert isinstance(q, LoRALinear) and type(q.linear).__name__ == "Linear4bit"
     assert q.lora_A.dtype == torch.float32 and q.lora_A.shape == (4, 64) and q.lora_B.shape == (64, 4)
@@ -364,16 +397,17 @@ def test_add_lora_after_quantizing():
 
 def test_trainable_count_on_7b_and_state_dict_round_trip():
     with torch.device("meta"):
-        model = mark_only_lora_as_trainable(add_lora(GPT(Config.from_name("7B")), LoRAConfig()))
+        model = mark_lora_trainable(build_model(MethodSpec("lora"), Config.from_name("7B")))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == 4_194_304  # PEFT's count for LLaMA-7B, r=8 on q_proj and v_proj: 32 * 2 * 8 * (4096 + 4096)
 
     source = lora_model(base_model(), LoRAConfig(r=2, mlp=True))
-    target = add_lora(GPT(source.config), LoRAConfig(r=2, mlp=True))
+    spec = MethodSpec("lora", LoRAConfig(r=2, mlp=True))
+    target = build_model(spec, source.config)
     target.load_state_dict(source.state_dict())  # strict: the wrapped names load as they are
-    partial = add_lora(GPT(source.config), LoRAConfig(r=2, mlp=True))
-    result = partial.load_state_dict(lora_state_dict(source), strict=False)
-    assert result.unexpected_keys == [] and not any(lora_filter(k) for k in result.missing_keys)
+    partial = build_model(spec, source.config)
+    result = partial.load_state_dict(spec.definition.final_tensors(source, spec.settings)[0], strict=False)
+    assert result.unexpected_keys == [] and not any(is_lora(k) for k in result.missing_keys)
     idx = tokens(source.config)
     with torch.no_grad():
         assert torch.equal(target.eval()(idx), source.eval()(idx))

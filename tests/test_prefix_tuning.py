@@ -20,6 +20,11 @@ SPARSE = [dict(pattern="local", window=3), dict(pattern="strided", stride=4),
           dict(pattern="fixed", block_size=4, summary_size=1), dict(pattern="shifted", group_size=6)]
 
 
+def hooked(attn, q, k, v, input_pos=None):
+    """The layer's attention as the model computes it: through the method's module in its attention hook slot."""
+    return attn.adapter(attn, q, k, v, input_pos)
+
+
 def test_settings_are_validated():
     for bad in (dict(num_virtual_tokens=0), dict(num_virtual_tokens=True), dict(encoder_hidden_size=0)):
         with pytest.raises(UserError):
@@ -53,7 +58,7 @@ def _layer_with_prefix(pattern=None, T=12):
     attn = model.transformer.h[0].attn
     ng = model.config.n_query_groups
     keys = torch.randn(model.config.n_layer, 1, ng, P, T, dtype=torch.float64) * 2
-    attn.shared_prefixes.kv = torch.cat([keys, torch.zeros_like(keys)], dim=1)  # (n_layer, 2, ng, P, T)
+    attn.adapter.shared_prefixes.kv = torch.cat([keys, torch.zeros_like(keys)], dim=1)  # (n_layer, 2, ng, P, T)
     return attn
 
 
@@ -65,7 +70,7 @@ def test_relative_attention_weights_between_content_tokens_are_unchanged(pattern
     attn = _layer_with_prefix(pattern, T)
     q, k = (torch.randn(2, 4, T, T, dtype=torch.float64) * 2 for _ in range(2))
     v = torch.eye(T, dtype=torch.float64).expand(2, 4, T, T)
-    with_prefix = attn.scaled_dot_product_attention(q, k, v)  # (B, nh, T, T): A~[i, p + j]
+    with_prefix = hooked(attn, q, k, v)  # (B, nh, T, T): A~[i, p + j]
     kernel = attn.attention_kernel
     without = F.scaled_dot_product_attention(q, k, v, is_causal=True) if kernel is None else kernel(q, k, v)
     content_share = with_prefix.sum(-1, keepdim=True)
@@ -83,17 +88,17 @@ def test_sparse_patterns_let_every_query_see_the_prefix(pattern):
     T = 30
     attn = _layer_with_prefix(pattern, T=8)
     q, k, v = (torch.randn(2, 4, T, 8, dtype=torch.float64) for _ in range(3))
-    attn.shared_prefixes.kv[0, 1] = torch.randn(2, P, 8, dtype=torch.float64)  # (ng, P, hs)
-    pk, pv = (t.repeat_interleave(2, dim=0).expand(2, -1, -1, -1) for t in attn.shared_prefixes.kv[0])  # (B, nh, P, hs)
+    attn.adapter.shared_prefixes.kv[0, 1] = torch.randn(2, P, 8, dtype=torch.float64)  # (ng, P, hs)
+    pk, pv = (t.repeat_interleave(2, dim=0).expand(2, -1, -1, -1) for t in attn.adapter.shared_prefixes.kv[0])  # (B, nh, P, hs)
     mask = torch.cat([torch.ones(4, T, P, dtype=torch.bool), attn.attention_kernel.dense_mask(4, T).expand(4, T, T)],
                      dim=-1)
     reference = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask[None])
-    torch.testing.assert_close(attn.scaled_dot_product_attention(q, k, v), reference)
+    torch.testing.assert_close(hooked(attn, q, k, v), reference)
     # and in a decoding step, through the kernel's KV-cache path
     S = P + T
     cached_k, cached_v = torch.cat([torch.zeros_like(pk), k], 2), torch.cat([torch.zeros_like(pv), v], 2)
     pos = torch.tensor([T - 1])
-    torch.testing.assert_close(attn.scaled_dot_product_attention(q[:, :, -1:], cached_k, cached_v, pos + P),
+    torch.testing.assert_close(hooked(attn, q[:, :, -1:], cached_k, cached_v, pos + P),
                                reference[:, :, -1:])
     assert cached_k.shape[-2] == S
 

@@ -19,7 +19,8 @@ from lit_adapter.memory import Cell, build_random_model, estimate_memory, measur
 from lit_adapter.memory import saved_activations
 from lit_adapter.methods import MethodSpec, load_finetuned
 from lit_adapter.tuners.bitfit import BitFitConfig
-from lit_adapter.tuners.ia3 import IA3_LINEARS, IA3Config, ia3_layers
+from lit_adapter.tuners.ia3 import IA3_LINEARS, IA3Config, IA3Linear
+from lit_adapter.tuners.wrapping import wrapped_layers
 
 IA3_ALL = {"targets": IA3_LINEARS, "feedforward": ("up_proj", "down_proj")}
 
@@ -111,7 +112,7 @@ def test_trains_and_final_reloads_to_the_trained_model(tmp_path, stories_checkpo
                                             torch.float32, quantize=quantize)
     assert spec.method == method and spec.settings == settings
     if method == "ia3":  # folded into the float weights for inference; a quantized base keeps its vectors
-        assert all(layer.folded == (quantize is None) for layer in ia3_layers(reloaded).values())
+        assert all(layer.folded == (quantize is None) for layer in wrapped_layers(reloaded, IA3Linear).values())
     idx = torch.randint(0, config.vocab_size, (2, 24))
     with torch.no_grad():
         ours, theirs = reloaded(idx), model(idx)

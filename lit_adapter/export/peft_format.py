@@ -44,7 +44,6 @@ from lit_adapter.convert.gpt2 import is_gpt2
 from lit_adapter.errors import UserError
 from lit_adapter.export.merge import layer_span
 from lit_adapter.export.source import Source, StateDict, inspect_structure
-from lit_adapter.tuners import adapter
 from lit_adapter.tuners.adapter_v2 import AdapterV2Linear
 from lit_adapter.tuners.bitfit import BitFitLinear
 from lit_adapter.tuners.ia3 import IA3Linear
@@ -223,7 +222,8 @@ def _adaption_prompt(source: Source, prompts: Dict[str, nn.Module], base_model: 
             raise _refuse(source, f"{layer_span([name])} has one gate per head ({gates.numel()} values from "
                                   f"{gates.min().item():.4g} to {gates.max().item():.4g}) and PEFT's "
                                   "AdaptionPromptConfig one gate per layer; only equal gates in every layer export")
-        prefix = peft_module_name(f"{name}.q_proj")[: -len(".q_proj")]  # ...layers.N.self_attn
+        attention = name.rpartition(".")[0]  # the prompt sits in its attention layer's hook slot
+        prefix = peft_module_name(f"{attention}.q_proj")[: -len(".q_proj")]  # ...layers.N.self_attn
         tensors[f"{prefix}.adaption_prompt"] = source.trained[f"{name}.adapter_wte.weight"][None]  # (1, aT, n_embd)
         tensors[f"{prefix}.adaption_gate"] = gates[:1].clone()  # (1,)
     config = {"peft_type": "ADAPTION_PROMPT", **_common(base_model), "target_modules": "self_attn",
@@ -255,7 +255,7 @@ def peft_adapter(source: Source, base_model_name_or_path: Optional[str] = None) 
         config, tensors = _lora(source, structure.wrappers, base_model_name_or_path)
     elif kinds == {IA3Linear} and not structure.prompts:
         config, tensors = _ia3(source, structure.wrappers, base_model_name_or_path)
-    elif not kinds and structure.prompts and type(source.model) is adapter.GPT:
+    elif not kinds and structure.prompts:
         config, tensors = _adaption_prompt(source, structure.prompts, base_model_name_or_path)
     else:
         raise _refuse(source, "it combines parts no single PEFT adapter type holds")

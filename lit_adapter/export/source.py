@@ -40,8 +40,8 @@ _PLAIN = {nn.ModuleDict, nn.ModuleList, nn.Embedding, nn.Linear, nn.Dropout, nn.
           nn.LayerNorm, base.LLaMAMLP, base.GptNeoxMLP, base.Block, base.CausalSelfAttention}
 """Modules of LLaMA itself (exact types: a subclass may compute something else). Dropout and Identity are LoRA's
 dropout on its branch's input, which does nothing at inference."""
-_MODELS = {base.GPT, adapter.GPT, adapter_v2.GPT}
-"""Model classes whose forward is LLaMA's (the adapter ones only build other attention layers)."""
+_MODELS = {base.GPT}
+"""Model classes whose forward is LLaMA's (every method attaches to a plain GPT)."""
 _WHY_NOT = {
     bottleneck.BottleneckAdapter: "its bottleneck adapters (extra down/up projections on each block's attention "
                                   "or MLP output, AdapterHub's) are layers LlamaForCausalLM does not have",
@@ -59,7 +59,7 @@ class Structure:
     wrappers: Dict[str, nn.Module] = field(default_factory=dict)
     """The outermost wrapper of each wrapped base linear."""
     prompts: Dict[str, nn.Module] = field(default_factory=dict)
-    """LLaMA-Adapter attention layers that have an adaption prompt."""
+    """LLaMA-Adapter's prompts (``...attn.adapter``, in their attention layer's hook slot)."""
     unknown: List[Tuple[str, str]] = field(default_factory=list)
     """``(name, reason)`` of every part with no counterpart in LlamaForCausalLM."""
 
@@ -79,9 +79,8 @@ def inspect_structure(model: nn.Module) -> Structure:
         if kind in WRAPPERS:
             out.wrappers[name] = module
             inside_wrapper.append(name)
-        elif kind is adapter.CausalSelfAttention:
-            if module.has_prompt:
-                out.prompts[name] = module
+        elif kind is adapter.AdaptionPrompt:
+            out.prompts[name] = module
         elif kind in _WHY_NOT:
             out.unknown.append((name, _WHY_NOT[kind]))
         elif kind not in _PLAIN:

@@ -27,9 +27,10 @@ from lit_adapter.config import Config
 from lit_adapter.errors import UserError, looks_like_out_of_memory
 from lit_adapter.losses import LOSSES, forward_loss, loss_fn
 from lit_adapter.memory.saved import GB, OPTIMIZERS, precision_dtype
-from lit_adapter.methods import INIT_HOOK, MethodSpec, build_model, mark_trainable, unquantized
+from lit_adapter.methods import MethodSpec, build_model, mark_trainable, unquantized
 from lit_adapter.optim import build_optimizer
 from lit_adapter.quantize import quantize_linears
+from lit_adapter.tuners.base import initialize_tuner_layers
 
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -260,10 +261,8 @@ def build_random_model(cell: Cell, device: torch.device) -> nn.Module:
         while not isinstance(head, nn.Linear):
             head = head.linear
         head.weight = model.transformer.wte.weight
-    model.init_weights()  # the adapters' init_weights also restore their own initialisation
-    for module in model.modules():
-        if hasattr(module, INIT_HOOK):  # tensors the method adds that init_weights does not know
-            getattr(module, INIT_HOOK)()
+    model.init_weights()
+    initialize_tuner_layers(model)  # the method's own initialisation of the tensors it adds
     model = model.to(dtype=dtype)
     mark_trainable(model, spec)
     quantize_linears(model, spec.quantize, device=device, compute_dtype=dtype, skip=unquantized(spec))

@@ -8,15 +8,18 @@ second, non-causal attention with its own softmax. That output is added to the u
 zero-initialised gate per head (``gating_factor``, shape (1, nh, 1, 1)), so at initialisation the model is
 exactly the pretrained one and the prompt's influence grows only as the gate learns. Only prompts and gates train.
 
-The prompt attention is added on top of whatever the base attention hook computes, so it composes with sparse
-attention kernels (the prompt part stays dense), with quantized projections (they are only called) and with the
+Each layer's prompt and gate live in an :class:`AdaptionPrompt`, set into the layer's attention hook slot
+(``attn.adapter``, :mod:`lit_adapter.model`) of a plain ``GPT``: the tensors are
+``transformer.h.<i>.attn.adapter.adapter_wte.weight`` and ``...attn.adapter.gating_factor`` (lit-llama has them one
+level up, without ``adapter.``). The prompt attention is added on top of whatever the base attention computes, so
+it composes with sparse attention kernels (the prompt part stays dense), with quantized projections (they are only called) and with the
 KV cache (the prompt's keys and values are cached for the duration of a decoding session).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 import lit_adapter.model as base
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.tuners.base import EMBEDDING_NAMES, Method, TrainedParts, has_name_part
+from lit_adapter.tuners.base import EMBEDDING_NAMES, Method, TrainedParts, TunerLayer
 
 ADAPTER_NAMES = ("adapter_wte", "gating_factor")
 
@@ -56,166 +59,82 @@ class AdapterConfig:
             )
 
 
-class CausalSelfAttention(base.CausalSelfAttention):
-    peft_enabled = True
-    """False (``tuners.base.switched_off``): the prompt attention is skipped, leaving the base attention."""
+class AdaptionPrompt(TunerLayer):
+    """One layer's gated prompt attention, set into that layer's attention hook slot (``attn.adapter``).
 
-    def __init__(self, config: Config, block_idx: int, adapter_config: AdapterConfig) -> None:
-        super().__init__(config, block_idx)
-        self.has_prompt = block_idx >= adapter_config.start_layer
-        if self.has_prompt:
-            # nn.Embedding's own N(0, 1) initialisation, as in lit-llama and the reference implementation
-            self.adapter_wte = nn.Embedding(adapter_config.prompt_length, config.n_embd)
-            # zero gate: the prompt adds nothing until training opens it
-            self.gating_factor = nn.Parameter(torch.zeros(1, config.n_head, 1, 1))
+    It is called with the attention layer it serves and the RoPE'd queries and cached keys and values of the
+    tokens: the base attention (dense or sparse) runs as always, and the prompt attention is added through the gate.
+    The prompt's keys and values come from the layer's own ``k_proj`` and ``v_proj`` (wrapped ones too: Adapter v2).
+    """
+
+    def __init__(self, config: Config, prompt_length: int) -> None:
+        super().__init__()
+        # nn.Embedding's own N(0, 1) initialisation, as in lit-llama and the reference implementation
+        self.adapter_wte = nn.Embedding(prompt_length, config.n_embd)
+        # zero gate: the prompt adds nothing until training opens it
+        self.gating_factor = nn.Parameter(torch.zeros(1, config.n_head, 1, 1))
         # (key of the KV cache session and parameter versions, prompt keys, prompt values) while decoding
         self._prompt_kv_cache: Optional[tuple] = None
 
-    def scaled_dot_product_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+    def forward(
+        self, attn: base.CausalSelfAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        y = super().scaled_dot_product_attention(q, k, v, input_pos)  # (B, nh, T, hs)
-        if not self.has_prompt or not self.peft_enabled:
+        y = attn.scaled_dot_product_attention(q, k, v, input_pos)  # (B, nh, T, hs)
+        if not self.peft_enabled:
             return y
         B = q.shape[0]
-        ak, av = self.prompt_keys_values(q.dtype, use_cache=input_pos is not None)  # (1, nh, aT, hs)
+        ak, av = self.prompt_keys_values(attn, q.dtype, use_cache=input_pos is not None)  # (1, nh, aT, hs)
         ak, av = ak.expand(B, -1, -1, -1), av.expand(B, -1, -1, -1)  # (B, nh, aT, hs)
         # every token sees the whole prompt: no causal mask
         ay = F.scaled_dot_product_attention(q, ak, av)  # (B, nh, T, hs)
         return y + self.gating_factor.to(ay.dtype) * ay
 
-    def prompt_keys_values(self, dtype: torch.dtype, use_cache: bool = False):
-        """The prompt's keys and values ``(1, nh, aT, hs)`` from this layer's frozen projections, without RoPE."""
+    def prompt_keys_values(self, attn: base.CausalSelfAttention, dtype: torch.dtype, use_cache: bool = False):
+        """The prompt's keys and values ``(1, nh, aT, hs)`` from ``attn``'s frozen projections, without RoPE."""
         if use_cache and not torch.is_grad_enabled():
             # While decoding with the KV cache the prompt projections would otherwise be recomputed for every
             # token (costlier than the token's own q/k/v). The cache is tied to the KV cache session and to the
             # versions of the tensors involved, so an in-place update of the prompt invalidates it.
-            key = (id(self.kv_cache), dtype, self._prompt_versions())
+            key = (id(attn.kv_cache), dtype, self._prompt_versions(attn))
             if self._prompt_kv_cache is None or self._prompt_kv_cache[0] != key:
-                self._prompt_kv_cache = (key, *self._project_prompt(dtype))
+                self._prompt_kv_cache = (key, *self._project_prompt(attn, dtype))
             return self._prompt_kv_cache[1:]
         self._prompt_kv_cache = None
-        return self._project_prompt(dtype)
+        return self._project_prompt(attn, dtype)
 
-    def _prompt_versions(self) -> tuple:
-        tensors = [self.adapter_wte.weight, *self.k_proj.parameters(), *self.v_proj.parameters()]
+    def _prompt_versions(self, attn: base.CausalSelfAttention) -> tuple:
+        tensors = [self.adapter_wte.weight, *attn.k_proj.parameters(), *attn.v_proj.parameters()]
         return tuple((id(t), t.device, t.data_ptr(), t._version) for t in tensors)
 
-    def _project_prompt(self, dtype: torch.dtype):
-        ng, hs = self.config.n_query_groups, self.config.head_size
+    def _project_prompt(self, attn: base.CausalSelfAttention, dtype: torch.dtype):
+        ng, hs = attn.config.n_query_groups, attn.config.head_size
         prompt = self.adapter_wte.weight.to(dtype).unsqueeze(0)  # (1, aT, n_embd)
         aT = prompt.shape[1]
-        ak = self.k_proj(prompt).view(1, aT, ng, hs).transpose(1, 2)  # (1, ng, aT, hs)
-        av = self.v_proj(prompt).view(1, aT, ng, hs).transpose(1, 2)  # (1, ng, aT, hs)
-        return self.expand_kv_groups(ak), self.expand_kv_groups(av)  # (1, nh, aT, hs)
+        ak = attn.k_proj(prompt).view(1, aT, ng, hs).transpose(1, 2)  # (1, ng, aT, hs)
+        av = attn.v_proj(prompt).view(1, aT, ng, hs).transpose(1, 2)  # (1, ng, aT, hs)
+        return attn.expand_kv_groups(ak), attn.expand_kv_groups(av)  # (1, nh, aT, hs)
 
     @torch.no_grad()
-    def reset_peft_parameters(self, device=None, dtype=None) -> None:
-        """(Re)initialises prompt and gate, first materializing them on ``device`` if they are on the meta device."""
+    def reset_peft_parameters(self) -> None:
+        """The prompt N(0, 1) and the gate zero (allocated first where :meth:`materialize` can)."""
         self._prompt_kv_cache = None
-        if not self.has_prompt:
-            return
-        self.adapter_wte.weight = materialize(self.adapter_wte.weight, device, dtype)
-        self.gating_factor = materialize(self.gating_factor, device, dtype)
+        self.materialize()
         nn.init.normal_(self.adapter_wte.weight)
         nn.init.zeros_(self.gating_factor)
 
-
-def materialize(param: nn.Parameter, device=None, dtype=None) -> nn.Parameter:
-    """``param`` itself, or a new uninitialised parameter where it must leave the meta device or change type."""
-    device = param.device if device is None else torch.device(device)
-    dtype = param.dtype if dtype is None else dtype
-    if param.is_meta or param.device != device or param.dtype != dtype:
-        return nn.Parameter(torch.empty(param.shape, device=device, dtype=dtype), requires_grad=param.requires_grad)
-    return param
+    def extra_repr(self) -> str:
+        return f"prompt_length={self.adapter_wte.num_embeddings}"
 
 
-class GPT(base.GPT):
-    def __init__(self, config: Config, adapter_config: Optional[AdapterConfig] = None) -> None:
-        adapter_config = adapter_config if adapter_config is not None else AdapterConfig()
-        adapter_config.validate(config)
-        # set before nn.Module.__init__ runs build_block (a plain attribute, so this is allowed)
-        self.adapter_config = adapter_config
-        super().__init__(config)
-
-    def build_block(self, block_idx: int) -> base.Block:
-        attn = CausalSelfAttention(self.config, block_idx, self.adapter_config)
-        return base.Block(self.config, block_idx, attn=attn)
-
-    @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        super().init_weights(std)
-        # the base initialiser treats the prompt as a token embedding; restore the adapter's own initialisation
-        self.init_adapter_parameters()
-
-    def init_adapter_parameters(self, device=None, dtype=None) -> None:
-        """Initialises every adapter parameter; materializes them if the model was built on the meta device.
-
-        ``device`` and ``dtype`` default to those of the token embedding (load the base weights first).
-        """
-        reference = self.transformer.wte.weight
-        device = reference.device if device is None else device
-        if dtype is None:
-            dtype = reference.dtype if reference.is_floating_point() else torch.float32
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_peft_parameters"):
-                module.reset_peft_parameters(device=device, dtype=dtype)
-
-
-def adapter_filter(name: str, param: Any = None) -> bool:
-    """Whether the parameter or state-dict entry ``name`` belongs to LLaMA-Adapter (usable as Fabric's filter)."""
-    return has_name_part(name, ADAPTER_NAMES)
-
-
-def mark_only_adapter_as_trainable(model: nn.Module) -> None:
-    """Freezes everything but the adaption prompts and gates."""
-    mark_only_as_trainable(model, adapter_filter)
-
-
-def mark_only_as_trainable(model: nn.Module, key_filter: Callable[[str], bool]) -> None:
-    for name, param in model.named_parameters():
-        trainable = key_filter(name)
-        if param.requires_grad != trainable:
-            param.requires_grad = trainable
-
-
-def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Only the adapter's tensors: what a fine-tuning run needs to save."""
-    return {name: t for name, t in model.state_dict().items() if adapter_filter(name)}
-
-
-def load_adapter_state_dict(
-    model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    method_name: str = "adapter",
-    key_filter: Callable[[str], bool] = adapter_filter,
-) -> None:
-    """Loads a PEFT-only state dict (adapter, adapter v2, LoRA, ...) after checking that it fits ``model``.
-
-    The model's entries selected by ``key_filter`` must be exactly the checkpoint's keys, with the same shapes;
-    otherwise a :class:`UserError` names the offending keys. Parameters still on the meta device are replaced by
-    the checkpoint's tensors.
-    """
-    expected = {name: t for name, t in model.state_dict().items() if key_filter(name)}
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
-    ]
-    problems = []
-    for label, keys in (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            shown = ", ".join(keys[:4]) + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
-            problems.append(f"{label} ({len(keys)}): {shown}")
-    if problems:
-        raise UserError(
-            f"the {method_name} weights do not fit this model: " + "; ".join(problems)
-            + f". Were they trained with another base model or other {method_name} settings?"
-        )
-    assign = any(t.is_meta for t in expected.values())
-    model.load_state_dict(dict(state_dict), strict=False, assign=assign)
+def add_adaption_prompts(model: base.GPT, settings: AdapterConfig) -> None:
+    """Sets an :class:`AdaptionPrompt` into the attention hook slot of every layer from ``start_layer`` on (on the
+    current default device: meta while the model is built)."""
+    settings.validate(model.config)
+    for block in model.transformer.h[settings.start_layer:]:
+        if block.attn.adapter is not None:
+            raise RuntimeError("the model's attention hook is already taken by a PEFT method")
+        block.attn.adapter = AdaptionPrompt(model.config, settings.prompt_length)
 
 
 class Adapter(Method):
@@ -231,8 +150,8 @@ class Adapter(Method):
     def validate(self, settings: AdapterConfig, config: Config) -> None:
         settings.validate(config)
 
-    def build(self, config: Config, settings: AdapterConfig) -> base.GPT:
-        return GPT(config, settings)  # the prompts enter through GPT.build_block and the attention hook
+    def attach(self, model: base.GPT, settings: AdapterConfig) -> None:
+        add_adaption_prompts(model, settings)
 
     def trained_names_for(self, settings: Optional[AdapterConfig]) -> Tuple[str, ...]:
         return self.trained_names + (EMBEDDING_NAMES if settings is not None and settings.train_embeddings else ())

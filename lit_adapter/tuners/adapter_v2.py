@@ -8,7 +8,7 @@ and the RMSNorm weights (``norm_1``, ``norm_2``, ``ln_f``) train too. At initial
 pretrained one.
 
 The bias and scale live in :class:`AdapterV2Linear`, a wrapper that only calls the linear it holds, so the frozen
-linear may be a quantized bitsandbytes layer. The prompt's keys and values go through the wrapped ``k_proj`` and
+linear may be a quantized bitsandbytes layer; the prompts are v1's, in each layer's attention hook slot. The prompt's keys and values go through the wrapped ``k_proj`` and
 ``v_proj`` and so see their bias and scale, as in lit-llama.
 
 ``--adapter.train_embeddings true`` also trains the token embedding: with v2's trainable norms, LongLoRA's
@@ -17,17 +17,17 @@ linear may be a quantized bitsandbytes layer. The prompt's keys and values go th
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from lit_adapter.config import Config
+from lit_adapter.model import GPT
 from lit_adapter.tuners import adapter
-from lit_adapter.tuners.adapter import AdapterConfig, load_adapter_state_dict, mark_only_as_trainable, materialize
-from lit_adapter.tuners.base import EMBEDDING_NAMES, TrainedParts, has_name_part
+from lit_adapter.tuners.adapter import AdapterConfig
+from lit_adapter.tuners.base import EMBEDDING_NAMES, TrainedParts
 from lit_adapter.tuners.scale_bias import fusable, scale_bias_linear
-from lit_adapter.tuners.wrapping import LinearWrapper
+from lit_adapter.tuners.wrapping import LinearWrapper, wrap_linears
 
 # lit-llama trains "adapter_wte", "gating_factor", "adapter_bias", "adapter_scale", "rms_1", "rms_2", "ln_f";
 # our RMSNorms are named norm_1 / norm_2
@@ -60,57 +60,33 @@ class AdapterV2Linear(LinearWrapper):
         return self.adapter_scale.to(y.dtype) * (y + self.adapter_bias.to(y.dtype))
 
     @torch.no_grad()
-    def reset_peft_parameters(self, device=None, dtype=None) -> None:
-        self.adapter_bias = materialize(self.adapter_bias, device, dtype)
-        self.adapter_scale = materialize(self.adapter_scale, device, dtype)
+    def reset_peft_parameters(self) -> None:
+        """Bias 0 and scale 1 (the identity), allocated beside the base weight if still on meta."""
+        self.materialize()
         nn.init.zeros_(self.adapter_bias)
         nn.init.ones_(self.adapter_scale)
 
 
-class GPT(adapter.GPT):
-    def __init__(self, config: Config, adapter_config: Optional[AdapterConfig] = None) -> None:
-        super().__init__(config, adapter_config)
-        for block in self.transformer.h:
-            for name in WRAPPED_LINEARS:
-                setattr(block.attn, name, AdapterV2Linear(getattr(block.attn, name)))
-            for name in WRAPPED_MLP_LINEARS:
-                if hasattr(block.mlp, name):  # GPT-2's MLP has no gate_proj
-                    setattr(block.mlp, name, AdapterV2Linear(getattr(block.mlp, name)))
-        # the wrapped head still holds wte's Parameter, so tied configs stay tied
-        self.lm_head = AdapterV2Linear(self.lm_head)
-
-    def base_state_dict_to_v2(self, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Renames a base checkpoint's keys to this model's (``...q_proj.weight`` -> ``...q_proj.linear.weight``).
-
-        ``load_state_dict`` does this by itself; the renamed dict is for loaders that compare keys first.
-        """
-        wrapped = {name + "." for name, m in self.named_modules() if isinstance(m, AdapterV2Linear)}
-        out = {}
-        for key, value in state_dict.items():
-            # the wrapper's prefix is everything up to the linear's own tensor name (weight, bias, quant stats)
-            owner = next((p for p in wrapped if key.startswith(p)), None)
-            if owner is not None and not key[len(owner):].startswith(("linear.", "adapter_")):
-                key = owner + "linear." + key[len(owner):]
-            out[key] = value
-        return out
+def add_scale_bias(model: nn.Module) -> None:
+    """Wraps every block linear and the output head in :class:`AdapterV2Linear`, in place (the wrapped head still
+    holds the embedding's weight, so a tied model stays tied)."""
+    wrap_linears(model, WRAPPED_LINEARS + WRAPPED_MLP_LINEARS + ("lm_head",), lambda _, linear: AdapterV2Linear(linear))
 
 
-def adapter_v2_filter(name: str, param: Any = None) -> bool:
-    """Whether ``name`` belongs to LLaMA-Adapter V2's trainable set (usable as Fabric's save filter)."""
-    return has_name_part(name, ADAPTER_V2_NAMES)
+def base_state_dict_to_v2(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Renames a base checkpoint's keys to ``model``'s (``...q_proj.weight`` -> ``...q_proj.linear.weight``).
 
-
-def mark_only_adapter_v2_as_trainable(model: nn.Module) -> None:
-    """Freezes everything but prompts, gates, v2 biases and scales, and the RMSNorm weights."""
-    mark_only_as_trainable(model, adapter_v2_filter)
-
-
-def adapter_v2_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {name: t for name, t in model.state_dict().items() if adapter_v2_filter(name)}
-
-
-def load_adapter_v2_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    load_adapter_state_dict(model, state_dict, method_name="adapter v2", key_filter=adapter_v2_filter)
+    ``load_state_dict`` does this by itself; the renamed dict is for loaders that compare keys first.
+    """
+    wrapped = {name + "." for name, m in model.named_modules() if isinstance(m, AdapterV2Linear)}
+    out = {}
+    for key, value in state_dict.items():
+        # the wrapper's prefix is everything up to the linear's own tensor name (weight, bias, quant stats)
+        owner = next((p for p in wrapped if key.startswith(p)), None)
+        if owner is not None and not key[len(owner):].startswith(("linear.", "adapter_")):
+            key = owner + "linear." + key[len(owner):]
+        out[key] = value
+    return out
 
 
 class AdapterV2(adapter.Adapter):
@@ -120,8 +96,9 @@ class AdapterV2(adapter.Adapter):
     trained_names = ADAPTER_V2_NAMES
     added_names = adapter.ADAPTER_NAMES + ("adapter_bias", "adapter_scale")
 
-    def build(self, config: Config, settings: AdapterConfig) -> GPT:
-        return GPT(config, settings)
+    def attach(self, model: GPT, settings: AdapterConfig) -> None:
+        add_scale_bias(model)  # first, so that the prompts' keys and values go through the wrapped k_proj, v_proj
+        super().attach(model, settings)
 
     def trained_names_for(self, settings: Optional[AdapterConfig]) -> Tuple[str, ...]:
         return self.trained_names + (EMBEDDING_NAMES if settings is not None and settings.train_embeddings else ())

@@ -7,9 +7,12 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
 ``METHOD``:
 
 * its hyper-parameters, a dataclass (``settings_cls``) that becomes the ``--<settings_group>.*`` options;
-* how it attaches to the base (:meth:`Method.build`): by composition (wrapping layers, as LoRA does) or through
-  the model's hooks (``GPT.build_block``, ``CausalSelfAttention.scaled_dot_product_attention``, as
-  LLaMA-Adapter does); never a copied ``forward`` or a patched global;
+* how it attaches to a plain ``GPT`` (:meth:`Method.attach`), in one of two ways: wrapping a linear by
+  composition (:class:`~lit_adapter.tuners.wrapping.LinearWrapper`: LoRA, IA³, BitFit, Adapter v2's scales), or a
+  module set into one of the hook slots the model declares (:mod:`lit_adapter.model`: ``CausalSelfAttention.adapter``
+  for LLaMA-Adapter's prompts and prefix tuning's keys, ``Block.attn_adapter`` / ``mlp_adapter`` /
+  ``out_adapter`` for bottleneck adapters, ``GPT.virtual_tokens`` for the prompt methods); never a subclass of the
+  model, a copied ``forward`` or a patched global. Every module a method adds is a :class:`TunerLayer`;
 * what trains (:meth:`Method.trainable`, from :meth:`Method.trained_names_for` its settings), which is also what
   the resumable checkpoint keeps, and which of those tensors the method adds to the base (:meth:`Method.is_added`:
   they are initialised, not loaded);
@@ -19,8 +22,8 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
 * optionally, initial values taken from the base checkpoint (:meth:`Method.initialize_from_base`) and a folded
   form of the trained tensors for ``final/`` (:meth:`Method.final_tensors`).
 * how its contribution is switched off, leaving the base model's function (:meth:`Method.switched_off`: DPO's
-  reference policy without a second copy of the weights). By default every module of the method that declares
-  ``peft_enabled`` (:data:`SWITCH`) is told to pass through; a method's own modules check that flag.
+  reference policy without a second copy of the weights). By default every :class:`TunerLayer` is told to pass
+  through (``peft_enabled = False``); a method's own modules check that flag.
 """
 
 from __future__ import annotations
@@ -98,22 +101,89 @@ NORM_NAMES = ("norm_1", "norm_2", "ln_f")
 """Every RMSNorm weight: the two of each block and the final one."""
 
 
-SWITCH = "peft_enabled"
-"""The flag (a class attribute, True) of every module that adds a method's contribution; False: pass through."""
+class TunerLayer(nn.Module):
+    """Every module a method adds to the base model (PEFT's ``BaseTunerLayer``, torchtune's ``AdapterModule``).
+
+    The protocol is what the rest of the package asks of such a module, so that nothing outside ``tuners/`` looks
+    a method's modules up by name:
+
+    * ``peft_enabled``: False makes the module compute what the base alone would (:func:`switched_off`);
+    * :meth:`reset_peft_parameters` (no arguments): the method's initial values of the module's own tensors, called
+      once they leave the meta device (:func:`lit_adapter.methods.prepare_model`) and by the method's tests;
+    * :meth:`base_layer`: the frozen base layer a wrapper holds, whose tensors are loaded, not initialised, and
+      :meth:`materialize`, which allocates the module's own tensors that a model built on the meta device left
+      there, beside that base layer's weight.
+    """
+
+    peft_enabled: bool = True
+    """A class attribute; set on an instance (``False``) the module passes the base's computation through."""
+
+    def base_layer(self) -> Optional[nn.Module]:
+        """The frozen base layer this module wraps (a linear), or None for a module that wraps nothing."""
+        return None
+
+    def own_tensors(self) -> Iterator[Tuple[nn.Module, str, torch.Tensor]]:
+        """``(owner, name, tensor)`` of the parameters and buffers the method added here (not the base layer's)."""
+        base = self.base_layer()
+        skip = set() if base is None else {id(m) for m in base.modules()}
+        for module in self.modules():
+            if id(module) in skip:
+                continue
+            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                yield module, name, tensor
+
+    @torch.no_grad()
+    def materialize(self, device: Optional[torch.device] = None) -> None:
+        """Allocates (uninitialised) the own tensors still on the meta device: beside the base layer's weight, in
+        its dtype when it is a float (a quantized base: the tensor's own); without a loaded base layer, on
+        ``device``, and where that is None too they stay on meta."""
+        base = self.base_layer()
+        weight = getattr(base, "weight", None) if base is not None else None
+        if weight is not None and not weight.is_meta:
+            device = weight.device
+        if device is None:
+            return
+        for owner, name, tensor in list(self.own_tensors()):
+            if not tensor.is_meta:
+                continue
+            dtype = weight.dtype if weight is not None and weight.is_floating_point() else tensor.dtype
+            new = torch.empty(tensor.shape, device=device, dtype=dtype)
+            if isinstance(tensor, nn.Parameter):
+                setattr(owner, name, nn.Parameter(new, requires_grad=tensor.requires_grad))
+            else:
+                owner.register_buffer(name, new, persistent=name not in owner._non_persistent_buffers_set)
+
+    def reset_peft_parameters(self) -> None:
+        """Gives the module's own tensors the method's initial values, first allocating those still on meta with
+        :meth:`materialize` (beside the base layer's weight; a module without a base layer is materialized by
+        :func:`initialize_tuner_layers`, which knows the device)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how its tensors start")
+
+
+@torch.no_grad()
+def initialize_tuner_layers(model: nn.Module, device: Optional[torch.device] = None, only_meta: bool = False) -> None:
+    """Allocates (on ``device``, else beside each base layer) and initialises every :class:`TunerLayer` of
+    ``model``; ``only_meta``: only those with tensors still on the meta device, whose values no checkpoint gave."""
+    for module in model.modules():
+        if isinstance(module, TunerLayer):
+            if only_meta and not any(t.is_meta for _, _, t in module.own_tensors()):
+                continue
+            module.materialize(device)
+            module.reset_peft_parameters()
 
 
 @contextlib.contextmanager
-def switched_off(model: nn.Module) -> Iterator[List[nn.Module]]:
-    """Inside, every module of ``model`` carrying :data:`SWITCH` computes what the base layer alone would; the
-    modules switched off are yielded. Their tensors are untouched, so leaving the block restores the method."""
-    modules = [m for m in model.modules() if getattr(m, SWITCH, None) is True]
+def switched_off(model: nn.Module) -> Iterator[List[TunerLayer]]:
+    """Inside, every :class:`TunerLayer` of ``model`` computes what the base layer alone would; the modules switched
+    off are yielded. Their tensors are untouched, so leaving the block restores the method."""
+    modules = [m for m in model.modules() if isinstance(m, TunerLayer) and m.peft_enabled]
     for module in modules:
-        setattr(module, SWITCH, False)
+        module.peft_enabled = False
     try:
         yield modules
     finally:
         for module in modules:
-            setattr(module, SWITCH, True)
+            module.peft_enabled = True
 
 
 def has_name_part(name: str, parts: Tuple[str, ...]) -> bool:

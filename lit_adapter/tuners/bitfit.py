@@ -54,7 +54,7 @@ class BitFitLinear(LinearWrapper):
 
     def reset_peft_parameters(self) -> None:
         """Zeros (the identity), allocated beside the base weight if still on meta."""
-        self.materialize_own()
+        self.materialize()
         with torch.no_grad():
             nn.init.zeros_(self.bitfit_bias)
 
@@ -63,18 +63,6 @@ class BitFitLinear(LinearWrapper):
         if not self.peft_enabled:
             return y
         return y + self.bitfit_bias.to(y.dtype)
-
-
-def add_bitfit(model: nn.Module, cfg: BitFitConfig) -> nn.Module:
-    """Wraps every block linear (and with ``cfg.head`` the output head) of a ``GPT`` that has no bias of its own
-    in :class:`BitFitLinear`; a model whose linears have biases (``Config.bias``: GPT-2) trains those instead."""
-    config = model.config
-    names = () if config.bias else BLOCK_LINEARS
-    if cfg.head and not config.lm_head_bias:
-        names += ("lm_head",)
-    if names:
-        wrap_linears(model, names, lambda name, linear: BitFitLinear(linear))
-    return model
 
 
 class BitFit(Method):
@@ -93,7 +81,14 @@ class BitFit(Method):
     added_names = BitFitLinear.own_names
 
     def attach(self, model: GPT, settings: BitFitConfig) -> None:
-        add_bitfit(model, settings)
+        """Wraps every block linear (and with ``head`` the output head) that has no bias of its own in
+        :class:`BitFitLinear`; a model whose linears have biases (``Config.bias``: GPT-2) trains those instead."""
+        config = model.config
+        names = () if config.bias else BLOCK_LINEARS
+        if settings.head and not config.lm_head_bias:
+            names += ("lm_head",)
+        if names:
+            wrap_linears(model, names, lambda _, linear: BitFitLinear(linear))
 
     def memory_terms(self, settings: BitFitConfig) -> TrainedParts:
         return TrainedParts(bias_linears=settings.target_names())

@@ -16,12 +16,13 @@ Only the adapters train. Where they sit in a pre-norm LLaMA block ``x -> x + att
   residual to the MLP output *before* the adapter, which then reads ``x3 = x2 + mlp(norm_2(x2))`` and returns
   ``x2 + mlp(...) + up(act(down(x3)))``, i.e. ``out = A(x3)``: the adapter acts on the block's output.
 
-The adapters attach through forward hooks on the attention and MLP modules (``houlsby``) or on the block
-(``pfeiffer``), whose outputs are exactly those sublayer and block outputs. Nothing of the base is wrapped or
-renamed, so base checkpoints load as they are, a quantized base (``--quantize``) keeps its adapters (the hooked
-modules are not the linears bitsandbytes replaces), and sparse attention kernels, gradient checkpointing and the KV
-cache are unaffected. The adapters' own affine maps are plain parameters, not ``nn.Linear``, so quantization leaves
-them alone.
+The adapters sit in the block's hook slots (:mod:`lit_adapter.model`): ``Block.attn_adapter`` and
+``Block.mlp_adapter`` transform the attention's and the MLP's output before the residual add (``houlsby``),
+``Block.out_adapter`` the block's output (``pfeiffer``); the tensors are ``transformer.h.<i>.attn_adapter.down_weight``
+and so on. Nothing of the base is wrapped or renamed, so base checkpoints load as they are, a quantized base
+(``--quantize``) keeps its adapters (they are not the linears bitsandbytes replaces), and sparse attention kernels,
+gradient checkpointing and the KV cache are unaffected. The adapters' own affine maps are plain parameters, not
+``nn.Linear``, so quantization leaves them alone.
 
 AdapterHub initialises adapters with ``init_weights="bert"`` (normal weights of std 0.02, zero biases): near the
 identity, not exactly it. ``houlsby`` is the paper's near-identity (std 0.01, cut at 2 std), and ``mam_adapter``
@@ -32,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Dict, List, Literal, Optional, Sequence, Tuple, get_args
+from typing import Callable, ClassVar, Dict, List, Literal, Optional, Tuple, get_args
 
 import torch
 import torch.nn as nn
@@ -41,10 +42,10 @@ import torch.nn.functional as F
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
-from lit_adapter.tuners.base import Method, TrainedParts, bottleneck_width
+from lit_adapter.tuners.base import Method, TrainedParts, TunerLayer, bottleneck_width
 
-BOTTLENECK_NAME = "bottleneck"
-"""The attribute under which every adapter hangs, so its tensors are ``...attn.bottleneck.down_weight`` etc."""
+SLOTS = {"attn": "attn_adapter", "mlp": "mlp_adapter", "block": "out_adapter"}
+"""The block's hook slot (``lit_adapter.model.Block``) of each site an adapter can act on."""
 
 ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     # AdapterHub's names (transformers' get_activation): "swish" is SiLU, "gelu_new" the tanh approximation
@@ -114,11 +115,11 @@ class PfeifferConfig(BottleneckConfig):
     """Activation between the down and up projection (AdapterHub's names; swish = silu)."""
 
 
-class BottleneckAdapter(nn.Module):
-    """``x + dropout(scaling * (up_weight @ act(down_weight @ x + down_bias) + up_bias))`` over the last dim."""
+class BottleneckAdapter(TunerLayer):
+    """``x + dropout(scaling * (up_weight @ act(down_weight @ x + down_bias) + up_bias))`` over the last dim.
 
-    peft_enabled = True
-    """False (``tuners.base.switched_off``): the adapter returns its input."""
+    ``peft_enabled`` False (``tuners.base.switched_off``): the adapter returns its input.
+    """
 
     def __init__(self, size: int, width: int, settings: BottleneckConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -136,6 +137,7 @@ class BottleneckAdapter(nn.Module):
     @torch.no_grad()
     def reset_peft_parameters(self) -> None:
         """AdapterHub's initialisations (``init_weights``); on the meta device this does nothing."""
+        self.materialize()
         if self.init_weights == "bert":
             nn.init.normal_(self.down_weight, std=0.02)
             nn.init.normal_(self.up_weight, std=0.02)
@@ -162,39 +164,28 @@ class BottleneckAdapter(nn.Module):
         return f"{self.size} -> {self.width} -> {self.size}, {self.non_linearity}, scaling={self.scaling}"
 
 
-def _apply_bottleneck(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: the hooked module's output goes through the adapter that hangs on the module."""
-    return getattr(module, BOTTLENECK_NAME)(output)
-
-
-def hooked_modules(model: GPT, sites: Tuple[str, ...], leave_out: Sequence[int] = ()) -> List[nn.Module]:
-    """The modules of ``model`` whose output an adapter transforms: ``attn``, ``mlp`` or the ``block`` itself."""
-    modules = []
-    for i, block in enumerate(model.transformer.h):
-        if i not in leave_out:
-            modules += [block if site == "block" else getattr(block, site) for site in sites]
-    return modules
-
-
-def add_bottleneck_adapters(model: GPT, settings: BottleneckConfig, sites: Tuple[str, ...]) -> GPT:
-    """Hangs a :class:`BottleneckAdapter` on each of ``model``'s ``sites`` (in place) and hooks it in.
+def add_bottleneck_adapters(model: GPT, settings: BottleneckConfig, sites: Tuple[str, ...]) -> None:
+    """Sets a :class:`BottleneckAdapter` into each block's slot of each of ``sites`` (``attn``, ``mlp``, ``block``),
+    except in the ``leave_out`` layers; in place.
 
     The adapters are created on the device and in the dtype of the final norm's weight (the meta device while the
     model is built), which a quantized base keeps in floating point.
     """
     reference = model.transformer.ln_f.weight
-    for module in hooked_modules(model, sites, settings.leave_out):
-        if hasattr(module, BOTTLENECK_NAME):
-            raise RuntimeError("the model already has bottleneck adapters")
-        adapter = BottleneckAdapter(model.config.n_embd, settings.width(model.config.n_embd), settings,
-                                    device=reference.device, dtype=reference.dtype)
-        setattr(module, BOTTLENECK_NAME, adapter)
-        module.register_forward_hook(_apply_bottleneck)
-    return model
+    width = settings.width(model.config.n_embd)
+    for i, block in enumerate(model.transformer.h):
+        if i in settings.leave_out:
+            continue
+        for site in sites:
+            if getattr(block, SLOTS[site]) is not None:
+                raise RuntimeError("the model already has bottleneck adapters")
+            adapter = BottleneckAdapter(model.config.n_embd, width, settings, device=reference.device,
+                                        dtype=reference.dtype)
+            setattr(block, SLOTS[site], adapter)
 
 
 def bottleneck_adapters(model: nn.Module) -> Dict[str, BottleneckAdapter]:
-    """The adapters of ``model`` by qualified name (``"transformer.h.0.attn.bottleneck"``)."""
+    """The adapters of ``model`` by qualified name (``"transformer.h.0.attn_adapter"``)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
 
 
@@ -204,7 +195,7 @@ class _Bottleneck(Method):
     sites: ClassVar[Tuple[str, ...]]
     # the rate AdapterFusion (Pfeiffer et al. 2021) trains its adapters with; Houlsby et al. sweep 3e-5 to 3e-3
     train_defaults = {"learning_rate": 1e-4}
-    trained_names = (BOTTLENECK_NAME,)
+    trained_names = tuple(SLOTS.values())
     added_names = trained_names
 
     def validate(self, settings: BottleneckConfig, config: Config) -> None:

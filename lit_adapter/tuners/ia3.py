@@ -11,14 +11,14 @@ those whose *input* is rescaled).
 
 :class:`IA3Linear` wraps the base layer by composition and only calls it, so the base may be quantized. For
 inference the vectors can be folded into the frozen weights once (``W <- diag(l) W`` for an output scale,
-``W <- W diag(l)`` for an input scale; :func:`fold_ia3`), which removes the extra multiplication; that needs a
+``W <- W diag(l)`` for an input scale; :meth:`IA3Linear.fold`), which removes the extra multiplication; that needs a
 plain floating-point weight that no other layer shares, so a quantized base stays unfolded (same output).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -75,19 +75,19 @@ class IA3Linear(LinearWrapper):
     def reset_peft_parameters(self) -> None:
         """Ones (the identity), allocated beside the base weight if still on meta; a folded vector is unfolded."""
         self.unfold()
-        self.materialize_own()
+        self.materialize()
         with torch.no_grad():
             nn.init.ones_(self.ia3_l)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.peft_enabled:
             if self.folded:  # the vector is inside W: switching it off would not remove it
-                raise UserError("cannot switch off a folded IA³ layer: call unfold_ia3(model) first")
+                raise UserError("cannot switch off a folded IA³ layer: unfold() it first")
             return self.linear(x)
         if self.folded:
             if self.training and torch.is_grad_enabled() and self.ia3_l.requires_grad:
                 # the vector is in the weight, so it would silently get no gradient
-                raise RuntimeError("training a folded IA³ layer: call unfold_ia3(model) before training")
+                raise RuntimeError("training a folded IA³ layer: unfold() it before training")
             return self.linear(x)
         if self.feedforward:
             return self.linear(x * self.ia3_l.to(x.dtype))  # (..., in) scaled, then (..., out)
@@ -125,37 +125,6 @@ class IA3Linear(LinearWrapper):
         return f"scales={'input' if self.feedforward else 'output'}, folded={self.folded}"
 
 
-def ia3_layers(model: nn.Module) -> Dict[str, IA3Linear]:
-    return wrapped_layers(model, IA3Linear)
-
-
-def add_ia3(model: nn.Module, cfg: IA3Config) -> nn.Module:
-    """Wraps the targeted linears of every block of a ``lit_adapter.model.GPT`` in :class:`IA3Linear`, in place."""
-    feedforward = set(cfg.feedforward)
-    wrap_linears(model, cfg.targets, lambda name, linear: IA3Linear(linear, feedforward=name in feedforward))
-    return model
-
-
-def fold_ia3(model: nn.Module, strict: bool = True) -> List[str]:
-    """Folds every IA³ vector into its base weight; folding twice changes nothing.
-
-    A layer that cannot be folded (quantized or shared weight) raises :class:`UserError` when ``strict``;
-    otherwise it stays unfolded, which computes the same output, and its name is returned.
-    """
-    layers = ia3_layers(model)
-    kept = [] if strict else [name for name, layer in layers.items() if layer.weight_refusal() is not None]
-    for name, layer in layers.items():
-        if name not in kept:
-            layer.fold()
-    return kept
-
-
-def unfold_ia3(model: nn.Module) -> nn.Module:
-    for layer in ia3_layers(model).values():
-        layer.unfold()
-    return model
-
-
 class IA3(Method):
     name = "ia3"
     summary = ("Fine-tune a frozen LLaMA with IA³ (Liu et al. 2022): learned vectors, initialised to ones, rescale "
@@ -168,13 +137,16 @@ class IA3(Method):
     trained_names = added_names = IA3Linear.own_names
 
     def attach(self, model: GPT, settings: IA3Config) -> None:
-        add_ia3(model, settings)
+        feedforward = set(settings.feedforward)
+        wrap_linears(model, settings.targets, lambda name, linear: IA3Linear(linear, feedforward=name in feedforward))
 
     def memory_terms(self, settings: IA3Config) -> TrainedParts:
         return TrainedParts(ia3_outputs=settings.outputs_scaled(), ia3_inputs=tuple(settings.feedforward))
 
     def prepare_for_inference(self, model: nn.Module) -> None:
-        fold_ia3(model, strict=False)  # a quantized base stays unfolded
+        for layer in wrapped_layers(model, IA3Linear).values():
+            if layer.weight_refusal() is None:  # a quantized or shared base stays unfolded (the same output)
+                layer.fold()
 
 
 METHOD = IA3()

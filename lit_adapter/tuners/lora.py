@@ -6,8 +6,9 @@ adapted model starts exactly as the base model. Only ``A`` and ``B`` train and a
 
 :class:`LoRALinear` wraps the base layer by composition and only *calls* it, so the base may be a plain
 ``nn.Linear`` or a frozen bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` (QLoRA, Dettmers et al. 2023). Training
-runs unmerged; for inference the update can be folded into ``W`` once (:func:`merge_lora`), which removes the extra
-matmuls, and folded out again (:func:`unmerge_lora`). Merging needs a plain floating-point ``W`` that no other
+runs unmerged; for inference the update can be folded into ``W`` once (:meth:`LoRALinear.merge`, which the
+method's ``prepare_for_inference`` calls on every layer), which removes the extra matmuls, and folded out again
+(:meth:`LoRALinear.unmerge`). Merging needs a plain floating-point ``W`` that no other
 layer shares: a quantized or tied base stays unmerged (its output is the same, only a little slower).
 
 Naming follows HF PEFT (``lora_A``, ``lora_B``, ``alpha``, ``r``) and so does the arithmetic, which the tests check
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
-from lit_adapter.tuners.base import EMBEDDING_NAMES, NORM_NAMES, Method, TrainedParts, has_name_part
-from lit_adapter.tuners.wrapping import LinearWrapper
+from lit_adapter.tuners.base import EMBEDDING_NAMES, NORM_NAMES, Method, TrainedParts
+from lit_adapter.tuners.wrapping import LinearWrapper, wrap_linears, wrapped_layers
 
 
 @dataclass
@@ -118,14 +119,7 @@ class LoRALinear(LinearWrapper):
         are first allocated on the base weight's device; on meta they stay on meta.
         """
         self.unmerge()  # the merged-in update is the old one
-        base = self.linear.weight
-        if self.lora_A.is_meta and not base.is_meta:
-            dtype = base.dtype if base.is_floating_point() else self.lora_A.dtype
-            for name in ("lora_A", "lora_B"):
-                old = getattr(self, name)
-                setattr(self, name, nn.Parameter(
-                    torch.empty(old.shape, device=base.device, dtype=dtype), requires_grad=old.requires_grad
-                ))
+        self.materialize()
         with torch.no_grad():
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
@@ -143,12 +137,12 @@ class LoRALinear(LinearWrapper):
         out = self.linear(x)  # (..., out)
         if not self.peft_enabled:
             if self.merged:  # the update is inside W: switching the branch off would not remove it
-                raise UserError("cannot switch off a merged LoRA layer: call unmerge_lora(model) first")
+                raise UserError("cannot switch off a merged LoRA layer: unmerge() it first")
             return out
         if self.merged:
             if self.training and torch.is_grad_enabled() and self.lora_A.requires_grad:
                 # The merged branch is not computed, so A and B would silently get no gradient.
-                raise RuntimeError("training a merged LoRA layer: call unmerge_lora(model) before training")
+                raise RuntimeError("training a merged LoRA layer: unmerge() it before training")
             return out
         h = self.lora_dropout(x.to(self.lora_A.dtype))
         # Same order as PEFT (A first, scale last): (..., in) -> (..., r) -> (..., out)
@@ -192,116 +186,6 @@ class LoRALinear(LinearWrapper):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
-def lora_layers(model: nn.Module) -> Dict[str, LoRALinear]:
-    """The LoRA layers of ``model`` by qualified name (``"transformer.h.0.attn.q_proj"``)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def add_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Wraps the targeted linear layers of a ``lit_adapter.model.GPT`` in :class:`LoRALinear`, in place.
-
-    Works on a model on the meta device (the LoRA tensors are then meta too; see
-    :func:`reset_lora_parameters`) and on one whose base linears were already quantized. The tie between a tied
-    output head and the embedding is kept: the wrapper holds the same ``nn.Linear``. ``requires_grad`` is left
-    alone; call :func:`mark_only_lora_as_trainable` to freeze the base.
-    """
-    if lora_layers(model):
-        raise RuntimeError("the model already has LoRA layers")
-    targets = set(cfg.target_names())
-    wrap = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name.rpartition(".")[2] in targets and hasattr(module, "in_features") and hasattr(module, "weight")
-    ]
-    if not wrap:
-        raise UserError(f"no layer of the model matches the LoRA targets {sorted(targets)}")
-    # Weights that appear under more than one name are shared (tied); merging into them is refused later.
-    counts: Dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    for name, linear in wrap:
-        wrapper = LoRALinear(linear, cfg.r, cfg.alpha, cfg.dropout)
-        wrapper.weight_is_shared = counts.get(id(linear.weight), 0) > 1
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper)
-    return model
-
-
-def reset_lora_parameters(model: nn.Module) -> nn.Module:
-    """Allocates (if on meta) and initialises every LoRA layer's A and B; the base weights are untouched.
-
-    The clean way to build a LoRA model without allocating twice: build ``GPT`` + :func:`add_lora` under
-    ``torch.device("meta")``, ``load_state_dict(base, strict=False, assign=True)``, then call this.
-    """
-    for layer in lora_layers(model).values():
-        layer.reset_peft_parameters()
-    return model
-
-
-def lora_filter(name: str, param: Optional[torch.Tensor] = None) -> bool:
-    """Whether the tensor ``name`` is LoRA's (trained and saved); ``param`` is accepted for the filter protocol."""
-    return has_name_part(name, ("lora_A", "lora_B"))
-
-
-def mark_only_lora_as_trainable(model: nn.Module) -> nn.Module:
-    for name, param in model.named_parameters():
-        param.requires_grad = lora_filter(name, param)
-    return model
-
-
-def lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Only the LoRA tensors (``...q_proj.lora_A`` / ``...q_proj.lora_B``)."""
-    return {k: v for k, v in model.state_dict().items() if lora_filter(k, v)}
-
-
-def merge_lora(model: nn.Module, strict: bool = True) -> List[str]:
-    """Merges every LoRA layer for inference; merging twice changes nothing.
-
-    A layer that cannot be merged (quantized or tied base) raises :class:`UserError` when ``strict``; otherwise it
-    is left unmerged, which computes the same output, and its name is returned.
-    """
-    unmerged = []
-    for name, layer in lora_layers(model).items():
-        if not strict and not layer.mergeable:
-            unmerged.append(name)
-            continue
-        layer.merge()
-    return unmerged
-
-
-def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Takes every merged LoRA update out of its base weight (back to the training state)."""
-    for layer in lora_layers(model).values():
-        layer.unmerge()
-    return model
-
-
-@torch.no_grad()
-def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """A plain base-model checkpoint with the LoRA updates merged in, under base names (``...q_proj.weight``).
-
-    The model is not modified; the result loads into a ``GPT`` without LoRA. Quantized or tied LoRA bases raise
-    :class:`UserError` (the result would not be the model's own weights, or could not keep the tie).
-    """
-    layers = lora_layers(model)
-    for layer in layers.values():
-        layer._check_mergeable()
-    merged = {}
-    for key, value in model.state_dict().items():
-        owner = next((name for name in layers if key.startswith(name + ".")), None)
-        if owner is None:
-            merged[key] = value
-            continue
-        layer, rest = layers[owner], key[len(owner) + 1:]
-        if not rest.startswith("linear."):
-            continue  # lora_A / lora_B
-        rest = rest[len("linear."):]
-        if rest == "weight" and not layer.merged:
-            value = value + layer.delta_weight()
-        merged[f"{owner}.{rest}"] = value
-    return merged
-
-
 class LoRA(Method):
     name = "lora"
     summary = ("Fine-tune a frozen LLaMA with LoRA (Hu et al. 2021): low-rank updates B @ A, scaled by alpha / r, on "
@@ -310,10 +194,14 @@ class LoRA(Method):
     settings_group = "lora"
     train_defaults = {"learning_rate": 3e-4}
     added_names = ("lora_A", "lora_B")
-    trained_names = added_names  # lora_filter
+    trained_names = added_names
 
     def attach(self, model: GPT, settings: LoRAConfig) -> None:
-        add_lora(model, settings)
+        """Wraps the targeted linears in :class:`LoRALinear` (works on meta and on quantized linears; a tied head
+        keeps its tie, and merging into it is refused)."""
+        r, alpha, dropout = settings.r, settings.alpha, settings.dropout
+        if not wrap_linears(model, settings.target_names(), lambda _, linear: LoRALinear(linear, r, alpha, dropout)):
+            raise UserError(f"no layer of the model matches the LoRA targets {sorted(settings.target_names())}")
 
     def trained_names_for(self, settings: Optional[LoRAConfig]) -> Tuple[str, ...]:
         settings = settings or LoRAConfig()
@@ -326,7 +214,9 @@ class LoRA(Method):
                             norms=settings.train_norms)
 
     def prepare_for_inference(self, model: nn.Module) -> None:
-        merge_lora(model, strict=False)  # folded into the weights; a quantized or tied base stays unmerged
+        for layer in wrapped_layers(model, LoRALinear).values():
+            if layer.mergeable:  # folded into the weights; a quantized or tied base stays unmerged (the same output)
+                layer.merge()
 
 
 METHOD = LoRA()

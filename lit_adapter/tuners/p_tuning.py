@@ -27,13 +27,13 @@ from typing import Any, Dict, Literal, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from lit_adapter.config import Config
 from lit_adapter.errors import UserError
+from lit_adapter.model import GPT
 from lit_adapter.tuners.virtual_tokens import (
-    GPT,
     VirtualRowsAttention,
     VirtualTokenMethod,
     VirtualTokens,
+    add_virtual_tokens,
     check_hidden_size,
     check_num_virtual_tokens,
     folded,
@@ -113,9 +113,9 @@ class PTuning(VirtualTokenMethod):
     settings_group = "p_tuning"
     train_defaults = {"learning_rate": 1e-3}
 
-    def build(self, config: Config, settings: PTuningConfig) -> GPT:
-        attention = partial(VirtualRowsAttention, num_virtual_tokens=settings.num_virtual_tokens)
-        return GPT(config, PromptEncoder(settings, config.n_embd), attention)
+    def attach(self, model: GPT, settings: PTuningConfig) -> None:
+        attention = partial(VirtualRowsAttention, settings.num_virtual_tokens)
+        add_virtual_tokens(model, PromptEncoder(settings, model.config.n_embd), attention)
 
     def final_tensors(self, model: GPT, settings: PTuningConfig) -> Tuple[Dict[str, torch.Tensor], Any]:
         if settings.encoder == "none":

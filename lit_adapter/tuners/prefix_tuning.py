@@ -27,12 +27,13 @@ import torch
 import torch.nn as nn
 
 import lit_adapter.model as base
+from lit_adapter.model import GPT
 from lit_adapter.config import Config
 from lit_adapter.tuners.base import TrainedParts
 from lit_adapter.tuners.virtual_tokens import (
-    GPT,
     VirtualTokenMethod,
     VirtualTokens,
+    add_virtual_tokens,
     attend_with_prefix,
     check_hidden_size,
     check_num_virtual_tokens,
@@ -109,23 +110,25 @@ class PrefixEncoder(VirtualTokens):
                 module.reset_parameters()
 
 
-class PrefixAttention(base.CausalSelfAttention):
-    """Attention over this layer's prefix and the causal (or sparse) keys of the real tokens, in one softmax."""
+class PrefixAttention(nn.Module):
+    """The attention hook of prefix tuning: a layer's prefix and the causal (or sparse) keys of the real tokens,
+    in one softmax. It holds no tensors: the prefixes are the encoder's (``GPT.virtual_tokens``)."""
 
-    def __init__(self, config: Config, block_idx: int, shared: SharedPrefixes) -> None:
-        super().__init__(config, block_idx)
+    def __init__(self, shared: SharedPrefixes) -> None:
+        super().__init__()
         self.shared_prefixes = shared
 
-    def scaled_dot_product_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+    def forward(
+        self, attn: base.CausalSelfAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         B = q.shape[0]
-        kv = self.shared_prefixes.kv[self.block_idx].to(q.dtype)  # (2, ng, P, hs)
-        pk, pv = (self.expand_kv_groups(t.unsqueeze(0)).expand(B, -1, -1, -1) for t in kv)  # (B, nh, P, hs)
+        kv = self.shared_prefixes.kv[attn.block_idx].to(q.dtype)  # (2, ng, P, hs)
+        pk, pv = (attn.expand_kv_groups(t.unsqueeze(0)).expand(B, -1, -1, -1) for t in kv)  # (B, nh, P, hs)
         if input_pos is not None:  # the KV cache's first P slots are the prefix's positions, never written
             P = pk.shape[-2]
             k, v, input_pos = k[:, :, P:], v[:, :, P:], input_pos - P
-        return attend_with_prefix(self, q, k, v, input_pos, (pk, pv))
+        return attend_with_prefix(attn, q, k, v, input_pos, (pk, pv))
 
 
 class PrefixTuning(VirtualTokenMethod):
@@ -137,9 +140,9 @@ class PrefixTuning(VirtualTokenMethod):
     settings_group = "prefix_tuning"
     train_defaults = {"learning_rate": 1e-2}
 
-    def build(self, config: Config, settings: PrefixTuningConfig) -> GPT:
+    def attach(self, model: GPT, settings: PrefixTuningConfig) -> None:
         shared = SharedPrefixes()
-        return GPT(config, PrefixEncoder(settings, config, shared), partial(PrefixAttention, shared=shared))
+        add_virtual_tokens(model, PrefixEncoder(settings, model.config, shared), partial(PrefixAttention, shared))
 
     def memory_terms(self, settings: PrefixTuningConfig) -> TrainedParts:
         return TrainedParts(prefix_length=settings.num_virtual_tokens)

@@ -24,13 +24,13 @@ from typing import List, Literal, Optional
 import torch
 import torch.nn as nn
 
-from lit_adapter.config import Config
 from lit_adapter.errors import UserError
+from lit_adapter.model import GPT
 from lit_adapter.tuners.virtual_tokens import (
-    GPT,
     VirtualRowsAttention,
     VirtualTokenMethod,
     VirtualTokens,
+    add_virtual_tokens,
     check_num_virtual_tokens,
 )
 
@@ -90,9 +90,9 @@ class PromptTuning(VirtualTokenMethod):
     settings_group = "prompt_tuning"
     train_defaults = {"learning_rate": 3e-2}
 
-    def build(self, config: Config, settings: PromptTuningConfig) -> GPT:
+    def attach(self, model: GPT, settings: PromptTuningConfig) -> None:
         P = settings.num_virtual_tokens
-        return GPT(config, PromptEmbedding(P, config.n_embd), partial(VirtualRowsAttention, num_virtual_tokens=P))
+        add_virtual_tokens(model, PromptEmbedding(P, model.config.n_embd), partial(VirtualRowsAttention, P))
 
     def initialize_from_base(self, model: GPT, settings: PromptTuningConfig, checkpoint_dir: Path) -> None:
         if settings.init != "text":

@@ -2,7 +2,7 @@
 
 The three methods (Lester et al. 2021, https://arxiv.org/abs/2104.08691; Liu et al. 2021,
 https://arxiv.org/abs/2103.10385; Li & Liang 2021, https://arxiv.org/abs/2101.00190) train only P virtual tokens
-in front of every sequence and leave the model frozen. They enter through the model's one hook for this,
+in front of every sequence and leave the model frozen. They enter through the model's hook slot for this,
 ``GPT.virtual_tokens`` (:mod:`lit_adapter.model`), so the real tokens sit at positions ``P, P + 1, ...`` and the
 model drops the virtual rows from its output: logits, the loss and the training loop see only the real tokens.
 
@@ -12,6 +12,8 @@ model drops the virtual rows from its output: logits, the loss and the training 
 * Prefix tuning adds no rows: every layer's attention sees P learned keys and values (no RoPE), as HF PEFT does by
   passing them as ``past_key_values``.
 
+Their attention goes through every layer's attention hook slot (``attn.adapter``): prefix tuning's
+:class:`~lit_adapter.tuners.prefix_tuning.PrefixAttention` and, for the other two, :class:`VirtualRowsAttention`.
 Dense attention over ``[virtual; real]`` is plain causal attention. With a sparse pattern
 (:mod:`lit_adapter.attention`) every real token still sees every virtual token in the same softmax: the pattern
 applies among the real tokens (counted from the first real one) and the virtual keys are passed to the kernel as
@@ -20,7 +22,7 @@ its ``prefix``, merged exactly; the virtual rows of prompt and P-tuning attend c
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 import lit_adapter.model as base
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.tuners.base import Method, TrainedParts
+from lit_adapter.tuners.base import Method, TrainedParts, TunerLayer
 
 VIRTUAL_NAMES = ("virtual_tokens",)
 """Every tensor of the three methods lives under ``GPT.virtual_tokens``."""
@@ -45,10 +47,11 @@ def check_hidden_size(method: str, n: Any) -> None:
         raise UserError(f"{method} encoder_hidden_size must be a positive integer or None, got {n!r}")
 
 
-class VirtualTokens(nn.Module):
+class VirtualTokens(TunerLayer):
     """Base of the ``GPT.virtual_tokens`` modules: ``num_virtual_tokens`` positions before the first real token.
 
-    Subclasses give the rows that enter in front of the sequence (:meth:`embeddings`, ``(P, n_embd)``) or, for
+    It has no base layer (:class:`~lit_adapter.tuners.base.TunerLayer`) and cannot pass through: virtual tokens shift
+    the real ones (``VirtualTokenMethod.can_switch_off``). Subclasses give the rows that enter in front of the sequence (:meth:`embeddings`, ``(P, n_embd)``) or, for
     prefix tuning, override :meth:`forward` to add none.
     """
 
@@ -90,45 +93,49 @@ def attend_with_prefix(
     return F.scaled_dot_product_attention(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), attn_mask=mask)
 
 
-class VirtualRowsAttention(base.CausalSelfAttention):
-    """Attention for prompt tuning and P-tuning, whose first P rows (and KV-cache slots) are the virtual tokens.
+class VirtualRowsAttention(nn.Module):
+    """The attention hook of prompt tuning and P-tuning, whose first P rows (and KV-cache slots) are the virtual
+    tokens; it has no tensors.
 
     Dense attention is the base's plain causal attention. A sparse pattern applies among the real tokens, and
     every real token also sees all virtual ones; the virtual rows attend causally among themselves.
     """
 
-    def __init__(self, config: Config, block_idx: int, num_virtual_tokens: int) -> None:
-        super().__init__(config, block_idx)
+    def __init__(self, num_virtual_tokens: int) -> None:
+        super().__init__()
         self.num_virtual_tokens = num_virtual_tokens
 
-    def scaled_dot_product_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None
+    def forward(
+        self, attn: base.CausalSelfAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        if self.attention_kernel is None:
-            return super().scaled_dot_product_attention(q, k, v, input_pos)
+        kernel = attn.attention_kernel
+        if kernel is None:
+            return attn.scaled_dot_product_attention(q, k, v, input_pos)
         P = self.num_virtual_tokens
         if input_pos is None:  # rows 0..P-1 are the virtual tokens
             virtual = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True)
-            real = self.attention_kernel(q[:, :, P:], k[:, :, P:], v[:, :, P:], prefix=(k[:, :, :P], v[:, :, :P]))
+            real = kernel(q[:, :, P:], k[:, :, P:], v[:, :, P:], prefix=(k[:, :, :P], v[:, :, :P]))
             return torch.cat([virtual, real], dim=2)  # (B, nh, P + T, hs)
         # decoding: a virtual query (position < P) sees no real token (the pattern's causal part) and the virtual
         # ones up to itself; a real query sees every virtual token and the pattern's keys among the real ones
-        content = self.attention_kernel.dense_mask(q.shape[1], q.shape[2], k.shape[2] - P, q_positions=input_pos - P)
+        content = kernel.dense_mask(q.shape[1], q.shape[2], k.shape[2] - P, q_positions=input_pos - P)
         virtual = torch.arange(P, device=q.device) <= input_pos[:, None]  # (T, P)
         mask = torch.cat([virtual.expand(content.shape[0], -1, -1), content], dim=-1)  # (nh or 1, T, S)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
 
+    def extra_repr(self) -> str:
+        return f"num_virtual_tokens={self.num_virtual_tokens}"
 
-class GPT(base.GPT):
-    """The base model with ``virtual_tokens`` set and each layer's attention built by ``attention``."""
 
-    def __init__(self, config: Config, virtual_tokens: VirtualTokens, attention) -> None:
-        self._build_attention = attention  # used by build_block while nn.Module.__init__ runs (a plain attribute)
-        super().__init__(config)
-        self.virtual_tokens = virtual_tokens
-
-    def build_block(self, block_idx: int) -> base.Block:
-        return base.Block(self.config, block_idx, attn=self._build_attention(self.config, block_idx))
+def add_virtual_tokens(model: base.GPT, virtual_tokens: VirtualTokens, attention: Callable[[], nn.Module]) -> None:
+    """Sets ``virtual_tokens`` into ``model``'s slot for them and ``attention()`` into every layer's attention hook
+    slot, in place."""
+    if model.virtual_tokens is not None or any(block.attn.adapter is not None for block in model.transformer.h):
+        raise RuntimeError("the model's virtual-token or attention hook is already taken by a PEFT method")
+    model.virtual_tokens = virtual_tokens
+    for block in model.transformer.h:
+        block.attn.adapter = attention()
 
 
 class VirtualTokenMethod(Method):

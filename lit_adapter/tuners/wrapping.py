@@ -1,8 +1,10 @@
-"""What the methods that wrap a frozen linear by composition share (IA³, BitFit).
+"""What the methods that wrap a frozen linear by composition share (LoRA, IA³, BitFit, Adapter v2's scales).
 
+Wrapping is one of the two ways a method attaches (the other is a module in one of the model's hook slots,
+:mod:`lit_adapter.model`).
 A :class:`LinearWrapper` holds the base layer as ``linear`` and only *calls* it, so the base may be a plain
 ``nn.Linear`` or a frozen bitsandbytes ``Linear8bitLt`` / ``Linear4bit``; its own tensors are small per-channel
-vectors. It answers ``in_features``, ``out_features`` and ``weight`` like the layer it wraps (a tied output head is
+tensors. It is a :class:`~lit_adapter.tuners.base.TunerLayer` whose base layer is the wrapped linear. It answers ``in_features``, ``out_features`` and ``weight`` like the layer it wraps (a tied output head is
 re-tied through it after loading), and it accepts a base checkpoint's names (``...k_proj.weight``) for the
 wrapped ``...k_proj.linear.weight``. :func:`wrap_linears` puts a wrapper around every linear of a model whose
 attribute name is targeted and records which of them share their weight with another layer (the output head tied
@@ -16,25 +18,30 @@ from typing import Any, Callable, ClassVar, Collection, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from lit_adapter.tuners.base import TunerLayer
 
 def is_quantized(weight: torch.Tensor) -> bool:
     """Whether ``weight`` is a bitsandbytes (or any non-floating-point) weight, which cannot be scaled in place."""
     return type(weight).__module__.startswith("bitsandbytes") or not weight.is_floating_point()
 
 
-class LinearWrapper(nn.Module):
-    """A frozen ``linear`` (only called) plus the per-channel parameters named in :attr:`own_names`."""
+class LinearWrapper(TunerLayer):
+    """A frozen ``linear`` (only called) plus the method's own tensors, named in :attr:`own_names`.
+
+    ``peft_enabled`` False (``tuners.base.switched_off``): the subclass's forward returns ``linear(x)`` alone.
+    """
 
     own_names: ClassVar[Tuple[str, ...]] = ()
-    """The wrapper's own parameters; every other key under its prefix belongs to the wrapped layer."""
-    peft_enabled: ClassVar[bool] = True
-    """False (``tuners.base.switched_off``): the subclass's forward returns ``linear(x)`` alone."""
+    """The wrapper's own parameters and modules; every other key under its prefix belongs to the wrapped layer."""
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__()
         self.linear = linear
         # set by wrap_linears when the base weight is also another layer's (a tied output head)
         self.weight_is_shared = False
+
+    def base_layer(self) -> nn.Module:
+        return self.linear
 
     @property
     def in_features(self) -> int:
@@ -61,16 +68,6 @@ class LinearWrapper(nn.Module):
         weight = self.linear.weight
         dtype = weight.dtype if weight.is_floating_point() else getattr(self.linear, "compute_dtype", None)
         return nn.Parameter(torch.full((size,), fill, device=weight.device, dtype=dtype or torch.float32))
-
-    def materialize_own(self) -> None:
-        """Allocates own parameters left on the meta device (a model built on meta, its base loaded with
-        ``assign=True``) on the base weight's device; on a meta base they stay on meta."""
-        base = self.linear.weight
-        for name in self.own_names:
-            old = getattr(self, name)
-            if old.is_meta and not base.is_meta:
-                new = torch.empty(old.shape, device=base.device, dtype=old.dtype)
-                setattr(self, name, nn.Parameter(new, requires_grad=old.requires_grad))
 
     def weight_refusal(self) -> Optional[str]:
         """Why the base weight cannot be changed in place (to fold a method into it), or None if it can."""
