@@ -145,3 +145,66 @@ def test_every_registered_method_declares_what_the_package_asks(name):
     assert isinstance(method.memory_terms(settings), TrainedParts)
     assert (REPO / "finetune" / f"{name}.py").is_file()
     assert {"learning_rate"} <= set(method.train_defaults)
+
+
+def _tuner_classes():
+    """Every ``nn.Module`` subclass defined in a module under ``lit_adapter/tuners/``."""
+    import importlib
+    import inspect
+
+    import torch.nn as nn
+
+    classes = []
+    for name in sorted(n for n in _modules() if n.startswith("lit_adapter.tuners.")):
+        module = importlib.import_module(name)
+        classes += [c for _, c in inspect.getmembers(module, inspect.isclass)
+                    if c.__module__ == name and issubclass(c, nn.Module)]
+    return classes
+
+
+def test_no_tuner_subclasses_the_model():
+    """Methods attach to a plain GPT, by wrapping a linear or in the model's hook slots: none replaces the model's
+    own classes (no subclass of GPT, Block or CausalSelfAttention, so no copied forward)."""
+    from lit_adapter.model import GPT, Block, CausalSelfAttention
+
+    classes = _tuner_classes()
+    assert classes, "the tuner modules define their layers"
+    assert [c.__qualname__ for c in classes if issubclass(c, (GPT, Block, CausalSelfAttention))] == []
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_module_a_method_adds_that_holds_tensors_is_a_tuner_layer(name):
+    """Built the public way (``methods.build_model`` on meta), every module of a tuner class that holds tensors of
+    its own is a ``TunerLayer``, and every tensor the method adds lives in one: the switch and the initialiser are
+    found by type, never by name."""
+    import torch
+
+    from lit_adapter.config import Config
+    from lit_adapter.methods import MethodSpec, build_model
+    from lit_adapter.tuners.base import TunerLayer
+
+    spec = MethodSpec(name)
+    if hasattr(spec.settings, "start_layer"):
+        spec.settings.start_layer = 1  # the tiny model has 2 layers
+    with torch.device("meta"):
+        model = build_model(spec, Config.from_name("tiny"))
+    tuner_classes = set(_tuner_classes())
+    owners = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, TunerLayer):
+            owners.update({id(t): module_name for _, _, t in module.own_tensors()})
+        elif type(module) in tuner_classes:
+            assert not list(module.parameters()) and not list(module.buffers()), (
+                f"{module_name} ({type(module).__name__}) holds tensors but is no TunerLayer")
+    added = [n for n, p in model.named_parameters() if spec.definition.is_added(n)]
+    assert [n for n, p in model.named_parameters() if spec.definition.is_added(n) and id(p) not in owners] == []
+    assert bool(added) == (name != "full")  # every method but full fine-tuning adds tensors
+
+
+def test_every_tuner_layer_says_how_its_tensors_start():
+    from lit_adapter.tuners.base import TunerLayer
+
+    abstract = ("TunerLayer", "LinearWrapper", "VirtualTokens")
+    for cls in _tuner_classes():
+        if issubclass(cls, TunerLayer) and cls.__name__ not in abstract:
+            assert cls.reset_peft_parameters is not TunerLayer.reset_peft_parameters, cls.__qualname__
