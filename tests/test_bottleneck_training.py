@@ -31,7 +31,8 @@ def test_trains_and_final_reloads_to_the_same_logits(tmp_path, stories_checkpoin
     final = tmp_path / "final"
     tensors = load_file(final / "adapter.safetensors")
     assert set(tensors) == {n for n, p in trained["model"].named_parameters() if p.requires_grad}
-    assert all(name.split(".")[3] in ("attn_adapter", "mlp_adapter", "out_adapter") for name in tensors) and result.trainable_params == sum(
+    slots = ("attn_adapter", "mlp_adapter", "out_adapter")  # the block's hook slots
+    assert all(name.split(".")[3] in slots for name in tensors) and result.trainable_params == sum(
         t.numel() for t in tensors.values())
     assert (final / "adapter.safetensors").stat().st_size < 100_000
     config, loaded, spec = load_finetuned(stories_checkpoint, final, torch.device("cpu"), torch.float32)

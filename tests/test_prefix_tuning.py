@@ -89,7 +89,8 @@ def test_sparse_patterns_let_every_query_see_the_prefix(pattern):
     attn = _layer_with_prefix(pattern, T=8)
     q, k, v = (torch.randn(2, 4, T, 8, dtype=torch.float64) for _ in range(3))
     attn.adapter.shared_prefixes.kv[0, 1] = torch.randn(2, P, 8, dtype=torch.float64)  # (ng, P, hs)
-    pk, pv = (t.repeat_interleave(2, dim=0).expand(2, -1, -1, -1) for t in attn.adapter.shared_prefixes.kv[0])  # (B, nh, P, hs)
+    prefixes = attn.adapter.shared_prefixes.kv[0]
+    pk, pv = (t.repeat_interleave(2, dim=0).expand(2, -1, -1, -1) for t in prefixes)  # (B, nh, P, hs)
     mask = torch.cat([torch.ones(4, T, P, dtype=torch.bool), attn.attention_kernel.dense_mask(4, T).expand(4, T, T)],
                      dim=-1)
     reference = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask[None])

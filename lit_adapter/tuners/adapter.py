@@ -12,8 +12,8 @@ Each layer's prompt and gate live in an :class:`AdaptionPrompt`, set into the la
 (``attn.adapter``, :mod:`lit_adapter.model`) of a plain ``GPT``: the tensors are
 ``transformer.h.<i>.attn.adapter.adapter_wte.weight`` and ``...attn.adapter.gating_factor`` (lit-llama has them one
 level up, without ``adapter.``). The prompt attention is added on top of whatever the base attention computes, so
-it composes with sparse attention kernels (the prompt part stays dense), with quantized projections (they are only called) and with the
-KV cache (the prompt's keys and values are cached for the duration of a decoding session).
+it composes with sparse attention kernels (the prompt part stays dense), with quantized projections (they are only
+called) and with the KV cache (the prompt's keys and values are cached for the duration of a decoding session).
 """
 
 from __future__ import annotations

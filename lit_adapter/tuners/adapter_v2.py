@@ -8,8 +8,9 @@ and the RMSNorm weights (``norm_1``, ``norm_2``, ``ln_f``) train too. At initial
 pretrained one.
 
 The bias and scale live in :class:`AdapterV2Linear`, a wrapper that only calls the linear it holds, so the frozen
-linear may be a quantized bitsandbytes layer; the prompts are v1's, in each layer's attention hook slot. The prompt's keys and values go through the wrapped ``k_proj`` and
-``v_proj`` and so see their bias and scale, as in lit-llama.
+linear may be a quantized bitsandbytes layer; the prompts are v1's, in each layer's attention hook slot. The
+prompt's keys and values go through the wrapped ``k_proj`` and ``v_proj`` and so see their bias and scale, as in
+lit-llama.
 
 ``--adapter.train_embeddings true`` also trains the token embedding: with v2's trainable norms, LongLoRA's
 "LoRA+" unfreezing (Chen et al. 2023) for context extension (``docs/long_context.md``).

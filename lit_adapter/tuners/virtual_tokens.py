@@ -50,9 +50,9 @@ def check_hidden_size(method: str, n: Any) -> None:
 class VirtualTokens(TunerLayer):
     """Base of the ``GPT.virtual_tokens`` modules: ``num_virtual_tokens`` positions before the first real token.
 
-    It has no base layer (:class:`~lit_adapter.tuners.base.TunerLayer`) and cannot pass through: virtual tokens shift
-    the real ones (``VirtualTokenMethod.can_switch_off``). Subclasses give the rows that enter in front of the sequence (:meth:`embeddings`, ``(P, n_embd)``) or, for
-    prefix tuning, override :meth:`forward` to add none.
+    It has no base layer (:class:`~lit_adapter.tuners.base.TunerLayer`) and cannot pass through: virtual tokens
+    shift the real ones (``VirtualTokenMethod.can_switch_off``). Subclasses give the rows that enter in front of the
+    sequence (:meth:`embeddings`, ``(P, n_embd)``) or, for prefix tuning, override :meth:`forward` to add none.
     """
 
     def __init__(self, num_virtual_tokens: int) -> None:

@@ -1,14 +1,14 @@
 """What the methods that wrap a frozen linear by composition share (LoRA, IA³, BitFit, Adapter v2's scales).
 
 Wrapping is one of the two ways a method attaches (the other is a module in one of the model's hook slots,
-:mod:`lit_adapter.model`).
-A :class:`LinearWrapper` holds the base layer as ``linear`` and only *calls* it, so the base may be a plain
-``nn.Linear`` or a frozen bitsandbytes ``Linear8bitLt`` / ``Linear4bit``; its own tensors are small per-channel
-tensors. It is a :class:`~lit_adapter.tuners.base.TunerLayer` whose base layer is the wrapped linear. It answers ``in_features``, ``out_features`` and ``weight`` like the layer it wraps (a tied output head is
-re-tied through it after loading), and it accepts a base checkpoint's names (``...k_proj.weight``) for the
-wrapped ``...k_proj.linear.weight``. :func:`wrap_linears` puts a wrapper around every linear of a model whose
-attribute name is targeted and records which of them share their weight with another layer (the output head tied
-to the embedding), where folding a method into the weight would change that other layer too.
+:mod:`lit_adapter.model`). A :class:`LinearWrapper` holds the base layer as ``linear`` and only *calls* it, so the
+base may be a plain ``nn.Linear`` or a frozen bitsandbytes ``Linear8bitLt`` / ``Linear4bit``; its own tensors are
+small. It is a :class:`~lit_adapter.tuners.base.TunerLayer` whose base layer is the wrapped linear. It answers
+``in_features``, ``out_features`` and ``weight`` like the layer it wraps (a tied output head is re-tied through it
+after loading), and it accepts a base checkpoint's names (``...k_proj.weight``) for the wrapped
+``...k_proj.linear.weight``. :func:`wrap_linears` puts a wrapper around every linear of a model whose attribute
+name is targeted and records which of them share their weight with another layer (the output head tied to the
+embedding), where folding a method into the weight would change that other layer too.
 """
 
 from __future__ import annotations
