@@ -135,13 +135,13 @@ class ReferencePolicy:
                     self.in_place.append(param)
                     self.copies.append(param.detach().clone())
             # every added tensor that trains must sit in a module that switches off, or the "reference" would
-            # silently be the policy (a method whose modules do not declare peft_enabled)
+            # silently be the policy (a tensor outside the method's TunerLayers, which alone switch off)
             with spec.definition.switched_off(methods.unwrap(model)) as switched:
                 owners = {id(p) for module in switched for p in module.parameters()}
             stuck = [name for name, p in named if trains(name, p) and added(name) and id(p) not in owners]
             if stuck:
                 raise UserError(f"{spec.method} cannot be switched off for DPO's reference ({stuck[0]} is in no module "
-                                "declaring peft_enabled); pass --dpo.reference_dir with a reference checkpoint")
+                                "that switches off); pass --dpo.reference_dir with a reference checkpoint")
 
     @contextlib.contextmanager
     def active(self, model):

@@ -55,7 +55,7 @@ class HeadSpec:
 
 
 class ScoreHead(nn.Linear):
-    """``nn.Linear(n_embd, num_labels, bias=False)`` with HF's initialisation under the methods' init hook."""
+    """``nn.Linear(n_embd, num_labels, bias=False)`` with HF's initialisation as its ``reset_parameters``."""
 
     def __init__(self, n_embd: int, num_labels: int) -> None:
         super().__init__(n_embd, num_labels, bias=False)

@@ -342,6 +342,6 @@ def test_a_method_that_cannot_be_switched_off_is_refused(stories260k, monkeypatc
     spec = MethodSpec("lora")
     model = methods.prepare_model(spec, Config.from_checkpoint_dir(stories260k), stories260k, torch.device("cpu"),
                                   torch.float32)
-    monkeypatch.setattr(LoRALinear, "peft_enabled", None)  # as a method module that never declared the switch
+    monkeypatch.setattr(LoRALinear, "peft_enabled", None)  # as a method module that does not switch off
     with pytest.raises(UserError, match="cannot be switched off for DPO's reference"):
         DPOObjective([], [], {}, DPOArgs()).attach(model, spec, "cross_entropy")

@@ -162,7 +162,7 @@ class TunerLayer(nn.Module):
 
 @torch.no_grad()
 def initialize_tuner_layers(model: nn.Module, device: Optional[torch.device] = None, only_meta: bool = False) -> None:
-    """Allocates (on ``device``, else beside each base layer) and initialises every :class:`TunerLayer` of
+    """Allocates (beside each wrapped base layer, else on ``device``) and initialises every :class:`TunerLayer` of
     ``model``; ``only_meta``: only those with tensors still on the meta device, whose values no checkpoint gave."""
     for module in model.modules():
         if isinstance(module, TunerLayer):
