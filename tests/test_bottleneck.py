@@ -32,9 +32,8 @@ from lit_adapter.memory import (
 )
 from lit_adapter.methods import MethodSpec, build_model, dry_run, mark_trainable
 from lit_adapter.model import GPT
-from lit_adapter.tuners.bottleneck import (
-    BottleneckAdapter, BottleneckConfig, HoulsbyConfig, PfeifferConfig, bottleneck_adapters,
-)
+from lit_adapter.tuners.bottleneck import BottleneckAdapter, BottleneckConfig, HoulsbyConfig, PfeifferConfig
+from lit_adapter.tuners.base import tuner_layers
 
 from test_lora import base_model, rel_err
 
@@ -54,7 +53,7 @@ def adapted(base: GPT, method: str, settings: BottleneckConfig, random: bool = T
     mark_trainable(model, spec)
     if random:  # scaled to the small residual stream of init_weights (N(0, 0.02)) so that no relu unit is dead
         with torch.no_grad():
-            for a in bottleneck_adapters(model).values():
+            for a in tuner_layers(model, BottleneckAdapter).values():
                 a.down_weight.normal_(0, 1.0)
                 a.up_weight.normal_(0, 0.3)
                 a.down_bias.normal_(0, 0.02)
@@ -117,18 +116,18 @@ def test_initialisation(method):
     # mam_adapter: zero up projection, so the model is the base bit for bit
     exact = adapted(base, method, SETTINGS[method](init_weights="mam_adapter"), random=False)
     assert torch.equal(exact(idx), base(idx))
-    for a in bottleneck_adapters(exact).values():
+    for a in tuner_layers(exact, BottleneckAdapter).values():
         bound = 1 / a.size ** 0.5  # kaiming_uniform_(a=sqrt(5))
         assert a.up_weight.abs().max() == 0 and 0.75 * bound < a.down_weight.abs().max() <= bound
     # bert (AdapterHub's default) and houlsby (the paper's) are near the identity
     for init, std in (("bert", 0.02), ("houlsby", 0.0088)):  # a N(0, 0.01) cut at 2 std has std 0.0088
         model = adapted(base, method, SETTINGS[method](init_weights=init, reduction_factor=1), random=False)
-        weights = torch.cat([t.flatten() for a in bottleneck_adapters(model).values()
+        weights = torch.cat([t.flatten() for a in tuner_layers(model, BottleneckAdapter).values()
                              for t in (a.down_weight, a.up_weight)])
         assert weights.std().item() == pytest.approx(std, rel=0.05)
         assert init == "bert" or weights.abs().max() <= 0.02
         assert all(a.down_bias.abs().max() == 0 and a.up_bias.abs().max() == 0
-                   for a in bottleneck_adapters(model).values())
+                   for a in tuner_layers(model, BottleneckAdapter).values())
         assert 0 < rel_err(model(idx), base(idx)) < 0.05
 
 
@@ -143,7 +142,7 @@ def test_logits_and_gradients_equal_the_written_out_reference(method, settings, 
     base = base_model(name, n_layer=3)
     cfg = SETTINGS[method](**settings)
     model = adapted(base, method, cfg)
-    adapters = bottleneck_adapters(model)
+    adapters = tuner_layers(model, BottleneckAdapter)
     sites = {"houlsby": ("attn", "mlp"), "pfeiffer": ("block",)}[method]
     assert sorted(site_of(n) for n in adapters) == sorted(
         (i, s) for i in range(3) if i not in cfg.leave_out for s in sites)
@@ -204,7 +203,7 @@ def test_logits_gradients_and_counts_equal_adapterhub(method, settings):
     assert sum(p.numel() for p in hf.parameters() if p.requires_grad) == \
         sum(p.numel() for p in model.parameters() if p.requires_grad)
     pairs = []
-    for name, ours in bottleneck_adapters(model).items():
+    for name, ours in tuner_layers(model, BottleneckAdapter).items():
         layer, site = site_of(name)
         holder = hf.model.layers[layer]
         theirs = (holder.attention_adapters if site == "attn" else holder.output_adapters).adapters["bn"]

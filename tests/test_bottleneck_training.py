@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from lit_adapter import methods
 from lit_adapter.config import Config
 from lit_adapter.methods import MethodSpec, load_finetuned, prepare_model
-from lit_adapter.tuners.bottleneck import HoulsbyConfig, PfeifferConfig, bottleneck_adapters
+from lit_adapter.tuners.bottleneck import BottleneckAdapter, HoulsbyConfig, PfeifferConfig
+from lit_adapter.tuners.base import tuner_layers
 
 from test_training import run
 from test_training import test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one as check_exact_resume
@@ -36,7 +37,8 @@ def test_trains_and_final_reloads_to_the_same_logits(tmp_path, stories_checkpoin
         t.numel() for t in tensors.values())
     assert (final / "adapter.safetensors").stat().st_size < 100_000
     config, loaded, spec = load_finetuned(stories_checkpoint, final, torch.device("cpu"), torch.float32)
-    assert spec.method == method and len(bottleneck_adapters(loaded)) == len(bottleneck_adapters(trained["model"]))
+    adapters = len(tuner_layers(trained["model"], BottleneckAdapter))
+    assert spec.method == method and len(tuner_layers(loaded, BottleneckAdapter)) == adapters
     idx = torch.randint(0, config.vocab_size, (2, 24))
     with torch.no_grad():
         assert torch.equal(loaded(idx), trained["model"].eval()(idx))
@@ -63,7 +65,8 @@ def test_quantized_base_trains_on_cpu(tmp_path, stories_checkpoint, instruction_
     # every block linear is quantized (the head stays full precision); the adapters stay float and alone train
     assert {type(m) for n, m in model.named_modules() if isinstance(m, layers)} == {layers[0], torch.nn.Linear}
     assert all(p.requires_grad == ("_adapter." in n) for n, p in model.named_parameters())
-    assert all(p.dtype == torch.float32 for a in bottleneck_adapters(model).values() for p in a.parameters())
+    adapters = tuner_layers(model, BottleneckAdapter).values()
+    assert all(p.dtype == torch.float32 for a in adapters for p in a.parameters())
     # the trained adapters reload onto a quantized base and run there
     config, loaded, _ = load_finetuned(stories_checkpoint, tmp_path / "final", torch.device("cpu"), torch.float32,
                                        quantize=quantize)

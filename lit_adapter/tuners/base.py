@@ -160,6 +160,11 @@ class TunerLayer(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not say how its tensors start")
 
 
+def tuner_layers(model: nn.Module, kind: type = TunerLayer) -> Dict[str, TunerLayer]:
+    """The method modules of type ``kind`` in ``model`` by qualified name (``"transformer.h.0.attn_adapter"``)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, kind)}
+
+
 @torch.no_grad()
 def initialize_tuner_layers(model: nn.Module, device: Optional[torch.device] = None, only_meta: bool = False) -> None:
     """Allocates (beside each wrapped base layer, else on ``device``) and initialises every :class:`TunerLayer` of

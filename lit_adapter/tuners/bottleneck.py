@@ -184,11 +184,6 @@ def add_bottleneck_adapters(model: GPT, settings: BottleneckConfig, sites: Tuple
             setattr(block, SLOTS[site], adapter)
 
 
-def bottleneck_adapters(model: nn.Module) -> Dict[str, BottleneckAdapter]:
-    """The adapters of ``model`` by qualified name (``"transformer.h.0.attn_adapter"``)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, BottleneckAdapter)}
-
-
 class _Bottleneck(Method):
     """What Houlsby and Pfeiffer share; they differ in where the adapters sit (``sites``) and the defaults."""
 

@@ -124,9 +124,6 @@ class LoRALinear(LinearWrapper):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
-    def adapter_params(self) -> List[nn.Parameter]:
-        return [self.lora_A, self.lora_B]
-
     def delta_weight(self) -> torch.Tensor:
         """The update ``(alpha / r) * B @ A`` (out, in), computed in float32 and returned in the base dtype."""
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
