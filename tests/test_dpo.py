@@ -337,8 +337,6 @@ def test_the_command_names_the_line_of_a_bad_record(stories260k, tmp_path):
 
 
 def test_a_method_that_cannot_be_switched_off_is_refused(stories260k, monkeypatch):
-    from lit_adapter.tuners.lora import LoRALinear
-
     spec = MethodSpec("lora")
     model = methods.prepare_model(spec, Config.from_checkpoint_dir(stories260k), stories260k, torch.device("cpu"),
                                   torch.float32)
