@@ -253,10 +253,10 @@ def test_adapter_state_dict_for_another_config_is_a_user_error():
     with pytest.raises(UserError, match=r"adapter_wte.weight: checkpoint \(3, 32\) vs model \(3, 64\)"):
         adapter.load_adapter_state_dict(wider, sd)
     _, earlier, _ = build("tiny", start_layer=0)
-    missing = r"missing \(2\): transformer.h.0.attn.gating_factor, transformer.h.0.attn.adapter_wte.weight\. "
+    missing = r"2 missing keys: transformer.h.0.attn.gating_factor, transformer.h.0.attn.adapter_wte.weight\. "
     with pytest.raises(UserError, match=missing):
         adapter.load_adapter_state_dict(earlier, sd)
-    with pytest.raises(UserError, match=r"unexpected \(1\): transformer.h.1.attn.lora_A"):
+    with pytest.raises(UserError, match=r"1 unexpected keys: transformer.h.1.attn.lora_A"):
         adapter.load_adapter_state_dict(model, {**sd, "transformer.h.1.attn.lora_A": torch.zeros(1)})
 
 

@@ -22,12 +22,13 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from lit_adapter.checkpoint import to_model_keys
 from lit_adapter.config import Config
 from lit_adapter.tuners import adapter
 from lit_adapter.tuners.adapter import AdapterConfig, load_adapter_state_dict, mark_only_as_trainable, materialize
-from lit_adapter.tuners.base import EMBEDDING_NAMES, TrainedParts, has_name_part
+from lit_adapter.tuners.base import EMBEDDING_NAMES, PeftAdapter, PeftLayout, Refused, TrainedParts, has_name_part
 from lit_adapter.tuners.scale_bias import fusable, scale_bias_linear
-from lit_adapter.tuners.wrapping import LinearWrapper
+from lit_adapter.tuners.wrapping import Folded, LinearWrapper
 
 # lit-llama trains "adapter_wte", "gating_factor", "adapter_bias", "adapter_scale", "rms_1", "rms_2", "ln_f";
 # our RMSNorms are named norm_1 / norm_2
@@ -59,6 +60,11 @@ class AdapterV2Linear(LinearWrapper):
             return y
         return self.adapter_scale.to(y.dtype) * (y + self.adapter_bias.to(y.dtype))
 
+    def fold_weights(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Folded:
+        """``s * (W x + b + c) = (diag(s) W) x + s (b + c)``."""
+        scale, added = self.adapter_scale.float(), self.adapter_bias.float()
+        return (None if weight is None else weight * scale[:, None]), scale * (added if bias is None else bias + added)
+
     @torch.no_grad()
     def reset_peft_parameters(self, device=None, dtype=None) -> None:
         self.adapter_bias = materialize(self.adapter_bias, device, dtype)
@@ -84,15 +90,7 @@ class GPT(adapter.GPT):
 
         ``load_state_dict`` does this by itself; the renamed dict is for loaders that compare keys first.
         """
-        wrapped = {name + "." for name, m in self.named_modules() if isinstance(m, AdapterV2Linear)}
-        out = {}
-        for key, value in state_dict.items():
-            # the wrapper's prefix is everything up to the linear's own tensor name (weight, bias, quant stats)
-            owner = next((p for p in wrapped if key.startswith(p)), None)
-            if owner is not None and not key[len(owner):].startswith(("linear.", "adapter_")):
-                key = owner + "linear." + key[len(owner):]
-            out[key] = value
-        return out
+        return to_model_keys(state_dict, set(self.state_dict(keep_vars=True)))
 
 
 def adapter_v2_filter(name: str, param: Any = None) -> bool:
@@ -125,6 +123,11 @@ class AdapterV2(adapter.Adapter):
 
     def trained_names_for(self, settings: Optional[AdapterConfig]) -> Tuple[str, ...]:
         return self.trained_names + (EMBEDDING_NAMES if settings is not None and settings.train_embeddings else ())
+
+    no_peft = "PEFT has no per-linear bias and scale (LLaMA-Adapter v2's), nor trained norms beside a prompt"
+
+    def peft_adapter(self, model: nn.Module, settings: AdapterConfig, layout: PeftLayout) -> PeftAdapter:
+        raise Refused(self.no_peft)
 
     def memory_terms(self, settings: AdapterConfig) -> TrainedParts:
         return TrainedParts(norms=True, v2_linears=True, prompt_from_layer=settings.start_layer,

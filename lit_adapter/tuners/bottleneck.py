@@ -161,6 +161,13 @@ class BottleneckAdapter(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.size} -> {self.width} -> {self.size}, {self.non_linearity}, scaling={self.scaling}"
 
+    fold_label = "bottleneck adapters"
+    """An export into plain LLaMA weights asks :meth:`fold_refusal` (``tuners.base.FoldAnswer``)."""
+
+    def fold_refusal(self) -> Optional[str]:
+        return ("are extra down/up projections on a block's attention or MLP output (AdapterHub's), layers "
+                "LlamaForCausalLM does not have")
+
 
 def _apply_bottleneck(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: the hooked module's output goes through the adapter that hangs on the module."""
@@ -213,6 +220,8 @@ class _Bottleneck(Method):
             raise UserError(f"{self.name} leave_out={outside} names layers the model lacks (n_layer={config.n_layer})")
         if len(settings.leave_out) == config.n_layer:
             raise UserError(f"{self.name} leave_out covers all {config.n_layer} layers: nothing would train")
+
+    no_peft = "its bottleneck adapters are AdapterHub's, not a PEFT adapter type"
 
     def attach(self, model: GPT, settings: BottleneckConfig) -> None:
         add_bottleneck_adapters(model, settings, self.sites)
