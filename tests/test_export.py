@@ -216,6 +216,42 @@ def test_merged_run_loads_in_transformers_with_the_logits_of_the_unmerged_run(tm
     assert rel_error(hf_logits(out, idx), expected) < 1e-5
 
 
+def _wrappers():
+    from lit_adapter.tuners.adapter_v2 import AdapterV2Linear
+    from lit_adapter.tuners.bitfit import BitFitLinear
+    from lit_adapter.tuners.ia3 import IA3Linear
+    from lit_adapter.tuners.lora import LoRALinear
+
+    return {"lora": lambda lin: LoRALinear(lin, r=2, alpha=3.0), "ia3-out": lambda lin: IA3Linear(lin),
+            "ia3-in": lambda lin: IA3Linear(lin, feedforward=True), "bitfit": BitFitLinear, "v2": AdapterV2Linear}
+
+
+@pytest.mark.parametrize("kind", list(_wrappers()))
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_wrapper_folds_into_the_plain_linear_it_computes(kind, bias):
+    """The fold protocol (LinearWrapper.fold_weights) against the wrapper's own forward, on a base with and
+    without a bias; the in-place fold for inference (LoRA's merge, IA³'s fold) is the same arithmetic."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5, bias=bias)
+    wrapper = _wrappers()[kind](linear).eval()
+    with torch.no_grad():
+        for param in wrapper.parameters():
+            if param is not linear.weight and param is not linear.bias:
+                param.copy_(torch.randn_like(param))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = wrapper(x)
+        weight, new_bias = wrapper.fold_weights(linear.weight.float(), None if linear.bias is None else linear.bias)
+        assert wrapper.fold_refusal() is None
+        assert torch.allclose(torch.nn.functional.linear(x, weight, new_bias), expected, atol=1e-6)
+        no_weight, bias_alone = wrapper.fold_weights(None, linear.bias)  # the head's bias, checked before loading
+        assert no_weight is None and (bias_alone is new_bias or torch.equal(bias_alone, new_bias))
+        in_place = getattr(wrapper, "merge", None) or getattr(wrapper, "fold", None)
+        if in_place is not None:
+            in_place()
+            assert torch.equal(linear.weight, weight) and wrapper(x).allclose(expected, atol=1e-6)
+
+
 def test_lora_merge_is_w_plus_scaled_b_a(tmp_path, tok512):
     base = make_base(tmp_path / "base", tok512)
     final, model = make_run(tmp_path / "run", base, "lora", dict(r=2, alpha=3))
