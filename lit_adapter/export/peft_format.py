@@ -66,18 +66,19 @@ class Layout:
         return peft_module_name(name)
 
     def targets(self, names: Iterable[str]) -> List[PeftTarget]:
-        groups: Dict[str, List[str]] = {}  # HF module -> our layers, in model order
+        gpt2 = self.family == "gpt2"
+        groups: Dict[str, List[str]] = {}  # HF module -> our layers it holds, in model order
         for name in names:
-            groups.setdefault(gpt2_module_name(name) if self.family == "gpt2" else name, []).append(name)
+            groups.setdefault(gpt2_module_name(name) if gpt2 else name, []).append(name)
         out = []
         for module, members in groups.items():
             leaves = [m.rpartition(".")[2] for m in members]
-            fused = self.family == "gpt2" and module.endswith(".attn.c_attn")
-            entry = module if module == "lm_head" or self.family != "gpt2" else ".".join(module.split(".")[-2:])
-            out.append(PeftTarget(
-                key=self.key(members[0]), name=entry if self.family == "gpt2" else leaves[0],
-                members=tuple(members), slots=tuple(_GPT2_SLOTS[leaf] for leaf in leaves) if fused else (0,),
-                n_slots=len(_GPT2_SLOTS) if fused else 1))
+            fused = gpt2 and module.endswith(".attn.c_attn")
+            # PEFT matches a target_modules entry against the end of the module's name
+            entry = ".".join(module.split(".")[-2:]) if gpt2 and module != "lm_head" else leaves[0]
+            out.append(PeftTarget(key=self.key(members[0]), name=entry, members=tuple(members),
+                                  slots=tuple(_GPT2_SLOTS[leaf] for leaf in leaves) if fused else (0,),
+                                  n_slots=len(_GPT2_SLOTS) if fused else 1))
         return out
 
 

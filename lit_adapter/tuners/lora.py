@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_adapter.checkpoint import base_key
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.tuners.base import EMBEDDING_NAMES, NORM_NAMES, Method, PeftAdapter, PeftLayout, PeftTarget, Refused, \
@@ -289,16 +290,11 @@ def merged_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     merged = {}
     for key, value in model.state_dict().items():
         owner = next((name for name in layers if key.startswith(name + ".")), None)
-        if owner is None:
-            merged[key] = value
-            continue
-        layer, rest = layers[owner], key[len(owner) + 1:]
-        if not rest.startswith("linear."):
+        if owner is not None and not key.startswith(f"{owner}.linear."):
             continue  # lora_A / lora_B
-        rest = rest[len("linear."):]
-        if rest == "weight" and not layer.merged:
-            value = layer.fold_weights(value.float(), None)[0].to(value.dtype)
-        merged[f"{owner}.{rest}"] = value
+        if owner is not None and key == f"{owner}.linear.weight" and not layers[owner].merged:
+            value = layers[owner].fold_weights(value.float(), None)[0].to(value.dtype)
+        merged[base_key(key)] = value
     return merged
 
 
