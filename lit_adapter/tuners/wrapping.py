@@ -115,15 +115,13 @@ class LinearWrapper(nn.Module):
         skipped at inference; refused (``"cannot <verb> <what> into this layer: <why>"``) where the fold has no
         exact form, the base cannot be changed in place, or the fold adds a bias the base has no place for."""
         refusal = self.fold_refusal() or self.weight_refusal()
-        weight, bias = self.linear.weight, getattr(self.linear, "bias", None)
-        folded = None
-        if refusal is None:
-            folded = self.fold_weights(weight.float(), None if bias is None else bias.float())
-            if bias is None and folded[1] is not None:
-                refusal = "it adds a bias and the base layer has none to hold it; keep it unfolded"
         if refusal is not None:
             raise UserError(f"cannot {verb} {what} into this layer: {refusal}")
-        new_weight, new_bias = folded
+        weight, bias = self.linear.weight, getattr(self.linear, "bias", None)
+        new_weight, new_bias = self.fold_weights(weight.float(), None if bias is None else bias.float())
+        if bias is None and new_bias is not None:
+            raise UserError(f"cannot {verb} {what} into this layer: it adds a bias and the base layer has none to "
+                            "hold it; keep it unfolded")
         weight.copy_(new_weight)
         if bias is not None:
             bias.copy_(new_bias)
