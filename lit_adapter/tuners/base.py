@@ -295,9 +295,9 @@ class Method:
         (no adapter to hold them) is told to merge, any other gives :attr:`no_peft`."""
         trained = [n for n, p in model.named_parameters() if self.trainable(n, p, settings)]
         if trained and not any(self.is_added(n) for n in trained):
-            raise Refused(f"it trains base tensors in place ({', '.join(trained[:2])}{' ...' if len(trained) > 2 else ''}"
-                          "), which no PEFT adapter holds; merge it into the base with scripts/convert_to_hf.py "
-                          "--merge true")
+            shown = ", ".join(trained[:2]) + (" ..." if len(trained) > 2 else "")
+            raise Refused(f"it trains base tensors in place ({shown}), which no PEFT adapter holds; merge it into "
+                          "the base with scripts/convert_to_hf.py --merge true")
         raise Refused(self.no_peft or f"this exporter knows no PEFT adapter type for {self.name}")
 
     def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:

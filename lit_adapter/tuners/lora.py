@@ -8,8 +8,9 @@ adapted model starts exactly as the base model. Only ``A`` and ``B`` train and a
 ``nn.Linear`` or a frozen bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` (QLoRA, Dettmers et al. 2023). Training
 runs unmerged; for inference the update can be folded into ``W`` once (:func:`merge_lora`), which removes the extra
 matmuls, and folded out again (:func:`unmerge_lora`); the fold, ``W + (alpha / r) B A``, is
-:meth:`LoRALinear.fold_weights`, which the export into plain LLaMA weights uses too. Merging needs a plain floating-point ``W`` that no other
-layer shares: a quantized or tied base stays unmerged (its output is the same, only a little slower).
+:meth:`LoRALinear.fold_weights`, which the export into plain LLaMA weights uses too. Merging needs a plain
+floating-point ``W`` that no other layer shares: a quantized or tied base stays unmerged (its output is the same,
+only a little slower).
 
 Naming follows HF PEFT (``lora_A``, ``lora_B``, ``alpha``, ``r``) and so does the arithmetic, which the tests check
 against ``peft.get_peft_model`` number for number.
@@ -368,8 +369,9 @@ class LoRA(Method):
             if target.n_slots > 1:
                 fused.setdefault(target.name.rpartition(".")[2], set()).add(len(target.members) * r)
         if any(len(ranks) > 1 for ranks in fused.values()):
-            raise Refused(f"its layers adapt different numbers of fused projections ({sorted(set().union(*fused.values()))} "
-                          f"ranks on {', '.join(fused)}); this exporter writes one rank per module")
+            ranks = sorted(set().union(*fused.values()))
+            raise Refused(f"its layers adapt different numbers of fused projections ({ranks} ranks on "
+                          f"{', '.join(fused)}); this exporter writes one rank per module")
         rank_pattern = {name: rank for name, (rank,) in fused.items() if rank != r}
         config = {
             "peft_type": "LORA", "r": r, "lora_alpha": json_number(alpha), "lora_dropout": dropout,
