@@ -310,6 +310,23 @@ def test_sparse_attention_is_refused(tmp_path, tok512):
         convert_to_hf(tmp_path / "hf", adapter_dir=final, merge_adapter=True)
 
 
+def test_a_sparse_kernel_answers_for_itself_when_the_structure_is_asked():
+    """Behind the run-level refusal above, the kernel module itself says why LLaMA cannot hold it
+    (``tuners.base.FoldAnswer``): the exporter lists no attention class."""
+    from lit_adapter.attention import AttentionConfig
+    from lit_adapter.export.source import inspect_structure
+    from lit_adapter.methods import build_model
+
+    spec = MethodSpec("lora", attention=AttentionConfig(pattern="local", window=8))
+    with torch.device("meta"):
+        model = build_model(spec, Config.from_name("tiny"))
+    structure = inspect_structure(model)
+    assert set(structure.answering) == {f"transformer.h.{i}.attn.attention_kernel" for i in range(2)}
+    assert structure.unknown == [] and len(structure.wrappers) == 4  # q_proj and v_proj of both layers
+    answer = structure.answering["transformer.h.0.attn.attention_kernel"]
+    assert answer.fold_label == "attention" and "attends densely" in answer.fold_refusal()
+
+
 @pytest.fixture
 def cli(capsys):
     """Runs a script in this process as ``python script args...`` would: (exit status, stdout, stderr)."""
