@@ -301,6 +301,24 @@ def test_what_llama_cannot_express_is_refused_naming_why(tmp_path, tok512, metho
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_base_that_does_not_fit_the_run_is_one_line_naming_the_keys(tmp_path, tok512):
+    from safetensors.torch import save_file
+
+    base = make_base(tmp_path / "base", tok512)
+    final, _ = make_run(tmp_path / "run", base, "lora")
+    weights = load_state_dict(base / "lit_model.safetensors")
+    weights["transformer.h.0.attn.q_proj.weight"] = weights["transformer.h.0.attn.q_proj.weight"][:, :16].clone()
+    weights["transformer.h.9.attn.q_proj.weight"] = torch.zeros(1)
+    save_file(weights, str(base / "lit_model.safetensors"))
+    with pytest.raises(UserError) as err:
+        convert_to_hf(tmp_path / "hf", adapter_dir=final, merge_adapter=True)
+    assert str(err.value) == (
+        f"the checkpoint {base} does not fit this model: 1 unexpected keys: transformer.h.9.attn.q_proj.weight; "
+        "1 shape mismatches: transformer.h.0.attn.q_proj.weight: checkpoint (32, 16) vs model (32, 32). "
+        "Is it the base this run was trained on?")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_sparse_attention_is_refused(tmp_path, tok512):
     from lit_adapter.attention import AttentionConfig
 

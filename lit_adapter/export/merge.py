@@ -27,6 +27,7 @@ import torch.nn as nn
 from lit_adapter.checkpoint import base_key
 from lit_adapter.errors import UserError
 from lit_adapter.export.source import Source, StateDict, inspect_structure
+from lit_adapter.methods import is_added
 from lit_adapter.tuners.base import FoldAnswer
 from lit_adapter.tuners.wrapping import Folded, LinearWrapper
 
@@ -58,23 +59,18 @@ class _Reader:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.read: Set[str] = set()
-        self.base_read: Set[str] = set()
 
     def tensor(self, key: str) -> torch.Tensor:
         """``key`` (a model name such as ``...q_proj.linear.weight``) in float32."""
         self.read.add(key)
         base_name = base_key(key)  # a wrapper holds the base layer as ``linear``; the checkpoint does not
         trained = self.source.trained
-        if key in trained:
-            self.base_read.add(base_name)  # a trained norm weight (Adapter v2) replaces the base's
+        if key in trained:  # a trained norm weight (Adapter v2) replaces the base's
             return trained[key].float()
         base = self.source.base_weights()
         if base_name == "lm_head.weight" and base_name not in base and self.source.config.tie_embeddings:
             base_name = "transformer.wte.weight"  # a tied checkpoint stores the head once, as the embedding
-        if base_name not in base:
-            raise UserError(f"the checkpoint {self.source.base_dir} has no {base_name}; is it the base of this model?")
-        self.base_read.add(base_name)
-        return base[base_name].float()
+        return base[base_name].float()  # Source.base_weights checked that the base has every key
 
     def skip(self, key: str) -> None:
         """Marks ``key`` as accounted for without using it (a wrapper's own tensor, which it reads itself; a
@@ -134,7 +130,7 @@ class _Merger:
         spec = self.source.spec
         owner = key.rpartition(".")[0]
         inside = any(owner == w or owner.startswith(w + ".") for w in self.wrappers)
-        return spec is not None and spec.definition.is_added(key) and not inside
+        return spec is not None and is_added(spec)(key) and not inside
 
     def merge(self, dtype: Optional[torch.dtype]) -> Merged:
         source, model, config = self.source, self.source.model, self.source.config
@@ -195,12 +191,7 @@ class _Merger:
         if left:
             raise self.refuse(f"its tensors {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} have no place in "
                               "LlamaForCausalLM")
-        base = self.source.base_weights()
-        extra = sorted(set(base) - self.reader.base_read
-                       - ({"lm_head.weight"} if self.source.config.tie_embeddings else set()))
-        if extra:
-            raise UserError(f"the checkpoint {self.source.base_dir} has tensors the model does not: "
-                            f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+        base = self.source.base_weights()  # its keys and shapes were checked against the model's when read
         if self.source.config.tie_embeddings and "lm_head.weight" in base and not torch.equal(
                 base["lm_head.weight"], base["transformer.wte.weight"]):
             raise UserError(f"the checkpoint {self.source.base_dir} ties lm_head.weight to transformer.wte.weight "

@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 
 import lit_adapter.model as base
-from lit_adapter.checkpoint import check_keys, find_weights, load_state_dict
+from lit_adapter.checkpoint import base_key, check_keys, find_weights, load_state_dict
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.methods import ADAPTER_FILE, MethodSpec, build_model, read_spec
+from lit_adapter.methods import ADAPTER_FILE, MethodSpec, build_model, is_added, read_spec
 from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer, has_tokenizer
 from lit_adapter.tuners.base import FoldAnswer
 from lit_adapter.tuners.wrapping import LinearWrapper
@@ -99,11 +99,18 @@ class Source:
         return self.spec.method if self.spec is not None else "the base checkpoint"
 
     def base_weights(self) -> StateDict:
-        """The base checkpoint's tensors (our names, as stored), read once."""
+        """The base checkpoint's tensors (our names, as stored), read once and checked key for key and shape for
+        shape against the model's base tensors (those the method does not add)."""
         if self._base is None:
             if self.base_dir is None:
                 raise UserError("this export needs the base weights: pass --checkpoint_dir")
-            self._base = load_state_dict(find_weights(self.base_dir))
+            base = load_state_dict(find_weights(self.base_dir))
+            added = is_added(self.spec) if self.spec is not None else (lambda name: False)
+            expected = {base_key(k): t for k, t in self.model.state_dict(keep_vars=True).items() if not added(k)}
+            tied = self.config.tie_embeddings  # a tied checkpoint may store the head once, as the embedding
+            check_keys(expected, base, f"the checkpoint {self.base_dir} does not fit this model",
+                       "Is it the base this run was trained on?", allow_missing=lambda k: tied and k == "lm_head.weight")
+            self._base = base
         return self._base
 
     def tokenizer(self) -> Tuple[Tokenizer, Optional[bytes]]:
