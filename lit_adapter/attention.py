@@ -112,6 +112,12 @@ class SparseAttention(nn.Module):
         self.last_scored_elements = 0.0
         self._scored = 0
 
+    fold_label = "attention"
+    """An export into plain LLaMA weights asks :meth:`fold_refusal` (``lit_adapter.tuners.base.FoldAnswer``)."""
+
+    def fold_refusal(self) -> Optional[str]:
+        return f"is a sparse pattern ({type(self).__name__}); LlamaForCausalLM attends densely"
+
     def mask_mod(self, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         """Whether query position ``q_idx`` may see key position ``kv_idx`` (broadcasting; causality excluded)."""
         raise NotImplementedError

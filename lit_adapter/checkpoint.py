@@ -3,7 +3,10 @@
 A checkpoint directory (every script's ``--checkpoint_dir``) holds ``model_config.json`` (:meth:`Config.save`), the
 weights as ``lit_model.safetensors`` (preferred) or ``lit_model.pth``, and the SentencePiece ``tokenizer.model``.
 Weights are checked key by key and shape by shape before anything is loaded, so a checkpoint that does not fit
-the config fails with one message naming the offending tensors instead of a wall of PyTorch errors.
+the config fails with one message naming the offending tensors instead of a wall of PyTorch errors
+(:func:`check_keys`, which every loader in the package uses). A method that wraps a base linear by composition
+holds its weight as ``...q_proj.linear.weight``; :func:`model_key` and :func:`base_key` are the one place that
+translates between a base checkpoint's names and such a model's.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Container, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -116,6 +119,64 @@ def _describe(keys: List[str], limit: int = 5) -> str:
     return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
 
 
+def _shape(tensor: Any) -> Any:
+    return tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+
+
+def check_keys(
+    expected: Mapping[str, torch.Tensor],
+    given: Mapping[str, Any],
+    failure: str,
+    advice: str = "",
+    allow_missing: Callable[[str], bool] = lambda name: False,
+) -> List[str]:
+    """Checks that ``given`` (tensors read from a file) has exactly the keys and shapes of ``expected`` (a model's
+    tensors); returns the missing keys that ``allow_missing`` lets pass.
+
+    Anything else raises one :class:`UserError` line, ``"<failure>: 9 missing keys: a, b, ... (and 4 more);
+    1 unexpected keys: c; 2 shape mismatches: d: checkpoint (3, 32) vs model (4, 32). <advice>"``, the keys in
+    ``expected``'s order (the model's: the first shown are the first layers). Every loader that compares a file
+    with a model (base checkpoints, ``final/`` tensors, ``--resume``, exports) says it this way.
+    """
+    missing = [k for k in expected if k not in given]
+    not_allowed = [k for k in missing if not allow_missing(k)]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [f"{k}: checkpoint {_shape(given[k])} vs model {_shape(v)}"
+                  for k, v in expected.items() if k in given and _shape(given[k]) != _shape(v)]
+    problems = [f"{len(keys)} {label}: {_describe(keys, limit)}" for label, keys, limit in (
+        ("missing keys", not_allowed, 5), ("unexpected keys", unexpected, 5), ("shape mismatches", mismatched, 3))
+        if keys]
+    if problems:
+        raise UserError(f"{failure}: {'; '.join(problems)}" + (f". {advice}" if advice else ""))
+    return missing
+
+
+def model_key(key: str, model_keys: Container[str]) -> str:
+    """The model's name for a base checkpoint's tensor ``key``: the key itself, or, where a method wraps the layer
+    by composition (it holds the base layer as ``linear``), the key with ``linear`` inserted after the wrapper's
+    name (``...q_proj.weight`` -> ``...q_proj.linear.weight``; ``...q_proj.weight.absmax`` ->
+    ``...q_proj.linear.weight.absmax``). A key the model has under neither name is returned unchanged."""
+    if key in model_keys:
+        return key
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):  # the innermost module first
+        wrapped = ".".join(parts[:i] + ["linear"] + parts[i:])
+        if wrapped in model_keys:
+            return wrapped
+    return key
+
+
+def base_key(key: str) -> str:
+    """A model tensor's name in a base checkpoint: :func:`model_key` undone (``...q_proj.linear.weight`` ->
+    ``...q_proj.weight``)."""
+    return ".".join(part for part in key.split(".") if part != "linear")
+
+
+def to_model_keys(state_dict: Mapping[str, torch.Tensor], model_keys: Container[str]) -> StateDict:
+    """``state_dict`` (a base checkpoint's) under the model's names (:func:`model_key`)."""
+    return {model_key(k, model_keys): v for k, v in state_dict.items()}
+
+
 def load_weights_into(
     model: nn.Module,
     state_dict: StateDict,
@@ -132,42 +193,23 @@ def load_weights_into(
     config: Optional[Config] = getattr(model, "config", None)
     tied = bool(config is not None and config.tie_embeddings)
     expected = model.state_dict()
-    problems = []
+    hint = f" ({config.name or 'this config'}: n_layer={config.n_layer}, n_embd={config.n_embd})" if config else ""
+    advice = f"Is model_config.json the config these weights were saved with?{hint}"
 
     if tied and "lm_head.weight" in state_dict and "transformer.wte.weight" in state_dict:
         head, wte = state_dict["lm_head.weight"], state_dict["transformer.wte.weight"]
         if head.shape != wte.shape or not torch.equal(head, wte):
-            problems.append(
-                "the config ties lm_head.weight to transformer.wte.weight (tie_embeddings=True) but the "
-                f"{source} has two different matrices"
-            )
+            raise UserError(f"the config ties lm_head.weight to transformer.wte.weight (tie_embeddings=True) but the "
+                            f"{source} has two different matrices. {advice}")
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
 
-    missing = [k for k in expected if k not in state_dict and not (tied and k == "lm_head.weight")]
-    not_allowed = [k for k in missing if not allow_missing(k)]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()  # in model order, so the first ones shown are the first layers
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if not_allowed:
-        problems.append(f"{len(not_allowed)} missing keys: {_describe(not_allowed)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys: {_describe(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches: {_describe(mismatched, 3)}")
-    if problems:
-        hint = f" ({config.name or 'this config'}: n_layer={config.n_layer}, n_embd={config.n_embd})" if config else ""
-        raise UserError(
-            f"the {source} does not fit the model: {'; '.join(problems)}. "
-            f"Is model_config.json the config these weights were saved with?{hint}"
-        )
-
+    # a tied checkpoint may store the head once, as the embedding
+    missing = check_keys(expected, state_dict, f"the {source} does not fit the model", advice,
+                         allow_missing=lambda k: (tied and k == "lm_head.weight") or allow_missing(k))
     model.load_state_dict(state_dict, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.transformer.wte.weight
-    return missing
+    return [k for k in missing if not (tied and k == "lm_head.weight")]
 
 
 def load_checkpoint_dir(

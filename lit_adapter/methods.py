@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.attention import AttentionConfig, apply_attention
-from lit_adapter.checkpoint import atomic_write, find_weights, load_state_dict, load_weights_into, save_state_dict
+from lit_adapter.checkpoint import atomic_write, check_keys, find_weights, load_state_dict, load_weights_into, \
+    save_state_dict, to_model_keys
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.heads import HeadSpec, attach_head, is_head_tensor
@@ -190,15 +191,7 @@ def _match_base_names(
     if config.tie_embeddings and "lm_head.linear.weight" in model_keys and "lm_head.weight" not in state_dict:
         # a tied checkpoint stores the head once, as the embedding; the wrapped head must still receive it
         state_dict = {**state_dict, "lm_head.weight": state_dict.get("transformer.wte.weight")}
-    renamed = {}
-    for key, value in state_dict.items():
-        if key not in model_keys:
-            module, _, leaf = key.rpartition(".")
-            wrapped = f"{module}.linear.{leaf}"
-            if wrapped in model_keys:
-                key = wrapped
-        renamed[key] = value
-    return renamed
+    return to_model_keys(state_dict, model_keys)
 
 
 def _materialize_new_parameters(model: nn.Module, device: torch.device) -> None:
@@ -392,16 +385,7 @@ def load_trained_tensors(model: nn.Module, tensors: Dict[str, torch.Tensor], spe
     """Copies saved trainable tensors into ``model``; a clear error names the keys when they do not fit."""
     keep = trainable_filter(spec)
     params = {n: p for n, p in model.named_parameters() if keep(n, p)}
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    mismatched = [f"{k}: saved {tuple(tensors[k].shape)} vs model {tuple(params[k].shape)}"
-                  for k in sorted(set(params) & set(tensors)) if tensors[k].shape != params[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if keys:
-                parts.append(f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}")
-        raise UserError(f"the {spec.method} weights in {source} do not fit this base model; " + "; ".join(parts))
+    check_keys(params, tensors, f"the {spec.method} weights in {source} do not fit this base model")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name].to(param.dtype))

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_adapter import methods
+from lit_adapter.checkpoint import check_keys
 from lit_adapter.config import ModelArgs
 from lit_adapter.data import InstructionDataset
 from lit_adapter.data_order import StepBatchSampler
@@ -565,14 +566,7 @@ def _resume(fabric, state, scheduler, path: Path, model, spec) -> None:
                       or k not in saved]
     if missing_fields or not isinstance(tensors, dict):
         raise UserError(f"--resume: {path} is not a checkpoint of this trainer (missing {', '.join(missing_fields) or 'model'})")
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    shapes = [f"{n}: {tuple(tensors[n].shape)} vs {tuple(expected[n].shape)}" for n in sorted(set(expected) & set(tensors))
-              if not isinstance(tensors[n], torch.Tensor) or tensors[n].shape != expected[n].shape]
-    if missing or extra or shapes:
-        raise UserError(
-            f"--resume: {path} does not fit this run's {spec.describe()}: "
-            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}, shapes {shapes[:2]}"
-        )
+    check_keys(expected, tensors, f"--resume: {path} does not fit this run's {spec.describe()}")
     del saved, tensors
     try:
         remainder = fabric.load(path, state, strict=False, weights_only=True)

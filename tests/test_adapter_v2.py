@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lit_adapter import methods
-from lit_adapter.checkpoint import save_state_dict
+from lit_adapter.checkpoint import save_state_dict, to_model_keys
 from lit_adapter.tuners.adapter import AdapterConfig
-from lit_adapter.tuners.adapter_v2 import AdapterV2Linear, base_state_dict_to_v2
+from lit_adapter.tuners.adapter_v2 import AdapterV2Linear
 from lit_adapter.config import Config
 from lit_adapter.convert import lit_to_hf_name
 from lit_adapter.errors import UserError
@@ -225,7 +225,7 @@ def test_meta_device_build_with_tied_head(tmp_path):
     with torch.device("meta"):
         model = build_model(spec, config)
     base_sd = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}  # tied checkpoints may omit it
-    renamed = base_state_dict_to_v2(model, base_sd)
+    renamed = to_model_keys(base_sd, set(model.state_dict(keep_vars=True)))  # the one base-key renamer
     assert "transformer.h.0.attn.q_proj.linear.weight" in renamed and "lm_head.linear.weight" not in renamed
     assert set(renamed) | {"lm_head.linear.weight"} == {k for k in model.state_dict() if not (
         "adapter_" in k or "gating_factor" in k)}

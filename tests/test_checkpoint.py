@@ -5,11 +5,15 @@ import pytest
 import torch
 
 from lit_adapter.checkpoint import (
+    base_key,
+    check_keys,
     find_weights,
     load_checkpoint_dir,
     load_state_dict,
     load_weights_into,
+    model_key,
     save_state_dict,
+    to_model_keys,
 )
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
@@ -180,3 +184,35 @@ def test_load_checkpoint_dir_errors(tmp_path, shared_data):
     expected = r"lit_model.safetensors does not fit the model: 21 shape mismatches: transformer.wte.weight: "
     with pytest.raises(UserError, match=expected + r"checkpoint \(512, 32\) vs model \(512, 64\)"):
         load_checkpoint_dir(ckpt)
+
+
+def test_the_one_key_checker_names_the_offending_keys():
+    expected = {f"layer.{i}.weight": torch.zeros(2, 3) for i in range(8)}
+    given = {k: v for k, v in expected.items() if k not in ("layer.1.weight", "layer.7.weight")}
+    given.update({"layer.0.weight": torch.zeros(3, 3), "layer.2.weight": [1, 2], "extra.lora_A": torch.zeros(1)})
+    with pytest.raises(UserError) as err:
+        check_keys(expected, given, "the lora weights in x do not fit this base model", "Were they trained here?")
+    assert str(err.value) == (
+        "the lora weights in x do not fit this base model: 2 missing keys: layer.1.weight, layer.7.weight; "
+        "1 unexpected keys: extra.lora_A; 2 shape mismatches: layer.0.weight: checkpoint (3, 3) vs model (2, 3), "
+        "layer.2.weight: checkpoint list vs model (2, 3). Were they trained here?")
+    many = {f"extra.{i}": torch.zeros(1) for i in range(7)}
+    shown = r"7 unexpected keys: extra.0, extra.1, extra.2, extra.3, extra.4 \(and 2 more\)$"
+    with pytest.raises(UserError, match=shown):
+        check_keys({}, many, "f")
+    # allowed missing keys pass and are returned, in the model's order
+    assert check_keys(expected, {"layer.3.weight": torch.ones(2, 3)}, "f", allow_missing=lambda k: True) == [
+        k for k in expected if k != "layer.3.weight"]
+
+
+def test_the_one_base_key_renamer():
+    model_keys = {"h.0.attn.q_proj.linear.weight", "h.0.attn.q_proj.lora_A", "h.0.attn.k_proj.weight",
+                  "h.0.attn.v_proj.linear.weight.absmax"}
+    assert model_key("h.0.attn.q_proj.weight", model_keys) == "h.0.attn.q_proj.linear.weight"
+    assert model_key("h.0.attn.k_proj.weight", model_keys) == "h.0.attn.k_proj.weight"  # not wrapped
+    assert model_key("h.0.attn.v_proj.weight.absmax", model_keys) == "h.0.attn.v_proj.linear.weight.absmax"
+    assert model_key("h.0.attn.o_proj.weight", model_keys) == "h.0.attn.o_proj.weight"  # unknown: unchanged
+    assert base_key("h.0.attn.q_proj.linear.weight") == "h.0.attn.q_proj.weight"
+    renamed = to_model_keys({"h.0.attn.q_proj.weight": torch.ones(1), "h.0.attn.k_proj.weight": torch.ones(1)},
+                            model_keys)
+    assert set(renamed) == {"h.0.attn.q_proj.linear.weight", "h.0.attn.k_proj.weight"}

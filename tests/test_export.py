@@ -216,6 +216,42 @@ def test_merged_run_loads_in_transformers_with_the_logits_of_the_unmerged_run(tm
     assert rel_error(hf_logits(out, idx), expected) < 1e-5
 
 
+def _wrappers():
+    from lit_adapter.tuners.adapter_v2 import AdapterV2Linear
+    from lit_adapter.tuners.bitfit import BitFitLinear
+    from lit_adapter.tuners.ia3 import IA3Linear
+    from lit_adapter.tuners.lora import LoRALinear
+
+    return {"lora": lambda lin: LoRALinear(lin, r=2, alpha=3.0), "ia3-out": lambda lin: IA3Linear(lin),
+            "ia3-in": lambda lin: IA3Linear(lin, feedforward=True), "bitfit": BitFitLinear, "v2": AdapterV2Linear}
+
+
+@pytest.mark.parametrize("kind", list(_wrappers()))
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_wrapper_folds_into_the_plain_linear_it_computes(kind, bias):
+    """The fold protocol (LinearWrapper.fold_weights) against the wrapper's own forward, on a base with and
+    without a bias; the in-place fold for inference (LoRA's merge, IA³'s fold) is the same arithmetic."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(6, 5, bias=bias)
+    wrapper = _wrappers()[kind](linear).eval()
+    with torch.no_grad():
+        for param in wrapper.parameters():
+            if param is not linear.weight and param is not linear.bias:
+                param.copy_(torch.randn_like(param))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = wrapper(x)
+        weight, new_bias = wrapper.fold_weights(linear.weight.float(), None if linear.bias is None else linear.bias)
+        assert wrapper.fold_refusal() is None
+        assert torch.allclose(torch.nn.functional.linear(x, weight, new_bias), expected, atol=1e-6)
+        no_weight, bias_alone = wrapper.fold_weights(None, linear.bias)  # the head's bias, checked before loading
+        assert no_weight is None and (bias_alone is new_bias or torch.equal(bias_alone, new_bias))
+        in_place = getattr(wrapper, "merge", None) or getattr(wrapper, "fold", None)
+        if in_place is not None:
+            in_place()
+            assert torch.equal(linear.weight, weight) and wrapper(x).allclose(expected, atol=1e-6)
+
+
 def test_lora_merge_is_w_plus_scaled_b_a(tmp_path, tok512):
     base = make_base(tmp_path / "base", tok512)
     final, model = make_run(tmp_path / "run", base, "lora", dict(r=2, alpha=3))
@@ -265,6 +301,24 @@ def test_what_llama_cannot_express_is_refused_naming_why(tmp_path, tok512, metho
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_base_that_does_not_fit_the_run_is_one_line_naming_the_keys(tmp_path, tok512):
+    from safetensors.torch import save_file
+
+    base = make_base(tmp_path / "base", tok512)
+    final, _ = make_run(tmp_path / "run", base, "lora")
+    weights = load_state_dict(base / "lit_model.safetensors")
+    weights["transformer.h.0.attn.q_proj.weight"] = weights["transformer.h.0.attn.q_proj.weight"][:, :16].clone()
+    weights["transformer.h.9.attn.q_proj.weight"] = torch.zeros(1)
+    save_file(weights, str(base / "lit_model.safetensors"))
+    with pytest.raises(UserError) as err:
+        convert_to_hf(tmp_path / "hf", adapter_dir=final, merge_adapter=True)
+    assert str(err.value) == (
+        f"the checkpoint {base} does not fit this model: 1 unexpected keys: transformer.h.9.attn.q_proj.weight; "
+        "1 shape mismatches: transformer.h.0.attn.q_proj.weight: checkpoint (32, 16) vs model (32, 32). "
+        "Is it the base this run was trained on?")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_sparse_attention_is_refused(tmp_path, tok512):
     from lit_adapter.attention import AttentionConfig
 
@@ -272,6 +326,23 @@ def test_sparse_attention_is_refused(tmp_path, tok512):
     final, _ = make_run(tmp_path / "run", base, "lora", attention=AttentionConfig(pattern="local", window=8))
     with pytest.raises(UserError, match="trained with local sparse attention"):
         convert_to_hf(tmp_path / "hf", adapter_dir=final, merge_adapter=True)
+
+
+def test_a_sparse_kernel_answers_for_itself_when_the_structure_is_asked():
+    """Behind the run-level refusal above, the kernel module itself says why LLaMA cannot hold it
+    (``tuners.base.FoldAnswer``): the exporter lists no attention class."""
+    from lit_adapter.attention import AttentionConfig
+    from lit_adapter.export.source import inspect_structure
+    from lit_adapter.methods import build_model
+
+    spec = MethodSpec("lora", attention=AttentionConfig(pattern="local", window=8))
+    with torch.device("meta"):
+        model = build_model(spec, Config.from_name("tiny"))
+    structure = inspect_structure(model)
+    assert set(structure.answering) == {f"transformer.h.{i}.attn.attention_kernel" for i in range(2)}
+    assert structure.unknown == [] and len(structure.wrappers) == 4  # q_proj and v_proj of both layers
+    answer = structure.answering["transformer.h.0.attn.attention_kernel"]
+    assert answer.fold_label == "attention" and "attends densely" in answer.fold_refusal()
 
 
 @pytest.fixture

@@ -219,7 +219,7 @@ def test_broken_checkpoints_and_final_folders_are_one_line(cli, tmp_path, storie
     good = ckpt.read_bytes()
     # another shape: the run was r=4, this one asks for r=8
     assert_one_error_line(cli(*finetune_args(stories_checkpoint, instruction_data, out, "--lora.r", 8,
-                                             "--resume", "true")), "does not fit", "shapes")
+                                             "--resume", "true")), "does not fit", "shape mismatches")
     ckpt.write_bytes(good[: len(good) // 2])  # truncated
     assert_one_error_line(cli(*finetune_args(stories_checkpoint, instruction_data, out, "--lora.r", 4,
                                              "--resume", "true")), "cannot read", "last.ckpt")

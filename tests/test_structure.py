@@ -208,3 +208,36 @@ def test_every_tuner_layer_says_how_its_tensors_start():
     for cls in _tuner_classes():
         if issubclass(cls, TunerLayer) and cls.__name__ not in abstract:
             assert cls.reset_peft_parameters is not TunerLayer.reset_peft_parameters, cls.__qualname__
+def _tuner_classes_outside_the_protocol() -> Set[str]:
+    """Classes the method modules define, except the protocol's (tuners/base.py, tuners/wrapping.py) and those
+    named like a class of the model itself (``adapter.GPT`` shares ``GPT``'s name)."""
+    def classes(path: Path) -> Set[str]:
+        return {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)}
+
+    defined = set().union(*(classes(p) for p in (PACKAGE / "tuners").glob("*.py")
+                            if p.name not in ("base.py", "wrapping.py", "__init__.py")))
+    return defined - classes(PACKAGE / "model.py")
+
+
+def test_export_asks_the_protocol_and_names_no_method_or_tuner_class():
+    allowed = {"lit_adapter.tuners.base", "lit_adapter.tuners.wrapping"}
+    tuner_classes = _tuner_classes_outside_the_protocol()
+    assert {"LoRALinear", "IA3Linear", "BitFitLinear", "AdapterV2Linear", "BottleneckAdapter"} <= tuner_classes
+    offenders = []
+    for path in sorted((PACKAGE / "export").glob("*.py")):
+        where = path.relative_to(REPO)
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            imported: List[str] = []
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported = [f"{node.module}.{a.name}" if node.module == "lit_adapter.tuners" else node.module
+                            for a in node.names]
+            offenders += [f"{where}:{node.lineno}: imports {m}" for m in imported
+                          if m.startswith("lit_adapter.tuners") and m not in allowed]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in METHODS:
+                offenders.append(f"{where}:{node.lineno}: names the method {node.value!r}")
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if name in tuner_classes:
+                offenders.append(f"{where}:{node.lineno}: names the tuner class {name}")
+    assert offenders == []

@@ -1,41 +1,38 @@
 """Folding a fine-tuned run into plain LLaMA weights (and biases) that ``LlamaForCausalLM`` holds exactly.
 
 Every base linear of the run is folded, from the inside out, into one ``(W, b)`` with the same output for every
-input. The arithmetic is done in float32 (one rounding into the output dtype at the end):
+input. Each wrapper of a base linear says how (``tuners.wrapping.LinearWrapper.fold_weights``: LoRA's
+``W + (alpha / r) B A``, IA³'s scales, BitFit's and Adapter v2's biases), in float32, with one rounding into the
+output dtype at the end; the same arithmetic folds them in place for inference. LLaMA's linears have no bias:
+where a fold gives one, the HF config gets ``attention_bias`` / ``mlp_bias``. Trained norm weights (Adapter v2)
+are simply the new norm weights.
 
-* LoRA: ``W + (alpha / r) B A``;
-* IA³: an output scale ``l * (W x + b)`` is ``(diag(l) W) x + l b``; an input scale ``W (l * x)`` is
-  ``(W diag(l)) x``;
-* BitFit: ``W x + b`` (LLaMA's linears have no bias: the HF config gets ``attention_bias`` / ``mlp_bias``);
-* Adapter v2: ``s * (W x + b)`` is ``(diag(s) W) x + s b`` for every linear; its trained RMSNorm weights are
-  simply the new norm weights.
-
-What has no exact form in ``LlamaForCausalLM`` is refused with one line saying why, never approximated:
-LLaMA-Adapter's adaption prompts (v1 and v2) unless every gate is zero (then they add exactly nothing and are
-dropped), a bias on the output head (HF's ``lm_head`` has none: Adapter v2's head bias, ``--bitfit.head``) unless
-it is zero, bottleneck adapters, sparse attention and any module this exporter does not know
-(:func:`lit_adapter.export.source.inspect_structure`). A head changed by the method on a tied model (LoRA on
-``lm_head``, v2's head scale) is exported untied: the embedding keeps the base's matrix.
+What has no exact form in ``LlamaForCausalLM`` is refused with one line saying why, never approximated. The
+modules a method adds that are not wrappers answer for themselves (``tuners.base.FoldAnswer``): LLaMA-Adapter's
+adaption prompts are dropped when they add nothing (every gate zero) and refused otherwise; bottleneck adapters
+and sparse attention are refused. So are a bias on the output head (HF's ``lm_head`` has none) unless it is zero,
+and any module nothing answers for (:func:`lit_adapter.export.source.inspect_structure`). A head changed by the
+method on a tied model (LoRA on ``lm_head``, v2's head scale) is exported untied: the embedding keeps the base's
+matrix.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
 
+from lit_adapter.checkpoint import base_key
 from lit_adapter.errors import UserError
 from lit_adapter.export.source import Source, StateDict, inspect_structure
-from lit_adapter.tuners.adapter_v2 import AdapterV2Linear
-from lit_adapter.tuners.bitfit import BitFitLinear
-from lit_adapter.tuners.ia3 import IA3Linear
-from lit_adapter.tuners.lora import LoRALinear
+from lit_adapter.methods import is_added
+from lit_adapter.tuners.base import FoldAnswer
+from lit_adapter.tuners.wrapping import Folded, LinearWrapper
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
-Folded = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
 @dataclass
@@ -48,8 +45,11 @@ class Merged:
 
 
 def layer_span(names: List[str]) -> str:
-    """``"layers 2-4"`` for ``["transformer.h.2.attn", ..., "transformer.h.4.attn"]``."""
-    layers = sorted(int(n.split(".")[2]) for n in names)
+    """``"layers 2-4"`` for ``["transformer.h.2.attn", ..., "transformer.h.4.attn"]``; the names themselves for
+    modules outside the blocks."""
+    if not all(n.startswith("transformer.h.") for n in names):
+        return ", ".join(names)
+    layers = sorted({int(n.split(".")[2]) for n in names})
     return f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
 
 
@@ -59,28 +59,22 @@ class _Reader:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.read: Set[str] = set()
-        self.base_read: Set[str] = set()
 
     def tensor(self, key: str) -> torch.Tensor:
         """``key`` (a model name such as ``...q_proj.linear.weight``) in float32."""
         self.read.add(key)
-        base_key = key
-        while ".linear." in base_key:  # a wrapper holds the base layer as ``linear``; the checkpoint does not
-            base_key = base_key.replace(".linear.", ".")
+        base_name = base_key(key)  # a wrapper holds the base layer as ``linear``; the checkpoint does not
         trained = self.source.trained
-        if key in trained:
-            self.base_read.add(base_key)  # a trained norm weight (Adapter v2) replaces the base's
+        if key in trained:  # a trained norm weight (Adapter v2) replaces the base's
             return trained[key].float()
         base = self.source.base_weights()
-        if base_key == "lm_head.weight" and base_key not in base and self.source.config.tie_embeddings:
-            base_key = "transformer.wte.weight"  # a tied checkpoint stores the head once, as the embedding
-        if base_key not in base:
-            raise UserError(f"the checkpoint {self.source.base_dir} has no {base_key}; is it the base of this model?")
-        self.base_read.add(base_key)
-        return base[base_key].float()
+        if base_name == "lm_head.weight" and base_name not in base and self.source.config.tie_embeddings:
+            base_name = "transformer.wte.weight"  # a tied checkpoint stores the head once, as the embedding
+        return base[base_name].float()  # Source.base_weights checked that the base has every key
 
     def skip(self, key: str) -> None:
-        """Marks ``key`` as accounted for without using it (a prompt whose gate is zero)."""
+        """Marks ``key`` as accounted for without using it (a wrapper's own tensor, which it reads itself; a
+        prompt whose gates are zero)."""
         self.read.add(key)
 
 
@@ -88,6 +82,7 @@ class _Merger:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.reader = _Reader(source)
+        self.wrappers: Dict[str, LinearWrapper] = {}
 
     def refuse(self, why: str) -> UserError:
         return UserError(f"cannot merge {self.source.label} into LlamaForCausalLM: {why}")
@@ -95,49 +90,55 @@ class _Merger:
     def fold(self, module: nn.Module, name: str, weights: bool = True) -> Folded:
         """``(W, b)`` of the plain linear equal to ``module`` (``W`` None without ``weights``: only the bias)."""
         read = self.reader.tensor
-        kind = type(module)
-        if kind is nn.Linear:
+        if type(module) is nn.Linear:
             return (read(f"{name}.weight") if weights else None,
                     read(f"{name}.bias") if module.bias is not None else None)
-        if kind not in (LoRALinear, IA3Linear, BitFitLinear, AdapterV2Linear):
-            raise self.refuse(f"its {kind.__name__} at {name} is not a linear layer this exporter can fold")
+        if not isinstance(module, LinearWrapper):
+            raise self.refuse(f"its {type(module).__name__} at {name} is not a linear layer this exporter can fold")
+        refusal = module.fold_refusal()
+        if refusal is not None:
+            raise self.refuse(f"{name}: {refusal}")
         W, b = self.fold(module.linear, f"{name}.linear", weights)
-        if kind is LoRALinear:
-            if weights:
-                W = W + (read(f"{name}.lora_B") @ read(f"{name}.lora_A")) * module.scaling  # W + (alpha/r) B A
-            return W, b
-        if kind is IA3Linear:
-            scale = read(f"{name}.ia3_l")
-            if module.feedforward:  # W (l * x) = (W diag(l)) x; the bias is added after
-                return (W * scale[None, :] if weights else None), b
-            return (W * scale[:, None] if weights else None), (b * scale if b is not None else None)
-        if kind is BitFitLinear:
-            bias = read(f"{name}.bitfit_bias")
-            return W, bias if b is None else b + bias
-        scale, bias = read(f"{name}.adapter_scale"), read(f"{name}.adapter_bias")  # Adapter v2: s * (W x + b + c)
-        return (W * scale[:, None] if weights else None), scale * (bias if b is None else b + bias)
+        for key in module.state_dict(keep_vars=True):  # its own tensors (in the model: the trained values)
+            if not key.startswith("linear."):
+                self.reader.skip(f"{name}.{key}")
+        return module.fold_weights(W, b)
 
-    def check_prompts(self, prompts: Dict[str, nn.Module]) -> List[str]:
-        """Refuses prompts with any non-zero gate; those whose gates are all zero add nothing and are dropped."""
-        if not prompts:
-            return []
-        gated = [name for name in prompts if (self.reader.tensor(f"{name}.gating_factor") != 0).any()]
-        if gated:
-            raise self.refuse(
-                f"its adaption prompts ({layer_span(gated)}) have non-zero gates; a prompt is a second attention "
-                "over learned tokens, which LlamaForCausalLM has no place for (only a run whose gates are all zero "
-                "merges, its prompts adding nothing)")
-        for name in prompts:
-            self.reader.skip(f"{name}.adapter_wte.weight")
-        return [f"the adaption prompts ({layer_span(list(prompts))}) are left out: every gate is zero, so they "
-                "add nothing"]
+    def check_answers(self, answering: Dict[str, FoldAnswer]) -> List[str]:
+        """Refuses the modules that say LLaMA cannot hold them, one line naming the layers of the first reason;
+        those that add nothing are dropped with a note, the tensors the method added in them left out."""
+        refused: Dict[tuple, List[str]] = {}
+        dropped: Dict[str, List[str]] = {}
+        for name, module in answering.items():
+            refusal = module.fold_refusal()
+            if refusal is not None:
+                refused.setdefault((module.fold_label, refusal), []).append(name)
+                continue
+            added = [f"{name}.{k}" for k in module.state_dict(keep_vars=True) if self.is_added_here(f"{name}.{k}")]
+            for key in added:
+                self.reader.skip(key)
+            if added:
+                dropped.setdefault(module.fold_label, []).append(name)
+        if refused:
+            (label, why), names = next(iter(refused.items()))
+            raise self.refuse(f"its {label} ({layer_span(names)}) {why}")
+        return [f"the {label} ({layer_span(names)}) are left out: at their trained values they add nothing"
+                for label, names in dropped.items()]
+
+    def is_added_here(self, key: str) -> bool:
+        """Whether ``key`` is a tensor the method added outside a wrapper (a wrapper accounts for its own)."""
+        spec = self.source.spec
+        owner = key.rpartition(".")[0]
+        inside = any(owner == w or owner.startswith(w + ".") for w in self.wrappers)
+        return spec is not None and is_added(spec)(key) and not inside
 
     def merge(self, dtype: Optional[torch.dtype]) -> Merged:
         source, model, config = self.source, self.source.model, self.source.config
         structure = inspect_structure(model)
+        self.wrappers = structure.wrappers
+        notes = self.check_answers(structure.answering)  # a module's own reason says more than "unknown"
         if structure.unknown:
             raise self.refuse(structure.unknown[0][1])
-        notes = self.check_prompts(structure.prompts)
         # the head's bias first: it needs no base weights, so a refusal costs no loading
         _, head_bias = self.fold(model.lm_head, "lm_head", weights=False)
         if head_bias is not None and (head_bias != 0).any():
@@ -190,12 +191,7 @@ class _Merger:
         if left:
             raise self.refuse(f"its tensors {', '.join(left[:3])}{' ...' if len(left) > 3 else ''} have no place in "
                               "LlamaForCausalLM")
-        base = self.source.base_weights()
-        extra = sorted(set(base) - self.reader.base_read
-                       - ({"lm_head.weight"} if self.source.config.tie_embeddings else set()))
-        if extra:
-            raise UserError(f"the checkpoint {self.source.base_dir} has tensors the model does not: "
-                            f"{', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+        base = self.source.base_weights()  # its keys and shapes were checked against the model's when read
         if self.source.config.tie_embeddings and "lm_head.weight" in base and not torch.equal(
                 base["lm_head.weight"], base["transformer.wte.weight"]):
             raise UserError(f"the checkpoint {self.source.base_dir} ties lm_head.weight to transformer.wte.weight "

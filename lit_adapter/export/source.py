@@ -1,15 +1,16 @@
 """What an export reads, and what its model is made of.
 
 A :class:`Source` is a base checkpoint folder, or a run's ``final/`` together with its base: the model's
-*structure* built on the meta device (nothing allocated), the trained tensors of ``final/adapter.safetensors``
-and, loaded only when needed, the base weights. Both exports (:mod:`lit_adapter.export.merge`,
-:mod:`lit_adapter.export.peft_format`) work from the structure rather than from a method's name: which modules
-the method put into the model decides what can be written, so a method added later, whose modules no exporter
-knows, is refused instead of being exported without its new parts.
+*structure* built on the meta device, holding the trained tensors of ``final/adapter.safetensors`` (nothing else
+allocated) and, loaded only when needed, the base weights. Both exports (:mod:`lit_adapter.export.merge`,
+:mod:`lit_adapter.export.peft_format`) work from the structure and the method's protocol rather than from a
+method's name: which modules the method put into the model decides what can be written, so a method added
+later, whose modules answer nothing, is refused instead of being exported without its new parts.
 
-:func:`inspect_structure` sorts the modules: those of the plain LLaMA, the known wrappers of a base linear
-(LoRA, IA³, BitFit, Adapter v2), LLaMA-Adapter's prompt attention, and anything else, which is named in the
-refusal (Houlsby / Pfeiffer bottleneck adapters, forward hooks, sparse attention kernels, unknown modules).
+:func:`inspect_structure` sorts the modules: those of the plain LLaMA, the wrappers of a base linear (each folds:
+``tuners.wrapping.LinearWrapper``), the other modules a method adds that answer for themselves
+(``tuners.base.FoldAnswer``: LLaMA-Adapter's prompts, bottleneck adapters, sparse attention kernels), and
+anything else, which is named in the refusal (forward hooks, unknown modules).
 """
 
 from __future__ import annotations
@@ -22,31 +23,20 @@ import torch
 import torch.nn as nn
 
 import lit_adapter.model as base
-from lit_adapter.checkpoint import find_weights, load_state_dict
+from lit_adapter.checkpoint import base_key, check_keys, find_weights, load_state_dict
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.methods import ADAPTER_FILE, MethodSpec, build_model, read_spec
+from lit_adapter.methods import ADAPTER_FILE, MethodSpec, build_model, is_added, read_spec
 from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer, has_tokenizer
-from lit_adapter.tuners import adapter, adapter_v2, bottleneck
-from lit_adapter.tuners.bitfit import BitFitLinear
-from lit_adapter.tuners.ia3 import IA3Linear
-from lit_adapter.tuners.lora import LoRALinear
+from lit_adapter.tuners.base import FoldAnswer
+from lit_adapter.tuners.wrapping import LinearWrapper
 
 StateDict = Dict[str, torch.Tensor]
 
-WRAPPERS = (LoRALinear, IA3Linear, BitFitLinear, adapter_v2.AdapterV2Linear)
-"""The wrappers of a base linear whose arithmetic the exporters know."""
 _PLAIN = {nn.ModuleDict, nn.ModuleList, nn.Embedding, nn.Linear, nn.Dropout, nn.Identity, base.RMSNorm,
           nn.LayerNorm, base.LLaMAMLP, base.GptNeoxMLP, base.Block, base.CausalSelfAttention}
 """Modules of LLaMA itself (exact types: a subclass may compute something else). Dropout and Identity are LoRA's
 dropout on its branch's input, which does nothing at inference."""
-_MODELS = {base.GPT}
-"""Model classes whose forward is LLaMA's (every method attaches to a plain GPT)."""
-_WHY_NOT = {
-    bottleneck.BottleneckAdapter: "its bottleneck adapters (extra down/up projections on each block's attention "
-                                  "or MLP output, AdapterHub's) are layers LlamaForCausalLM does not have",
-}
-"""Modules known to have no counterpart in LlamaForCausalLM, with the reason given in the refusal."""
 _COMPARED = ("vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_query_groups", "n_embd",
              "intermediate_size", "rope_base", "norm_eps", "tie_embeddings", "norm_class", "mlp_class", "bias",
              "lm_head_bias", "position_embedding", "gelu_approximate")
@@ -56,17 +46,17 @@ _COMPARED = ("vocab_size", "padded_vocab_size", "n_layer", "n_head", "n_query_gr
 class Structure:
     """The modules of a model by kind (qualified names)."""
 
-    wrappers: Dict[str, nn.Module] = field(default_factory=dict)
+    wrappers: Dict[str, LinearWrapper] = field(default_factory=dict)
     """The outermost wrapper of each wrapped base linear."""
-    prompts: Dict[str, nn.Module] = field(default_factory=dict)
-    """LLaMA-Adapter's prompts (``...attn.adapter``, in their attention layer's hook slot)."""
+    answering: Dict[str, FoldAnswer] = field(default_factory=dict)
+    """The other modules a method added, which say themselves whether plain LLaMA can hold them."""
     unknown: List[Tuple[str, str]] = field(default_factory=list)
     """``(name, reason)`` of every part with no counterpart in LlamaForCausalLM."""
 
 
 def inspect_structure(model: nn.Module) -> Structure:
     out = Structure()
-    if type(model) not in _MODELS:
+    if not isinstance(model, base.GPT) or type(model).forward is not base.GPT.forward:
         out.unknown.append(("", f"its model class {type(model).__name__} is not LLaMA's"))
     inside_wrapper: List[str] = []
     hooks: List[Tuple[str, str]] = []  # reported after the modules, whose reasons say more
@@ -75,19 +65,14 @@ def inspect_structure(model: nn.Module) -> Structure:
             hooks.append((name, f"a forward hook on {name or 'the model'} changes its output"))
         if name == "" or any(name.startswith(w + ".") for w in inside_wrapper):
             continue  # the model itself (checked above); the base linear inside a wrapper (the wrapper decides)
-        kind = type(module)
-        if kind in WRAPPERS:
+        if isinstance(module, LinearWrapper):
             out.wrappers[name] = module
             inside_wrapper.append(name)
-        elif kind is adapter.AdaptionPrompt:
-            out.prompts[name] = module
-        elif kind in _WHY_NOT:
-            out.unknown.append((name, _WHY_NOT[kind]))
-        elif kind not in _PLAIN:
-            out.unknown.append((name, f"its {kind.__name__} module ({name}) has no counterpart in LlamaForCausalLM"))
-        if isinstance(module, base.CausalSelfAttention) and module.attention_kernel is not None:
-            out.unknown.append((name, f"its attention in {name} is a sparse pattern "
-                                      f"({type(module.attention_kernel).__name__}); LlamaForCausalLM attends densely"))
+        elif isinstance(module, FoldAnswer):
+            out.answering[name] = module
+        elif type(module) not in _PLAIN:
+            out.unknown.append((name, f"its {type(module).__name__} module ({name}) has no counterpart in "
+                                      "LlamaForCausalLM"))
     out.unknown += hooks
     return out
 
@@ -114,11 +99,18 @@ class Source:
         return self.spec.method if self.spec is not None else "the base checkpoint"
 
     def base_weights(self) -> StateDict:
-        """The base checkpoint's tensors (our names, as stored), read once."""
+        """The base checkpoint's tensors (our names, as stored), read once and checked key for key and shape for
+        shape against the model's base tensors (those the method does not add)."""
         if self._base is None:
             if self.base_dir is None:
                 raise UserError("this export needs the base weights: pass --checkpoint_dir")
-            self._base = load_state_dict(find_weights(self.base_dir))
+            base = load_state_dict(find_weights(self.base_dir))
+            added = is_added(self.spec) if self.spec is not None else (lambda name: False)
+            expected = {base_key(k): t for k, t in self.model.state_dict(keep_vars=True).items() if not added(k)}
+            tied = self.config.tie_embeddings  # a tied checkpoint may store the head once, as the embedding
+            check_keys(expected, base, f"the checkpoint {self.base_dir} does not fit this model",
+                       "Is it the base this run was trained on?", allow_missing=lambda k: tied and k == "lm_head.weight")
+            self._base = base
         return self._base
 
     def tokenizer(self) -> Tuple[Tokenizer, Optional[bytes]]:
@@ -197,18 +189,11 @@ def _base_config(base_dir: Optional[Path], meta: Dict[str, Any], adapter_dir: Pa
 
 
 def _check_trained(model: nn.Module, trained: StateDict, spec: MethodSpec, source: Path) -> None:
-    """The trained tensors must be exactly the method's trainable parameters, shape for shape."""
+    """The trained tensors must be exactly the method's trainable parameters, shape for shape; they are then put
+    into the meta model, where the method's modules read them (its folds, its PEFT mapping)."""
     keep = spec.definition.trainable
     if spec.definition.final_is_checkpoint:
         return  # the whole checkpoint is checked when its weights are read
     params = {n: p for n, p in model.named_parameters() if keep(n, p)}
-    missing = sorted(set(params) - set(trained))
-    unexpected = sorted(set(trained) - set(params))
-    mismatched = [f"{k}: saved {tuple(trained[k].shape)} vs model {tuple(params[k].shape)}"
-                  for k in sorted(set(params) & set(trained)) if tuple(trained[k].shape) != tuple(params[k].shape)]
-    parts = [f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-             if keys]
-    if parts:
-        raise UserError(f"the {spec.method} weights in {source} do not fit this base model; " + "; ".join(parts))
-
+    check_keys(params, trained, f"the {spec.method} weights in {source} do not fit this base model")
+    model.load_state_dict(trained, strict=False, assign=True)

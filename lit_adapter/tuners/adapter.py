@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import lit_adapter.model as base
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.tuners.base import EMBEDDING_NAMES, Method, TrainedParts, TunerLayer
+from lit_adapter.tuners.base import EMBEDDING_NAMES, Method, PeftAdapter, PeftLayout, Refused, TrainedParts, \
+    TunerLayer, one_value
 
 ADAPTER_NAMES = ("adapter_wte", "gating_factor")
 
@@ -75,6 +76,16 @@ class AdaptionPrompt(TunerLayer):
         self.gating_factor = nn.Parameter(torch.zeros(1, config.n_head, 1, 1))
         # (key of the KV cache session and parameter versions, prompt keys, prompt values) while decoding
         self._prompt_kv_cache: Optional[tuple] = None
+
+    fold_label = "adaption prompts"
+    """An export into plain LLaMA weights asks :meth:`fold_refusal` (``tuners.base.FoldAnswer``)."""
+
+    def fold_refusal(self) -> Optional[str]:
+        """None where the prompt adds nothing (every gate zero), so plain LLaMA computes the same."""
+        if not (self.gating_factor != 0).any():
+            return None
+        return ("have non-zero gates; a prompt is a second attention over learned tokens, which LlamaForCausalLM "
+                "has no place for (only a run whose gates are all zero merges, its prompts adding nothing)")
 
     def forward(
         self, attn: base.CausalSelfAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -159,6 +170,39 @@ class Adapter(Method):
     def memory_terms(self, settings: AdapterConfig) -> TrainedParts:
         return TrainedParts(prompt_from_layer=settings.start_layer, prompt_length=settings.prompt_length,
                             embedding=settings.train_embeddings)
+
+    def peft_adapter(self, model: nn.Module, settings: AdapterConfig, layout: PeftLayout) -> PeftAdapter:
+        """PEFT's ``AdaptionPromptConfig``. Its ``AdaptedAttention`` (peft/tuners/adaption_prompt/layer.py, read in
+        peft 0.21) computes what ours does on the layers it adapts: the prompt's keys and values through the
+        layer's own ``k_proj``/``v_proj`` with no RoPE and no norm, queries with RoPE, a softmax over the prompt
+        alone scaled by 1/sqrt(head_dim) with no mask, grouped keys repeated per query head, the gated result
+        through ``o_proj`` added to the attention output. It adapts the *top* ``adapter_layers`` layers, ours
+        from ``start_layer`` on. The one difference is the gate: ours has one per head, PEFT's one per layer, so
+        a run exports only if every layer's heads share one gate value exactly."""
+        if layout.family != "llama":
+            raise Refused("this exporter writes LLaMA-Adapter prompts for LlamaForCausalLM only; PEFT's GPT-2 "
+                          "adaption prompt adds its own c_proj bias and query path, not checked to equal ours")
+        # by the attention layer whose hook slot holds them (transformer.h.N.attn)
+        prompts = {n.rpartition(".")[0]: m for n, m in model.named_modules() if isinstance(m, AdaptionPrompt)}
+        n_layer = model.config.n_layer
+        layers = sorted(int(name.split(".")[2]) for name in prompts)  # transformer.h.N.attn
+        if layers != list(range(n_layer - len(layers), n_layer)):
+            raise Refused(f"its prompts are in layers {layers}, PEFT's adaption prompts in the top layers only")
+        prompt_length = one_value({n: m.adapter_wte.num_embeddings for n, m in prompts.items()}, "prompt lengths")
+        tensors, carried = {}, set()
+        for name, module in prompts.items():
+            gates = module.gating_factor.detach().flatten()  # (n_head,)
+            if not torch.all(gates == gates[0]):
+                raise Refused(f"layer {name.split('.')[2]} has one gate per head ({gates.numel()} values from "
+                              f"{gates.min().item():.4g} to {gates.max().item():.4g}) and PEFT's "
+                              "AdaptionPromptConfig one gate per layer; only equal gates in every layer export")
+            prefix = layout.key(f"{name}.q_proj").rpartition(".")[0]  # ...layers.N.self_attn
+            tensors[f"{prefix}.adaption_prompt"] = module.adapter_wte.weight.detach()[None]  # (1, aT, n_embd)
+            tensors[f"{prefix}.adaption_gate"] = gates[:1].clone()  # (1,)
+            carried |= {f"{name}.adapter.gating_factor", f"{name}.adapter.adapter_wte.weight"}
+        config = {"peft_type": "ADAPTION_PROMPT", "target_modules": "self_attn", "adapter_len": prompt_length,
+                  "adapter_layers": len(layers)}
+        return PeftAdapter(config, tensors, carried)
 
 
 METHOD = Adapter()

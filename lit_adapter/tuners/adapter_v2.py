@@ -18,7 +18,7 @@ lit-llama.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,9 +26,9 @@ import torch.nn as nn
 from lit_adapter.model import GPT
 from lit_adapter.tuners import adapter
 from lit_adapter.tuners.adapter import AdapterConfig
-from lit_adapter.tuners.base import EMBEDDING_NAMES, TrainedParts
+from lit_adapter.tuners.base import EMBEDDING_NAMES, PeftAdapter, PeftLayout, Refused, TrainedParts
 from lit_adapter.tuners.scale_bias import fusable, scale_bias_linear
-from lit_adapter.tuners.wrapping import LinearWrapper, wrap_linears
+from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears
 
 # lit-llama trains "adapter_wte", "gating_factor", "adapter_bias", "adapter_scale", "rms_1", "rms_2", "ln_f";
 # our RMSNorms are named norm_1 / norm_2
@@ -60,6 +60,11 @@ class AdapterV2Linear(LinearWrapper):
             return y
         return self.adapter_scale.to(y.dtype) * (y + self.adapter_bias.to(y.dtype))
 
+    def fold_weights(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Folded:
+        """``s * (W x + b + c) = (diag(s) W) x + s (b + c)``."""
+        scale, added = self.adapter_scale.float(), self.adapter_bias.float()
+        return (None if weight is None else weight * scale[:, None]), scale * (added if bias is None else bias + added)
+
     @torch.no_grad()
     def reset_peft_parameters(self) -> None:
         """Bias 0 and scale 1 (the identity), allocated beside the base weight if still on meta."""
@@ -72,22 +77,6 @@ def add_scale_bias(model: nn.Module) -> None:
     """Wraps every block linear and the output head in :class:`AdapterV2Linear`, in place (the wrapped head still
     holds the embedding's weight, so a tied model stays tied)."""
     wrap_linears(model, WRAPPED_LINEARS + WRAPPED_MLP_LINEARS + ("lm_head",), lambda _, linear: AdapterV2Linear(linear))
-
-
-def base_state_dict_to_v2(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Renames a base checkpoint's keys to ``model``'s (``...q_proj.weight`` -> ``...q_proj.linear.weight``).
-
-    ``load_state_dict`` does this by itself; the renamed dict is for loaders that compare keys first.
-    """
-    wrapped = {name + "." for name, m in model.named_modules() if isinstance(m, AdapterV2Linear)}
-    out = {}
-    for key, value in state_dict.items():
-        # the wrapper's prefix is everything up to the linear's own tensor name (weight, bias, quant stats)
-        owner = next((p for p in wrapped if key.startswith(p)), None)
-        if owner is not None and not key[len(owner):].startswith(("linear.", "adapter_")):
-            key = owner + "linear." + key[len(owner):]
-        out[key] = value
-    return out
 
 
 class AdapterV2(adapter.Adapter):
@@ -103,6 +92,11 @@ class AdapterV2(adapter.Adapter):
 
     def trained_names_for(self, settings: Optional[AdapterConfig]) -> Tuple[str, ...]:
         return self.trained_names + (EMBEDDING_NAMES if settings is not None and settings.train_embeddings else ())
+
+    no_peft = "PEFT has no per-linear bias and scale (LLaMA-Adapter v2's), nor trained norms beside a prompt"
+
+    def peft_adapter(self, model: nn.Module, settings: AdapterConfig, layout: PeftLayout) -> PeftAdapter:
+        raise Refused(self.no_peft)
 
     def memory_terms(self, settings: AdapterConfig) -> TrainedParts:
         return TrainedParts(norms=True, v2_linears=True, prompt_from_layer=settings.start_layer,

@@ -24,6 +24,12 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
 * how its contribution is switched off, leaving the base model's function (:meth:`Method.switched_off`: DPO's
   reference policy without a second copy of the weights). By default every :class:`TunerLayer` is told to pass
   through (``peft_enabled = False``); a method's own modules check that flag.
+* how it folds into plain LLaMA weights: each wrapper of a base linear declares its fold
+  (``tuners.wrapping.LinearWrapper.fold_weights``), each other module it adds answers :class:`FoldAnswer`;
+* its PEFT mapping (:meth:`Method.peft_adapter`): the ``adapter_config.json`` entries and PEFT's tensors, or
+  (:class:`Refused`) the one-line reason there is none.
+
+``lit_adapter.export`` asks these and names no method and no module class of one.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Protocol, Set, Tuple, \
+    runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -196,6 +203,89 @@ def has_name_part(name: str, parts: Tuple[str, ...]) -> bool:
     return any(part in parts for part in name.split("."))
 
 
+class Refused(Exception):
+    """Why a trained model has no exact form in what was asked (a PEFT adapter): one line, which the caller
+    completes with what was asked (``"PEFT cannot represent lora: <why>"``)."""
+
+
+@runtime_checkable
+class FoldAnswer(Protocol):
+    """What a module a method adds beside the base layers (not a wrapper of a base linear: those fold, see
+    ``tuners.wrapping.LinearWrapper``) answers an export into plain LLaMA weights (``lit_adapter.export.merge``).
+
+    Any module with these two members answers; a module that answers nothing and is not LLaMA's own is refused
+    by the export as unknown.
+    """
+
+    fold_label: str
+    """What the module is, plural, as a refusal names it: ``"adaption prompts"`` (``"its adaption prompts
+    (layers 2-4) have non-zero gates"``)."""
+
+    def fold_refusal(self) -> Optional[str]:
+        """None: at its current values the module adds nothing, and the export leaves it (and the tensors the
+        method added in it) out; else why LLaMA cannot hold it, a phrase completing ``"its <fold_label> (layers
+        ...) "``."""
+
+
+@dataclass(frozen=True)
+class PeftTarget:
+    """One module of the HF model that a PEFT adapter adapts, and which of our layers it holds."""
+
+    key: str
+    """PEFT's key prefix of the module: ``base_model.model.model.layers.0.self_attn.q_proj``."""
+    name: str
+    """Its ``target_modules`` entry: ``q_proj``; on GPT-2 ``attn.c_attn``."""
+    members: Tuple[str, ...]
+    """Our layers it holds (``transformer.h.0.attn.q_proj``), in model order."""
+    slots: Tuple[int, ...]
+    """For each member, which of the module's ``n_slots`` equal blocks of output rows it is."""
+    n_slots: int = 1
+    """How many layers of ours the module fuses: 3 for GPT-2's ``c_attn`` (q, k, v), else 1."""
+
+
+class PeftLayout(Protocol):
+    """The HF model family's side of a PEFT export (``lit_adapter.export.peft_format`` gives it): how our module
+    names become PEFT's, and which of our layers one HF module fuses."""
+
+    family: str
+    """``"llama"`` (``LlamaForCausalLM``) or ``"gpt2"`` (``GPT2LMHeadModel``)."""
+    fan_in_fan_out: bool
+    """The HF linears store their weight (in, out) (GPT-2's ``Conv1D``): the config's ``fan_in_fan_out``."""
+
+    def key(self, name: str) -> str:
+        """PEFT's key prefix of our module ``name`` (``base_model.model.`` + the HF module's name)."""
+
+    def targets(self, names: Iterable[str]) -> List[PeftTarget]:
+        """The HF modules holding our layers ``names``, in model order."""
+
+
+@dataclass
+class PeftAdapter:
+    """A method's PEFT adapter: what :meth:`Method.peft_adapter` returns."""
+
+    config: Dict[str, Any]
+    """The ``adapter_config.json`` entries of the method (``peft_type``, ``r``, ...); the exporter adds the common
+    ones (``base_model_name_or_path``, ``task_type``, ...)."""
+    tensors: Dict[str, torch.Tensor]
+    """Under PEFT's names."""
+    carried: Set[str]
+    """Our names of the trained tensors the adapter holds; a trained tensor not among them is refused (the
+    adapter would be incomplete)."""
+
+
+def one_value(values: Mapping[str, Any], what: str) -> Any:
+    """The one value all layers share, refused when they differ (a PEFT config holds one)."""
+    distinct = sorted(set(values.values()))
+    if len(distinct) != 1:
+        raise Refused(f"its layers use different {what} ({distinct}); this exporter writes one")
+    return distinct[0]
+
+
+def json_number(value: float) -> Any:
+    """``8`` rather than ``8.0`` where the value is whole (as PEFT writes ``lora_alpha``)."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 class Method:
     """One fine-tuning method. Subclasses set the class attributes and override what differs from the defaults."""
 
@@ -270,6 +360,20 @@ class Method:
         prefix tuning's MLP) and return the settings of the folded form."""
         tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if self.trainable(n, p, settings)}
         return tensors, settings
+
+    no_peft: ClassVar[Optional[str]] = None
+    """Why PEFT has no adapter for this method, where it has none (the default :meth:`peft_adapter`)."""
+
+    def peft_adapter(self, model: nn.Module, settings: Any, layout: PeftLayout) -> PeftAdapter:
+        """The PEFT adapter of ``model`` (built for ``settings``, holding the trained tensors), or
+        :class:`Refused` with why there is none. By default there is none: a method that trains only base tensors
+        (no adapter to hold them) is told to merge, any other gives :attr:`no_peft`."""
+        trained = [n for n, p in model.named_parameters() if self.trainable(n, p, settings)]
+        if trained and not any(self.is_added(n) for n in trained):
+            shown = ", ".join(trained[:2]) + (" ..." if len(trained) > 2 else "")
+            raise Refused(f"it trains base tensors in place ({shown}), which no PEFT adapter holds; merge it into "
+                          "the base with scripts/convert_to_hf.py --merge true")
+        raise Refused(self.no_peft or f"this exporter knows no PEFT adapter type for {self.name}")
 
     def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """A context in which ``model`` computes the base model's function: the method's modules pass through.

@@ -13,7 +13,8 @@ n_embd`` MLP biases: 42,496 for LLaMA 7B, 1,359,872 (0.02% of the model) over it
 
 :class:`BitFitLinear` wraps the base layer by composition and only calls it, so the base may be quantized; a tied
 head keeps its tie (the bias is the wrapper's own). The bias is not folded for inference: the base linears have
-no bias to fold it into, and the addition costs next to nothing.
+no bias to fold it into, and the addition costs next to nothing. An export into HF's ``LlamaForCausalLM`` folds it
+(:meth:`BitFitLinear.fold_weights`) into the biases that ``attention_bias`` / ``mlp_bias`` give its linears.
 
 A model whose linears already have biases (``Config.bias``: GPT-2) is not wrapped: BitFit trains its existing
 biases in place, those of every linear and LayerNorm (all tensors named ``bias``, as the paper does on BERT), and
@@ -23,13 +24,14 @@ biases in place, those of every linear and LayerNorm (all tensors named ``bias``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from lit_adapter.model import GPT
 from lit_adapter.tuners.base import Method, TrainedParts
-from lit_adapter.tuners.wrapping import LinearWrapper, wrap_linears
+from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -64,6 +66,11 @@ class BitFitLinear(LinearWrapper):
             return y
         return y + self.bitfit_bias.to(y.dtype)
 
+    def fold_weights(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Folded:
+        """``W x + b + c``: the weight as it is, the bias ``b + c`` (``c`` alone on a base without one)."""
+        added = self.bitfit_bias.float()
+        return weight, added if bias is None else bias + added
+
 
 class BitFit(Method):
     name = "bitfit"
@@ -79,6 +86,7 @@ class BitFit(Method):
     # LayerNorms', as the paper does on BERT); LLaMA has no such tensor, so there only the added ones train
     trained_names = BitFitLinear.own_names + ("bias",)
     added_names = BitFitLinear.own_names
+    no_peft = "PEFT has no BitFit: its bias options train the biases a model has, and LLaMA's linears have none"
 
     def attach(self, model: GPT, settings: BitFitConfig) -> None:
         """Wraps every block linear (and with ``head`` the output head) that has no bias of its own in

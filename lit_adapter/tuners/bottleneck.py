@@ -163,6 +163,13 @@ class BottleneckAdapter(TunerLayer):
     def extra_repr(self) -> str:
         return f"{self.size} -> {self.width} -> {self.size}, {self.non_linearity}, scaling={self.scaling}"
 
+    fold_label = "bottleneck adapters"
+    """An export into plain LLaMA weights asks :meth:`fold_refusal` (``tuners.base.FoldAnswer``)."""
+
+    def fold_refusal(self) -> Optional[str]:
+        return ("are extra down/up projections on a block's attention or MLP output (AdapterHub's), layers "
+                "LlamaForCausalLM does not have")
+
 
 def add_bottleneck_adapters(model: GPT, settings: BottleneckConfig, sites: Tuple[str, ...]) -> None:
     """Sets a :class:`BottleneckAdapter` into each block's slot of each of ``sites`` (``attn``, ``mlp``, ``block``),
@@ -199,6 +206,8 @@ class _Bottleneck(Method):
             raise UserError(f"{self.name} leave_out={outside} names layers the model lacks (n_layer={config.n_layer})")
         if len(settings.leave_out) == config.n_layer:
             raise UserError(f"{self.name} leave_out covers all {config.n_layer} layers: nothing would train")
+
+    no_peft = "its bottleneck adapters are AdapterHub's, not a PEFT adapter type"
 
     def attach(self, model: GPT, settings: BottleneckConfig) -> None:
         add_bottleneck_adapters(model, settings, self.sites)

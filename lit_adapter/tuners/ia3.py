@@ -11,22 +11,23 @@ those whose *input* is rescaled).
 
 :class:`IA3Linear` wraps the base layer by composition and only calls it, so the base may be quantized. For
 inference the vectors can be folded into the frozen weights once (``W <- diag(l) W`` for an output scale,
-``W <- W diag(l)`` for an input scale; :meth:`IA3Linear.fold`), which removes the extra multiplication; that needs a
+``W <- W diag(l)`` for an input scale; :meth:`IA3Linear.fold_weights`, which the export into plain LLaMA weights
+uses too; :meth:`IA3Linear.fold`), which removes the extra multiplication; that needs a
 plain floating-point weight that no other layer shares, so a quantized base stays unfolded (same output).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
-from lit_adapter.tuners.base import Method, TrainedParts
-from lit_adapter.tuners.wrapping import LinearWrapper, wrap_linears, wrapped_layers
+from lit_adapter.tuners.base import Method, PeftAdapter, PeftLayout, Refused, TrainedParts
+from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears, wrapped_layers
 
 IA3_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The block linears IA³ may rescale, in model order."""
@@ -94,21 +95,22 @@ class IA3Linear(LinearWrapper):
         y = self.linear(x)  # (..., out)
         return y * self.ia3_l.to(y.dtype)
 
-    def _scale_weight(self, scale: torch.Tensor) -> None:
-        weight, bias = self.linear.weight, getattr(self.linear, "bias", None)
-        weight.mul_(scale.to(weight.dtype)[None, :] if self.feedforward else scale.to(weight.dtype)[:, None])
-        if bias is not None and not self.feedforward:  # (W x + b) * l = (l W) x + l b
-            bias.mul_(scale.to(bias.dtype))
+    def _scaled(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], scale: torch.Tensor) -> Folded:
+        if self.feedforward:  # W (l * x) + b = (W diag(l)) x + b
+            return (None if weight is None else weight * scale[None, :]), bias
+        # l * (W x + b) = (diag(l) W) x + l b
+        return (None if weight is None else weight * scale[:, None]), (None if bias is None else bias * scale)
+
+    def fold_weights(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Folded:
+        """``W diag(l)`` for an input scale; ``diag(l) W`` and ``l b`` for an output scale."""
+        return self._scaled(weight, bias, self.ia3_l.float())
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Folds the vector into the base weight; does nothing if already folded."""
+        """Folds the vector into the base weight (:meth:`fold_weights`); does nothing if already folded."""
         if self.folded:
             return
-        reason = self.weight_refusal()
-        if reason is not None:
-            raise UserError(f"cannot fold IA³ into this layer: {reason}")
-        self._scale_weight(self.ia3_l)
+        self.fold_into_base("IA³")
         self.folded = True
 
     @torch.no_grad()
@@ -118,7 +120,12 @@ class IA3Linear(LinearWrapper):
             return
         if (self.ia3_l == 0).any():
             raise UserError("cannot unfold IA³: a scale of 0 erased its rows or columns of the base weight")
-        self._scale_weight(1.0 / self.ia3_l.float())
+        weight, bias = self.linear.weight, getattr(self.linear, "bias", None)
+        new_weight, new_bias = self._scaled(weight.float(), None if bias is None else bias.float(),
+                                            1.0 / self.ia3_l.float())
+        weight.copy_(new_weight)
+        if bias is not None:
+            bias.copy_(new_bias)
         self.folded = False
 
     def extra_repr(self) -> str:
@@ -147,6 +154,38 @@ class IA3(Method):
         for layer in wrapped_layers(model, IA3Linear).values():
             if layer.weight_refusal() is None:  # a quantized or shared base stays unfolded (the same output)
                 layer.fold()
+
+    def peft_adapter(self, model: nn.Module, settings: IA3Config, layout: PeftLayout) -> PeftAdapter:
+        """PEFT's ``IA3Config`` (``target_modules``, and ``feedforward_modules`` for the input scales). PEFT
+        broadcasts an output scale stored (out, 1), an input scale stored (1, in). Output scales of layers fused
+        in one HF module (GPT-2's q/k/v in ``c_attn``) become one scale over its output, ones where not adapted;
+        an input scale there is refused: the fused layers share one input."""
+        layers = wrapped_layers(model, IA3Linear)
+        targets = layout.targets(layers)
+        tensors, feedforward = {}, []
+        for target in targets:
+            members = [layers[n] for n in target.members]
+            if target.n_slots == 1:
+                (layer,) = members
+                scale = layer.ia3_l.detach()
+                tensors[f"{target.key}.ia3_l"] = scale[None, :] if layer.feedforward else scale[:, None]
+                if layer.feedforward:
+                    feedforward.append(target.name)
+                continue
+            inputs = [n for n, m in zip(target.members, members) if m.feedforward]
+            if inputs:
+                raise Refused(f"it scales the input of {inputs[0].rpartition('.')[2]}, and the layers fused there "
+                              f"share one input in {target.name.rpartition('.')[2]}, where PEFT has one input scale "
+                              "for all of them")
+            out = members[0].out_features
+            scale = torch.ones(target.n_slots * out, dtype=members[0].ia3_l.dtype)
+            for slot, layer in zip(target.slots, members):
+                scale[slot * out:(slot + 1) * out] = layer.ia3_l.detach()
+            tensors[f"{target.key}.ia3_l"] = scale[:, None]
+        config = {"peft_type": "IA3", "target_modules": list(dict.fromkeys(t.name for t in targets)),
+                  "feedforward_modules": list(dict.fromkeys(feedforward)), "fan_in_fan_out": layout.fan_in_fan_out,
+                  "init_ia3_weights": True, "modules_to_save": None}
+        return PeftAdapter(config, tensors, {f"{n}.ia3_l" for n in layers})
 
 
 METHOD = IA3()

@@ -8,8 +8,8 @@ adapted model starts exactly as the base model. Only ``A`` and ``B`` train and a
 ``nn.Linear`` or a frozen bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` (QLoRA, Dettmers et al. 2023). Training
 runs unmerged; for inference the update can be folded into ``W`` once (:meth:`LoRALinear.merge`, which the
 method's ``prepare_for_inference`` calls on every layer), which removes the extra matmuls, and folded out again
-(:meth:`LoRALinear.unmerge`). Merging needs a plain floating-point ``W`` that no other
-layer shares: a quantized or tied base stays unmerged (its output is the same, only a little slower).
+(:meth:`LoRALinear.unmerge`); the fold, ``W + (alpha / r) B A``, is :meth:`LoRALinear.fold_weights`, which the
+export into plain LLaMA weights uses too. Merging needs a plain floating-point ``W`` that no other layer shares: a quantized or tied base stays unmerged (its output is the same, only a little slower).
 
 Naming follows HF PEFT (``lora_A``, ``lora_B``, ``alpha``, ``r``) and so does the arithmetic, which the tests check
 against ``peft.get_peft_model`` number for number.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
-from lit_adapter.tuners.base import EMBEDDING_NAMES, NORM_NAMES, Method, TrainedParts
-from lit_adapter.tuners.wrapping import LinearWrapper, wrap_linears, wrapped_layers
+from lit_adapter.tuners.base import EMBEDDING_NAMES, NORM_NAMES, Method, PeftAdapter, PeftLayout, PeftTarget, Refused, \
+    TrainedParts, json_number, one_value
+from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears, wrapped_layers
 
 
 @dataclass
@@ -125,10 +126,12 @@ class LoRALinear(LinearWrapper):
             nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update ``(alpha / r) * B @ A`` (out, in), computed in float32 and returned in the base dtype."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-        weight = self.linear.weight
-        return delta.to(weight.dtype) if weight.is_floating_point() else delta
+        """The update ``(alpha / r) * B @ A`` (out, in) in float32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+    def fold_weights(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Folded:
+        """``W + (alpha / r) B A``; the bias is the base's."""
+        return (None if weight is None else weight + self.delta_weight()), bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)  # (..., out)
@@ -147,25 +150,20 @@ class LoRALinear(LinearWrapper):
         return out + update.to(out.dtype)
 
     def _check_mergeable(self) -> None:
-        refusal = self.weight_refusal()
+        refusal = self.fold_refusal() or self.weight_refusal()
         if refusal is not None:
             raise UserError(f"cannot merge LoRA into this layer: {refusal}")
 
     @property
     def mergeable(self) -> bool:
-        try:
-            self._check_mergeable()
-        except UserError:
-            return False
-        return True
+        return self.fold_refusal() is None and self.weight_refusal() is None
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Folds the update into the base weight (``W += delta``); does nothing if already merged."""
+        """Folds the update into the base weight (:meth:`fold_weights`); does nothing if already merged."""
         if self.merged:
             return
-        self._check_mergeable()
-        self.linear.weight.add_(self.delta_weight())
+        self.fold_into_base("LoRA", verb="merge")
         self.merged = True
 
     @torch.no_grad()
@@ -176,7 +174,8 @@ class LoRALinear(LinearWrapper):
         """
         if not self.merged:
             return
-        self.linear.weight.sub_(self.delta_weight())
+        weight = self.linear.weight
+        weight.copy_(weight.float() - self.delta_weight())
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -214,6 +213,64 @@ class LoRA(Method):
         for layer in wrapped_layers(model, LoRALinear).values():
             if layer.mergeable:  # folded into the weights; a quantized or tied base stays unmerged (the same output)
                 layer.merge()
+
+    def peft_options(self, settings: LoRAConfig) -> Dict[str, Any]:
+        """The switches of PEFT's ``LoraConfig`` this variant sets; plain LoRA scales by ``alpha / r`` and has no
+        magnitude (a variant such as rsLoRA or DoRA returns its own)."""
+        return {"use_rslora": False, "use_dora": False}
+
+    def peft_target_tensors(self, target: PeftTarget, layers: Mapping[str, LoRALinear]
+                            ) -> Tuple[Dict[str, torch.Tensor], Set[str]]:
+        """PEFT's tensors of one adapted HF module (by name under its key) and our names of those they hold.
+
+        ``lora_A`` (r, in) and ``lora_B`` (out, r) are PEFT's as they are. Several of our layers fused in one HF
+        module (GPT-2's q/k/v in ``c_attn``) are exactly one LoRA of rank ``k r`` on it: ``A`` theirs stacked
+        (k r, in), ``B`` block-diagonal (n_slots out, k r), zero rows for a slot not adapted.
+        """
+        members = [layers[n] for n in target.members]
+        As = [m.lora_A.detach() for m in members]
+        Bs = [m.lora_B.detach() for m in members]
+        if target.n_slots == 1:
+            A, B = As[0], Bs[0]
+        else:
+            A = torch.cat(As, dim=0)  # (k r, in)
+            out = members[0].out_features
+            B = torch.zeros(target.n_slots * out, A.shape[0], dtype=Bs[0].dtype)
+            for j, (slot, b) in enumerate(zip(target.slots, Bs)):
+                B[slot * out:(slot + 1) * out, j * b.shape[1]:(j + 1) * b.shape[1]] = b
+        carried = {f"{n}.{own}" for n in target.members for own in ("lora_A", "lora_B")}
+        return {"lora_A.weight": A, "lora_B.weight": B}, carried
+
+    def peft_adapter(self, model: nn.Module, settings: LoRAConfig, layout: PeftLayout) -> PeftAdapter:
+        """PEFT's ``LoraConfig`` (``target_modules`` by HF module name; PEFT scales by ``lora_alpha / r`` as we
+        do). A fused module's rank ``k r`` is written as ``rank_pattern``, with ``alpha_pattern`` ``k alpha`` so
+        its scale stays ``alpha / r``."""
+        layers = wrapped_layers(model, LoRALinear)
+        r = one_value({n: m.r for n, m in layers.items()}, "ranks")
+        alpha = one_value({n: float(m.alpha) for n, m in layers.items()}, "alphas")
+        dropout = one_value({n: float(getattr(m.lora_dropout, "p", 0.0)) for n, m in layers.items()}, "dropouts")
+        targets = layout.targets(layers)
+        tensors, carried, fused = {}, set(), {}
+        for target in targets:
+            own, used = self.peft_target_tensors(target, layers)
+            tensors.update({f"{target.key}.{k}": v for k, v in own.items()})
+            carried |= used
+            if target.n_slots > 1:
+                fused.setdefault(target.name.rpartition(".")[2], set()).add(len(target.members) * r)
+        if any(len(ranks) > 1 for ranks in fused.values()):
+            ranks = sorted(set().union(*fused.values()))
+            raise Refused(f"its layers adapt different numbers of fused projections ({ranks} ranks on "
+                          f"{', '.join(fused)}); this exporter writes one rank per module")
+        rank_pattern = {name: rank for name, (rank,) in fused.items() if rank != r}
+        config = {
+            "peft_type": "LORA", "r": r, "lora_alpha": json_number(alpha), "lora_dropout": dropout,
+            "target_modules": list(dict.fromkeys(t.name for t in targets)), "bias": "none",
+            "fan_in_fan_out": layout.fan_in_fan_out, **self.peft_options(settings), "init_lora_weights": True,
+            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": {k: json_number(alpha * v / r) for k, v in rank_pattern.items()},  # keeps alpha / r
+        }
+        return PeftAdapter(config, tensors, carried)
 
 
 METHOD = LoRA()

@@ -9,6 +9,12 @@ after loading), and it accepts a base checkpoint's names (``...k_proj.weight``) 
 ``...k_proj.linear.weight``. :func:`wrap_linears` puts a wrapper around every linear of a model whose attribute
 name is targeted and records which of them share their weight with another layer (the output head tied to the
 embedding), where folding a method into the weight would change that other layer too.
+
+Each wrapper also says how it folds into the base (:meth:`LinearWrapper.fold_weights`): the ``(W', b')`` of the
+plain linear that computes what the wrapper around ``(W, b)`` computes, in float32, or (:meth:`fold_refusal`)
+the one-line reason it has none. That one piece of arithmetic serves both the in-place folding for inference
+(:meth:`LinearWrapper.fold_into_base`: ``LoRALinear.merge``, ``IA3Linear.fold``) and the export into plain
+LLaMA weights (:mod:`lit_adapter.export.merge`), which reads the base weights from the checkpoint instead.
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.tuners.base import TunerLayer
+from lit_adapter.checkpoint import model_key
+from lit_adapter.errors import UserError
+
+Folded = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+"""A plain linear's ``(weight, bias)``; the bias None when it has none."""
+
 
 def is_quantized(weight: torch.Tensor) -> bool:
     """Whether ``weight`` is a bitsandbytes (or any non-floating-point) weight, which cannot be scaled in place."""
@@ -79,13 +91,46 @@ class LinearWrapper(TunerLayer):
                     "would change that layer too; keep it unfolded")
         return None
 
+    def fold_refusal(self) -> Optional[str]:
+        """Why the wrapper has no exact plain-linear form, or None when :meth:`fold_weights` gives it. Unlike
+        :meth:`weight_refusal` this is about the arithmetic, not about this base: an export folds into the
+        checkpoint's full-precision weights even where the model's own base is quantized or tied."""
+        if type(self).fold_weights is LinearWrapper.fold_weights:
+            return f"its {type(self).__name__} layers declare no fold into a plain linear"
+        return None
+
+    def fold_weights(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Folded:
+        """``(W', b')`` in float32 of the plain linear equal to this wrapper around a linear ``(W, b)`` (float32;
+        ``bias`` None where the base has none, and then ``b'`` None unless the wrapper adds one). ``weight`` None
+        asks for the bias alone (an export checks the head's bias before it reads any base weight): a fold's bias
+        never depends on the base weight."""
+        raise NotImplementedError(f"{type(self).__name__} declares no fold")
+
+    @torch.no_grad()
+    def fold_into_base(self, what: str, verb: str = "fold") -> None:
+        """Writes :meth:`fold_weights` into the base layer in place, so the wrapper's own arithmetic can be
+        skipped at inference; refused (``"cannot <verb> <what> into this layer: <why>"``) where the fold has no
+        exact form, the base cannot be changed in place, or the fold adds a bias the base has no place for."""
+        refusal = self.fold_refusal() or self.weight_refusal()
+        if refusal is not None:
+            raise UserError(f"cannot {verb} {what} into this layer: {refusal}")
+        weight, bias = self.linear.weight, getattr(self.linear, "bias", None)
+        new_weight, new_bias = self.fold_weights(weight.float(), None if bias is None else bias.float())
+        if bias is None and new_bias is not None:
+            raise UserError(f"cannot {verb} {what} into this layer: it adds a bias and the base layer has none to "
+                            "hold it; keep it unfolded")
+        weight.copy_(new_weight)
+        if bias is not None:
+            bias.copy_(new_bias)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A base checkpoint names the layer's tensors ``<prefix>weight``; here they are ``<prefix>linear.weight``.
         # ``state_dict`` holds the keys under this module; its children are loaded from it afterwards.
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            rest = key[len(prefix):]
-            if rest.split(".", 1)[0] not in (*self.own_names, "linear") and prefix + "linear." + rest not in state_dict:
-                state_dict[prefix + "linear." + rest] = state_dict.pop(key)
+        own = {prefix + key for key in self.state_dict(keep_vars=True)}
+        for key in [k for k in state_dict if k.startswith(prefix) and k not in own]:
+            renamed = model_key(key, own)
+            if renamed != key and renamed not in state_dict:
+                state_dict[renamed] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
