@@ -273,15 +273,15 @@ def test_adapter_tensors_for_another_config_are_a_user_error():
     _, model, _ = build("tiny")
     sd = trained_tensors(model, spec)
     _, longer, _ = build("tiny", prompt_length=PROMPT_LENGTH + 1)
-    shape = r"transformer.h.1.attn.adapter.adapter_wte.weight: saved \(3, 32\) vs model \(4, 32\)"
+    shape = r"transformer.h.1.attn.adapter.adapter_wte.weight: checkpoint \(3, 32\) vs model \(4, 32\)"
     with pytest.raises(UserError, match=shape):
         methods.load_trained_tensors(longer, sd, spec_of(prompt_length=PROMPT_LENGTH + 1), "final")
     _, wider, _ = build("tiny", n_embd=64)
-    with pytest.raises(UserError, match=r"adapter_wte.weight: saved \(3, 32\) vs model \(3, 64\)"):
+    with pytest.raises(UserError, match=r"adapter_wte.weight: checkpoint \(3, 32\) vs model \(3, 64\)"):
         methods.load_trained_tensors(wider, sd, spec, "final")
     _, earlier, _ = build("tiny", start_layer=0)
     missing = (r"2 missing keys: transformer.h.0.attn.adapter.(gating_factor|adapter_wte.weight), "
-               r"transformer.h.0.attn.adapter.(gating_factor|adapter_wte.weight)\. ")
+               r"transformer.h.0.attn.adapter.(gating_factor|adapter_wte.weight)$")
     with pytest.raises(UserError, match=missing):
         methods.load_trained_tensors(earlier, sd, spec_of(start_layer=0), "final")
     with pytest.raises(UserError, match=r"1 unexpected keys: transformer.h.1.attn.adapter.lora_A"):

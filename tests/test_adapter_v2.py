@@ -213,7 +213,7 @@ def test_final_round_trip_and_mismatch(tmp_path):
     with torch.no_grad():
         assert torch.equal(fresh(idx), model(idx))
     _, wider, _ = build_v2("tiny", n_embd=64)
-    with pytest.raises(UserError, match=r"adapter_v2 weights in final do not fit.*saved \(32,\) vs model \(64,\)"):
+    with pytest.raises(UserError, match=r"adapter_v2 weights in final do not fit.*checkpoint \(32,\) vs model \(64,\)"):
         methods.load_trained_tensors(wider, trained_tensors(model, spec), spec, "final")
 
 
