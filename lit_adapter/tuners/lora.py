@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from lit_adapter.errors import UserError
 from lit_adapter.model import GPT
 from lit_adapter.tuners.base import EMBEDDING_NAMES, NORM_NAMES, Method, TrainedParts, has_name_part
-from lit_adapter.tuners.wrapping import LinearWrapper
+from lit_adapter.tuners.wrapping import LinearWrapper, wrap_linears
 
 
 @dataclass
@@ -96,6 +96,10 @@ class LoRALinear(LinearWrapper):
     """
 
     own_names = ("lora_A", "lora_B", "lora_dropout")
+    peft_options: ClassVar[Dict[str, Any]] = {}
+    """The PEFT ``LoraConfig`` fields this layer's arithmetic sets (a variant: ``use_rslora``, ``use_dora``)."""
+    peft_refusal: ClassVar[Optional[str]] = None
+    """Why a PEFT adapter cannot hold this layer (a variant whose base is not the checkpoint's), or None."""
 
     def __init__(self, linear: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(linear)
@@ -138,6 +142,12 @@ class LoRALinear(LinearWrapper):
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
         weight = self.linear.weight
         return delta.to(weight.dtype) if weight.is_floating_point() else delta
+
+    def folded(self, weight: torch.Tensor, trained: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The folded weight from the base *checkpoint's* ``weight`` and this layer's trained tensors by local name
+        (``lora_A``, ...), in float32: ``W + (alpha / r) B A``. The exporter folds a run with it; a variant with
+        other arithmetic (DoRA) or another base (PiSSA's residual) overrides it."""
+        return weight.float() + (trained["lora_B"].float() @ trained["lora_A"].float()) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear(x)  # (..., out)
@@ -312,8 +322,13 @@ class LoRA(Method):
     added_names = ("lora_A", "lora_B")
     trained_names = added_names  # lora_filter
 
+    def make_layer(self, linear: nn.Module, settings: LoRAConfig) -> LoRALinear:
+        """The wrapper of one targeted ``linear``: a variant returns its :class:`LoRALinear` subclass."""
+        return LoRALinear(linear, settings.r, settings.alpha, settings.dropout)
+
     def attach(self, model: GPT, settings: LoRAConfig) -> None:
-        add_lora(model, settings)
+        if not wrap_linears(model, settings.target_names(), lambda _, linear: self.make_layer(linear, settings)):
+            raise UserError(f"no layer of the model matches the {self.name} targets {settings.target_names()}")
 
     def trained_names_for(self, settings: Optional[LoRAConfig]) -> Tuple[str, ...]:
         settings = settings or LoRAConfig()
