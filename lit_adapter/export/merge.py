@@ -99,12 +99,13 @@ class _Merger:
         if kind is nn.Linear:
             return (read(f"{name}.weight") if weights else None,
                     read(f"{name}.bias") if module.bias is not None else None)
-        if kind not in (LoRALinear, IA3Linear, BitFitLinear, AdapterV2Linear):
+        if kind not in (IA3Linear, BitFitLinear, AdapterV2Linear) and not isinstance(module, LoRALinear):
             raise self.refuse(f"its {kind.__name__} at {name} is not a linear layer this exporter can fold")
         W, b = self.fold(module.linear, f"{name}.linear", weights)
-        if kind is LoRALinear:
+        if isinstance(module, LoRALinear):  # W + (alpha/r) B A, or a variant's own fold (DoRA, PiSSA's residual)
             if weights:
-                W = W + (read(f"{name}.lora_B") @ read(f"{name}.lora_A")) * module.scaling  # W + (alpha/r) B A
+                trained = {n: read(f"{name}.{n}") for n, p in module.named_parameters(recurse=False)}
+                W = module.folded(W, trained).to(W.dtype)
             return W, b
         if kind is IA3Linear:
             scale = read(f"{name}.ia3_l")

@@ -7,6 +7,9 @@ method's name:
 * LoRA layers only: ``LoraConfig`` (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` by HF module
   name, which are ours: ``q_proj`` ... ``down_proj``, ``lm_head``). The tensors are PEFT's ``lora_A`` (r, in)
   and ``lora_B`` (out, r) as they are; PEFT scales by ``lora_alpha / r`` as we do.
+  LoRA's variants set what their layer class declares (``peft_options``: DoRA ``use_dora`` with its magnitude
+  saved as PEFT's ``lora_magnitude_vector``, rsLoRA ``use_rslora``; LoRA+ trains plain LoRA) or are refused
+  with its ``peft_refusal`` (PiSSA, OLoRA: their A, B apply to a residual base).
 * IA³ layers only: ``IA3Config`` (``target_modules``, ``feedforward_modules``); PEFT stores an output scale as
   (out, 1) and an input scale as (1, in).
 * LLaMA-Adapter v1 prompts only: ``AdaptionPromptConfig``. PEFT's ``AdaptedAttention`` (peft/tuners/
@@ -108,20 +111,30 @@ def _lora(source: Source, layers: Dict[str, nn.Module], base_model: Optional[str
     r = _uniform({n: m.r for n, m in layers.items()}, "ranks", source)
     alpha = _uniform({n: float(m.alpha) for n, m in layers.items()}, "alphas", source)
     dropout = _uniform({n: float(getattr(m.lora_dropout, "p", 0.0)) for n, m in layers.items()}, "dropouts", source)
+    refusal = next((m.peft_refusal for m in layers.values() if m.peft_refusal), None)
+    if refusal:
+        raise _refuse(source, refusal)
+    # a variant's LoraConfig fields (use_rslora, use_dora), which its layer class declares
+    options = dict(_uniform({n: tuple(sorted(m.peft_options.items())) for n, m in layers.items()}, "LoRA variants",
+                            source))
     if is_gpt2(source.config):
+        if options:
+            raise _refuse(source, f"this exporter writes {', '.join(options)} for LlamaForCausalLM only")
         return _lora_gpt2(source, layers, base_model, r, alpha, dropout)
     targets = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in layers))  # in model order, once each
     config = {
         "peft_type": "LORA", **_common(base_model), "r": r, "lora_alpha": _number(alpha), "lora_dropout": dropout,
         "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {},
+        "rank_pattern": {}, "alpha_pattern": {}, **options,
     }
     tensors = {}
     for name in layers:
         prefix = peft_module_name(name)
         tensors[f"{prefix}.lora_A.weight"] = source.trained[f"{name}.lora_A"]  # (r, in), PEFT's lora_A Linear
         tensors[f"{prefix}.lora_B.weight"] = source.trained[f"{name}.lora_B"]  # (out, r)
+        if f"{name}.lora_magnitude_vector" in source.trained:  # DoRA's m (out,): PEFT saves it without ".weight"
+            tensors[f"{prefix}.lora_magnitude_vector"] = source.trained[f"{name}.lora_magnitude_vector"]
     return config, tensors
 
 
@@ -251,7 +264,7 @@ def peft_adapter(source: Source, base_model_name_or_path: Optional[str] = None) 
     for kind, why in _NOT_IN_PEFT.items():
         if kind in kinds:
             raise _refuse(source, why)
-    if kinds == {LoRALinear} and not structure.prompts:
+    if kinds and all(issubclass(kind, LoRALinear) for kind in kinds) and not structure.prompts:
         config, tensors = _lora(source, structure.wrappers, base_model_name_or_path)
     elif kinds == {IA3Linear} and not structure.prompts:
         config, tensors = _ia3(source, structure.wrappers, base_model_name_or_path)

@@ -76,7 +76,7 @@ def inspect_structure(model: nn.Module) -> Structure:
         if name == "" or any(name.startswith(w + ".") for w in inside_wrapper):
             continue  # the model itself (checked above); the base linear inside a wrapper (the wrapper decides)
         kind = type(module)
-        if kind in WRAPPERS:
+        if kind in WRAPPERS or issubclass(kind, LoRALinear):  # a LoRA variant declares its own fold and PEFT options
             out.wrappers[name] = module
             inside_wrapper.append(name)
         elif kind is adapter.CausalSelfAttention:
