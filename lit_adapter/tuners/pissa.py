@@ -21,7 +21,8 @@ float32, before any dtype cast or quantization), so the reloaded model is the tr
 is also well defined beyond one machine: it is ``W`` minus its projection on the top-r singular subspace, which
 does not depend on the signs or basis LAPACK picks for the singular vectors. (The other choice, PEFT's
 ``convert_pissa_to_lora``, saves a rank-2r LoRA of the original base instead: twice the size, and exact only up to
-rounding.) A PEFT adapter of such a run is refused: PEFT's LoRA applies to the original weight; the run folds into
+rounding.) Switched off (DPO's reference policy) the layer adds the initial ``s B0 A0 x``
+back, kept as unsaved buffers, so it computes the original base, not the residual. A PEFT adapter of such a run is refused: PEFT's LoRA applies to the original weight; the run folds into
 a plain checkpoint instead (``scripts/convert_to_hf.py --merge true``; :meth:`ResidualLoRALinear.folded`
 recomputes the residual from the checkpoint's weight).
 
@@ -39,6 +40,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
 from lit_adapter.tuners.lora import LoRA, LoRAConfig, LoRALinear
@@ -57,6 +59,13 @@ class ResidualLoRALinear(LoRALinear):
 
     peft_refusal = ("its A and B apply to the residual base W - s B0 A0, and a PEFT LoRA adapter to the original "
                     "weight; fold the run into the base instead (scripts/convert_to_hf.py --merge true)")
+
+    def __init__(self, linear: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(linear, r, alpha, dropout)
+        # The initial A0, B0 (not saved: recomputed from the base): switched off, the layer adds s B0 A0 x back to
+        # the residual, so it computes the *original* base (DPO's reference policy), not the residual.
+        self.register_buffer("initial_A", None, persistent=False)
+        self.register_buffer("initial_B", None, persistent=False)
 
     def factors(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of the float32 ``weight`` (out, in): PiSSA's top-r singular vectors, PEFT's arithmetic."""
@@ -86,8 +95,16 @@ class ResidualLoRALinear(LoRALinear):
         residual, A, B = self.residual(weight)
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
+        self.initial_A, self.initial_B = A.to(self.lora_A.dtype), B.to(self.lora_B.dtype)
         weight.copy_(residual.to(weight.dtype))
         self.base_is_residual = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)  # LoRA's (switched off: the residual alone; merged: refused when switched off)
+        if self.peft_enabled or self.initial_A is None:
+            return out
+        initial = F.linear(F.linear(x.to(self.initial_A.dtype), self.initial_A), self.initial_B) * self.scaling
+        return out + initial.to(out.dtype)  # W_res x + s B0 A0 x = W x: the original base
 
     def folded(self, weight: torch.Tensor, trained: Dict[str, torch.Tensor]) -> torch.Tensor:
         """From the checkpoint's ``weight``: its residual plus the trained update (``W_res + s B A``)."""
