@@ -317,3 +317,33 @@ def test_residual_variants_refuse_peft_export_and_merge_exactly(tmp_path, tok512
     with torch.no_grad():
         expected = model(idx)
     assert rel_error(hf_logits(tmp_path / "hf", idx), expected) < 1e-5
+
+
+def test_the_training_loop_builds_loraplus_groups(tmp_path, stories_checkpoint, instruction_data, monkeypatch):
+    from lit_adapter import training
+
+    seen = []
+    build = training.build_optimizer
+
+    def spy(params, *args, **kwargs):
+        seen.append([(len(g["params"]), g["lr"]) for g in params])
+        return build(params, *args, **kwargs)
+
+    monkeypatch.setattr(training, "build_optimizer", spy)
+    run(tmp_path, stories_checkpoint, instruction_data, method="loraplus", steps=2, learning_rate=1e-3)
+    n_layers = Config.from_checkpoint_dir(stories_checkpoint).n_layer
+    assert seen == [[(2 * n_layers, 1e-3), (2 * n_layers, 16e-3)]]  # A at lr, B at lr * lr_ratio (default 16)
+
+
+@pytest.mark.parametrize("method, option, paper", [
+    ("dora", "--dora.r", "Liu et al. 2024"), ("rslora", "--rslora.alpha", "Kalajdzievski 2023"),
+    ("pissa", "--pissa.r", "Meng et al. 2024"), ("olora", "--olora.r", "Büyükakyüz 2024"),
+    ("loraplus", "B's learning rate over A's", "Hayou et al. 2024")])
+def test_help_names_the_paper_and_the_settings(capsys, method, option, paper):
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # as lit_adapter.cli.cli does
+    with pytest.raises(SystemExit):
+        CLI(load_setup(method), args=["--help"], as_positional=False)
+    text = capsys.readouterr().out
+    assert option in text and paper in text
