@@ -347,3 +347,19 @@ def test_help_names_the_paper_and_the_settings(capsys, method, option, paper):
         CLI(load_setup(method), args=["--help"], as_positional=False)
     text = capsys.readouterr().out
     assert option in text and paper in text
+
+
+@pytest.mark.parametrize("method", ["rslora", "pissa", "olora", "loraplus"])
+def test_saved_activations_are_loras_and_match_autograd(method):
+    """These variants compute LoRA's branch (another scale, other initial values), so LoRA's memory terms hold."""
+    from lit_adapter.memory.measure import build_random_model, measure_saved_activations
+    from lit_adapter.memory.saved import saved_activations
+    from test_memory import _cell
+
+    B, T = 2, 48
+    cell = _cell(method=method, precision="32-true", pattern="dense", attention_overrides={}, quantize=None,
+                 seq_len=T, micro_batch_size=B, config={"n_query_groups": 2})
+    model = build_random_model(cell, torch.device("cpu")).train()
+    measured = measure_saved_activations(model, torch.randint(0, 1000, (B, T)))
+    predicted = saved_activations(cell.config(), cell.spec(), B, T, "32-true")
+    assert measured["layers"] == predicted["layers"] and measured["head"] == predicted["head"]
