@@ -352,13 +352,12 @@ def test_help_names_the_paper_and_the_settings(capsys, method, option, paper):
 @pytest.mark.parametrize("method", ["rslora", "pissa", "olora", "loraplus"])
 def test_saved_activations_are_loras_and_match_autograd(method):
     """These variants compute LoRA's branch (another scale, other initial values), so LoRA's memory terms hold."""
-    from lit_adapter.memory.measure import build_random_model, measure_saved_activations
-    from lit_adapter.memory.saved import saved_activations
-    from test_memory import _cell
+    from lit_adapter.memory import Cell, build_random_model, measure_saved_activations, saved_activations
+    from test_memory import SMALL
 
     B, T = 2, 48
-    cell = _cell(method=method, precision="32-true", pattern="dense", attention_overrides={}, quantize=None,
-                 seq_len=T, micro_batch_size=B, config={"n_query_groups": 2})
+    cell = Cell(model_name=None, config_overrides={**SMALL, "n_query_groups": 2}, method=method,
+                precision="32-true", seq_len=T, micro_batch_size=B)
     model = build_random_model(cell, torch.device("cpu")).train()
     measured = measure_saved_activations(model, torch.randint(0, 1000, (B, T)))
     predicted = saved_activations(cell.config(), cell.spec(), B, T, "32-true")

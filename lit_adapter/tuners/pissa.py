@@ -89,6 +89,8 @@ class ResidualLoRALinear(LoRALinear):
         if is_quantized(weight):
             raise UserError(f"{type(self).__name__} factors a full-precision weight: load the base unquantized, "
                             "initialise, then quantize the residual (prepare_model does it in that order)")
+        if self.r > min(weight.shape):
+            raise UserError(f"{type(self).__name__}: rank {self.r} exceeds the rank of a {tuple(weight.shape)} weight")
         if self.weight_is_shared:
             raise UserError("cannot make the residual of a weight shared with another layer (a head tied to the "
                             "embedding): it would change the embedding too; do not adapt the head")
