@@ -20,7 +20,7 @@ from lit_adapter.optim import build_optimizer
 from lit_adapter.quantize import dequantized_weight
 from lit_adapter.tuners.dora import DoRALinear
 from lit_adapter.tuners.lora import LoRALinear
-from test_lora import base_model, rel_err, tokens
+from test_lora import base_model, quantizable_base, rel_err, tokens
 from test_export import tok512  # noqa: F401 (fixture)
 from test_scripts import load_setup
 from test_training import run
@@ -362,3 +362,55 @@ def test_saved_activations_are_loras_and_match_autograd(method):
     measured = measure_saved_activations(model, torch.randint(0, 1000, (B, T)))
     predicted = saved_activations(cell.config(), cell.spec(), B, T, "32-true")
     assert measured["layers"] == predicted["layers"] and measured["head"] == predicted["head"]
+
+
+def test_qdora_matches_peft_on_an_nf4_base():
+    """QDoRA against PEFT's DoRA on bitsandbytes ``Linear4bit`` layers holding the same NF4 weights."""
+    import bitsandbytes as bnb
+    import peft
+
+    from lit_adapter.quantize import quantize_linears
+
+    torch.manual_seed(0)
+    base = quantizable_base()
+    settings = methods.get_method("dora").settings_cls(r=4, alpha=8, dropout=0.0)
+    spec = MethodSpec("dora", settings, quantize="bnb.nf4")
+    model = build_model(spec, base.config)
+    model.load_state_dict(base.state_dict(), strict=False)
+    quantize_linears(model, "bnb.nf4", device=torch.device("cpu"), skip=methods.unquantized(spec))
+    spec.definition.initialize_after_quantization(model, settings)
+    mark_trainable(model, spec)
+
+    hf = hf_llama(base)
+    for layer in hf.model.layers:  # the same block linears quantized the same way (the head stays float)
+        for parent in (layer.self_attn, layer.mlp):
+            for child, linear in list(parent.named_children()):
+                if isinstance(linear, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                          compute_dtype=torch.float32, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                                 compress_statistics=False)  # as quantize_linears for nf4
+                    q.support_avx512bf16_for_cpu = False
+                    setattr(parent, child, q.to("cpu"))
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True,
+                                                         target_modules=settings.target_names()))
+    theirs = dict(peft_model.named_parameters())
+    layers = variant_layers(model)
+    for layer_name, layer in layers.items():  # B = 0 in both: m is the dequantized weights' norm, as PEFT's
+        assert rel_err(layer.lora_magnitude_vector, theirs[peft_param_name(layer_name, "lora_magnitude_vector")]) < 1e-6
+    with torch.no_grad():
+        for layer_name, layer in layers.items():
+            layer.lora_B.normal_(0, 0.1)
+            layer.lora_magnitude_vector.mul_(1 + 0.1 * torch.randn_like(layer.lora_magnitude_vector))
+            for tensor in trained_names(layer):
+                theirs[peft_param_name(layer_name, tensor)].copy_(getattr(layer, tensor))
+    idx = tokens(base.config)
+    targets = torch.randint(0, base.config.vocab_size, idx.shape)
+    ours, peft_out = model(idx), peft_model(input_ids=idx).logits
+    assert rel_err(ours, peft_out) < 1e-5
+    F.cross_entropy(ours.flatten(0, 1), targets.flatten()).backward()
+    F.cross_entropy(peft_out.flatten(0, 1), targets.flatten()).backward()
+    for layer_name, layer in layers.items():
+        for tensor in trained_names(layer):
+            grad = getattr(layer, tensor).grad
+            assert rel_err(grad, theirs[peft_param_name(layer_name, tensor)].grad) < 1e-5, (layer_name, tensor)
