@@ -66,6 +66,7 @@ class ResidualLoRALinear(LoRALinear):
         # the residual, so it computes the *original* base (DPO's reference policy), not the residual.
         self.register_buffer("initial_A", None, persistent=False)
         self.register_buffer("initial_B", None, persistent=False)
+        self.base_is_residual = False
 
     def factors(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of the float32 ``weight`` (out, in): PiSSA's top-r singular vectors, PEFT's arithmetic."""
@@ -84,7 +85,7 @@ class ResidualLoRALinear(LoRALinear):
         """Sets ``A``, ``B`` from the base weight and replaces the weight by the residual (once: a second call
         would factor the residual)."""
         weight = self.linear.weight
-        if getattr(self, "base_is_residual", False):
+        if self.base_is_residual:
             raise RuntimeError("this layer's base is already the residual")
         if is_quantized(weight):
             raise UserError(f"{type(self).__name__} factors a full-precision weight: load the base unquantized, "
