@@ -33,7 +33,8 @@ from lit_adapter.model import GPT, num_parameters
 from lit_adapter.quantize import QUANTIZE_MODES, _default_skip, quantize_linears
 from lit_adapter.tokenizer import tokenizer_files
 from lit_adapter.tuners import (
-    adapter, adapter_v2, bitfit, bottleneck, full, ia3, lora, p_tuning, prefix_tuning, prompt_tuning,
+    adapter, adapter_v2, bitfit, bottleneck, dora, full, ia3, lora, loraplus, olora, p_tuning, pissa, prefix_tuning,
+    prompt_tuning, rslora,
 )
 from lit_adapter.tuners.base import Method, initialize_tuner_layers
 
@@ -41,6 +42,11 @@ REGISTRY: Dict[str, Method] = {m.name: m for m in (
     adapter.METHOD,
     adapter_v2.METHOD,
     lora.METHOD,
+    dora.METHOD,
+    rslora.METHOD,
+    pissa.METHOD,
+    olora.METHOD,
+    loraplus.METHOD,
     full.METHOD,
     ia3.METHOD,
     bitfit.METHOD,
@@ -224,6 +230,8 @@ def prepare_model(
     # Quantize layer by layer on the way to the device, so the full-precision base never sits on the GPU at once.
     quantize_linears(model, spec.quantize, device=torch.device(device), compute_dtype=dtype, skip=unquantized(spec))
     model = model.to(device=device)
+    if spec.quantize is not None:
+        spec.definition.initialize_after_quantization(model, spec.settings)
     mark_trainable(model, spec)
     return model
 

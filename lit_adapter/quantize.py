@@ -116,3 +116,16 @@ def dtype_for_quantized_weights(mode: Optional[str]) -> float:
     if mode == "bnb.nf4-dq":
         return 0.5 + (1.0 + 4.0 / 256) / 64  # 8-bit absmax per block of 64, fp32 second-level per 256 blocks
     return 0.5 + 4.0 / 64
+
+
+def dequantized_weight(linear: nn.Module) -> torch.Tensor:
+    """The floating-point weight (out, in) that ``linear`` computes with: a plain layer's own, a bitsandbytes
+    layer's dequantized (NF4/FP4 blocks times their scales; int8 rows times their absmax / 127). Methods whose
+    initial values depend on the weights (DoRA's magnitude on a quantized base: QDoRA) read them here."""
+    weight = linear.weight
+    if hasattr(weight, "quant_state"):  # Params4bit
+        bnb = import_bitsandbytes()
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if hasattr(weight, "SCB") and not weight.is_floating_point():  # Int8Params without fp16 weights
+        return weight.data.float() * weight.SCB.float()[:, None] / 127
+    return weight

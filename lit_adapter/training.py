@@ -320,7 +320,8 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     fabric.print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.4f}%)")
     fabric.print(f"model ready in {time.perf_counter() - t0:.2f}s ({spec.describe()})")
 
-    optimizer = build_optimizer(trainable, train.optimizer, lr=train.learning_rate, weight_decay=train.weight_decay,
+    groups = spec.definition.param_groups(model, spec.settings, train.learning_rate, train.weight_decay)
+    optimizer = build_optimizer(groups, train.optimizer, lr=train.learning_rate, weight_decay=train.weight_decay,
                                 betas=(train.beta1, train.beta2))
     model, optimizer = fabric.setup(model, optimizer)
     steps_per_epoch = len(train_examples) // train.global_batch_size

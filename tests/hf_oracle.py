@@ -18,3 +18,12 @@ def hf_llama(base: GPT):
     hf = transformers.LlamaForCausalLM(hf_config)
     hf.load_state_dict(lit_to_hf_state_dict(base.state_dict()))
     return hf
+
+
+def peft_param_name(lit_layer: str, tensor: str) -> str:
+    """PEFT's parameter name of our layer ``lit_layer``'s tensor ``tensor`` (``lora_A``, ``lora_B``,
+    ``lora_magnitude_vector``) under the adapter ``default``."""
+    from lit_adapter.convert import lit_to_hf_name
+
+    hf_layer = lit_to_hf_name(lit_layer + ".weight")[: -len(".weight")]
+    return f"base_model.model.{hf_layer}.{tensor}.default.weight"

@@ -102,7 +102,7 @@ class _Merger:
         for key in module.state_dict(keep_vars=True):  # its own tensors (in the model: the trained values)
             if not key.startswith("linear."):
                 self.reader.skip(f"{name}.{key}")
-        return module.fold_weights(W, b)
+        return module.fold_weights(None if W is None else module.base_weight_from_checkpoint(W), b)
 
     def check_answers(self, answering: Dict[str, FoldAnswer]) -> List[str]:
         """Refuses the modules that say LLaMA cannot hold them, one line naming the layers of the first reason;

@@ -347,12 +347,26 @@ class Method:
     def memory_terms(self, settings: Any) -> TrainedParts:
         raise NotImplementedError(f"{self.name} declares no memory terms")
 
+    def param_groups(self, model: nn.Module, settings: Any, learning_rate: float,
+                     weight_decay: float) -> List[Dict[str, Any]]:
+        """The optimizer's parameter groups (``torch.optim`` dicts: ``params`` and optionally ``lr`` and
+        ``weight_decay``) over the trainable parameters of ``model``. By default one group of every parameter that
+        requires a gradient, at the run's learning rate and weight decay; a method whose tensors learn at different
+        rates (LoRA+: ``B`` faster than ``A``) returns several, so the training loop needs no special case."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "lr": learning_rate, "weight_decay": weight_decay}]
+
     def prepare_for_inference(self, model: nn.Module) -> None:
         """Called once the trained tensors are loaded, before evaluation or generation."""
 
     def initialize_from_base(self, model: nn.Module, settings: Any, checkpoint_dir: Path) -> None:
         """Called once the base weights are loaded and the added tensors initialised: a method may derive initial
         values from the base checkpoint (prompt tuning's text initialisation reads its tokenizer and embedding)."""
+
+    def initialize_after_quantization(self, model: nn.Module, settings: Any) -> None:
+        """Called once a quantized base (``--quantize``) is in place, before a run's trained tensors are loaded: a
+        method whose initial values derive from the weights the model computes with recomputes them from the
+        dequantized weights (DoRA's magnitude: QDoRA)."""
 
     def final_tensors(self, model: nn.Module, settings: Any) -> Tuple[Dict[str, torch.Tensor], Any]:
         """What ``final/`` stores and the settings that rebuild a model around it: by default the trainable tensors

@@ -192,12 +192,13 @@ class LoRA(Method):
     added_names = ("lora_A", "lora_B")
     trained_names = added_names
 
+    def make_layer(self, linear: nn.Module, settings: LoRAConfig) -> LoRALinear:
+        """The wrapper of one targeted ``linear``: a variant returns its :class:`LoRALinear` subclass."""
+        return LoRALinear(linear, settings.r, settings.alpha, settings.dropout)
+
     def attach(self, model: GPT, settings: LoRAConfig) -> None:
-        """Wraps the targeted linears in :class:`LoRALinear` (works on meta and on quantized linears; a tied head
-        keeps its tie, and merging into it is refused)."""
-        r, alpha, dropout = settings.r, settings.alpha, settings.dropout
-        if not wrap_linears(model, settings.target_names(), lambda _, linear: LoRALinear(linear, r, alpha, dropout)):
-            raise UserError(f"no layer of the model matches the LoRA targets {sorted(settings.target_names())}")
+        if not wrap_linears(model, settings.target_names(), lambda _, linear: self.make_layer(linear, settings)):
+            raise UserError(f"no layer of the model matches the {self.name} targets {settings.target_names()}")
 
     def trained_names_for(self, settings: Optional[LoRAConfig]) -> Tuple[str, ...]:
         settings = settings or LoRAConfig()

@@ -99,6 +99,12 @@ class LinearWrapper(TunerLayer):
             return f"its {type(self).__name__} layers declare no fold into a plain linear"
         return None
 
+    def base_weight_from_checkpoint(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight this layer's base holds, given the base checkpoint's ``weight`` (float32): that weight itself,
+        unless the method replaced the base when it attached (PiSSA's and OLoRA's residual ``W - s B0 A0``). The
+        export, which reads the base from the checkpoint, folds what this returns."""
+        return weight
+
     def fold_weights(self, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> Folded:
         """``(W', b')`` in float32 of the plain linear equal to this wrapper around a linear ``(W, b)`` (float32;
         ``bias`` None where the base has none, and then ``b'`` None unless the wrapper adds one). ``weight`` None
