@@ -11,7 +11,7 @@ real ones, an output added to it), each sublayer's output, and the rows the bloc
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -44,7 +44,8 @@ SDPA_BACKENDS = ("flash", "math")
 ESTIMATED_PATTERNS = ("dense", "local", "shifted")  # the attention patterns whose saved tensors are modelled
 
 
-def make_dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str, quantize=None) -> Dims:
+def make_dims(config: Config, B: int, T: int, dtype: torch.dtype, device_type: str,
+              quantize: Optional[str] = None) -> Dims:
     return Dims(B=B, T=T, C=config.n_embd, I=config.intermediate_size, V=config.vocab_size, nh=config.n_head,
                 ng=config.n_query_groups, hs=config.head_size, d=element_size(dtype), device_type=device_type,
                 quantize=quantize, tied=config.tie_embeddings)
