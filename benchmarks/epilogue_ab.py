@@ -45,12 +45,14 @@ def main(size: str = "stories15M", seq_len: int = 256, micro_batch_size: int = 4
                precision="32-true", device="cpu", our_loss="cross_entropy", threads=threads)
     side = bench._Side(job, "ours")
     batch = bench._token_batch(job, side.model.config.vocab_size)
+    default = adapter_v2.AdapterV2Linear.fused_epilogue
+
     def step(use_fused: bool) -> float:
         adapter_v2.AdapterV2Linear.fused_epilogue = use_fused
         try:
             return side.step(batch)
         finally:
-            adapter_v2.AdapterV2Linear.fused_epilogue = False
+            adapter_v2.AdapterV2Linear.fused_epilogue = default
 
     for _ in range(warmup):
         step(True), step(False)

@@ -294,7 +294,7 @@ def test_fused_epilogue_only_where_it_applies_and_a_second_backward_raises():
     plain, biased = nn.Linear(6, 5, bias=False), nn.Linear(6, 5, bias=True)
     x = torch.randn(2, 6)
     wrapped = AdapterV2Linear(plain)
-    wrapped.fused_epilogue = True  # off by default (see AdapterV2Linear.fused_epilogue)
+    assert wrapped.fused_epilogue  # on by default (see AdapterV2Linear.fused_epilogue)
     assert fusable(plain, x, wrapped.adapter_bias, wrapped.adapter_scale)
     assert not fusable(biased, x, wrapped.adapter_bias, wrapped.adapter_scale)  # its own bias: unfused path
     assert not fusable(plain, x.double(), wrapped.adapter_bias, wrapped.adapter_scale)  # mixed dtypes
@@ -309,3 +309,37 @@ def test_fused_epilogue_only_where_it_applies_and_a_second_backward_raises():
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="inplace"):  # the saved z was consumed by the first backward
         out.sum().backward()
+
+
+@pytest.mark.parametrize("precision, quantize", [("32-true", None), ("bf16-true", "bnb.int8")])
+def test_fused_epilogue_is_the_default_and_the_estimator_describes_either_path(monkeypatch, precision, quantize):
+    """The model's loss and gradients are the unfused form's, and for each setting of the flag the memory terms
+    give autograd's saved bytes exactly (a quantized base runs its block linears unfused, the head fused)."""
+    from lit_adapter.memory import Cell, build_random_model, measure_saved_activations, saved_activations
+
+    assert AdapterV2Linear.fused_epilogue is True
+    small = dict(name="small", block_size=64, vocab_size=300, n_layer=3, n_head=4, n_embd=32, intermediate_size=64,
+                 n_query_groups=2)
+    cell = Cell(method="adapter_v2", model_name=None, config_overrides=small, precision=precision,
+                quantize=quantize, seq_len=24, micro_batch_size=2)
+    batch = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for fused in (True, False):
+        monkeypatch.setattr(AdapterV2Linear, "fused_epilogue", fused)
+        torch.manual_seed(0)
+        model = build_random_model(cell, torch.device("cpu")).train()
+        measured = measure_saved_activations(model, batch)
+        predicted = saved_activations(cell.config(), cell.spec(), 2, 24, precision)
+        assert (measured["layers"], measured["head"]) == (predicted["layers"], predicted["head"])
+        model.zero_grad()
+        logits = model(batch)
+        F.cross_entropy(logits.float().flatten(0, 1), batch.flatten()).backward()
+        results[fused] = (logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None},
+                          predicted)
+    tol = 1e-5 if precision == "32-true" else 2e-2
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=tol, atol=tol)
+    assert results[True][1].keys() == results[False][1].keys() and results[True][1]
+    for name, grad in results[True][1].items():
+        torch.testing.assert_close(grad, results[False][1][name], rtol=tol, atol=tol, msg=name)
+    # the fused path also keeps each fused linear's input: more saved bytes, on the head at least
+    assert results[True][2]["head"] > results[False][2]["head"]

@@ -61,8 +61,13 @@ def test_tiny_run_measures_every_cell(tiny_run):
         assert c["flops_per_token"] > 0 and c["achieved_tflops"] > 0
         # Honest bounds for the estimator at these sizes: within 6% without quantization and with NF4; an int8 base
         # is under-estimated on CPU (docs/memory.md's unsettled int8 gap), by 9-16%, 34-36% for v2 + checkpointing.
+        # v2's fused epilogue (the default) on a plain base with checkpointing is over-estimated by 9-10%: its
+        # down_proj keeps its (N, I) input, which the block's backward frees before the SwiGLU backward peaks,
+        # while the estimator counts a block's whole saved set as alive then (unfused: +4%).
         if c["quantize"] == "bnb.int8":
             assert -40 < c["est_error_pct"] < 0, c
+        elif c["method"] == "adapter_v2" and c["quantize"] == "none" and c["checkpointing"]:
+            assert 0 < c["est_error_pct"] < 12, c
         else:
             assert abs(c["est_error_pct"]) < 6, c
     by = {(c["method"], c["context"], c["quantize"], c["checkpointing"]): c for c in cells}

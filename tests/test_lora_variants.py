@@ -349,9 +349,10 @@ def test_help_names_the_paper_and_the_settings(capsys, method, option, paper):
     assert option in text and paper in text
 
 
-@pytest.mark.parametrize("method", ["rslora", "pissa", "olora", "loraplus"])
-def test_saved_activations_are_loras_and_match_autograd(method):
-    """These variants compute LoRA's branch (another scale, other initial values), so LoRA's memory terms hold."""
+@pytest.mark.parametrize("method", ["rslora", "pissa", "olora", "loraplus", "dora"])
+def test_saved_activations_match_autograd(method):
+    """rsLoRA, PiSSA, OLoRA and LoRA+ compute LoRA's branch (another scale, other initial values), so LoRA's memory
+    terms hold; DoRA declares what its magnitude's gradient keeps beside them."""
     from lit_adapter.memory import Cell, build_random_model, measure_saved_activations, saved_activations
     from test_memory import SMALL
 

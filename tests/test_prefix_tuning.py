@@ -149,7 +149,7 @@ def test_estimator_refuses_virtual_tokens_with_sparse_attention_and_the_dry_run_
 
     CLI(load_setup("prefix_tuning"), args=["--model_name", "7B", "--dry_run", "true", "--attention.pattern", "local"],
         as_positional=False)
-    assert "peak memory estimate: not available (the memory estimator models virtual tokens" in capsys.readouterr().out
+    assert "peak memory estimate: not available (the memory estimator models trained rows or keys" in capsys.readouterr().out
 
 
 def test_training_resumes_with_the_mlp_and_final_holds_the_computed_prefixes(

@@ -10,7 +10,9 @@ from typing import Dict, List, Set
 import pytest
 
 from lit_adapter.methods import METHODS, REGISTRY
-from lit_adapter.tuners.base import Method, TrainedParts
+from lit_adapter.memory.terms import MemoryTerms
+from lit_adapter.tuners import base as tuners_base
+from lit_adapter.tuners.base import Method
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lit_adapter"
@@ -142,7 +144,7 @@ def test_every_registered_method_declares_what_the_package_asks(name):
     settings = method.default_settings()
     if method.settings_cls is not None:
         assert dataclasses.is_dataclass(settings) and method.settings_group
-    assert isinstance(method.memory_terms(settings), TrainedParts)
+    assert isinstance(method.memory_terms(settings), MemoryTerms)
     assert (REPO / "finetune" / f"{name}.py").is_file()
     assert {"learning_rate"} <= set(method.train_defaults)
 
@@ -241,3 +243,28 @@ def test_export_asks_the_protocol_and_names_no_method_or_tuner_class():
             if name in tuner_classes:
                 offenders.append(f"{where}:{node.lineno}: names the tuner class {name}")
     assert offenders == []
+# A method's name or one of its terms, alone or as the start of an identifier (``lora_r``, ``v2_linears``), as it
+# would appear in code or prose; ``lit_adapter`` (the package) is removed first. Whole words only, so generic
+# words that merely contain one ("adaptive", "promptly") pass.
+_METHOD_WORDS = re.compile(
+    r"\b(lora|q?dora|ia3|ia³|bitfit|bottleneck|houlsby|pfeiffer|prefix(es)?|prompts?|adapters?|llama-adapter|v2|"
+    r"virtual|p-tuning|full fine-tuning|scale_bias)(_\w+)?\b", re.IGNORECASE)
+# measure.py is the measurement harness: its ``Cell`` names the method to measure, as data
+_ESTIMATOR = [p for p in sorted((PACKAGE / "memory").glob("*.py")) if p.name != "measure.py"]
+
+
+def test_the_memory_estimator_names_no_method_and_trained_parts_is_gone():
+    """The estimator asks each method's MemoryTerms; none of its modules names a method or a method's term."""
+    offenders = []
+    for path in _ESTIMATOR:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            match = _METHOD_WORDS.search(line.replace("lit_adapter", ""))
+            if match:
+                offenders.append(f"{path.relative_to(REPO)}:{i}: {match.group(0)!r} in {line.strip()}")
+    assert offenders == []
+    assert len(_ESTIMATOR) >= 5 and not _METHOD_WORDS.search("the head's weight trains; SDPA keeps q, k, v")
+    assert _METHOD_WORDS.search("t.v2_linears") and _METHOD_WORDS.search("lora_r")
+    # the per-method fields of the old ``TrainedParts`` are gone: the base terms hold only generic facts
+    assert not hasattr(tuners_base, "TrainedParts")
+    fields = {f.name for f in dataclasses.fields(MemoryTerms)}
+    assert fields == {"norms", "base_linears", "embedding"}

@@ -9,11 +9,12 @@ the quantity that ``torch.cuda.max_memory_allocated`` reports on a GPU. It adds 
 * the trainable tensors' gradients and the optimizer state (AdamW: two moments in the parameter's dtype, as
   ``torch.optim.AdamW`` allocates them; bitsandbytes' 8-bit AdamW: one byte per moment plus block statistics);
 * the activations autograd saves for the backward pass. They are derived from our exact model code, operation by
-  operation (:mod:`lit_adapter.memory.saved`, :func:`saved_activations`): which op saves which tensor depends on what requires a gradient, so each
-  method saves a different set (LLaMA-Adapter saves nothing below its first adapted layer, Adapter v2 saves the
-  output of every wrapped linear for its scale's gradient, LoRA's CPU dropout saves a float mask, RMSNorm keeps a
-  float32 copy of its input, SDPA keeps q, k, v, its output and the log-sum-exp: O(T) memory with the fused
-  kernels and an O(T^2) probability matrix on the math path; the sparse patterns keep their gathered blocks).
+  operation (:mod:`lit_adapter.memory.saved`, :func:`saved_activations`): which op saves which tensor depends on
+  what requires a gradient, so each method saves a different set. The walk knows the base model's ops
+  (:mod:`lit_adapter.memory.ops`: RMSNorm keeps a float32 copy of its input, SDPA keeps q, k, v, its output and the
+  log-sum-exp: O(T) memory with the fused kernels and an O(T^2) probability matrix on the math path, the sparse
+  patterns keep the fused kernels' set) and asks the method's own terms
+  (:class:`~lit_adapter.memory.terms.MemoryTerms`, from ``Method.memory_terms``) where it changes them.
   With activation checkpointing a block keeps only its input, and one block's set is rebuilt during its backward;
 * the logits and the loss: the engine's ``loss_fn`` shifts the labels (the logits stay a view) and saves the
   float32 ``(B*T, V)`` log-probabilities (bf16 logits are first converted, a transient float32 copy); its backward
@@ -31,43 +32,35 @@ quantity: on CUDA the allocator's peak, on CPU the peak of live bytes that the c
 profiler (:class:`AllocatorPeak`), next to the process's peak resident set size (raw, and net of the baseline
 after imports). ``python -m lit_adapter.memory '<cell json>'`` runs one measurement in a fresh process, which is
 how ``scripts/memory_sweep.py`` survives out-of-memory cells.
+
+The names below are imported on first use (PEP 562), so that a method module can import
+:mod:`lit_adapter.memory.ops` and :mod:`lit_adapter.memory.terms` without importing the estimator, which builds
+the methods' models.
 """
 
+import importlib
+from typing import Any
 
-from lit_adapter.losses import LOSSES  # noqa: E402  (re-exported: the estimator's loss kinds)
-from lit_adapter.memory.estimate import (  # noqa: E402
-    estimate_memory,
-    format_estimate,
-    optimizer_state_bytes,
-    quantized_linear_bytes,
-    weight_bytes,
-)
-from lit_adapter.memory.measure import (  # noqa: E402
-    AllocatorPeak,
-    Cell,
-    build_random_model,
-    current_rss_bytes,
-    make_optimizer,
-    measure_framework_overhead,
-    measure_in_subprocess,
-    measure_saved_activations,
-    measure_step,
-    peak_rss_bytes,
-)
-from lit_adapter.memory.saved import (  # noqa: E402
-    ESTIMATED_PATTERNS,
-    GB,
-    OPTIMIZERS,
-    PRECISIONS,
-    SDPA_BACKENDS,
-    precision_dtype,
-    saved_activations,
-)
+_PUBLIC = {
+    "LOSSES": "lit_adapter.losses",  # the estimator's loss kinds
+    **{name: "lit_adapter.memory.estimate" for name in (
+        "estimate_memory", "format_estimate", "optimizer_state_bytes", "quantized_linear_bytes", "weight_bytes")},
+    **{name: "lit_adapter.memory.measure" for name in (
+        "AllocatorPeak", "Cell", "build_random_model", "current_rss_bytes", "make_optimizer",
+        "measure_framework_overhead", "measure_in_subprocess", "measure_saved_activations", "measure_step",
+        "peak_rss_bytes")},
+    **{name: "lit_adapter.memory.saved" for name in (
+        "ESTIMATED_PATTERNS", "GB", "OPTIMIZERS", "PRECISIONS", "SDPA_BACKENDS", "precision_dtype",
+        "saved_activations")},
+    **{name: "lit_adapter.memory.terms" for name in ("MemoryTerms", "AttentionSite", "HeadEpilogue")},
+}
 
-__all__ = [
-    "AllocatorPeak", "Cell", "ESTIMATED_PATTERNS", "GB", "LOSSES", "OPTIMIZERS", "PRECISIONS", "SDPA_BACKENDS",
-    "build_random_model", "current_rss_bytes", "estimate_memory", "format_estimate", "make_optimizer",
-    "measure_framework_overhead", "measure_in_subprocess", "measure_saved_activations", "measure_step",
-    "optimizer_state_bytes", "peak_rss_bytes", "precision_dtype", "quantized_linear_bytes", "saved_activations",
-    "weight_bytes",
-]
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # once imported, a plain attribute
+    return value

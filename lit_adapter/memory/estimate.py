@@ -19,20 +19,21 @@ from lit_adapter.losses import DEFAULT_CHUNK, LOSSES
 from lit_adapter.methods import build_model, mark_trainable, unquantized
 from lit_adapter.quantize import _default_skip
 from lit_adapter.rope import context_error, rope_table_rows
+from lit_adapter.memory.ops import Dims, element_size
 from lit_adapter.memory.saved import (
     ESTIMATED_PATTERNS,
     GB,
     OPTIMIZERS,
     SDPA_BACKENDS,
-    _block_saved,
-    _dims,
     block_dims,
-    _Dims,
-    _element_size,
-    _head_saved,
-    _head_saved_chunked,
+    block_saved,
+    head_saved,
+    head_saved_chunked,
+    head_weight_trains,
+    make_dims,
     precision_dtype,
 )
+from lit_adapter.memory.terms import HeadEpilogue
 
 
 def quantized_linear_bytes(in_features: int, out_features: int, mode: str) -> int:
@@ -81,7 +82,7 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, quantize: Optional[str],
         if id(p) in seen or id(p) in quantized_weights:
             continue
         seen.add(id(p))
-        out[dtype_name] = out.get(dtype_name, 0) + p.numel() * _element_size(dtype)
+        out[dtype_name] = out.get(dtype_name, 0) + p.numel() * element_size(dtype)
     return out
 
 
@@ -89,7 +90,7 @@ def optimizer_state_bytes(trainable: List[nn.Parameter], dtype: torch.dtype, opt
     """AdamW's state for ``trainable`` (shapes only; meta tensors are fine)."""
     if optimizer == "adamw":
         # torch.optim.AdamW: exp_avg and exp_avg_sq like the parameter, plus a float32 step counter per tensor
-        return sum(2 * p.numel() * _element_size(dtype) + 4 for p in trainable)
+        return sum(2 * p.numel() * element_size(dtype) + 4 for p in trainable)
     if optimizer == "adamw8bit":
         total = 0
         for p in trainable:
@@ -102,11 +103,12 @@ def optimizer_state_bytes(trainable: List[nn.Parameter], dtype: torch.dtype, opt
     raise UserError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str, head_weight_trains: bool = False) -> int:
+def _loss_chain(dims: Dims, epilogue: HeadEpilogue, loss: str, weight_trains: bool = False) -> int:
     """Peak bytes of logits + loss from the head's forward to the gradient at the head's input.
 
     Walks ``losses.forward_loss`` allocation by allocation. Nothing of it outlives the step's backward: the
     training loop keeps only the loss, so the logits go as soon as nothing saved for the backward needs them.
+    ``epilogue`` counts the output-sized tensors a method's elementwise epilogue on the head keeps and allocates.
     """
     B, T, V, d = dims.B, dims.T, dims.V, dims.d
     N = B * T  # the labels are shifted, so every position is a row (the last one is ignored)
@@ -120,17 +122,19 @@ def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str, head_weight_tra
 
     if loss == "chunked_head":
         # One chunk of c rows at a time under checkpointing, nothing saved across chunks. The forward (and its
-        # recomputation in the backward) holds the chunk's logits (v2: its pre-scale output too), their float32
-        # copy (bf16) and the float32 log-probabilities; the backward turns those into the gradient in place
-        # (``losses.CrossEntropy``), converts it to the logits' dtype, and v2's head then forms its scale's two
-        # products. The chunks' (c, C) input gradients pile up to (N, C) and are concatenated once at the end.
+        # recomputation in the backward) holds the chunk's logits (and what an epilogue keeps of the head's
+        # output), their float32 copy (bf16) and the float32 log-probabilities; the backward turns those into the
+        # gradient in place (``losses.CrossEntropy``), converts it to the logits' dtype, and an epilogue then forms
+        # its own products beside it. The chunks' (c, C) input gradients pile up to (N, C) and are concatenated
+        # once at the end.
         c = min(N, DEFAULT_CHUNK) * V
-        v2 = c * d if head_keeps_output else 0
-        forward = c * d + (c * 4 if d != 4 else 0) + c * 4 + v2
-        backward = max(forward, c * 4 + (c * d if d != 4 else 0) + v2, 4 * c * d if head_keeps_output else 0)
+        kept = epilogue.kept * c * d
+        epilogue_backward = (1 + epilogue.kept + epilogue.backward) * c * d if epilogue.backward else 0
+        forward = c * d + (c * 4 if d != 4 else 0) + c * 4 + kept
+        backward = max(forward, c * 4 + (c * d if d != 4 else 0) + kept, epilogue_backward)
         hidden_grads = N * dims.C * d
         peak = max(forward, backward + hidden_grads, 2 * hidden_grads)
-        if head_weight_trains:  # full fine-tuning: the head's .grad (from the first chunk on), and each later
+        if weight_trains:  # the head weight trains: the head's .grad (from the first chunk on), and each later
             W = V * dims.C * d  # chunk's own weight gradient beside it while the chunk's logit gradient is alive
             peak = max(peak, backward + hidden_grads + W, 2 * W + c * d + hidden_grads, 2 * hidden_grads + W)
         return peak
@@ -156,8 +160,7 @@ def _loss_chain(dims: _Dims, head_keeps_output: bool, loss: str, head_weight_tra
         if d != 4:
             alloc(N * V * d)  # the gradient in the logits' dtype, then the float32 buffer goes
             alive -= N * V * 4
-    if head_keeps_output:  # Adapter v2's head: grad * scale and grad * (linear + bias) (summed for the scale's
-        alloc(2 * logits)  # gradient) exist together with the logits' gradient
+    alloc(epilogue.backward * logits)  # an epilogue's products in its backward, beside the logits' gradient
     return peak
 
 
@@ -195,10 +198,10 @@ def estimate_memory(
     if seq_len > config.block_size:  # the model cannot run it: estimate only what it can (scaled windows included)
         raise UserError(context_error(config.block_size, config.rope_scaling, seq_len, "the estimate's seq_len"))
     dtype = precision_dtype(dtype)
-    dims = _dims(config, micro_batch_size, seq_len, dtype, device_type, quantize)
+    dims = make_dims(config, micro_batch_size, seq_len, dtype, device_type, quantize)
     N, C, I, d = dims.N, dims.C, dims.I, dims.d
     t = spec.definition.memory_terms(spec.settings)
-    bdims = block_dims(dims, t)  # the blocks' rows: the real tokens and prompt/P-tuning's virtual ones
+    bdims = block_dims(dims, t)  # the blocks' rows: the real tokens and any the method puts in front of them
     bN = bdims.N
 
     model = _meta_model(config, spec)
@@ -212,10 +215,10 @@ def estimate_memory(
     state = sum(weights.values()) + rope + opt_state
 
     # what each block keeps, and what it needs while it is recomputed and differentiated
-    x_rg = t.embedding or t.virtual_tokens > 0
+    x_rg = t.embedding or t.extra_rows() > 0
     kept, saved, layer_grads = [], [], []
     for i in range(config.n_layer):
-        s, out_rg = _block_saved(bdims, t, i, x_rg, spec.attention, sdpa)
+        s, out_rg = block_saved(bdims, t, i, x_rg, spec.attention, sdpa)
         saved.append(s)
         # a checkpointed block keeps its input (the previous block's output) while any of its tensors needs a grad
         ckpt_input = bN * C * d if (x_rg or out_rg) else 0
@@ -225,9 +228,9 @@ def estimate_memory(
         layer_grads.append(sum(p.numel() for p in block.parameters() if p.requires_grad) * d)
     embedding_kept = N * 8 if t.embedding else 0
     # under chunked_head the head's own saves are recomputed chunk by chunk; the hidden states stay
-    head = _head_saved_chunked(dims, t, x_rg) if loss == "chunked_head" else _head_saved(dims, t, x_rg)[0]
+    head = head_saved_chunked(dims, t, x_rg) if loss == "chunked_head" else head_saved(dims, t, x_rg)[0]
     logits = N * dims.V * d if loss != "chunked_head" else min(N, DEFAULT_CHUNK) * dims.V * d
-    loss_peak = _loss_chain(dims, t.v2_linears, loss, head_weight_trains=dims.head_weight_trains(t))
+    loss_peak = _loss_chain(dims, t.head_epilogue(), loss, weight_trains=head_weight_trains(dims, t))
     head_grads = grads - sum(layer_grads)  # embedding, ln_f and lm_head (tied ones once)
 
     # short-lived memory: RoPE's float32 temporaries (forward); a block's gradients of x, of the MLP product and
@@ -236,11 +239,10 @@ def estimate_memory(
     forward_tmp = 3 * bN * C * 4 + bN * C * d + dequant
     backward_tmp = 3 * bN * I * d + dequant
     if sdpa == "math":  # the (B, nh, T, S) scores and softmax in the forward; their gradients in the backward
-        scores = dims.B * dims.nh * bdims.T * (bdims.T + t.prefix_length) * 4
+        scores = dims.B * dims.nh * bdims.T * (bdims.T + t.extra_keys()) * 4
         forward_tmp += 2 * scores
         backward_tmp = max(backward_tmp, 2 * scores)
-    if t.prompt_from_layer is not None:
-        backward_tmp += N * C * d  # the gated prompt output's gradient
+    backward_tmp += t.backward_working_bytes(dims)  # e.g. the gradient of an output the method adds
 
     phases: Dict[str, int] = {}
     phases["forward"] = state + embedding_kept + sum(kept) + forward_tmp  # the last block's forward
@@ -348,7 +350,7 @@ def print_memory_estimate(spec, config, seq_len: int, train, accelerator: str,
                                    train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
                                    optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
                                    loss=train.loss)
-    except UserError as err:  # a combination the estimator does not model (e.g. virtual tokens + sparse)
+    except UserError as err:  # a combination the estimator does not model (e.g. trained rows + sparse)
         print(f"peak memory estimate: not available ({err})")
         return
     note = "" if estimated_as == precision else f" ({precision} estimated as {estimated_as}: no float32 master copy)"

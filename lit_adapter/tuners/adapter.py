@@ -28,8 +28,9 @@ import torch.nn.functional as F
 import lit_adapter.model as base
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.tuners.base import EMBEDDING_NAMES, Method, PeftAdapter, PeftLayout, Refused, TrainedParts, \
-    TunerLayer, one_value
+from lit_adapter.memory.ops import Dims, Saved, query, sdpa
+from lit_adapter.memory.terms import AttentionSite, MemoryTerms
+from lit_adapter.tuners.base import EMBEDDING_NAMES, Method, PeftAdapter, PeftLayout, Refused, TunerLayer, one_value
 
 ADAPTER_NAMES = ("adapter_wte", "gating_factor")
 
@@ -148,6 +149,33 @@ def add_adaption_prompts(model: base.GPT, settings: AdapterConfig) -> None:
         block.attn.adapter = AdaptionPrompt(model.config, settings.prompt_length)
 
 
+@dataclass(frozen=True)
+class AdapterMemoryTerms(MemoryTerms):
+    """From ``start_layer`` on, a second, non-causal SDPA of the queries over the (1, nh, length, hs) prompt keys and
+    values, whose gated output is added to the attention's: below it nothing requires a gradient (nothing is kept),
+    from it on the attention output does."""
+
+    start_layer: int = 0
+    length: int = 0
+
+    def prompt_projections(self, saved: Saved, dims: Dims) -> None:
+        """What the prompt's ``k_proj`` and ``v_proj`` keep: nothing here (their weights are frozen, and their input
+        is the prompt parameter itself)."""
+
+    def attention_output(self, saved: Saved, site: AttentionSite, dims: Dims) -> bool:
+        if site.layer < self.start_layer:
+            return False
+        self.prompt_projections(saved, dims)
+        kv = self.length * (dims.C if site.expanded else dims.kv) * dims.d
+        sdpa(saved, "prompt", query(dims), ("prompt.k", kv), ("prompt.v", kv), self.length, dims, site.backend,
+             site.q_rg, True)
+        saved.add("prompt.out", dims.N * dims.C * dims.d)  # the gate's product keeps the prompt attention's output
+        return True
+
+    def backward_working_bytes(self, dims: Dims) -> int:
+        return dims.N * dims.C * dims.d  # the gated prompt output's gradient
+
+
 class Adapter(Method):
     name = "adapter"
     summary = ("Fine-tune a frozen LLaMA with LLaMA-Adapter v1 (Zhang et al. 2023): learnable prompts attended through a "
@@ -167,9 +195,9 @@ class Adapter(Method):
     def trained_names_for(self, settings: Optional[AdapterConfig]) -> Tuple[str, ...]:
         return self.trained_names + (EMBEDDING_NAMES if settings is not None and settings.train_embeddings else ())
 
-    def memory_terms(self, settings: AdapterConfig) -> TrainedParts:
-        return TrainedParts(prompt_from_layer=settings.start_layer, prompt_length=settings.prompt_length,
-                            embedding=settings.train_embeddings)
+    def memory_terms(self, settings: AdapterConfig) -> MemoryTerms:
+        return AdapterMemoryTerms(start_layer=settings.start_layer, length=settings.prompt_length,
+                                  embedding=settings.train_embeddings)
 
     def peft_adapter(self, model: nn.Module, settings: AdapterConfig, layout: PeftLayout) -> PeftAdapter:
         """PEFT's ``AdaptionPromptConfig``. Its ``AdaptedAttention`` (peft/tuners/adaption_prompt/layer.py, read in

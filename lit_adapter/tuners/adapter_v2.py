@@ -18,15 +18,18 @@ lit-llama.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from lit_adapter.memory.ops import Dims, LinearSite, Saved
+from lit_adapter.memory.terms import HeadEpilogue, MemoryTerms
 from lit_adapter.model import GPT
 from lit_adapter.tuners import adapter
-from lit_adapter.tuners.adapter import AdapterConfig
-from lit_adapter.tuners.base import EMBEDDING_NAMES, PeftAdapter, PeftLayout, Refused, TrainedParts
+from lit_adapter.tuners.adapter import AdapterConfig, AdapterMemoryTerms
+from lit_adapter.tuners.base import EMBEDDING_NAMES, PeftAdapter, PeftLayout, Refused
 from lit_adapter.tuners.scale_bias import fusable, scale_bias_linear
 from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears
 
@@ -41,10 +44,10 @@ class AdapterV2Linear(LinearWrapper):
     """``scale * (linear(x) + bias)`` around any linear-like module (``nn.Linear``, bitsandbytes layers)."""
 
     own_names = ("adapter_bias", "adapter_scale")
-    fused_epilogue = False
-    """Whether to use the one-node epilogue (lit_adapter.tuners.scale_bias): faster with a lower allocator peak
-    (benchmarks/epilogue_ab.py, docs/throughput.md), but off until this method's memory terms describe the tensors
-    autograd saves with it (the estimator would miss the measured peak by over 15%)."""
+    fused_epilogue = True
+    """Whether to use the one-node epilogue (lit_adapter.tuners.scale_bias) where it applies (a plain linear, no
+    autocast): 1.16x faster with a lower allocator peak (benchmarks/epilogue_ab.py, docs/throughput.md). False
+    restores autograd's unfused form; :class:`AdapterV2MemoryTerms` describes whichever is set."""
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__(linear)
@@ -79,6 +82,37 @@ def add_scale_bias(model: nn.Module) -> None:
     wrap_linears(model, WRAPPED_LINEARS + WRAPPED_MLP_LINEARS + ("lm_head",), lambda _, linear: AdapterV2Linear(linear))
 
 
+@dataclass(frozen=True)
+class AdapterV2MemoryTerms(AdapterMemoryTerms):
+    """v1's terms, with ``scale * (linear(x) + bias)`` on every linear and the head.
+
+    The scale's gradient needs ``linear(x) + bias``, so every wrapped linear keeps an output-sized tensor: unfused,
+    autograd's ``mul`` saves it; fused (:class:`~lit_adapter.tuners.scale_bias.ScaleBiasLinear`, used on a plain
+    ``nn.Linear`` only, so not on a quantized base) the function saves it as ``z`` and also its input (a view of
+    the layer's input) for the input's gradient. The prompt's projections keep their outputs the same way; their
+    input is the prompt parameter itself, which costs nothing. At the head, the unfused backward forms
+    ``grad * scale`` and ``grad * z`` beside the logits' gradient; the fused one forms ``grad * scale`` and
+    multiplies the saved ``z`` in place. The estimate models the ``-true`` precisions: under autocast (``*-mixed``)
+    the epilogue stays unfused.
+    """
+
+    fused: bool = True
+
+    def linear(self, saved: Saved, site: LinearSite, dims: Dims) -> bool:
+        super().linear(saved, site, dims)  # the frozen base layer (bitsandbytes' int8 keeps its input)
+        saved.add(f"{site.name}.biased", site.output_bytes(dims))
+        if self.fused and site.quantize is None:
+            saved.add(site.x, site.input_bytes(dims))
+        return True
+
+    def prompt_projections(self, saved: Saved, dims: Dims) -> None:
+        for name in ("prompt.k", "prompt.v"):
+            saved.add(f"{name}.biased", self.length * dims.kv * dims.d)
+
+    def head_epilogue(self) -> HeadEpilogue:
+        return HeadEpilogue(kept=1, backward=1 if self.fused else 2)
+
+
 class AdapterV2(adapter.Adapter):
     name = "adapter_v2"
     summary = ("Fine-tune a frozen LLaMA with LLaMA-Adapter v2 (Gao et al. 2023): v1's gated adaption prompts plus a "
@@ -98,9 +132,9 @@ class AdapterV2(adapter.Adapter):
     def peft_adapter(self, model: nn.Module, settings: AdapterConfig, layout: PeftLayout) -> PeftAdapter:
         raise Refused(self.no_peft)
 
-    def memory_terms(self, settings: AdapterConfig) -> TrainedParts:
-        return TrainedParts(norms=True, v2_linears=True, prompt_from_layer=settings.start_layer,
-                            prompt_length=settings.prompt_length, embedding=settings.train_embeddings)
+    def memory_terms(self, settings: AdapterConfig) -> MemoryTerms:
+        return AdapterV2MemoryTerms(norms=True, start_layer=settings.start_layer, length=settings.prompt_length,
+                                    embedding=settings.train_embeddings, fused=AdapterV2Linear.fused_epilogue)
 
 
 METHOD = AdapterV2()

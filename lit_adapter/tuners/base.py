@@ -17,7 +17,9 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
   the resumable checkpoint keeps, and which of those tensors the method adds to the base (:meth:`Method.is_added`:
   they are initialised, not loaded);
 * what ``final/`` stores: the trained tensors only, or (``final_is_checkpoint``) a whole checkpoint folder;
-* its terms for the memory estimator (:meth:`Method.memory_terms`, a :class:`TrainedParts`);
+* its terms for the memory estimator (:meth:`Method.memory_terms`, a
+  :class:`~lit_adapter.memory.terms.MemoryTerms` that the estimator's walk asks at every linear, attention and
+  sublayer output);
 * what inference needs after loading (:meth:`Method.prepare_for_inference`, e.g. folding LoRA into the weights);
 * optionally, initial values taken from the base checkpoint (:meth:`Method.initialize_from_base`) and a folded
   form of the trained tensors for ``final/`` (:meth:`Method.final_tensors`).
@@ -44,62 +46,8 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.config import Config
+from lit_adapter.memory.terms import MemoryTerms
 from lit_adapter.model import GPT
-
-
-@dataclass(frozen=True)
-class TrainedParts:
-    """What trains, in the vocabulary of the memory estimator's op-by-op model (``lit_adapter.memory.saved``).
-
-    Which tensors autograd keeps depends on which inputs and weights require a gradient, so this is all the
-    estimator needs to know of a method.
-    """
-
-    norms: bool = False
-    """The RMSNorm weights train."""
-    base_linears: bool = False
-    """Every base linear's weight trains (full fine-tuning)."""
-    embedding: bool = False
-    """The token embedding trains."""
-    v2_linears: bool = False
-    """Every linear is wrapped as ``scale * (linear(x) + bias)`` with trainable scale and bias (Adapter v2)."""
-    lora_targets: Tuple[str, ...] = ()
-    """Attribute names of the linears with a low-rank branch (``q_proj``, ...)."""
-    lora_r: int = 0
-    lora_dropout: float = 0.0
-    prompt_from_layer: Optional[int] = None
-    """First layer with a gated adaption prompt (LLaMA-Adapter), or None."""
-    prompt_length: int = 0
-    ia3_outputs: Tuple[str, ...] = ()
-    """Attribute names of the linears whose output a trainable vector rescales, ``linear(x) * l`` (IA³)."""
-    ia3_inputs: Tuple[str, ...] = ()
-    """Attribute names of the linears whose input a trainable vector rescales, ``linear(x * l)`` (IA³)."""
-    bias_linears: Tuple[str, ...] = ()
-    """Attribute names of the linears given a trainable output bias, ``linear(x) + b`` (BitFit)."""
-    bottleneck_sites: Tuple[str, ...] = ()
-    """Where a bottleneck adapter ``x + scaling * up(act(down(x)))`` acts (Houlsby, Pfeiffer): ``attn`` and ``mlp``
-    on that sublayer's output before the residual add, ``block`` on the block's output."""
-    bottleneck_size: Optional[int] = None
-    """The adapters' hidden width; None: ``bottleneck_width(n_embd, bottleneck_reduction_factor)``."""
-    bottleneck_reduction_factor: float = 16.0
-    bottleneck_activation: str = ""
-    """The adapters' non-linearity by name (what it saves for backward: its input or its output)."""
-    bottleneck_dropout: float = 0.0
-    bottleneck_leave_out: Tuple[int, ...] = ()
-    """Layers without bottleneck adapters."""
-    virtual_tokens: int = 0
-    """Rows of trained virtual tokens in front of every sequence (prompt tuning, P-tuning): every block runs on
-    ``T + virtual_tokens`` rows, all requiring a gradient from the first block on; ln_f, the head and the loss see
-    the ``T`` real rows. An encoder's few (P, hidden) activations (P-tuning, prefix tuning's MLP) are not counted:
-    under a megabyte for 7B."""
-    prefix_length: int = 0
-    """Trained keys and values in front of every layer's attention (prefix tuning): each SDPA attends over
-    ``prefix_length + T`` keys under a boolean mask, and its output requires a gradient in every layer."""
-
-
-def bottleneck_width(n_embd: int, reduction_factor: float, size: Optional[int] = None) -> int:
-    """A bottleneck adapter's hidden width: ``size``, else AdapterHub's ``int(n_embd // reduction_factor)``, >= 1."""
-    return size if size is not None else max(1, int(n_embd // reduction_factor))
 
 
 EMBEDDING_NAMES = ("wte",)
@@ -344,7 +292,9 @@ class Method:
         training context of real tokens is ``block_size`` minus these."""
         return 0
 
-    def memory_terms(self, settings: Any) -> TrainedParts:
+    def memory_terms(self, settings: Any) -> MemoryTerms:
+        """What the memory estimator needs to know of this method under ``settings``: which base tensors train and
+        what the method's own ops keep for backward (a subclass of :class:`MemoryTerms` in the method's module)."""
         raise NotImplementedError(f"{self.name} declares no memory terms")
 
     def param_groups(self, model: nn.Module, settings: Any, learning_rate: float,

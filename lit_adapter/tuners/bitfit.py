@@ -24,13 +24,15 @@ biases in place, those of every linear and LayerNorm (all tensors named ``bias``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from lit_adapter.memory.ops import Dims, LinearSite, Saved
+from lit_adapter.memory.terms import MemoryTerms
 from lit_adapter.model import GPT
-from lit_adapter.tuners.base import Method, TrainedParts
+from lit_adapter.tuners.base import Method
 from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,6 +74,17 @@ class BitFitLinear(LinearWrapper):
         return weight, added if bias is None else bias + added
 
 
+@dataclass(frozen=True)
+class BitFitMemoryTerms(MemoryTerms):
+    """``linear(x) + b`` keeps nothing for ``b``'s gradient, but makes the layer's output require a gradient."""
+
+    targets: Tuple[str, ...] = ()
+    """Attribute names of the linears given a trainable output bias."""
+
+    def linear(self, saved: Saved, site: LinearSite, dims: Dims) -> bool:
+        return super().linear(saved, site, dims) or site.attr in self.targets
+
+
 class BitFit(Method):
     name = "bitfit"
     summary = ("Fine-tune a frozen LLaMA with BitFit (Ben Zaken et al. 2021): only biases train. LLaMA's linears have "
@@ -98,8 +111,8 @@ class BitFit(Method):
         if names:
             wrap_linears(model, names, lambda _, linear: BitFitLinear(linear))
 
-    def memory_terms(self, settings: BitFitConfig) -> TrainedParts:
-        return TrainedParts(bias_linears=settings.target_names())
+    def memory_terms(self, settings: BitFitConfig) -> BitFitMemoryTerms:
+        return BitFitMemoryTerms(targets=settings.target_names())
 
 
 METHOD = BitFit()

@@ -41,8 +41,10 @@ import torch.nn.functional as F
 
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
+from lit_adapter.memory.ops import Dims, Saved, dropout
+from lit_adapter.memory.terms import MemoryTerms
 from lit_adapter.model import GPT
-from lit_adapter.tuners.base import Method, TrainedParts, TunerLayer, bottleneck_width
+from lit_adapter.tuners.base import Method, TunerLayer
 
 SLOTS = {"attn": "attn_adapter", "mlp": "mlp_adapter", "block": "out_adapter"}
 """The block's hook slot (``lit_adapter.model.Block``) of each site an adapter can act on."""
@@ -57,6 +59,13 @@ ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "leakyrelu": F.leaky_relu,
 }
+
+
+def bottleneck_width(n_embd: int, reduction_factor: float, size: Optional[int] = None) -> int:
+    """A bottleneck adapter's hidden width: ``size``, else AdapterHub's ``int(n_embd // reduction_factor)``, >= 1."""
+    return size if size is not None else max(1, int(n_embd // reduction_factor))
+
+
 Activation = Literal["relu", "gelu", "gelu_new", "swish", "silu", "tanh", "leakyrelu"]
 Init = Literal["bert", "houlsby", "mam_adapter"]
 
@@ -191,6 +200,35 @@ def add_bottleneck_adapters(model: GPT, settings: BottleneckConfig, sites: Tuple
             setattr(block, SLOTS[site], adapter)
 
 
+@dataclass(frozen=True)
+class BottleneckMemoryTerms(MemoryTerms):
+    """What an adapter ``x + scaling * up(act(down(x)))`` keeps on the sublayer outputs at ``sites``: its weights'
+    gradients need ``x`` and ``act(down(x))``; relu and tanh compute theirs from that output, the other
+    activations keep their input too; dropout keeps its mask."""
+
+    sites: Tuple[str, ...] = ()
+    """``attn`` and ``mlp`` (that sublayer's output before the residual add) or ``block`` (the block's output)."""
+    size: Optional[int] = None
+    reduction_factor: float = 16.0
+    activation: str = ""
+    dropout: float = 0.0
+    leave_out: Tuple[int, ...] = ()
+
+    def sublayer_output(self, saved: Saved, site: str, x: str, layer: int, dims: Dims) -> bool:
+        if site not in self.sites or layer in self.leave_out:
+            return False
+        N, d = dims.N, dims.d
+        r = bottleneck_width(dims.C, self.reduction_factor, self.size)
+        name = f"{site}.bottleneck"
+        saved.add(x, N * dims.C * d)
+        saved.add(f"{name}.act", N * r * d)
+        if self.activation not in ("relu", "tanh"):
+            saved.add(f"{name}.down", N * r * d)
+        if self.dropout > 0:
+            dropout(saved, name, True, N * dims.C, dims)
+        return True
+
+
 class _Bottleneck(Method):
     """What Houlsby and Pfeiffer share; they differ in where the adapters sit (``sites``) and the defaults."""
 
@@ -212,11 +250,10 @@ class _Bottleneck(Method):
     def attach(self, model: GPT, settings: BottleneckConfig) -> None:
         add_bottleneck_adapters(model, settings, self.sites)
 
-    def memory_terms(self, settings: BottleneckConfig) -> TrainedParts:
-        return TrainedParts(bottleneck_sites=self.sites, bottleneck_size=settings.bottleneck_size,
-                            bottleneck_reduction_factor=settings.reduction_factor,
-                            bottleneck_activation=settings.non_linearity, bottleneck_dropout=settings.dropout,
-                            bottleneck_leave_out=tuple(settings.leave_out))
+    def memory_terms(self, settings: BottleneckConfig) -> BottleneckMemoryTerms:
+        return BottleneckMemoryTerms(sites=self.sites, size=settings.bottleneck_size,
+                                     reduction_factor=settings.reduction_factor, activation=settings.non_linearity,
+                                     dropout=settings.dropout, leave_out=tuple(settings.leave_out))
 
 
 class Houlsby(_Bottleneck):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_adapter.tuners.base import Method, TrainedParts
+from lit_adapter.memory.terms import MemoryTerms
+from lit_adapter.tuners.base import Method
 
 
 class Full(Method):
@@ -24,8 +25,9 @@ class Full(Method):
     def trainable(self, name: str, param: Any = None, settings: Any = None) -> bool:
         return True
 
-    def memory_terms(self, settings: Any) -> TrainedParts:
-        return TrainedParts(norms=True, base_linears=True, embedding=True)
+    def memory_terms(self, settings: Any) -> MemoryTerms:
+        # every weight trains: the generic facts say it all (each linear keeps its input for its weight's gradient)
+        return MemoryTerms(norms=True, base_linears=True, embedding=True)
 
 
 METHOD = Full()

@@ -18,15 +18,17 @@ plain floating-point weight that no other layer shares, so a quantized base stay
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from lit_adapter.errors import UserError
+from lit_adapter.memory.ops import Dims, LinearSite, Saved
+from lit_adapter.memory.terms import MemoryTerms
 from lit_adapter.model import GPT
-from lit_adapter.tuners.base import Method, PeftAdapter, PeftLayout, Refused, TrainedParts
+from lit_adapter.tuners.base import Method, PeftAdapter, PeftLayout, Refused
 from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears, wrapped_layers
 
 IA3_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -132,6 +134,28 @@ class IA3Linear(LinearWrapper):
         return f"scales={'input' if self.feedforward else 'output'}, folded={self.folded}"
 
 
+@dataclass(frozen=True)
+class IA3MemoryTerms(MemoryTerms):
+    """What :class:`IA3Linear` keeps for its vector's gradient: the input it rescales, or the output."""
+
+    outputs: Tuple[str, ...] = ()
+    """Attribute names of the linears whose output is rescaled, ``linear(x) * l``: ``l``'s gradient needs
+    ``linear(x)``."""
+    inputs: Tuple[str, ...] = ()
+    """Attribute names of the linears whose input is rescaled, ``linear(x * l)``: ``l``'s gradient needs ``x``, and
+    the base layer gets the new tensor ``x * l``, which requires a gradient."""
+
+    def linear(self, saved: Saved, site: LinearSite, dims: Dims) -> bool:
+        if site.attr in self.inputs:
+            saved.add(site.x, site.input_bytes(dims))
+            site = replace(site, x=f"{site.name}.ia3_scaled", x_rg=True)
+        out_rg = super().linear(saved, site, dims)
+        if site.attr in self.outputs:
+            saved.add(f"{site.name}.out", site.output_bytes(dims))
+            return True
+        return out_rg
+
+
 class IA3(Method):
     name = "ia3"
     summary = ("Fine-tune a frozen LLaMA with IA³ (Liu et al. 2022): learned vectors, initialised to ones, rescale "
@@ -147,8 +171,8 @@ class IA3(Method):
         feedforward = set(settings.feedforward)
         wrap_linears(model, settings.targets, lambda name, linear: IA3Linear(linear, feedforward=name in feedforward))
 
-    def memory_terms(self, settings: IA3Config) -> TrainedParts:
-        return TrainedParts(ia3_outputs=settings.outputs_scaled(), ia3_inputs=tuple(settings.feedforward))
+    def memory_terms(self, settings: IA3Config) -> IA3MemoryTerms:
+        return IA3MemoryTerms(outputs=settings.outputs_scaled(), inputs=tuple(settings.feedforward))
 
     def prepare_for_inference(self, model: nn.Module) -> None:
         for layer in wrapped_layers(model, IA3Linear).values():

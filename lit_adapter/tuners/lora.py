@@ -33,9 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
+from lit_adapter.memory.ops import Dims, LinearSite, Saved, dropout
+from lit_adapter.memory.terms import MemoryTerms
 from lit_adapter.model import GPT
 from lit_adapter.tuners.base import EMBEDDING_NAMES, NORM_NAMES, Method, PeftAdapter, PeftLayout, PeftTarget, Refused, \
-    TrainedParts, json_number, one_value
+    json_number, one_value
 from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears, wrapped_layers
 
 
@@ -182,6 +184,29 @@ class LoRALinear(LinearWrapper):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
+@dataclass(frozen=True)
+class LoRAMemoryTerms(MemoryTerms):
+    """What :class:`LoRALinear` keeps for backward beside its base layer's set: the branch's input for ``A``'s
+    gradient (after dropout, with the dropout's mask) and ``A x`` for ``B``'s."""
+
+    targets: Tuple[str, ...] = ()
+    """Attribute names of the linears with a low-rank branch (``q_proj``, ...)."""
+    r: int = 0
+    dropout: float = 0.0
+
+    def linear(self, saved: Saved, site: LinearSite, dims: Dims) -> bool:
+        out_rg = super().linear(saved, site, dims)
+        if site.attr not in self.targets:
+            return out_rg
+        if self.dropout > 0:
+            dropout(saved, site.name, site.x_rg, dims.N * site.fan_in, dims)
+            saved.add(f"{site.name}.dropped", site.input_bytes(dims))
+        else:
+            saved.add(site.x, site.input_bytes(dims))
+        saved.add(f"{site.name}.lora_a_out", dims.N * self.r * dims.d)
+        return True
+
+
 class LoRA(Method):
     name = "lora"
     summary = ("Fine-tune a frozen LLaMA with LoRA (Hu et al. 2021): low-rank updates B @ A, scaled by alpha / r, on "
@@ -205,10 +230,9 @@ class LoRA(Method):
         return (self.added_names + (EMBEDDING_NAMES if settings.train_embeddings else ())
                 + (NORM_NAMES if settings.train_norms else ()))
 
-    def memory_terms(self, settings: LoRAConfig) -> TrainedParts:
-        return TrainedParts(lora_targets=tuple(settings.target_names()), lora_r=settings.r,
-                            lora_dropout=settings.dropout, embedding=settings.train_embeddings,
-                            norms=settings.train_norms)
+    def memory_terms(self, settings: LoRAConfig) -> LoRAMemoryTerms:
+        return LoRAMemoryTerms(targets=tuple(settings.target_names()), r=settings.r, dropout=settings.dropout,
+                               embedding=settings.train_embeddings, norms=settings.train_norms)
 
     def prepare_for_inference(self, model: nn.Module) -> None:
         for layer in wrapped_layers(model, LoRALinear).values():

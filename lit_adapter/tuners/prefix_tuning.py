@@ -29,7 +29,7 @@ import torch.nn as nn
 import lit_adapter.model as base
 from lit_adapter.model import GPT
 from lit_adapter.config import Config
-from lit_adapter.tuners.base import TrainedParts
+from lit_adapter.memory.terms import MemoryTerms
 from lit_adapter.tuners.virtual_tokens import (
     VirtualTokenMethod,
     VirtualTokens,
@@ -131,6 +131,17 @@ class PrefixAttention(nn.Module):
         return attend_with_prefix(attn, q, k, v, input_pos, (pk, pv))
 
 
+@dataclass(frozen=True)
+class PrefixMemoryTerms(MemoryTerms):
+    """Trained keys and values in front of every layer's attention: each SDPA attends over ``length + T`` keys
+    under a boolean mask, and its output requires a gradient in every layer."""
+
+    length: int = 0
+
+    def extra_keys(self) -> int:
+        return self.length
+
+
 class PrefixTuning(VirtualTokenMethod):
     name = "prefix_tuning"
     summary = ("Fine-tune a frozen LLaMA with prefix tuning (Li & Liang 2021): prefix_tuning.num_virtual_tokens "
@@ -144,8 +155,8 @@ class PrefixTuning(VirtualTokenMethod):
         shared = SharedPrefixes()
         add_virtual_tokens(model, PrefixEncoder(settings, model.config, shared), partial(PrefixAttention, shared))
 
-    def memory_terms(self, settings: PrefixTuningConfig) -> TrainedParts:
-        return TrainedParts(prefix_length=settings.num_virtual_tokens)
+    def memory_terms(self, settings: PrefixTuningConfig) -> MemoryTerms:
+        return PrefixMemoryTerms(length=settings.num_virtual_tokens)
 
     def final_tensors(self, model: GPT, settings: PrefixTuningConfig) -> Tuple[Dict[str, torch.Tensor], Any]:
         if not settings.prefix_projection:

@@ -22,6 +22,7 @@ its ``prefix``, merged exactly; the virtual rows of prompt and P-tuning attend c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 import lit_adapter.model as base
 from lit_adapter.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.tuners.base import Method, TrainedParts, TunerLayer
+from lit_adapter.memory.terms import MemoryTerms
+from lit_adapter.tuners.base import Method, TunerLayer
 
 VIRTUAL_NAMES = ("virtual_tokens",)
 """Every tensor of the three methods lives under ``GPT.virtual_tokens``."""
@@ -138,6 +140,18 @@ def add_virtual_tokens(model: base.GPT, virtual_tokens: VirtualTokens, attention
         block.attn.adapter = attention()
 
 
+@dataclass(frozen=True)
+class VirtualTokenMemoryTerms(MemoryTerms):
+    """Prompt and P-tuning: every block runs on ``rows + T`` rows, all requiring a gradient from the first block on;
+    ln_f, the head and the loss see the ``T`` real rows. An encoder's few (P, hidden) activations (P-tuning, prefix
+    tuning's MLP) are not counted: under a megabyte for 7B."""
+
+    rows: int = 0
+
+    def extra_rows(self) -> int:
+        return self.rows
+
+
 class VirtualTokenMethod(Method):
     # the virtual positions shift every real token's position: passing them through in place is not the base model
     can_switch_off = False
@@ -154,8 +168,8 @@ class VirtualTokenMethod(Method):
     def reserved_positions(self, settings: Any) -> int:
         return settings.num_virtual_tokens
 
-    def memory_terms(self, settings: Any) -> TrainedParts:
-        return TrainedParts(virtual_tokens=settings.num_virtual_tokens)
+    def memory_terms(self, settings: Any) -> MemoryTerms:
+        return VirtualTokenMemoryTerms(rows=settings.num_virtual_tokens)
 
 
 def folded(values: torch.Tensor) -> Dict[str, torch.Tensor]:
