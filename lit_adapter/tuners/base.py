@@ -14,6 +14,7 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
   the resumable checkpoint keeps, and which of those tensors the method adds to the base (:meth:`Method.is_added`:
   they are initialised, not loaded);
 * what ``final/`` stores: the trained tensors only, or (``final_is_checkpoint``) a whole checkpoint folder;
+* its optimizer parameter groups (:meth:`Method.param_groups`; by default one group of every trainable tensor);
 * its terms for the memory estimator (:meth:`Method.memory_terms`, a :class:`TrainedParts`);
 * what inference needs after loading (:meth:`Method.prepare_for_inference`, e.g. folding LoRA into the weights);
 * optionally, initial values taken from the base checkpoint (:meth:`Method.initialize_from_base`) and a folded
@@ -178,6 +179,18 @@ class Method:
         """Positions the method occupies before the first real token (the prompt methods' virtual tokens): the
         training context of real tokens is ``block_size`` minus these."""
         return 0
+
+    def param_groups(self, model: nn.Module, settings: Any, learning_rate: float,
+                     weight_decay: float) -> List[Dict[str, Any]]:
+        """The optimizer's parameter groups for ``model`` (the method attached, its trainable tensors marked with
+        ``requires_grad``): a list of dicts as ``torch.optim.Optimizer`` takes them, each with ``params`` and any of
+        ``lr`` and ``weight_decay`` that differ from the run's ``learning_rate`` (``--train.learning_rate``, the
+        peak the schedule scales) and ``weight_decay``. The training loop, the throughput benchmark and the memory
+        measurement build their optimizer from it (``trainer.method_optimizer``), so a method with its own rates
+        (LoRA+: B at ``ratio x learning_rate``) needs no special case in the loop. Every trainable tensor must be
+        in exactly one group. The default is one group of all of them, in ``model.parameters()`` order."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": trainable, "lr": learning_rate, "weight_decay": weight_decay}]
 
     def memory_terms(self, settings: Any) -> TrainedParts:
         raise NotImplementedError(f"{self.name} declares no memory terms")
