@@ -52,8 +52,8 @@ def _ours(job: Dict[str, Any]):
     """Our model on random weights (``memory.build_random_model``: what ``methods.prepare_model`` builds) and a
     :class:`~lit_adapter.trainer.Trainer` around it, set up by Fabric as a run is: its ``step`` is what is timed."""
     import torch
-    from lightning.fabric import Fabric
 
+    from lit_adapter.fabric_setup import make_fabric
     from lit_adapter.memory import Cell, build_random_model
     from lit_adapter.trainer import Trainer, method_optimizer
 
@@ -65,7 +65,7 @@ def _ours(job: Dict[str, Any]):
         _compile(model, "ours")  # before Fabric wraps it, as --train.compile does
     # the engine's AdamW settings over the method's parameter groups, as the HF side's make_optimizer
     optimizer = method_optimizer(model, cell.spec(), "adamw", lr=1e-3, weight_decay=0.02, betas=(0.9, 0.95))
-    fabric = Fabric(accelerator=job["device"], devices=1, precision=job["precision"], loggers=[])
+    fabric = make_fabric(job["device"], precision=job["precision"])
     model, optimizer = fabric.setup(model, optimizer)
     return Trainer(fabric, model, optimizer, batches=(), loss=job["our_loss"], max_grad_norm=1.0)  # fed by _Side
 

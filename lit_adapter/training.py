@@ -218,7 +218,7 @@ def finetune(
     rebuild the same window. ``objective`` (:mod:`lit_adapter.objectives`) says what is optimised on which
     examples; the default is next-token cross-entropy on the prepared data in ``data.data_dir``.
     """
-    from lightning.fabric import Fabric
+    from lit_adapter.fabric_setup import make_fabric  # imports Lightning: not for --help or --dry_run
 
     accum = validate_args(train, eval, fabric_args)
     if data.max_seq_length is not None and data.max_seq_length < 2:
@@ -244,13 +244,8 @@ def finetune(
     lock = claim_out_dir(out_dir, resume, overwrite) if launched_rank == 0 else None
     record = None
     try:
-        fabric = Fabric(
-            accelerator=fabric_args.accelerator,
-            devices=fabric_args.devices,
-            strategy=fabric_args.strategy,
-            precision=precision,
-            loggers=[build_logger(logger, out_dir, resume)],
-        )
+        fabric = make_fabric(fabric_args.accelerator, fabric_args.devices, fabric_args.strategy, precision,
+                             loggers=[build_logger(logger, out_dir, resume)])
         fabric.launch()
         objective = resolve_objective(objective)
         hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,

@@ -14,6 +14,7 @@ from lightning.fabric import Fabric
 
 from lit_adapter import trainer as trainer_module
 from lit_adapter.errors import UserError
+from lit_adapter.fabric_setup import make_fabric
 from lit_adapter.losses import forward_loss
 from lit_adapter.memory import Cell, build_random_model, measure_step
 from lit_adapter.optim import build_optimizer
@@ -34,13 +35,13 @@ def _batch(cell, seed=0):
     return {"input_ids": ids, "labels": ids}
 
 
-def _trainer(cell, batches, accum=1, model=None):
+def _trainer(cell, batches, accum=1, model=None, loss="cross_entropy"):
     model = model if model is not None else build_random_model(cell, torch.device("cpu"))
     model.train()
     optimizer = method_optimizer(model, cell.spec(), "adamw", lr=1e-2, weight_decay=0.02, betas=(0.9, 0.95))
-    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true", loggers=[])
+    fabric = make_fabric("cpu", precision=cell.precision)
     model, optimizer = fabric.setup(model, optimizer)
-    return Trainer(fabric, model, optimizer, batches, accum=accum, max_grad_norm=1.0)
+    return Trainer(fabric, model, optimizer, batches, accum=accum, loss=loss, max_grad_norm=1.0)
 
 
 def test_step_pins_its_loss_and_counts_its_state():
@@ -143,6 +144,21 @@ def test_the_benchmark_and_the_measurement_run_the_trainers_step(monkeypatch):
     batch = bench._token_batch(job, side.model.config.vocab_size)
     assert side.step(batch) > 0 and side.step(batch) > 0
     assert len(calls) == 2 and calls[0] is side.trainer and side.trainer.state.step == 2
+
+
+def test_bf16_true_keeps_the_logits_in_bf16_and_trains_with_every_loss():
+    """Fabric's bf16-true would hand the loss float32 logits (a float32 (B, T, V) copy) and the head-chunked loss
+    float32 hidden states for a bf16 head, which failed; make_fabric keeps the model's dtype and no number changes."""
+    cell = _cell(precision="bf16-true")
+    batch = _batch(cell)
+    trainer = _trainer(cell, itertools.repeat(batch))
+    assert trainer.model(batch["input_ids"]).dtype == torch.bfloat16
+    first = {}
+    for loss in ("cross_entropy", "chunked", "chunked_head"):
+        torch.manual_seed(0)
+        first[loss] = _trainer(cell, itertools.repeat(batch), loss=loss).step().loss
+    assert first["chunked"] == pytest.approx(first["cross_entropy"], rel=1e-6)
+    assert first["chunked_head"] == pytest.approx(first["cross_entropy"], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------- out of memory vs "does not fit"

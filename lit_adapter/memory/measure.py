@@ -282,7 +282,7 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
     the training steps and the process's peak resident size, raw and net of the baseline after imports), step times
     and tokens/s.
     """
-    from lightning.fabric import Fabric
+    from lit_adapter.fabric_setup import make_fabric  # imports Lightning
 
     if cell.threads:
         torch.set_num_threads(cell.threads)
@@ -315,8 +315,8 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = make_optimizer(trainable, cell.optimizer, model=model, spec=cell.spec())
-        fabric = Fabric(accelerator=device.type, devices=[device.index] if device.index is not None else 1,
-                        precision=cell.precision, loggers=[])
+        fabric = make_fabric(device.type, [device.index] if device.index is not None else 1,
+                             precision=cell.precision)
         model, optimizer = fabric.setup(model, optimizer)
         config = cell.config()
         generator = torch.Generator().manual_seed(cell.seed)
