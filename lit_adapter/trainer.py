@@ -121,7 +121,8 @@ class Trainer:
         objective: what is optimised (:mod:`lit_adapter.objectives`); default next-token cross-entropy.
         loss: ``TrainArgs.loss``, how the cross-entropy is computed.
         max_grad_norm: clip the global gradient norm to this; None: no clipping (the norm is still checked).
-        trainable: the tensors whose gradient norm is taken without clipping (default: those requiring grad).
+        trainable: the trained tensors, whose gradient norm is taken when not clipping (default: those requiring
+            grad; a run passes the list it took before Fabric's setup).
         state: a state to continue from (default: a fresh one).
     """
 
@@ -139,10 +140,12 @@ class Trainer:
         self.max_grad_norm = max_grad_norm
         self.trainable = trainable if trainable is not None else [p for p in model.parameters() if p.requires_grad]
         self.state = state or TrainState()
+        # set by fit(): which checkpoint is known to be good, for the non-finite messages
         self.keeper: Optional[GoodCheckpoint] = None
-        """Set by :meth:`fit`: which checkpoint is known to be good, for the non-finite messages."""
+        # the objective's other metrics of the latest validation (accuracy, rewards, ...)
         self.val_extra: Dict[str, float] = {}
-        """The objective's other metrics of the latest validation (accuracy, rewards, ...)."""
+        # where the current log window began, and the tokens this rank processed since (for tokens_per_s)
+        self._window_start, self._window_tokens = time.perf_counter(), 0
 
     # ------------------------------------------------------------------------------------------------- the step
 
@@ -216,14 +219,14 @@ class Trainer:
         status = "completed"
         progress = tqdm(total=plan.total_steps, initial=state.step, unit="step", disable=fabric.global_rank != 0,
                         dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
-        window = [time.perf_counter(), 0]  # the current log window's start and tokens on this rank
+        self._window_start, self._window_tokens = time.perf_counter(), 0  # the log window, on this rank
         with StopRequest() as stop:
             try:
                 while state.step < plan.total_steps:
                     result = self.step()
-                    window[1] += result.tokens
+                    self._window_tokens += result.tokens
                     progress.update(1)
-                    self.after_step(plan, result, window, progress)
+                    self.after_step(plan, result, progress)
                     if stop.signal is not None:
                         status = "interrupted"
                         break
@@ -236,13 +239,13 @@ class Trainer:
                 progress.close()  # before any error line, so it does not land on the bar's line
         return status
 
-    def after_step(self, plan: RunPlan, result: StepResult, window: List[Any], progress) -> None:
+    def after_step(self, plan: RunPlan, result: StepResult, progress) -> None:
         """Logs, validates and saves as the intervals say, after the step that ``result`` describes."""
         step = self.state.step
         if step % plan.log_interval == 0 or step == plan.total_steps:
-            elapsed = time.perf_counter() - window[0]
-            tokens_per_s = window[1] * self.fabric.world_size / max(elapsed, 1e-9)
-            window[:] = [time.perf_counter(), 0]
+            elapsed = time.perf_counter() - self._window_start
+            tokens_per_s = self._window_tokens * self.fabric.world_size / max(elapsed, 1e-9)
+            self._window_start, self._window_tokens = time.perf_counter(), 0
             self.log_step(plan, result, tokens_per_s)
             progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         if step % plan.eval.interval == 0 and step != plan.total_steps:
