@@ -38,16 +38,7 @@ from lit_adapter.results import RunResult, summarize, to_jsonable
 from lit_adapter.rope import context_error
 from lit_adapter.run_logging import RunRecord, answer_prompts, check_prompt_settings
 from lit_adapter.runtime import compile_blocks, default_precision, weights_dtype
-from lit_adapter.trainer import (  # noqa: F401  (save_resumable, validate: re-exported for callers of training)
-    CHECKPOINT_NAME,
-    RunPlan,
-    Trainer,
-    TrainState,
-    method_optimizer,
-    resume_state,
-    save_resumable,
-    validate,
-)
+from lit_adapter.trainer import CHECKPOINT_NAME, RunPlan, Trainer, TrainState, method_optimizer, resume_state
 
 
 @dataclass
