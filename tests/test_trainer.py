@@ -178,10 +178,15 @@ def _resume_into(cell, path):
     return load_resumable(trainer.fabric, fresh, path, trainer.model, cell.spec())
 
 
-def test_resume_loads_what_was_saved(tmp_path):
+def test_resume_loads_what_was_saved_with_the_keys_last_ckpt_always_had(tmp_path):
     path = _saved_checkpoint(tmp_path, _cell())
+    saved = torch.load(path, weights_only=True)
+    # the pre-Trainer loop's state dict: older checkpoints keep loading
+    assert set(saved) == {"model", "optimizer", "scheduler", "step", "train_losses", "val_losses", "rng", "tokens",
+                          "train_time", "best_val"}
     state = TrainState.from_dict(_resume_into(_cell(), path))
     assert state.step == 1 and state.tokens == 64 and len(state.train_losses) == 1
+    assert torch.equal(state.rng, saved["rng"])
 
 
 def test_out_of_memory_while_resuming_propagates_as_itself(tmp_path, monkeypatch):
