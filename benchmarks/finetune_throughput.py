@@ -3,7 +3,9 @@
 Both sides train the same LLaMA shape from the same random token batch with the same micro-batch, sequence length,
 thread count, AdamW settings and gradient clipping:
 
-* ours: ``methods.build_model`` + ``mark_trainable`` (random weights), ``losses.forward_loss``, AdamW, clipping;
+* ours: ``memory.build_random_model`` (``methods.prepare_model``'s model on random weights) set up by Fabric, and
+  ``trainer.Trainer.step``, the step a run executes (forward and loss, backward, the finite checks, clipping, AdamW
+  over the method's parameter groups, the scheduler if any);
 * HF: ``LlamaForCausalLM`` (SDPA attention) wrapped by ``peft.get_peft_model`` with ``LoraConfig`` (same rank,
   alpha, dropout and q/v targets as our LoRA defaults) or ``AdaptionPromptConfig`` (LLaMA-Adapter v1: the same
   prompt length and adapted layers as our adapter defaults), its loss from ``labels=`` as users call it.
@@ -21,6 +23,7 @@ profiler (``memory.AllocatorPeak``; CUDA: ``max_memory_allocated``).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -46,18 +49,25 @@ def _settings(method: str):
 
 
 def _ours(job: Dict[str, Any]):
-    """Our model and the engine's loop pieces."""
+    """Our model on random weights (``memory.build_random_model``: what ``methods.prepare_model`` builds) and a
+    :class:`~lit_adapter.trainer.Trainer` around it, set up by Fabric as a run is: its ``step`` is what is timed."""
     import torch
 
+    from lit_adapter.fabric_setup import make_fabric
     from lit_adapter.memory import Cell, build_random_model
-    from lit_adapter.losses import forward_loss
+    from lit_adapter.trainer import Trainer, method_optimizer
 
     cell = Cell(method=job["method"], model_name=job["size"], seq_len=job["seq_len"],
                 micro_batch_size=job["micro_batch_size"], precision=job["precision"], device=job["device"])
     model = build_random_model(cell, torch.device(job["device"]))
     model.train()
-
-    return model, lambda batch: forward_loss(model, batch, batch, job["our_loss"])[0]
+    if job.get("compile"):
+        _compile(model, "ours")  # before Fabric wraps it, as --train.compile does
+    # the engine's AdamW settings over the method's parameter groups, as the HF side's make_optimizer
+    optimizer = method_optimizer(model, cell.spec(), "adamw", lr=1e-3, weight_decay=0.02, betas=(0.9, 0.95))
+    fabric = make_fabric(job["device"], precision=job["precision"])
+    model, optimizer = fabric.setup(model, optimizer)
+    return Trainer(fabric, model, optimizer, batches=(), loss=job["our_loss"], max_grad_norm=1.0)  # fed by _Side
 
 
 def _hf(job: Dict[str, Any]):
@@ -140,7 +150,9 @@ def _compile(model, framework: str) -> None:
 
 
 class _Side:
-    """One framework's model, loss, trainable tensors and optimizer, and its timed training step."""
+    """One framework's model, trainable tensors and optimizer, and its timed training step: ours is
+    ``Trainer.step`` (what a run executes, Fabric included), HF's the forward with ``labels=``, backward, clipping
+    and AdamW, as PEFT users write it."""
 
     def __init__(self, job: Dict[str, Any], framework: str) -> None:
         import torch
@@ -149,20 +161,32 @@ class _Side:
 
         torch.manual_seed(0)
         self.device = job["device"]
-        self.model, self.forward_loss = (_ours if framework == "ours" else _hf)(job)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = make_optimizer(self.trainable, "adamw")
-        if job.get("compile"):
-            _compile(self.model, framework)
+        self.trainer, self._batch = None, None
+        if framework == "ours":
+            self.trainer = _ours(job)
+            self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
+            self.trainable = self.trainer.trainable
+        else:
+            self.model, self.forward_loss = _hf(job)
+            self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = make_optimizer(self.trainable, "adamw")
+            if job.get("compile"):
+                _compile(self.model, framework)
 
     def step(self, batch) -> float:
         import torch
 
         t0 = time.perf_counter()
-        self.forward_loss(batch).backward()
-        torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.trainer is not None:
+            if batch is not self._batch:  # next-token targets of the batch itself, as HF's labels=batch
+                self._batch = batch
+                self.trainer.batches = itertools.repeat({"input_ids": batch, "labels": batch})
+            self.trainer.step()
+        else:
+            self.forward_loss(batch).backward()
+            torch.nn.utils.clip_grad_norm_(self.trainable, 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if self.device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

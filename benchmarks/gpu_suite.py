@@ -147,9 +147,10 @@ def build_cells(args) -> List[Any]:
 
 
 def measure_forked(cell, timeout_s: float) -> Dict[str, Any]:
-    """``memory.measure_in_subprocess``'s statuses, in a child forked from a server that imported torch, lit_adapter
-    and bitsandbytes once: ~0.3 s of start-up per cell instead of ~3 s of imports on a small CPU. CPU only: a process
-    forked from one that may have touched CUDA cannot use it, so CUDA cells get a fresh interpreter each."""
+    """``memory.measure_in_subprocess``'s statuses, in a child forked from a server that imported torch,
+    lit_adapter, Lightning and bitsandbytes once: ~0.3 s of start-up per cell instead of ~3 s of imports on a small
+    CPU. CPU only: a process forked from one that may have touched CUDA cannot use it, so CUDA cells get a fresh
+    interpreter each."""
     ctx = multiprocessing.get_context("forkserver")
     reader, writer = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_forked_cell, args=(asdict(cell), writer))
@@ -420,7 +421,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if args.launcher == "fork":  # imported once by the fork server instead of by every cell
         multiprocessing.get_context("forkserver").set_forkserver_preload(
             ["torch", "torch.profiler", "lit_adapter.memory", "lit_adapter.training", "lit_adapter.methods",
-             "bitsandbytes"])
+             "lit_adapter.fabric_setup", "bitsandbytes"])  # fabric_setup: Lightning, for measure_step's Trainer
     measure = measure_in_subprocess if args.launcher == "spawn" else measure_forked
     budget.run(cells, measure, args.cell_timeout_s, report_cell, kind=lambda cell: cell.quantize)
     state.update(complete=True, wall_s=round(budget.clock() - budget.start, 1))

@@ -23,6 +23,14 @@ def looks_like_out_of_memory(text: str) -> bool:
     return any(marker in lowered for marker in OOM_MARKERS)
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is running out of memory: ``MemoryError``, ``torch.OutOfMemoryError`` (CUDA) or the CPU
+    allocator's ``RuntimeError``. Handlers that turn a user's mistake into one line re-raise these: an OOM is never
+    "does not fit this run"."""
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+        isinstance(err, RuntimeError) and looks_like_out_of_memory(str(err)))
+
+
 class UserError(Exception):
     """A mistake in the user's input, reported as one line without a traceback."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+from typing import Any, Dict, Iterable, Tuple, Union
 
 import torch
 
@@ -11,10 +11,15 @@ from lit_adapter.logs import import_bitsandbytes
 
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 
+ParamsOrGroups = Union[Iterable[torch.nn.Parameter], Iterable[Dict[str, Any]]]
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], name: str = "adamw", lr: float = 1e-3,
-                    weight_decay: float = 0.0, betas: Tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+
+def build_optimizer(params: ParamsOrGroups, name: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
+                    betas: Tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """AdamW: torch's, or bitsandbytes' 8-bit (optionally paged) implementation.
+
+    ``params`` is the tensors or parameter groups (dicts with ``params`` and their own ``lr``, ``weight_decay``:
+    ``Method.param_groups``); ``lr`` and ``weight_decay`` are the defaults of groups that do not set them.
 
     bitsandbytes' 8-bit AdamW keeps its moments in uint8 for tensors of 4096+ values (a quarter of the state); the
     paged variant lets CUDA state spill to host memory under pressure (on CPU it runs unpaged).

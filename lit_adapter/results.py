@@ -66,28 +66,29 @@ def describe_validation(result: RunResult) -> str:
 
 
 def result_from_state(method: str, status: str, state, n_trainable: int, n_total: int, device, out_dir: Path) -> RunResult:
-    """The :class:`RunResult` of the loop's ``state`` so far (also for a run that failed midway)."""
-    losses = [loss for _, loss in state["train_losses"]]
-    vals = state["val_losses"]
+    """The :class:`RunResult` of the loop's ``state`` (a ``trainer.TrainState``) so far (also for a run that failed
+    midway)."""
+    losses = [loss for _, loss in state.train_losses]
+    vals = state.val_losses
     return RunResult(
         method=method,
         status=status,
-        steps=state["step"],
+        steps=state.step,
         trainable_params=n_trainable,
         total_params=n_total,
         initial_val_loss=vals[0][1] if vals and vals[0][0] == 0 else None,
         final_val_loss=vals[-1][1] if vals else None,
         final_val_step=vals[-1][0] if vals else None,
-        best_val_loss=state["best_val"][1] if state.get("best_val") else None,
-        best_val_step=state["best_val"][0] if state.get("best_val") else None,
+        best_val_loss=state.best_val[1] if state.best_val else None,
+        best_val_step=state.best_val[0] if state.best_val else None,
         avg_train_loss=sum(losses) / len(losses) if losses else None,
         last_train_loss=losses[-1] if losses else None,
-        train_time_s=state["train_time"],
-        tokens_per_s=state["tokens"] / max(state["train_time"], 1e-9),
+        train_time_s=state.train_time,
+        tokens_per_s=state.tokens / max(state.train_time, 1e-9),
         peak_memory_gb=peak_memory_gb(device),
         peak_memory_kind="cuda_max_allocated" if device.type == "cuda" else "process_peak_rss",
         out_dir=str(out_dir),
-        train_losses=[tuple(x) for x in state["train_losses"]],
+        train_losses=[tuple(x) for x in state.train_losses],
         val_losses=[tuple(x) for x in vals],
     )
 

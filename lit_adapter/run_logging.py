@@ -69,7 +69,7 @@ class RunRecord:
     def __init__(self, logger, args: LoggerArgs, hparams: Dict[str, Any]) -> None:
         self.logger, self.args, self.hparams = logger, args, hparams
         self.started_at = time.perf_counter()
-        self.state: Optional[Dict[str, Any]] = None
+        self.state: Optional[Any] = None  # the loop's trainer.TrainState, once tracked
         self.parts: Tuple[Any, ...] = ()
         self.ended = False
 
@@ -105,8 +105,8 @@ class RunRecord:
                 (Path(self.logger.save_dir) / RUN_ID_FILE).write_text(f"{run.id}\n")
         return self
 
-    def track(self, state: Dict[str, Any], method: str, n_trainable: int, n_total: int, device) -> None:
-        """The loop's state, from which a failure's summary is computed."""
+    def track(self, state: Any, method: str, n_trainable: int, n_total: int, device) -> None:
+        """The loop's ``trainer.TrainState``, from which a failure's summary is computed."""
         self.state, self.parts = state, (method, n_trainable, n_total, device)
 
     def finish(self, result: RunResult, generations: Sequence[Dict[str, Any]], out_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""The one training loop behind every ``finetune/*.py`` script: setup -> main -> fit -> validate -> save.
+"""The one training entry point behind every ``finetune/*.py`` script: its options, their checks, and a run's setup
+(data, model, optimizer, schedule) around the :class:`~lit_adapter.trainer.Trainer`, whose ``fit`` is the loop.
 
 What differs between methods (which parameters exist, which train, what is saved) lives in
 :mod:`lit_adapter.methods`; everything here is shared, so a comparison between methods differs only in the method.
@@ -14,34 +15,30 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import List, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from lit_adapter import methods
-from lit_adapter.checkpoint import check_keys
 from lit_adapter.config import ModelArgs
 from lit_adapter.data import InstructionDataset
 from lit_adapter.data_order import StepBatchSampler
 from lit_adapter.errors import UserError
-from lit_adapter.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
+from lit_adapter.guards import LossNotFinite  # noqa: F401  (re-exported: callers catch training.LossNotFinite)
 from lit_adapter.loggers import LoggerArgs, build_logger, close_logger, logger_supports_hparams, logger_summary
 from lit_adapter.memory.estimate import print_memory_estimate
 from lit_adapter.methods import MethodSpec
 from lit_adapter.objectives import Objective, resolve as resolve_objective
-from lit_adapter.optim import build_optimizer
 from lit_adapter.preflight import check_fabric_args, check_parts_fit, claim_out_dir
 from lit_adapter.results import RunResult, summarize, to_jsonable
 from lit_adapter.rope import context_error
 from lit_adapter.run_logging import RunRecord, answer_prompts, check_prompt_settings
-from lit_adapter.runtime import compile_blocks, default_precision, peak_memory_gb, weights_dtype
-
-CHECKPOINT_NAME = "last.ckpt"
+from lit_adapter.runtime import compile_blocks, default_precision, weights_dtype
+from lit_adapter.trainer import CHECKPOINT_NAME, RunPlan, Trainer, TrainState, method_optimizer, resume_state
 
 
 @dataclass
@@ -212,7 +209,7 @@ def finetune(
     rebuild the same window. ``objective`` (:mod:`lit_adapter.objectives`) says what is optimised on which
     examples; the default is next-token cross-entropy on the prepared data in ``data.data_dir``.
     """
-    from lightning.fabric import Fabric
+    from lit_adapter.fabric_setup import make_fabric  # imports Lightning: not for --help or --dry_run
 
     accum = validate_args(train, eval, fabric_args)
     if data.max_seq_length is not None and data.max_seq_length < 2:
@@ -238,13 +235,8 @@ def finetune(
     lock = claim_out_dir(out_dir, resume, overwrite) if launched_rank == 0 else None
     record = None
     try:
-        fabric = Fabric(
-            accelerator=fabric_args.accelerator,
-            devices=fabric_args.devices,
-            strategy=fabric_args.strategy,
-            precision=precision,
-            loggers=[build_logger(logger, out_dir, resume)],
-        )
+        fabric = make_fabric(fabric_args.accelerator, fabric_args.devices, fabric_args.strategy, precision,
+                             loggers=[build_logger(logger, out_dir, resume)])
         fabric.launch()
         objective = resolve_objective(objective)
         hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,
@@ -276,10 +268,56 @@ def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) ->
 
 def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams,
           record: RunRecord, objective: Optional[Objective] = None):
-    from tqdm import tqdm
-
+    """One run: the data, the model and its optimizer, a :class:`~lit_adapter.trainer.Trainer` and its loop, and the
+    run's end (summary, answers to ``eval.prompts``, the logger)."""
     fabric.seed_everything(train.seed)
     objective = resolve_objective(objective)
+    train_examples, val_examples, max_seq_length = _load_examples(fabric, spec, config, checkpoint_dir, data, train,
+                                                                  objective)
+    spec.attention = spec.attention.resolve(max_seq_length)  # e.g. the shifted pattern's group size
+    model, optimizer, trainable, (n_trainable, n_total) = _build_model(fabric, spec, config, checkpoint_dir, train,
+                                                                       precision, objective)
+    steps_per_epoch = len(train_examples) // train.global_batch_size
+    total_steps = train.max_steps if train.max_steps is not None else train.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, total_steps, train) / train.learning_rate
+    )
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    state = (resume_state(fabric, checkpoint_path, model, optimizer, scheduler, spec) if resume else TrainState())
+    hparams = to_jsonable({**hparams, "trainable_params": n_trainable, "total_params": n_total})
+    if fabric.global_rank == 0:
+        (out_dir / "hparams.json").write_text(json.dumps(hparams, indent=2) + "\n")
+    if logger_supports_hparams(fabric.logger):
+        fabric.logger.log_hyperparams(hparams)
+    record.track(state, spec.describe(), n_trainable, n_total, fabric.device)
+
+    train_loader, val_loader = _loaders(fabric, train_examples, val_examples, train, accum, state.step, total_steps,
+                                        objective)
+    trainer = Trainer(fabric, model, optimizer, train_loader, scheduler=scheduler, accum=accum, objective=objective,
+                      loss=train.loss, max_grad_norm=train.max_grad_norm, trainable=trainable, state=state)
+    plan = RunPlan(total_steps=total_steps, steps_per_epoch=steps_per_epoch, val_loader=val_loader, spec=spec,
+                   config=config, checkpoint_dir=checkpoint_dir, out_dir=out_dir, eval=eval,
+                   log_interval=train.log_interval, save_interval=train.save_interval, resumed=resume)
+    status = trainer.fit(plan)
+
+    result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
+    answers = (answer_prompts(fabric, model, checkpoint_dir, eval.prompts, eval.prompt_max_new_tokens,
+                              state.step, out_dir, objective) if status == "completed" else [])
+    record.finish(result, answers, out_dir)
+    summary = logger_summary(fabric.logger)
+    fabric.logger.finalize("success" if status == "completed" else "aborted")
+    close_logger(fabric.logger)
+    if summary and fabric.global_rank == 0:
+        fabric.print(summary)
+    if status == "interrupted":
+        fabric.print(f"stopped at step {state.step}; resume with the same command and --resume true")
+        raise SystemExit(130)
+    return result
+
+
+def _load_examples(fabric, spec, config, checkpoint_dir, data, train, objective):
+    """The objective's training and validation examples, checked against the model and cut to the context;
+    returns them and the context length."""
     train_examples, val_examples, metadata = objective.load_examples(data.data_dir)
     check_parts_fit(config, checkpoint_dir, data.data_dir, metadata,
                     {"training": train_examples, "validation": val_examples},
@@ -306,8 +344,12 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
         )
     if not val_examples:
         raise UserError(f"the validation split in {data.data_dir} is empty")
-    spec.attention = spec.attention.resolve(max_seq_length)  # e.g. the shifted pattern's group size
+    return train_examples, val_examples, max_seq_length
 
+
+def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objective):
+    """The model with the method attached and its optimizer over the method's parameter groups, both set up by
+    Fabric; also the trainable tensors and the (trainable, total) parameter counts."""
     t0 = time.perf_counter()
     model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision))
     model.gradient_checkpointing = train.activation_checkpointing
@@ -319,32 +361,17 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     n_total = methods.count_parameters(model)
     fabric.print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.4f}%)")
     fabric.print(f"model ready in {time.perf_counter() - t0:.2f}s ({spec.describe()})")
-
-    groups = spec.definition.param_groups(model, spec.settings, train.learning_rate, train.weight_decay)
-    optimizer = build_optimizer(groups, train.optimizer, lr=train.learning_rate, weight_decay=train.weight_decay,
-                                betas=(train.beta1, train.beta2))
+    optimizer = method_optimizer(model, spec, train.optimizer, lr=train.learning_rate,
+                                 weight_decay=train.weight_decay, betas=(train.beta1, train.beta2))
     model, optimizer = fabric.setup(model, optimizer)
-    steps_per_epoch = len(train_examples) // train.global_batch_size
-    total_steps = train.max_steps if train.max_steps is not None else train.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, total_steps, train) / train.learning_rate
-    )
-    state: Dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler.state_dict(),
-                             "step": 0, "train_losses": [], "val_losses": [], "rng": torch.get_rng_state(),
-                             "tokens": 0, "train_time": 0.0, "best_val": []}
-    checkpoint_path = out_dir / CHECKPOINT_NAME
-    if resume:
-        _resume(fabric, state, scheduler, checkpoint_path, model, spec)
-    hparams = to_jsonable({**hparams, "trainable_params": n_trainable, "total_params": n_total})
-    if fabric.global_rank == 0:
-        (out_dir / "hparams.json").write_text(json.dumps(hparams, indent=2) + "\n")
-    if logger_supports_hparams(fabric.logger):
-        fabric.logger.log_hyperparams(hparams)
-    record.track(state, spec.describe(), n_trainable, n_total, fabric.device)
+    return model, optimizer, trainable, (n_trainable, n_total)
 
+
+def _loaders(fabric, train_examples, val_examples, train, accum, start_step, total_steps, objective):
+    """The training loader (the step-indexed order from ``start_step`` on) and the validation loader."""
     pad_id = 0
     sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
-                               fabric.global_rank, train.seed, state["step"], total_steps)
+                               fabric.global_rank, train.seed, start_step, total_steps)
     collate = lambda batch: objective.collate(batch, pad_id=pad_id)  # noqa: E731
     # Loaders draw their iterator seeds from their own generator, not the global RNG: otherwise creating an
     # iterator (at resume, or for each validation) would shift the dropout masks and break exact resumption.
@@ -358,226 +385,4 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                    collate_fn=collate, generator=torch.Generator().manual_seed(train.seed)),
         use_distributed_sampler=False,
     )
-
-    val_extra: Dict[str, float] = {}  # the objective's other validation metrics (accuracy, rewards, ...)
-
-    def run_validation(step: int) -> float:
-        loss = validate(fabric, model, val_loader, eval.max_batches, train.loss, objective)
-        state["val_losses"].append((step, loss))
-        val_extra.clear()
-        val_extra.update(objective.metrics(fabric, "val"))
-        metrics = {"val_loss": loss, "step": step, "tokens": state["tokens"],
-                   **{f"val_{k}": v for k, v in val_extra.items()}}
-        best = state["best_val"]
-        if step > 0 and math.isfinite(loss) and (not best or loss < best[1]):
-            state["best_val"] = [step, loss]
-            if eval.save_best and fabric.global_rank == 0:
-                methods.save_adapter_folder(model, spec, config, checkpoint_dir, out_dir / "best")
-            fabric.barrier()
-        if state["best_val"]:
-            metrics["best_val_loss"] = state["best_val"][1]
-        fabric.log_dict(metrics, step=step)
-        return loss
-
-    if state["step"] == 0 and eval.initial:
-        loss = run_validation(0)
-        fabric.print(f"validation loss before training: {loss:.4f}{_format_metrics(val_extra)}")
-
-    status = "completed"
-    train_iter = iter(train_loader)
-    progress = tqdm(total=total_steps, initial=state["step"], unit="step", disable=fabric.global_rank != 0,
-                    dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
-    window_start, window_tokens = time.perf_counter(), 0
-    keeper = GoodCheckpoint(checkpoint_path, state["step"] if resume else None, is_main=fabric.global_rank == 0)
-
-    def save(step: int) -> None:
-        save_resumable(fabric, state, scheduler, checkpoint_path, spec, model, keep_previous=keeper.previous)
-        keeper.written(step)
-
-    def not_finite(what: str) -> LossNotFinite:
-        keeper.diverged()
-        return LossNotFinite(f"{what}{keeper.describe()}. Lower train.learning_rate, keep train.max_grad_norm set, "
-                             "or check the data.")
-
-    with StopRequest() as stop:
-        try:
-            while state["step"] < total_steps:
-                step_start = time.perf_counter()
-                step_loss, step_tokens = torch.zeros((), device=fabric.device), 0
-                for micro in range(accum):
-                    batch = next(train_iter)
-                    with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                        loss, _ = objective.forward_loss(model, batch, train.loss, fabric.autocast)
-                        fabric.backward(loss / accum)
-                    step_loss += loss.detach() / accum
-                    # processed positions, padding included: that is the compute the step paid for
-                    step_tokens += batch["input_ids"].numel()
-                step_loss_value = float(fabric.all_reduce(step_loss, reduce_op="mean"))
-                if not math.isfinite(step_loss_value):
-                    raise not_finite(f"the training loss became {step_loss_value} at step {state['step'] + 1}; "
-                                     "no update was applied")
-                keeper.step_was_finite()
-                grad_norm = gradient_norm(fabric, model, optimizer, trainable, train.max_grad_norm)
-                if not math.isfinite(grad_norm):
-                    raise not_finite(f"the gradients became non-finite (norm {grad_norm}) at step "
-                                     f"{state['step'] + 1}; no update was applied")
-                try:
-                    optimizer.step()
-                except RuntimeError as err:  # torch's AdamW cannot even form an update that large
-                    if "overflow" not in str(err):
-                        raise
-                    raise not_finite(f"the optimizer's update overflowed at step {state['step'] + 1} "
-                                     f"(train.learning_rate={train.learning_rate:g})") from None
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state["step"] += 1
-                # counted per step, not per log window: validation rows and checkpoints between logs see them
-                state["tokens"] += step_tokens * fabric.world_size
-                window_tokens += step_tokens
-                state["train_time"] += time.perf_counter() - step_start
-                state["train_losses"].append((state["step"], step_loss_value))
-                step = state["step"]
-                progress.update(1)
-                if step % train.log_interval == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_s = window_tokens * fabric.world_size / max(elapsed, 1e-9)
-                    window_start, window_tokens = time.perf_counter(), 0
-                    metrics = {"train_loss": step_loss_value, "learning_rate": scheduler.get_last_lr()[0],
-                               "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-                               "peak_memory_gb": peak_memory_gb(fabric.device),
-                               "epoch": step / max(steps_per_epoch, 1), "step": step, "tokens": state["tokens"]}
-                    metrics.update({f"train_{k}": v for k, v in objective.metrics(fabric, "train").items()})
-                    fabric.log_dict(metrics, step=step)
-                    progress.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                if step % eval.interval == 0 and step != total_steps:
-                    val_loss = run_validation(step)
-                    progress.write(f"step {step}: validation loss {val_loss:.4f}{_format_metrics(val_extra)}")
-                if train.save_interval and step % train.save_interval == 0:
-                    save(step)
-                if stop.signal is not None:
-                    status = "interrupted"
-                    break
-            progress.close()
-            if status == "completed":
-                run_validation(state["step"])
-            save(state["step"])
-            if status == "completed":
-                check_finite(model, spec, f"after step {state['step']}", not_finite)
-                if fabric.global_rank == 0:  # the ranks hold the same tensors; one writes them
-                    methods.save_adapter_folder(model, spec, config, checkpoint_dir, out_dir / "final")
-                fabric.barrier()
-            keeper.finish()
-        except KeyboardInterrupt:  # a second SIGINT/SIGTERM while stopping: say what is on disk
-            progress.close()
-            newest = keeper.pending if keeper.pending is not None else keeper.good
-            left = (f"{checkpoint_path} is the complete checkpoint of step {newest}" if newest is not None
-                    else "no checkpoint was written")
-            print(f"\nstopped again during shutdown: {left} (checkpoints are written atomically, so it is whole); "
-                  "final/ was not written", file=sys.stderr)
-            raise SystemExit(130) from None
-        finally:
-            progress.close()  # before any error line, so it does not land on the bar's line
-    result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
-    answers = (answer_prompts(fabric, model, checkpoint_dir, eval.prompts, eval.prompt_max_new_tokens,
-                              state["step"], out_dir, objective) if status == "completed" else [])
-    record.finish(result, answers, out_dir)
-    summary = logger_summary(fabric.logger)
-    fabric.logger.finalize("success" if status == "completed" else "aborted")
-    close_logger(fabric.logger)
-    if summary and fabric.global_rank == 0:
-        fabric.print(summary)
-    if status == "interrupted":
-        fabric.print(f"stopped at step {state['step']}; resume with the same command and --resume true")
-        raise SystemExit(130)
-    return result
-
-
-def _format_metrics(metrics: Dict[str, float]) -> str:
-    return "".join(f", {name} {value:.4f}" for name, value in metrics.items())
-
-
-@torch.no_grad()
-def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cross_entropy",
-             objective: Optional[Objective] = None) -> float:
-    """Token-weighted mean validation loss (each target token counts once, whatever its batch; each item of the
-    objective's, e.g. each example or pair, for other objectives).
-
-    A transient progress bar shows it: a full Dolly validation split is minutes of work on a small machine.
-    """
-    from tqdm import tqdm
-
-    objective = resolve_objective(objective)
-    model.eval()
-    total, count = torch.zeros((), device=fabric.device, dtype=torch.float64), 0
-    batches = len(loader) if max_batches is None else min(len(loader), max_batches)
-    bar = tqdm(total=batches, desc="validation", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
-               disable=fabric.global_rank != 0, mininterval=0.5)
-    for i, batch in enumerate(loader):
-        if i >= batches:
-            break
-        value, n = objective.forward_loss(model, batch, loss, fabric.autocast)
-        total += value.double() * n
-        count += n
-        bar.update(1)
-    bar.close()
-    model.train()
-    total = fabric.all_reduce(total, reduce_op="sum")
-    count = fabric.all_reduce(torch.tensor(count, device=fabric.device), reduce_op="sum")
-    return float(total / count.clamp(min=1))
-
-
-def save_resumable(fabric, state: Dict[str, Any], scheduler, path: Path, spec, model=None,
-                   keep_previous: Optional[Path] = None) -> None:
-    """Writes the trainable tensors, optimizer, scheduler, step and RNG atomically (temp file + rename).
-
-    Refuses non-finite tensors (so the newest checkpoint is always one to resume from) and turns a failed write
-    (a full disk) into one line; the previous checkpoint is left as it was in both cases.
-    """
-    if model is not None:
-        check_finite(model, spec, f"after step {state['step']}", LossNotFinite)
-    state["scheduler"] = scheduler.state_dict()
-    state["rng"] = torch.get_rng_state()
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        fabric.save(tmp, state, filter={"model": methods.trainable_filter(spec)})
-    except (OSError, RuntimeError) as err:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        raise UserError(f"could not write the checkpoint {path}: {reason}; the previous checkpoint is unchanged") from None
-    fabric.barrier()
-    if fabric.global_rank == 0:
-        if keep_previous is not None and path.exists():
-            os.replace(path, keep_previous)  # until the new one has proven itself (guards.GoodCheckpoint)
-        os.replace(tmp, path)
-
-
-def _resume(fabric, state, scheduler, path: Path, model, spec) -> None:
-    if not path.exists():
-        raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
-    # what save_resumable wrote: the filtered state dict, in which a tied head appears under both of its names
-    keep = methods.trainable_filter(spec)
-    expected = {n: t for n, t in methods.unwrap(model).state_dict(keep_vars=True).items() if keep(n, t)}
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated, crafted (weights_only refuses code) or not a checkpoint at all
-        raise UserError(f"--resume: cannot read {path} ({type(err).__name__}: "
-                        f"{(str(err).strip().splitlines() or [''])[0][:200]}); it is not a complete checkpoint") from None
-    tensors = saved.get("model") if isinstance(saved, dict) else None
-    missing_fields = [k for k in ("model", "optimizer", "step", "scheduler", "rng") if not isinstance(saved, dict)
-                      or k not in saved]
-    if missing_fields or not isinstance(tensors, dict):
-        raise UserError(f"--resume: {path} is not a checkpoint of this trainer (missing {', '.join(missing_fields) or 'model'})")
-    check_keys(expected, tensors, f"--resume: {path} does not fit this run's {spec.describe()}")
-    del saved, tensors
-    try:
-        remainder = fabric.load(path, state, strict=False, weights_only=True)
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as err:  # e.g. optimizer state of another method
-        raise UserError(f"--resume: {path} does not fit this run ({type(err).__name__}: "
-                        f"{(str(err).strip().splitlines() or [''])[0][:200]})") from None
-    for key in remainder:
-        state[key] = remainder[key]
-    fabric.print(f"resumed from {path} at step {state['step']}")
-
-
+    return train_loader, val_loader

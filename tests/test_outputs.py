@@ -34,11 +34,12 @@ def test_best_holds_the_lowest_validation_loss_after_step_0(tmp_path, stories_ch
 
 def test_best_is_tracked_at_every_validation(tmp_path, stories_checkpoint, instruction_data, monkeypatch):
     """With validations at steps 2, 4 and 6, best/ follows the lowest one, not the last."""
+    import lit_adapter.trainer as trainer
     import lit_adapter.training as training
 
     losses = iter([5.0, 3.0, 4.0, 4.5])  # steps 0, 2, 4 and the final one at 6
 
-    monkeypatch.setattr(training, "validate", lambda *args, **kwargs: next(losses))
+    monkeypatch.setattr(trainer, "validate", lambda *args, **kwargs: next(losses))  # what Trainer.validate calls
     saved = []
     original = training.methods.save_adapter_folder
     monkeypatch.setattr(training.methods, "save_adapter_folder",

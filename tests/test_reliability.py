@@ -295,7 +295,9 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_previous_check
 
 def test_a_second_signal_during_the_final_save_says_what_is_on_disk(tmp_path, stories_checkpoint, instruction_data,
                                                                      monkeypatch, capsys):
-    original = training.save_resumable
+    from lit_adapter import trainer
+
+    original = trainer.save_resumable  # what Trainer.save calls
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -304,7 +306,7 @@ def test_a_second_signal_during_the_final_save_says_what_is_on_disk(tmp_path, st
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(training, "save_resumable", interrupted)
+    monkeypatch.setattr(trainer, "save_resumable", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         run(tmp_path, stories_checkpoint, instruction_data, steps=3, save_interval=2, method="lora")
     assert exit_info.value.code == 130

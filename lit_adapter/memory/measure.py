@@ -1,14 +1,15 @@
 """Measurements that check the estimate: a training step on random weights, its peak, and autograd's saved set.
 
-:func:`measure_step` runs the engine's step (:func:`lit_adapter.losses.forward_loss`, backward, clipping, the
-optimizer) on random weights and measures the estimator's quantity: on CUDA the allocator's peak, on CPU the
-peak of live bytes that the c10 CPU allocator reports to the profiler (:class:`AllocatorPeak`), next to the
-process's peak resident set size. :func:`measure_in_subprocess` runs it in a fresh process
+:func:`measure_step` runs the engine's step (:meth:`lit_adapter.trainer.Trainer.step`, the step a run executes:
+forward and loss, backward, the finite checks, clipping, the optimizer) on random weights and measures the
+estimator's quantity: on CUDA the allocator's peak, on CPU the peak of live bytes that the c10 CPU allocator
+reports to the profiler (:class:`AllocatorPeak`), next to the process's peak resident set size. :func:`measure_in_subprocess` runs it in a fresh process
 (``python -m lit_adapter.memory '<cell json>'``), so running out of memory is a result, not a crash.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -24,13 +25,14 @@ import torch.nn as nn
 
 from lit_adapter.attention import AttentionConfig
 from lit_adapter.config import Config
-from lit_adapter.errors import UserError, looks_like_out_of_memory
-from lit_adapter.losses import LOSSES, forward_loss, loss_fn
+from lit_adapter.errors import UserError, is_out_of_memory
+from lit_adapter.losses import LOSSES, loss_fn
 from lit_adapter.memory.saved import GB, OPTIMIZERS, precision_dtype
 from lit_adapter.methods import MethodSpec, build_model, mark_trainable, unquantized
 from lit_adapter.optim import build_optimizer
 from lit_adapter.quantize import quantize_linears
 from lit_adapter.tuners.base import initialize_tuner_layers
+from lit_adapter.trainer import Trainer, method_optimizer
 
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -271,12 +273,16 @@ def build_random_model(cell: Cell, device: torch.device) -> nn.Module:
 
 
 def measure_step(cell: Cell) -> Dict[str, Any]:
-    """Runs ``cell.steps`` + ``cell.timed_steps`` optimizer steps of the engine's loop on random weights.
+    """Runs ``cell.steps`` + ``cell.timed_steps`` optimizer steps of the engine's loop on random weights: the model
+    and optimizer set up by Fabric as a run's are, and :meth:`lit_adapter.trainer.Trainer.step`, the step a run
+    executes.
 
     Returns peak memory (CUDA: the allocator's peak allocated and peak reserved bytes; on CPU the allocator peak over
     the training steps and the process's peak resident size, raw and net of the baseline after imports), step times
     and tokens/s.
     """
+    from lit_adapter.fabric_setup import make_fabric  # imports Lightning
+
     if cell.threads:
         torch.set_num_threads(cell.threads)
     device = torch.device(cell.device)
@@ -287,21 +293,16 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
     if cell.loss not in LOSSES:
         raise UserError(f"unknown loss {cell.loss!r}; choose one of {', '.join(LOSSES)}")
     step_times: List[float] = []
+    result = None
 
-    def step(model, optimizer, trainable, batch):
-        nonlocal loss
+    def step(trainer: Trainer) -> float:
+        nonlocal result
         t0 = time.perf_counter()
-        # exactly the engine's micro-step with accum = 1: only the loss outlives forward_loss
-        loss = forward_loss(model, batch, batch, cell.loss)[0]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = trainer.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    loss = None
     if tracker is not None:
         tracker.__enter__()
     if cell.memory_limit_gb is not None:  # after the profiler's own imports, which need address space too
@@ -312,11 +313,17 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
         model.gradient_checkpointing = cell.activation_checkpointing
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(trainable, cell.optimizer)
+        optimizer = make_optimizer(trainable, cell.optimizer, model=model, spec=cell.spec())
+        fabric = make_fabric(device.type, [device.index] if device.index is not None else 1,
+                             precision=cell.precision)
+        model, optimizer = fabric.setup(model, optimizer)
         config = cell.config()
         generator = torch.Generator().manual_seed(cell.seed)
         batch = torch.randint(0, config.vocab_size, (cell.micro_batch_size, cell.seq_len), generator=generator)
         batch = batch.to(device)
+        # next-token targets of the batch itself; one micro-batch per step
+        trainer = Trainer(fabric, model, optimizer, itertools.repeat({"input_ids": batch, "labels": batch}),
+                          loss=cell.loss, max_grad_norm=1.0, trainable=trainable)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # max_memory_reserved then starts from the live tensors, not the build's cache
@@ -325,35 +332,35 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
             tracker.mark()
         with _sdpa_backend(cell.sdpa):
             for _ in range(cell.steps):
-                step_times.append(step(model, optimizer, trainable, batch))
+                step_times.append(step(trainer))
     finally:
         if tracker is not None:
             tracker.__exit__(*sys.exc_info())
     with _sdpa_backend(cell.sdpa):
         for _ in range(cell.timed_steps):
-            step_times.append(step(model, optimizer, trainable, batch))
+            step_times.append(step(trainer))
     timed = step_times[cell.steps:] or step_times[1:] or step_times
     step_time = statistics.median(timed)
-    result = {
+    out = {
         "status": "ok",
         "step_time_s": step_time,
         "tokens_per_s": cell.micro_batch_size * cell.seq_len / step_time,
-        "loss": loss.item(),
+        "loss": result.loss,
         "trainable_params": sum(p.numel() for p in trainable),
         "rss_baseline_bytes": rss_baseline,
         "rss_peak_bytes": peak_rss_bytes(),
         "threads": torch.get_num_threads(),
     }
-    result["rss_net_bytes"] = result["rss_peak_bytes"] - rss_baseline
+    out["rss_net_bytes"] = out["rss_peak_bytes"] - rss_baseline
     if device.type == "cuda":
-        result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        result["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
-        result["device_name"] = torch.cuda.get_device_name(device)
-        result["peak_kind"] = "cuda_max_memory_allocated"
+        out["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        out["device_name"] = torch.cuda.get_device_name(device)
+        out["peak_kind"] = "cuda_max_memory_allocated"
     else:
-        result["peak_bytes"] = tracker.peak_bytes
-        result["peak_kind"] = "cpu_allocator_peak"
-    return result
+        out["peak_bytes"] = tracker.peak_bytes
+        out["peak_kind"] = "cpu_allocator_peak"
+    return out
 
 
 def _sdpa_backend(sdpa: str):
@@ -365,11 +372,16 @@ def _sdpa_backend(sdpa: str):
     return sdpa_kernel(SDPBackend.MATH) if sdpa == "math" else contextlib.nullcontext()
 
 
-def make_optimizer(trainable: List[nn.Parameter], name: str) -> torch.optim.Optimizer:
-    """The engine's optimizer (its state's size does not depend on the learning rate)."""
+def make_optimizer(trainable: List[nn.Parameter], name: str, model: Optional[nn.Module] = None,
+                   spec: Optional[MethodSpec] = None) -> torch.optim.Optimizer:
+    """The engine's optimizer (its state's size does not depend on the learning rate): over the method's parameter
+    groups (``trainer.method_optimizer``) given ``model`` and ``spec``, else over ``trainable`` in one group."""
     if name not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    return build_optimizer(trainable, name, lr=1e-3, weight_decay=0.02, betas=(0.9, 0.95))
+    settings = dict(lr=1e-3, weight_decay=0.02, betas=(0.9, 0.95))
+    if model is not None and spec is not None:
+        return method_optimizer(model, spec, name, **settings)
+    return build_optimizer(trainable, name, **settings)
 
 
 def measure_in_subprocess(cell: Cell, timeout_s: float = 600.0) -> Dict[str, Any]:
@@ -412,13 +424,6 @@ def _address_space_bytes() -> int:
     raise RuntimeError("no VmSize in /proc/self/status")
 
 
-def _is_oom(err: BaseException) -> bool:
-    # CPU allocation failures surface as RuntimeError ("DefaultCPUAllocator: can't allocate memory")
-    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(err, RuntimeError) and looks_like_out_of_memory(str(err))
-    )
-
-
 def _child_main(argv: List[str]) -> None:
     cell = Cell(**json.loads(argv[0]))
     try:
@@ -426,7 +431,7 @@ def _child_main(argv: List[str]) -> None:
     except UserError as err:
         result = {"status": f"error: {err}"}
     except Exception as err:  # noqa: BLE001 - an OOM is a result; anything else is reported with its message
-        if not _is_oom(err):
+        if not is_out_of_memory(err):
             raise
         result = {"status": "oom", "error": (str(err).splitlines() or [type(err).__name__])[0][:300]}
     print("RESULT " + json.dumps(result), flush=True)

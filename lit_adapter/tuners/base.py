@@ -17,6 +17,7 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
   the resumable checkpoint keeps, and which of those tensors the method adds to the base (:meth:`Method.is_added`:
   they are initialised, not loaded);
 * what ``final/`` stores: the trained tensors only, or (``final_is_checkpoint``) a whole checkpoint folder;
+* its optimizer parameter groups (:meth:`Method.param_groups`; by default one group of every trainable tensor);
 * its terms for the memory estimator (:meth:`Method.memory_terms`, a
   :class:`~lit_adapter.memory.terms.MemoryTerms` that the estimator's walk asks at every linear, attention and
   sublayer output);
@@ -292,19 +293,22 @@ class Method:
         training context of real tokens is ``block_size`` minus these."""
         return 0
 
+    def param_groups(self, model: nn.Module, settings: Any, learning_rate: float,
+                     weight_decay: float) -> List[Dict[str, Any]]:
+        """The optimizer's parameter groups for ``model`` (the method attached, its trainable tensors marked with
+        ``requires_grad``): a list of dicts as ``torch.optim.Optimizer`` takes them, each with ``params`` and any of
+        ``lr`` and ``weight_decay`` that differ from the run's ``learning_rate`` (``--train.learning_rate``, the
+        peak the schedule scales) and ``weight_decay``. The training loop, the throughput benchmark and the memory
+        measurement build their optimizer from it (``trainer.method_optimizer``), so a method with its own rates
+        (LoRA+: B at ``ratio x learning_rate``) needs no special case in the loop. Every trainable tensor must be
+        in exactly one group. The default is one group of all of them, in ``model.parameters()`` order."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": trainable, "lr": learning_rate, "weight_decay": weight_decay}]
+
     def memory_terms(self, settings: Any) -> MemoryTerms:
         """What the memory estimator needs to know of this method under ``settings``: which base tensors train and
         what the method's own ops keep for backward (a subclass of :class:`MemoryTerms` in the method's module)."""
         raise NotImplementedError(f"{self.name} declares no memory terms")
-
-    def param_groups(self, model: nn.Module, settings: Any, learning_rate: float,
-                     weight_decay: float) -> List[Dict[str, Any]]:
-        """The optimizer's parameter groups (``torch.optim`` dicts: ``params`` and optionally ``lr`` and
-        ``weight_decay``) over the trainable parameters of ``model``. By default one group of every parameter that
-        requires a gradient, at the run's learning rate and weight decay; a method whose tensors learn at different
-        rates (LoRA+: ``B`` faster than ``A``) returns several, so the training loop needs no special case."""
-        params = [p for p in model.parameters() if p.requires_grad]
-        return [{"params": params, "lr": learning_rate, "weight_decay": weight_decay}]
 
     def prepare_for_inference(self, model: nn.Module) -> None:
         """Called once the trained tensors are loaded, before evaluation or generation."""

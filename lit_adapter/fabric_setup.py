@@ -1,0 +1,40 @@
+"""The Lightning Fabric a run trains in, built one way for the training loop, the throughput benchmark and the
+memory measurement, so that all three run the same step.
+
+Why not plain ``Fabric(precision=...)``: under ``bf16-true`` / ``16-true`` Fabric casts every floating output of
+the model to float32 (``HalfPrecision.convert_output``). For our model that output is the ``(B, T, vocab)`` logits,
+so each step held a float32 copy of them that the losses are written to avoid (``--train.loss chunked`` upcasts
+256 positions at a time), and under ``chunked_head`` the float32 hidden states then met the bf16 head outside the
+forward and the step failed (``expected m1 and m2 to have the same dtype``). Every consumer of the outputs upcasts
+what it needs itself (the losses, DPO's ``sequence_logps``, the classification loss), and a bf16 -> float32 cast
+is exact, so keeping the model's dtype changes no number, only the memory. FSDP keeps Fabric's own precision
+plugin (it must be an ``FSDPPrecision``). This module imports Lightning, so callers import it where they build the
+Fabric, not at the top of modules the command line's ``--help`` loads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+from lightning.fabric import Fabric
+from lightning.fabric.plugins.precision import HalfPrecision
+
+HALF_TRUE = ("bf16-true", "16-true")
+
+
+class HalfPrecisionKeepingOutputs(HalfPrecision):
+    """Fabric's ``*-true`` half precision, except that the model's outputs stay in the model's dtype."""
+
+    def convert_output(self, data: Any) -> Any:
+        return data
+
+
+def make_fabric(accelerator: str = "auto", devices: Union[int, Sequence[int]] = 1, strategy: str = "auto",
+                precision: str = "32-true", loggers: Sequence[Any] = ()) -> Fabric:
+    """``Fabric(accelerator, devices, strategy, precision, loggers)``, half ``*-true`` precisions keeping the model's
+    outputs in their dtype (see the module's docstring)."""
+    if precision in HALF_TRUE and strategy != "fsdp":
+        return Fabric(accelerator=accelerator, devices=devices, strategy=strategy,
+                      plugins=[HalfPrecisionKeepingOutputs(precision)], loggers=list(loggers))
+    return Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
+                  loggers=list(loggers))
