@@ -32,30 +32,29 @@ from lit_adapter.heads import HeadSpec, attach_head, is_head_tensor
 from lit_adapter.model import GPT, num_parameters
 from lit_adapter.quantize import QUANTIZE_MODES, _default_skip, quantize_linears
 from lit_adapter.tokenizer import tokenizer_files
-from lit_adapter.tuners import (
-    adapter, adapter_v2, bitfit, bottleneck, dora, full, ia3, lora, loraplus, olora, p_tuning, pissa, prefix_tuning,
-    prompt_tuning, rslora,
-)
 from lit_adapter.tuners.base import Method, initialize_tuner_layers
 
-REGISTRY: Dict[str, Method] = {m.name: m for m in (
-    adapter.METHOD,
-    adapter_v2.METHOD,
-    lora.METHOD,
-    dora.METHOD,
-    rslora.METHOD,
-    pissa.METHOD,
-    olora.METHOD,
-    loraplus.METHOD,
-    full.METHOD,
-    ia3.METHOD,
-    bitfit.METHOD,
-    bottleneck.HOULSBY,
-    bottleneck.PFEIFFER,
-    prompt_tuning.METHOD,
-    p_tuning.METHOD,
-    prefix_tuning.METHOD,
-)}
+
+def discover_methods() -> Dict[str, Method]:
+    """Every :class:`Method` instance a module under ``lit_adapter/tuners/`` defines at its top level (its
+    ``METHOD``, or several: bottleneck's ``HOULSBY`` and ``PFEIFFER``), by name in alphabetical order. Adding a
+    method is writing its module: no list here to extend."""
+    import importlib
+    import pkgutil
+
+    from lit_adapter import tuners
+
+    found: Dict[str, Method] = {}
+    for info in sorted(pkgutil.iter_modules(tuners.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{tuners.__name__}.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, Method):
+                if found.setdefault(value.name, value) is not value:
+                    raise RuntimeError(f"two methods are named {value.name!r}: {found[value.name]!r}, {value!r}")
+    return dict(sorted(found.items()))
+
+
+REGISTRY: Dict[str, Method] = discover_methods()
 METHODS = tuple(REGISTRY)
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"

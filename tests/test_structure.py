@@ -101,11 +101,25 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 def test_the_import_graph_sees_imports_inside_functions():
     graph = import_graph()
-    # lit_adapter.methods imports the method modules at the top and nothing imports the loop lazily from them
-    assert {"lit_adapter.tuners.lora", "lit_adapter.checkpoint"} <= graph["lit_adapter.methods"]
+    # lit_adapter.methods imports the checkpoint helpers at the top, and the tuners package inside
+    # discover_methods; nothing imports the loop lazily from them
+    assert {"lit_adapter.tuners", "lit_adapter.checkpoint"} <= graph["lit_adapter.methods"]
     # training imports the estimator, which imports the losses, not the loop
     assert "lit_adapter.memory.estimate" in graph["lit_adapter.training"]
     assert "lit_adapter.losses" in graph["lit_adapter.memory.estimate"]
+
+
+def test_the_registry_is_every_method_its_modules_define():
+    """Adding a method is writing its module: the registry finds it (no list to extend), and it has its command."""
+    from lit_adapter.methods import discover_methods
+
+    defined = set()
+    for path in sorted((PACKAGE / "tuners").glob("*.py")):
+        module = __import__(f"lit_adapter.tuners.{path.stem}", fromlist=["_"])
+        defined |= {v.name for v in vars(module).values() if isinstance(v, Method)}
+    assert set(discover_methods()) == set(REGISTRY) == defined
+    commands = {p.stem for p in (REPO / "finetune").glob("*.py")} - {"classify", "dpo"}
+    assert commands == defined
 
 
 def test_no_import_cycle():
