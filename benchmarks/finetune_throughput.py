@@ -50,12 +50,12 @@ def _settings(method: str):
 
 def _ours(job: Dict[str, Any]):
     """Our model on random weights (``memory.build_random_model``: what ``methods.prepare_model`` builds) and a
-    :class:`~lit_adapter.trainer.Trainer` around it, set up by Fabric as a run is: its ``step`` is what is timed."""
+    :class:`~lit_adapter.train.trainer.Trainer` around it, set up by Fabric as a run is: its ``step`` is what is timed."""
     import torch
 
-    from lit_adapter.fabric_setup import make_fabric
+    from lit_adapter.train.fabric_setup import make_fabric
     from lit_adapter.memory import Cell, build_random_model
-    from lit_adapter.trainer import Trainer, method_optimizer
+    from lit_adapter.train.trainer import Trainer, method_optimizer
 
     cell = Cell(method=job["method"], model_name=job["size"], seq_len=job["seq_len"],
                 micro_batch_size=job["micro_batch_size"], precision=job["precision"], device=job["device"])
@@ -75,7 +75,7 @@ def _hf(job: Dict[str, Any]):
     from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lit_adapter.config import Config
+    from lit_adapter.model.config import Config
     from lit_adapter.memory import precision_dtype
 
     c = Config.from_name(job["size"])
@@ -240,7 +240,7 @@ def interleaved_worker(job: Dict[str, Any]) -> Dict[str, Any]:
     """
     import torch
 
-    from lit_adapter import flops
+    from lit_adapter.model import flops
 
     torch.set_num_threads(job["threads"])
     names = ["ours", "hf"] + (["ours_compiled", "hf_compiled"] if job.get("compile") else [])
@@ -369,7 +369,7 @@ def main(
     for m in method_list:
         if m not in METHODS:
             raise UserError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    from lit_adapter.config import Config
+    from lit_adapter.model.config import Config
 
     for size in size_list:
         Config.from_name(size)

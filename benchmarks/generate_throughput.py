@@ -30,8 +30,8 @@ def _models(size: str, seed: int):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from hf_oracle import hf_llama
 
-    from lit_adapter.config import Config
-    from lit_adapter.model import GPT
+    from lit_adapter.model.config import Config
+    from lit_adapter.model.gpt import GPT
 
     torch.manual_seed(seed)
     ours = GPT(Config.from_name(size)).eval()
@@ -63,7 +63,7 @@ def main(size: str = "stories15M", prompt_tokens: int = 16, new_tokens: int = 12
     """
     import torch
 
-    from lit_adapter.generate import generate_batch
+    from lit_adapter.generation.decode import generate_batch
     from finetune_throughput import machine
 
     if rounds < 2 or new_tokens < 1 or prompt_tokens < 1:

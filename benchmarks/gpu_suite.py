@@ -420,8 +420,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     budget.run(jobs, gpu_suite_sparse.run, args.cell_timeout_s, report_sparse)
     if args.launcher == "fork":  # imported once by the fork server instead of by every cell
         multiprocessing.get_context("forkserver").set_forkserver_preload(
-            ["torch", "torch.profiler", "lit_adapter.memory", "lit_adapter.training", "lit_adapter.methods",
-             "lit_adapter.fabric_setup", "bitsandbytes"])  # fabric_setup: Lightning, for measure_step's Trainer
+            ["torch", "torch.profiler", "lit_adapter.memory", "lit_adapter.train.run", "lit_adapter.tuners.registry",
+             "lit_adapter.train.fabric_setup", "bitsandbytes"])  # fabric_setup: Lightning, for measure_step's Trainer
     measure = measure_in_subprocess if args.launcher == "spawn" else measure_forked
     budget.run(cells, measure, args.cell_timeout_s, report_cell, kind=lambda cell: cell.quantize)
     state.update(complete=True, wall_s=round(budget.clock() - budget.start, 1))

@@ -1,7 +1,7 @@
 """The sparse-attention part of benchmarks/gpu_suite.py: one context length per child process.
 
 For dense causal SDPA (``F.scaled_dot_product_attention(is_causal=True)``, the baseline) and each pattern of
-``lit_adapter.attention`` with the ``AttentionConfig`` defaults (``AttentionConfig(pattern=...).resolve(T)``,
+``lit_adapter.model.attention`` with the ``AttentionConfig`` defaults (``AttentionConfig(pattern=...).resolve(T)``,
 ``build_attention_kernel(cfg, num_heads=...)``, as benchmarks/sparse_attention.py and tests/test_attention.py build
 them):
 
@@ -44,7 +44,7 @@ def measure(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     import torch
     import torch.nn.functional as F
 
-    from lit_adapter.attention import AttentionConfig, build_attention_kernel
+    from lit_adapter.model.attention import AttentionConfig, build_attention_kernel
     from lit_adapter.memory import AllocatorPeak
 
     device, T = torch.device(job["device"]), job["T"]

@@ -4,7 +4,7 @@ For every context length it measures, with the AttentionConfig defaults (window 
 128 with 16 summary tokens, shifted groups of 1/4 of the context):
 
 * ``dense (SDPA causal)``: ``F.scaled_dot_product_attention(is_causal=True)``, PyTorch's fused flash kernel;
-* each pattern's block-sparse kernel (``lit_adapter.attention``);
+* each pattern's block-sparse kernel (``lit_adapter.model.attention``);
 * each pattern as a dense SDPA with its explicit boolean mask (the test reference, what a mask-only
   implementation would cost).
 
@@ -53,7 +53,7 @@ def run_case(case: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from lit_adapter.attention import AttentionConfig, build_attention_kernel
+    from lit_adapter.model.attention import AttentionConfig, build_attention_kernel
 
     torch.set_num_threads(case["threads"])
     torch.manual_seed(0)

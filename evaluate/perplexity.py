@@ -6,10 +6,10 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lit_adapter.attention import AttentionConfig  # noqa: E402
-from lit_adapter.config import ModelArgs  # noqa: E402
+from lit_adapter.model.attention import AttentionConfig  # noqa: E402
+from lit_adapter.model.config import ModelArgs  # noqa: E402
 from lit_adapter.errors import run_cli  # noqa: E402
-from lit_adapter.quantize import LoadQuantize  # noqa: E402
+from lit_adapter.model.quantize import LoadQuantize  # noqa: E402
 
 
 def main(

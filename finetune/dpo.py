@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lit_adapter.cli import cli  # noqa: E402
-from lit_adapter.dpo import command  # noqa: E402
-from lit_adapter.methods import METHODS  # noqa: E402
+from lit_adapter.cli.finetune import cli  # noqa: E402
+from lit_adapter.train.dpo import command  # noqa: E402
+from lit_adapter.tuners.registry import METHODS  # noqa: E402
 
 commands = {name: command(name) for name in METHODS}
 

@@ -1,6 +1,6 @@
 """Fine-tune a frozen LLaMA with prefix tuning (Li & Liang 2021): trained keys and values in every layer."""
 
-from lit_adapter.cli import cli, make_finetune_command
+from lit_adapter.cli.finetune import cli, make_finetune_command
 
 setup = make_finetune_command("prefix_tuning")
 

@@ -3,7 +3,7 @@
 from jsonargparse import CLI
 
 from lit_adapter.errors import run_cli
-from lit_adapter.generation_cli import instruction_command
+from lit_adapter.cli.generate import instruction_command
 
 if __name__ == "__main__":
     run_cli(CLI, instruction_command("adapter_v2"), as_positional=False)

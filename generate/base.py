@@ -4,8 +4,8 @@ from pathlib import Path
 from typing import List, Literal, Optional
 
 from lit_adapter.errors import run_cli
-from lit_adapter.generation_cli import run_generation
-from lit_adapter.quantize import LoadQuantize
+from lit_adapter.cli.generate import run_generation
+from lit_adapter.model.quantize import LoadQuantize
 
 
 def main(

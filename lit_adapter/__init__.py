@@ -1,0 +1,21 @@
+"""lit-adapter: parameter-efficient fine-tuning research on LLaMA-family models with Lightning Fabric.
+
+The package is laid out by responsibility; a reader coming from nanoGPT, torchtune or PEFT starts here:
+
+* ``model/``: the one model (``gpt.py``: LLaMA, GPT-2, Llama 3 chosen by ``config.Config``), RoPE and its
+  scaling, the sparse attention kernels, classification heads, quantized bnb bases, FLOPs.
+* ``tuners/``: one module per fine-tuning method, each a ``base.Method`` that owns its whole life (settings, how it
+  attaches, what trains and is saved, its fold, its PEFT mapping, its memory terms); ``registry.py`` finds them
+  and builds, loads and saves a run's model (``MethodSpec``, ``prepare_model``, ``save_adapter``,
+  ``load_finetuned``).
+* ``data/``: tokenizers, instruction, text, classification and preference data, the prompt template,
+  truncation, and the training order.
+* ``train/``: the ``Trainer`` (``trainer.py``: ``TrainState``, one optimizer ``step()``), a run's options and
+  setup (``run.py``), objectives, losses, optimizers, guards and start-up checks.
+* ``tracking/``: experiment loggers, the run record, results and summaries.
+* ``generation/``, ``evaluation/``: decoding; perplexity, classification, MMLU, lm-eval.
+* ``grid/``: the comparison grid. ``memory/``: the estimator and its measurements. ``convert/``, ``export/``:
+  checkpoints in and out (HF, PEFT, Meta, llama2.c). ``cli/``: the command lines' shared parts.
+* ``checkpoint.py`` (reading, checking and writing checkpoint folders), ``errors.py`` (one-line user errors),
+  ``runtime.py`` (device, precision and memory readings).
+"""

@@ -20,10 +20,10 @@ from typing import Any, Callable, Container, Dict, List, Mapping, Optional, Tupl
 import torch
 import torch.nn as nn
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.model.gpt import GPT
+from lit_adapter.data.tokenizer import Tokenizer
 
 CONFIG_FILE = "model_config.json"
 WEIGHT_FILES = ("lit_model.safetensors", "lit_model.pth")

@@ -38,13 +38,13 @@ class UserError(Exception):
 def run_cli(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Calls ``main`` and turns a :class:`UserError` into ``error: <message>`` on stderr and exit status 2.
 
-    When ``main`` is jsonargparse's ``CLI``, the command line is parsed by :class:`lit_adapter.parser.OneLineParser`
+    When ``main`` is jsonargparse's ``CLI``, the command line is parsed by :class:`lit_adapter.cli.parser.OneLineParser`
     (argument mistakes are one line too) and dataclass field docstrings become the options' ``--help``.
     """
     if getattr(main, "__module__", "").startswith("jsonargparse"):
         from jsonargparse import set_parsing_settings
 
-        from lit_adapter.parser import OneLineParser
+        from lit_adapter.cli.parser import OneLineParser
 
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
         kwargs.setdefault("parser_class", OneLineParser)

@@ -53,7 +53,7 @@ def compile_blocks(model: torch.nn.Module, dynamic: Optional[bool] = None) -> in
     """``torch.compile`` each transformer block of ``model`` in place (``TrainArgs.compile``); returns how many.
 
     The blocks are compiled, not the whole step: the embedding, the head and the fused loss stay eager (the loss
-    is already one pass, lit_adapter.losses), and the blocks share one compiled graph (same code, same shapes).
+    is already one pass, lit_adapter.train.losses), and the blocks share one compiled graph (same code, same shapes).
     Compilation happens in the first forward and backward (minutes on a small CPU), and again when a new sequence
     length arrives (``dynamic=None``: after the first change torch marks the length dynamic).
     """

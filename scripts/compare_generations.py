@@ -1,7 +1,7 @@
 """Answer the same instructions with a base checkpoint and several fine-tuned ones; write a side-by-side table.
 
 Every model gets the instruction inside the Alpaca template the fine-tuning runs were trained with
-(``lit_adapter.prompts.generate_prompt``), the base included, so the columns differ only in the weights.
+(``lit_adapter.data.prompts.generate_prompt``), the base included, so the columns differ only in the weights.
 """
 
 import sys
@@ -58,10 +58,10 @@ def answer_all(checkpoint_dir: Path, adapter_dir: Optional[Path], records, max_n
                quantize, precision, device, seed) -> Dict:
     import torch
 
-    from lit_adapter.data import InstructionRecord
+    from lit_adapter.data.instructions import InstructionRecord
     from lit_adapter.evaluation import describe_model, load_model
-    from lit_adapter.generate import generate_tokens
-    from lit_adapter.prompts import generate_prompt
+    from lit_adapter.generation.decode import generate_tokens
+    from lit_adapter.data.prompts import generate_prompt
 
     config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device)
     answers, n_tokens, t0 = [], 0, time.perf_counter()

@@ -19,7 +19,7 @@ def main(out: Path, n: int = 1000, seed: int = 0, dolly_dir: Path = None) -> Non
         seed: Seeds the choice of records and of the rejected responses.
         dolly_dir: The folder of Dolly JSON files (default: ../shared/data/dolly beside the checkout).
     """
-    from lit_adapter.dpo import dolly_preferences
+    from lit_adapter.train.dpo import dolly_preferences
     from lit_adapter.evaluation import DEFAULT_DATA_DIR
 
     pairs = dolly_preferences(Path(dolly_dir) if dolly_dir else DEFAULT_DATA_DIR / "dolly", n, seed)

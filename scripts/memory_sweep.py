@@ -68,7 +68,7 @@ def build_cells(model_name: Optional[str], config_overrides: Dict[str, Any], met
                 timed_steps: int, threads: Optional[int], sdpa: str, losses: List[str],
                 rope_scaling: Optional[Dict[str, Any]] = None) -> List[Any]:
     from lit_adapter.memory import LOSSES, Cell, precision_dtype
-    from lit_adapter.methods import get_method
+    from lit_adapter.tuners.registry import get_method
 
     for label in methods:
         if label not in METHOD_LABELS:

@@ -12,7 +12,7 @@ def main(out_dir: Path) -> None:
     Args:
         out_dir: The grid's output folder (its out_dir), holding results.json.
     """
-    from lit_adapter.grid_report import render, rows_from_results
+    from lit_adapter.grid.report import render, rows_from_results
 
     rows, title, meta = rows_from_results(out_dir)
     render(rows, title, meta, Path(out_dir))
@@ -21,6 +21,6 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    from lit_adapter.cli import cli
+    from lit_adapter.cli.finetune import cli
 
     cli(main)

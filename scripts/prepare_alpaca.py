@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import List, Literal, Optional, Union
 
-from lit_adapter.data import prepare
+from lit_adapter.data.instructions import prepare
 from lit_adapter.errors import UserError, run_cli
 
 

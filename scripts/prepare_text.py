@@ -31,7 +31,7 @@ def main(
         max_documents: Read only the first N documents.
         seed: Seed of the document split.
     """
-    from lit_adapter.text_data import prepare_text
+    from lit_adapter.data.text import prepare_text
 
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     prepare_text(destination_path, checkpoint_dir, sources, seq_length=seq_length, val_documents=val_documents,

@@ -37,14 +37,14 @@ def main(
 
     import torch
 
-    from lit_adapter.attention import AttentionConfig
+    from lit_adapter.model.attention import AttentionConfig
     from lit_adapter.convert import convert_llama2c_checkpoint
-    from lit_adapter.data import InstructionRecord, load_prepared, prepare
-    from lit_adapter.generate import generate
-    from lit_adapter.methods import MethodSpec, load_finetuned
-    from lit_adapter.prompts import generate_prompt
-    from lit_adapter.tokenizer import Tokenizer
-    from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
+    from lit_adapter.data.instructions import InstructionRecord, load_prepared, prepare
+    from lit_adapter.generation.decode import generate
+    from lit_adapter.tuners.registry import MethodSpec, load_finetuned
+    from lit_adapter.data.prompts import generate_prompt
+    from lit_adapter.data.tokenizer import Tokenizer
+    from lit_adapter.train.run import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
 
     source = Path(shared_data) / "checkpoints" / "stories260K"
     if not (source / "stories260K.bin").is_file():

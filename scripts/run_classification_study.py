@@ -22,7 +22,7 @@ def main(config: Path, checkpoint_dir: Optional[Path] = None, out_dir: Optional[
         only: Run only the runs with these names.
         timeout_s: Stop a cell after this many seconds and record it as a timeout.
     """
-    from lit_adapter.classification_study import format_table, run_study
+    from lit_adapter.grid.classification_study import format_table, run_study
 
     report = run_study(config, checkpoint_dir, out_dir, only, timeout_s)
     print(format_table(report))

@@ -38,7 +38,7 @@ def main(
     with one error line listing the failed cells and a non-zero exit status. Ctrl-C or SIGTERM stops the grid after
     the running cell has written a resumable checkpoint.
     """
-    from lit_adapter.comparison import failed_cells, grid_cells, load_grid, run_grid
+    from lit_adapter.grid.runner import failed_cells, grid_cells, load_grid, run_grid
 
     overrides = dict(overrides or {})
     if checkpoint_dir is not None:
@@ -47,7 +47,7 @@ def main(
         overrides["out_dir"] = str(out_dir)
     grid = load_grid(config, overrides)
     if print_cells or dry_run:
-        from lit_adapter.grid_listing import list_cells
+        from lit_adapter.grid.listing import list_cells
 
         print(list_cells(grid, grid_cells(grid, only), dry_run=dry_run, model_name=model_name))
         return
@@ -84,8 +84,8 @@ def parse_args(argv=None):
     # grid file.
     from jsonargparse import ArgumentParser
 
-    from lit_adapter.grid_spec import parse_overrides
-    from lit_adapter.parser import OneLineParser
+    from lit_adapter.grid.spec import parse_overrides
+    from lit_adapter.cli.parser import OneLineParser
 
     own, rest = split_overrides(sys.argv[1:] if argv is None else argv)
     parser = OneLineParser(description=inspect.cleandoc(main.__doc__), epilog=OVERRIDES_HELP,

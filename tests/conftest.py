@@ -50,7 +50,7 @@ def stories_checkpoint(stories260k):
 @pytest.fixture(scope="session")
 def instruction_data(tmp_path_factory, stories_checkpoint):
     """400 synthetic instruction records prepared for stories260K (40 for validation): the loop tests' data."""
-    from lit_adapter.data import prepare
+    from lit_adapter.data.instructions import prepare
 
     out = tmp_path_factory.mktemp("synthetic")
     prepare(out, stories_checkpoint, source="synthetic", max_records=400, val_size=40, seed=3, max_seq_length=160,

@@ -1,7 +1,7 @@
 """HF transformers' LlamaForCausalLM on our converted weights: the model HF PEFT wraps as the tests' oracle."""
 
 from lit_adapter.convert import lit_to_hf_state_dict
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 
 
 def hf_llama(base: GPT):

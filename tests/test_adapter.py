@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from lit_adapter import methods
+from lit_adapter.tuners import registry as methods
 from lit_adapter.checkpoint import save_state_dict
 from lit_adapter.tuners.adapter import AdapterConfig
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.methods import MethodSpec, build_model, mark_trainable, trainable_filter
-from lit_adapter.model import GPT, num_parameters
+from lit_adapter.tuners.registry import MethodSpec, build_model, mark_trainable, trainable_filter
+from lit_adapter.model.gpt import GPT, num_parameters
 
 PROMPT_LENGTH, START_LAYER = 3, 1
 

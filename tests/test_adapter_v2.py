@@ -6,15 +6,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_adapter import methods
+from lit_adapter.tuners import registry as methods
 from lit_adapter.checkpoint import save_state_dict, to_model_keys
 from lit_adapter.tuners.adapter import AdapterConfig
 from lit_adapter.tuners.adapter_v2 import AdapterV2Linear
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import lit_to_hf_name
 from lit_adapter.errors import UserError
-from lit_adapter.methods import MethodSpec, build_model, mark_trainable
-from lit_adapter.model import GPT, num_parameters
+from lit_adapter.tuners.registry import MethodSpec, build_model, mark_trainable
+from lit_adapter.model.gpt import GPT, num_parameters
 from test_adapter import (
     LocalWindowKernel, build, checkpoint_dir, naive_adapter_attention, prompt_layers, quantize_attention_nf4,
     set_gates, spec_of, trained_tensors, with_plain_linears,

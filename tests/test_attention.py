@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lit_adapter.tiled_attention as tiled
-from lit_adapter.attention import (
+import lit_adapter.model.tiled_attention as tiled
+from lit_adapter.model.attention import (
     AttentionConfig,
     FixedAttention,
     LocalAttention,
@@ -17,10 +17,10 @@ from lit_adapter.attention import (
     apply_attention,
     build_attention_kernel,
 )
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.memory import AllocatorPeak
-from lit_adapter.model import GPT, CausalSelfAttention
+from lit_adapter.model.gpt import GPT, CausalSelfAttention
 from test_adapter import build as build_adapter, set_gates
 
 NH = 4  # query heads in the kernel tests

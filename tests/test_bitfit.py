@@ -13,10 +13,10 @@ from test_model import hf_reference
 from test_scripts import load_setup
 
 from lit_adapter.checkpoint import save_state_dict
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import lit_to_hf_name
-from lit_adapter.methods import MethodSpec, build_model, format_share, mark_trainable, prepare_model
-from lit_adapter.model import GPT
+from lit_adapter.tuners.registry import MethodSpec, build_model, format_share, mark_trainable, prepare_model
+from lit_adapter.model.gpt import GPT
 from lit_adapter.tuners.bitfit import BitFitConfig, BitFitLinear
 from lit_adapter.tuners.wrapping import wrapped_layers
 

@@ -24,14 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_adapter.attention import AttentionConfig
-from lit_adapter.config import Config
+from lit_adapter.model.attention import AttentionConfig
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.memory import (
     Cell, build_random_model, estimate_memory, measure_saved_activations, measure_step, saved_activations,
 )
-from lit_adapter.methods import MethodSpec, build_model, dry_run, mark_trainable
-from lit_adapter.model import GPT
+from lit_adapter.tuners.registry import MethodSpec, build_model, dry_run, mark_trainable
+from lit_adapter.model.gpt import GPT
 from lit_adapter.tuners.bottleneck import BottleneckAdapter, BottleneckConfig, HoulsbyConfig, PfeifferConfig
 from lit_adapter.tuners.base import tuner_layers
 

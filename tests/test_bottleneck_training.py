@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_adapter import methods
-from lit_adapter.config import Config
-from lit_adapter.methods import MethodSpec, load_finetuned, prepare_model
+from lit_adapter.tuners import registry as methods
+from lit_adapter.model.config import Config
+from lit_adapter.tuners.registry import MethodSpec, load_finetuned, prepare_model
 from lit_adapter.tuners.bottleneck import BottleneckAdapter, HoulsbyConfig, PfeifferConfig
 from lit_adapter.tuners.base import tuner_layers
 

@@ -15,9 +15,9 @@ from lit_adapter.checkpoint import (
     save_state_dict,
     to_model_keys,
 )
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 
 
 def random_model(name="tiny", **overrides) -> GPT:

@@ -18,7 +18,7 @@ from lit_adapter.evaluation import load_model
 from lit_adapter.evaluation.classification import (
     Example, build_prompt, evaluate_classification, load_nli_file, load_sentiment, parse_label, run_classification,
 )
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,11 +278,11 @@ def _compare_generations_module():
 
 def test_compare_generations_table(stories260k, tmp_path):
     from lit_adapter.tuners.adapter import AdapterConfig
-    from lit_adapter.config import Config
-    from lit_adapter.data import InstructionRecord
-    from lit_adapter.generate import generate
-    from lit_adapter.methods import MethodSpec, prepare_model, save_adapter
-    from lit_adapter.prompts import generate_prompt
+    from lit_adapter.model.config import Config
+    from lit_adapter.data.instructions import InstructionRecord
+    from lit_adapter.generation.decode import generate
+    from lit_adapter.tuners.registry import MethodSpec, prepare_model, save_adapter
+    from lit_adapter.data.prompts import generate_prompt
 
     # a fine-tuned adapter whose gates and prompts are non-zero, so that it answers differently from the base
     spec = MethodSpec("adapter", AdapterConfig(prompt_length=4, start_layer=1))

@@ -6,10 +6,10 @@ import json
 
 import yaml
 
-from lit_adapter.classification_study import StudySettings, format_table, run_study, write_records
-from lit_adapter.data import prepare
+from lit_adapter.grid.classification_study import StudySettings, format_table, run_study, write_records
+from lit_adapter.data.instructions import prepare
 from lit_adapter.evaluation.classification import build_prompt
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.data.tokenizer import Tokenizer
 
 
 def test_training_prompts_are_the_evaluation_prompts(stories260k, shared_data, tmp_path):

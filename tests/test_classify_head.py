@@ -10,20 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_adapter import methods
-from lit_adapter.classify import (
+from lit_adapter.tuners import registry as methods
+from lit_adapter.train.classification import (
     ClassificationObjective, HeadArgs, confusion_matrix, evaluate_head, finetune_classifier, scores,
     tokenize_examples,
 )
-from lit_adapter.classify_data import ClassifyData, load_splits
-from lit_adapter.config import Config
+from lit_adapter.data.classification import ClassifyData, load_splits
+from lit_adapter.model.config import Config
 from lit_adapter.convert import lit_to_hf_state_dict
 from lit_adapter.errors import UserError
-from lit_adapter.heads import HeadSpec, attach_head, classification_logits, last_token_index
-from lit_adapter.methods import METHODS, MethodSpec
-from lit_adapter.model import GPT
-from lit_adapter.tokenizer import Tokenizer
-from lit_adapter.training import EvalArgs, FabricArgs, LoggerArgs, TrainArgs
+from lit_adapter.model.heads import HeadSpec, attach_head, classification_logits, last_token_index
+from lit_adapter.tuners.registry import METHODS, MethodSpec
+from lit_adapter.model.gpt import GPT
+from lit_adapter.data.tokenizer import Tokenizer
+from lit_adapter.train.run import EvalArgs, FabricArgs, LoggerArgs, TrainArgs
 
 REPO = Path(__file__).resolve().parents[1]
 

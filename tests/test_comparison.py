@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_adapter import comparison
-from lit_adapter.cell_process import ChildResult, _Relay
-from lit_adapter.comparison import grid_cells, load_grid, run_grid
+from lit_adapter.grid import runner as comparison
+from lit_adapter.grid.cell_process import ChildResult, _Relay
+from lit_adapter.grid.runner import grid_cells, load_grid, run_grid
 from lit_adapter.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

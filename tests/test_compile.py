@@ -7,7 +7,7 @@ machine): the test is marked ``slow`` (pytest.ini; CI runs it, ``-m "not slow"``
 import pytest
 import torch
 
-from lit_adapter.losses import forward_loss
+from lit_adapter.train.losses import forward_loss
 from lit_adapter.memory import Cell, build_random_model
 from lit_adapter.runtime import compile_blocks
 

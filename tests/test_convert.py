@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lit_adapter.checkpoint import load_checkpoint_dir, load_state_dict
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import (
     convert_hf_checkpoint,
     convert_llama2c_checkpoint,
@@ -20,8 +20,8 @@ from lit_adapter.convert import (
     lit_to_hf_state_dict,
 )
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT
-from lit_adapter.tokenizer import llama2c_vocab_to_sentencepiece
+from lit_adapter.model.gpt import GPT
+from lit_adapter.data.tokenizer import llama2c_vocab_to_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
 # karpathy/llama2.c test_all.py: stories260K, greedy from BOS (quoted in ../shared/data/README.md)

@@ -13,7 +13,7 @@ from lit_adapter.evaluation.cot import (
     load_classification_demos, zero_shot_prompt,
 )
 from lit_adapter.evaluation.mmlu import Question, evaluate_subject_cot, load_mmlu_demos, mmlu_prompt
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.data.tokenizer import Tokenizer
 from test_classification import ScriptedModel
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_adapter import data as data_module
-from lit_adapter.data import (
+from lit_adapter.data import instructions as data_module
+from lit_adapter.data.instructions import (
     IGNORE_INDEX,
     InstructionDataset,
     InstructionRecord,
@@ -22,8 +22,8 @@ from lit_adapter.data import (
     tokenize_record,
 )
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import extract_response, generate_prompt
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.data.prompts import extract_response, generate_prompt
+from lit_adapter.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lit_adapter import methods
-from lit_adapter.config import Config
+from lit_adapter.tuners import registry as methods
+from lit_adapter.model.config import Config
 from lit_adapter.convert import lit_to_hf_name, lit_to_hf_state_dict
-from lit_adapter.dpo import DPOArgs, DPOObjective, dolly_preferences, finetune_dpo, preference_loss, sequence_logps
+from lit_adapter.train.dpo import DPOArgs, DPOObjective, dolly_preferences, finetune_dpo, preference_loss, sequence_logps
 from lit_adapter.errors import UserError
-from lit_adapter.methods import METHODS, MethodSpec
-from lit_adapter.model import GPT
-from lit_adapter.preferences import PreferenceData, load_pairs, tokenize_pair
-from lit_adapter.tokenizer import Tokenizer
-from lit_adapter.training import EvalArgs, FabricArgs, LoggerArgs, TrainArgs
+from lit_adapter.tuners.registry import METHODS, MethodSpec
+from lit_adapter.model.gpt import GPT
+from lit_adapter.data.preferences import PreferenceData, load_pairs, tokenize_pair
+from lit_adapter.data.tokenizer import Tokenizer
+from lit_adapter.train.run import EvalArgs, FabricArgs, LoggerArgs, TrainArgs
 from lit_adapter.tuners.lora import LoRAConfig, LoRALinear
 from lit_adapter.tuners.wrapping import wrapped_layers
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from lit_adapter.checkpoint import load_state_dict
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import convert_hf_checkpoint, write_checkpoint_dir
 from lit_adapter.errors import UserError
 from lit_adapter.export import convert_to_hf
-from lit_adapter.methods import MethodSpec, prepare_model, save_adapter
-from lit_adapter.model import GPT
-from lit_adapter.tokenizer import Tokenizer, llama2c_vocab_to_sentencepiece
+from lit_adapter.tuners.registry import MethodSpec, prepare_model, save_adapter
+from lit_adapter.model.gpt import GPT
+from lit_adapter.data.tokenizer import Tokenizer, llama2c_vocab_to_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
 TEXTS = ["Once upon a time, there was a little girl.", "  two leading spaces", "multiple   spaces\nand a newline",
@@ -320,7 +320,7 @@ def test_a_base_that_does_not_fit_the_run_is_one_line_naming_the_keys(tmp_path, 
 
 
 def test_sparse_attention_is_refused(tmp_path, tok512):
-    from lit_adapter.attention import AttentionConfig
+    from lit_adapter.model.attention import AttentionConfig
 
     base = make_base(tmp_path / "base", tok512)
     final, _ = make_run(tmp_path / "run", base, "lora", attention=AttentionConfig(pattern="local", window=8))
@@ -331,9 +331,9 @@ def test_sparse_attention_is_refused(tmp_path, tok512):
 def test_a_sparse_kernel_answers_for_itself_when_the_structure_is_asked():
     """Behind the run-level refusal above, the kernel module itself says why LLaMA cannot hold it
     (``tuners.base.FoldAnswer``): the exporter lists no attention class."""
-    from lit_adapter.attention import AttentionConfig
+    from lit_adapter.model.attention import AttentionConfig
     from lit_adapter.export.source import inspect_structure
-    from lit_adapter.methods import build_model
+    from lit_adapter.tuners.registry import build_model
 
     spec = MethodSpec("lora", attention=AttentionConfig(pattern="local", window=8))
     with torch.device("meta"):

@@ -105,7 +105,7 @@ def test_methods_peft_cannot_represent_are_one_line_naming_the_method(tmp_path, 
 
 
 def test_sparse_attention_and_a_quantized_training(tmp_path, tok512, capsys):
-    from lit_adapter.attention import AttentionConfig
+    from lit_adapter.model.attention import AttentionConfig
 
     base = make_base(tmp_path / "base", tok512)
     sparse, _ = make_run(tmp_path / "sparse", base, "lora", attention=AttentionConfig(pattern="strided", stride=4))

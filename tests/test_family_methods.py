@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lit_adapter.checkpoint import save_state_dict
-from lit_adapter.config import Config
-from lit_adapter.generate import generate
-from lit_adapter.methods import METHODS, MethodSpec, prepare_model
-from lit_adapter.model import GPT
+from lit_adapter.model.config import Config
+from lit_adapter.generation.decode import generate
+from lit_adapter.tuners.registry import METHODS, MethodSpec, prepare_model
+from lit_adapter.model.gpt import GPT
 
 
 @pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama3"])
@@ -96,9 +96,9 @@ def test_context_truncation_with_byte_level_tokenizers(tmp_path):
     """The context policy cuts the input at a token boundary of GPT-2's and Llama 3's tokenizers too (their
     token_spans are byte offsets; a token may straddle the input's end), and the response stays whole."""
     from family_fixtures import gpt2_tokenizer_dir, llama3_tokenizer_dir
-    from lit_adapter.prompts import InstructionRecord
-    from lit_adapter.tokenizer import Tokenizer
-    from lit_adapter.truncation import encode_record, fit_record
+    from lit_adapter.data.prompts import InstructionRecord
+    from lit_adapter.data.tokenizer import Tokenizer
+    from lit_adapter.data.truncation import encode_record, fit_record
 
     record = InstructionRecord("Summarise the review.", "A long, rambling review: café 😀 " * 30 + "the end.",
                                "Too long.")

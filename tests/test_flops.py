@@ -1,9 +1,9 @@
-"""The MFU arithmetic (lit_adapter.flops) against FLOP counts of the tiny configs worked out by hand."""
+"""The MFU arithmetic (lit_adapter.model.flops) against FLOP counts of the tiny configs worked out by hand."""
 
 import torch
 
-from lit_adapter import flops
-from lit_adapter.config import Config
+from lit_adapter.model import flops
+from lit_adapter.model.config import Config
 
 
 def test_matmul_params_tiny_by_hand():

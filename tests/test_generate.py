@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.generate import generate, sample
-from lit_adapter.model import GPT
+from lit_adapter.generation.decode import generate, sample
+from lit_adapter.model.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_generate_base_command(stories, extra):
 
 def test_adapter_that_does_not_fit_the_base_is_a_clear_error(tmp_path, stories):
     from lit_adapter.tuners.adapter import AdapterConfig
-    from lit_adapter.methods import MethodSpec, build_model, load_finetuned, save_adapter
+    from lit_adapter.tuners.registry import MethodSpec, build_model, load_finetuned, save_adapter
 
     checkpoint_dir, _, _ = stories
     other = Config.from_name("stories260K", n_embd=32, n_head=4, n_query_groups=2)
@@ -103,7 +103,7 @@ def test_adapter_that_does_not_fit_the_base_is_a_clear_error(tmp_path, stories):
 # ---------------------------------------------------------------------------------------------- sampling knobs
 
 def test_top_p_keeps_the_smallest_set_that_reaches_p():
-    from lit_adapter.sampling import top_p_filter
+    from lit_adapter.generation.sampling import top_p_filter
 
     probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
     kept = torch.isfinite(top_p_filter(probs.log(), 0.7))
@@ -119,7 +119,7 @@ def test_sampling_steps_equal_hf_logits_processors():
         RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
     )
 
-    from lit_adapter.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
+    from lit_adapter.generation.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
 
     torch.manual_seed(3)
     logits = torch.randn(4, 50) * 3
@@ -134,7 +134,7 @@ def test_sampling_steps_equal_hf_logits_processors():
 
 
 def test_repetition_penalty_hand_case():
-    from lit_adapter.sampling import apply_repetition_penalty
+    from lit_adapter.generation.sampling import apply_repetition_penalty
 
     logits = torch.tensor([[2.0, -2.0, 1.0]])
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
@@ -152,7 +152,7 @@ def test_bad_sampling_settings_are_user_errors():
 # ---------------------------------------------------------------------------------------------- batches, stops, streams
 
 def test_batched_greedy_equals_unbatched_row_by_row():
-    from lit_adapter.generate import generate_batch
+    from lit_adapter.generation.decode import generate_batch
 
     model = GPT(Config.from_name("tiny-gqa")).eval()
     model.init_weights(std=0.2)
@@ -170,8 +170,8 @@ def test_batched_greedy_equals_unbatched_row_by_row():
 
 
 def test_batched_greedy_with_an_adapter_and_the_sparse_fallback(stories):
-    from lit_adapter.attention import AttentionConfig, apply_attention
-    from lit_adapter.generate import generate_batch
+    from lit_adapter.model.attention import AttentionConfig, apply_attention
+    from lit_adapter.generation.decode import generate_batch
 
     _, model, tokenizer = stories
     prompts = [tokenizer.encode(t) for t in ("Once upon a time", "The dog", "Tom and his mom went to the park")]
@@ -186,7 +186,7 @@ def test_batched_greedy_with_an_adapter_and_the_sparse_fallback(stories):
 
 
 def test_stop_strings_cut_the_text_and_streaming_prints_the_same(stories260k, capsys):
-    from lit_adapter.generation_cli import run_generation
+    from lit_adapter.cli.generate import run_generation
 
     common = dict(prompt="Once upon a time", max_new_tokens=40, temperature=0.0, device="cpu")
     full = run_generation(stories260k, stop=None, stream=False, **common)[0]
@@ -212,7 +212,7 @@ def test_the_generate_command_reads_a_prompts_file(stories260k, tmp_path):
 
 def test_the_compiled_decode_step_gives_the_same_tokens():
     """torch.compile of the one-token step (about 30 s of compilation on this CPU, once per process)."""
-    from lit_adapter.generate import generate_batch
+    from lit_adapter.generation.decode import generate_batch
 
     model = GPT(Config.from_name("tiny")).eval()
     model.init_weights(std=0.2)

@@ -12,13 +12,13 @@ import torch
 
 from family_fixtures import TRICKY, gpt2_tokenizer_dir, hf_gpt2
 from lit_adapter.checkpoint import find_weights, load_checkpoint_dir, load_state_dict
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import config_from_hf, convert_hf_checkpoint
 from lit_adapter.errors import UserError
 from lit_adapter.export import convert_to_hf
-from lit_adapter.generate import generate
-from lit_adapter.model import GPT, num_parameters
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.generation.decode import generate
+from lit_adapter.model.gpt import GPT, num_parameters
+from lit_adapter.data.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -146,7 +146,7 @@ def test_perplexity_evaluation_equals_hf(hf_dir, lit_dir, shared_data, tmp_path)
 
 
 def test_chat_without_a_template_is_one_line(lit_dir):
-    from lit_adapter.generation_cli import run_generation
+    from lit_adapter.cli.generate import run_generation
 
     with pytest.raises(UserError, match="has no chat template"):
         run_generation(lit_dir, prompt="Hi", chat=True, device="cpu")

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from family_fixtures import gpt2_tokenizer_dir
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import write_checkpoint_dir
 from lit_adapter.errors import UserError
 from lit_adapter.export import convert_to_hf, export_peft
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 from test_export import _zero_gates, _zero_head_bias, hf_logits, ids, make_run, rel_error
 from test_export_peft import peft_logits
 

@@ -9,10 +9,10 @@ import torch
 import yaml
 
 from family_fixtures import gpt2_tokenizer_dir
-from lit_adapter.classification_study import run_study
-from lit_adapter.config import Config
+from lit_adapter.grid.classification_study import run_study
+from lit_adapter.model.config import Config
 from lit_adapter.convert import write_checkpoint_dir
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt2_lora_rotten_tomatoes.yaml"
 

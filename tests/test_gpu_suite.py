@@ -192,7 +192,7 @@ def test_flops_formula_equals_flop_counter_on_the_math_path():
     from torch.utils.flop_counter import FlopCounterMode
 
     from lit_adapter.memory import Cell, build_random_model
-    from lit_adapter.losses import forward_loss
+    from lit_adapter.train.losses import forward_loss
 
     suite = _suite()
     B, T = 2, 48

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_adapter.comparison import grid_cells, load_grid, run_grid
+from lit_adapter.grid.runner import grid_cells, load_grid, run_grid
 from lit_adapter.errors import UserError
-from lit_adapter.grid_spec import parse_overrides
-from lit_adapter.grid_wandb import run_id
+from lit_adapter.grid.spec import parse_overrides
+from lit_adapter.grid.wandb_runs import run_id
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 160
@@ -184,7 +184,7 @@ def test_miniature_grid_writes_every_result_and_one_wandb_run_per_cell(tmp_path,
 
 
 def test_axes_expand_into_named_cells_and_overrides_reach_every_cell(tmp_path, stories260k, shared_data):
-    from lit_adapter.comparison import cell_config
+    from lit_adapter.grid.runner import cell_config
 
     path = write_grid(tmp_path / "grid.yaml", stories260k, shared_data, tmp_path / "out",
                       quantize=["none", "bnb.int8", "bnb.nf4"],
@@ -240,7 +240,7 @@ def test_a_grid_of_zero_cells_is_refused(tmp_path, stories260k, shared_data):
 
 
 def test_a_cell_whose_seeds_partly_failed_says_so():
-    from lit_adapter.grid_report import markdown
+    from lit_adapter.grid.report import markdown
 
     def row(seed, status, loss=None):
         done = status == "completed"

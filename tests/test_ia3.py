@@ -10,11 +10,11 @@ from test_lora import _dequantized, _quantized, base_model, quantizable_base, re
 from test_model import hf_reference
 from test_scripts import load_setup, run_script
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import lit_to_hf_name
 from lit_adapter.errors import UserError
-from lit_adapter.methods import MethodSpec, build_model, format_share, mark_trainable
-from lit_adapter.model import GPT
+from lit_adapter.tuners.registry import MethodSpec, build_model, format_share, mark_trainable
+from lit_adapter.model.gpt import GPT
 from lit_adapter.tuners.ia3 import IA3_LINEARS, IA3Config, IA3Linear
 from lit_adapter.tuners.wrapping import wrapped_layers
 
@@ -231,7 +231,7 @@ def test_7b_dry_run_counts_and_share(capsys):
 def test_help_documents_the_settings(capsys):
     from jsonargparse import set_parsing_settings
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # as lit_adapter.cli.cli does
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # as lit_adapter.cli.finetune.cli does
     with pytest.raises(SystemExit):
         CLI(load_setup("ia3"), args=["--help"], as_positional=False)
     text = capsys.readouterr().out

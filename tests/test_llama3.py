@@ -12,11 +12,11 @@ import torch
 
 from family_fixtures import TRICKY, hf_llama3, llama3_tokenizer_dir
 from lit_adapter.checkpoint import find_weights, load_checkpoint_dir, load_state_dict
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import convert_hf_checkpoint
 from lit_adapter.export import convert_to_hf
-from lit_adapter.model import GPT, num_parameters
-from lit_adapter.tokenizer import Tokenizer
+from lit_adapter.model.gpt import GPT, num_parameters
+from lit_adapter.data.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,8 +121,8 @@ def test_lora_export_loads_in_peft_with_our_logits(lit_dir, tmp_path):
 
 def test_chat_generation_uses_the_chat_template(lit_dir, capsys):
     from lit_adapter.errors import UserError
-    from lit_adapter.generation_cli import run_generation
-    from lit_adapter.prompts import chat_prompt
+    from lit_adapter.cli.generate import run_generation
+    from lit_adapter.data.prompts import chat_prompt
 
     tok = Tokenizer(lit_dir)
     text = chat_prompt(tok, "Hi", system="Be brief.")

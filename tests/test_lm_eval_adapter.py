@@ -12,11 +12,11 @@ lm_eval = pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from lit_adapter.config import Config  # noqa: E402
+from lit_adapter.model.config import Config  # noqa: E402
 from lit_adapter.convert import lit_to_hf_state_dict, write_checkpoint_dir  # noqa: E402
 from lit_adapter.evaluation import load_model  # noqa: E402
 from lit_adapter.evaluation.lm_eval_adapter import LitAdapterLM  # noqa: E402
-from lit_adapter.model import GPT  # noqa: E402
+from lit_adapter.model.gpt import GPT  # noqa: E402
 
 STORY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw "

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_adapter.config import Config
-from lit_adapter.data import load_prepared
+from lit_adapter.model.config import Config
+from lit_adapter.data.instructions import load_prepared
 from lit_adapter.errors import UserError
 from lit_adapter.memory import Cell, build_random_model, estimate_memory, measure_saved_activations, measure_step
 from lit_adapter.memory import saved_activations
-from lit_adapter.methods import MethodSpec, dry_run, load_finetuned, trainable_filter
-from lit_adapter.text_data import prepare_text
+from lit_adapter.tuners.registry import MethodSpec, dry_run, load_finetuned, trainable_filter
+from lit_adapter.data.text import prepare_text
 from lit_adapter.tuners.adapter import AdapterConfig
 from lit_adapter.tuners.lora import LoRAConfig
 
@@ -68,7 +68,7 @@ def c4_text(stories260k, tmp_path_factory, shared_data):
 
 
 def test_packed_text_is_whole_sequences_of_documents(c4_text, stories260k, shared_data, tmp_path):
-    from lit_adapter.tokenizer import Tokenizer
+    from lit_adapter.data.tokenizer import Tokenizer
 
     train, val, meta = load_prepared(c4_text)
     assert {ex["input_ids"].numel() for ex in train + val} == {1024}

@@ -9,16 +9,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hf_oracle import hf_llama
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import hf_to_lit_state_dict, lit_to_hf_name
 from lit_adapter.errors import UserError
-from lit_adapter.methods import MethodSpec, build_model, get_method, mark_trainable, trainable_filter
+from lit_adapter.tuners.registry import MethodSpec, build_model, get_method, mark_trainable, trainable_filter
 from lit_adapter.tuners.wrapping import wrapped_layers
 from lit_adapter.tuners.lora import (
     LoRAConfig,
     LoRALinear,
 )
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 
 ALL = dict(query=True, key=True, value=True, projection=True, mlp=True, head=True)
 
@@ -416,8 +416,8 @@ def test_trainable_count_on_7b_and_state_dict_round_trip():
 
 def test_lora_on_a_tied_head_keeps_the_tie(stories260k):
     """stories260K ties its head to the embedding; re-tying after loading must reach the wrapped head."""
-    from lit_adapter.config import Config
-    from lit_adapter.methods import MethodSpec, prepare_model
+    from lit_adapter.model.config import Config
+    from lit_adapter.tuners.registry import MethodSpec, prepare_model
 
     config = Config.from_checkpoint_dir(stories260k)
     assert config.tie_embeddings

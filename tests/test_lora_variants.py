@@ -11,13 +11,13 @@ from hf_oracle import hf_llama, peft_param_name
 from jsonargparse import CLI
 from safetensors.torch import load_file
 
-from lit_adapter import methods
-from lit_adapter.config import Config
+from lit_adapter.tuners import registry as methods
+from lit_adapter.model.config import Config
 from lit_adapter.convert import hf_to_lit_state_dict
 from lit_adapter.errors import UserError
-from lit_adapter.methods import MethodSpec, build_model, load_finetuned, mark_trainable, prepare_model
-from lit_adapter.optim import build_optimizer
-from lit_adapter.quantize import dequantized_weight
+from lit_adapter.tuners.registry import MethodSpec, build_model, load_finetuned, mark_trainable, prepare_model
+from lit_adapter.train.optim import build_optimizer
+from lit_adapter.model.quantize import dequantized_weight
 from lit_adapter.tuners.dora import DoRALinear
 from lit_adapter.tuners.lora import LoRALinear
 from test_lora import base_model, quantizable_base, rel_err, tokens
@@ -320,7 +320,7 @@ def test_residual_variants_refuse_peft_export_and_merge_exactly(tmp_path, tok512
 
 
 def test_the_training_loop_builds_loraplus_groups(tmp_path, stories_checkpoint, instruction_data, monkeypatch):
-    from lit_adapter import training
+    from lit_adapter.train import run as training
 
     seen = []
     build = training.build_optimizer
@@ -342,7 +342,7 @@ def test_the_training_loop_builds_loraplus_groups(tmp_path, stories_checkpoint, 
 def test_help_names_the_paper_and_the_settings(capsys, method, option, paper):
     from jsonargparse import set_parsing_settings
 
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # as lit_adapter.cli.cli does
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # as lit_adapter.cli.finetune.cli does
     with pytest.raises(SystemExit):
         CLI(load_setup(method), args=["--help"], as_positional=False)
     text = capsys.readouterr().out
@@ -370,7 +370,7 @@ def test_qdora_matches_peft_on_an_nf4_base():
     import bitsandbytes as bnb
     import peft
 
-    from lit_adapter.quantize import quantize_linears
+    from lit_adapter.model.quantize import quantize_linears
 
     torch.manual_seed(0)
     base = quantizable_base()

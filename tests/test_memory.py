@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.memory import (
     Cell,
@@ -25,8 +25,8 @@ from lit_adapter.memory import (
     quantized_linear_bytes,
     saved_activations,
 )
-from lit_adapter.methods import MethodSpec
-from lit_adapter.losses import chunked_cross_entropy, chunked_loss_fn, loss_fn
+from lit_adapter.tuners.registry import MethodSpec
+from lit_adapter.train.losses import chunked_cross_entropy, chunked_loss_fn, loss_fn
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(name="small", block_size=256, vocab_size=1000, n_layer=3, n_head=4, n_embd=64, intermediate_size=192)
@@ -87,7 +87,7 @@ def test_saved_activations_math_attention(method):
 
 @pytest.mark.parametrize("mode", ["bnb.int8", "bnb.nf4", "bnb.nf4-dq"])
 def test_quantized_weight_bytes_match_bitsandbytes(mode):
-    from lit_adapter.quantize import quantize_linears
+    from lit_adapter.model.quantize import quantize_linears
 
     model = nn.Sequential(nn.Linear(128, 192, bias=False))
     quantize_linears(model, mode, device=torch.device("cpu"))

@@ -12,12 +12,12 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import lit_to_hf_state_dict, write_checkpoint_dir
 from lit_adapter.errors import UserError
 from lit_adapter.evaluation import load_model
 from lit_adapter.evaluation.mmlu import Question, read_csv, run_mmlu
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = ("abstract_algebra", "high_school_geography")

@@ -2,10 +2,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import lit_to_hf_state_dict
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT, num_parameters
+from lit_adapter.model.gpt import GPT, num_parameters
 
 
 def hf_reference(config: Config, model: GPT) -> LlamaForCausalLM:

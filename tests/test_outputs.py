@@ -7,7 +7,7 @@ import bitsandbytes as bnb
 import torch
 from safetensors.torch import load_file
 
-from lit_adapter.methods import load_finetuned
+from lit_adapter.tuners.registry import load_finetuned
 from lit_adapter.tuners.lora import LoRAConfig
 from test_training import run
 
@@ -34,8 +34,8 @@ def test_best_holds_the_lowest_validation_loss_after_step_0(tmp_path, stories_ch
 
 def test_best_is_tracked_at_every_validation(tmp_path, stories_checkpoint, instruction_data, monkeypatch):
     """With validations at steps 2, 4 and 6, best/ follows the lowest one, not the last."""
-    import lit_adapter.trainer as trainer
-    import lit_adapter.training as training
+    import lit_adapter.train.trainer as trainer
+    import lit_adapter.train.run as training
 
     losses = iter([5.0, 3.0, 4.0, 4.5])  # steps 0, 2, 4 and the final one at 6
 
@@ -45,8 +45,8 @@ def test_best_is_tracked_at_every_validation(tmp_path, stories_checkpoint, instr
     monkeypatch.setattr(training.methods, "save_adapter_folder",
                         lambda model, spec, config, ckpt, out: saved.append(out.name) or original(model, spec, config,
                                                                                                 ckpt, out))
-    from lit_adapter.methods import MethodSpec
-    from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
+    from lit_adapter.tuners.registry import MethodSpec
+    from lit_adapter.train.run import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
 
     result = finetune(MethodSpec("lora", LoRAConfig(r=2, alpha=4, dropout=0.0)), checkpoint_dir=stories_checkpoint,
                       model_name=None, out_dir=tmp_path, data=DataArgs(data_dir=instruction_data),

@@ -6,7 +6,7 @@ import torch
 from test_training import run
 import virtual_token_helpers as vt
 
-from lit_adapter import training
+from lit_adapter.train import run as training
 from lit_adapter.errors import UserError
 from lit_adapter.tuners.p_tuning import PTuningConfig
 

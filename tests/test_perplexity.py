@@ -15,14 +15,14 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import lit_to_hf_state_dict, write_checkpoint_dir
 from lit_adapter.errors import UserError
 from lit_adapter.evaluation import load_model
 from lit_adapter.evaluation.perplexity import (
     Corpus, evaluate_corpus, load_corpus, make_windows, run_perplexity, token_logprobs,
 )
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 REL_TOL = 1e-4
@@ -209,7 +209,7 @@ def test_random_model_scores_near_vocab_size(random32k, shared_data):
 def test_pretrained_stories260k_knows_tinystories(stories260k, shared_data):
     # A uniform guess over the 512 pieces scores 512. The TinyStories model predicts its own greedy story almost
     # surely (~1.5) and plain children's-story sentences well (~3.0), but Wikipedia prose far worse (~100).
-    from lit_adapter.generate import generate
+    from lit_adapter.generation.decode import generate
 
     _, model, tokenizer, _, _ = load_model(stories260k, device="cpu")
     story = tokenizer.decode(generate(model, tokenizer.encode("Once upon a time"), 100)[1:])
@@ -232,7 +232,7 @@ def _save_finetuned(method, checkpoint_dir, out_dir):
     """A fine-tuned output folder whose trained tensors are random (so it differs from the base)."""
     from lit_adapter.tuners.adapter import AdapterConfig
     from lit_adapter.tuners.lora import LoRAConfig
-    from lit_adapter.methods import MethodSpec, prepare_model, save_adapter, trainable_filter
+    from lit_adapter.tuners.registry import MethodSpec, prepare_model, save_adapter, trainable_filter
 
     settings = {"adapter": AdapterConfig(prompt_length=4, start_layer=2), "adapter_v2": AdapterConfig(4, 2),
                 "lora": LoRAConfig(r=4, alpha=8, mlp=True), "full": None}[method]

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from test_training import run
 import virtual_token_helpers as vt
 
-from lit_adapter import training
-from lit_adapter.attention import AttentionConfig, apply_attention
+from lit_adapter.train import run as training
+from lit_adapter.model.attention import AttentionConfig, apply_attention
 from lit_adapter.errors import UserError
-from lit_adapter.methods import MethodSpec
+from lit_adapter.tuners.registry import MethodSpec
 from lit_adapter.tuners.prefix_tuning import PrefixTuningConfig
 
 P = 3
@@ -137,7 +137,7 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(kwargs):
 
 
 def test_estimator_refuses_virtual_tokens_with_sparse_attention_and_the_dry_run_says_so(capsys):
-    from lit_adapter.config import Config
+    from lit_adapter.model.config import Config
     from lit_adapter.memory import estimate_memory
 
     spec = MethodSpec("prefix_tuning", attention=AttentionConfig(pattern="local", window=64))

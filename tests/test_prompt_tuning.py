@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_training import run
 import virtual_token_helpers as vt
 
-from lit_adapter.attention import AttentionConfig, apply_attention
+from lit_adapter.model.attention import AttentionConfig, apply_attention
 from lit_adapter.checkpoint import save_state_dict
 from lit_adapter.errors import UserError
 from lit_adapter.tuners.prompt_tuning import PromptTuningConfig, repeat_to_length
@@ -63,7 +63,7 @@ def _checkpoint_dir(tmp_path, base, shared_data):
 def test_text_initialisation_matches_peft(tmp_path, shared_data, text):
     import peft
 
-    from lit_adapter.methods import MethodSpec, prepare_model
+    from lit_adapter.tuners.registry import MethodSpec, prepare_model
 
     base = vt.base_model("tiny-32k")
     checkpoint = _checkpoint_dir(tmp_path, base, shared_data)
@@ -94,13 +94,13 @@ def test_context_of_real_and_virtual_tokens_beyond_block_size_is_a_one_line_erro
             call()
         assert "\n" not in str(info.value)
     # generation stops where real and virtual tokens fill the context
-    from lit_adapter.generate import generate
+    from lit_adapter.generation.decode import generate
 
     prompt = torch.zeros(block - P - 3, dtype=torch.long)
     assert generate(model, prompt, max_new_tokens=10, temperature=0.0).numel() == block - P
     with pytest.raises(UserError, match="context"):
         generate(model, torch.zeros(block - P + 1, dtype=torch.long), max_new_tokens=1)
-    from lit_adapter.methods import MethodSpec
+    from lit_adapter.tuners.registry import MethodSpec
 
     with pytest.raises(UserError, match="no room"):
         MethodSpec("prompt_tuning", PromptTuningConfig(num_virtual_tokens=block)).validate(model.config)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_adapter import losses, training
+from lit_adapter.train import losses
+from lit_adapter.train import run as training
 from lit_adapter.errors import UserError, run_cli
-from lit_adapter.preflight import LOCK_FILE
+from lit_adapter.train.preflight import LOCK_FILE
 from test_training import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -295,7 +296,7 @@ def test_a_full_disk_at_checkpoint_time_is_one_line_and_keeps_the_previous_check
 
 def test_a_second_signal_during_the_final_save_says_what_is_on_disk(tmp_path, stories_checkpoint, instruction_data,
                                                                      monkeypatch, capsys):
-    from lit_adapter import trainer
+    from lit_adapter.train import trainer
 
     original = trainer.save_resumable  # what Trainer.save calls
     calls = {"n": 0}
@@ -330,7 +331,7 @@ def test_a_two_step_int8_run_prints_a_short_log(tmp_path, stories_checkpoint, in
 
 
 def test_the_summary_says_when_validation_was_measured(tmp_path, stories_checkpoint, instruction_data, capsys):
-    from lit_adapter.results import RunResult, describe_validation
+    from lit_adapter.tracking.results import RunResult, describe_validation
 
     stopped = RunResult(method="lora", status="interrupted", steps=7, trainable_params=1, total_params=2,
                         initial_val_loss=3.7466, final_val_loss=3.7466, final_val_step=0)

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert import config_from_hf, convert_hf_checkpoint, hf_config_from_lit, lit_to_hf_state_dict
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT
-from lit_adapter.rope import build_rope_cache, inverse_frequencies
+from lit_adapter.model.gpt import GPT
+from lit_adapter.model.rope import build_rope_cache, inverse_frequencies
 
 ORIGINAL = 32
 # head_size 32: 16 frequency pairs, enough for YaRN's ramp and llama3's three bands to all be populated
@@ -147,7 +147,7 @@ def test_kv_cache_agrees_with_the_full_forward_past_the_window(kind):
 @pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3"])
 def test_greedy_decoding_matches_hf_generate(kind):
     """Greedy tokens and per-step logits of our KV-cache decoding against HF's generate, across the window."""
-    from lit_adapter.generate import generate
+    from lit_adapter.generation.decode import generate
 
     model = scaled_model(kind, seed=1)
     hf = hf_twin(model)
@@ -196,7 +196,7 @@ def test_config_from_hf_reads_published_layouts():
 
 def test_converted_scaled_checkpoint_matches_hf(tmp_path, shared_data):
     from lit_adapter.checkpoint import load_checkpoint_dir
-    from lit_adapter.tokenizer import llama2c_vocab_to_sentencepiece
+    from lit_adapter.data.tokenizer import llama2c_vocab_to_sentencepiece
 
     hf = hf_twin(scaled_model("yarn"))
     hf.save_pretrained(tmp_path / "hf")

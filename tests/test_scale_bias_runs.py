@@ -13,11 +13,11 @@ from test_memory import test_estimate_within_15_percent_of_measured_cpu_peak as 
 from test_training import run
 from test_training import test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one as check_exact_resume
 
-from lit_adapter import methods
-from lit_adapter.config import Config
+from lit_adapter.tuners import registry as methods
+from lit_adapter.model.config import Config
 from lit_adapter.memory import Cell, build_random_model, estimate_memory, measure_saved_activations
 from lit_adapter.memory import saved_activations
-from lit_adapter.methods import MethodSpec, load_finetuned
+from lit_adapter.tuners.registry import MethodSpec, load_finetuned
 from lit_adapter.tuners.bitfit import BitFitConfig
 from lit_adapter.tuners.ia3 import IA3_LINEARS, IA3Config, IA3Linear
 from lit_adapter.tuners.wrapping import wrapped_layers

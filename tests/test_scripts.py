@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_adapter.comparison import classify_failure, expand, load_grid, run_config
-from lit_adapter.config import Config
-from lit_adapter.grid_validation import CellChecker
+from lit_adapter.grid.runner import classify_failure, expand, load_grid, run_config
+from lit_adapter.model.config import Config
+from lit_adapter.grid.validation import CellChecker
 
 REPO = Path(__file__).resolve().parents[1]
 FINETUNE = ["adapter", "adapter_v2", "lora", "full"]
@@ -159,7 +159,7 @@ def test_no_command_writes_outside_ignored_folders_by_default():
     import ast
 
     ignored = set((REPO / ".gitignore").read_text().split())
-    assert {f"{folder}/" for folder in IGNORED_OUTPUT_FOLDERS} <= ignored
+    assert {f"/{folder}/" for folder in IGNORED_OUTPUT_FOLDERS} <= ignored
     checked = 0
     for script in sorted([*REPO.glob("scripts/*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("evaluate/*.py"),
                           *REPO.glob("generate/*.py")]):

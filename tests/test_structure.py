@@ -9,7 +9,7 @@ from typing import Dict, List, Set
 
 import pytest
 
-from lit_adapter.methods import METHODS, REGISTRY
+from lit_adapter.tuners.registry import METHODS, REGISTRY
 from lit_adapter.memory.terms import MemoryTerms
 from lit_adapter.tuners import base as tuners_base
 from lit_adapter.tuners.base import Method
@@ -101,17 +101,17 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 def test_the_import_graph_sees_imports_inside_functions():
     graph = import_graph()
-    # lit_adapter.methods imports the checkpoint helpers at the top, and the tuners package inside
+    # lit_adapter.tuners.registry imports the checkpoint helpers at the top, and the tuners package inside
     # discover_methods; nothing imports the loop lazily from them
-    assert {"lit_adapter.tuners", "lit_adapter.checkpoint"} <= graph["lit_adapter.methods"]
+    assert {"lit_adapter.tuners", "lit_adapter.checkpoint"} <= graph["lit_adapter.tuners.registry"]
     # training imports the estimator, which imports the losses, not the loop
-    assert "lit_adapter.memory.estimate" in graph["lit_adapter.training"]
-    assert "lit_adapter.losses" in graph["lit_adapter.memory.estimate"]
+    assert "lit_adapter.memory.estimate" in graph["lit_adapter.train.run"]
+    assert "lit_adapter.train.losses" in graph["lit_adapter.memory.estimate"]
 
 
 def test_the_registry_is_every_method_its_modules_define():
     """Adding a method is writing its module: the registry finds it (no list to extend), and it has its command."""
-    from lit_adapter.methods import discover_methods
+    from lit_adapter.tuners.registry import discover_methods
 
     defined = set()
     for path in sorted((PACKAGE / "tuners").glob("*.py")):
@@ -181,7 +181,7 @@ def _tuner_classes():
 def test_no_tuner_subclasses_the_model():
     """Methods attach to a plain GPT, by wrapping a linear or in the model's hook slots: none replaces the model's
     own classes (no subclass of GPT, Block or CausalSelfAttention, so no copied forward)."""
-    from lit_adapter.model import GPT, Block, CausalSelfAttention
+    from lit_adapter.model.gpt import GPT, Block, CausalSelfAttention
 
     classes = _tuner_classes()
     assert classes, "the tuner modules define their layers"
@@ -195,8 +195,8 @@ def test_every_module_a_method_adds_that_holds_tensors_is_a_tuner_layer(name):
     found by type, never by name."""
     import torch
 
-    from lit_adapter.config import Config
-    from lit_adapter.methods import MethodSpec, build_model
+    from lit_adapter.model.config import Config
+    from lit_adapter.tuners.registry import MethodSpec, build_model
     from lit_adapter.tuners.base import TunerLayer
 
     spec = MethodSpec(name)
@@ -224,39 +224,6 @@ def test_every_tuner_layer_says_how_its_tensors_start():
     for cls in _tuner_classes():
         if issubclass(cls, TunerLayer) and cls.__name__ not in abstract:
             assert cls.reset_peft_parameters is not TunerLayer.reset_peft_parameters, cls.__qualname__
-def _tuner_classes_outside_the_protocol() -> Set[str]:
-    """Classes the method modules define, except the protocol's (tuners/base.py, tuners/wrapping.py) and those
-    named like a class of the model itself (``adapter.GPT`` shares ``GPT``'s name)."""
-    def classes(path: Path) -> Set[str]:
-        return {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef)}
-
-    defined = set().union(*(classes(p) for p in (PACKAGE / "tuners").glob("*.py")
-                            if p.name not in ("base.py", "wrapping.py", "__init__.py")))
-    return defined - classes(PACKAGE / "model.py")
-
-
-def test_export_asks_the_protocol_and_names_no_method_or_tuner_class():
-    allowed = {"lit_adapter.tuners.base", "lit_adapter.tuners.wrapping"}
-    tuner_classes = _tuner_classes_outside_the_protocol()
-    assert {"LoRALinear", "IA3Linear", "BitFitLinear", "AdapterV2Linear", "BottleneckAdapter"} <= tuner_classes
-    offenders = []
-    for path in sorted((PACKAGE / "export").glob("*.py")):
-        where = path.relative_to(REPO)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            imported: List[str] = []
-            if isinstance(node, ast.Import):
-                imported = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                imported = [f"{node.module}.{a.name}" if node.module == "lit_adapter.tuners" else node.module
-                            for a in node.names]
-            offenders += [f"{where}:{node.lineno}: imports {m}" for m in imported
-                          if m.startswith("lit_adapter.tuners") and m not in allowed]
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in METHODS:
-                offenders.append(f"{where}:{node.lineno}: names the method {node.value!r}")
-            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
-            if name in tuner_classes:
-                offenders.append(f"{where}:{node.lineno}: names the tuner class {name}")
-    assert offenders == []
 # A method's name or one of its terms, alone or as the start of an identifier (``lora_r``, ``v2_linears``), as it
 # would appear in code or prose; ``lit_adapter`` (the package) is removed first. Whole words only, so generic
 # words that merely contain one ("adaptive", "promptly") pass.
@@ -282,3 +249,104 @@ def test_the_memory_estimator_names_no_method_and_trained_parts_is_gone():
     assert not hasattr(tuners_base, "TrainedParts")
     fields = {f.name for f in dataclasses.fields(MemoryTerms)}
     assert fields == {"norms", "base_linears", "embedding"}
+
+
+# --- the layout by responsibility (issue 22) ---------------------------------------------------------------------
+
+PROTOCOL_MODULES = {"lit_adapter.tuners.base", "lit_adapter.tuners.wrapping", "lit_adapter.tuners.registry"}
+"""What the rest of the package may know of the methods: the protocol and the registry, not a method module."""
+
+
+def _tuner_class_names() -> Set[str]:
+    """Classes defined by the method modules (not the protocol's): no module outside tuners/ may name one."""
+    names = set()
+    for name, path in _modules().items():
+        if name.startswith("lit_adapter.tuners.") and name not in PROTOCOL_MODULES:
+            names |= {n.name for n in ast.parse(path.read_text()).body if isinstance(n, ast.ClassDef)}
+    return names
+
+
+def _outside_tuners() -> Dict[str, Path]:
+    return {n: p for n, p in _modules().items() if not n.startswith("lit_adapter.tuners")}
+
+
+def test_no_module_outside_tuners_names_a_tuner_class_or_a_method():
+    classes, methods = _tuner_class_names(), set(METHODS)
+    offenders = []
+    for name, path in _outside_tuners().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{name}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lit_adapter.tuners"):
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                modules = [t for t in targets if t in _modules() and t != "lit_adapter.tuners"]
+                if any(t not in PROTOCOL_MODULES for t in modules):
+                    offenders.append(f"{where}: imports {node.module}")
+            elif isinstance(node, ast.Import):
+                offenders += [f"{where}: imports {a.name}" for a in node.names
+                              if a.name.startswith("lit_adapter.tuners.") and a.name not in PROTOCOL_MODULES]
+            elif isinstance(node, ast.Name) and node.id in classes:
+                offenders.append(f"{where}: names {node.id}")
+            elif isinstance(node, ast.Attribute) and node.attr in classes:
+                offenders.append(f"{where}: names {node.attr}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in methods:
+                offenders.append(f"{where}: names the method {node.value!r}")
+    assert offenders == [], "\n".join(offenders)
+
+
+def test_no_module_imports_another_modules_private_names():
+    modules = _modules()
+    offenders = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        aliases: Dict[str, str] = {}  # a local name bound to a package module
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lit_adapter"):
+                for a in node.names:
+                    full = f"{node.module}.{a.name}"
+                    if full in modules:
+                        aliases[a.asname or a.name] = full
+                    elif a.name.startswith("_") and not a.name.startswith("__") and node.module != name:
+                        offenders.append(f"{name}:{node.lineno}: from {node.module} import {a.name}")
+            elif isinstance(node, ast.Import):
+                aliases.update({a.asname: a.name for a in node.names if a.asname and a.name.startswith("lit_adapter")})
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                offenders.append(f"{name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert offenders == [], "\n".join(offenders)
+
+
+def test_the_top_level_holds_subpackages_and_a_few_modules():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    packages = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
+    assert len(top) <= 8, top
+    assert {"model", "tuners", "data", "train", "tracking", "generation", "evaluation", "grid", "convert", "export",
+            "memory", "cli"} <= set(packages)
+
+
+def test_every_package_and_module_says_what_it_is_for():
+    undocumented = [name for name, path in _modules().items() if not ast.get_docstring(ast.parse(path.read_text()))]
+    assert undocumented == []
+
+
+_DOC_PATH = re.compile(r"(?<![\w./-])((?:lit_adapter|scripts|finetune|generate|evaluate|benchmarks|configs|tests|docs)"
+                       r"/[\w./-]*\w)(?![\w<*])")
+_DOC_MODULE = re.compile(r"(?<![\w./])lit_adapter((?:\.\w+)+)")
+
+
+def test_every_path_and_module_the_readme_and_docs_name_exists():
+    """A path (``lit_adapter/train/trainer.py``) or a dotted name (``lit_adapter.memory.estimate``) in the README
+    or docs/ names something that is there: the module path at least as far as it goes into the package."""
+    missing = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        missing += [f"{doc.name}: {m.group(1)}" for m in _DOC_PATH.finditer(text) if not (REPO / m.group(1)).exists()]
+        for m in _DOC_MODULE.finditer(text):
+            parts = m.group(1).strip(".").split(".")
+            if not ((PACKAGE / parts[0]).is_dir() or (PACKAGE / f"{parts[0]}.py").is_file()):
+                missing.append(f"{doc.name}: lit_adapter.{m.group(1).strip('.')}")
+            elif len(parts) > 1 and (PACKAGE / parts[0]).is_dir() and not (
+                    (PACKAGE / parts[0] / parts[1]).is_dir() or (PACKAGE / parts[0] / f"{parts[1]}.py").is_file()
+                    or parts[1] in (PACKAGE / parts[0] / "__init__.py").read_text()):
+                missing.append(f"{doc.name}: lit_adapter.{m.group(1).strip('.')}")
+    assert missing == [], "\n".join(missing)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_adapter.errors import UserError
-from lit_adapter.tokenizer import Tokenizer, llama2c_vocab_to_sentencepiece, read_llama2c_vocab
+from lit_adapter.data.tokenizer import Tokenizer, llama2c_vocab_to_sentencepiece, read_llama2c_vocab
 
 TINYSTORIES = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park.",

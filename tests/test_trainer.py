@@ -12,13 +12,13 @@ import pytest
 import torch
 from lightning.fabric import Fabric
 
-from lit_adapter import trainer as trainer_module
+from lit_adapter.train import trainer as trainer_module
 from lit_adapter.errors import UserError
-from lit_adapter.fabric_setup import make_fabric
-from lit_adapter.losses import forward_loss
+from lit_adapter.train.fabric_setup import make_fabric
+from lit_adapter.train.losses import forward_loss
 from lit_adapter.memory import Cell, build_random_model, measure_step
-from lit_adapter.optim import build_optimizer
-from lit_adapter.trainer import Trainer, TrainState, load_resumable, method_optimizer, save_resumable
+from lit_adapter.train.optim import build_optimizer
+from lit_adapter.train.trainer import Trainer, TrainState, load_resumable, method_optimizer, save_resumable
 
 REPO = Path(__file__).resolve().parents[1]
 

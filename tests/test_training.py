@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_adapter import losses, training
+from lit_adapter.train import losses
+from lit_adapter.train import run as training
 from lit_adapter.tuners.adapter import AdapterConfig
-from lit_adapter.attention import AttentionConfig
+from lit_adapter.model.attention import AttentionConfig
 from lit_adapter.errors import UserError
 from lit_adapter.tuners.lora import LoRAConfig
-from lit_adapter.methods import MethodSpec
-from lit_adapter.training import (
+from lit_adapter.tuners.registry import MethodSpec
+from lit_adapter.train.run import (
     DataArgs, EvalArgs, FabricArgs, LoggerArgs, StepBatchSampler, TrainArgs, finetune, lr_at, validate_args,
 )
 
@@ -169,10 +170,10 @@ def test_quantized_base_trains_on_cpu(tmp_path, stories_checkpoint, instruction_
                  settings=settings, learning_rate=2e-2 if method == "adapter" else 5e-3)
     assert result.final_val_loss < result.initial_val_loss
     # the run really used bitsandbytes layers: rebuild as the engine does and look
-    from lit_adapter.methods import prepare_model
+    from lit_adapter.tuners.registry import prepare_model
 
     spec = MethodSpec(method, settings=settings or AdapterConfig(start_layer=0), quantize=quantize)
-    from lit_adapter.config import Config
+    from lit_adapter.model.config import Config
 
     model = prepare_model(spec, Config.from_checkpoint_dir(stories_checkpoint), stories_checkpoint,
                           torch.device("cpu"), torch.float32)

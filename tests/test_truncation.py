@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from lit_adapter.data import load_prepared, load_records, prepare
+from lit_adapter.data.instructions import load_prepared, load_records, prepare
 from lit_adapter.errors import UserError
-from lit_adapter.prompts import generate_prompt
-from lit_adapter.tokenizer import Tokenizer
-from lit_adapter.truncation import IGNORE_INDEX, fit_record, tokenize_record
+from lit_adapter.data.prompts import generate_prompt
+from lit_adapter.data.tokenizer import Tokenizer
+from lit_adapter.data.truncation import IGNORE_INDEX, fit_record, tokenize_record
 
 MAX_LEN = 256
 

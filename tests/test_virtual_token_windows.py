@@ -8,7 +8,7 @@ import virtual_token_helpers as vt
 
 from lit_adapter.errors import UserError
 from lit_adapter.evaluation.perplexity import Corpus, evaluate_corpus
-from lit_adapter.generate import real_window, room_for
+from lit_adapter.generation.decode import real_window, room_for
 from lit_adapter.tuners.prompt_tuning import PromptTuningConfig
 
 P = 6

@@ -9,12 +9,12 @@ import signal
 import pytest
 import torch
 
-from lit_adapter import losses
-from lit_adapter.attention import AttentionConfig
-from lit_adapter.data_order import StepBatchSampler
-from lit_adapter.guards import LossNotFinite
-from lit_adapter.methods import MethodSpec
-from lit_adapter.training import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
+from lit_adapter.train import losses
+from lit_adapter.model.attention import AttentionConfig
+from lit_adapter.data.order import StepBatchSampler
+from lit_adapter.train.guards import LossNotFinite
+from lit_adapter.tuners.registry import MethodSpec
+from lit_adapter.train.run import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
 from lit_adapter.tuners.adapter import AdapterConfig
 from lit_adapter.tuners.lora import LoRAConfig
 from lit_adapter.tuners.prompt_tuning import PromptTuningConfig
@@ -94,7 +94,7 @@ def test_a_cell_is_one_run_with_its_group_tags_config_summary_axes_table_and_mod
     table = run.table("generations")
     assert table["columns"] == ["step", "prompt", "response"]
     assert table["data"] == [[g["step"], g["prompt"], g["response"]] for g in written]
-    from lit_adapter.generation_cli import generate_instruction_answer
+    from lit_adapter.cli.generate import generate_instruction_answer
 
     for g in written:  # what generate/lora.py answers greedily with final/
         (answer,) = generate_instruction_answer(stories_checkpoint, out / "final", instruction=g["prompt"],
@@ -179,7 +179,7 @@ def test_settings_wandb_refuses_are_one_line_errors(tmp_path, stories_checkpoint
 @pytest.mark.parametrize("run_id", ["cell-0001", None])  # None: wandb's own id, kept in out_dir for --resume
 def test_a_resumed_cell_continues_its_run_and_its_steps(tmp_path, stories_checkpoint, instruction_data, monkeypatch,
                                                         run_id):
-    from lit_adapter import training
+    from lit_adapter.train import run as training
 
     original = training.lr_at
 
@@ -212,7 +212,7 @@ def test_a_resumed_cell_continues_its_run_and_its_steps(tmp_path, stories_checkp
 ])
 def test_the_prompts_are_answered_by_every_method_with_any_logger(tmp_path, stories_checkpoint, instruction_data,
                                                                   method, settings, quantize, attention):
-    from lit_adapter.generation_cli import generate_instruction_answer
+    from lit_adapter.cli.generate import generate_instruction_answer
 
     spec = MethodSpec(method, settings=settings, quantize=quantize, attention=attention or AttentionConfig())
     out = tmp_path / "run"
@@ -275,7 +275,7 @@ def test_a_cell_refused_before_its_first_step_is_a_run_with_status_error_and_its
 
 OOM_SCRIPT = """
 import runpy, sys, torch
-from lit_adapter import losses
+from lit_adapter.train import losses
 def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 losses.loss_fn = out_of_memory

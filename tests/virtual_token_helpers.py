@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from hf_oracle import hf_llama
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.memory import Cell
-from lit_adapter.methods import MethodSpec, count_parameters, get_method, mark_trainable
-from lit_adapter.model import GPT
+from lit_adapter.tuners.registry import MethodSpec, count_parameters, get_method, mark_trainable
+from lit_adapter.model.gpt import GPT
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,7 +100,7 @@ def greedy_without_cache(model: GPT, prompt: torch.Tensor, steps: int) -> torch.
 def check_generation_with_and_without_cache(model: GPT, steps: int = 20) -> None:
     """``generate_tokens`` with the KV cache gives the same greedy tokens as full forwards without it, and
     incremental decoding the same logits as one full forward."""
-    from lit_adapter.generate import generate
+    from lit_adapter.generation.decode import generate
 
     prompt = torch.randint(0, model.config.vocab_size, (6,))
     with torch.no_grad():
@@ -167,7 +167,7 @@ def check_interrupted_run_resumes_exactly(tmp_path, checkpoint, data, monkeypatc
     from safetensors.torch import load_file
     from test_training import run
 
-    from lit_adapter import training
+    from lit_adapter.train import run as training
 
     kwargs = dict(method=method, steps=steps, settings=settings, **train_overrides)
     whole = run(tmp_path / "whole", checkpoint, data, **kwargs)
@@ -198,7 +198,7 @@ def check_reloaded_final_matches_trained_model(tmp_path, checkpoint, method, set
 
     from safetensors.torch import load_file
 
-    from lit_adapter.methods import load_finetuned, prepare_model, save_adapter
+    from lit_adapter.tuners.registry import load_finetuned, prepare_model, save_adapter
 
     spec = MethodSpec(method, settings)
     config = Config.from_checkpoint_dir(checkpoint)

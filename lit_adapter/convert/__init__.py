@@ -24,11 +24,11 @@ from typing import Optional
 
 import torch
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert.common import (
     PathLike,
     StateDict,
-    _find_tokenizer,
+    find_tokenizer,
     half_to_interleaved,
     hf_to_lit_name,
     hf_to_lit_state_dict,
@@ -82,8 +82,8 @@ def write_checkpoint_dir(
     tokenizer files beside it are copied); its vocabulary size must match the model's.
     """
     from lit_adapter.checkpoint import CONFIG_FILE, atomic_write, cast_state_dict, load_weights_into, save_state_dict
-    from lit_adapter.model import GPT
-    from lit_adapter.tokenizer import (
+    from lit_adapter.model.gpt import GPT
+    from lit_adapter.data.tokenizer import (
         TOKENIZER_FILE, Tokenizer, is_llama2c_vocab, llama2c_vocab_to_sentencepiece, tokenizer_files,
     )
 
@@ -123,11 +123,11 @@ def convert_hf_checkpoint(
     dtype: Optional[str] = None,
     tokenizer_path: Optional[PathLike] = None,
 ) -> Config:
-    from lit_adapter.tokenizer import resolve_tokenizer_path
+    from lit_adapter.data.tokenizer import resolve_tokenizer_path
 
     config, state_dict = load_hf_checkpoint(checkpoint_dir)
     candidates = [resolve_tokenizer_path(checkpoint_dir)]
-    tokenizer = _find_tokenizer(tokenizer_path, candidates, "--tokenizer_path")
+    tokenizer = find_tokenizer(tokenizer_path, candidates, "--tokenizer_path")
     write_checkpoint_dir(output_dir, config, state_dict, tokenizer, parse_dtype(dtype))
     return config
 
@@ -143,7 +143,7 @@ def convert_meta_checkpoint(
     config, state_dict = load_meta_checkpoint(checkpoint_dir, model_name, block_size)
     # Meta's download puts tokenizer.model beside the size folders (llama/7B/, llama/tokenizer.model).
     candidates = [Path(checkpoint_dir) / "tokenizer.model", Path(checkpoint_dir).parent / "tokenizer.model"]
-    tokenizer = _find_tokenizer(tokenizer_path, candidates, "--tokenizer_path")
+    tokenizer = find_tokenizer(tokenizer_path, candidates, "--tokenizer_path")
     write_checkpoint_dir(output_dir, config, state_dict, tokenizer, parse_dtype(dtype))
     return config
 
@@ -157,7 +157,7 @@ def convert_llama2c_checkpoint(
     config, state_dict = load_llama2c_checkpoint(checkpoint_path)
     folder = Path(checkpoint_path).parent
     candidates = [folder / "tokenizer.model", folder / "tokenizer.bin", folder / f"tok{config.vocab_size}.bin"]
-    tokenizer = _find_tokenizer(tokenizer_path, candidates, "--tokenizer_path")
+    tokenizer = find_tokenizer(tokenizer_path, candidates, "--tokenizer_path")
     write_checkpoint_dir(output_dir, config, state_dict, tokenizer, parse_dtype(dtype))
     return config
 

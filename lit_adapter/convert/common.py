@@ -32,7 +32,7 @@ _LIT_TO_HF = {
 _HF_TO_LIT = {v: k for k, v in _LIT_TO_HF.items()}
 
 
-def _rename(name: str, table: Dict[str, str]) -> str:
+def rename(name: str, table: Dict[str, str]) -> str:
     layer = re.search(r"\.(\d+)\.", name)
     key = name.replace(f".{layer.group(1)}.", ".{}.", 1) if layer else name
     if key not in table:
@@ -41,11 +41,11 @@ def _rename(name: str, table: Dict[str, str]) -> str:
 
 
 def lit_to_hf_name(name: str) -> str:
-    return _rename(name, _LIT_TO_HF)
+    return rename(name, _LIT_TO_HF)
 
 
 def hf_to_lit_name(name: str) -> str:
-    return _rename(name, _HF_TO_LIT)
+    return rename(name, _HF_TO_LIT)
 
 
 def lit_to_hf_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -85,7 +85,7 @@ def half_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 # helpers
 
 
-def _find_tokenizer(given: Optional[PathLike], candidates: List[Path], flag: str) -> Path:
+def find_tokenizer(given: Optional[PathLike], candidates: List[Path], flag: str) -> Path:
     if given is not None:
         if not Path(given).is_file():
             raise UserError(f"tokenizer not found: {given}")
@@ -96,19 +96,19 @@ def _find_tokenizer(given: Optional[PathLike], candidates: List[Path], flag: str
     raise UserError(f"no tokenizer found (looked for {', '.join(map(str, candidates))}); pass {flag}")
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else ""
 
 
-def _existing_dir(path: PathLike) -> Path:
+def existing_dir(path: PathLike) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint directory not found: {path}")
     return path
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def read_json(path: Path) -> Dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -118,7 +118,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
     return data
 
 
-def _numel(shape: Tuple[int, ...]) -> int:
+def numel(shape: Tuple[int, ...]) -> int:
     n = 1
     for s in shape:
         n *= s

@@ -19,7 +19,7 @@ from typing import Any, Dict
 
 import torch
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert.common import StateDict
 from lit_adapter.errors import UserError
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.convert.common import PathLike, StateDict, _existing_dir, _read_json, hf_to_lit_name
+from lit_adapter.convert.common import PathLike, StateDict, existing_dir, read_json, hf_to_lit_name
 from lit_adapter.convert.gpt2 import config_from_hf_gpt2, hf_gpt2_to_lit
-from lit_adapter.rope import ORIGINAL, ROPE_TYPES, parse_rope_scaling
+from lit_adapter.model.rope import ORIGINAL, ROPE_TYPES, parse_rope_scaling
 
 # ----------------------------------------------------------------------------------------------------------------------
 # HF transformers
@@ -125,7 +125,7 @@ def _hf_weight_files(checkpoint_dir: Path) -> List[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = checkpoint_dir / index_name
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise UserError(f"{index} has no weight_map")
             files = [checkpoint_dir / f for f in sorted(set(weight_map.values()))]
@@ -149,11 +149,11 @@ def load_hf_checkpoint(checkpoint_dir: PathLike) -> Tuple[Config, StateDict]:
     """``(config, state dict under our names)`` of an HF ``LlamaForCausalLM`` or ``GPT2LMHeadModel`` directory."""
     from lit_adapter.checkpoint import load_state_dict
 
-    checkpoint_dir = _existing_dir(checkpoint_dir)
+    checkpoint_dir = existing_dir(checkpoint_dir)
     config_path = checkpoint_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"{checkpoint_dir} has no config.json; is it an HF transformers model directory?")
-    config = config_from_hf(_read_json(config_path), name=checkpoint_dir.name)
+    config = config_from_hf(read_json(config_path), name=checkpoint_dir.name)
     state_dict: StateDict = {}
     if config.position_embedding == "learned":  # GPT-2 (config_from_hf says which)
         raw: StateDict = {}

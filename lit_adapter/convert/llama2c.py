@@ -8,9 +8,9 @@ from typing import List, Tuple
 
 import torch
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.convert.common import PathLike, StateDict, _first_line, _numel
+from lit_adapter.convert.common import PathLike, StateDict, first_line, numel
 from lit_adapter.convert.meta import meta_to_lit_state_dict
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def load_llama2c_bin(path: PathLike) -> Tuple[Config, StateDict]:
         raise UserError(f"{path} does not start with a llama2.c header (read {header})")
     config = _llama2c_config(path.stem, *header, tied=tied)
     layout = _llama2c_layout(config, legacy=legacy)
-    n_floats = sum(_numel(shape) for _, shape in layout)
+    n_floats = sum(numel(shape) for _, shape in layout)
     if len(data) - offset != 4 * n_floats:
         raise UserError(
             f"{path} has {len(data) - offset} bytes of weights but its header (dim, hidden_dim, n_layers, n_heads, "
@@ -105,8 +105,8 @@ def load_llama2c_bin(path: PathLike) -> Tuple[Config, StateDict]:
     raw: StateDict = {}
     start = 0
     for name, shape in layout:
-        raw[name] = flat[start : start + _numel(shape)].view(shape)
-        start += _numel(shape)
+        raw[name] = flat[start : start + numel(shape)].view(shape)
+        start += numel(shape)
     return config, meta_to_lit_state_dict(raw, config)
 
 
@@ -116,7 +116,7 @@ def load_llama2c_pt(path: PathLike) -> Tuple[Config, StateDict]:
     try:
         checkpoint = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:
-        raise UserError(f"cannot read llama2.c checkpoint {path}: {type(err).__name__}: {_first_line(err)}") from None
+        raise UserError(f"cannot read llama2.c checkpoint {path}: {type(err).__name__}: {first_line(err)}") from None
     if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
         raise UserError(f"{path} is not a llama2.c training checkpoint (a dict with 'model_args' and 'model')")
     args = checkpoint["model_args"]

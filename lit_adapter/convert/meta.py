@@ -7,9 +7,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.convert.common import PathLike, StateDict, _existing_dir, _read_json, _rename, interleaved_to_half
+from lit_adapter.convert.common import PathLike, StateDict, existing_dir, read_json, rename, interleaved_to_half
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Meta / llama2.c names (llama2.c's model.py uses Meta's module names)
@@ -45,7 +45,7 @@ def meta_to_lit_state_dict(state_dict: StateDict, config: Config) -> StateDict:
         if _ROTARY_TABLES.search(name):
             continue
         try:
-            lit_name = _rename(name, _META_TO_LIT)
+            lit_name = rename(name, _META_TO_LIT)
         except KeyError:
             unknown.append(name)
             continue
@@ -138,7 +138,7 @@ def load_meta_checkpoint(
     """
     from lit_adapter.checkpoint import load_state_dict
 
-    checkpoint_dir = _existing_dir(checkpoint_dir)
+    checkpoint_dir = existing_dir(checkpoint_dir)
     params_path = checkpoint_dir / "params.json"
     if not params_path.is_file():
         raise UserError(f"{checkpoint_dir} has no params.json; is it a Meta LLaMA checkpoint directory?")
@@ -149,7 +149,7 @@ def load_meta_checkpoint(
     raw = {k.removeprefix("_orig_mod."): v for k, v in raw.items()}
     reference = Config.from_name(model_name) if model_name else None
     config = config_from_meta_params(
-        _read_json(params_path),
+        read_json(params_path),
         raw,
         name=model_name or checkpoint_dir.name,
         block_size=block_size or (reference.block_size if reference else 2048),

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.convert.common import StateDict, lit_to_hf_name
 from lit_adapter.convert.gpt2 import hf_config_gpt2, is_gpt2, lit_to_hf_gpt2
 from lit_adapter.errors import UserError
@@ -200,7 +200,7 @@ def write_hf_folder(out_dir: Path, config: Config, state_dict: StateDict, tokeni
     tokenizer is ``tokenizer_model`` (SentencePiece bytes) or, when that is None, the BPE files of
     ``tokenizer_dir``."""
     from lit_adapter.convert.hf_tokenizer import write_tokenizer_files
-    from lit_adapter.tokenizer import tokenizer_files
+    from lit_adapter.data.tokenizer import tokenizer_files
 
     tie = config.tie_embeddings if tie_word_embeddings is None else tie_word_embeddings
     gpt2 = is_gpt2(config)

@@ -38,12 +38,12 @@ def load_model(
     """``(config, model, tokenizer, spec, device)`` for evaluation: the base, plus the fine-tuned tensors if any.
 
     A fine-tuned run's RoPE scaling and attention pattern come from its ``adapter_config.json``; ``rope_scaling``
-    and ``attention`` (an ``AttentionConfig``) replace them, see :func:`lit_adapter.methods.load_finetuned`.
+    and ``attention`` (an ``AttentionConfig``) replace them, see :func:`lit_adapter.tuners.registry.load_finetuned`.
     """
-    from lit_adapter.methods import load_finetuned
-    from lit_adapter.preflight import check_tokenizer_fits
+    from lit_adapter.tuners.registry import load_finetuned
+    from lit_adapter.train.preflight import check_tokenizer_fits
     from lit_adapter.runtime import weights_dtype
-    from lit_adapter.tokenizer import Tokenizer
+    from lit_adapter.data.tokenizer import Tokenizer
 
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)

@@ -6,7 +6,7 @@ label. Zero-, one- and few-shot prompts differ only in the number of demonstrati
 seed from a pool that is disjoint from the evaluated examples, so every model sees the same prompts.
 
 A base model gets a plain prompt ("Review: ...\\nSentiment:"); an instruction-tuned checkpoint gets the same
-content inside the Alpaca template it was trained on (:func:`lit_adapter.prompts.generate_prompt`). The answer is
+content inside the Alpaca template it was trained on (:func:`lit_adapter.data.prompts.generate_prompt`). The answer is
 parsed robustly (:func:`parse_label`: case, punctuation, extra words, synonyms such as yes/maybe/no for NLI); an
 answer that names no label, or more than one, counts as wrong and is reported as "no answer".
 
@@ -131,7 +131,7 @@ def draw_demonstrations(pool: Sequence[Example], shots: int, seed: int, index: i
 # ----------------------------------------------------------------------------------------------------------------------
 # prompts
 
-_INSTRUCTIONS = {
+INSTRUCTIONS = {
     "sentiment": "Classify the sentiment of the last movie review as positive or negative.",
     "nli": "Does the premise entail the hypothesis? Answer entailment, neutral or contradiction.",
 }
@@ -155,10 +155,10 @@ def build_prompt(task: str, demonstrations: Sequence[Example], example: Example,
     shots = "".join(_render(task, d, True) for d in demonstrations)
     if template == "plain":
         return _HEADERS[task] + shots + _render(task, example, False)
-    from lit_adapter.prompts import InstructionRecord, generate_prompt
+    from lit_adapter.data.prompts import InstructionRecord, generate_prompt
 
     query = _render(task, example, False).rsplit("\n", 1)[0]  # without the trailing "Sentiment:"
-    return generate_prompt(InstructionRecord(instruction=_INSTRUCTIONS[task], input=shots + query))
+    return generate_prompt(InstructionRecord(instruction=INSTRUCTIONS[task], input=shots + query))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def evaluate_classification(
     ``pool``, in which case every one of ``examples`` is evaluated, in order), or chain-of-thought prompts
     (``cot``: ``few_shot`` with ``cot_demos`` rationales, ``zero_shot``; :mod:`lit_adapter.evaluation.cot`)."""
     from lit_adapter.evaluation.cot import check_style, classify_with_cot, load_classification_demos
-    from lit_adapter.generate import generate_tokens
+    from lit_adapter.generation.decode import generate_tokens
 
     if task not in TASKS:
         raise UserError(f"unknown --task {task!r}; choose {' or '.join(TASKS)}")
@@ -230,7 +230,7 @@ def evaluate_classification(
         evaluated = evaluated[:max_examples]
     if not evaluated:
         raise UserError(f"no {task} examples to evaluate")
-    from lit_adapter.generate import real_window
+    from lit_adapter.generation.decode import real_window
 
     room = real_window(model) - max_new_tokens
     device = next(model.parameters()).device

@@ -198,7 +198,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
                   stop: Sequence[str] = ()) -> str:
     """The model's continuation of ``prompt`` (BOS first; the prompt's end kept when it is too long), cut at the
     first ``stop`` string; generation stops there too."""
-    from lit_adapter.generate import generate_tokens, real_window
+    from lit_adapter.generation.decode import generate_tokens, real_window
 
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt, bos=True)

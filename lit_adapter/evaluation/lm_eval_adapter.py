@@ -77,7 +77,7 @@ class LitAdapterLM(LM):
         self.model, self.tokenizer = model.eval(), tokenizer
         self._device = next(model.parameters()).device
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # "auto" is not supported
-        from lit_adapter.generate import real_window
+        from lit_adapter.generation.decode import real_window
 
         window = real_window(model)  # virtual tokens take their positions first
         self.max_length = int(max_length) if max_length is not None else window
@@ -147,7 +147,7 @@ class LitAdapterLM(LM):
     # -- generation -----------------------------------------------------------------------------------------------
 
     def generate_until(self, requests) -> List[str]:
-        from lit_adapter.generate import generate_tokens
+        from lit_adapter.generation.decode import generate_tokens
 
         outputs = []
         for req in requests:

@@ -194,7 +194,7 @@ def evaluate_subject(
         raise UserError(f"--k must be >= 0, got {k}")
     if k > len(dev):
         raise UserError(f"MMLU subject {subject}: --k {k} but only {len(dev)} dev examples")
-    from lit_adapter.generate import real_window
+    from lit_adapter.generation.decode import real_window
 
     block_size = real_window(model)  # virtual tokens take their positions first
     questions = list(test)[:max_questions] if max_questions is not None else list(test)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
-from lit_adapter.rope import context_error
+from lit_adapter.model.rope import context_error
 
 DATASETS = ("wikitext2", "ptb", "c4")
 C4_DOCUMENTS = 1100
@@ -402,7 +402,7 @@ def run_perplexity(
     corpora = [load_corpus(name, data_dir) for name in names]  # data problems surface before the model loads
     config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device,
                                                      rope_scaling, attention)
-    from lit_adapter.generate import real_window
+    from lit_adapter.generation.decode import real_window
 
     seqlen = seqlen if seqlen is not None else min(real_window(model), 2048)
 

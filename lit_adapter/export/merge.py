@@ -27,7 +27,7 @@ import torch.nn as nn
 from lit_adapter.checkpoint import base_key
 from lit_adapter.errors import UserError
 from lit_adapter.export.source import Source, StateDict, inspect_structure
-from lit_adapter.methods import is_added
+from lit_adapter.tuners.registry import is_added
 from lit_adapter.tuners.base import FoldAnswer
 from lit_adapter.tuners.wrapping import Folded, LinearWrapper
 

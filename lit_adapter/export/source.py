@@ -22,12 +22,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-import lit_adapter.model as base
+import lit_adapter.model.gpt as base
 from lit_adapter.checkpoint import base_key, check_keys, find_weights, load_state_dict
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.methods import ADAPTER_FILE, MethodSpec, build_model, is_added, read_spec
-from lit_adapter.tokenizer import TOKENIZER_FILE, Tokenizer, has_tokenizer
+from lit_adapter.tuners.registry import ADAPTER_FILE, MethodSpec, build_model, is_added, read_spec
+from lit_adapter.data.tokenizer import TOKENIZER_FILE, Tokenizer, has_tokenizer
 from lit_adapter.tuners.base import FoldAnswer
 from lit_adapter.tuners.wrapping import LinearWrapper
 

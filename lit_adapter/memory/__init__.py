@@ -1,7 +1,7 @@
 """Memory of one fine-tuning step: an analytic estimator, the measurements that check it, and memory savers.
 
 The estimator (:func:`estimate_memory`) predicts the peak of *live tensor bytes* during a training step of the
-engine in :mod:`lit_adapter.training` (forward, next-token cross-entropy, backward, gradient clipping, AdamW step),
+engine in :mod:`lit_adapter.train.run` (forward, next-token cross-entropy, backward, gradient clipping, AdamW step),
 the quantity that ``torch.cuda.max_memory_allocated`` reports on a GPU. It adds up
 
 * the weights, by storage type: floating-point tensors in the run's dtype, and bitsandbytes' packed integers plus
@@ -21,7 +21,7 @@ the quantity that ``torch.cuda.max_memory_allocated`` reports on a GPU. It adds 
   turns that buffer into the gradient in place (``losses.CrossEntropy``), where ``F.cross_entropy`` would hold
   three such matrices. For small models and for 7B at long contexts this is still most of the peak.
   :func:`chunked_loss_fn` (``--train.loss chunked``) never holds more than a chunk of float32 logits (the peak
-  drops to the logits and their gradient, in their own dtype) and :func:`~lit_adapter.losses.chunked_head_loss_fn`
+  drops to the logits and their gradient, in their own dtype) and :func:`~lit_adapter.train.losses.chunked_head_loss_fn`
   (``--train.loss chunked_head``) never holds more than a chunk of logits at all;
 * short-lived working memory of the forward and backward passes and of the optimizer step.
 
@@ -42,7 +42,7 @@ import importlib
 from typing import Any
 
 _PUBLIC = {
-    "LOSSES": "lit_adapter.losses",  # the estimator's loss kinds
+    "LOSSES": "lit_adapter.train.losses",  # the estimator's loss kinds
     **{name: "lit_adapter.memory.estimate" for name in (
         "estimate_memory", "format_estimate", "optimizer_state_bytes", "quantized_linear_bytes", "weight_bytes")},
     **{name: "lit_adapter.memory.measure" for name in (

@@ -2,6 +2,6 @@
 
 import sys
 
-from lit_adapter.memory.measure import _child_main
+from lit_adapter.memory.measure import child_main
 
-_child_main(sys.argv[1:])
+child_main(sys.argv[1:])

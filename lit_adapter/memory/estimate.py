@@ -2,7 +2,7 @@
 
 It adds up the weights by storage type, the trainable tensors' gradients and optimizer state, the activations
 autograd keeps (:mod:`lit_adapter.memory.saved`), the logits and the loss chain (walked allocation by allocation
-through :mod:`lit_adapter.losses`), and the short-lived working memory of each phase; the peak is the largest
+through :mod:`lit_adapter.train.losses`), and the short-lived working memory of each phase; the peak is the largest
 phase. See the package docstring for what is counted and ``tests/test_memory.py`` for how it is checked.
 """
 
@@ -13,12 +13,12 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.losses import DEFAULT_CHUNK, LOSSES
-from lit_adapter.methods import build_model, mark_trainable, unquantized
-from lit_adapter.quantize import _default_skip
-from lit_adapter.rope import context_error, rope_table_rows
+from lit_adapter.train.losses import DEFAULT_CHUNK, LOSSES
+from lit_adapter.tuners.registry import build_model, mark_trainable, unquantized
+from lit_adapter.model.quantize import default_skip
+from lit_adapter.model.rope import context_error, rope_table_rows
 from lit_adapter.memory.ops import Dims, element_size
 from lit_adapter.memory.saved import (
     ESTIMATED_PATTERNS,
@@ -62,11 +62,11 @@ def _meta_model(config: Config, spec) -> nn.Module:
 
 
 def weight_bytes(model: nn.Module, dtype: torch.dtype, quantize: Optional[str],
-                 skip: Callable[[str], bool] = _default_skip) -> Dict[str, int]:
+                 skip: Callable[[str], bool] = default_skip) -> Dict[str, int]:
     """Bytes of ``model``'s tensors by storage kind, as ``methods.prepare_model`` leaves them.
 
     Every floating-point tensor is cast to ``dtype``; with ``quantize`` the linears that
-    :func:`lit_adapter.quantize.quantize_linears` replaces are counted at their quantized size instead.
+    :func:`lit_adapter.model.quantize.quantize_linears` replaces are counted at their quantized size instead.
     """
     quantized_weights = set()
     out: Dict[str, int] = {}

@@ -1,6 +1,6 @@
 """Measurements that check the estimate: a training step on random weights, its peak, and autograd's saved set.
 
-:func:`measure_step` runs the engine's step (:meth:`lit_adapter.trainer.Trainer.step`, the step a run executes:
+:func:`measure_step` runs the engine's step (:meth:`lit_adapter.train.trainer.Trainer.step`, the step a run executes:
 forward and loss, backward, the finite checks, clipping, the optimizer) on random weights and measures the
 estimator's quantity: on CUDA the allocator's peak, on CPU the peak of live bytes that the c10 CPU allocator
 reports to the profiler (:class:`AllocatorPeak`), next to the process's peak resident set size. :func:`measure_in_subprocess` runs it in a fresh process
@@ -23,16 +23,16 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from lit_adapter.attention import AttentionConfig
-from lit_adapter.config import Config
+from lit_adapter.model.attention import AttentionConfig
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError, is_out_of_memory
-from lit_adapter.losses import LOSSES, loss_fn
+from lit_adapter.train.losses import LOSSES, loss_fn
 from lit_adapter.memory.saved import GB, OPTIMIZERS, precision_dtype
-from lit_adapter.methods import MethodSpec, build_model, mark_trainable, unquantized
-from lit_adapter.optim import build_optimizer
-from lit_adapter.quantize import quantize_linears
+from lit_adapter.tuners.registry import MethodSpec, build_model, mark_trainable, unquantized
+from lit_adapter.train.optim import build_optimizer
+from lit_adapter.model.quantize import quantize_linears
 from lit_adapter.tuners.base import initialize_tuner_layers
-from lit_adapter.trainer import Trainer, method_optimizer
+from lit_adapter.train.trainer import Trainer, method_optimizer
 
 def current_rss_bytes() -> int:
     with open("/proc/self/statm") as f:
@@ -191,7 +191,8 @@ def measure_saved_activations(model: nn.Module, batch: torch.Tensor) -> Dict[str
 class Cell:
     """One measurement: a method on a model, a batch shape, precision, quantization and memory savers."""
 
-    method: str = "adapter_v2"
+    method: str = ""
+    """The registered method to measure (required: a measurement names what it measures)."""
     pattern: str = "dense"
     attention_overrides: Dict[str, Any] = field(default_factory=dict)
     """Settings of the sparse pattern (window, group_size, ...); see ``AttentionConfig``."""
@@ -274,14 +275,14 @@ def build_random_model(cell: Cell, device: torch.device) -> nn.Module:
 
 def measure_step(cell: Cell) -> Dict[str, Any]:
     """Runs ``cell.steps`` + ``cell.timed_steps`` optimizer steps of the engine's loop on random weights: the model
-    and optimizer set up by Fabric as a run's are, and :meth:`lit_adapter.trainer.Trainer.step`, the step a run
+    and optimizer set up by Fabric as a run's are, and :meth:`lit_adapter.train.trainer.Trainer.step`, the step a run
     executes.
 
     Returns peak memory (CUDA: the allocator's peak allocated and peak reserved bytes; on CPU the allocator peak over
     the training steps and the process's peak resident size, raw and net of the baseline after imports), step times
     and tokens/s.
     """
-    from lit_adapter.fabric_setup import make_fabric  # imports Lightning
+    from lit_adapter.train.fabric_setup import make_fabric  # imports Lightning
 
     if cell.threads:
         torch.set_num_threads(cell.threads)
@@ -410,7 +411,7 @@ def measure_in_subprocess(cell: Cell, timeout_s: float = 600.0) -> Dict[str, Any
 
 def measure_framework_overhead() -> int:
     """Resident bytes of a fresh Python process after importing torch and lit_adapter (CPU overhead)."""
-    code = ("import torch, lit_adapter.methods, lit_adapter.training, resource;"
+    code = ("import torch, lit_adapter.tuners.registry, lit_adapter.train.run, resource;"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
@@ -424,7 +425,7 @@ def _address_space_bytes() -> int:
     raise RuntimeError("no VmSize in /proc/self/status")
 
 
-def _child_main(argv: List[str]) -> None:
+def child_main(argv: List[str]) -> None:
     cell = Cell(**json.loads(argv[0]))
     try:
         result = measure_step(cell)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.memory.ops import (
     GB,

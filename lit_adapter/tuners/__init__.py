@@ -1,4 +1,4 @@
-"""One module per fine-tuning method, each declaring a :class:`~lit_adapter.tuners.base.Method` as ``METHOD``.
-
-The registry that lists them is :data:`lit_adapter.methods.REGISTRY`; nothing here imports it.
+"""One module per fine-tuning method, each defining its :class:`~lit_adapter.tuners.base.Method` instance
+(``METHOD``), plus the protocol they share (``base.py``, ``wrapping.py``) and the registry that finds them
+(``registry.py``: every ``Method`` a module here defines, with nothing to list by hand).
 """

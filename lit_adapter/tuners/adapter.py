@@ -9,7 +9,7 @@ zero-initialised gate per head (``gating_factor``, shape (1, nh, 1, 1)), so at i
 exactly the pretrained one and the prompt's influence grows only as the gate learns. Only prompts and gates train.
 
 Each layer's prompt and gate live in an :class:`AdaptionPrompt`, set into the layer's attention hook slot
-(``attn.adapter``, :mod:`lit_adapter.model`) of a plain ``GPT``: the tensors are
+(``attn.adapter``, :mod:`lit_adapter.model.gpt`) of a plain ``GPT``: the tensors are
 ``transformer.h.<i>.attn.adapter.adapter_wte.weight`` and ``...attn.adapter.gating_factor`` (lit-llama has them one
 level up, without ``adapter.``). The prompt attention is added on top of whatever the base attention computes, so
 it composes with sparse attention kernels (the prompt part stays dense), with quantized projections (they are only
@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lit_adapter.model as base
-from lit_adapter.config import Config
+import lit_adapter.model.gpt as base
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.memory.ops import Dims, Saved, query, sdpa
 from lit_adapter.memory.terms import AttentionSite, MemoryTerms

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from lit_adapter.memory.ops import Dims, LinearSite, Saved
 from lit_adapter.memory.terms import HeadEpilogue, MemoryTerms
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 from lit_adapter.tuners import adapter
 from lit_adapter.tuners.adapter import AdapterConfig, AdapterMemoryTerms
 from lit_adapter.tuners.base import EMBEDDING_NAMES, PeftAdapter, PeftLayout, Refused

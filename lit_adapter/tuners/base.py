@@ -1,7 +1,7 @@
 """What a fine-tuning method declares, and the defaults most methods share.
 
 The rest of the package sees a method only through :class:`Method` (looked up by name in
-:data:`lit_adapter.methods.REGISTRY`): the training loop, the ``final/`` writer and loader, the memory estimator,
+:data:`lit_adapter.tuners.registry.REGISTRY`): the training loop, the ``final/`` writer and loader, the memory estimator,
 the comparison grid and the ``finetune/<method>.py`` commands never branch on a method's name. A method module
 (``lit_adapter/tuners/<method>.py``) opens with its paper and defines one subclass, instantiated once as
 ``METHOD``:
@@ -9,7 +9,7 @@ the comparison grid and the ``finetune/<method>.py`` commands never branch on a 
 * its hyper-parameters, a dataclass (``settings_cls``) that becomes the ``--<settings_group>.*`` options;
 * how it attaches to a plain ``GPT`` (:meth:`Method.attach`), in one of two ways: wrapping a linear by
   composition (:class:`~lit_adapter.tuners.wrapping.LinearWrapper`: LoRA, IA³, BitFit, Adapter v2's scales), or a
-  module set into one of the hook slots the model declares (:mod:`lit_adapter.model`: ``CausalSelfAttention.adapter``
+  module set into one of the hook slots the model declares (:mod:`lit_adapter.model.gpt`: ``CausalSelfAttention.adapter``
   for LLaMA-Adapter's prompts and prefix tuning's keys, ``Block.attn_adapter`` / ``mlp_adapter`` /
   ``out_adapter`` for bottleneck adapters, ``GPT.virtual_tokens`` for the prompt methods); never a subclass of the
   model, a copied ``forward`` or a patched global. Every module a method adds is a :class:`TunerLayer`;
@@ -46,9 +46,9 @@ from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 import torch.nn as nn
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.memory.terms import MemoryTerms
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 
 
 EMBEDDING_NAMES = ("wte",)
@@ -65,7 +65,7 @@ class TunerLayer(nn.Module):
 
     * ``peft_enabled``: False makes the module compute what the base alone would (:func:`switched_off`);
     * :meth:`reset_peft_parameters` (no arguments): the method's initial values of the module's own tensors, called
-      once they leave the meta device (:func:`lit_adapter.methods.prepare_model`) and by the method's tests;
+      once they leave the meta device (:func:`lit_adapter.tuners.registry.prepare_model`) and by the method's tests;
     * :meth:`base_layer`: the frozen base layer a wrapper holds, whose tensors are loaded, not initialised, and
       :meth:`materialize`, which allocates the module's own tensors that a model built on the meta device left
       there, beside that base layer's weight.

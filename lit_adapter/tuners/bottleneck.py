@@ -16,7 +16,7 @@ Only the adapters train. Where they sit in a pre-norm LLaMA block ``x -> x + att
   residual to the MLP output *before* the adapter, which then reads ``x3 = x2 + mlp(norm_2(x2))`` and returns
   ``x2 + mlp(...) + up(act(down(x3)))``, i.e. ``out = A(x3)``: the adapter acts on the block's output.
 
-The adapters sit in the block's hook slots (:mod:`lit_adapter.model`): ``Block.attn_adapter`` and
+The adapters sit in the block's hook slots (:mod:`lit_adapter.model.gpt`): ``Block.attn_adapter`` and
 ``Block.mlp_adapter`` transform the attention's and the MLP's output before the residual add (``houlsby``),
 ``Block.out_adapter`` the block's output (``pfeiffer``); the tensors are ``transformer.h.<i>.attn_adapter.down_weight``
 and so on. Nothing of the base is wrapped or renamed, so base checkpoints load as they are, a quantized base
@@ -39,15 +39,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_adapter.config import Config
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.memory.ops import Dims, Saved, dropout
 from lit_adapter.memory.terms import MemoryTerms
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 from lit_adapter.tuners.base import Method, TunerLayer
 
 SLOTS = {"attn": "attn_adapter", "mlp": "mlp_adapter", "block": "out_adapter"}
-"""The block's hook slot (``lit_adapter.model.Block``) of each site an adapter can act on."""
+"""The block's hook slot (``lit_adapter.model.gpt.Block``) of each site an adapter can act on."""
 
 ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     # AdapterHub's names (transformers' get_activation): "swish" is SiLU, "gelu_new" the tanh approximation

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lit_adapter.quantize import dequantized_weight
+from lit_adapter.model.quantize import dequantized_weight
 from lit_adapter.memory.ops import Dims, LinearSite, Saved
 from lit_adapter.tuners.base import PeftTarget, Refused
 from lit_adapter.tuners.lora import LoRA, LoRAConfig, LoRALinear, LoRAMemoryTerms

@@ -27,7 +27,7 @@ import torch.nn as nn
 from lit_adapter.errors import UserError
 from lit_adapter.memory.ops import Dims, LinearSite, Saved
 from lit_adapter.memory.terms import MemoryTerms
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 from lit_adapter.tuners.base import Method, PeftAdapter, PeftLayout, Refused
 from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears, wrapped_layers
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lit_adapter.errors import UserError
 from lit_adapter.memory.ops import Dims, LinearSite, Saved, dropout
 from lit_adapter.memory.terms import MemoryTerms
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 from lit_adapter.tuners.base import EMBEDDING_NAMES, NORM_NAMES, Method, PeftAdapter, PeftLayout, PeftTarget, Refused, \
     json_number, one_value
 from lit_adapter.tuners.wrapping import Folded, LinearWrapper, wrap_linears, wrapped_layers

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 from lit_adapter.tuners.virtual_tokens import (
     VirtualRowsAttention,
     VirtualTokenMethod,

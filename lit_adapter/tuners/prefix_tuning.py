@@ -26,9 +26,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-import lit_adapter.model as base
-from lit_adapter.model import GPT
-from lit_adapter.config import Config
+import lit_adapter.model.gpt as base
+from lit_adapter.model.gpt import GPT
+from lit_adapter.model.config import Config
 from lit_adapter.memory.terms import MemoryTerms
 from lit_adapter.tuners.virtual_tokens import (
     VirtualTokenMethod,

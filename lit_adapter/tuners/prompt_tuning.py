@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.errors import UserError
-from lit_adapter.model import GPT
+from lit_adapter.model.gpt import GPT
 from lit_adapter.tuners.virtual_tokens import (
     VirtualRowsAttention,
     VirtualTokenMethod,
@@ -97,7 +97,7 @@ class PromptTuning(VirtualTokenMethod):
     def initialize_from_base(self, model: GPT, settings: PromptTuningConfig, checkpoint_dir: Path) -> None:
         if settings.init != "text":
             return
-        from lit_adapter.tokenizer import Tokenizer
+        from lit_adapter.data.tokenizer import Tokenizer
 
         token_ids = Tokenizer.from_checkpoint_dir(checkpoint_dir).encode(settings.init_text, bos=False).tolist()
         model.virtual_tokens.init_from_tokens(model.transformer.wte.weight, token_ids)

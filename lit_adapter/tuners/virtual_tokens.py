@@ -3,7 +3,7 @@
 The three methods (Lester et al. 2021, https://arxiv.org/abs/2104.08691; Liu et al. 2021,
 https://arxiv.org/abs/2103.10385; Li & Liang 2021, https://arxiv.org/abs/2101.00190) train only P virtual tokens
 in front of every sequence and leave the model frozen. They enter through the model's hook slot for this,
-``GPT.virtual_tokens`` (:mod:`lit_adapter.model`), so the real tokens sit at positions ``P, P + 1, ...`` and the
+``GPT.virtual_tokens`` (:mod:`lit_adapter.model.gpt`), so the real tokens sit at positions ``P, P + 1, ...`` and the
 model drops the virtual rows from its output: logits, the loss and the training loop see only the real tokens.
 
 * Prompt tuning and P-tuning put P input embeddings in front of the sequence (P-tuning computes them with a small
@@ -15,7 +15,7 @@ model drops the virtual rows from its output: logits, the loss and the training 
 Their attention goes through every layer's attention hook slot (``attn.adapter``): prefix tuning's
 :class:`~lit_adapter.tuners.prefix_tuning.PrefixAttention` and, for the other two, :class:`VirtualRowsAttention`.
 Dense attention over ``[virtual; real]`` is plain causal attention. With a sparse pattern
-(:mod:`lit_adapter.attention`) every real token still sees every virtual token in the same softmax: the pattern
+(:mod:`lit_adapter.model.attention`) every real token still sees every virtual token in the same softmax: the pattern
 applies among the real tokens (counted from the first real one) and the virtual keys are passed to the kernel as
 its ``prefix``, merged exactly; the virtual rows of prompt and P-tuning attend causally among themselves.
 """
@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lit_adapter.model as base
-from lit_adapter.config import Config
+import lit_adapter.model.gpt as base
+from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.memory.terms import MemoryTerms
 from lit_adapter.tuners.base import Method, TunerLayer

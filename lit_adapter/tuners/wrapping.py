@@ -1,7 +1,7 @@
 """What the methods that wrap a frozen linear by composition share (LoRA, IA³, BitFit, Adapter v2's scales).
 
 Wrapping is one of the two ways a method attaches (the other is a module in one of the model's hook slots,
-:mod:`lit_adapter.model`). A :class:`LinearWrapper` holds the base layer as ``linear`` and only *calls* it, so the
+:mod:`lit_adapter.model.gpt`). A :class:`LinearWrapper` holds the base layer as ``linear`` and only *calls* it, so the
 base may be a plain ``nn.Linear`` or a frozen bitsandbytes ``Linear8bitLt`` / ``Linear4bit``; its own tensors are
 small. It is a :class:`~lit_adapter.tuners.base.TunerLayer` whose base layer is the wrapped linear. It answers
 ``in_features``, ``out_features`` and ``weight`` like the layer it wraps (a tied output head is re-tied through it

@@ -1,0 +1,1 @@
+"""The command lines: the finetune and generate commands and their parser."""

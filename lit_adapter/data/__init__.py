@@ -1,0 +1,1 @@
+"""Data: tokenizers, instruction/text/classification/preference records, prompts, truncation and order."""

@@ -1,0 +1,1 @@
+"""The one model: its ``Config``, the decoder (``gpt``), RoPE, attention kernels, heads, quantized bases, FLOPs."""

@@ -1,0 +1,1 @@
+"""Training: the Trainer and its loop, objectives, losses, optimizers, guards and start-up checks."""

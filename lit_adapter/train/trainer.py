@@ -1,0 +1,436 @@
+"""The training loop as an object: a :class:`Trainer` holds a :class:`TrainState` and runs one optimizer step at a
+time with :meth:`Trainer.step`; :meth:`Trainer.fit` is the loop around it.
+
+Why a class: the step is what users run, and it is what the throughput benchmark times and the memory measurement
+measures (``benchmarks/finetune_throughput.py``, :func:`lit_adapter.memory.measure_step`). A Trainer is built
+around an already built model, optimizer and batches, so those callers need no data folder; the run's other duties
+(validation, logging, checkpoints, SIGINT/SIGTERM) are separate methods that only :meth:`Trainer.fit` calls.
+
+Units: a *step* is one optimizer step over ``accum`` micro-batches per device. The resumable checkpoint is the
+dict of :meth:`Trainer.checkpoint_state` (the keys ``last.ckpt`` has always had), so older checkpoints still load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+
+from lit_adapter.checkpoint import check_keys
+from lit_adapter.tuners import registry as methods
+from lit_adapter.errors import UserError, is_out_of_memory
+from lit_adapter.train.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
+from lit_adapter.train.objectives import Batch, Objective, resolve as resolve_objective
+from lit_adapter.train.optim import build_optimizer
+from lit_adapter.runtime import peak_memory_gb
+
+CHECKPOINT_NAME = "last.ckpt"
+
+
+@dataclass
+class TrainState:
+    """Everything of a run that changes step by step, besides the model, optimizer and scheduler.
+
+    :meth:`to_dict` / :meth:`from_dict` use the keys of the resumable checkpoint (``last.ckpt``).
+    """
+
+    step: int = 0
+    """Optimizer steps taken."""
+    train_losses: List[Tuple[int, float]] = field(default_factory=list)
+    """(step, mean training loss of that step over every rank)."""
+    val_losses: List[Tuple[int, float]] = field(default_factory=list)
+    """(step, validation loss)."""
+    tokens: int = 0
+    """Processed positions over every rank, padding included: the compute the steps paid for."""
+    train_time: float = 0.0
+    """Seconds spent in :meth:`Trainer.step` (validation and checkpoints excluded)."""
+    best_val: List[Any] = field(default_factory=list)
+    """``[step, loss]`` of the lowest validation loss after step 0, or empty."""
+    rng: Optional[torch.Tensor] = None
+    """torch's CPU RNG state when the checkpoint was written (dropout masks continue exactly on resume)."""
+
+    KEYS = ("step", "train_losses", "val_losses", "tokens", "train_time", "best_val", "rng")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {key: getattr(self, key) for key in self.KEYS}
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "TrainState":
+        """The state of a checkpoint's dict; keys an older checkpoint lacks keep their defaults."""
+        return cls(**{key: values[key] for key in cls.KEYS if key in values})
+
+
+@dataclass
+class StepResult:
+    """What one :meth:`Trainer.step` measured."""
+
+    loss: float
+    """The step's mean loss over its micro-batches and the ranks."""
+    grad_norm: float
+    """The global gradient norm before clipping."""
+    tokens: int
+    """Positions this rank processed, padding included."""
+
+
+@dataclass
+class RunPlan:
+    """What :meth:`Trainer.fit` needs besides the step: the run's length, where it writes, how often it evaluates,
+    logs and saves (``eval`` is a ``training.EvalArgs``)."""
+
+    total_steps: int
+    steps_per_epoch: int
+    val_loader: Iterable[Batch]
+    spec: Any
+    """The run's ``methods.MethodSpec``: what ``best/``, ``final/`` and the checkpoint keep."""
+    config: Any
+    checkpoint_dir: Path
+    out_dir: Path
+    eval: Any
+    log_interval: int = 1
+    save_interval: Optional[int] = None
+    resumed: bool = False
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+
+def method_optimizer(model, spec, name: str, lr: float, weight_decay: float,
+                     betas: Tuple[float, float]) -> torch.optim.Optimizer:
+    """The optimizer over the parameter groups the method declares (``Method.param_groups``): one group of every
+    trainable tensor unless the method says otherwise (LoRA+ gives B its own learning rate)."""
+    groups = spec.definition.param_groups(model, spec.settings, lr, weight_decay)
+    return build_optimizer(groups, name, lr=lr, weight_decay=weight_decay, betas=betas)
+
+
+class Trainer:
+    """Runs optimizer steps on a model that ``fabric.setup`` has wrapped, and keeps their :class:`TrainState`.
+
+    Args:
+        fabric: the run's Lightning Fabric (its device, precision, collectives and backward).
+        model, optimizer: as returned by ``fabric.setup``.
+        batches: the micro-batches, drawn ``accum`` at a time by :meth:`step` (an endless iterable for the
+            benchmark and the measurement; the step-indexed training loader for a run).
+        scheduler: stepped after every optimizer step; None keeps the learning rate.
+        accum: micro-batches per optimizer step (gradient accumulation).
+        objective: what is optimised (:mod:`lit_adapter.train.objectives`); default next-token cross-entropy.
+        loss: ``TrainArgs.loss``, how the cross-entropy is computed.
+        max_grad_norm: clip the global gradient norm to this; None: no clipping (the norm is still checked).
+        trainable: the trained tensors, whose gradient norm is taken when not clipping (default: those requiring
+            grad; a run passes the list it took before Fabric's setup).
+        state: a state to continue from (default: a fresh one).
+    """
+
+    def __init__(self, fabric, model, optimizer, batches: Iterable[Batch], *, scheduler=None, accum: int = 1,
+                 objective: Optional[Objective] = None, loss: str = "cross_entropy",
+                 max_grad_norm: Optional[float] = 1.0, trainable: Optional[List[torch.nn.Parameter]] = None,
+                 state: Optional[TrainState] = None) -> None:
+        if accum < 1:
+            raise UserError(f"gradient accumulation must be >= 1 micro-batch per step, got {accum}")
+        self.fabric, self.model, self.optimizer, self.scheduler = fabric, model, optimizer, scheduler
+        self.batches: Iterator[Batch] = iter(batches)
+        self.accum = accum
+        self.objective = resolve_objective(objective)
+        self.loss = loss
+        self.max_grad_norm = max_grad_norm
+        self.trainable = trainable if trainable is not None else [p for p in model.parameters() if p.requires_grad]
+        self.state = state or TrainState()
+        # set by fit(): which checkpoint is known to be good, for the non-finite messages
+        self.keeper: Optional[GoodCheckpoint] = None
+        # the objective's other metrics of the latest validation (accuracy, rewards, ...)
+        self.val_extra: Dict[str, float] = {}
+        # where the current log window began, and the tokens this rank processed since (for tokens_per_s)
+        self._window_start, self._window_tokens = time.perf_counter(), 0
+
+    # ------------------------------------------------------------------------------------------------- the step
+
+    def step(self) -> StepResult:
+        """One optimizer step: ``accum`` forward/backward passes, the finite checks, clipping, the optimizer and
+        the scheduler. Raises :class:`LossNotFinite` before any update when the loss or the gradients are inf/NaN."""
+        fabric, model, accum = self.fabric, self.model, self.accum
+        start = time.perf_counter()
+        step_loss, step_tokens = torch.zeros((), device=fabric.device), 0
+        for micro in range(accum):
+            batch = next(self.batches)
+            with fabric.no_backward_sync(model, enabled=micro < accum - 1):
+                loss, _ = self.objective.forward_loss(model, batch, self.loss, fabric.autocast)
+                fabric.backward(loss / accum)
+            step_loss += loss.detach() / accum
+            # processed positions, padding included: that is the compute the step paid for
+            step_tokens += batch["input_ids"].numel()
+        loss_value = float(fabric.all_reduce(step_loss, reduce_op="mean"))
+        number = self.state.step + 1
+        if not math.isfinite(loss_value):
+            raise self._not_finite(f"the training loss became {loss_value} at step {number}; no update was applied")
+        if self.keeper is not None:
+            self.keeper.step_was_finite()
+        grad_norm = gradient_norm(fabric, model, self.optimizer, self.trainable, self.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            raise self._not_finite(f"the gradients became non-finite (norm {grad_norm}) at step {number}; "
+                                   "no update was applied")
+        try:
+            self.optimizer.step()
+        except RuntimeError as err:  # torch's AdamW cannot even form an update that large
+            if "overflow" not in str(err):
+                raise
+            raise self._not_finite(f"the optimizer's update overflowed at step {number} "
+                                   f"(train.learning_rate={self.optimizer.defaults['lr']:g})") from None
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        state = self.state
+        state.step = number
+        # counted per step, not per log window: validation rows and checkpoints between logs see them
+        state.tokens += step_tokens * fabric.world_size
+        state.train_time += time.perf_counter() - start
+        state.train_losses.append((number, loss_value))
+        return StepResult(loss=loss_value, grad_norm=grad_norm, tokens=step_tokens)
+
+    def _not_finite(self, what: str) -> LossNotFinite:
+        kept = ""
+        if self.keeper is not None:
+            self.keeper.diverged()
+            kept = self.keeper.describe()
+        return LossNotFinite(f"{what}{kept}. Lower train.learning_rate, keep train.max_grad_norm set, "
+                             "or check the data.")
+
+    # ------------------------------------------------------------------------------------------------- the loop
+
+    def fit(self, plan: RunPlan) -> str:
+        """Steps until ``plan.total_steps`` or a stop request; returns ``"completed"`` or ``"interrupted"``.
+
+        Validates before the first step (``eval.initial``), every ``eval.interval`` steps and at the end, logs
+        every ``log_interval`` steps, writes ``last.ckpt`` every ``save_interval`` steps and at the end, and
+        ``final/`` when the run completed.
+        """
+        from tqdm import tqdm
+
+        fabric, state = self.fabric, self.state
+        self.keeper = GoodCheckpoint(plan.checkpoint_path, state.step if plan.resumed else None,
+                                     is_main=fabric.global_rank == 0)
+        if state.step == 0 and plan.eval.initial:
+            loss = self.validate(plan, 0)
+            fabric.print(f"validation loss before training: {loss:.4f}{format_metrics(self.val_extra)}")
+        status = "completed"
+        progress = tqdm(total=plan.total_steps, initial=state.step, unit="step", disable=fabric.global_rank != 0,
+                        dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+        self._window_start, self._window_tokens = time.perf_counter(), 0  # the log window, on this rank
+        with StopRequest() as stop:
+            try:
+                while state.step < plan.total_steps:
+                    result = self.step()
+                    self._window_tokens += result.tokens
+                    progress.update(1)
+                    self.after_step(plan, result, progress)
+                    if stop.signal is not None:
+                        status = "interrupted"
+                        break
+                progress.close()
+                self.finish(plan, status)
+            except KeyboardInterrupt:  # a second SIGINT/SIGTERM while stopping: say what is on disk
+                progress.close()
+                self._stopped_again(plan)
+            finally:
+                progress.close()  # before any error line, so it does not land on the bar's line
+        return status
+
+    def after_step(self, plan: RunPlan, result: StepResult, progress) -> None:
+        """Logs, validates and saves as the intervals say, after the step that ``result`` describes."""
+        step = self.state.step
+        if step % plan.log_interval == 0 or step == plan.total_steps:
+            elapsed = time.perf_counter() - self._window_start
+            tokens_per_s = self._window_tokens * self.fabric.world_size / max(elapsed, 1e-9)
+            self._window_start, self._window_tokens = time.perf_counter(), 0
+            self.log_step(plan, result, tokens_per_s)
+            progress.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        if step % plan.eval.interval == 0 and step != plan.total_steps:
+            val_loss = self.validate(plan, step)
+            progress.write(f"step {step}: validation loss {val_loss:.4f}{format_metrics(self.val_extra)}")
+        if plan.save_interval and step % plan.save_interval == 0:
+            self.save(plan)
+
+    def log_step(self, plan: RunPlan, result: StepResult, tokens_per_s: float) -> None:
+        fabric, step = self.fabric, self.state.step
+        lr = self.scheduler.get_last_lr()[0] if self.scheduler is not None else self.optimizer.param_groups[0]["lr"]
+        metrics = {"train_loss": result.loss, "learning_rate": lr, "grad_norm": result.grad_norm,
+                   "tokens_per_s": tokens_per_s, "peak_memory_gb": peak_memory_gb(fabric.device),
+                   "epoch": step / max(plan.steps_per_epoch, 1), "step": step, "tokens": self.state.tokens}
+        metrics.update({f"train_{k}": v for k, v in self.objective.metrics(fabric, "train").items()})
+        fabric.log_dict(metrics, step=step)
+
+    def validate(self, plan: RunPlan, step: int) -> float:
+        """The validation loss at ``step``, recorded and logged; a new lowest one after step 0 writes ``best/``."""
+        fabric, state = self.fabric, self.state
+        loss = validate(fabric, self.model, plan.val_loader, plan.eval.max_batches, self.loss, self.objective)
+        state.val_losses.append((step, loss))
+        self.val_extra = self.objective.metrics(fabric, "val")
+        metrics = {"val_loss": loss, "step": step, "tokens": state.tokens,
+                   **{f"val_{k}": v for k, v in self.val_extra.items()}}
+        if step > 0 and math.isfinite(loss) and (not state.best_val or loss < state.best_val[1]):
+            state.best_val = [step, loss]
+            if plan.eval.save_best and fabric.global_rank == 0:
+                methods.save_adapter_folder(self.model, plan.spec, plan.config, plan.checkpoint_dir,
+                                            plan.out_dir / "best")
+            fabric.barrier()
+        if state.best_val:
+            metrics["best_val_loss"] = state.best_val[1]
+        fabric.log_dict(metrics, step=step)
+        return loss
+
+    def finish(self, plan: RunPlan, status: str) -> None:
+        """The end of the loop: the final validation and ``final/`` (completed runs), and ``last.ckpt``."""
+        fabric, step = self.fabric, self.state.step
+        if status == "completed":
+            self.validate(plan, step)
+        self.save(plan)
+        if status == "completed":
+            check_finite(self.model, plan.spec, f"after step {step}", self._not_finite)
+            if fabric.global_rank == 0:  # the ranks hold the same tensors; one writes them
+                methods.save_adapter_folder(self.model, plan.spec, plan.config, plan.checkpoint_dir,
+                                            plan.out_dir / "final")
+            fabric.barrier()
+        self.keeper.finish()
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+
+    def save(self, plan: RunPlan) -> None:
+        """Writes ``last.ckpt`` atomically; it stays pending until the next step's loss is finite."""
+        state = checkpoint_state(self.model, self.optimizer, self.scheduler, self.state)
+        save_resumable(self.fabric, state, plan.checkpoint_path, plan.spec, self.model,
+                       keep_previous=self.keeper.previous)
+        self.keeper.written(self.state.step)
+
+    def _stopped_again(self, plan: RunPlan) -> None:
+        keeper = self.keeper
+        newest = keeper.pending if keeper.pending is not None else keeper.good
+        left = (f"{plan.checkpoint_path} is the complete checkpoint of step {newest}" if newest is not None
+                else "no checkpoint was written")
+        print(f"\nstopped again during shutdown: {left} (checkpoints are written atomically, so it is whole); "
+              "final/ was not written", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def checkpoint_state(model, optimizer, scheduler, state: TrainState) -> Dict[str, Any]:
+    """What ``last.ckpt`` holds: the model (Fabric's save filter keeps only the trainable tensors), the optimizer,
+    the scheduler and the :class:`TrainState`, with the RNG state of now."""
+    state.rng = torch.get_rng_state()
+    return {"model": model, "optimizer": optimizer, "scheduler": scheduler.state_dict() if scheduler else {},
+            **state.to_dict()}
+
+
+def resume_state(fabric, path: Path, model, optimizer, scheduler, spec) -> TrainState:
+    """The :class:`TrainState` of the checkpoint at ``path``, whose trainable tensors, optimizer and scheduler state
+    and RNG state are loaded in place: a run continues exactly where that one stopped."""
+    fresh = checkpoint_state(model, optimizer, scheduler, TrainState())
+    state = TrainState.from_dict(load_resumable(fabric, fresh, path, model, spec, scheduler))
+    fabric.print(f"resumed from {path} at step {state.step}")
+    return state
+
+
+def format_metrics(metrics: Dict[str, float]) -> str:
+    return "".join(f", {name} {value:.4f}" for name, value in metrics.items())
+
+
+@torch.no_grad()
+def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cross_entropy",
+             objective: Optional[Objective] = None) -> float:
+    """Token-weighted mean validation loss (each target token counts once, whatever its batch; each item of the
+    objective's, e.g. each example or pair, for other objectives).
+
+    A transient progress bar shows it: a full Dolly validation split is minutes of work on a small machine.
+    """
+    from tqdm import tqdm
+
+    objective = resolve_objective(objective)
+    model.eval()
+    total, count = torch.zeros((), device=fabric.device, dtype=torch.float64), 0
+    batches = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = tqdm(total=batches, desc="validation", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
+               disable=fabric.global_rank != 0, mininterval=0.5)
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        value, n = objective.forward_loss(model, batch, loss, fabric.autocast)
+        total += value.double() * n
+        count += n
+        bar.update(1)
+    bar.close()
+    model.train()
+    total = fabric.all_reduce(total, reduce_op="sum")
+    count = fabric.all_reduce(torch.tensor(count, device=fabric.device), reduce_op="sum")
+    return float(total / count.clamp(min=1))
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
+
+
+def save_resumable(fabric, state: Dict[str, Any], path: Path, spec, model=None,
+                   keep_previous: Optional[Path] = None) -> None:
+    """Writes ``state`` (:meth:`Trainer.checkpoint_state`) atomically (temp file + rename).
+
+    Refuses non-finite tensors (so the newest checkpoint is always one to resume from) and turns a failed write
+    (a full disk) into one line; the previous checkpoint is left as it was in both cases. Running out of memory
+    is not a failed write: it propagates as itself.
+    """
+    if model is not None:
+        check_finite(model, spec, f"after step {state['step']}", LossNotFinite)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fabric.save(tmp, state, filter={"model": methods.trainable_filter(spec)})
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        if is_out_of_memory(err):
+            raise
+        reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise UserError(f"could not write the checkpoint {path}: {reason}; the previous checkpoint is unchanged") from None
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)  # until the new one has proven itself (guards.GoodCheckpoint)
+        os.replace(tmp, path)
+
+
+def load_resumable(fabric, state: Dict[str, Any], path: Path, model, spec, scheduler=None) -> Dict[str, Any]:
+    """Loads the checkpoint at ``path`` into ``state`` (:meth:`Trainer.checkpoint_state`: the model and optimizer
+    in place, the other entries replaced) and returns it; restores the scheduler and the RNG.
+
+    A checkpoint of another method or shape is one line naming what does not fit; running out of memory while
+    loading propagates as itself, never as "does not fit".
+    """
+    if not path.exists():
+        raise UserError(f"--resume: no checkpoint at {path}; run without --resume to start afresh")
+    # what save_resumable wrote: the filtered state dict, in which a tied head appears under both of its names
+    keep = methods.trainable_filter(spec)
+    expected = {n: t for n, t in methods.unwrap(model).state_dict(keep_vars=True).items() if keep(n, t)}
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated, crafted (weights_only refuses code) or not a checkpoint at all
+        if is_out_of_memory(err):
+            raise
+        raise UserError(f"--resume: cannot read {path} ({type(err).__name__}: {_first_line(err)}); "
+                        "it is not a complete checkpoint") from None
+    tensors = saved.get("model") if isinstance(saved, dict) else None
+    missing_fields = [k for k in ("model", "optimizer", "step", "scheduler", "rng") if not isinstance(saved, dict)
+                      or k not in saved]
+    if missing_fields or not isinstance(tensors, dict):
+        raise UserError(f"--resume: {path} is not a checkpoint of this trainer (missing {', '.join(missing_fields) or 'model'})")
+    check_keys(expected, tensors, f"--resume: {path} does not fit this run's {spec.describe()}")
+    del saved, tensors
+    try:
+        remainder = fabric.load(path, state, strict=False, weights_only=True)
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:  # e.g. optimizer state of another method
+        if is_out_of_memory(err):  # torch.OutOfMemoryError is a RuntimeError: not a mismatch
+            raise
+        raise UserError(f"--resume: {path} does not fit this run ({type(err).__name__}: {_first_line(err)})") from None
+    state.update(remainder)
+    return state
