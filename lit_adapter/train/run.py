@@ -36,7 +36,8 @@ from lit_adapter.train.objectives import Objective, resolve as resolve_objective
 from lit_adapter.train.preflight import check_fabric_args, check_parts_fit, claim_out_dir
 from lit_adapter.tracking.results import RunResult, summarize, to_jsonable
 from lit_adapter.model.rope import context_error
-from lit_adapter.tracking.run_record import RunRecord, answer_prompts, check_prompt_settings
+from lit_adapter.generation.eval_prompts import answer_prompts, check_prompt_settings
+from lit_adapter.tracking.run_record import RunRecord
 from lit_adapter.runtime import compile_blocks, default_precision, weights_dtype
 from lit_adapter.train.trainer import CHECKPOINT_NAME, RunPlan, Trainer, TrainState, method_optimizer, resume_state
 
