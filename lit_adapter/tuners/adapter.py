@@ -189,6 +189,14 @@ class Adapter(Method):
     def validate(self, settings: AdapterConfig, config: Config) -> None:
         settings.validate(config)
 
+    def current_name(self, name: str) -> str:
+        """Runs before the prompts moved into the attention's hook slot saved ``...attn.adapter_wte.weight`` and
+        ``...attn.gating_factor``; they are ``...attn.adapter.*`` now."""
+        for old in (".attn.adapter_wte.", ".attn.gating_factor"):
+            if old in name:
+                return name.replace(".attn.", ".attn.adapter.", 1)
+        return name
+
     def attach(self, model: base.GPT, settings: AdapterConfig) -> None:
         add_adaption_prompts(model, settings)
 

@@ -310,6 +310,11 @@ class Method:
         what the method's own ops keep for backward (a subclass of :class:`MemoryTerms` in the method's module)."""
         raise NotImplementedError(f"{self.name} declares no memory terms")
 
+    def current_name(self, name: str) -> str:
+        """The name a tensor saved by an older version of this method has now (a method whose modules moved
+        renames here, so ``final/`` and ``best/`` folders of earlier runs keep loading); by default ``name``."""
+        return name
+
     def prepare_for_inference(self, model: nn.Module) -> None:
         """Called once the trained tensors are loaded, before evaluation or generation."""
 

@@ -32,6 +32,7 @@ identity, not exactly it. ``houlsby`` is the paper's near-identity (std 0.01, cu
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Dict, List, Literal, Optional, Tuple, get_args
 
@@ -237,6 +238,12 @@ class _Bottleneck(Method):
     train_defaults = {"learning_rate": 1e-4}
     trained_names = tuple(SLOTS.values())
     added_names = trained_names
+
+    def current_name(self, name: str) -> str:
+        """Runs before the adapters moved into the block's hook slots saved them as ``h.N.attn.bottleneck.*``,
+        ``h.N.mlp.bottleneck.*`` and ``h.N.bottleneck.*``; they are ``h.N.{attn,mlp,out}_adapter.*`` now."""
+        return re.sub(r"(\.h\.\d+)\.(?:(attn|mlp)\.)?bottleneck\.",
+                      lambda m: f"{m.group(1)}.{SLOTS[m.group(2) or 'block']}.", name)
 
     def validate(self, settings: BottleneckConfig, config: Config) -> None:
         outside = [i for i in settings.leave_out if not 0 <= i < config.n_layer]

@@ -392,6 +392,7 @@ def load_trained_tensors(model: nn.Module, tensors: Dict[str, torch.Tensor], spe
     """Copies saved trainable tensors into ``model``; a clear error names the keys when they do not fit."""
     keep = trainable_filter(spec)
     params = {n: p for n, p in model.named_parameters() if keep(n, p)}
+    tensors = {spec.definition.current_name(name): t for name, t in tensors.items()}  # older runs' names
     check_keys(params, tensors, f"the {spec.method} weights in {source} do not fit this base model")
     with torch.no_grad():
         for name, param in params.items():
