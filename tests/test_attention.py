@@ -147,9 +147,7 @@ def test_sparse_equals_masked_dense(name, fused, T, n_kv, monkeypatch):
     theirs = torch.autograd.grad(ref, leaves, grad)
     for a, b in zip(ours, theirs):
         assert torch.isfinite(a).all()
-        # relative to the reference's scale, but never below 1e-6 absolute: with one key (T = 1) the query's
-        # gradient is exactly 0, which SDPA's backward gives as float32 rounding noise (up to ~2e-7)
-        assert (a - b).abs().max() < 1e-5 * max(b.abs().max().item(), 0.1)
+        assert grads_close(a, b, grad)
 
 
 @pytest.mark.parametrize("name, fused", KERNEL_PATHS)
@@ -205,6 +203,15 @@ def test_kv_cache_path_equals_full_sequence(name):
             assert (out - full[:, :, rows]).abs().max() < 1e-5
 
 
+def grads_close(ours: torch.Tensor, reference: torch.Tensor, incoming: torch.Tensor) -> bool:
+    """Within 1e-5 of the reference's scale, the scale never below a tenth of the incoming gradient's: where a
+    query sees one key only (T = 1, a window of 1) its and that key's gradients are exactly 0, and each side returns
+    float32 rounding noise of the incoming gradient instead (up to ~1e-6 on some CPUs), which no relative bound on
+    the reference's own noise can hold."""
+    scale = max(reference.abs().max().item(), 0.1 * incoming.abs().max().item())
+    return (ours - reference).abs().max().item() < 1e-5 * scale
+
+
 def fwd_bwd(fn, leaves, inputs, grad):
     out = fn(*inputs)
     return (out, *torch.autograd.grad(out, leaves, grad))
@@ -221,8 +228,10 @@ def test_split_calls_stay_exact(name, fused, budget, monkeypatch):
     if budget == 40 and name.startswith("fixed"):
         assert len(kernel.build_plan(q, fused)[0].gathers) > 2  # the summaries really come in several chunks
     grad = torch.randn(2, NH, 45, 8)
-    for a, b in zip(fwd_bwd(kernel, leaves, (q, k, v), grad), fwd_bwd(kernel.reference, leaves, (q, k, v), grad)):
-        assert rel_err(a, b) < 1e-5 and (a - b).abs().max() < 1e-5
+    out, *ours = fwd_bwd(kernel, leaves, (q, k, v), grad)
+    ref, *theirs = fwd_bwd(kernel.reference, leaves, (q, k, v), grad)
+    assert rel_err(out, ref) < 1e-5 and (out - ref).abs().max() < 1e-5
+    assert all(grads_close(a, b, grad) for a, b in zip(ours, theirs))
 
 
 @pytest.mark.parametrize("pattern", ["local", "strided", "fixed", "shifted"])

@@ -320,16 +320,16 @@ def test_residual_variants_refuse_peft_export_and_merge_exactly(tmp_path, tok512
 
 
 def test_the_training_loop_builds_loraplus_groups(tmp_path, stories_checkpoint, instruction_data, monkeypatch):
-    from lit_adapter.train import run as training
+    from lit_adapter.train import trainer
 
     seen = []
-    build = training.build_optimizer
+    build = trainer.build_optimizer
 
     def spy(params, *args, **kwargs):
         seen.append([(len(g["params"]), g["lr"]) for g in params])
         return build(params, *args, **kwargs)
 
-    monkeypatch.setattr(training, "build_optimizer", spy)
+    monkeypatch.setattr(trainer, "build_optimizer", spy)  # what method_optimizer builds the run's optimizer with
     run(tmp_path, stories_checkpoint, instruction_data, method="loraplus", steps=2, learning_rate=1e-3)
     n_layers = Config.from_checkpoint_dir(stories_checkpoint).n_layer
     assert seen == [[(2 * n_layers, 1e-3), (2 * n_layers, 16e-3)]]  # A at lr, B at lr * lr_ratio (default 16)

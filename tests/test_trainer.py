@@ -212,7 +212,7 @@ def test_out_of_memory_while_resuming_propagates_as_itself(tmp_path, monkeypatch
 def test_a_genuine_mismatch_while_resuming_is_still_one_line(tmp_path, monkeypatch):
     path = _saved_checkpoint(tmp_path, _cell())
     other_rank = _cell(method_settings={"r": 8, "alpha": 16, "dropout": 0.0})
-    with pytest.raises(UserError, match=r"does not fit this run's lora: .*shapes \[.*lora_A"):
+    with pytest.raises(UserError, match=r"does not fit this run's lora: \d+ shape mismatches: .*lora_A: checkpoint \(4, 64\) vs model \(8, 64\)"):
         _resume_into(other_rank, path)
 
     def mismatch(*args, **kwargs):  # what torch raises for optimizer state of another shape

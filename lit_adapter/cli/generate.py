@@ -142,7 +142,7 @@ def run_generation(
     if adapter_dir is not None and expected_method is not None:
         found = read_spec(adapter_dir)[0].method
         if found != expected_method:
-            script = Path(__file__).resolve().parents[1] / "generate" / f"{found}.py"
+            script = Path(__file__).resolve().parents[2] / "generate" / f"{found}.py"
             hint = f"; use generate/{found}.py" if script.is_file() else "; use generate/finetuned.py (any method)"
             raise UserError(f"{adapter_dir} holds a {found} fine-tune, not {expected_method}{hint}")
     config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize)

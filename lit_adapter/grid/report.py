@@ -31,7 +31,7 @@ def provenance() -> Dict[str, str]:
     from lit_adapter.runtime import cpu_model
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_model('CPU')}, {_cpu_count()} cores"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=10).stdout.strip()

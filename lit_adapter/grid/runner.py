@@ -32,7 +32,7 @@ from lit_adapter.grid.spec import Cell, Grid, GridRun, deep_merge, expand, load_
 # the grid's file format lives in lit_adapter.grid.spec; these names stay importable from here
 __all__ = ["Cell", "Grid", "GridRun", "deep_merge", "load_grid", "run_grid", "grid_cells", "write_results"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHECKPOINT_NAME = "last.ckpt"  # what lit_adapter.train.run writes and --resume reads
 
 
