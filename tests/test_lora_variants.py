@@ -246,6 +246,21 @@ def test_qpissa_factors_the_full_precision_weight_and_trains(tmp_path, stories_c
     assert rel_err(dequantized_weight(q.linear), p.linear.weight) < 0.2
 
 
+@pytest.mark.parametrize("method", ["rslora", "olora", "loraplus"])
+def test_the_other_variants_train_on_an_nf4_base(tmp_path, stories_checkpoint, instruction_data, method):
+    """QDoRA and QPiSSA above; rsLoRA, OLoRA (its residual quantized after the factorisation) and LoRA+ too: the
+    validation loss falls, and final/ reloads onto the quantized base the run recorded."""
+    import bitsandbytes as bnb
+
+    result = run(tmp_path, stories_checkpoint, instruction_data, method=method, steps=6, quantize="bnb.nf4",
+                 learning_rate=2e-2)
+    assert result.final_val_loss < result.initial_val_loss
+    _, loaded, spec = load_finetuned(stories_checkpoint, tmp_path / "final", torch.device("cpu"), torch.float32)
+    assert spec.quantize == "bnb.nf4" and isinstance(loaded.transformer.h[0].attn.q_proj.linear, bnb.nn.Linear4bit)
+    config = Config.from_checkpoint_dir(stories_checkpoint)
+    assert torch.isfinite(loaded(torch.randint(0, config.vocab_size, (1, 16)))).all()
+
+
 @pytest.mark.parametrize("method", VARIANTS)
 def test_final_reloads_to_the_trained_logits(tmp_path, stories_checkpoint, instruction_data, monkeypatch, method):
     trained = {}
@@ -302,20 +317,25 @@ def test_peft_loads_the_export_with_the_logits_of_our_run(tmp_path, tok512, meth
 
 
 @pytest.mark.parametrize("method", ["pissa", "olora"])
-def test_residual_variants_refuse_peft_export_and_merge_exactly(tmp_path, tok512, method):
+def test_residual_variants_export_as_peft_converts_them_and_merge_exactly(tmp_path, tok512, method):
+    """PEFT's ``convert_pissa_to_lora`` form: a plain rank-2r LoRA on the original base gives our logits in PEFT;
+    the merge into a plain checkpoint recomputes the residual and gives them in transformers."""
     from test_export import hf_logits, ids, make_base, make_run, rel_error
+    from test_export_peft import peft_logits
 
     from lit_adapter.export import convert_to_hf, export_peft
 
     base = make_base(tmp_path / "base", tok512, "tiny-gqa")
     final, model = make_run(tmp_path / "run", base, method, dict(r=4, alpha=8, mlp=True))
-    with pytest.raises(UserError, match="residual base") as err:
-        export_peft(final, tmp_path / "peft")
-    assert "\n" not in str(err.value)
-    convert_to_hf(tmp_path / "hf", adapter_dir=final, merge_adapter=True)  # the fold recomputes the residual
     idx = ids()
     with torch.no_grad():
         expected = model(idx)
+    convert_to_hf(tmp_path / "hf_base", checkpoint_dir=base)
+    export_peft(final, tmp_path / "peft", base_model_name_or_path=str(tmp_path / "hf_base"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
+    assert rel_error(peft_logits(tmp_path / "hf_base", tmp_path / "peft", idx), expected) < 1e-5
+    convert_to_hf(tmp_path / "hf", adapter_dir=final, merge_adapter=True)  # the fold recomputes the residual
     assert rel_error(hf_logits(tmp_path / "hf", idx), expected) < 1e-5
 
 

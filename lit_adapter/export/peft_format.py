@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
+import torch
+
+from lit_adapter.checkpoint import find_weights, load_state_dict
 from lit_adapter.convert.common import lit_to_hf_name
 from lit_adapter.convert.gpt2 import is_gpt2
 from lit_adapter.errors import UserError
@@ -59,6 +62,18 @@ class Layout:
 
     family: str
     fan_in_fan_out: bool
+    source: Optional[Source] = None
+
+    def base_weight(self, name: str) -> torch.Tensor:
+        if self.source is None or self.source.base_dir is None:
+            raise Refused("its adapter depends on the base weights, and the base checkpoint is not there; pass "
+                          "--checkpoint_dir")
+        if self._base is None:
+            self._base = load_state_dict(find_weights(self.source.base_dir))
+        return self._base[f"{name}.weight"].float()
+
+    def __post_init__(self) -> None:
+        self._base: Optional[StateDict] = None
 
     def key(self, name: str) -> str:
         if self.family == "gpt2":
@@ -84,7 +99,7 @@ class Layout:
 
 def layout_of(source: Source) -> Layout:
     gpt2 = is_gpt2(source.config)
-    return Layout("gpt2" if gpt2 else "llama", fan_in_fan_out=gpt2)
+    return Layout("gpt2" if gpt2 else "llama", fan_in_fan_out=gpt2, source=source)
 
 
 def _common(base_model_name_or_path: Optional[str]) -> Dict[str, Any]:

@@ -207,6 +207,10 @@ class PeftLayout(Protocol):
     def targets(self, names: Iterable[str]) -> List[PeftTarget]:
         """The HF modules holding our layers ``names``, in model order."""
 
+    def base_weight(self, name: str) -> torch.Tensor:
+        """The base checkpoint's weight (float32, (out, in)) of our linear ``name`` (``transformer.h.0.attn.q_proj``),
+        for a method whose adapter depends on the base (PiSSA's and OLoRA's initial factors)."""
+
 
 @dataclass
 class PeftAdapter:

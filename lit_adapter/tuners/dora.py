@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from lit_adapter.model.quantize import dequantized_weight
 from lit_adapter.memory.ops import Dims, LinearSite, Saved
-from lit_adapter.tuners.base import PeftTarget, Refused
+from lit_adapter.tuners.base import PeftLayout, PeftTarget, Refused
 from lit_adapter.tuners.lora import LoRA, LoRAConfig, LoRALinear, LoRAMemoryTerms
 from lit_adapter.tuners.wrapping import Folded
 
@@ -145,7 +145,7 @@ class DoRA(LoRA):
     def peft_options(self, settings: DoRAConfig) -> Dict[str, Any]:
         return {"use_rslora": False, "use_dora": True}
 
-    def peft_target_tensors(self, target: PeftTarget, layers: Mapping[str, LoRALinear]
+    def peft_target_tensors(self, target: PeftTarget, layers: Mapping[str, LoRALinear], layout: PeftLayout
                             ) -> Tuple[Dict[str, torch.Tensor], Set[str]]:
         """LoRA's tensors plus the magnitude, which PEFT saves as ``lora_magnitude_vector`` (no ``.weight``). A
         magnitude is per row of one weight's norm: layers fused in one HF module (GPT-2's ``c_attn``) are refused,
@@ -153,7 +153,7 @@ class DoRA(LoRA):
         if target.n_slots > 1:
             raise Refused(f"DoRA's magnitude is one weight's row norms, and {target.name} fuses {target.n_slots} of "
                           "our layers; fold the run into the base instead (scripts/convert_to_hf.py --merge true)")
-        tensors, carried = super().peft_target_tensors(target, layers)
+        tensors, carried = super().peft_target_tensors(target, layers, layout)
         (name,) = target.members
         tensors["lora_magnitude_vector"] = layers[name].lora_magnitude_vector.detach()
         return tensors, carried | {f"{name}.lora_magnitude_vector"}

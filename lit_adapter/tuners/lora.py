@@ -244,7 +244,7 @@ class LoRA(Method):
         magnitude (a variant such as rsLoRA or DoRA returns its own)."""
         return {"use_rslora": False, "use_dora": False}
 
-    def peft_target_tensors(self, target: PeftTarget, layers: Mapping[str, LoRALinear]
+    def peft_target_tensors(self, target: PeftTarget, layers: Mapping[str, LoRALinear], layout: PeftLayout
                             ) -> Tuple[Dict[str, torch.Tensor], Set[str]]:
         """PEFT's tensors of one adapted HF module (by name under its key) and our names of those they hold.
 
@@ -277,7 +277,7 @@ class LoRA(Method):
         targets = layout.targets(layers)
         tensors, carried, fused = {}, set(), {}
         for target in targets:
-            own, used = self.peft_target_tensors(target, layers)
+            own, used = self.peft_target_tensors(target, layers, layout)
             tensors.update({f"{target.key}.{k}": v for k, v in own.items()})
             carried |= used
             if target.n_slots > 1:

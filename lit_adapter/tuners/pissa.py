@@ -22,9 +22,10 @@ is also well defined beyond one machine: it is ``W`` minus its projection on the
 does not depend on the signs or basis LAPACK picks for the singular vectors. (The other choice, PEFT's
 ``convert_pissa_to_lora``, saves a rank-2r LoRA of the original base instead: twice the size, and exact only up to
 rounding.) Switched off (DPO's reference policy) the layer adds the initial ``s B0 A0 x``
-back, kept as unsaved buffers, so it computes the original base, not the residual. A PEFT adapter of such a run is refused: PEFT's LoRA applies to the original weight; the run folds into
-a plain checkpoint instead (``scripts/convert_to_hf.py --merge true``; :meth:`ResidualLoRALinear.base_weight_from_checkpoint`
-recomputes the residual from the checkpoint's weight).
+back, kept as unsaved buffers, so it computes the original base, not the residual. A PEFT export writes what PEFT's ``convert_pissa_to_lora`` writes: a plain LoRA of rank ``2 r`` on the
+original base, ``[B, B0] [A; -A0]`` (:meth:`ResidualLoRA.peft_adapter`); the fold into a plain checkpoint
+(``scripts/convert_to_hf.py --merge true``) recomputes the residual from the checkpoint's weight
+(:meth:`ResidualLoRALinear.base_weight_from_checkpoint`).
 
 On a quantized base (QPiSSA) the factorisation runs on the full-precision weight, before the base is quantized,
 and the *residual* is what gets quantized, as the paper does and PEFT asks (its ``pissa_init`` refuses a quantized
@@ -36,14 +37,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
-from lit_adapter.tuners.base import PeftAdapter, PeftLayout, Refused
+from lit_adapter.tuners.base import PeftAdapter, PeftLayout, PeftTarget, Refused, json_number
 from lit_adapter.tuners.lora import LoRA, LoRAConfig, LoRALinear
 from lit_adapter.tuners.wrapping import is_quantized
 
@@ -121,8 +122,28 @@ class ResidualLoRA(LoRA):
         return self.layer_cls(linear, settings.r, settings.alpha, settings.dropout)
 
     def peft_adapter(self, model: nn.Module, settings: Any, layout: PeftLayout) -> PeftAdapter:
-        raise Refused("its A and B apply to the residual base W - s B0 A0, and a PEFT LoRA adapter to the original "
-                      "weight; fold the run into the base instead (scripts/convert_to_hf.py --merge true)")
+        """A plain PEFT LoRA of rank ``2 r`` on the *original* base, as PEFT's ``convert_pissa_to_lora`` writes
+        one: ``W_res + s B A = W + s (B A - B0 A0) = W + s [B, B0] [A; -A0]``, with ``lora_alpha`` doubled so the
+        scale stays ``alpha / r``. ``A0``, ``B0`` are recomputed from the base checkpoint, as on loading."""
+        adapter = super().peft_adapter(model, settings, layout)
+        config = adapter.config
+        if config["rank_pattern"]:
+            raise Refused("its layers fuse into one PEFT module (GPT-2's c_attn), which this rank-2r conversion "
+                          "does not write; fold the run into the base instead (scripts/convert_to_hf.py --merge true)")
+        config.update(r=2 * config["r"], lora_alpha=json_number(2 * config["lora_alpha"]))
+        return adapter
+
+    def peft_target_tensors(self, target: PeftTarget, layers: Mapping[str, LoRALinear], layout: PeftLayout
+                            ) -> Tuple[Dict[str, torch.Tensor], Set[str]]:
+        tensors, carried = super().peft_target_tensors(target, layers, layout)
+        if target.n_slots > 1:
+            return tensors, carried  # refused by peft_adapter
+        (name,) = target.members
+        layer = layers[name]
+        _, A0, B0 = layer.residual(layout.base_weight(name))
+        tensors["lora_A.weight"] = torch.cat([tensors["lora_A.weight"].float(), -A0]).to(layer.lora_A.dtype)
+        tensors["lora_B.weight"] = torch.cat([tensors["lora_B.weight"].float(), B0], dim=1).to(layer.lora_B.dtype)
+        return tensors, carried
 
     def initialize_from_base(self, model: nn.Module, settings: Any, checkpoint_dir: Optional[Path]) -> None:
         """Factors every adapted weight into ``A``, ``B`` and the residual base: at the start of training and, the
