@@ -72,6 +72,12 @@ def _read_prompts(prompts_file: Path) -> List[str]:
     return prompts
 
 
+def _eos_text(tokenizer) -> str:
+    from lit_adapter.data.chat import special_token
+
+    return special_token(tokenizer, "eos")
+
+
 def run_generation(
     checkpoint_dir,
     adapter_dir=None,
@@ -99,14 +105,15 @@ def run_generation(
     """Loads a base (plus optional fine-tuned tensors), generates, prints text to stdout and stats to stderr.
 
     ``expected_method`` (the ``generate/<method>.py`` scripts) refuses an ``adapter_dir`` of another method.
-    ``chat`` renders each prompt as a user turn (after ``system``) with the checkpoint's chat template
-    (:func:`lit_adapter.data.prompts.chat_prompt`) and stops at the end of the assistant's turn (``<|eot_id|>``).
+    ``chat`` renders each prompt as a user turn (after ``system``) with the chat template the fine-tune in
+    ``adapter_dir`` trained with (its ``adapter_config.json``), else the checkpoint's own (``tokenizer_config.json``),
+    and stops at the end of the assistant's turn (``<|eot_id|>``, ``<|im_end|>``: :mod:`lit_adapter.data.chat`).
     Returns the generated texts (one per prompt).
     """
     from lit_adapter.generation.decode import generate_batch, room_for
     from lit_adapter.tuners.registry import load_finetuned, read_spec
     from lit_adapter.train.preflight import check_tokenizer_fits
-    from lit_adapter.data.prompts import InstructionRecord, chat_prompt, generate_prompt
+    from lit_adapter.data.prompts import InstructionRecord, generate_prompt
     from lit_adapter.runtime import peak_memory_gb, resolve_device, resolve_precision, weights_dtype
     from lit_adapter.generation.sampling import check_sampling
     from lit_adapter.data.tokenizer import Tokenizer
@@ -136,8 +143,15 @@ def run_generation(
         if templated:
             raise UserError("--chat true formats the prompt with the model's chat template; pass it as --prompt, "
                             "not --instruction")
-        prompts = [chat_prompt(tokenizer, p, system) for p in prompts]
-        end_of_turn = tokenizer.token_id("<|eot_id|>") if hasattr(tokenizer, "token_id") else None
+        from lit_adapter.data.chat import end_of_turn_id, recorded_template, resolve_template
+
+        # the template the run trained with (recorded in its adapter_config.json), else the checkpoint's own
+        template = recorded_template(adapter_dir) or resolve_template(tokenizer)
+        prompts = [template.prompt(p, system) for p in prompts]
+        marker = template.end_of_turn()
+        end_of_turn = end_of_turn_id(tokenizer, marker)
+        if end_of_turn is None and marker and marker != _eos_text(tokenizer):
+            stop = [*(stop or []), marker]
     t0 = time.perf_counter()
     if adapter_dir is not None and expected_method is not None:
         found = read_spec(adapter_dir)[0].method
@@ -148,7 +162,12 @@ def run_generation(
     config, model, spec = load_finetuned(checkpoint_dir, adapter_dir, dev, weights_dtype(precision), quantize)
     check_tokenizer_fits(tokenizer, config, checkpoint_dir)
     print(f"loaded {spec.describe()} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
-    encoded = [tokenizer.encode(p, bos=not chat, device=dev) for p in prompts]  # a chat template writes BOS
+    if chat:  # a chat template writes BOS (and other special tokens) itself
+        from lit_adapter.data.chat import encode_chat
+
+        encoded = [torch.tensor(encode_chat(tokenizer, p)[0], device=dev) for p in prompts]
+    else:
+        encoded = [tokenizer.encode(p, bos=True, device=dev) for p in prompts]
     room = min(room_for(model, e.numel()) for e in encoded)
     if room < max_new_tokens:
         print(f"note: at most {room} new tokens fit in the model's window of {config.block_size}", file=sys.stderr)
@@ -201,6 +220,8 @@ def generate_instruction_answer(
     precision: Optional[Literal["32-true", "bf16-true", "16-true"]] = None,
     seed: int = 1234,
     device: Optional[str] = None,
+    chat: bool = False,
+    system: Optional[str] = None,
 ) -> List[str]:
     """Answer an instruction, wrapped in the same prompt template as training; the answer goes to stdout.
 
@@ -223,6 +244,10 @@ def generate_instruction_answer(
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         seed: Random seed for sampling.
         device: cpu or cuda (default: cuda when available).
+        chat: Prompt with the chat template the run trained with (a run on scripts/prepare_chat.py data records it
+            in adapter_config.json; else the checkpoint's own): the instruction is the user's turn, and the answer
+            stops at the end of the assistant's turn.
+        system: With --chat true, a system message before the user's.
     """
     return _answer(**locals())
 
@@ -230,8 +255,13 @@ def generate_instruction_answer(
 def _answer(expected_method: Optional[str] = None, **kwargs) -> List[str]:
     if kwargs.get("prompts_file") is not None:
         kwargs["instruction"] = None
+    chat = kwargs.get("chat", False)
+    if chat:  # the instruction is the user's turn of the chat template, not the Alpaca template's instruction
+        if kwargs.pop("input", ""):
+            raise UserError("--input belongs to the instruction template; with --chat true write it into --instruction")
+        kwargs["prompt"] = kwargs.pop("instruction")
     return run_generation(kwargs.pop("checkpoint_dir"), kwargs.pop("adapter_dir"), expected_method=expected_method,
-                          as_instructions=True, **kwargs)
+                          as_instructions=not chat, **kwargs)
 
 
 def instruction_command(method: str):

@@ -111,6 +111,16 @@ def load_records(
     return records, skipped
 
 
+def iter_source(source: Source) -> Iterator[Tuple[str, Any]]:
+    """``(location, object)`` for every record of a Hub dataset id or local file(s)/folder(s), as :func:`load_records`
+    reads them (other record formats, such as chat conversations, share the reading and its one-line errors); a
+    line of invalid JSON is yielded as a ``ValueError`` whose message says why, so a caller can skip it."""
+    files = resolve_source(source)
+    items = _iter_hub(_single(source)) if files is None else (item for path in files for item in _iter_file(path))
+    for where, obj in items:
+        yield where, (ValueError(str(obj)) if isinstance(obj, _InvalidRecord) else obj)
+
+
 def resolve_source(source: Source) -> Optional[List[Path]]:
     """The sorted, de-duplicated data files of a local ``source``; ``None`` if it names a Hub dataset."""
     entries = [source] if isinstance(source, (str, Path)) else list(source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from lit_adapter.errors import UserError
 
@@ -15,8 +15,9 @@ ANSWERING_OBJECTIVES = ("next_token", "dpo")
 
 
 def answer_prompts(fabric, model, checkpoint_dir: Path, prompts: Sequence[str], max_new_tokens: int, step: int,
-                   out_dir: Path, objective) -> List[Dict[str, Any]]:
-    """The trained model's greedy answers to ``prompts`` (instructions, in the training data's template), written to
+                   out_dir: Path, objective, chat_template: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """The trained model's greedy answers to ``prompts`` (instructions, in the training data's template: the Alpaca
+    one, or the recorded ``chat_template`` of chat data, each prompt a user turn), written to
     ``out_dir/generations.jsonl``: one ``{"step", "prompt", "response"}`` per prompt. Rank 0 decodes; with FSDP
     (sharded weights) and with objectives whose model does not produce text nothing is answered."""
     if not prompts or fabric.global_rank != 0:
@@ -35,8 +36,19 @@ def answer_prompts(fabric, model, checkpoint_dir: Path, prompts: Sequence[str], 
 
     model = methods.unwrap(model)
     tokenizer = Tokenizer(checkpoint_dir)
-    encoded = [tokenizer.encode(generate_prompt(InstructionRecord(instruction=p)), bos=True, device=fabric.device)
-               for p in prompts]
+    end_of_turn, marker = None, ""
+    if chat_template:
+        import torch
+
+        from lit_adapter.data.chat import ChatTemplate, encode_chat, end_of_turn_id
+
+        chat = ChatTemplate.from_dict(chat_template)
+        encoded = [torch.tensor(encode_chat(tokenizer, chat.prompt(p))[0], device=fabric.device) for p in prompts]
+        marker = chat_template.get("end_of_turn", "")
+        end_of_turn = end_of_turn_id(tokenizer, marker)
+    else:
+        encoded = [tokenizer.encode(generate_prompt(InstructionRecord(instruction=p)), bos=True,
+                                    device=fabric.device) for p in prompts]
     window = real_window(model)
     fits = [i for i, e in enumerate(encoded) if e.numel() < window]
     responses = {i: "" for i in range(len(prompts))}
@@ -47,9 +59,12 @@ def answer_prompts(fabric, model, checkpoint_dir: Path, prompts: Sequence[str], 
             if room < max_new_tokens:
                 fabric.print(f"note: at most {room} new tokens fit after the longest prompt in the model's window")
             ids = generate_batch(model, [encoded[i] for i in fits], max_new_tokens, temperature=0.0,
-                                 eos_id=tokenizer.eos_id)
+                                 eos_id=tokenizer.eos_id,
+                                 stop=lambda row, ids: bool(ids) and (ids[-1] == end_of_turn or bool(marker) and (
+                                     marker in tokenizer.decode(ids))))
             for i, row in zip(fits, ids):
-                responses[i] = tokenizer.decode([t for t in row if t != tokenizer.eos_id]).strip()
+                text = tokenizer.decode([t for t in row if t not in (tokenizer.eos_id, end_of_turn)])
+                responses[i] = (text.split(marker)[0] if marker else text).strip()
     finally:
         model.train()
     for i in sorted(set(range(len(prompts))) - set(fits)):

@@ -273,8 +273,12 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     run's end (summary, answers to ``eval.prompts``, the logger)."""
     fabric.seed_everything(train.seed)
     objective = resolve_objective(objective)
-    train_examples, val_examples, max_seq_length = _load_examples(fabric, spec, config, checkpoint_dir, data, train,
-                                                                  objective)
+    train_examples, val_examples, max_seq_length, metadata = _load_examples(fabric, spec, config, checkpoint_dir,
+                                                                            data, train, objective)
+    # chat data: generation and evaluation must prompt with the template the data were rendered with
+    chat_template = metadata.get("chat_template") if isinstance(metadata, dict) else None
+    if chat_template:
+        hparams = {**hparams, "chat_template": chat_template}
     spec.attention = spec.attention.resolve(max_seq_length)  # e.g. the shifted pattern's group size
     model, optimizer, trainable, (n_trainable, n_total) = _build_model(fabric, spec, config, checkpoint_dir, train,
                                                                        precision, objective)
@@ -298,12 +302,13 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
                       loss=train.loss, max_grad_norm=train.max_grad_norm, trainable=trainable, state=state)
     plan = RunPlan(total_steps=total_steps, steps_per_epoch=steps_per_epoch, val_loader=val_loader, spec=spec,
                    config=config, checkpoint_dir=checkpoint_dir, out_dir=out_dir, eval=eval,
-                   log_interval=train.log_interval, save_interval=train.save_interval, resumed=resume)
+                   log_interval=train.log_interval, save_interval=train.save_interval, resumed=resume,
+                   adapter_record={"chat_template": chat_template} if chat_template else {})
     status = trainer.fit(plan)
 
     result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
     answers = (answer_prompts(fabric, model, checkpoint_dir, eval.prompts, eval.prompt_max_new_tokens,
-                              state.step, out_dir, objective) if status == "completed" else [])
+                              state.step, out_dir, objective, chat_template) if status == "completed" else [])
     record.finish(result, answers, out_dir)
     summary = logger_summary(fabric.logger)
     fabric.logger.finalize("success" if status == "completed" else "aborted")
@@ -318,7 +323,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
 
 def _load_examples(fabric, spec, config, checkpoint_dir, data, train, objective):
     """The objective's training and validation examples, checked against the model and cut to the context;
-    returns them and the context length."""
+    returns them, the context length and the data's metadata."""
     train_examples, val_examples, metadata = objective.load_examples(data.data_dir)
     check_parts_fit(config, checkpoint_dir, data.data_dir, metadata,
                     {"training": train_examples, "validation": val_examples},
@@ -345,7 +350,7 @@ def _load_examples(fabric, spec, config, checkpoint_dir, data, train, objective)
         )
     if not val_examples:
         raise UserError(f"the validation split in {data.data_dir} is empty")
-    return train_examples, val_examples, max_seq_length
+    return train_examples, val_examples, max_seq_length, metadata
 
 
 def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objective):

@@ -95,6 +95,9 @@ class RunPlan:
     log_interval: int = 1
     save_interval: Optional[int] = None
     resumed: bool = False
+    adapter_record: Dict[str, Any] = field(default_factory=dict)
+    """Written into ``best/`` and ``final/``'s ``adapter_config.json`` beside the method (the data's chat template,
+    which generation and evaluation must prompt with)."""
 
     @property
     def checkpoint_path(self) -> Path:
@@ -276,7 +279,7 @@ class Trainer:
             state.best_val = [step, loss]
             if plan.eval.save_best and fabric.global_rank == 0:
                 methods.save_adapter_folder(self.model, plan.spec, plan.config, plan.checkpoint_dir,
-                                            plan.out_dir / "best")
+                                            plan.out_dir / "best", record=plan.adapter_record)
             fabric.barrier()
         if state.best_val:
             metrics["best_val_loss"] = state.best_val[1]
@@ -293,7 +296,7 @@ class Trainer:
             check_finite(self.model, plan.spec, f"after step {step}", self._not_finite)
             if fabric.global_rank == 0:  # the ranks hold the same tensors; one writes them
                 methods.save_adapter_folder(self.model, plan.spec, plan.config, plan.checkpoint_dir,
-                                            plan.out_dir / "final")
+                                            plan.out_dir / "final", record=plan.adapter_record)
             fabric.barrier()
         self.keeper.finish()
 

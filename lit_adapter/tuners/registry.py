@@ -242,12 +242,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, _FabricModule) else model
 
 
-def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_dir: Path, out_dir: Path) -> Path:
+def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_dir: Path, out_dir: Path,
+                 record: Optional[Dict[str, Any]] = None) -> Path:
     """Writes the trained tensors and what is needed to rebuild the model around them into ``out_dir``.
 
     PEFT methods write ``adapter.safetensors`` (only the trainable tensors: kilobytes to megabytes) and
     ``adapter_config.json``; a method whose ``final_is_checkpoint`` (full fine-tuning) writes a complete checkpoint
-    folder (weights, config, tokenizer) beside it.
+    folder (weights, config, tokenizer) beside it. ``record`` adds entries to ``adapter_config.json`` (a chat
+    run's template).
     """
     from safetensors.torch import save_file
 
@@ -269,13 +271,13 @@ def save_adapter(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_
         atomic_write(out_dir / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
     meta = {**spec.to_dict(), "base_checkpoint_dir": str(checkpoint_dir), "base_config": asdict(config),
             "rope_scaling": config.rope_scaling,  # the run's window: load_finetuned rebuilds it
-            "trainable_params": None if whole else sum(t.numel() for t in tensors.values())}
+            "trainable_params": None if whole else sum(t.numel() for t in tensors.values()), **(record or {})}
     atomic_write(out_dir / ADAPTER_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return out_dir
 
 
 def save_adapter_folder(model: nn.Module, spec: MethodSpec, config: Config, checkpoint_dir: Path,
-                        out_dir: Path) -> Path:
+                        out_dir: Path, record: Optional[Dict[str, Any]] = None) -> Path:
     """:func:`save_adapter` into a temporary folder that then replaces ``out_dir`` whole, so a reader (or a crash)
     never sees a mix of two saves."""
     out_dir = Path(out_dir)
@@ -284,7 +286,7 @@ def save_adapter_folder(model: nn.Module, spec: MethodSpec, config: Config, chec
     for leftover in (tmp, old):
         if leftover.exists():
             shutil.rmtree(leftover)
-    save_adapter(model, spec, config, checkpoint_dir, tmp)
+    save_adapter(model, spec, config, checkpoint_dir, tmp, record)
     if out_dir.exists():
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
