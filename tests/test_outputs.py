@@ -43,8 +43,8 @@ def test_best_is_tracked_at_every_validation(tmp_path, stories_checkpoint, instr
     saved = []
     original = training.methods.save_adapter_folder
     monkeypatch.setattr(training.methods, "save_adapter_folder",
-                        lambda model, spec, config, ckpt, out: saved.append(out.name) or original(model, spec, config,
-                                                                                                ckpt, out))
+                        lambda model, spec, config, ckpt, out, **kw: saved.append(out.name) or original(
+                            model, spec, config, ckpt, out, **kw))
     from lit_adapter.tuners.registry import MethodSpec
     from lit_adapter.train.run import DataArgs, EvalArgs, FabricArgs, LoggerArgs, TrainArgs, finetune
 
