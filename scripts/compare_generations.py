@@ -1,7 +1,9 @@
 """Answer the same instructions with a base checkpoint and several fine-tuned ones; write a side-by-side table.
 
 Every model gets the instruction inside the Alpaca template the fine-tuning runs were trained with
-(``lit_adapter.data.prompts.generate_prompt``), the base included, so the columns differ only in the weights.
+(``lit_adapter.data.prompts.generate_prompt``), the base included, so the columns differ only in the weights. A run
+trained on chat data (``scripts/prepare_chat.py``: its ``adapter_config.json`` records the chat template) gets the
+instruction as a user turn of that template instead, and its answer ends at the template's end of turn.
 """
 
 import sys
@@ -61,20 +63,32 @@ def answer_all(checkpoint_dir: Path, adapter_dir: Optional[Path], records, max_n
     from lit_adapter.data.instructions import InstructionRecord
     from lit_adapter.evaluation import describe_model, load_model
     from lit_adapter.generation.decode import generate_tokens
+    from lit_adapter.data.chat import encode_chat, end_of_turn_id, recorded_template
     from lit_adapter.data.prompts import generate_prompt
 
     config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device)
+    # a run trained on chat data answers as it was trained: the instruction (and input) as its template's user turn
+    chat = recorded_template(adapter_dir)
+    marker = chat.end_of_turn() if chat is not None else ""
+    end_of_turn = end_of_turn_id(tokenizer, marker) if chat is not None else None
     answers, n_tokens, t0 = [], 0, time.perf_counter()
     for record in records:
         torch.manual_seed(seed)  # each answer samples the same way whatever came before it
-        prompt = generate_prompt(InstructionRecord(instruction=record["instruction"], input=record["input"]))
-        ids = tokenizer.encode(prompt, bos=True, device=dev)
+        if chat is not None:
+            text = record["instruction"] + (f"\n\n{record['input']}" if record["input"].strip() else "")
+            ids = torch.tensor(encode_chat(tokenizer, chat.prompt(text))[0], device=dev)
+        else:
+            prompt = generate_prompt(InstructionRecord(instruction=record["instruction"], input=record["input"]))
+            ids = tokenizer.encode(prompt, bos=True, device=dev)
         if ids.numel() >= config.block_size:
             answers.append(f"(prompt of {ids.numel()} tokens does not fit the context of {config.block_size})")
             continue
         new = [t.item() for t in generate_tokens(model, ids, max_new_tokens, temperature, top_k, tokenizer.eos_id)]
         n_tokens += len(new)
-        answers.append(tokenizer.decode([t for t in new if t != tokenizer.eos_id]).strip())
+        if end_of_turn in new:
+            new = new[: new.index(end_of_turn)]
+        answer = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+        answers.append((answer.split(marker)[0] if marker else answer).strip())
     seconds = time.perf_counter() - t0
     run = Path(adapter_dir).resolve().parent.name if adapter_dir is not None else ""  # out/<run>/final
     label = "base" if adapter_dir is None else spec.describe() + (f" ({run})" if run not in ("", spec.method) else "")

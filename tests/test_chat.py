@@ -254,3 +254,22 @@ def test_a_run_on_prepared_chat_data_records_its_template_and_generates_with_it(
     finally:
         ChatTemplate.prompt = original
     assert seen == ["chatml"] and len(answers) == 1 and "<|im_end|>" not in answers[0]
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Add 1 and 2."] and "<|im_end|>" not in rows[0]["response"]
+
+    # scripts/compare_generations.py answers a chat-trained run through its template too (the base, through Alpaca's)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_generations", REPO / "scripts" / "compare_generations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen.clear()
+    try:
+        ChatTemplate.prompt = lambda self, text, system=None: seen.append(text) or original(self, text, system)
+        chat_run = module.answer_all(stories_checkpoint, out / "final", [{"instruction": "Add 1 and 2.", "input": ""}],
+                                     6, 0.0, None, None, None, "cpu", 1)
+        base = module.answer_all(stories_checkpoint, None, [{"instruction": "Add 1 and 2.", "input": ""}], 6, 0.0,
+                                 None, None, None, "cpu", 1)
+    finally:
+        ChatTemplate.prompt = original
+    assert seen == ["Add 1 and 2."] and len(chat_run["answers"]) == len(base["answers"]) == 1
