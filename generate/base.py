@@ -47,8 +47,9 @@ def main(
         precision: 32-true, bf16-true or 16-true (default: bf16-true on GPUs that support it, else 32-true).
         seed: Random seed for sampling.
         device: cpu or cuda (default: cuda when available).
-        chat: Render the prompt as a user turn with the checkpoint's chat template (tokenizer_config.json's
-            chat_template: Llama 3 Instruct) and stop at the end of the assistant's turn.
+        chat: Render the prompt as a user turn with a chat template and stop at the end of the assistant's turn:
+            the one a fine-tune in --adapter_dir trained with (scripts/prepare_chat.py data record it), else the
+            checkpoint's own (tokenizer_config.json's chat_template: Llama 3 Instruct).
         system: With --chat true, a system message before the user's.
     """
     run_generation(checkpoint_dir, adapter_dir, prompt=None if prompts_file is not None else prompt,

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from family_fixtures import llama3_tokenizer_dir
 from lit_adapter.data.chat import (
@@ -205,7 +204,7 @@ def chat_records(n: int):
         a, b = i % 7, i % 5
         records.append({"conversations": [
             {"from": "human", "value": f"Add {a} and {b}."}, {"from": "gpt", "value": f"{a + b}."},
-            {"from": "human", "value": f"Now double it."}, {"from": "gpt", "value": f"{2 * (a + b)}."},
+            {"from": "human", "value": "Now double it."}, {"from": "gpt", "value": f"{2 * (a + b)}."},
         ]})
     return records
 

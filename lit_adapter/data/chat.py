@@ -119,7 +119,10 @@ class ChatTemplate:
         generation stops."""
         probe = "\u2063reply\u2063"
         user = [{"role": "user", "content": "hi"}]
-        turn = self.render(user + [{"role": "assistant", "content": probe}])
+        try:
+            turn = self.render(user + [{"role": "assistant", "content": probe}])
+        except UserError:  # a template that wants more than one exchange to render: stop at EOS only
+            return ""
         tail = turn[turn.rfind(probe) + len(probe):] if probe in turn else ""
         return tail.strip().split()[0] if tail.strip() else ""
 
