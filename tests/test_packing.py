@@ -194,3 +194,95 @@ def test_a_steps_gradient_is_the_same_on_two_ddp_processes(tmp_path):
     for key, (loss, grads) in results.items():
         assert loss == pytest.approx(reference_loss, rel=1e-6), key
         assert_same_gradient(grads, reference)
+
+
+# ------------------------------------------------------------------------------------------ attention and format
+
+
+def test_per_example_attention_and_the_flex_mask_equal_the_dense_document_mask():
+    from lit_adapter.model.gpt import CausalSelfAttention
+    from lit_adapter.model.packing import PackedLayout, dense_packed_attention
+
+    torch.manual_seed(0)
+    layout = PackedLayout([5, 130, 1, 64])  # one example past a flex block (128), one of a single token
+    q, k, v = (torch.randn(1, 2, 200, 8) for _ in range(3))
+    reference = dense_packed_attention(q, k, v, layout)
+    attn = CausalSelfAttention(tiny(n_head=2, n_query_groups=2, n_embd=16, block_size=256), 0)
+    torch.testing.assert_close(layout.attend(attn, q, k, v), reference, rtol=1e-5, atol=1e-6)
+    # the CUDA path's block mask, checked here in its forward (FlexAttention has no CPU backward in torch 2.13;
+    # uncompiled, as on CPU, it computes the whole score matrix, which only this check may do)
+    with pytest.warns(UserWarning, match="without torch.compile"):
+        torch.testing.assert_close(layout._flex(q, k, v), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_the_packed_batch_format():
+    batch = packed(examples((3, 5)))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, 8)
+    assert batch["cu_seqlens"].tolist() == [0, 3, 8]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert batch["labels"][0, 3] == -100  # the first example's last token does not predict the second's first
+
+
+def test_packed_sampler_is_a_pure_function_of_seed_and_step_and_balances_ranks():
+    from lit_adapter.data.packing import PackedStepBatchSampler
+
+    lengths = [int(n) for n in torch.randint(1, 60, (40,), generator=torch.Generator().manual_seed(3))]
+    kw = dict(micro_batch_size=2, accum=2, world_size=2, seed=5, total_steps=6, budget=120)
+    ranks = [list(PackedStepBatchSampler(lengths, rank=r, start_step=0, **kw)) for r in (0, 1)]
+    resumed = list(PackedStepBatchSampler(lengths, rank=1, start_step=4, **kw))
+    assert resumed == ranks[1][8:]  # step 4 on: the same micro-batches, whatever came before
+    epoch = [i for r in ranks for mb in r[:8] for i in mb]  # steps 0..3 hold 32 examples, each at most once
+    assert len(epoch) == len(set(epoch)) == 32
+    for step in range(6):
+        tokens = [sum(lengths[i] for mb in r[2 * step : 2 * step + 2] for i in mb) for r in ranks]
+        assert max(tokens) - min(tokens) <= max(lengths)  # balanced token budgets
+        assert all(sum(lengths[i] for i in mb) <= 120 for r in ranks for mb in r)
+    padded = __import__("lit_adapter.data.order", fromlist=["StepBatchSampler"]).StepBatchSampler(
+        40, 2, 2, 2, 0, 5, 0, 6)
+    assert sorted(i for mb in ranks[0][:2] + ranks[1][:2] for i in mb) == sorted(padded.step_indices(0))
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def test_a_budget_smaller_than_the_longest_example_names_it():
+    from lit_adapter.data.packing import check_budget
+    from lit_adapter.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        check_budget([12, 40, 7], 32)
+    message = str(err.value)
+    assert "\n" not in message and "example 1" in message and "40 tokens" in message
+    assert "train.micro_batch_tokens=32" in message and "--data.max_seq_length" in message
+
+
+def test_prepared_data_without_lengths_is_one_line():
+    from lit_adapter.data.packing import example_lengths
+    from lit_adapter.errors import UserError
+
+    with pytest.raises(UserError, match=r"example 1 has none.*--data.packing false"):
+        example_lengths([{"input_ids": torch.arange(3)}, {"text": "no tokens"}])
+
+
+def test_packing_with_a_method_or_objective_that_cannot_pack_is_one_line(monkeypatch):
+    from types import SimpleNamespace
+
+    from lit_adapter.errors import UserError
+    from lit_adapter.train.classification import ClassificationObjective
+    from lit_adapter.train.dpo import DPOObjective
+    from lit_adapter.train.objectives import NEXT_TOKEN
+    from lit_adapter.train.run import DataArgs, packs
+    from lit_adapter.tuners.registry import get_method
+
+    spec = MethodSpec("lora")
+    assert packs(DataArgs(), spec, NEXT_TOKEN) and not packs(DataArgs(packing=False), spec, NEXT_TOKEN)
+    monkeypatch.setattr(type(get_method("lora")), "packing_refusal", lambda self, settings: "it mixes the row")
+    with pytest.raises(UserError, match=r"^--data.packing true: the lora method does not pack \(it mixes the row\)"):
+        packs(DataArgs(packing=True), spec, NEXT_TOKEN)
+    assert not packs(DataArgs(), spec, NEXT_TOKEN)  # the default falls back to padding
+    monkeypatch.undo()
+    for objective in (ClassificationObjective, DPOObjective):
+        stub = SimpleNamespace(name=objective.name, packing_refusal=objective.packing_refusal)
+        with pytest.raises(UserError, match=f"the {objective.name} objective does not pack"):
+            packs(DataArgs(packing=True), spec, stub)
+        assert not packs(DataArgs(), spec, stub)

@@ -74,7 +74,22 @@ class PackedLayout:
                 return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
 
             self._block_mask = create_block_mask(document_causal, None, None, L, L, device=q.device)
-        return flex_attention(q, k, v, block_mask=self._block_mask)
+        # compiled on CUDA: uncompiled FlexAttention materialises the whole (L, L) score matrix
+        kernel = compiled_flex_attention() if q.is_cuda else flex_attention
+        return kernel(q, k, v, block_mask=self._block_mask)
+
+
+_COMPILED = None
+
+
+def compiled_flex_attention():
+    """``torch.compile(flex_attention)``, built once per process (each call site would recompile)."""
+    global _COMPILED
+    if _COMPILED is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED
 
 
 def dense_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout,
