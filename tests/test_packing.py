@@ -286,3 +286,31 @@ def test_packing_with_a_method_or_objective_that_cannot_pack_is_one_line(monkeyp
         with pytest.raises(UserError, match=f"the {objective.name} objective does not pack"):
             packs(DataArgs(packing=True), spec, stub)
         assert not packs(DataArgs(), spec, stub)
+
+
+# ------------------------------------------------------------------------------------- the estimate and dry run
+
+
+def test_the_estimator_takes_a_token_budget_per_micro_batch():
+    from lit_adapter.memory.estimate import estimate_memory, format_estimate
+
+    config, spec = tiny(), MethodSpec("lora")
+    padded = estimate_memory(config, spec, 4, 32)
+    packed_est = estimate_memory(config, spec, 1, 32, micro_batch_tokens=100)  # rounds up to 4 rows of 32
+    assert packed_est["peak_bytes"] == padded["peak_bytes"]
+    assert "packed micro-batches of 100 tokens (as 4 x 32)" in format_estimate(packed_est)
+
+
+def test_dry_run_reports_the_padding_share_and_what_packing_saves(tmp_path, capsys, instruction_data):
+    from lit_adapter.data.instructions import load_prepared
+    from lit_adapter.data.packing import padding_share
+    from lit_adapter.train.run import DataArgs, TrainArgs, print_padding_share
+
+    assert padding_share([4, 4, 2, 6], 2) == pytest.approx(1 - 16 / 20)
+    print_padding_share(DataArgs(data_dir=instruction_data), TrainArgs(micro_batch_size=4), 128, True, 512)
+    out = capsys.readouterr().out
+    n = len(load_prepared(instruction_data)[0])
+    assert f"data: {n} training examples" in out and "would be padding (estimated" in out
+    assert "packing (data.packing, up to 512 tokens per micro-batch)" in out and "saving an estimated" in out
+    print_padding_share(DataArgs(data_dir=tmp_path / "none"), TrainArgs(), 128, True, 512)
+    assert "no prepared data" in capsys.readouterr().out

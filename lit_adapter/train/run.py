@@ -234,7 +234,8 @@ def finetune(
     if dry_run:
         methods.dry_run(spec, config)
         print(f"context: {seq_len} tokens per sequence, of a window of {config.describe_window()}")
-        print_memory_estimate(spec, config, seq_len, train, fabric_args.accelerator, precision)
+        print_memory_estimate(spec, config, seq_len, train, fabric_args.accelerator, precision,
+                              budget if packing else None)
         print_padding_share(data, train, seq_len, packing, budget)
         return None
     if checkpoint_dir is None:
