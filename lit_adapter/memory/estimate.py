@@ -190,9 +190,9 @@ def estimate_memory(
 
     ``micro_batch_tokens`` (packing, ``--data.packing``): a micro-batch is a packed row of up to that many tokens,
     its examples each at most ``seq_len``; it replaces ``micro_batch_size`` and is estimated as
-    ``ceil(micro_batch_tokens / seq_len)`` rows of ``seq_len`` tokens: the same per-token tensors, and no
-    attention call longer than one example (an upper bound by the rounding, and by the prompt methods' rows, which
-    a packed row has once per example and this counts once per ``seq_len``).
+    ``ceil(micro_batch_tokens / seq_len)`` rows of ``seq_len`` tokens: the same per-token tensors and no attention
+    call longer than one example, rounded up. Rows a method puts in front of each example are counted once per
+    ``seq_len`` tokens, where a packed row of many short examples has them once per example: an under-count there.
     """
     if micro_batch_tokens is not None:
         if micro_batch_tokens < 1:
