@@ -314,3 +314,15 @@ def test_dry_run_reports_the_padding_share_and_what_packing_saves(tmp_path, caps
     assert "packing (data.packing, up to 512 tokens per micro-batch)" in out and "saving an estimated" in out
     print_padding_share(DataArgs(data_dir=tmp_path / "none"), TrainArgs(), 128, True, 512)
     assert "no prepared data" in capsys.readouterr().out
+
+
+def test_the_memory_measurement_runs_a_packed_micro_batch():
+    from lit_adapter.memory import Cell, measure_step
+    from lit_adapter.memory.estimate import estimate_memory
+
+    cell = Cell(method="lora", model_name="stories260K", seq_len=32, micro_batch_tokens=80, steps=1, timed_steps=0,
+                method_settings={"r": 4, "alpha": 8, "dropout": 0.0})
+    result = measure_step(cell)
+    assert result["status"] == "ok" and result["loss"] > 0
+    assert estimate_memory(cell.config(), cell.spec(), 1, 32, micro_batch_tokens=80)["settings"][
+        "micro_batch_tokens"] == 80
