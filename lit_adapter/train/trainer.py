@@ -6,7 +6,10 @@ measures (``benchmarks/finetune_throughput.py``, :func:`lit_adapter.memory.measu
 around an already built model, optimizer and batches, so those callers need no data folder; the run's other duties
 (validation, logging, checkpoints, SIGINT/SIGTERM) are separate methods that only :meth:`Trainer.fit` calls.
 
-Units: a *step* is one optimizer step over ``accum`` micro-batches per device. The resumable checkpoint is the
+Units: a *step* is one optimizer step over ``accum`` micro-batches per device (padded, or packed rows:
+``lit_adapter.data.packing``). Its loss, and so its gradient, is normalised over the whole step: the sum over all
+of its target tokens (the objective's items) on every micro-batch and device, divided by their count, so how a
+step is split into micro-batches and devices changes neither. The resumable checkpoint is the
 dict of :meth:`Trainer.checkpoint_state` (the keys ``last.ckpt`` has always had), so older checkpoints still load.
 """
 
