@@ -105,7 +105,7 @@ def estimate_cell(cell, overhead: int = 0) -> Dict[str, Any]:
         cell.config(), cell.spec(), cell.micro_batch_size, cell.seq_len, cell.precision,
         activation_checkpointing=cell.activation_checkpointing, optimizer=cell.optimizer,
         device_type="cuda" if cell.device.startswith("cuda") else "cpu", sdpa=cell.sdpa, loss=cell.loss,
-        framework_overhead_bytes=overhead,
+        framework_overhead_bytes=overhead, micro_batch_tokens=cell.micro_batch_tokens,
     )
 
 
@@ -118,7 +118,8 @@ def row_for(cell, result: Optional[Dict[str, Any]], estimate: Optional[Dict[str,
 
     row = {
         "model": cell.config().name or "custom", "method": method_label(cell), "context": cell.seq_len,
-        "micro_batch_size": cell.micro_batch_size, "precision": cell.precision, "quantize": cell.quantize or "none",
+        "micro_batch_size": cell.micro_batch_size, "micro_batch_tokens": cell.micro_batch_tokens,
+        "precision": cell.precision, "quantize": cell.quantize or "none",
         "checkpointing": cell.activation_checkpointing, "loss": cell.loss, "optimizer": cell.optimizer,
         "device": cell.device, "window": cell.model_config().block_size, "beyond_window": cell.beyond_window,
         "status": "estimate" if result is None else result["status"],
@@ -160,7 +161,9 @@ def run_grid(cells, estimate_only: bool, timeout_s: float, log=print) -> List[Di
 
 
 def _describe(row: Dict[str, Any]) -> str:
-    head = (f"{row['model']} {row['method']} T={row['context']} B={row['micro_batch_size']} {row['precision']} "
+    batch = (f"packed {row['micro_batch_tokens']} tokens" if row.get("micro_batch_tokens")
+             else f"B={row['micro_batch_size']}")
+    head = (f"{row['model']} {row['method']} T={row['context']} {batch} {row['precision']} "
             f"q={row['quantize']} ckpt={row['checkpointing']} loss={row.get('loss', 'cross_entropy')}"
             + (f" (beyond the {row['window']}-token window)" if row.get("beyond_window") else "") + ": ")
     if row["status"] == "estimate":
@@ -290,6 +293,7 @@ def main(
     methods: str = "adapter,adapter+sparse,adapter_v2,adapter_v2+sparse,lora,full",
     contexts: str = "256,1024,4096",
     micro_batch_sizes: str = "1",
+    micro_batch_tokens: Optional[int] = None,
     quantize: str = "none",
     precisions: str = "32-true",
     checkpointing: str = "false",
@@ -320,6 +324,8 @@ def main(
         methods: Comma-separated: adapter, adapter+sparse, adapter_v2, adapter_v2+sparse, lora(+sparse), full(+sparse).
         contexts: Comma-separated context lengths (tokens per sequence).
         micro_batch_sizes: Comma-separated micro-batch sizes.
+        micro_batch_tokens: Packing (--data.packing): every micro-batch is one packed row of this many tokens,
+            examples of the context's length end to end; replaces micro_batch_sizes.
         quantize: Comma-separated quantizations of the frozen base: none, bnb.int8, bnb.nf4, bnb.nf4-dq, bnb.fp4.
         precisions: Comma-separated: 32-true, bf16-true, 16-true (weights, activations and trainable tensors).
         checkpointing: Comma-separated activation checkpointing settings (true, false).
@@ -358,6 +364,14 @@ def main(
     )
     if not cells:
         raise UserError("the grid is empty (full fine-tuning is skipped with a quantized base)")
+    if micro_batch_tokens is not None:
+        if micro_batch_tokens < 1:
+            raise UserError(f"--micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+        from dataclasses import replace
+
+        first = cells[0].micro_batch_size  # the budget replaces the micro-batch sizes: one cell per other setting
+        cells = [replace(c, micro_batch_size=1, micro_batch_tokens=micro_batch_tokens)
+                 for c in cells if c.micro_batch_size == first]
     config = cells[0].model_config()
     title = (f"Memory sweep: {config.name or 'custom'} (n_embd {config.n_embd}, {config.n_layer} layers, "
              f"vocab {config.vocab_size}, window {config.describe_window()}) on {device}"

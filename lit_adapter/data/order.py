@@ -35,3 +35,12 @@ class StepBatchSampler:
                     g = torch.Generator().manual_seed(self.seed + epoch)
                     perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
                 yield perm[within * self.mbs : (within + 1) * self.mbs]
+
+    def step_indices(self, step: int) -> List[int]:
+        """Every rank's examples of ``step``, in the order the ranks' micro-batches take them from the epoch's
+        permutation (what the packed sampler spreads by tokens)."""
+        per_epoch = self.steps_per_epoch * self.accum * self.world
+        epoch, within = divmod(step * self.accum * self.world, per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        size = self.accum * self.world * self.mbs
+        return perm[within * self.mbs : within * self.mbs + size]

@@ -101,8 +101,9 @@ def _notes(rows: List[Dict[str, Any]], meta: Dict[str, str]) -> List[str]:
     notes = [f"Seeds {', '.join(map(str, seeds))}: each value is the mean ± sample std over the seeds that completed "
              "((n=k) when fewer did); the per-seed rows are in results.csv and results.json."
              if len(seeds) > 1 else f"Seed {seeds[0] if seeds else 'default'}; one run per cell."]
-    notes.append("Val loss (avg.) is the mean of the validation losses measured during training (step 0 excluded); "
-                 "Val loss (final) the last one.")
+    notes.append("Train loss (avg.) is the mean over the steps of each step's loss: the sum over all of the step's "
+                 "target tokens, on every micro-batch and device, divided by their count. Val loss (avg.) is the mean "
+                 "of the validation losses measured during training (step 0 excluded); Val loss (final) the last one.")
     kinds = sorted({r.get("peak_memory_kind") for r in rows if r.get("peak_memory_kind")})
     if kinds:
         notes.append(f"Peak memory is {' and '.join(kinds)} (process_peak_rss: the CPU process's resident peak, "

@@ -177,6 +177,7 @@ def estimate_memory(
     sdpa: str = "flash",
     loss: str = "cross_entropy",
     framework_overhead_bytes: int = 0,
+    micro_batch_tokens: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Predicted peak live tensor bytes of one training step of ``spec`` on ``config``, with its breakdown.
 
@@ -186,7 +187,17 @@ def estimate_memory(
     ``math`` (O(T^2)). ``loss="chunked"`` estimates :func:`chunked_loss_fn` in place of ``losses.loss_fn``.
     ``framework_overhead_bytes`` (the process's resident size after imports, CPU) is reported beside the peak,
     not in it. Bytes are exact counts; ``*_gb`` values are in units of 1e9 bytes.
+
+    ``micro_batch_tokens`` (packing, ``--data.packing``): a micro-batch is a packed row of up to that many tokens,
+    its examples each at most ``seq_len``; it replaces ``micro_batch_size`` and is estimated as
+    ``ceil(micro_batch_tokens / seq_len)`` rows of ``seq_len`` tokens: the same per-token tensors and no attention
+    call longer than one example, rounded up. Rows a method puts in front of each example are counted once per
+    ``seq_len`` tokens, where a packed row of many short examples has them once per example: an under-count there.
     """
+    if micro_batch_tokens is not None:
+        if micro_batch_tokens < 1:
+            raise UserError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+        micro_batch_size = -(-micro_batch_tokens // seq_len)
     if quantize == "spec":
         quantize = spec.quantize
     for value, allowed, what in ((optimizer, OPTIMIZERS, "optimizer"), (sdpa, SDPA_BACKENDS, "sdpa"),
@@ -291,7 +302,7 @@ def estimate_memory(
         "process_peak_bytes": peak + framework_overhead_bytes,
         "settings": {
             "model": config.name or "custom", "method": spec.describe(), "micro_batch_size": micro_batch_size,
-            "seq_len": seq_len, "window": config.describe_window(),
+            "seq_len": seq_len, "micro_batch_tokens": micro_batch_tokens, "window": config.describe_window(),
             "dtype": str(dtype).replace("torch.", ""), "quantize": quantize,
             "activation_checkpointing": activation_checkpointing, "optimizer": optimizer,
             "device_type": device_type, "sdpa": sdpa, "loss": loss,
@@ -305,8 +316,10 @@ def format_estimate(est: Dict[str, Any]) -> str:
     gb = lambda n: f"{n / GB:9.3f} GB"  # noqa: E731
     s = est["settings"]
     lines = [
-        f"estimate for {s['model']} {s['method']}: micro batch {s['micro_batch_size']} x {s['seq_len']} tokens "
-        f"(window {s['window']}), "
+        f"estimate for {s['model']} {s['method']}: "
+        + (f"packed micro-batches of {s['micro_batch_tokens']} tokens (as {s['micro_batch_size']} x {s['seq_len']}) "
+           if s.get("micro_batch_tokens") else f"micro batch {s['micro_batch_size']} x {s['seq_len']} tokens ")
+        + f"(window {s['window']}), "
         f"{s['dtype']}, quantize={s['quantize']}, checkpointing={s['activation_checkpointing']}, "
         f"{s['optimizer']}, sdpa={s['sdpa']}, loss={s['loss']}",
         f"  weights            {gb(est['weights_bytes'])}  "
@@ -328,7 +341,7 @@ def format_estimate(est: Dict[str, Any]) -> str:
 
 
 def print_memory_estimate(spec, config, seq_len: int, train, accelerator: str,
-                          precision: str) -> None:
+                          precision: str, micro_batch_tokens: Optional[int] = None) -> None:
     """The analytic peak-memory estimate of one training step of this run (``lit_adapter.memory``), as an estimate.
 
     Mixed precisions are estimated as their ``-true`` counterpart (the weights' dtype), which under-counts the
@@ -349,7 +362,7 @@ def print_memory_estimate(spec, config, seq_len: int, train, accelerator: str,
         estimate = estimate_memory(config, spec, train.micro_batch_size, seq_len, estimated_as,
                                    train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
                                    optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
-                                   loss=train.loss)
+                                   loss=train.loss, micro_batch_tokens=micro_batch_tokens)
     except UserError as err:  # a combination the estimator does not model (e.g. trained rows + sparse)
         print(f"peak memory estimate: not available ({err})")
         return

@@ -200,6 +200,9 @@ class Cell:
     precision: str = "32-true"
     seq_len: int = 256
     micro_batch_size: int = 1
+    micro_batch_tokens: Optional[int] = None
+    """Packing (``--data.packing``): each micro-batch is one packed row of this many tokens, examples of
+    ``seq_len`` end to end (the last one shorter); it replaces ``micro_batch_size``."""
     activation_checkpointing: bool = False
     optimizer: str = "adamw"
     model_name: Optional[str] = "stories15M"
@@ -320,10 +323,14 @@ def measure_step(cell: Cell) -> Dict[str, Any]:
         model, optimizer = fabric.setup(model, optimizer)
         config = cell.config()
         generator = torch.Generator().manual_seed(cell.seed)
-        batch = torch.randint(0, config.vocab_size, (cell.micro_batch_size, cell.seq_len), generator=generator)
-        batch = batch.to(device)
+        shape = (1, cell.micro_batch_tokens) if cell.micro_batch_tokens else (cell.micro_batch_size, cell.seq_len)
+        batch = torch.randint(0, config.vocab_size, shape, generator=generator).to(device)
         # next-token targets of the batch itself; one micro-batch per step
-        trainer = Trainer(fabric, model, optimizer, itertools.repeat({"input_ids": batch, "labels": batch}),
+        micro = {"input_ids": batch, "labels": batch}
+        if cell.micro_batch_tokens:  # packed: examples of seq_len tokens end to end
+            starts = list(range(0, cell.micro_batch_tokens, cell.seq_len))
+            micro["cu_seqlens"] = torch.tensor(starts + [cell.micro_batch_tokens], dtype=torch.int32, device=device)
+        trainer = Trainer(fabric, model, optimizer, itertools.repeat(micro),
                           loss=cell.loss, max_grad_norm=1.0, trainable=trainable)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -29,6 +29,9 @@ slots, all ``None`` (nothing) by default:
   (RoPE and KV-cache slots; the cache gets P more slots) and the rows of virtual tokens are dropped before the
   final norm, so logits, hidden states and the loss see only the real tokens. Real plus virtual tokens must fit in
   ``block_size``.
+
+Packing (``cu_seqlens``, :mod:`lit_adapter.model.packing`): one row may hold several examples end to end; each gets
+positions from 0 (after its own virtual tokens) and attends only inside itself, so its logits are its logits alone.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lit_adapter.model.config import Config
+from lit_adapter.model.packing import PackedLayout
 from lit_adapter.errors import UserError
 from lit_adapter.model.rope import RopeCache, build_rope_cache, context_error, dynamic_length
 
@@ -90,9 +94,13 @@ class GPT(nn.Module):
         return self._rope_cache
 
     def forward(
-        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, return_hidden: bool = False
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, return_hidden: bool = False,
+        cu_seqlens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Next-token logits ``(B, T, vocab_size)``.
+
+        ``cu_seqlens`` (``(N + 1,)`` offsets, training and scoring only) says that ``idx`` ``(1, L)`` packs N
+        examples end to end, example ``i`` at ``cu_seqlens[i]:cu_seqlens[i + 1]``: see :meth:`forward_packed`.
 
         ``input_pos`` (``(T,)`` positions) switches to incremental decoding with the KV cache set by
         :meth:`set_kv_cache`; without it the whole sequence is processed causally from position 0. Both count real
@@ -100,6 +108,10 @@ class GPT(nn.Module):
         ``return_hidden`` stops before the head and returns the final normalized states ``(B, T, n_embd)``, which
         :meth:`output_logits` turns into logits (the head-chunked loss does that a chunk at a time).
         """
+        if cu_seqlens is not None:
+            if input_pos is not None or idx.shape[0] != 1:
+                raise ValueError("a packed forward takes one row (1, L) and no input_pos (it is not decoding)")
+            return self.forward_packed(idx, PackedLayout.from_cu_seqlens(cu_seqlens), return_hidden)
         B, T = idx.shape
         P = self.num_virtual_tokens
         if input_pos is None and P + T > self.config.block_size:
@@ -129,6 +141,36 @@ class GPT(nn.Module):
             else:
                 x = block(x, cos, sin, input_pos)
         x = self.transformer.ln_f(x[:, P_in:] if P_in else x)  # (B, T, n_embd): the real tokens only
+        return x if return_hidden else self.output_logits(x)
+
+    def forward_packed(self, idx: torch.Tensor, layout: PackedLayout, return_hidden: bool = False) -> torch.Tensor:
+        """Logits ``(1, L, vocab_size)`` of the examples packed in ``idx`` ``(1, L)`` as ``layout`` says, each
+        computed as if alone: its own virtual tokens in front, positions from 0, attention inside itself."""
+        P = self.num_virtual_tokens
+        longest = max(layout.lengths)
+        if P + longest > self.config.block_size:
+            what = f"longest packed example (with {P} virtual tokens)" if P else "longest packed example"
+            raise UserError(context_error(self.config.block_size, self.config.rope_scaling, P + longest, what))
+        x = self.transformer.wte(idx)  # (1, L, n_embd)
+        if self.virtual_tokens is not None:  # each example gets its own virtual rows: (1, P_in + T_i, n_embd) each
+            x = torch.cat([self.virtual_tokens(x_i) for x_i in layout.split(x, 1)], dim=1)
+        P_in = (x.shape[1] - idx.shape[1]) // len(layout.lengths)  # virtual rows in front of each example
+        rows = PackedLayout([n + P_in for n in layout.lengths]) if P_in else layout
+        pos = rows.positions(P - P_in, idx.device)  # (L + N * P_in,): each example from 0 (or P)
+        if self.config.position_embedding == "learned":
+            x = x + self.transformer.wpe(pos)
+            cos = sin = None
+        else:
+            cos, sin = self.rope_cache(idx.device, P + longest)
+            cos, sin = cos.index_select(0, pos), sin.index_select(0, pos)  # (L + N * P_in, hs)
+        for block in self.transformer.h:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, None, rows, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, None, rows)
+        if P_in:  # the real tokens only, in their packed order
+            x = torch.cat([x_i[:, P_in:] for x_i in rows.split(x, 1)], dim=1)  # (1, L, n_embd)
+        x = self.transformer.ln_f(x)
         return x if return_hidden else self.output_logits(x)
 
     def positions_seen(self, input_pos: torch.Tensor) -> int:
@@ -187,9 +229,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-        input_pos: Optional[torch.Tensor] = None
+        input_pos: Optional[torch.Tensor] = None, packed: Optional[PackedLayout] = None,
     ) -> torch.Tensor:
-        h = self.attn(self.norm_1(x), cos, sin, input_pos)  # (B, T, n_embd)
+        h = self.attn(self.norm_1(x), cos, sin, input_pos, packed)  # (B, T, n_embd)
         x = x + (h if self.attn_adapter is None else self.attn_adapter(h))
         h = self.mlp(self.norm_2(x))
         x = x + (h if self.mlp_adapter is None else self.mlp_adapter(h))
@@ -214,7 +256,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-        input_pos: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None, packed: Optional[PackedLayout] = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         nh, ng, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
@@ -230,7 +272,9 @@ class CausalSelfAttention(nn.Module):
             k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs)
         k, v = self.expand_kv_groups(k), self.expand_kv_groups(v)  # (B, nh, S, hs)
 
-        if self.adapter is not None:
+        if packed is not None:  # several examples in the row: each attends inside itself
+            y = packed.attend(self, q, k, v)  # (1, nh, T, hs)
+        elif self.adapter is not None:
             y = self.adapter(self, q, k, v, input_pos)  # (B, nh, T, hs)
         else:
             y = self.scaled_dot_product_attention(q, k, v, input_pos)  # (B, nh, T, hs)

@@ -108,6 +108,12 @@ class ClassificationObjective(Objective):
         cut = sum(len(e["input_ids"]) > max_len for e in examples)
         return [{**e, "input_ids": e["input_ids"][:max_len]} for e in examples], cut
 
+    packing_refusal = ("its head reads each text's last token, found by the padding of a (B, T) batch; "
+                       "classification batches are short texts with little padding to save")
+
+    def count(self, batch) -> torch.Tensor:
+        return torch.tensor(batch["label"].numel())  # one item per text
+
     def collate(self, batch, pad_id: int):
         # the head's pad id, not the loop's: the head finds each text's end by it
         longest = max(len(e["input_ids"]) for e in batch)

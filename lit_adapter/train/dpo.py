@@ -203,6 +203,12 @@ class DPOObjective(Objective):
                   file=sys.stderr)
         return kept, cut
 
+    packing_refusal = ("it scores each chosen row against its rejected row of a padded (2B, T) batch "
+                       "and the reference pass runs on the same rows")
+
+    def count(self, batch) -> torch.Tensor:
+        return torch.tensor(batch["input_ids"].shape[0] // 2)  # one item per pair
+
     def collate(self, batch, pad_id: int):
         rows = [(e["input_ids"], e["labels"]) for e in batch] + [(e["rejected_input_ids"], e["rejected_labels"])
                                                                    for e in batch]

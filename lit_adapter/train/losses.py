@@ -196,18 +196,20 @@ def chunked_head_loss_fn(
 
 
 def forward_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss: str = "cross_entropy",
-                 autocast=contextlib.nullcontext) -> Tuple[torch.Tensor, int]:
+                 autocast=contextlib.nullcontext, cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
     """The model's forward and the loss of kind ``loss`` (``TrainArgs.loss``): (mean loss, target count).
 
     The logits are not returned: nothing saved for the backward needs them, so they are freed here rather than
     held through the backward and the optimizer step (a (B, T, V) tensor less at the peak). ``chunked_head``
     calls the head outside ``model.forward``; ``autocast`` (Fabric's) gives it the forward's precision context.
+    ``cu_seqlens`` marks a packed row (``lit_adapter.data.packing``): the model keeps its examples apart.
     """
+    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     if loss not in LOSSES:  # before the forward, not after it
         raise UserError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
     if loss == "chunked_head":
-        hidden = model(input_ids, return_hidden=True)  # (B, T, n_embd)
+        hidden = model(input_ids, return_hidden=True, **packed)  # (B, T, n_embd)
         with autocast():
             return chunked_head_loss_fn(hidden, labels, head=model.output_logits)
-    logits = model(input_ids)  # (B, T, vocab_size)
+    logits = model(input_ids, **packed)  # (B, T, vocab_size)
     return (chunked_loss_fn if loss == "chunked" else loss_fn)(logits, labels)

@@ -8,7 +8,9 @@ what differs between instruction tuning, a classification head and preference op
   vocabulary check reads;
 * how a list of examples becomes a batch (:meth:`Objective.collate`);
 * the loss of a batch (:meth:`Objective.forward_loss`: the mean and how many items it averages over, which weights
-  it in the validation mean) and what else is worth logging (:meth:`Objective.metrics`).
+  it in the validation mean; :meth:`Objective.count` counts those items before the forward, for the trainer's
+  step-level normalisation) and what else is worth logging (:meth:`Objective.metrics`);
+* whether its batches pack (``packing_refusal``, :meth:`Objective.collate_packed`).
 
 The default objective (this base class) is next-token cross-entropy on prepared instruction data, exactly what the
 loop did before objectives existed. :class:`MetricSums` is the bookkeeping the others share: sums of tensors kept
@@ -23,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lit_adapter.data.instructions import collate_instructions, load_prepared, truncate_examples
+from lit_adapter.data.packing import collate_packed
+from lit_adapter.data.truncation import IGNORE_INDEX
 from lit_adapter.train.losses import forward_loss
 
 Example = Dict[str, Any]
@@ -75,6 +79,18 @@ class Objective:
     def collate(self, batch: Sequence[Example], pad_id: int) -> Batch:
         return collate_instructions(batch, pad_id=pad_id)
 
+    packing_refusal: Optional[str] = None
+    """Why this objective's batches cannot be packed (``--data.packing``), or None: it packs."""
+
+    def collate_packed(self, batch: Sequence[Example]) -> Batch:
+        """The examples end to end in one row (``lit_adapter.data.packing``)."""
+        return collate_packed(batch)
+
+    def count(self, batch: Batch) -> torch.Tensor:
+        """The items :meth:`forward_loss` averages over (target tokens here), counted before the forward: the
+        trainer divides a step's summed loss by their total over every micro-batch and rank."""
+        return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
     def attach(self, model, spec, loss: str) -> None:
         """Called once the model is built (before Fabric wraps it): check that the objective fits it, keep what it
         needs (a reference policy's frozen tensors, ...)."""
@@ -82,7 +98,7 @@ class Objective:
     def forward_loss(self, model, batch: Batch, loss: str = "cross_entropy",
                      autocast: Callable = contextlib.nullcontext) -> Tuple[torch.Tensor, int]:
         """The batch's mean loss and the number of items it averages (target tokens here)."""
-        return forward_loss(model, batch["input_ids"], batch["labels"], loss, autocast)
+        return forward_loss(model, batch["input_ids"], batch["labels"], loss, autocast, batch.get("cu_seqlens"))
 
     def metrics(self, fabric, phase: str) -> Dict[str, float]:
         """What to log besides the loss for ``phase`` (``"train"`` since the last log, ``"val"`` over the last

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import List, Literal, Optional
 
@@ -27,6 +27,7 @@ from lit_adapter.tuners import registry as methods
 from lit_adapter.model.config import ModelArgs
 from lit_adapter.data.instructions import InstructionDataset
 from lit_adapter.data.order import StepBatchSampler
+from lit_adapter.data.packing import PackedStepBatchSampler, example_lengths, padding_share
 from lit_adapter.errors import UserError
 from lit_adapter.train.guards import LossNotFinite  # noqa: F401  (re-exported: callers catch training.LossNotFinite)
 from lit_adapter.tracking.loggers import LoggerArgs, build_logger, close_logger, logger_supports_hparams, logger_summary
@@ -51,6 +52,10 @@ class DataArgs:
     max_seq_length: Optional[int] = None
     """Cut longer examples to this many tokens (counted and reported); default: the model's window (block_size).
     Longer than the window is refused: extend it with --model.rope_scaling."""
+    packing: Optional[bool] = None
+    """Padding-free packing: a micro-batch lays its examples end to end (no padding), each with its own positions
+    and attention (lit_adapter.data.packing); a step trains on the same examples either way. Default: on for
+    objectives that pack (instruction fine-tuning), off for those that do not (classification, DPO)."""
 
 
 @dataclass
@@ -60,7 +65,10 @@ class TrainArgs:
     global_batch_size: int = 64
     """Examples per optimizer step, over all devices (gradient accumulation makes up the difference)."""
     micro_batch_size: int = 4
-    """Examples per forward/backward pass on one device."""
+    """Examples per forward/backward pass on one device (on average, with data.packing: a step's examples are
+    spread over its micro-batches by tokens)."""
+    micro_batch_tokens: Optional[int] = None
+    """With data.packing: the most tokens one micro-batch holds (default micro_batch_size x the context)."""
     epochs: int = 3
     """Passes over the training split (ignored when max_steps is set)."""
     max_steps: Optional[int] = None
@@ -219,12 +227,16 @@ def finetune(
     config = model.apply(methods.resolve_config(checkpoint_dir, model_name))
     seq_len = context_length(data, config, spec)  # past the window: one line that names --model.rope_scaling
     spec.validate(config)
+    packing = packs(data, spec, resolve_objective(objective))
+    budget = micro_batch_tokens(train, seq_len)
     precision = fabric_args.precision or default_precision(fabric_args.accelerator)
     check_fabric_args(fabric_args.accelerator, fabric_args.devices, precision)
     if dry_run:
         methods.dry_run(spec, config)
         print(f"context: {seq_len} tokens per sequence, of a window of {config.describe_window()}")
-        print_memory_estimate(spec, config, seq_len, train, fabric_args.accelerator, precision)
+        print_memory_estimate(spec, config, seq_len, train, fabric_args.accelerator, precision,
+                              budget if packing else None)
+        print_padding_share(data, train, seq_len, packing, budget)
         return None
     if checkpoint_dir is None:
         raise UserError("--checkpoint_dir is required for training (only --dry_run works from --model_name alone)")
@@ -241,11 +253,11 @@ def finetune(
         fabric.launch()
         objective = resolve_objective(objective)
         hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,
-                       block_size=config.block_size, out_dir=out_dir, data=data, train=train, eval=eval,
+                       block_size=config.block_size, out_dir=out_dir, data=replace(data, packing=packing), train=train, eval=eval,
                        fabric=fabric_args, logger=logger, precision=precision, objective=objective.describe())
         record = RunRecord(fabric.logger, logger, hparams).open()
         return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
-                     hparams=hparams, objective=objective, record=record)
+                     hparams=hparams, objective=objective, record=record, packing=packing and budget)
     except BaseException as err:  # failed or OOM cells are runs too, with their status (a no-op once ended)
         if record is not None:
             record.fail(err)
@@ -253,6 +265,50 @@ def finetune(
     finally:
         if lock is not None:
             lock.release()
+
+
+def packs(data: DataArgs, spec: MethodSpec, objective: Objective) -> bool:
+    """Whether this run packs (``data.packing``, default: whenever the objective and the method can); asked for
+    where they cannot, one line naming which and why."""
+    refusals = [(f"the {objective.name} objective", objective.packing_refusal),
+                (f"the {spec.method} method", spec.definition.packing_refusal(spec.settings))]
+    for who, why in refusals:
+        if why is not None:
+            if data.packing:
+                raise UserError(f"--data.packing true: {who} does not pack ({why}); set --data.packing false")
+            return False
+    return data.packing is not False
+
+
+def micro_batch_tokens(train: TrainArgs, seq_len: int) -> int:
+    """The packed micro-batch's token budget: ``--train.micro_batch_tokens``, default micro_batch_size x context."""
+    budget = train.micro_batch_tokens if train.micro_batch_tokens is not None else train.micro_batch_size * seq_len
+    if budget < 1:
+        raise UserError(f"train.micro_batch_tokens must be >= 1, got {budget}")
+    return budget
+
+
+def print_padding_share(data: DataArgs, train: TrainArgs, seq_len: int, packing: bool, budget: int) -> None:
+    """``--dry_run``: how much of padded training's compute would be padding on the prepared data (when
+    ``data.data_dir`` holds them), and so what packing saves; an estimate from the first epoch's order."""
+    from lit_adapter.data.instructions import load_prepared
+
+    try:
+        examples = load_prepared(data.data_dir)[0]
+        lengths = [min(n, seq_len) for n in example_lengths(examples)]
+    except UserError:
+        print(f"data: no prepared data at {data.data_dir}, so no padding share (estimated from the data)")
+        return
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(train.seed)).tolist()
+    share = padding_share([lengths[i] for i in order], train.micro_batch_size)
+    print(f"data: {len(lengths)} training examples, {sum(lengths) / len(lengths):.0f} tokens on average; padded to "
+          f"the longest of each micro-batch of {train.micro_batch_size}, {100 * share:.1f}% of the computed positions "
+          f"would be padding (estimated, epoch 1's order)")
+    if packing:
+        print(f"packing (data.packing, up to {budget} tokens per micro-batch): computes only the real tokens, "
+              f"saving an estimated {100 * share:.1f}% of the per-position compute (more of attention's)")
+    else:
+        print("packing is off: set --data.packing true to skip that padding")
 
 
 def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) -> int:
@@ -268,7 +324,7 @@ def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) ->
 
 
 def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume, hparams,
-          record: RunRecord, objective: Optional[Objective] = None):
+          record: RunRecord, objective: Optional[Objective] = None, packing: Optional[int] = None):
     """One run: the data, the model and its optimizer, a :class:`~lit_adapter.train.trainer.Trainer` and its loop, and the
     run's end (summary, answers to ``eval.prompts``, the logger)."""
     fabric.seed_everything(train.seed)
@@ -297,7 +353,7 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     record.track(state, spec.describe(), n_trainable, n_total, fabric.device)
 
     train_loader, val_loader = _loaders(fabric, train_examples, val_examples, train, accum, state.step, total_steps,
-                                        objective)
+                                        objective, packing)
     trainer = Trainer(fabric, model, optimizer, train_loader, scheduler=scheduler, accum=accum, objective=objective,
                       loss=train.loss, max_grad_norm=train.max_grad_norm, trainable=trainable, state=state)
     plan = RunPlan(total_steps=total_steps, steps_per_epoch=steps_per_epoch, val_loader=val_loader, spec=spec,
@@ -373,12 +429,20 @@ def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objecti
     return model, optimizer, trainable, (n_trainable, n_total)
 
 
-def _loaders(fabric, train_examples, val_examples, train, accum, start_step, total_steps, objective):
-    """The training loader (the step-indexed order from ``start_step`` on) and the validation loader."""
+def _loaders(fabric, train_examples, val_examples, train, accum, start_step, total_steps, objective,
+             packing: Optional[int] = None):
+    """The training loader (the step-indexed order from ``start_step`` on) and the validation loader; with
+    ``packing`` (the token budget) their micro-batches are packed rows."""
     pad_id = 0
-    sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
-                               fabric.global_rank, train.seed, start_step, total_steps)
-    collate = lambda batch: objective.collate(batch, pad_id=pad_id)  # noqa: E731
+    if packing:
+        sampler = PackedStepBatchSampler(example_lengths(train_examples), train.micro_batch_size, accum,
+                                         fabric.world_size, fabric.global_rank, train.seed, start_step, total_steps,
+                                         budget=packing)
+        collate = objective.collate_packed
+    else:
+        sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
+                                   fabric.global_rank, train.seed, start_step, total_steps)
+        collate = lambda batch: objective.collate(batch, pad_id=pad_id)  # noqa: E731
     # Loaders draw their iterator seeds from their own generator, not the global RNG: otherwise creating an
     # iterator (at resume, or for each validation) would shift the dropout masks and break exact resumption.
     train_loader = fabric.setup_dataloaders(

@@ -6,7 +6,10 @@ measures (``benchmarks/finetune_throughput.py``, :func:`lit_adapter.memory.measu
 around an already built model, optimizer and batches, so those callers need no data folder; the run's other duties
 (validation, logging, checkpoints, SIGINT/SIGTERM) are separate methods that only :meth:`Trainer.fit` calls.
 
-Units: a *step* is one optimizer step over ``accum`` micro-batches per device. The resumable checkpoint is the
+Units: a *step* is one optimizer step over ``accum`` micro-batches per device (padded, or packed rows:
+``lit_adapter.data.packing``). Its loss, and so its gradient, is normalised over the whole step: the sum over all
+of its target tokens (the objective's items) on every micro-batch and device, divided by their count, so how a
+step is split into micro-batches and devices changes neither. The resumable checkpoint is the
 dict of :meth:`Trainer.checkpoint_state` (the keys ``last.ckpt`` has always had), so older checkpoints still load.
 """
 
@@ -43,7 +46,7 @@ class TrainState:
     step: int = 0
     """Optimizer steps taken."""
     train_losses: List[Tuple[int, float]] = field(default_factory=list)
-    """(step, mean training loss of that step over every rank)."""
+    """(step, training loss of that step: the mean over all of its target tokens on every rank)."""
     val_losses: List[Tuple[int, float]] = field(default_factory=list)
     """(step, validation loss)."""
     tokens: int = 0
@@ -71,7 +74,8 @@ class StepResult:
     """What one :meth:`Trainer.step` measured."""
 
     loss: float
-    """The step's mean loss over its micro-batches and the ranks."""
+    """The step's loss: the sum over every target token (item) of its micro-batches on every rank, divided by
+    their count (so it does not depend on how the step was split into micro-batches and devices)."""
     grad_norm: float
     """The global gradient norm before clipping."""
     tokens: int
@@ -158,16 +162,23 @@ class Trainer:
         the scheduler. Raises :class:`LossNotFinite` before any update when the loss or the gradients are inf/NaN."""
         fabric, model, accum = self.fabric, self.model, self.accum
         start = time.perf_counter()
-        step_loss, step_tokens = torch.zeros((), device=fabric.device), 0
-        for micro in range(accum):
-            batch = next(self.batches)
+        batches = [next(self.batches) for _ in range(accum)]
+        # The step's loss is the sum over all of its items (target tokens) divided by their count over every
+        # micro-batch and rank, so its gradient does not depend on how the step was split (the accumulation bug
+        # that averaging per-micro-batch means has). The count is known before any forward: one all-reduce.
+        count = fabric.all_reduce(sum(self.objective.count(batch) for batch in batches).to(fabric.device),
+                                  reduce_op="sum").clamp(min=1)
+        scale = fabric.world_size / count  # DDP averages the ranks' gradients; x world_size makes that a sum
+        step_sum, step_tokens = torch.zeros((), device=fabric.device), 0
+        for micro, batch in enumerate(batches):
             with fabric.no_backward_sync(model, enabled=micro < accum - 1):
-                loss, _ = self.objective.forward_loss(model, batch, self.loss, fabric.autocast)
-                fabric.backward(loss / accum)
-            step_loss += loss.detach() / accum
-            # processed positions, padding included: that is the compute the step paid for
+                loss, n = self.objective.forward_loss(model, batch, self.loss, fabric.autocast)
+                summed = loss * n  # the micro-batch's sum over its items
+                fabric.backward(summed * scale)
+            step_sum += summed.detach()
+            # processed positions (padding included, none when packed): the compute the step paid for
             step_tokens += batch["input_ids"].numel()
-        loss_value = float(fabric.all_reduce(step_loss, reduce_op="mean"))
+        loss_value = float(fabric.all_reduce(step_sum, reduce_op="sum") / count)
         number = self.state.step + 1
         if not math.isfinite(loss_value):
             raise self._not_finite(f"the training loss became {loss_value} at step {number}; no update was applied")

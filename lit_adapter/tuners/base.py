@@ -292,6 +292,13 @@ class Method:
         """Whether ``name`` is a tensor the method adds, which a base checkpoint does not have."""
         return has_name_part(name, self.added_names)
 
+    def packing_refusal(self, settings: Any) -> Optional[str]:
+        """Why this method cannot train on packed rows (``--data.packing``), or None: it packs. The model runs a
+        packed row's attention (the ``adapter`` hook and sparse kernels included) and virtual tokens once per
+        example (``lit_adapter.model.packing``), so a method whose modules see one example at a time packs; one
+        that mixes positions across a row outside those hooks must say why here."""
+        return None
+
     def reserved_positions(self, settings: Any) -> int:
         """Positions the method occupies before the first real token (the prompt methods' virtual tokens): the
         training context of real tokens is ``block_size`` minus these."""
