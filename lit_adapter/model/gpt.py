@@ -16,9 +16,10 @@ attaches either by wrapping a linear (``lit_adapter.tuners.wrapping``) or by set
 slots, all ``None`` (nothing) by default:
 
 * ``CausalSelfAttention.adapter`` computes the layer's attention from the RoPE'd ``q`` (B, nh, T, hs) and the cached,
-  *grouped* ``k``, ``v`` (B, ng, S, hs; never repeated per query head, :func:`attend` groups them): it is called as ``adapter(attn, q, k, v, input_pos)`` in place of
-  :meth:`CausalSelfAttention.scaled_dot_product_attention`, which it may call for the base part (LLaMA-Adapter
-  adds its gated prompt attention to it; prefix tuning attends over its prefix keys in the same softmax).
+  *grouped* ``k``, ``v`` (B, ng, S, hs; never repeated per query head: :func:`attend` groups them). It is called as
+  ``adapter(attn, q, k, v, input_pos)`` in place of :meth:`CausalSelfAttention.scaled_dot_product_attention`,
+  which it may call for the base part (LLaMA-Adapter adds its gated prompt attention to it; prefix tuning attends
+  over its prefix keys in the same softmax).
   ``attention_kernel`` swaps dense attention for a sparse pattern inside that base part.
 * ``Block.attn_adapter`` and ``Block.mlp_adapter`` transform the attention's and the MLP's output before the
   residual add; ``Block.out_adapter`` transforms the block's output (bottleneck adapters).
@@ -262,7 +263,7 @@ class CausalSelfAttention(nn.Module):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` of ``q`` (B, nh, T, hs) over grouped ``k``, ``v`` (B, ng, S, hs).
 
-    With ``enable_gqa`` the fused kernels (CPU flash, checked forward and backward in tests/test_gqa.py; CUDA
+    With ``enable_gqa`` the fused kernels (CPU flash, checked forward and backward in tests/test_hot_path.py; CUDA
     flash) read each key/value head for the nh / ng query heads of its group, so no repeated copy is made or kept
     for backward (a backend without grouping repeats inside SDPA, not here); with ng == nh it is plain SDPA.
     """

@@ -12,6 +12,7 @@ dict of :meth:`Trainer.checkpoint_state` (the keys ``last.ckpt`` has always had)
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -344,8 +345,8 @@ def read_on_host(*values: torch.Tensor) -> List[float]:
     read its loss, its gradient norm and its counts one by one would stall the GPU several times per step. The
     step's values stay on the device until the optimizer needs to know they are finite, then come over together.
     """
-    stacked = torch.stack([v.detach().to(torch.float64).reshape(()) for v in values])
-    return stacked.cpu().tolist()
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in values))  # exact for every input
+    return torch.stack([v.detach().to(dtype).reshape(()) for v in values]).cpu().tolist()
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:
