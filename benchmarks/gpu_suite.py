@@ -13,7 +13,11 @@ should the budget run out the slowest (int8) cells are the ones skipped. Per cel
 step time, tokens/s and MFU. Before them (benchmarks/gpu_suite_sparse.py) the four sparse patterns at 4k/8k/16k
 tokens: equality with dense SDPA under each pattern's explicit mask (float32, output and q/k/v gradients), and
 forward + backward time and peak memory against causal dense SDPA (bf16, 7B's 32 heads of 128). They run first
-because they are short (~30 s) and must not be crowded out of the budget by slow cells. On CUDA every cell gets a
+because they are short (~30 s) and must not be crowded out of the budget by slow cells. Then
+(benchmarks/gpu_suite_packing.py) packed against padded at Dolly's real lengths capped at 512 and 1024 tokens, for
+Adapter v1, v2, LoRA and QLoRA: the same examples and optimizer steps padded to each micro-batch's longest example or
+packed end to end (``--data.packing true``, the one flag between the two sides), interleaved in one process, with
+real tokens/s, examples/s, the real-token share and the peak of each side and their ratio. On CUDA every cell gets a
 fresh interpreter (``memory.measure_in_subprocess``); on CPU, where imports cost more than a tiny cell, each is
 forked from a server that has imported torch and lit_adapter once (``--launcher``).
 
@@ -59,6 +63,7 @@ from typing import Any, Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+import gpu_suite_packing  # noqa: E402
 import gpu_suite_sparse  # noqa: E402
 from gpu_suite_sparse import PATTERNS  # noqa: E402
 from lit_adapter.errors import UserError, looks_like_out_of_memory, run_cli  # noqa: E402
@@ -72,6 +77,7 @@ PEAK_TFLOPS = (("H200 NVL", None), ("H200", 989.4), ("H100 NVL", None), ("H100 P
 TINY_CONFIG = dict(name="tiny-suite", n_layer=4, n_head=4, n_embd=64, intermediate_size=192, vocab_size=512)
 # (contexts, sparse contexts, sparse timing heads x head size, sparse timing repeats): the real run and --tiny
 SIZES = {False: ([512, 1024], [4096, 8192, 16384], (32, 128), 5), True: ([128, 256], [512, 1024], (4, 32), 2)}
+PACKING_CAPS = {False: [512, 1024], True: [128]}  # Dolly's caps; --tiny: one short cap
 
 
 def train_flops_per_token(config, method: str, seq_len: int, micro_batch_size: int, prompt_length: int = 10,
@@ -146,14 +152,14 @@ def build_cells(args) -> List[Any]:
             for q in args.quantize for T in args.contexts for method in args.methods for ckpt in args.checkpointing]
 
 
-def measure_forked(cell, timeout_s: float) -> Dict[str, Any]:
+def measure_forked(cell, timeout_s: float, target: Optional[Callable] = None) -> Dict[str, Any]:
     """``memory.measure_in_subprocess``'s statuses, in a child forked from a server that imported torch,
     lit_adapter, Lightning and bitsandbytes once: ~0.3 s of start-up per cell instead of ~3 s of imports on a small
     CPU. CPU only: a process forked from one that may have touched CUDA cannot use it, so CUDA cells get a fresh
-    interpreter each."""
+    interpreter each. ``target(dict, conn)`` runs instead of a cell's measurement for other jobs (packing's)."""
     ctx = multiprocessing.get_context("forkserver")
     reader, writer = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_forked_cell, args=(asdict(cell), writer))
+    proc = ctx.Process(target=target or _forked_cell, args=(cell if target else asdict(cell), writer))
     proc.start()
     writer.close()
     try:
@@ -184,6 +190,27 @@ def _forked_cell(cell: Dict[str, Any], conn) -> None:
         oom = isinstance(err, MemoryError) or looks_like_out_of_memory(f"{type(err).__name__} {err}")
         result = {"status": "oom", "error": text} if oom else {"status": f"error: {type(err).__name__}: {text}"}
     conn.send(result)
+
+
+def _forked_packing(job: Dict[str, Any], conn) -> None:
+    import warnings
+
+    warnings.simplefilter("ignore")
+    try:
+        rows = gpu_suite_packing.add_ratios(gpu_suite_packing.measure(job))
+    except Exception as err:  # noqa: BLE001 - every failure is a status, as in gpu_suite_packing.run
+        text = (str(err).splitlines() or [type(err).__name__])[0][:300]
+        rows = [dict(cap=job["cap"], method=job["method"], side=side, status=f"error: {type(err).__name__}",
+                     error=text) for side in gpu_suite_packing.SIDES]
+    conn.send(rows)
+
+
+def packing_forked(job: Dict[str, Any], timeout_s: float) -> List[Dict[str, Any]]:
+    """``gpu_suite_packing.run`` for the CPU fork launcher: the job forked from the preloaded server."""
+    result = measure_forked(job, timeout_s, target=_forked_packing)
+    if isinstance(result, list):
+        return result
+    return [dict(cap=job["cap"], method=job["method"], side=side, **result) for side in gpu_suite_packing.SIDES]
 
 
 def cell_row(cell, result: Optional[Dict[str, Any]], wall_s: float, peak_tflops: Optional[float]) -> Dict[str, Any]:
@@ -270,6 +297,11 @@ CELL_COLUMNS = (("model", "model", "", 1), ("method", "method", "", 1), ("T", "c
                 ("estimate GB", "estimate_bytes", ".3f", 1e9), ("est. error %", "est_error_pct", "+.1f", 1),
                 ("step s", "step_time_s", ".3f", 1), ("tokens/s", "tokens_per_s", ",.0f", 1),
                 ("MFU %", "mfu_pct", ".1f", 1))
+PACKING_COLUMNS = (("cap", "cap", "", 1), ("method", "method", "", 1), ("side", "side", "", 1),
+                   ("status", "status", "", 1), ("real-token share", "real_share", ".2f", 1),
+                   ("step s", "step_time_s", ".3f", 1), ("real tokens/s", "real_tokens_per_s", ",.0f", 1),
+                   ("examples/s", "examples_per_s", ".1f", 1), ("peak GB", "peak_bytes", ".3f", 1e9),
+                   ("packed / padded", "packed_vs_padded", ".2f", 1))
 SPARSE_COLUMNS = (("T", "T", "", 1), ("attention", "attention", "", 1), ("status", "status", "", 1),
                   ("equal to masked dense (fp32)", "equal", "", 1), ("max rel. error", "max_err", ".1e", 1),
                   ("fwd+bwd ms", "ms", ".2f", 1), ("vs dense SDPA", "vs_dense", ".2f", 1),
@@ -295,6 +327,7 @@ def markdown(state: Dict[str, Any]) -> str:
              f"wall time {_fmt(state.get('wall_s'), '.0f')} s{'' if state['complete'] else ' (incomplete)'}"]
     lines += [f"- {note}" for note in state["notes"]]
     lines += ["", "## Sparse attention", ""] + table(state["sparse"], SPARSE_COLUMNS)
+    lines += ["", "## Packed vs padded at Dolly lengths", ""] + table(state.get("packing", []), PACKING_COLUMNS)
     lines += ["", "## Fine-tuning cells", ""] + table(state["cells"], CELL_COLUMNS)
     return "\n".join(lines) + "\n"
 
@@ -330,6 +363,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpointing", nargs="+", choices=("false", "true"), default=["false", "true"])
     p.add_argument("--contexts", nargs="+", type=int, help="default 512 1024 (tiny: 128 256)")
     p.add_argument("--sparse_contexts", nargs="*", type=int, help="default 4096 8192 16384 (tiny: 512 1024)")
+    p.add_argument("--packing_caps", nargs="*", type=int, help="Dolly caps of the packed-vs-padded jobs "
+                   "(default 512 1024; tiny: 128; none: skip them)")
+    p.add_argument("--packing_methods", nargs="+", choices=tuple(gpu_suite_packing.METHODS),
+                   help="default adapter adapter_v2 lora qlora (tiny: lora)")
     p.add_argument("--micro_batch_size", type=int, default=4)
     p.add_argument("--precision", choices=PRECISIONS, help="default bf16-true (32-true on CPU)")
     p.add_argument("--steps", type=int, default=2, help="measured optimizer steps per cell")
@@ -343,6 +380,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     cpu = args.device == "cpu"
     args.contexts = args.contexts or contexts
     args.sparse_contexts = sparse if args.sparse_contexts is None else args.sparse_contexts
+    args.packing_caps = PACKING_CAPS[args.tiny] if args.packing_caps is None else args.packing_caps
+    args.packing_methods = args.packing_methods or (["lora"] if args.tiny else list(gpu_suite_packing.METHODS))
     args.precision = args.precision or ("32-true" if cpu else "bf16-true")
     args.threads = args.threads or (1 if cpu else None)  # tiny CPU steps gain nothing from more, and stall when shared
     args.checkpointing = [c == "true" for c in args.checkpointing]
@@ -350,7 +389,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for name in ("budget_s", "cell_timeout_s", "peak_tflops", "micro_batch_size", "steps", "timed_steps", "threads"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    if min(args.contexts) < 2 or min(args.sparse_contexts, default=1) < 1:
+    if min(args.contexts) < 2 or min(args.sparse_contexts, default=1) < 1 or min(args.packing_caps, default=2) < 2:
         raise UserError("contexts must be at least 2 tokens and sparse contexts at least 1")
     if args.launcher == "fork" and not cpu:
         raise UserError("--launcher fork is for CPU only: a forked child cannot safely initialise CUDA")
@@ -385,7 +424,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env, cells = environment(args.device), build_cells(args)
     peak = args.peak_tflops or (peak_tflops_of(env["device_name"] or "") if args.device == "cuda" else None)
-    state = dict(suite="gpu_suite", complete=False, environment=env, notes=notes(args, peak), sparse=[], cells=[],
+    state = dict(suite="gpu_suite", complete=False, environment=env, notes=notes(args, peak), sparse=[], packing=[],
+                 cells=[],
                  settings=dict(model=cells[0].config().name if cells else "none", tiny=args.tiny, cells=len(cells),
                                micro_batch_size=args.micro_batch_size, precision=args.precision, steps=args.steps,
                                timed_steps=args.timed_steps, budget_s=args.budget_s, launcher=args.launcher,
@@ -415,6 +455,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             f"{gb('estimate_bytes')} GB, {_fmt(row.get('tokens_per_s'), ',.0f')} tokens/s, "
             f"MFU {_fmt(row.get('mfu_pct'), '.1f')} % ({wall:.0f} s)")
 
+    def report_packing(job, rows, wall):
+        state["packing"] += rows or [dict(cap=job["cap"], method=job["method"], side=side, status="skipped (budget)")
+                                     for side in gpu_suite_packing.SIDES]
+        ratio = state["packing"][-1].get("packed_vs_padded")
+        log(f"packing cap={job['cap']} {job['method']}: " + ", ".join(
+            f"{r['side']} {r['status']}" for r in state["packing"][-2:]) + f", packed/padded {_fmt(ratio, '.2f')}"
+            f" ({wall:.0f} s)")
+
     jobs = [dict(device=args.device, T=T, shape=args.shape, repeats=args.repeats, threads=args.threads,
                  dtype="float32" if args.device == "cpu" else "bfloat16") for T in args.sparse_contexts]
     budget.run(jobs, gpu_suite_sparse.run, args.cell_timeout_s, report_sparse)
@@ -423,6 +471,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             ["torch", "torch.profiler", "lit_adapter.memory", "lit_adapter.train.run", "lit_adapter.tuners.registry",
              "lit_adapter.train.fabric_setup", "bitsandbytes"])  # fabric_setup: Lightning, for measure_step's Trainer
     measure = measure_in_subprocess if args.launcher == "spawn" else measure_forked
+    packing_jobs = [dict(device=args.device, cap=cap, method=m, tiny=args.tiny, precision=args.precision,
+                         micro_batch_size=args.micro_batch_size, steps=args.steps, timed_steps=args.timed_steps,
+                         threads=args.threads) for cap in args.packing_caps for m in args.packing_methods]
+    budget.run(packing_jobs, gpu_suite_packing.run if args.launcher == "spawn" else packing_forked,
+               args.cell_timeout_s, report_packing)
     budget.run(cells, measure, args.cell_timeout_s, report_cell, kind=lambda cell: cell.quantize)
     state.update(complete=True, wall_s=round(budget.clock() - budget.start, 1))
     write_outputs(state, args.out)

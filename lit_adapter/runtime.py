@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import resource
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -17,6 +17,31 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def cuda_rng_state() -> Optional[Dict[str, Any]]:
+    """Every CUDA device's RNG state (``torch.cuda.get_rng_state_all()``) and the device this process computes on,
+    for a checkpoint; None without CUDA. Dropout masks drawn on a GPU come from these generators, not the CPU's."""
+    if not torch.cuda.is_available():
+        return None
+    return {"states": torch.cuda.get_rng_state_all(), "device": torch.cuda.current_device()}
+
+
+def restore_cuda_rng_state(saved: Optional[Dict[str, Any]], world_size: int = 1) -> None:
+    """Puts back what :func:`cuda_rng_state` saved; nothing to do without CUDA or for a checkpoint without it.
+
+    One process (``world_size`` 1) gets every device's state back. Under DDP each rank owns one device; the
+    checkpoint is rank 0's, and the ranks are seeded alike and draw alike (``fabric.seed_everything``), so each
+    rank's device gets the state of rank 0's own device: exactly its own at save time, as for the CPU state.
+    """
+    if saved is None or not torch.cuda.is_available():
+        return
+    states = saved["states"]
+    if world_size > 1:
+        torch.cuda.set_rng_state(states[saved["device"]], torch.cuda.current_device())
+        return
+    for index, state in enumerate(states[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
 
 
 def default_precision(accelerator: str) -> str:

@@ -111,7 +111,9 @@ class LocalWindowKernel(nn.Module):
 
     def forward(self, q, k, v, input_pos=None):
         q_pos = torch.arange(q.shape[-2]) if input_pos is None else input_pos
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q_pos, k.shape[-2]))
+        # k, v arrive grouped (B, ng, S, hs) under GQA, as the model's attention hook passes them
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(q_pos, k.shape[-2]),
+                                              enable_gqa=k.shape[1] != q.shape[1])
 
 
 def test_config_is_validated():

@@ -88,6 +88,17 @@ def test_tiny_run_measures_every_cell(tiny_run):
             assert r["equal"] is True and max(r["max_rel_err"].values()) < 1e-5, r
             assert set(r["max_rel_err"]) == {"out", "dq", "dk", "dv"}
 
+    # packed vs padded at Dolly lengths (tiny: cap 128, LoRA): the same examples, the padded side ~86% real tokens
+    packing = state["packing"]
+    assert [(r["cap"], r["method"], r["side"]) for r in packing] == [(128, "lora", "padded"), (128, "lora", "packed")]
+    padded, packed = packing
+    assert padded["status"] == "ok" and 0.5 < padded["real_share"] < 1 and padded["real_tokens_per_s"] > 0
+    if packed["status"] == "ok":  # a checkout with --data.packing
+        assert packed["real_share"] == 1 and packed["packed_vs_padded"] > 0
+    else:
+        assert packed["status"] == "skipped (no packing in this checkout)"
+    assert "## Packed vs padded at Dolly lengths" in md and "| packed / padded |" in md
+
     for header in ("allocated GB", "reserved GB", "estimate GB", "est. error %", "step s", "tokens/s", "MFU %"):
         assert header in md
     assert "| equal to masked dense (fp32) |" in md and stdout.strip() == md.strip()
@@ -130,7 +141,7 @@ def test_gpu_run_orchestration(monkeypatch, tmp_path, capsys):
     suite = _suite()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(suite, "_command", lambda *cmd: None)  # as without nvidia-smi and git
-    cells, jobs = [], []
+    cells, jobs, packing_jobs = [], [], []
 
     def fake_measure(cell, timeout_s):
         cells.append(cell)
@@ -145,10 +156,22 @@ def test_gpu_run_orchestration(monkeypatch, tmp_path, capsys):
         return [dict(T=job["T"], attention=a, status="ok", ms=1.0, vs_dense=1.0, peak_mib=1.0)
                 for a in ("dense", "local", "strided", "fixed", "shifted")]
 
+    def fake_packing(job, timeout_s):
+        packing_jobs.append(job)
+        return [dict(cap=job["cap"], method=job["method"], side=side, status="ok", real_tokens_per_s=rate)
+                for side, rate in (("padded", 1000.0), ("packed", 1800.0))]
+
     monkeypatch.setattr(memory, "measure_in_subprocess", fake_measure)
+    monkeypatch.setattr(suite.gpu_suite_packing, "run", fake_packing)
     monkeypatch.setattr(suite.gpu_suite_sparse, "run", fake_sparse)
     state = suite.main(["--device", "cuda", "--out", str(tmp_path)])
     assert [j["T"] for j in jobs] == [4096, 8192, 16384]
+    # packed vs padded: Dolly's caps, v1, v2, LoRA and QLoRA on the 7B suite's settings
+    assert [(j["cap"], j["method"]) for j in packing_jobs] == [
+        (cap, m) for cap in (512, 1024) for m in ("adapter", "adapter_v2", "lora", "qlora")]
+    assert all(j["device"] == "cuda" and not j["tiny"] and j["precision"] == "bf16-true" and j["micro_batch_size"] == 4
+               for j in packing_jobs)
+    assert len(state["packing"]) == 16 and "| 512 | qlora | packed |" in (tmp_path / "gpu_suite.md").read_text()
     assert all(j["dtype"] == "bfloat16" and j["shape"] == (32, 128) and j["device"] == "cuda" for j in jobs)
     assert len(cells) == 24 and {c.model_name for c in cells} == {"7B"} and {c.device for c in cells} == {"cuda"}
     assert [c.quantize for c in cells[::8]] == [None, "bnb.nf4", "bnb.int8"]  # int8, the slowest, last
@@ -236,3 +259,27 @@ def test_bad_arguments_give_one_line(args, message):
     proc = _run(*args, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
+
+
+def test_packing_cells_use_dollys_real_lengths_and_differ_in_one_flag(monkeypatch):
+    """The lengths are the 15,011 Dolly examples (the issue's 56% / 51% real-token shares for micro-batches of 4 at
+    512 / 1024); the two sides hold the same examples, padded or packed; without packing the packed side says so."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_suite_packing as packing
+
+    for cap, share in ((512, 0.56), (1024, 0.51)):
+        lengths = packing.dolly_lengths(cap)
+        assert len(lengths) == 15011 and max(lengths) == cap
+        batches = packing.micro_batches(lengths, 1000, 4, seed=0, vocab=32000)
+        real = sum(len(ex["input_ids"]) for b in batches for ex in b)
+        assert real / sum(4 * max(len(ex["input_ids"]) for ex in b) for b in batches) == pytest.approx(share, abs=0.02)
+    batch = packing.micro_batches(packing.dolly_lengths(512), 1, 4, seed=0, vocab=32000)[0]
+    padded = packing.collate("padded", batch, "cpu")
+    assert padded["input_ids"].shape == (4, max(len(ex["input_ids"]) for ex in batch))
+    assert int((padded["labels"] != -100).sum()) == sum(len(ex["input_ids"]) for ex in batch)
+    if packing.packing_available():
+        packed = packing.collate("packed", batch, "cpu")
+        assert packed["input_ids"].shape == (1, sum(len(ex["input_ids"]) for ex in batch))
+    monkeypatch.setattr(packing, "packing_available", lambda: False)
+    rows = packing.measure(dict(device="cpu", cap=64, method="lora", tiny=True, steps=1, timed_steps=1, threads=1))
+    assert [r["status"] for r in rows] == ["ok", packing.NO_PACKING]

@@ -68,11 +68,13 @@ def test_relative_attention_weights_between_content_tokens_are_unchanged(pattern
     make the output row i the content part of the attention weights."""
     T = 12
     attn = _layer_with_prefix(pattern, T)
-    q, k = (torch.randn(2, 4, T, T, dtype=torch.float64) * 2 for _ in range(2))
-    v = torch.eye(T, dtype=torch.float64).expand(2, 4, T, T)
+    q = torch.randn(2, 4, T, T, dtype=torch.float64) * 2
+    k = torch.randn(2, 2, T, T, dtype=torch.float64) * 2  # grouped: tiny-gqa's 4 query heads in 2 groups
+    v = torch.eye(T, dtype=torch.float64).expand(2, 2, T, T)
     with_prefix = hooked(attn, q, k, v)  # (B, nh, T, T): A~[i, p + j]
     kernel = attn.attention_kernel
-    without = F.scaled_dot_product_attention(q, k, v, is_causal=True) if kernel is None else kernel(q, k, v)
+    k4, v4 = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # the reference repeats them itself
+    without = F.scaled_dot_product_attention(q, k4, v4, is_causal=True) if kernel is None else kernel(q, k4, v4)
     content_share = with_prefix.sum(-1, keepdim=True)
     assert (content_share < 1).all() and content_share.mean() < 0.9  # the prefix takes a share of attention ...
     torch.testing.assert_close(with_prefix / content_share, without, rtol=1e-10, atol=1e-12)  # ... not the ratios
@@ -87,13 +89,16 @@ def test_relative_attention_weights_between_content_tokens_are_unchanged(pattern
 def test_sparse_patterns_let_every_query_see_the_prefix(pattern):
     T = 30
     attn = _layer_with_prefix(pattern, T=8)
-    q, k, v = (torch.randn(2, 4, T, 8, dtype=torch.float64) for _ in range(3))
+    q = torch.randn(2, 4, T, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, T, 8, dtype=torch.float64) for _ in range(2))  # grouped (B, ng, T, hs)
     attn.adapter.shared_prefixes.kv[0, 1] = torch.randn(2, P, 8, dtype=torch.float64)  # (ng, P, hs)
     prefixes = attn.adapter.shared_prefixes.kv[0]
-    pk, pv = (t.repeat_interleave(2, dim=0).expand(2, -1, -1, -1) for t in prefixes)  # (B, nh, P, hs)
+    pk, pv = (t.expand(2, -1, -1, -1) for t in prefixes)  # (B, ng, P, hs)
     mask = torch.cat([torch.ones(4, T, P, dtype=torch.bool), attn.attention_kernel.dense_mask(4, T).expand(4, T, T)],
                      dim=-1)
-    reference = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=mask[None])
+    # the reference repeats every key/value group for its query heads itself
+    reference = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2).repeat_interleave(2, 1),
+                                               torch.cat([pv, v], 2).repeat_interleave(2, 1), attn_mask=mask[None])
     torch.testing.assert_close(hooked(attn, q, k, v), reference)
     # and in a decoding step, through the kernel's KV-cache path
     S = P + T

@@ -147,7 +147,8 @@ def sdpa(saved: Saved, tag: str, q: Tuple[str, int], k: Tuple[str, int], v: Tupl
 
     The fused kernels keep q, k, v, their output and the (B, nh, T) log-sum-exp: O(T) memory. The math path keeps
     float32 copies of the scaled q (for k's gradient) and k (for q's), v in float32 and the (B, nh, T, S) float32
-    probabilities (as measured on CPU, where it also upcasts half precision): O(T * S).
+    probabilities (as measured on CPU, where it also upcasts half precision): O(T * S). Given grouped k and v
+    (``enable_gqa``) the math path repeats them per query head itself, so its copies are nh heads wide.
     """
     B, nh, T, hs = dims.B, dims.nh, dims.T, dims.hs
     if backend == "flash":
@@ -160,8 +161,9 @@ def sdpa(saved: Saved, tag: str, q: Tuple[str, int], k: Tuple[str, int], v: Tupl
         saved.add(f"{tag}.k_scaled", B * nh * S * hs * 4)
     if k_rg:
         saved.add(f"{tag}.q_scaled", B * nh * T * hs * 4)
-    if q_rg or k_rg:
-        saved.add(*(v if dims.d == 4 and S == T else (f"{tag}.v_f32", B * nh * S * hs * 4)))
+    if q_rg or k_rg:  # v as given if it is already float32 and per query head; else its float32 / repeated copy
+        as_given = dims.d == 4 and S == T and v[1] == B * nh * S * hs * 4
+        saved.add(*(v if as_given else (f"{tag}.v_f32", B * nh * S * hs * 4)))
     saved.add(f"{tag}.probs", B * nh * T * S * 4)
 
 
@@ -174,7 +176,7 @@ def tiled_attention(saved: Saved, dims: Dims, k: Tuple[str, int], v: Tuple[str, 
     """``attention.SparseAttention``'s tiled kernel (local and shifted patterns, whatever the window or group size:
     tiles and groups are slices and views of k, v): what dense flash SDPA keeps, nothing more.
 
-    Its autograd function saves the q, k, v it was given (RoPE's outputs, or the expanded k and v under GQA), its
+    Its autograd function saves the q, k, v it was given (RoPE's outputs, or under GQA the copies repeated per query head), its
     output, allocated in (B, T, nh, hs) order like the fused kernels' so that ``o_proj``'s input is a view of it, and
     the float32 (B, nh, T) log-sum-exp; the backward rebuilds the tiles, masks and gathered keys. Returns the name
     of the tensor ``o_proj`` receives.
@@ -184,10 +186,10 @@ def tiled_attention(saved: Saved, dims: Dims, k: Tuple[str, int], v: Tuple[str, 
 
 
 def attention_over_extra_keys(saved: Saved, dims: Dims, extra: int, backend: str, q_rg: bool) -> None:
-    """SDPA over ``extra`` trained keys and values concatenated in front of the real ones: (B, nh, extra + T, hs)
-    under a (T, extra + T) boolean mask; the keys require a gradient in every layer."""
+    """SDPA over ``extra`` trained keys and values concatenated in front of the real ones: grouped
+    (B, ng, extra + T, hs) under a (T, extra + T) boolean mask; the keys require a gradient in every layer."""
     S = extra + dims.T
-    kv_bytes = dims.B * dims.nh * S * dims.hs * dims.d
+    kv_bytes = dims.B * dims.ng * S * dims.hs * dims.d
     sdpa(saved, "attn", query(dims), ("attn.k_cat", kv_bytes), ("attn.v_cat", kv_bytes), S, dims, backend, q_rg, True)
     if backend == "flash":  # the fused kernels keep the mask converted to an additive one
         saved.add("attn.mask", dims.T * S * dims.d)

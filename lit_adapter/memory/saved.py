@@ -67,7 +67,9 @@ def _attention(s: Saved, terms: MemoryTerms, layer: int, q_rg: bool, k_rg: bool,
     requires a gradient."""
     N, C, d = dims.N, dims.C, dims.d
     # RoPE's products with the (constant) cos/sin tables keep nothing; q and k become new tensors.
-    expanded = dims.ng != dims.nh  # repeat_interleave copies k and v for every query head
+    # Dense SDPA reads grouped k and v (enable_gqa); only the sparse patterns' tiled kernel takes a copy repeated
+    # for every query head under grouped-query attention (tiled_attention.repeat_kv_groups), and keeps it.
+    expanded = dims.ng != dims.nh and attention.pattern != "dense"
     kv_bytes = N * (C if expanded else dims.kv) * d
     k, v = (("k_expanded", kv_bytes), ("v_expanded", kv_bytes)) if expanded else (("k_rope", kv_bytes),
                                                                                     ("v_out", kv_bytes))

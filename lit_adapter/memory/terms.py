@@ -29,8 +29,8 @@ class AttentionSite:
     q_rg: bool
     """Whether the queries (:data:`~lit_adapter.memory.ops.QUERIES`) require a gradient."""
     expanded: bool
-    """Keys and values are repeated for every query head (grouped-query attention): a second attention over
-    other keys repeats them too."""
+    """The base attention kept keys and values repeated for every query head (grouped-query attention under a
+    sparse pattern's tiled kernel); dense SDPA and a second attention over other keys read them grouped."""
     backend: str
     """``flash`` (the fused SDPA kernels) or ``math``."""
 

@@ -47,7 +47,7 @@ from lit_adapter.model import tiled_attention as tiled
 from lit_adapter.errors import UserError
 from lit_adapter.model.tiled_attention import (
     PREFIX, Call, Plan, View, TiledAttention, accumulation_dtype, additive_mask, finish,
-    fused_cpu_supported, consecutive_runs, seq, tiled_forward,
+    fused_cpu_supported, consecutive_runs, repeat_kv_groups, seq, tiled_forward,
 )
 
 Pattern = Literal["dense", "strided", "fixed", "local", "shifted"]
@@ -140,9 +140,9 @@ class SparseAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
         prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """``q``, ``k``, ``v``: (B, nh, T, hs) with key/value groups already expanded; returns (B, nh, T, hs).
+        """``q``: (B, nh, T, hs); ``k``, ``v``: (B, ng, S, hs), grouped (ng divides nh); returns (B, nh, T, hs).
 
-        ``prefix``: keys and values (B, nh, P, hs) that every query sees besides those the pattern selects.
+        ``prefix``: keys and values (B, ng, P, hs) that every query sees besides those the pattern selects.
         """
         B, nh, T, _ = q.shape
         self._scored = 0
@@ -153,10 +153,12 @@ class SparseAttention(nn.Module):
                 k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, nh, P + S, hs)
                 mask = torch.cat([visible, mask], dim=-1)
             self._scored += q.shape[:-1].numel() * k.shape[-2]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0), enable_gqa=k.shape[1] != nh)
         else:
             if k.shape[-2] != T:
                 raise ValueError(f"without input_pos keys and queries need the same length, got {k.shape[-2]}, {T}")
+            k, v = repeat_kv_groups(k, nh), repeat_kv_groups(v, nh)
+            prefix = None if prefix is None else tuple(repeat_kv_groups(t, nh) for t in prefix)
             y = self.sparse_forward(q, k, v, prefix)
         self.last_scored_elements = self._scored / (B * nh)
         return y
@@ -199,7 +201,7 @@ class SparseAttention(nn.Module):
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Dense SDPA under the explicit boolean ``dense_mask``; quadratic, for tests and benchmarks only."""
         mask = self.dense_mask(q.shape[1], q.shape[-2], device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0), enable_gqa=k.shape[1] != q.shape[1])
 
     @torch.no_grad()
     def scored_elements(self, T: int, num_heads: int = 2) -> float:

@@ -15,10 +15,11 @@ Hook points for the PEFT methods, so that none of them subclasses the model or c
 attaches either by wrapping a linear (``lit_adapter.tuners.wrapping``) or by setting a module into one of these
 slots, all ``None`` (nothing) by default:
 
-* ``CausalSelfAttention.adapter`` computes the layer's attention from the RoPE'd ``q`` and the cached, group-expanded
-  ``k``, ``v``: it is called as ``adapter(attn, q, k, v, input_pos)`` in place of
-  :meth:`CausalSelfAttention.scaled_dot_product_attention`, which it may call for the base part (LLaMA-Adapter
-  adds its gated prompt attention to it; prefix tuning attends over its prefix keys in the same softmax).
+* ``CausalSelfAttention.adapter`` computes the layer's attention from the RoPE'd ``q`` (B, nh, T, hs) and the cached,
+  *grouped* ``k``, ``v`` (B, ng, S, hs; never repeated per query head: :func:`attend` groups them). It is called as
+  ``adapter(attn, q, k, v, input_pos)`` in place of :meth:`CausalSelfAttention.scaled_dot_product_attention`,
+  which it may call for the base part (LLaMA-Adapter adds its gated prompt attention to it; prefix tuning attends
+  over its prefix keys in the same softmax).
   ``attention_kernel`` swaps dense attention for a sparse pattern inside that base part.
 * ``Block.attn_adapter`` and ``Block.mlp_adapter`` transform the attention's and the MLP's output before the
   residual add; ``Block.out_adapter`` transforms the block's output (bottleneck adapters).
@@ -270,7 +271,8 @@ class CausalSelfAttention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache is set; call model.set_kv_cache() first")
             k, v = self.kv_cache(input_pos, k, v)  # (B, ng, S, hs)
-        k, v = self.expand_kv_groups(k), self.expand_kv_groups(v)  # (B, nh, S, hs)
+        # k and v stay grouped (B, ng, S, hs): SDPA's enable_gqa reads each group for its query heads, so neither
+        # training nor the KV cache pays a repeat_interleave copy of nh / ng times the keys and values
 
         if packed is not None:  # several examples in the row: each attends inside itself
             y = packed.attend(self, q, k, v)  # (1, nh, T, hs)
@@ -281,15 +283,10 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, nh * hs)
         return self.o_proj(y)
 
-    def expand_kv_groups(self, t: torch.Tensor) -> torch.Tensor:
-        """Repeats each key/value head for the query heads of its group: (B, ng, S, hs) -> (B, nh, S, hs)."""
-        repeats = self.config.n_head // self.config.n_query_groups
-        return t if repeats == 1 else t.repeat_interleave(repeats, dim=1)
-
     def scaled_dot_product_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """Causal attention of ``q`` (B, nh, T, hs) over ``k``, ``v`` (B, nh, S, hs), dense or ``attention_kernel``'s.
+        """Causal attention of ``q`` (B, nh, T, hs) over ``k``, ``v`` (B, ng, S, hs), dense or ``attention_kernel``'s.
 
         Without ``input_pos`` query ``i`` sits at position ``i`` and S == T. With it, the queries sit at
         ``input_pos`` and the keys are the whole KV cache (positions ``0..S-1``, unwritten slots masked out).
@@ -297,14 +294,24 @@ class CausalSelfAttention(nn.Module):
         if self.attention_kernel is not None:
             return self.attention_kernel(q, k, v, input_pos)
         if input_pos is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return attend(q, k, v, is_causal=True)
         mask = causal_mask_for_positions(input_pos, k.shape[-2])  # (T, S)
         key_valid = getattr(self.kv_cache, "key_valid", None)  # (B, S): False at a left-padded batch's padding
         if key_valid is not None:
             # a padded query would see no key at all (a NaN row): it keeps its own slot, which no real token reads
             own = torch.arange(k.shape[-2], device=q.device)[None, :] == input_pos[:, None]
             mask = mask & (key_valid[:, None, None, :] | own)  # (B, 1, T, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attend(q, k, v, attn_mask=mask)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of ``q`` (B, nh, T, hs) over grouped ``k``, ``v`` (B, ng, S, hs).
+
+    With ``enable_gqa`` the fused kernels (CPU flash, checked forward and backward in tests/test_hot_path.py; CUDA
+    flash) read each key/value head for the nh / ng query heads of its group, so no repeated copy is made or kept
+    for backward (a backend without grouping repeats inside SDPA, not here); with ng == nh it is plain SDPA.
+    """
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[-3] != q.shape[-3], **kwargs)
 
 
 def causal_mask_for_positions(input_pos: torch.Tensor, kv_length: int) -> torch.Tensor:

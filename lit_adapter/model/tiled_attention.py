@@ -116,6 +116,17 @@ def finish(plan: Plan, B: int, nh: int, T: int, hs: int, prefix_length: int = 0)
     return Plan(calls, plan.gathers), scored
 
 
+def repeat_kv_groups(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, ng, S, hs) -> (B, num_heads, S, hs), each key/value group repeated for its query heads.
+
+    The plans' views slice q's heads and k's heads alike (and strided's and fixed's views put the heads in the
+    kernel's batch dimension, where no kernel broadcasts groups), so under grouped-query attention the tiled
+    kernel takes one repeated copy; dense attention and decoding never do (``gpt.attend``).
+    """
+    repeats = num_heads // t.shape[-3]
+    return t if repeats == 1 else t.repeat_interleave(repeats, dim=-3)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Softmax statistics and merges run in at least float32."""
     return torch.promote_types(dtype, torch.float32)

@@ -2,8 +2,8 @@
 
 * :class:`StopRequest` turns SIGINT/SIGTERM into a flag the loop checks between steps, so the run can write a
   resumable checkpoint and say how to continue; a second signal stops at once (the loop then says what is on disk).
-* :func:`gradient_norm` and :func:`check_finite` find inf/NaN before the optimizer applies it and before a
-  checkpoint is written, so the newest checkpoint is always one that can be resumed from.
+* :func:`gradient_norm` (read with the loss, once per step) and :func:`check_finite` find inf/NaN before the
+  optimizer applies it and before a checkpoint is written, so the newest checkpoint is always one that can be resumed from.
 """
 
 from __future__ import annotations
@@ -49,14 +49,18 @@ class LossNotFinite(UserError):
     """The loss, the gradients or the weights became inf/NaN; the message names the last good checkpoint."""
 
 
-def gradient_norm(fabric, model, optimizer, trainable: List[torch.nn.Parameter], max_norm: Optional[float]) -> float:
-    """The global gradient norm, clipped to ``max_norm`` when given; non-finite norms are returned, not raised, so
-    the loop can stop with its own message before the update."""
+def gradient_norm(fabric, model, optimizer, trainable: List[torch.nn.Parameter],
+                  max_norm: Optional[float]) -> torch.Tensor:
+    """The global gradient norm (a 0-dim tensor on the device), clipped to ``max_norm`` when given; non-finite norms
+    are returned, not raised, so the loop can stop with its own message before the update.
+
+    It stays a tensor: the step reads it together with the loss in its one host-device synchronisation
+    (``Trainer.step``), and clipping scales by a clamped tensor coefficient without reading it."""
     if max_norm is not None:
         norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
-    return float(norm) if norm is not None else 0.0
+    return norm if norm is not None else torch.zeros((), device=fabric.device)
 
 
 def check_finite(model, spec, when: str, error) -> None:

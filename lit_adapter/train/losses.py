@@ -59,26 +59,28 @@ class CrossEntropy(torch.autograd.Function):
         return grad.to(ctx.rows_dtype), None, None, None
 
 
-def next_token_targets(labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
+def next_token_targets(labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
     """The (B, T) targets aligned with the logits (position t predicts token t + 1) and how many are not ignored.
+
+    The count is a 0-dim tensor on the labels' device, not an ``int``: reading it would synchronise the host with
+    the GPU on every micro-batch (the step reads its values once, ``Trainer.step``). A batch without targets needs
+    no special case: the losses divide by ``count.clamp(min=1)``, so it is 0 with a zero gradient.
 
     The labels are shifted, not the logits: ``logits[:, :-1]`` cannot be viewed as rows when B > 1, so slicing the
     logits would copy them and its backward would zero-fill another (B, T, V) gradient (see docs/throughput.md).
     The last position gets ``ignore_index``, so a mean runs over exactly the same targets. Every loss kind uses it.
     """
     targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)  # (B, T)
-    return targets, int((targets != ignore_index).sum())
+    return targets, (targets != ignore_index).sum()
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, int]:
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over the unmasked targets, and how many targets there were.
 
     The targets come from :func:`next_token_targets`; the cross-entropy is computed in float32 (at least) by
     :class:`CrossEntropy`, equal to ``F.cross_entropy(rows.float(), ...)``.
     """
     targets, count = next_token_targets(labels, ignore_index)
-    if count == 0:
-        return logits.sum() * 0.0, 0
     rows = logits.reshape(-1, logits.size(-1))  # (B*T, V), a view
     return CrossEntropy.apply(rows, targets.reshape(-1), ignore_index), count
 
@@ -169,35 +171,33 @@ def chunked_cross_entropy(
 
 def chunked_loss_fn(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, chunk_size: int = DEFAULT_CHUNK
-) -> Tuple[torch.Tensor, int]:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for :func:`loss_fn` (same value and gradient) that neither copies nor upcasts all logits.
 
     The targets are shifted instead of the logits (:func:`next_token_targets`), so the gradient is one
     ``(B, T, V)`` tensor in the logits' dtype.
     """
     targets, count = next_token_targets(labels, ignore_index)
-    if count == 0:
-        return logits.sum() * 0.0, 0
     return chunked_cross_entropy(logits, targets, chunk_size=chunk_size, ignore_index=ignore_index), count
 
 
 def chunked_head_loss_fn(
     hidden: torch.Tensor, labels: torch.Tensor, head, ignore_index: int = -100, chunk_size: int = DEFAULT_CHUNK
-) -> Tuple[torch.Tensor, int]:
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The same loss from the final hidden states ``(B, T, C)`` and the model's head (``GPT.output_logits``).
 
     The logits exist ``chunk_size`` rows at a time, in the forward and again (recomputed) in the backward: no
     ``(B, T, V)`` tensor at all, for one extra head matmul per step.
     """
     targets, count = next_token_targets(labels, ignore_index)
-    if count == 0:
-        return hidden.sum() * 0.0, 0
     return chunked_cross_entropy(hidden, targets, chunk_size=chunk_size, head=head, ignore_index=ignore_index), count
 
 
 def forward_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss: str = "cross_entropy",
-                 autocast=contextlib.nullcontext, cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
-    """The model's forward and the loss of kind ``loss`` (``TrainArgs.loss``): (mean loss, target count).
+                 autocast=contextlib.nullcontext, cu_seqlens: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The model's forward and the loss of kind ``loss`` (``TrainArgs.loss``): (mean loss, target count as a
+    0-dim tensor, see :func:`next_token_targets`).
 
     The logits are not returned: nothing saved for the backward needs them, so they are freed here rather than
     held through the backward and the optimizer step (a (B, T, V) tensor less at the peak). ``chunked_head``

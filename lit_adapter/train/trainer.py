@@ -15,6 +15,7 @@ dict of :meth:`Trainer.checkpoint_state` (the keys ``last.ckpt`` has always had)
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -31,7 +32,7 @@ from lit_adapter.errors import UserError, is_out_of_memory
 from lit_adapter.train.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
 from lit_adapter.train.objectives import Batch, Objective, resolve as resolve_objective
 from lit_adapter.train.optim import build_optimizer
-from lit_adapter.runtime import peak_memory_gb
+from lit_adapter.runtime import cuda_rng_state, peak_memory_gb, restore_cuda_rng_state
 
 CHECKPOINT_NAME = "last.ckpt"
 
@@ -57,11 +58,14 @@ class TrainState:
     """``[step, loss]`` of the lowest validation loss after step 0, or empty."""
     rng: Optional[torch.Tensor] = None
     """torch's CPU RNG state when the checkpoint was written (dropout masks continue exactly on resume)."""
+    cuda_rng: Optional[Dict[str, Any]] = None
+    """Every CUDA device's RNG state then (``runtime.cuda_rng_state``); None, and absent from the checkpoint,
+    without CUDA. Checkpoints written before it existed load without it."""
 
-    KEYS = ("step", "train_losses", "val_losses", "tokens", "train_time", "best_val", "rng")
+    KEYS = ("step", "train_losses", "val_losses", "tokens", "train_time", "best_val", "rng", "cuda_rng")
 
     def to_dict(self) -> Dict[str, Any]:
-        return {key: getattr(self, key) for key in self.KEYS}
+        return {key: getattr(self, key) for key in self.KEYS if key != "cuda_rng" or self.cuda_rng is not None}
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "TrainState":
@@ -178,13 +182,14 @@ class Trainer:
             step_sum += summed.detach()
             # processed positions (padding included, none when packed): the compute the step paid for
             step_tokens += batch["input_ids"].numel()
-        loss_value = float(fabric.all_reduce(step_sum, reduce_op="sum") / count)
+        step_loss = fabric.all_reduce(step_sum, reduce_op="sum") / count
+        norm = gradient_norm(fabric, model, self.optimizer, self.trainable, self.max_grad_norm)
+        loss_value, grad_norm = read_on_host(step_loss, norm)  # the step's one host-device synchronisation
         number = self.state.step + 1
         if not math.isfinite(loss_value):
             raise self._not_finite(f"the training loss became {loss_value} at step {number}; no update was applied")
         if self.keeper is not None:
             self.keeper.step_was_finite()
-        grad_norm = gradient_norm(fabric, model, self.optimizer, self.trainable, self.max_grad_norm)
         if not math.isfinite(grad_norm):
             raise self._not_finite(f"the gradients became non-finite (norm {grad_norm}) at step {number}; "
                                    "no update was applied")
@@ -333,7 +338,7 @@ class Trainer:
 def checkpoint_state(model, optimizer, scheduler, state: TrainState) -> Dict[str, Any]:
     """What ``last.ckpt`` holds: the model (Fabric's save filter keeps only the trainable tensors), the optimizer,
     the scheduler and the :class:`TrainState`, with the RNG state of now."""
-    state.rng = torch.get_rng_state()
+    state.rng, state.cuda_rng = torch.get_rng_state(), cuda_rng_state()
     return {"model": model, "optimizer": optimizer, "scheduler": scheduler.state_dict() if scheduler else {},
             **state.to_dict()}
 
@@ -345,6 +350,17 @@ def resume_state(fabric, path: Path, model, optimizer, scheduler, spec) -> Train
     state = TrainState.from_dict(load_resumable(fabric, fresh, path, model, spec, scheduler))
     fabric.print(f"resumed from {path} at step {state.step}")
     return state
+
+
+def read_on_host(*values: torch.Tensor) -> List[float]:
+    """The 0-dim tensors ``values`` as Python floats, in one device-to-host copy.
+
+    Each ``float(tensor)`` of a CUDA tensor waits for the GPU to finish everything queued before it; a step that
+    read its loss, its gradient norm and its counts one by one would stall the GPU several times per step. The
+    step's values stay on the device until the optimizer needs to know they are finite, then come over together.
+    """
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in values))  # exact for every input
+    return torch.stack([v.detach().to(dtype).reshape(()) for v in values]).cpu().tolist()
 
 
 def format_metrics(metrics: Dict[str, float]) -> str:
@@ -377,7 +393,7 @@ def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cro
     bar.close()
     model.train()
     total = fabric.all_reduce(total, reduce_op="sum")
-    count = fabric.all_reduce(torch.tensor(count, device=fabric.device), reduce_op="sum")
+    count = fabric.all_reduce(torch.as_tensor(count, device=fabric.device), reduce_op="sum")
     return float(total / count.clamp(min=1))
 
 
@@ -442,6 +458,7 @@ def load_resumable(fabric, state: Dict[str, Any], path: Path, model, spec, sched
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        restore_cuda_rng_state(state.get("cuda_rng"), fabric.world_size)
     except (KeyError, ValueError, RuntimeError, TypeError) as err:  # e.g. optimizer state of another method
         if is_out_of_memory(err):  # torch.OutOfMemoryError is a RuntimeError: not a mismatch
             raise

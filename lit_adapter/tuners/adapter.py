@@ -23,7 +23,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import lit_adapter.model.gpt as base
 from lit_adapter.model.config import Config
@@ -96,14 +95,14 @@ class AdaptionPrompt(TunerLayer):
         if not self.peft_enabled:
             return y
         B = q.shape[0]
-        ak, av = self.prompt_keys_values(attn, q.dtype, use_cache=input_pos is not None)  # (1, nh, aT, hs)
-        ak, av = ak.expand(B, -1, -1, -1), av.expand(B, -1, -1, -1)  # (B, nh, aT, hs)
+        ak, av = self.prompt_keys_values(attn, q.dtype, use_cache=input_pos is not None)  # (1, ng, aT, hs)
+        ak, av = ak.expand(B, -1, -1, -1), av.expand(B, -1, -1, -1)  # (B, ng, aT, hs), views
         # every token sees the whole prompt: no causal mask
-        ay = F.scaled_dot_product_attention(q, ak, av)  # (B, nh, T, hs)
+        ay = base.attend(q, ak, av)  # (B, nh, T, hs)
         return y + self.gating_factor.to(ay.dtype) * ay
 
     def prompt_keys_values(self, attn: base.CausalSelfAttention, dtype: torch.dtype, use_cache: bool = False):
-        """The prompt's keys and values ``(1, nh, aT, hs)`` from ``attn``'s frozen projections, without RoPE."""
+        """The prompt's keys and values ``(1, ng, aT, hs)`` (grouped, like the layer's) from ``attn``'s frozen projections, without RoPE."""
         if use_cache and not torch.is_grad_enabled():
             # While decoding with the KV cache the prompt projections would otherwise be recomputed for every
             # token (costlier than the token's own q/k/v). The cache is tied to the KV cache session and to the
@@ -125,7 +124,7 @@ class AdaptionPrompt(TunerLayer):
         aT = prompt.shape[1]
         ak = attn.k_proj(prompt).view(1, aT, ng, hs).transpose(1, 2)  # (1, ng, aT, hs)
         av = attn.v_proj(prompt).view(1, aT, ng, hs).transpose(1, 2)  # (1, ng, aT, hs)
-        return attn.expand_kv_groups(ak), attn.expand_kv_groups(av)  # (1, nh, aT, hs)
+        return ak, av
 
     @torch.no_grad()
     def reset_peft_parameters(self) -> None:
@@ -166,7 +165,7 @@ class AdapterMemoryTerms(MemoryTerms):
         if site.layer < self.start_layer:
             return False
         self.prompt_projections(saved, dims)
-        kv = self.length * (dims.C if site.expanded else dims.kv) * dims.d
+        kv = self.length * dims.kv * dims.d  # grouped, and one copy for the batch (an expand view)
         sdpa(saved, "prompt", query(dims), ("prompt.k", kv), ("prompt.v", kv), self.length, dims, site.backend,
              site.q_rg, True)
         saved.add("prompt.out", dims.N * dims.C * dims.d)  # the gate's product keeps the prompt attention's output

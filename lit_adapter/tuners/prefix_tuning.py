@@ -124,7 +124,7 @@ class PrefixAttention(nn.Module):
     ) -> torch.Tensor:
         B = q.shape[0]
         kv = self.shared_prefixes.kv[attn.block_idx].to(q.dtype)  # (2, ng, P, hs)
-        pk, pv = (attn.expand_kv_groups(t.unsqueeze(0)).expand(B, -1, -1, -1) for t in kv)  # (B, nh, P, hs)
+        pk, pv = (t.unsqueeze(0).expand(B, -1, -1, -1) for t in kv)  # (B, ng, P, hs), grouped like k and v
         if input_pos is not None:  # the KV cache's first P slots are the prefix's positions, never written
             P = pk.shape[-2]
             k, v, input_pos = k[:, :, P:], v[:, :, P:], input_pos - P

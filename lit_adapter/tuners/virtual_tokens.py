@@ -27,7 +27,6 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import lit_adapter.model.gpt as base
 from lit_adapter.model.config import Config
@@ -81,8 +80,8 @@ def attend_with_prefix(
     attn: base.CausalSelfAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     input_pos: Optional[torch.Tensor], prefix: Tuple[torch.Tensor, torch.Tensor],
 ) -> torch.Tensor:
-    """Causal attention of ``q`` (B, nh, T, hs) over ``k``, ``v`` (B, nh, S, hs), plus keys and values ``prefix``
-    (B, nh, P, hs) that every query sees, in one softmax. ``input_pos`` as in the base hook, counted over ``k``."""
+    """Causal attention of ``q`` (B, nh, T, hs) over grouped ``k``, ``v`` (B, ng, S, hs), plus keys and values
+    ``prefix`` (B, ng, P, hs) that every query sees, in one softmax. ``input_pos`` as in the base hook, counted over ``k``."""
     if attn.attention_kernel is not None:
         return attn.attention_kernel(q, k, v, input_pos, prefix=prefix)
     pk, pv = prefix
@@ -92,7 +91,7 @@ def attend_with_prefix(
     else:
         content = base.causal_mask_for_positions(input_pos, S)
     mask = torch.cat([content.new_ones(T, P), content], dim=-1)  # (T, P + S)
-    return F.scaled_dot_product_attention(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), attn_mask=mask)
+    return base.attend(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), attn_mask=mask)
 
 
 class VirtualRowsAttention(nn.Module):
@@ -116,7 +115,7 @@ class VirtualRowsAttention(nn.Module):
             return attn.scaled_dot_product_attention(q, k, v, input_pos)
         P = self.num_virtual_tokens
         if input_pos is None:  # rows 0..P-1 are the virtual tokens
-            virtual = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True)
+            virtual = base.attend(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True)
             real = kernel(q[:, :, P:], k[:, :, P:], v[:, :, P:], prefix=(k[:, :, :P], v[:, :, :P]))
             return torch.cat([virtual, real], dim=2)  # (B, nh, P + T, hs)
         # decoding: a virtual query (position < P) sees no real token (the pattern's causal part) and the virtual
@@ -124,7 +123,7 @@ class VirtualRowsAttention(nn.Module):
         content = kernel.dense_mask(q.shape[1], q.shape[2], k.shape[2] - P, q_positions=input_pos - P)
         virtual = torch.arange(P, device=q.device) <= input_pos[:, None]  # (T, P)
         mask = torch.cat([virtual.expand(content.shape[0], -1, -1), content], dim=-1)  # (nh or 1, T, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0))
+        return base.attend(q, k, v, attn_mask=mask.unsqueeze(0))
 
     def extra_repr(self) -> str:
         return f"num_virtual_tokens={self.num_virtual_tokens}"
