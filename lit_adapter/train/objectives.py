@@ -73,7 +73,10 @@ class Objective:
         return examples, cut
 
     def collate(self, batch: Sequence[Example], pad_id: int) -> Batch:
-        return collate_instructions(batch, pad_id=pad_id)
+        collated = collate_instructions(batch, pad_id=pad_id)
+        if all("category" in ex for ex in batch):  # the rows' tasks, for validation's per-category losses
+            collated["category"] = [ex["category"] for ex in batch]
+        return collated
 
     def attach(self, model, spec, loss: str) -> None:
         """Called once the model is built (before Fabric wraps it): check that the objective fits it, keep what it

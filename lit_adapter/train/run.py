@@ -18,15 +18,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from lit_adapter.tuners import registry as methods
 from lit_adapter.model.config import ModelArgs
-from lit_adapter.data.instructions import InstructionDataset
-from lit_adapter.data.order import StepBatchSampler
+from lit_adapter.data.instructions import UNKNOWN_CATEGORY, InstructionDataset
+from lit_adapter.data.order import CategoryWeightedSampler, StepBatchSampler, category_mix
 from lit_adapter.errors import UserError
 from lit_adapter.train.guards import LossNotFinite  # noqa: F401  (re-exported: callers catch training.LossNotFinite)
 from lit_adapter.tracking.loggers import LoggerArgs, build_logger, close_logger, logger_supports_hparams, logger_summary
@@ -51,6 +51,11 @@ class DataArgs:
     max_seq_length: Optional[int] = None
     """Cut longer examples to this many tokens (counted and reported); default: the model's window (block_size).
     Longer than the window is refused: extend it with --model.rope_scaling."""
+    category_weights: Optional[Dict[str, float]] = None
+    """Sampling weight per task category of the training split, e.g. '{"creative_writing": 4, "open_qa": 0.5}':
+    each example of a category is drawn with its weight (categories not named keep 1; 0 leaves one out), so a
+    category's share is n_c*w_c / sum(n_k*w_k); epochs become draws with replacement. Default: the data's natural
+    mix, every example once per epoch. hparams.json records the resulting mix (category_mix)."""
 
 
 @dataclass
@@ -285,7 +290,9 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     )
     checkpoint_path = out_dir / CHECKPOINT_NAME
     state = (resume_state(fabric, checkpoint_path, model, optimizer, scheduler, spec) if resume else TrainState())
-    hparams = to_jsonable({**hparams, "trainable_params": n_trainable, "total_params": n_total})
+    mix = category_mix([ex.get("category", UNKNOWN_CATEGORY) for ex in train_examples], data.category_weights or {})
+    hparams = to_jsonable({**hparams, "trainable_params": n_trainable, "total_params": n_total,
+                           "category_mix": mix})
     if fabric.global_rank == 0:
         (out_dir / "hparams.json").write_text(json.dumps(hparams, indent=2) + "\n")
     if logger_supports_hparams(fabric.logger):
@@ -293,12 +300,13 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     record.track(state, spec.describe(), n_trainable, n_total, fabric.device)
 
     train_loader, val_loader = _loaders(fabric, train_examples, val_examples, train, accum, state.step, total_steps,
-                                        objective)
+                                        objective, data.category_weights)
     trainer = Trainer(fabric, model, optimizer, train_loader, scheduler=scheduler, accum=accum, objective=objective,
                       loss=train.loss, max_grad_norm=train.max_grad_norm, trainable=trainable, state=state)
     plan = RunPlan(total_steps=total_steps, steps_per_epoch=steps_per_epoch, val_loader=val_loader, spec=spec,
                    config=config, checkpoint_dir=checkpoint_dir, out_dir=out_dir, eval=eval,
-                   log_interval=train.log_interval, save_interval=train.save_interval, resumed=resume)
+                   log_interval=train.log_interval, save_interval=train.save_interval, resumed=resume,
+                   categories=validation_categories(val_examples))
     status = trainer.fit(plan)
 
     result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
@@ -345,7 +353,34 @@ def _load_examples(fabric, spec, config, checkpoint_dir, data, train, objective)
         )
     if not val_examples:
         raise UserError(f"the validation split in {data.data_dir} is empty")
+    check_category_weights(data.category_weights, train_examples, data.data_dir)
     return train_examples, val_examples, max_seq_length
+
+
+def check_category_weights(weights: Optional[Dict[str, float]], examples, data_dir) -> None:
+    """One line for weights that name no category of the data, are negative, or leave nothing to sample."""
+    if not weights:
+        return
+    present = sorted({ex.get("category", UNKNOWN_CATEGORY) for ex in examples})
+    unknown = sorted(set(weights) - set(present))
+    if unknown:
+        raise UserError(f"data.category_weights names {', '.join(unknown)}, not a category of the training split "
+                        f"in {data_dir} (its categories: {', '.join(present)})")
+    bad = [name for name, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)]
+    if bad:
+        raise UserError(f"data.category_weights must be numbers >= 0; {', '.join(bad)} is not")
+    if all(weights.get(name, 1.0) == 0 for name in present):
+        raise UserError("data.category_weights gives every category weight 0: nothing would be trained on")
+
+
+def validation_categories(examples) -> tuple:
+    """The validation split's categories, most examples first: the per-category losses' names (none when the
+    split has a single category, whose loss is the overall one)."""
+    counts: Dict[str, int] = {}
+    for ex in examples:
+        if "category" in ex:
+            counts[ex["category"]] = counts.get(ex["category"], 0) + 1
+    return tuple(sorted(counts, key=lambda name: (-counts[name], name))) if len(counts) > 1 else ()
 
 
 def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objective):
@@ -368,11 +403,18 @@ def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objecti
     return model, optimizer, trainable, (n_trainable, n_total)
 
 
-def _loaders(fabric, train_examples, val_examples, train, accum, start_step, total_steps, objective):
-    """The training loader (the step-indexed order from ``start_step`` on) and the validation loader."""
+def _loaders(fabric, train_examples, val_examples, train, accum, start_step, total_steps, objective,
+             category_weights=None):
+    """The training loader (the step-indexed order from ``start_step`` on, weighted by category when asked) and the
+    validation loader."""
     pad_id = 0
-    sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
-                               fabric.global_rank, train.seed, start_step, total_steps)
+    if category_weights:
+        names = [ex.get("category", UNKNOWN_CATEGORY) for ex in train_examples]
+        sampler = CategoryWeightedSampler(names, category_weights, train.micro_batch_size, accum, fabric.world_size,
+                                          fabric.global_rank, train.seed, start_step, total_steps)
+    else:
+        sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
+                                   fabric.global_rank, train.seed, start_step, total_steps)
     collate = lambda batch: objective.collate(batch, pad_id=pad_id)  # noqa: E731
     # Loaders draw their iterator seeds from their own generator, not the global RNG: otherwise creating an
     # iterator (at resume, or for each validation) would shift the dropout masks and break exact resumption.
