@@ -182,3 +182,48 @@ def test_weighted_run_records_its_mix_logs_losses_per_category_and_resumes_bit_e
 def test_bad_category_weights_are_one_line(tmp_path, stories_checkpoint, instruction_data, weights, message):
     with pytest.raises(UserError, match=message):
         _run(tmp_path / "bad", stories_checkpoint, instruction_data, weights=weights, steps=1)
+
+
+def test_the_grids_per_category_columns_table_and_heatmap_are_written(tmp_path):
+    from lit_adapter.grid.report import write_results
+
+    def row(name, seed, status, final=None, initial=None):
+        done = status == "completed"
+        return {"name": f"{name}/s{seed}", "group": name, "run": name, "method": name, "attention": "dense",
+                "quantize": "none", "context": 128, "seed": seed, "status": status,
+                "trainable_params": 100 if done else None, "val_loss": 2.0 if done else None,
+                "avg_train_loss": 2.5 if done else None, "avg_val_loss": 2.2 if done else None,
+                "initial_val_loss": 3.0, "train_time_s": 5.0, "tokens_per_s": 10.0, "peak_memory_gb": 0.5,
+                "train_losses": [(1, 3.0), (2, 2.5)] if done else [], "val_losses": [(0, 3.0), (2, 2.0)],
+                "val_loss_by_category": final or {}, "initial_val_loss_by_category": initial or {},
+                "reason": "" if done else "CUDA out of memory"}
+
+    start = {"open_qa": 3.0, "creative_writing": 3.5}
+    rows = [row("adapter", 1, "completed", {"open_qa": 2.0, "creative_writing": 3.0}, start),
+            row("adapter", 2, "completed", {"open_qa": 2.2, "creative_writing": 3.2}, start),
+            row("lora", 1, "completed", {"open_qa": 2.5, "creative_writing": 2.9}, start),
+            row("qlora", 1, "OOM")]
+    paths = write_results(rows, tmp_path, "multi-task", meta={"machine": "m", "date": "d", "commit": "c"})
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert float(table[2]["val_loss/creative_writing"]) == 2.9 and table[3]["val_loss/open_qa"] == ""
+    groups = {g["group"]: g for g in json.loads(paths["json"].read_text())["groups"]}
+    assert groups["adapter"]["val_loss_by_category"]["open_qa"][0] == pytest.approx(2.1)
+    assert groups["lora"]["val_loss_change_by_category"]["creative_writing"][0] == pytest.approx(-0.6)
+    assert groups["qlora"]["val_loss_by_category"] == {}
+    md = paths["md"].read_text()
+    assert "## Final validation loss by task category" in md
+    assert "| open_qa | 2.1000 ± 0.1414 (-0.9000 ± 0.1414) | 2.5000 (-0.5000) | — (—) |" in md
+    assert paths["heatmap"].stat().st_size > 10_000 and paths["dashboard"].is_file()
+    assert "category_heatmap.png" not in paths["html"].read_text() and "Final validation loss by task" in \
+        paths["html"].read_text()
+
+
+def test_a_grid_without_categories_writes_no_heatmap(tmp_path):
+    from lit_adapter.grid.report import write_results
+
+    rows = [{"name": "a", "status": "completed", "context": 128, "val_loss": 2.0, "train_losses": [(1, 2.0)],
+             "val_losses": [(1, 2.0)]}]
+    paths = write_results(rows, tmp_path, "one task", meta={"machine": "m", "date": "d", "commit": "c"})
+    assert "heatmap" not in paths and not (tmp_path / "category_heatmap.png").exists()
+    assert "by task category" not in paths["md"].read_text()

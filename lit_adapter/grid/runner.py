@@ -149,6 +149,9 @@ def _row_from_summary(cell: Cell, summary: Dict[str, Any], folder: Path) -> Dict
         train_time_s=summary["train_time_s"], tokens_per_s=summary["tokens_per_s"],
         peak_memory_gb=summary["peak_memory_gb"], peak_memory_kind=summary["peak_memory_kind"],
         steps=summary["steps"], train_losses=summary["train_losses"], val_losses=summary["val_losses"],
+        # the multi-task view (grid/categories.py); empty for data with one category or runs before it existed
+        val_loss_by_category=summary.get("final_val_loss_by_category") or {},
+        initial_val_loss_by_category=summary.get("initial_val_loss_by_category") or {},
     )
     return row
 
