@@ -227,3 +227,22 @@ def test_a_grid_without_categories_writes_no_heatmap(tmp_path):
     paths = write_results(rows, tmp_path, "one task", meta={"machine": "m", "date": "d", "commit": "c"})
     assert "heatmap" not in paths and not (tmp_path / "category_heatmap.png").exists()
     assert "by task category" not in paths["md"].read_text()
+
+
+def test_eval_prompts_draw_a_fixed_sample_per_category(tmp_path, stories_checkpoint, dolly_like):
+    from lit_adapter.data.instructions import category_sample
+
+    _, val, _ = load_prepared(dolly_like)
+    sample = category_sample(val, 2)
+    counts = category_counts(val)
+    assert [ex["category"] for ex in sample] == [c for c in counts for _ in range(min(2, counts[c]))]
+    assert category_sample(val, 2) == sample  # fixed: the first of each category in the seeded validation split
+    _run(tmp_path / "run", stories_checkpoint, dolly_like, steps=2, prompts=["Add 2 and 3."], prompts_per_category=2,
+         prompt_max_new_tokens=4)
+    written = [json.loads(line) for line in (tmp_path / "run/generations.jsonl").read_text().splitlines()]
+    assert written[0]["prompt"] == "Add 2 and 3." and written[0]["category"] == ""
+    assert [g["category"] for g in written[1:]] == [ex["category"] for ex in sample]
+    for g, ex in zip(written[1:], sample):
+        # the example's own prompt, as trained on, and its reference response
+        assert g["prompt"].startswith("Below is an instruction") and g["prompt"].endswith("### Response:\n")
+        assert g["reference"].startswith("Answer") and g["reference"].endswith(".")

@@ -73,3 +73,20 @@ def test_helm_style_runs_and_reports_the_greedy_exact_match(stories260k, shared_
     with pytest.raises(UserError, match="--style"):
         run_mmlu(stories260k, k=1, subjects="abstract_algebra", max_questions_per_subject=1,
                  data_dir=shared_data / "mmlu", device="cpu", style="helm-lite")
+
+
+def test_helm_prompts_equal_those_crfm_helm_itself_built(shared_data):
+    """tests/fixtures/helm_mmlu_prompts.json holds prompts that crfm-helm 0.5.16's own adapter code built from the
+    same CSVs (in a separate venv: crfm-helm is not a dependency); ours, shots and all, are the same text."""
+    import json
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "helm_mmlu_prompts.json").read_text())
+    assert recorded["adapter_spec"]["max_train_instances"] == 5 and recorded["adapter_spec"]["input_prefix"] == \
+        "Question: "
+    for subject, helm in recorded["subjects"].items():
+        dev = read_csv(shared_data / "mmlu" / "dev" / f"{subject}_dev.csv")
+        test = read_csv(shared_data / "mmlu" / "test" / f"{subject}_test.csv")
+        shots = helm_shots(dev, 5)
+        assert [s.question for s in shots] == helm["shot_questions"]
+        assert [build_helm_prompt(subject, shots, q) for q in test[:len(helm["prompts"])]] == helm["prompts"]

@@ -49,7 +49,7 @@ from lit_adapter.data.truncation import (
 
 __all__ = [
     "DEFAULT_TRUNCATION", "IGNORE_INDEX", "InstructionRecord", "InstructionDataset", "TRUNCATION_POLICIES",
-    "UNKNOWN_CATEGORY", "category_counts",
+    "UNKNOWN_CATEGORY", "category_counts", "category_sample",
     "collate_instructions", "load_prepared", "load_records", "min_seq_length", "model_block_size", "prepare",
     "split_records", "synthetic_instructions", "tokenize_record",
 ]
@@ -518,6 +518,20 @@ def category_counts(examples: Sequence[Example]) -> Dict[str, int]:
         name = ex.get("category", UNKNOWN_CATEGORY)
         counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def category_sample(examples: Sequence[Example], per_category: int) -> List[Example]:
+    """The first ``per_category`` examples of each category, in the examples' order (categories by size).
+
+    Applied to the validation split, which preparation drew at random with its seed, this is a fixed random sample
+    per task: the same for every run on the same prepared folder, so a grid's cells answer the same questions.
+    """
+    chosen: Dict[str, List[Example]] = {name: [] for name in category_counts(examples)}
+    for ex in examples:
+        bucket = chosen[ex.get("category", UNKNOWN_CATEGORY)]
+        if len(bucket) < per_category:
+            bucket.append(ex)
+    return [ex for bucket in chosen.values() for ex in bucket]
 
 
 # -------------------------------------------------------------------------------------------------------- batching

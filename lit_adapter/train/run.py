@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from lit_adapter.tuners import registry as methods
 from lit_adapter.model.config import ModelArgs
-from lit_adapter.data.instructions import UNKNOWN_CATEGORY, InstructionDataset
+from lit_adapter.data.instructions import UNKNOWN_CATEGORY, InstructionDataset, category_sample
 from lit_adapter.data.order import CategoryWeightedSampler, StepBatchSampler, category_mix
 from lit_adapter.errors import UserError
 from lit_adapter.train.guards import LossNotFinite  # noqa: F401  (re-exported: callers catch training.LossNotFinite)
@@ -126,6 +126,10 @@ class EvalArgs:
     prompt_max_new_tokens tokens): written to out_dir/generations.jsonl and logged as a WandB table."""
     prompt_max_new_tokens: int = 64
     """Tokens generated at most per answer to eval.prompts."""
+    prompts_per_category: int = 0
+    """Also answer this many validation examples of each task category (the first ones of the seeded validation
+    split: the same for every run on the same data), from their own prompt, beside their reference response in
+    generations.jsonl and the WandB table."""
 
 
 @dataclass
@@ -167,7 +171,7 @@ def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
         raise UserError(f"train.save_interval must be >= 1, got {train.save_interval}")
     if eval.interval < 1 or (eval.max_batches is not None and eval.max_batches < 1):
         raise UserError("eval.interval and eval.max_batches must be >= 1")
-    check_prompt_settings(eval.prompts, eval.prompt_max_new_tokens)
+    check_prompt_settings(eval.prompts, eval.prompt_max_new_tokens, eval.prompts_per_category)
     if train.loss == "chunked_head" and fabric.strategy == "fsdp":
         raise UserError("train.loss=chunked_head calls the head outside the model's forward, which FSDP does not "
                         "allow (the head's weights are sharded there); use train.loss=chunked with fsdp")
@@ -310,8 +314,9 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     status = trainer.fit(plan)
 
     result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
+    samples = category_sample(val_examples, eval.prompts_per_category) if eval.prompts_per_category else []
     answers = (answer_prompts(fabric, model, checkpoint_dir, eval.prompts, eval.prompt_max_new_tokens,
-                              state.step, out_dir, objective) if status == "completed" else [])
+                              state.step, out_dir, objective, samples) if status == "completed" else [])
     record.finish(result, answers, out_dir)
     summary = logger_summary(fabric.logger)
     fabric.logger.finalize("success" if status == "completed" else "aborted")
