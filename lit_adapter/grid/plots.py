@@ -64,7 +64,7 @@ def plot_losses(rows: List[Dict[str, Any]], path: Path) -> None:
 
 
 def _heatmap(fig, ax, cells: List[str], names: List[str], values: List[List[Optional[float]]], title: str,
-             diverging: bool) -> None:
+             diverging: bool, cell_labels: bool = True) -> None:
     """One cells x categories heatmap, every value written in its square; blank where a cell has none."""
     import numpy as np
 
@@ -84,7 +84,7 @@ def _heatmap(fig, ax, cells: List[str], names: List[str], values: List[List[Opti
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(cells)))
-    ax.set_yticklabels(cells, fontsize=7)
+    ax.set_yticklabels(cells if cell_labels else [], fontsize=7)
     ax.set_title(title, fontsize=9)
 
 
@@ -94,7 +94,9 @@ def _category_panels(fig, axes, rows: List[Dict[str, Any]]) -> None:
     cells, names, final = matrix(rows)
     _, _, change = matrix(rows, "change")
     _heatmap(fig, axes[0], cells, names, final, "final validation loss by task category", diverging=False)
-    _heatmap(fig, axes[1], cells, names, change, "change from step 0 (negative: the task improved)", diverging=True)
+    # the same rows as the left panel: their names once
+    _heatmap(fig, axes[1], cells, names, change, "change from step 0 (negative: the task improved)", diverging=True,
+             cell_labels=False)
 
 
 def plot_category_heatmap(rows: List[Dict[str, Any]], path: Path, title: str) -> None:

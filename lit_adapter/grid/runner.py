@@ -84,6 +84,9 @@ def _prepared_as(grid: Grid, context: int, meta: Dict[str, Any]) -> bool:
     # data prepared before the truncation policies existed has no policy: prepare it again
     if (meta.get("truncation") or {}).get("policy") != grid.data.get("truncation", DEFAULT_TRUNCATION):
         return False
+    # nor task categories: prepare it again (the same examples, now with their categories) for the per-task view
+    if "categories" not in meta:
+        return False
     return all(meta.get(key) == grid.data[key] for key in ("val_size", "seed", "mask_inputs", "max_records")
                if key in grid.data)
 
