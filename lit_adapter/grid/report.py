@@ -152,6 +152,8 @@ def render(rows: List[Dict[str, Any]], title: str, meta: Dict[str, str], out_dir
     plot_dashboard(rows, out_dir / "dashboard.png", title)
     if by_category.categories(rows):
         plot_category_heatmap(rows, out_dir / "category_heatmap.png", title)
+    else:  # not a stale one of an earlier grid in the same folder
+        (out_dir / "category_heatmap.png").unlink(missing_ok=True)
     (out_dir / "report.html").write_text(report_html(rows, title, meta, out_dir))
 
 

@@ -78,6 +78,8 @@ def result_from_state(method: str, status: str, state, n_trainable: int, n_total
     losses = [loss for _, loss in state.train_losses]
     vals = state.val_losses
     by_category = getattr(state, "val_category_losses", [])
+    # the per-category losses of the last validation, when it had them (a resumed older run may not)
+    final_measured = bool(by_category and vals and by_category[-1][0] == vals[-1][0])
     return RunResult(
         method=method,
         status=status,
@@ -99,8 +101,7 @@ def result_from_state(method: str, status: str, state, n_trainable: int, n_total
         train_losses=[tuple(x) for x in state.train_losses],
         val_losses=[tuple(x) for x in vals],
         initial_val_loss_by_category=dict(by_category[0][1]) if by_category and by_category[0][0] == 0 else {},
-        final_val_loss_by_category=dict(by_category[-1][1]) if by_category and vals
-        and by_category[-1][0] == vals[-1][0] else {},
+        final_val_loss_by_category=dict(by_category[-1][1]) if final_measured else {},
         val_category_losses=[(s, dict(losses)) for s, losses in by_category],
     )
 

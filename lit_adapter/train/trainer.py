@@ -357,9 +357,9 @@ def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cro
     With ``categories`` (the batches then carry each row's ``"category"``), ``by_category`` is filled with
     ``{category: (mean loss, target tokens)}``: each batch's rows are evaluated a category at a time, so every
     category's loss is weighted by its own target tokens and the overall loss is their token-weighted mean,
-    ``sum(n_c * loss_c) / sum(n_c)``, the same number as without categories. A category with no target token
-    in the batches validated is left out. Right padding cannot change a real
+    ``sum(n_c * loss_c) / sum(n_c)``, the same number as without categories. Right padding cannot change a real
     token's logits under causal attention, so splitting a batch changes no loss, only the number of forward calls.
+    A category with no target token in the batches validated is left out.
 
     A transient progress bar shows it: a full Dolly validation split is minutes of work on a small machine.
     """
