@@ -25,6 +25,7 @@ def main(
     cot: Literal["none", "few_shot", "zero_shot"] = "none",
     cot_file: Optional[Path] = None,
     rationale_tokens: int = 128,
+    style: Literal["hendrycks", "helm"] = "hendrycks",
 ) -> None:
     """MMLU accuracy per subject plus macro and micro averages; out_dir/mmlu.json holds every prediction.
 
@@ -51,12 +52,15 @@ def main(
             D, the answer is"); none: the letters' likelihood. Unreadable answers count as wrong.
         cot_file: JSON lines of few-shot CoT demonstrations: question, choices (4), answer, rationale[, subject].
         rationale_tokens: Tokens the model may spend on its reasoning.
+        style: The prompt: hendrycks (the benchmark's evaluate.py, lm-eval's), or helm (HELM's mmlu scenario:
+            "Question: " before each question, the subject with single spaces, HELM's draw and order of the dev
+            shots; mmlu.json then also has the greedy token's exact match, HELM's metric). docs/evaluation.md.
     """
     from lit_adapter.evaluation.mmlu import run_mmlu
 
     run_mmlu(checkpoint_dir, adapter_dir, k=k, subjects=subjects, max_questions_per_subject=max_questions_per_subject,
              data_dir=data_dir, batch_size=batch_size, out_dir=out_dir, quantize=quantize, precision=precision,
-             device=device, cot=cot, cot_file=cot_file, rationale_tokens=rationale_tokens)
+             device=device, cot=cot, cot_file=cot_file, rationale_tokens=rationale_tokens, style=style)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ def main(
         raise UserError("--model_name is for --print_cells / --dry_run without weights; a run needs the checkpoint")
     rows = run_grid(grid, only=only, timeout_s=timeout_s, resume=resume)
     print((grid.out_dir / "results.md").read_text())
-    print(f"wrote results.csv, results.json, loss_curves.png, dashboard.png and report.html in {grid.out_dir}")
+    heatmap = ", category_heatmap.png" if (grid.out_dir / "category_heatmap.png").is_file() else ""
+    print(f"wrote results.csv, results.json, loss_curves.png, dashboard.png{heatmap} and report.html in {grid.out_dir}")
     failed = failed_cells(rows)
     if failed:
         listed = "; ".join(f"{r['name']} ({r['status']}: {r.get('reason', '')})" for r in failed)

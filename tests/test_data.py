@@ -85,12 +85,19 @@ def test_load_all_dolly_records(dolly, dolly_dir):
     assert len(dolly) == 15_011
     # independent reference: json.load each file in sorted order, Dolly fields -> (instruction, input, output)
     expected = [
-        InstructionRecord(r["instruction"], r["context"], r["response"])
+        InstructionRecord(r["instruction"], r["context"], r["response"], r["category"])
         for f in sorted(dolly_dir.glob("*.json"))
         for r in json.loads(f.read_text())
     ]
     assert dolly == expected
     assert sum(1 for r in dolly if r.input.strip()) == 4_467
+    # Dolly's eight task categories, as the dataset card counts them
+    counts = {}
+    for r in dolly:
+        counts[r.category] = counts.get(r.category, 0) + 1
+    assert counts == {"open_qa": 3742, "general_qa": 2191, "classification": 2136, "closed_qa": 1773,
+                      "brainstorming": 1766, "information_extraction": 1506, "summarization": 1188,
+                      "creative_writing": 709}
 
 
 def test_split_counts_and_determinism(dolly, dolly_dir):

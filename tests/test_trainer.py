@@ -181,9 +181,11 @@ def _resume_into(cell, path):
 def test_resume_loads_what_was_saved_with_the_keys_last_ckpt_always_had(tmp_path):
     path = _saved_checkpoint(tmp_path, _cell())
     saved = torch.load(path, weights_only=True)
-    # the pre-Trainer loop's state dict: older checkpoints keep loading
+    # the pre-Trainer loop's state dict (older checkpoints keep loading), plus the per-category validation losses,
+    # which a checkpoint without them reads as none (TrainState.from_dict)
     assert set(saved) == {"model", "optimizer", "scheduler", "step", "train_losses", "val_losses", "rng", "tokens",
-                          "train_time", "best_val"}
+                          "train_time", "best_val", "val_category_losses"}
+    assert TrainState.from_dict({k: v for k, v in saved.items() if k != "val_category_losses"}).val_category_losses == []
     state = TrainState.from_dict(_resume_into(_cell(), path))
     assert state.step == 1 and state.tokens == 64 and len(state.train_losses) == 1
     assert torch.equal(state.rng, saved["rng"])

@@ -92,8 +92,14 @@ def test_a_cell_is_one_run_with_its_group_tags_config_summary_axes_table_and_mod
     written = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [(g["step"], g["prompt"]) for g in written] == [(3, p) for p in PROMPTS]
     table = run.table("generations")
-    assert table["columns"] == ["step", "prompt", "response"]
-    assert table["data"] == [[g["step"], g["prompt"], g["response"]] for g in written]
+    assert table["columns"] == ["step", "category", "prompt", "reference", "response"]
+    assert table["data"] == [[g["step"], g["category"], g["prompt"], g["reference"], g["response"]] for g in written]
+    # the synthetic tasks are categories: each validation also logs each task's loss, the summary the final ones
+    # (those in the validated batches)
+    assert all(any(key.startswith("val_loss/") for key in r) for r in val_rows)
+    assert result.final_val_loss_by_category
+    for name, loss in result.final_val_loss_by_category.items():
+        assert run.summary[f"final_val_loss/{name}"] == pytest.approx(loss)
     from lit_adapter.cli.generate import generate_instruction_answer
 
     for g in written:  # what generate/lora.py answers greedily with final/

@@ -11,8 +11,9 @@ The pipeline behind ``scripts/prepare_dolly.py`` and ``scripts/prepare_alpaca.py
    the loss only covers the response and EOS, as in Alpaca and LLaMA-Adapter. An example longer than
    ``max_seq_length`` (by default the model's ``block_size``) is shortened or dropped by the truncation policy:
    by default its input (Dolly's ``context``) is shortened so that the response fits.
-4. :func:`prepare` writes ``train.pt`` / ``val.pt`` (lists of ``{"input_ids", "labels"}`` LongTensors, loadable with
-   ``torch.load(weights_only=True)``) and ``metadata.json``. :func:`load_prepared` reads them back.
+4. :func:`prepare` writes ``train.pt`` / ``val.pt`` (lists of ``{"input_ids", "labels"}`` LongTensors and the
+   record's ``"category"`` string, loadable with ``torch.load(weights_only=True)``) and ``metadata.json``.
+   :func:`load_prepared` reads them back; folders prepared before categories were kept read as ``"unknown"``.
 
 Labels are *not* shifted: ``labels[t]`` is the target for the logits at position ``t - 1`` (the loss shifts).
 """
@@ -30,7 +31,7 @@ from torch.utils.data import Dataset
 
 from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
-from lit_adapter.data.prompts import TEMPLATE_NAME, InstructionRecord
+from lit_adapter.data.prompts import TEMPLATE_NAME, UNKNOWN_CATEGORY, InstructionRecord
 from lit_adapter.data.synthetic import SYNTHETIC_DEFAULT_SIZE, synthetic_instructions
 from lit_adapter.data.tokenizer import Tokenizer
 from lit_adapter.data.truncation import (
@@ -48,6 +49,7 @@ from lit_adapter.data.truncation import (
 
 __all__ = [
     "DEFAULT_TRUNCATION", "IGNORE_INDEX", "InstructionRecord", "InstructionDataset", "TRUNCATION_POLICIES",
+    "UNKNOWN_CATEGORY", "category_counts", "category_sample",
     "collate_instructions", "load_prepared", "load_records", "min_seq_length", "model_block_size", "prepare",
     "split_records", "synthetic_instructions", "tokenize_record",
 ]
@@ -275,7 +277,8 @@ def _to_record(obj: Any, schema: str) -> InstructionRecord:
         if required and not value.strip():
             raise _InvalidRecord(f"field {key!r} is empty")
         values.append(value)
-    return InstructionRecord(*values)
+    category = obj.get("category")  # Dolly's task; Alpaca-format records have none
+    return InstructionRecord(*values, category=category.strip() if isinstance(category, str) else "")
 
 
 # ------------------------------------------------------------------------------------------------------- splitting
@@ -430,6 +433,7 @@ def prepare(
         "longest_example": {"split": longest_split, "index": longest["longest_index"],
                             "tokens": longest["longest_tokens"]},
         "splits": {"train": train_stats, "val": val_stats},
+        "categories": {"train": category_counts(train_examples), "val": category_counts(val_examples)},
         "tokenizer": {"path": str(Path(tokenizer_path).resolve()), "vocab_size": tokenizer.vocab_size,
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
     }
@@ -495,6 +499,8 @@ def load_prepared(destination_path: Union[str, Path]) -> Tuple[List[Example], Li
         except Exception as err:  # unpickling errors come in many types; all mean the file is unusable
             raise UserError(f"{path / name} cannot be loaded ({type(err).__name__}); {hint}") from None
         _check_examples(path / name, examples)
+        for ex in examples:  # prepared before categories were kept: one "unknown" task
+            ex.setdefault("category", UNKNOWN_CATEGORY)
         if metadata.get(key) is not None and metadata[key] != len(examples):
             raise UserError(
                 f"{path / name} has {len(examples)} examples but {METADATA_FILE} says {metadata[key]}; the folder "
@@ -515,6 +521,29 @@ def _check_examples(path: Path, examples: Any) -> None:
             raise UserError(f"{path}: example {i} is not a dict of equal-length 1-D 'input_ids' and 'labels'")
 
 
+def category_counts(examples: Sequence[Example]) -> Dict[str, int]:
+    """Examples per category, most frequent first (ties by name)."""
+    counts: Dict[str, int] = {}
+    for ex in examples:
+        name = ex.get("category", UNKNOWN_CATEGORY)
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def category_sample(examples: Sequence[Example], per_category: int) -> List[Example]:
+    """The first ``per_category`` examples of each category, in the examples' order (categories by size).
+
+    Applied to the validation split, which preparation drew at random with its seed, this is a fixed random sample
+    per task: the same for every run on the same prepared folder, so a grid's cells answer the same questions.
+    """
+    chosen: Dict[str, List[Example]] = {name: [] for name in category_counts(examples)}
+    for ex in examples:
+        bucket = chosen[ex.get("category", UNKNOWN_CATEGORY)]
+        if len(bucket) < per_category:
+            bucket.append(ex)
+    return [ex for bucket in chosen.values() for ex in bucket]
+
+
 # -------------------------------------------------------------------------------------------------------- batching
 
 
@@ -525,7 +554,7 @@ def truncate_examples(examples: List[Example], max_len: int) -> Tuple[List[Examp
     for ex in examples:
         if len(ex["input_ids"]) > max_len:
             cut += 1
-            ex = {"input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]}
+            ex = {**ex, "input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]}
             emptied += int(bool((ex["labels"][1:] == IGNORE_INDEX).all()))
         out.append(ex)
     return out, cut, emptied

@@ -1,8 +1,12 @@
-"""The training data's order: a pure function of ``(seed, step)``, which is what makes ``--resume`` exact."""
+"""The training data's order: a pure function of ``(seed, step)``, which is what makes ``--resume`` exact.
+
+:class:`StepBatchSampler` visits every example once per epoch; :class:`CategoryWeightedSampler` draws a multi-task
+mix with chosen weights per category (``--data.category_weights``), still as a pure function of ``(seed, step)``.
+"""
 
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import Dict, Iterator, List, Mapping, Sequence
 
 import torch
 
@@ -32,8 +36,7 @@ class StepBatchSampler:
                 global_micro = (step * self.accum + micro) * self.world + self.rank
                 epoch, within = divmod(global_micro, per_epoch)
                 if epoch != perm_epoch:
-                    g = torch.Generator().manual_seed(self.seed + epoch)
-                    perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+                    perm, perm_epoch = self.epoch_order(epoch), epoch
                 yield perm[within * self.mbs : (within + 1) * self.mbs]
 
     def step_indices(self, step: int) -> List[int]:
@@ -41,6 +44,43 @@ class StepBatchSampler:
         permutation (what the packed sampler spreads by tokens)."""
         per_epoch = self.steps_per_epoch * self.accum * self.world
         epoch, within = divmod(step * self.accum * self.world, per_epoch)
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        perm = self.epoch_order(epoch)
         size = self.accum * self.world * self.mbs
         return perm[within * self.mbs : within * self.mbs + size]
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        """The example indices epoch ``epoch`` visits, in order (a function of the seed and the epoch only)."""
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+
+def category_mix(categories: Sequence[str], weights: Mapping[str, float]) -> Dict[str, float]:
+    """The share of each category in the sampled mix: each example of category ``c`` is drawn with weight
+    ``weights.get(c, 1.0)``, so the share is ``n_c * w_c / sum_k n_k * w_k``; all weights 1 is the data's natural mix."""
+    counts: Dict[str, int] = {}
+    for name in categories:
+        counts[name] = counts.get(name, 0) + 1
+    mass = {name: n * float(weights.get(name, 1.0)) for name, n in counts.items()}
+    total = sum(mass.values())
+    return {name: m / total for name, m in sorted(mass.items(), key=lambda item: (-item[1], item[0]))}
+
+
+class CategoryWeightedSampler(StepBatchSampler):
+    """A :class:`StepBatchSampler` whose epochs are ``n`` draws with replacement, each example of category ``c``
+    drawn with probability proportional to ``weights[c]`` (default 1: the natural mix; 0 leaves the category out).
+
+    Why with replacement: up-weighting a small task (Dolly's 709 creative-writing records against 3,742 open-QA
+    ones) has to repeat its examples within an epoch. Epoch ``e``'s draws come from a generator seeded with
+    ``seed + e`` alone, so the order stays a pure function of ``(seed, step)`` and ``--resume`` stays exact.
+    """
+
+    def __init__(self, categories: Sequence[str], weights: Mapping[str, float], micro_batch_size: int, accum: int,
+                 world_size: int, rank: int, seed: int, start_step: int, total_steps: int) -> None:
+        super().__init__(len(categories), micro_batch_size, accum, world_size, rank, seed, start_step, total_steps)
+        per_example = torch.tensor([float(weights.get(name, 1.0)) for name in categories], dtype=torch.float64)
+        if not bool((per_example > 0).any()):
+            raise ValueError("every category has weight 0: nothing to sample")
+        self.probabilities = per_example / per_example.sum()
+
+    def epoch_order(self, epoch: int) -> List[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.multinomial(self.probabilities, self.n, replacement=True, generator=g).tolist()

@@ -20,7 +20,7 @@ examples were split.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -96,11 +96,14 @@ class PackedStepBatchSampler:
     """
 
     def __init__(self, lengths: Sequence[int], micro_batch_size: int, accum: int, world_size: int, rank: int,
-                 seed: int, start_step: int, total_steps: int, budget: int) -> None:
+                 seed: int, start_step: int, total_steps: int, budget: int,
+                 order: Optional[StepBatchSampler] = None) -> None:
         check_budget(lengths, budget)
         self.lengths, self.budget, self.rank = list(lengths), budget, rank
-        self.order = StepBatchSampler(len(lengths), micro_batch_size, accum, world_size, 0, seed,
-                                      start_step, total_steps)
+        # which examples each step trains on: the epochs' permutations, or another order built for rank 0 with the
+        # same shape (the category-weighted draws, data.order.CategoryWeightedSampler)
+        self.order = order or StepBatchSampler(len(lengths), micro_batch_size, accum, world_size, 0, seed,
+                                               start_step, total_steps)
         self.steps_per_epoch = self.order.steps_per_epoch
 
     def __len__(self) -> int:

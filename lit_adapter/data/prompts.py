@@ -22,6 +22,9 @@ from lit_adapter.errors import UserError
 
 TEMPLATE_NAME = "alpaca"
 
+UNKNOWN_CATEGORY = "unknown"
+"""The category of an example whose source has none (Alpaca files, folders prepared before categories were kept)."""
+
 RESPONSE_MARKER = "### Response:\n"
 
 _WITH_INPUT = (
@@ -43,6 +46,8 @@ class InstructionRecord:
     instruction: str
     input: str = ""
     output: str = ""
+    category: str = ""
+    """The record's task (Dolly's ``category``: open_qa, closed_qa, ...); empty when the source has none."""
 
 
 def generate_prompt(record: Union[InstructionRecord, Mapping[str, str]]) -> str:

@@ -30,14 +30,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from lit_adapter.errors import UserError
-from lit_adapter.data.prompts import InstructionRecord, generate_prompt, input_span
+from lit_adapter.data.prompts import UNKNOWN_CATEGORY, InstructionRecord, generate_prompt, input_span
 from lit_adapter.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("context", "response", "drop")
 DEFAULT_TRUNCATION = "context"
 
-Example = Dict[str, torch.Tensor]
+Example = Dict[str, Any]  # input_ids and labels (1-D LongTensors), category (str)
 
 # The per-split counts of what the policy did (all in examples, except tokens_dropped):
 COUNT_KEYS = (
@@ -186,6 +186,7 @@ def tokenize_split(
         if example is None:
             stats["examples_dropped"] += 1
             continue
+        example["category"] = record.category or UNKNOWN_CATEGORY
         targets = int((example["labels"] != IGNORE_INDEX).sum())
         stats["examples_truncated"] += fitted.context_shortened or fitted.response_cut
         stats["contexts_shortened"] += fitted.context_shortened

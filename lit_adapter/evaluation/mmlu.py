@@ -17,12 +17,21 @@ When the prompt is longer than the model's context the
 number of shots is reduced (Hendrycks: ``while too long: k -= 1``, keeping the first k dev examples).
 
 Per-subject accuracy, their mean (macro) and the accuracy over all questions (micro) are reported.
+
+``style="helm"`` asks the questions the way HELM's MMLU scenario does (crfm-helm's ``mmlu`` run spec: the
+multiple-choice-joint adapter, 5 in-context examples, docs/evaluation.md sets the two side by side): the header
+names the subject with single spaces, every question is prefixed ``Question: ``, and the shots are the dev examples
+in the order HELM's ``InContextLearningAdapter.sample_examples`` draws them (seed 0: labels cycled, ties shuffled)
+rather than the file's. HELM scores by greedy generation (exact match of the generated letter) where we compare
+the four letters' likelihoods; on the single-token path the report also gives the greedy token's exact match,
+HELM's number for a model whose first generated token is the whole answer.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +59,8 @@ SUBJECTS = (
     'virology', 'world_religions',
 )
 REFORMATTED_HEADER = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
+PROMPT_STYLES = ("hendrycks", "helm")
+"""hendrycks: the benchmark's own evaluate.py (and lm-eval's); helm: HELM's mmlu scenario (docs/evaluation.md)."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,55 @@ def build_prompt(subject: str, shots: Sequence[Question], question: Question) ->
     return header + "".join(format_question(s, True) for s in shots) + format_question(question, False)
 
 
+def build_helm_prompt(subject: str, shots: Sequence[Question], question: Question) -> str:
+    """HELM's multiple-choice-joint prompt: its instructions line, then each block ``Question: ...`` with the
+    lettered choices and ``Answer: X``, blocks joined by a blank line, the last ending with ``Answer:``."""
+    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n"
+    blocks = [header] + [_helm_block(s) + f" {LETTERS[s.answer]}\n" for s in shots] + [_helm_block(question)]
+    return "\n".join(blocks)
+
+
+def _helm_block(q: Question) -> str:
+    return f"Question: {q.question}\n" + "".join(f"{letter}. {choice}\n" for letter, choice in zip(LETTERS, q.choices)) \
+        + "Answer:"
+
+
+def helm_shots(dev: Sequence[Question], k: int, seed: int = 0) -> List[Question]:
+    """The ``k`` in-context examples HELM draws from ``dev`` for its train trial ``seed``, in its order.
+
+    The same draw as HELM's ``InContextLearningAdapter.sample_examples`` (``sample_train=True``): group the examples
+    by their correct answer's text, order those labels by how many examples have them (most first; equal counts
+    sorted by text, then shuffled), and take one random example per label in turn until there are ``k``; all from
+    a ``random.Random(seed)`` stream consumed call for call as HELM consumes the global one.
+    """
+    rng = random.Random(seed)
+    wanted = min(len(dev), k)
+    by_label: Dict[str, List[Question]] = {}
+    for q in dev:
+        by_label.setdefault(q.choices[q.answer], []).append(q)
+    by_count: Dict[int, List[str]] = {}
+    for label in sorted(by_label):
+        by_count.setdefault(len(by_label[label]), []).append(label)
+    order: List[str] = []
+    for count in sorted(by_count, reverse=True):
+        labels = by_count[count]
+        rng.shuffle(labels)
+        order.extend(labels)
+    shots: List[Question] = []
+    turn = 0
+    while wanted > 0 and order:
+        label = order[turn % len(order)]
+        turn += 1
+        if not label:  # HELM stops at an empty label text
+            break
+        pool = by_label[label]
+        if not pool:
+            continue
+        shots.append(pool.pop(rng.randrange(len(pool))))
+        wanted -= 1
+    return shots
+
+
 def _continuation(tokenizer, prompt: str, prompt_ids: List[int], text: str) -> List[int]:
     """Tokens that ``text`` adds after ``prompt`` (encoding the whole, as lm-eval does: " A" alone would get a
     dummy-prefix space of its own)."""
@@ -152,17 +212,20 @@ def letter_query(tokenizer, prompt: str) -> Tuple[torch.Tensor, List[List[int]]]
     return torch.tensor(prompt_ids), [_continuation(tokenizer, prompt, prompt_ids, f" {letter}") for letter in LETTERS]
 
 
-def letter_logprobs(model: torch.nn.Module, queries: Sequence[Tuple[torch.Tensor, List[List[int]]]]) -> torch.Tensor:
-    """``(N, 4)`` log-likelihoods of the four answers after each prompt."""
+def letter_logprobs(model: torch.nn.Module, queries: Sequence[Tuple[torch.Tensor, List[List[int]]]],
+                    with_greedy: bool = False):
+    """``(N, 4)`` log-likelihoods of the four answers after each prompt; ``with_greedy``: also the ``(N,)`` greedy
+    next tokens (None when a letter takes several tokens and there is no single next-token distribution)."""
     from lit_adapter.evaluation.perplexity import continuation_logprobs, next_token_logits
 
     if all(len(c) == 1 for _, conts in queries for c in conts):
         logp = torch.log_softmax(next_token_logits(model, [ids for ids, _ in queries]), dim=-1)  # (N, V)
         letter_ids = torch.tensor([[c[0] for c in conts] for _, conts in queries])  # (N, 4)
-        return logp.gather(1, letter_ids)
+        scores = logp.gather(1, letter_ids)
+        return (scores, logp.argmax(dim=-1)) if with_greedy else scores
     pairs = [(ids.tolist(), c) for ids, conts in queries for c in conts]
-    scores = [logp for logp, _ in continuation_logprobs(model, pairs)]
-    return torch.tensor(scores).view(len(queries), len(LETTERS))
+    scores = torch.tensor([logp for logp, _ in continuation_logprobs(model, pairs)]).view(len(queries), len(LETTERS))
+    return (scores, None) if with_greedy else scores
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -177,6 +240,9 @@ class SubjectResult:
     accuracy: float
     shots: int
     """Dev examples in the prompt (fewer than k when a prompt had to be shortened to fit; the smallest used)."""
+    greedy_exact_match: Optional[float] = None
+    """HELM's metric where it can be read off one forward pass: the share of questions whose greedy next token is
+    the correct letter (none when a letter takes several tokens)."""
 
 
 def evaluate_subject(
@@ -188,8 +254,12 @@ def evaluate_subject(
     k: int = 5,
     batch_size: int = 8,
     max_questions: Optional[int] = None,
+    style: str = "hendrycks",
 ) -> Tuple[SubjectResult, List[Dict]]:
-    """Accuracy on ``test`` with the first ``k`` of ``dev`` as shots; also the per-question records."""
+    """Accuracy on ``test`` with the first ``k`` of ``dev`` as shots (``style="helm"``: HELM's prompt and shots);
+    also the per-question records."""
+    if style not in PROMPT_STYLES:
+        raise UserError(f"--style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
     if k < 0:
         raise UserError(f"--k must be >= 0, got {k}")
     if k > len(dev):
@@ -198,30 +268,37 @@ def evaluate_subject(
 
     block_size = real_window(model)  # virtual tokens take their positions first
     questions = list(test)[:max_questions] if max_questions is not None else list(test)
+    # both drop the last shots first while a prompt does not fit (Hendrycks' loop; HELM's _make_prompt_fit)
+    examples, build = (helm_shots(dev, k), build_helm_prompt) if style == "helm" else (list(dev), build_prompt)
     queries, min_shots = [], k
     for q in questions:
         shots = k
-        ids, conts = letter_query(tokenizer, build_prompt(subject, dev[:shots], q))
+        ids, conts = letter_query(tokenizer, build(subject, examples[:shots], q))
         longest = max(len(c) for c in conts)
         while ids.numel() + longest - 1 > block_size and shots > 0:
             shots -= 1
-            ids, conts = letter_query(tokenizer, build_prompt(subject, dev[:shots], q))
+            ids, conts = letter_query(tokenizer, build(subject, examples[:shots], q))
         if ids.numel() + longest - 1 > block_size:  # even 0-shot is too long: keep the end, the question's
             ids = ids[-(block_size - longest + 1):]
         min_shots = min(min_shots, shots)
         queries.append((ids, conts))
 
-    records, correct = [], 0
+    records, correct, greedy_hits = [], 0, 0
+    single = all(len(c) == 1 for _, conts in queries for c in conts)
     for start in range(0, len(queries), batch_size):
         chunk = queries[start : start + batch_size]
-        scores = letter_logprobs(model, chunk)  # (B, 4)
-        for row, (ids, _), q in zip(scores, chunk, questions[start : start + batch_size]):
+        scores, greedy = letter_logprobs(model, chunk, with_greedy=True)  # (B, 4), (B,) or None
+        for i, (row, (ids, conts), q) in enumerate(zip(scores, chunk, questions[start : start + batch_size])):
             pred = int(row.argmax())
             correct += pred == q.answer
-            records.append({"answer": q.answer, "prediction": pred, "logprobs": row.tolist(),
-                            "prompt_tokens": ids.numel()})
+            record = {"answer": q.answer, "prediction": pred, "logprobs": row.tolist(), "prompt_tokens": ids.numel()}
+            if greedy is not None:
+                record["greedy_token"] = int(greedy[i])
+                greedy_hits += int(greedy[i]) == conts[q.answer][0]
+            records.append(record)
     total = len(questions)
-    return SubjectResult(subject, correct, total, correct / total if total else 0.0, min_shots), records
+    exact = greedy_hits / total if single and total else None
+    return SubjectResult(subject, correct, total, correct / total if total else 0.0, min_shots, exact), records
 
 
 def run_mmlu(
@@ -239,6 +316,7 @@ def run_mmlu(
     cot: str = "none",
     cot_file: Optional[Path] = None,
     rationale_tokens: int = 128,
+    style: str = "hendrycks",
 ) -> Dict:
     """Evaluates the chosen subjects, prints per-subject and average accuracies, writes ``out_dir/mmlu.json``.
 
@@ -248,6 +326,8 @@ def run_mmlu(
     from lit_adapter.evaluation import describe_model, load_model, run_info, split_names, write_json
     from lit_adapter.evaluation.cot import check_style
 
+    if style not in PROMPT_STYLES:  # before the model loads
+        raise UserError(f"--style must be one of {', '.join(PROMPT_STYLES)}, got {style!r}")
     names = split_names(subjects, "subjects")
     if names == ["all"]:
         if data_dir is None:
@@ -275,7 +355,7 @@ def run_mmlu(
             no_answer += none
         else:
             result, recs = evaluate_subject(model, tokenizer, name, *data[name], k=k, batch_size=batch_size,
-                                            max_questions=max_questions_per_subject)
+                                            max_questions=max_questions_per_subject, style=style)
         print(f"{name}: {result.accuracy:.4f} ({result.correct}/{result.total}, {result.shots}-shot"
               f"{', ' + cot.replace('_', '-') + ' CoT' if cot != 'none' else ''})")
         results.append(result)
@@ -289,12 +369,18 @@ def run_mmlu(
           f"({seconds:.1f} s, {total / max(seconds, 1e-9):.1f} questions/s)")
     if cot != "none":
         print(f"no answer (counted wrong): {no_answer} of {total}")
+    greedy = [r for r in results if r.greedy_exact_match is not None]
+    greedy_micro = (sum(r.greedy_exact_match * r.total for r in greedy) / sum(r.total for r in greedy)
+                    if greedy and len(greedy) == len(results) and total else None)
+    if greedy_micro is not None and style == "helm":
+        print(f"greedy next token = the answer letter (HELM's exact match, one token): {greedy_micro:.4f}")
     report = {
         **describe_model(checkpoint_dir, adapter_dir, spec),
-        "k": k, "data": str(data_dir) if data_dir is not None else "hub: cais/mmlu",
+        "k": k, "style": style, "data": str(data_dir) if data_dir is not None else "hub: cais/mmlu",
         "cot": cot, "cot_file": str(cot_file) if cot_file else None, "no_answer": no_answer if cot != "none" else None,
         "max_questions_per_subject": max_questions_per_subject,
-        "macro_accuracy": macro, "micro_accuracy": micro, "questions": total, "seconds": seconds,
+        "macro_accuracy": macro, "micro_accuracy": micro, "greedy_exact_match_micro": greedy_micro,
+        "questions": total, "seconds": seconds,
         "subjects": {r.subject: asdict(r) for r in results},
         "predictions": records,
         "run": run_info(dev),

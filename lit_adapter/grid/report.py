@@ -1,7 +1,9 @@
 """A comparison grid's results: ``results.csv`` / ``results.json`` (one row per cell, every seed),
 ``results.md`` (seed 001's Table 3 layout: a column per cell, the seeds of a cell as mean ± std), ``loss_curves.png``,
-``dashboard.png`` (loss curves; peak memory, training time and final validation loss by cell, OOM cells marked)
-and ``report.html`` (the table and the pictures in one self-contained file).
+``dashboard.png`` (loss curves; peak memory, training time and final validation loss by cell, OOM cells marked;
+the heatmap of cells by task categories when the data have several, also alone as ``category_heatmap.png``)
+and ``report.html`` (the table and the pictures in one self-contained file). The per-category parts are
+:mod:`lit_adapter.grid.categories`'.
 
 The numbers are measurements of the machine the grid ran on; ``results.json`` and the table say which machine,
 when, and at which commit.
@@ -19,6 +21,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from lit_adapter.grid import categories as by_category
 from lit_adapter.grid.stats import METRICS, group_rows, group_status
 
 COLUMNS = ("name", "run", "method", "attention", "quantize", "context", "seed", "status", "trainable_params",
@@ -92,6 +95,7 @@ def markdown(rows: List[Dict[str, Any]], title: str, meta: Dict[str, str]) -> st
     header, body = table(rows)
     lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
+    lines += by_category.markdown(rows)
     lines += ["", *_notes(rows, meta)]
     return "\n".join(lines) + "\n"
 
@@ -124,12 +128,17 @@ def write_results(rows: List[Dict[str, Any]], out_dir: Path, title: str,
     paths = {"csv": out_dir / "results.csv", "json": out_dir / "results.json", "md": out_dir / "results.md",
              "png": out_dir / "loss_curves.png", "dashboard": out_dir / "dashboard.png",
              "html": out_dir / "report.html"}
+    if by_category.categories(rows):
+        paths["heatmap"] = out_dir / "category_heatmap.png"
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *by_category.columns(rows)], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
-    paths["json"].write_text(json.dumps({"title": title, **meta, "cells": rows,
-                                         "groups": group_rows(rows)}, indent=2) + "\n")
+        writer.writerows(by_category.flat(row) for row in rows)
+    groups = group_rows(rows)
+    for group, per_category in zip(groups, by_category.group_categories(rows)):
+        group.update({by_category.FINAL: per_category[by_category.FINAL],
+                      "val_loss_change_by_category": per_category["change"]})
+    paths["json"].write_text(json.dumps({"title": title, **meta, "cells": rows, "groups": groups}, indent=2) + "\n")
     paths["md"].write_text(markdown(rows, title, meta))
     if pictures:
         render(rows, title, meta, out_dir)
@@ -138,10 +147,14 @@ def write_results(rows: List[Dict[str, Any]], out_dir: Path, title: str,
 
 def render(rows: List[Dict[str, Any]], title: str, meta: Dict[str, str], out_dir: Path) -> None:
     """The pictures and the HTML report (what ``scripts/plot_comparison.py`` re-renders)."""
-    from lit_adapter.grid.plots import plot_dashboard, plot_losses
+    from lit_adapter.grid.plots import plot_category_heatmap, plot_dashboard, plot_losses
 
     plot_losses(rows, out_dir / "loss_curves.png")
     plot_dashboard(rows, out_dir / "dashboard.png", title)
+    if by_category.categories(rows):
+        plot_category_heatmap(rows, out_dir / "category_heatmap.png", title)
+    else:  # not a stale one of an earlier grid in the same folder
+        (out_dir / "category_heatmap.png").unlink(missing_ok=True)
     (out_dir / "report.html").write_text(report_html(rows, title, meta, out_dir))
 
 
@@ -153,7 +166,8 @@ def report_html(rows: List[Dict[str, Any]], title: str, meta: Dict[str, str], ou
     images = "".join(
         f'<h2>{caption}</h2><img alt="{caption}" src="data:image/png;base64,'
         f'{base64.b64encode((out_dir / name).read_bytes()).decode()}">'
-        for caption, name in (("Dashboard", "dashboard.png"), ("Loss curves", "loss_curves.png"))
+        for caption, name in (("Dashboard", "dashboard.png"), ("Loss curves", "loss_curves.png"),
+                              ("Final validation loss by task category", "category_heatmap.png"))
         if (out_dir / name).is_file())
     notes = "".join(f"<p>{html.escape(n.strip())}</p>" for n in _notes(rows, meta))
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"

@@ -84,6 +84,9 @@ def _prepared_as(grid: Grid, context: int, meta: Dict[str, Any]) -> bool:
     # data prepared before the truncation policies existed has no policy: prepare it again
     if (meta.get("truncation") or {}).get("policy") != grid.data.get("truncation", DEFAULT_TRUNCATION):
         return False
+    # nor task categories: prepare it again (the same examples, now with their categories) for the per-task view
+    if "categories" not in meta:
+        return False
     return all(meta.get(key) == grid.data[key] for key in ("val_size", "seed", "mask_inputs", "max_records")
                if key in grid.data)
 
@@ -149,6 +152,9 @@ def _row_from_summary(cell: Cell, summary: Dict[str, Any], folder: Path) -> Dict
         train_time_s=summary["train_time_s"], tokens_per_s=summary["tokens_per_s"],
         peak_memory_gb=summary["peak_memory_gb"], peak_memory_kind=summary["peak_memory_kind"],
         steps=summary["steps"], train_losses=summary["train_losses"], val_losses=summary["val_losses"],
+        # the multi-task view (grid/categories.py); empty for data with one category or runs before it existed
+        val_loss_by_category=summary.get("final_val_loss_by_category") or {},
+        initial_val_loss_by_category=summary.get("initial_val_loss_by_category") or {},
     )
     return row
 

@@ -18,7 +18,7 @@ METRICS: Tuple[Tuple[str, str, str], ...] = (
 )
 
 
-def _mean_std(values: List[float]) -> Tuple[float, Optional[float]]:
+def mean_std(values: List[float]) -> Tuple[float, Optional[float]]:
     mean = sum(values) / len(values)
     if len(values) < 2:
         return mean, None
@@ -40,7 +40,7 @@ def group_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                                                                    "context")}}
         for _, key, _ in METRICS:
             values = [r[key] for r in done if r.get(key) is not None]
-            entry[key] = _mean_std(values) if values else None
+            entry[key] = mean_std(values) if values else None
         out.append(entry)
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from lit_adapter.runtime import peak_memory_gb
 
@@ -48,6 +48,13 @@ class RunResult:
     out_dir: str = ""
     train_losses: List[Tuple[int, float]] = field(default_factory=list)
     val_losses: List[Tuple[int, float]] = field(default_factory=list)
+    initial_val_loss_by_category: Dict[str, float] = field(default_factory=dict)
+    """The step-0 validation loss of each task category (when the data have several), as ``initial_val_loss``."""
+    final_val_loss_by_category: Dict[str, float] = field(default_factory=dict)
+    """Each category's validation loss at ``final_val_step``; their mean weighted by the categories' target tokens
+    is ``final_val_loss``."""
+    val_category_losses: List[Tuple[int, Dict[str, float]]] = field(default_factory=list)
+    """(step, {category: loss}) of every validation."""
 
 
 def describe_validation(result: RunResult) -> str:
@@ -70,6 +77,9 @@ def result_from_state(method: str, status: str, state, n_trainable: int, n_total
     midway)."""
     losses = [loss for _, loss in state.train_losses]
     vals = state.val_losses
+    by_category = getattr(state, "val_category_losses", [])
+    # the per-category losses of the last validation, when it had them (a resumed older run may not)
+    final_measured = bool(by_category and vals and by_category[-1][0] == vals[-1][0])
     return RunResult(
         method=method,
         status=status,
@@ -90,6 +100,9 @@ def result_from_state(method: str, status: str, state, n_trainable: int, n_total
         out_dir=str(out_dir),
         train_losses=[tuple(x) for x in state.train_losses],
         val_losses=[tuple(x) for x in vals],
+        initial_val_loss_by_category=dict(by_category[0][1]) if by_category and by_category[0][0] == 0 else {},
+        final_val_loss_by_category=dict(by_category[-1][1]) if final_measured else {},
+        val_category_losses=[(s, dict(losses)) for s, losses in by_category],
     )
 
 

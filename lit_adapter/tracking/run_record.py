@@ -25,7 +25,7 @@ from lit_adapter.train.guards import LossNotFinite
 from lit_adapter.tracking.loggers import RUN_ID_FILE, LoggerArgs, logger_summary
 from lit_adapter.tracking.results import RunResult, result_from_state, to_jsonable
 
-TABLE_COLUMNS = ["step", "prompt", "response"]
+TABLE_COLUMNS = ["step", "category", "prompt", "reference", "response"]
 SUMMARY_FIELDS = ("status", "steps", "initial_val_loss", "final_val_loss", "final_val_step", "best_val_loss",
                   "best_val_step", "avg_train_loss", "last_train_loss", "tokens_per_s", "peak_memory_gb",
                   "peak_memory_kind", "train_time_s", "trainable_params", "total_params")
@@ -53,6 +53,9 @@ def summary_values(result: Optional[RunResult], status: str, wall_time_s: float,
     if result is not None:
         fields = asdict(result)
         values = {k: fields[k] for k in SUMMARY_FIELDS if fields[k] is not None}
+        # the multi-task view: each task category's final validation loss (WandB's runs table can sort by them)
+        values.update({f"final_val_loss/{name}": loss
+                       for name, loss in (fields.get("final_val_loss_by_category") or {}).items()})
     values.update(status=status, wall_time_s=wall_time_s)
     if reason:
         values["reason"] = reason
@@ -116,7 +119,8 @@ class RunRecord:
         values = summary_values(result, result.status, time.perf_counter() - self.started_at)
         run.summary.update(values)
         if generations:
-            table = wandb.Table(columns=TABLE_COLUMNS, data=[[g[c] for c in TABLE_COLUMNS] for g in generations])
+            table = wandb.Table(columns=TABLE_COLUMNS, data=[[g.get(c, "") for c in TABLE_COLUMNS]
+                                                                  for g in generations])
             run.log({"generations": table, "trainer/global_step": result.steps})
         if self.args.log_artifacts and result.status == "completed":
             folder = next((out_dir / name for name in ("best", "final") if (out_dir / name).is_dir()), None)

@@ -77,7 +77,10 @@ class Objective:
         return examples, cut
 
     def collate(self, batch: Sequence[Example], pad_id: int) -> Batch:
-        return collate_instructions(batch, pad_id=pad_id)
+        collated = collate_instructions(batch, pad_id=pad_id)
+        if all("category" in ex for ex in batch):  # the rows' tasks, for validation's per-category losses
+            collated["category"] = [ex["category"] for ex in batch]
+        return collated
 
     packing_refusal: Optional[str] = None
     """Why this objective's batches cannot be packed (``--data.packing``), or None: it packs."""

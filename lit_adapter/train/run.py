@@ -18,15 +18,15 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
 from lit_adapter.tuners import registry as methods
 from lit_adapter.model.config import ModelArgs
-from lit_adapter.data.instructions import InstructionDataset
-from lit_adapter.data.order import StepBatchSampler
+from lit_adapter.data.instructions import UNKNOWN_CATEGORY, InstructionDataset, category_sample
+from lit_adapter.data.order import CategoryWeightedSampler, StepBatchSampler, category_mix
 from lit_adapter.data.packing import PackedStepBatchSampler, example_lengths, padding_share
 from lit_adapter.errors import UserError
 from lit_adapter.train.guards import LossNotFinite  # noqa: F401  (re-exported: callers catch training.LossNotFinite)
@@ -56,6 +56,11 @@ class DataArgs:
     """Padding-free packing: a micro-batch lays its examples end to end (no padding), each with its own positions
     and attention (lit_adapter.data.packing); a step trains on the same examples either way. Default: on for
     objectives that pack (instruction fine-tuning), off for those that do not (classification, DPO)."""
+    category_weights: Optional[Dict[str, float]] = None
+    """Sampling weight per task category of the training split, e.g. '{"creative_writing": 4, "open_qa": 0.5}':
+    each example of a category is drawn with its weight (categories not named keep 1; 0 leaves one out), so a
+    category's share is n_c*w_c / sum(n_k*w_k); epochs become draws with replacement. Default: the data's natural
+    mix, every example once per epoch. hparams.json records the resulting mix (category_mix)."""
 
 
 @dataclass
@@ -129,6 +134,10 @@ class EvalArgs:
     prompt_max_new_tokens tokens): written to out_dir/generations.jsonl and logged as a WandB table."""
     prompt_max_new_tokens: int = 64
     """Tokens generated at most per answer to eval.prompts."""
+    prompts_per_category: int = 0
+    """Also answer this many validation examples of each task category (the first ones of the seeded validation
+    split: the same for every run on the same data), from their own prompt, beside their reference response in
+    generations.jsonl and the WandB table."""
 
 
 @dataclass
@@ -170,7 +179,7 @@ def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
         raise UserError(f"train.save_interval must be >= 1, got {train.save_interval}")
     if eval.interval < 1 or (eval.max_batches is not None and eval.max_batches < 1):
         raise UserError("eval.interval and eval.max_batches must be >= 1")
-    check_prompt_settings(eval.prompts, eval.prompt_max_new_tokens)
+    check_prompt_settings(eval.prompts, eval.prompt_max_new_tokens, eval.prompts_per_category)
     if train.loss == "chunked_head" and fabric.strategy == "fsdp":
         raise UserError("train.loss=chunked_head calls the head outside the model's forward, which FSDP does not "
                         "allow (the head's weights are sharded there); use train.loss=chunked with fsdp")
@@ -345,7 +354,9 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     )
     checkpoint_path = out_dir / CHECKPOINT_NAME
     state = (resume_state(fabric, checkpoint_path, model, optimizer, scheduler, spec) if resume else TrainState())
-    hparams = to_jsonable({**hparams, "trainable_params": n_trainable, "total_params": n_total})
+    mix = category_mix([ex.get("category", UNKNOWN_CATEGORY) for ex in train_examples], data.category_weights or {})
+    hparams = to_jsonable({**hparams, "trainable_params": n_trainable, "total_params": n_total,
+                           "category_mix": mix})
     if fabric.global_rank == 0:
         (out_dir / "hparams.json").write_text(json.dumps(hparams, indent=2) + "\n")
     if logger_supports_hparams(fabric.logger):
@@ -353,18 +364,20 @@ def _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accu
     record.track(state, spec.describe(), n_trainable, n_total, fabric.device)
 
     train_loader, val_loader = _loaders(fabric, train_examples, val_examples, train, accum, state.step, total_steps,
-                                        objective, packing)
+                                        objective, packing, data.category_weights)
     trainer = Trainer(fabric, model, optimizer, train_loader, scheduler=scheduler, accum=accum, objective=objective,
                       loss=train.loss, max_grad_norm=train.max_grad_norm, trainable=trainable, state=state)
     plan = RunPlan(total_steps=total_steps, steps_per_epoch=steps_per_epoch, val_loader=val_loader, spec=spec,
                    config=config, checkpoint_dir=checkpoint_dir, out_dir=out_dir, eval=eval,
                    log_interval=train.log_interval, save_interval=train.save_interval, resumed=resume,
-                   adapter_record={"chat_template": chat_template} if chat_template else {})
+                   adapter_record={"chat_template": chat_template} if chat_template else {},
+                   categories=validation_categories(val_examples))
     status = trainer.fit(plan)
 
     result = summarize(fabric, spec, status, state, n_trainable, n_total, out_dir)
+    samples = category_sample(val_examples, eval.prompts_per_category) if eval.prompts_per_category else []
     answers = (answer_prompts(fabric, model, checkpoint_dir, eval.prompts, eval.prompt_max_new_tokens,
-                              state.step, out_dir, objective, chat_template) if status == "completed" else [])
+                              state.step, out_dir, objective, samples, chat_template) if status == "completed" else [])
     record.finish(result, answers, out_dir)
     summary = logger_summary(fabric.logger)
     fabric.logger.finalize("success" if status == "completed" else "aborted")
@@ -406,7 +419,34 @@ def _load_examples(fabric, spec, config, checkpoint_dir, data, train, objective)
         )
     if not val_examples:
         raise UserError(f"the validation split in {data.data_dir} is empty")
+    check_category_weights(data.category_weights, train_examples, data.data_dir)
     return train_examples, val_examples, max_seq_length, metadata
+
+
+def check_category_weights(weights: Optional[Dict[str, float]], examples, data_dir) -> None:
+    """One line for weights that name no category of the data, are negative, or leave nothing to sample."""
+    if not weights:
+        return
+    present = sorted({ex.get("category", UNKNOWN_CATEGORY) for ex in examples})
+    unknown = sorted(set(weights) - set(present))
+    if unknown:
+        raise UserError(f"data.category_weights names {', '.join(unknown)}, not a category of the training split "
+                        f"in {data_dir} (its categories: {', '.join(present)})")
+    bad = [name for name, w in weights.items() if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)]
+    if bad:
+        raise UserError(f"data.category_weights must be numbers >= 0; {', '.join(bad)} is not")
+    if all(weights.get(name, 1.0) == 0 for name in present):
+        raise UserError("data.category_weights gives every category weight 0: nothing would be trained on")
+
+
+def validation_categories(examples) -> tuple:
+    """The validation split's categories, most examples first: the per-category losses' names (none when the
+    split has a single category, whose loss is the overall one)."""
+    counts: Dict[str, int] = {}
+    for ex in examples:
+        if "category" in ex:
+            counts[ex["category"]] = counts.get(ex["category"], 0) + 1
+    return tuple(sorted(counts, key=lambda name: (-counts[name], name))) if len(counts) > 1 else ()
 
 
 def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objective):
@@ -430,19 +470,26 @@ def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objecti
 
 
 def _loaders(fabric, train_examples, val_examples, train, accum, start_step, total_steps, objective,
-             packing: Optional[int] = None):
-    """The training loader (the step-indexed order from ``start_step`` on) and the validation loader; with
-    ``packing`` (the token budget) their micro-batches are packed rows."""
+             packing: Optional[int] = None, category_weights=None):
+    """The training loader (the step-indexed order from ``start_step`` on, weighted by category when asked; with
+    ``packing``, the token budget, its micro-batches are packed rows) and the validation loader, whose batches stay
+    one example a row (its loss is token-weighted either way, and the per-category split takes rows)."""
     pad_id = 0
+    padded = lambda batch: objective.collate(batch, pad_id=pad_id)  # noqa: E731
+    order = None
+    if category_weights:
+        names = [ex.get("category", UNKNOWN_CATEGORY) for ex in train_examples]
+        order = CategoryWeightedSampler(names, category_weights, train.micro_batch_size, accum, fabric.world_size,
+                                        0 if packing else fabric.global_rank, train.seed, start_step, total_steps)
     if packing:
         sampler = PackedStepBatchSampler(example_lengths(train_examples), train.micro_batch_size, accum,
                                          fabric.world_size, fabric.global_rank, train.seed, start_step, total_steps,
-                                         budget=packing)
+                                         budget=packing, order=order)
         collate = objective.collate_packed
     else:
-        sampler = StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
-                                   fabric.global_rank, train.seed, start_step, total_steps)
-        collate = lambda batch: objective.collate(batch, pad_id=pad_id)  # noqa: E731
+        sampler = order or StepBatchSampler(len(train_examples), train.micro_batch_size, accum, fabric.world_size,
+                                            fabric.global_rank, train.seed, start_step, total_steps)
+        collate = padded
     # Loaders draw their iterator seeds from their own generator, not the global RNG: otherwise creating an
     # iterator (at resume, or for each validation) would shift the dropout masks and break exact resumption.
     train_loader = fabric.setup_dataloaders(
@@ -452,7 +499,7 @@ def _loaders(fabric, train_examples, val_examples, train, accum, start_step, tot
     )
     val_loader = fabric.setup_dataloaders(
         DataLoader(InstructionDataset(val_examples), batch_size=train.micro_batch_size, shuffle=False,
-                   collate_fn=collate, generator=torch.Generator().manual_seed(train.seed)),
+                   collate_fn=padded, generator=torch.Generator().manual_seed(train.seed)),
         use_distributed_sampler=False,
     )
     return train_loader, val_loader

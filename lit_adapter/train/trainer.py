@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,7 +62,11 @@ class TrainState:
     """Every CUDA device's RNG state then (``runtime.cuda_rng_state``); None, and absent from the checkpoint,
     without CUDA. Checkpoints written before it existed load without it."""
 
-    KEYS = ("step", "train_losses", "val_losses", "tokens", "train_time", "best_val", "rng", "cuda_rng")
+    val_category_losses: List[Tuple[int, Dict[str, float]]] = field(default_factory=list)
+    """(step, {category: validation loss}) of each validation, when the data have several categories."""
+
+    KEYS = ("step", "train_losses", "val_losses", "tokens", "train_time", "best_val", "rng", "cuda_rng",
+            "val_category_losses")
 
     def to_dict(self) -> Dict[str, Any]:
         return {key: getattr(self, key) for key in self.KEYS if key != "cuda_rng" or self.cuda_rng is not None}
@@ -106,6 +110,8 @@ class RunPlan:
     adapter_record: Dict[str, Any] = field(default_factory=dict)
     """Written into ``best/`` and ``final/``'s ``adapter_config.json`` beside the method (the data's chat template,
     which generation and evaluation must prompt with)."""
+    categories: Tuple[str, ...] = ()
+    """The validation split's task categories, whose losses validation also reports (none: only the overall)."""
 
     @property
     def checkpoint_path(self) -> Path:
@@ -286,11 +292,17 @@ class Trainer:
     def validate(self, plan: RunPlan, step: int) -> float:
         """The validation loss at ``step``, recorded and logged; a new lowest one after step 0 writes ``best/``."""
         fabric, state = self.fabric, self.state
-        loss = validate(fabric, self.model, plan.val_loader, plan.eval.max_batches, self.loss, self.objective)
+        by_category: Dict[str, Tuple[float, int]] = {}
+        loss = validate(fabric, self.model, plan.val_loader, plan.eval.max_batches, self.loss, self.objective,
+                        categories=plan.categories, by_category=by_category)
         state.val_losses.append((step, loss))
         self.val_extra = self.objective.metrics(fabric, "val")
         metrics = {"val_loss": loss, "step": step, "tokens": state.tokens,
                    **{f"val_{k}": v for k, v in self.val_extra.items()}}
+        if by_category:
+            state.val_category_losses.append((step, {name: value for name, (value, _) in by_category.items()}))
+            # "val_loss/<category>": TensorBoard and WandB group these under one heading
+            metrics.update({f"val_loss/{name}": value for name, (value, _) in by_category.items()})
         if step > 0 and math.isfinite(loss) and (not state.best_val or loss < state.best_val[1]):
             state.best_val = [step, loss]
             if plan.eval.save_best and fabric.global_rank == 0:
@@ -369,9 +381,17 @@ def format_metrics(metrics: Dict[str, float]) -> str:
 
 @torch.no_grad()
 def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cross_entropy",
-             objective: Optional[Objective] = None) -> float:
+             objective: Optional[Objective] = None, categories: Sequence[str] = (),
+             by_category: Optional[Dict[str, Tuple[float, int]]] = None) -> float:
     """Token-weighted mean validation loss (each target token counts once, whatever its batch; each item of the
     objective's, e.g. each example or pair, for other objectives).
+
+    With ``categories`` (the batches then carry each row's ``"category"``), ``by_category`` is filled with
+    ``{category: (mean loss, target tokens)}``: each batch's rows are evaluated a category at a time, so every
+    category's loss is weighted by its own target tokens and the overall loss is their token-weighted mean,
+    ``sum(n_c * loss_c) / sum(n_c)``, the same number as without categories. Right padding cannot change a real
+    token's logits under causal attention, so splitting a batch changes no loss, only the number of forward calls.
+    A category with no target token in the batches validated is left out.
 
     A transient progress bar shows it: a full Dolly validation split is minutes of work on a small machine.
     """
@@ -379,22 +399,47 @@ def validate(fabric, model, loader, max_batches: Optional[int], loss: str = "cro
 
     objective = resolve_objective(objective)
     model.eval()
-    total, count = torch.zeros((), device=fabric.device, dtype=torch.float64), 0
+    index = {name: i for i, name in enumerate(categories)}
+    # float64 sums per category (one slot when there are none), reduced over the ranks once at the end
+    totals = torch.zeros(max(len(categories), 1), device=fabric.device, dtype=torch.float64)
+    counts = torch.zeros(max(len(categories), 1), device=fabric.device, dtype=torch.float64)
     batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     bar = tqdm(total=batches, desc="validation", unit="batch", leave=False, file=sys.stderr, dynamic_ncols=True,
                disable=fabric.global_rank != 0, mininterval=0.5)
     for i, batch in enumerate(loader):
         if i >= batches:
             break
-        value, n = objective.forward_loss(model, batch, loss, fabric.autocast)
-        total += value.double() * n
-        count += n
+        for slot, part in _category_parts(batch, index):
+            value, n = objective.forward_loss(model, part, loss, fabric.autocast)
+            totals[slot] += value.double() * n
+            counts[slot] += n
         bar.update(1)
     bar.close()
     model.train()
-    total = fabric.all_reduce(total, reduce_op="sum")
-    count = fabric.all_reduce(torch.as_tensor(count, device=fabric.device), reduce_op="sum")
-    return float(total / count.clamp(min=1))
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    counts = fabric.all_reduce(counts, reduce_op="sum")
+    if by_category is not None and categories:
+        by_category.clear()
+        # a category absent from the batches validated (eval.max_batches) has no loss, not a NaN one
+        by_category.update({name: (float(totals[i] / counts[i]), int(counts[i])) for name, i in index.items()
+                            if counts[i] > 0})
+    return float(totals.sum() / counts.sum().clamp(min=1))
+
+
+def _category_parts(batch: Batch, index: Dict[str, int]) -> Iterator[Tuple[int, Batch]]:
+    """``(slot, rows of one category)`` for each category in ``batch``; the whole batch in slot 0 without categories."""
+    names = batch.get("category") if index else None
+    if names is None:
+        yield 0, batch
+        return
+    for name in dict.fromkeys(names):  # first-seen order
+        rows = [r for r, row_name in enumerate(names) if row_name == name]
+        if len(rows) == len(names):
+            yield index[name], batch
+            continue
+        take = torch.tensor(rows, device=batch["input_ids"].device)
+        yield index[name], {key: value.index_select(0, take) if torch.is_tensor(value) else
+                            [value[r] for r in rows] for key, value in batch.items()}
 
 
 def _first_line(err: BaseException) -> str:
