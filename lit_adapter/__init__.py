@@ -3,13 +3,14 @@
 The package is laid out by responsibility; a reader coming from nanoGPT, torchtune or PEFT starts here:
 
 * ``model/``: the one model (``gpt.py``: LLaMA, GPT-2, Llama 3 chosen by ``config.Config``), RoPE and its
-  scaling, the sparse attention kernels, classification heads, quantized bnb bases, FLOPs.
+  scaling, packed rows (``packing.py``), the sparse attention kernels, classification heads, quantized bnb bases,
+  FLOPs.
 * ``tuners/``: one module per fine-tuning method, each a ``base.Method`` that owns its whole life (settings, how it
   attaches, what trains and is saved, its fold, its PEFT mapping, its memory terms); ``registry.py`` finds them
   and builds, loads and saves a run's model (``MethodSpec``, ``prepare_model``, ``save_adapter``,
   ``load_finetuned``).
 * ``data/``: tokenizers, instruction, text, classification and preference data, the prompt template,
-  truncation, and the training order.
+  truncation, the training order, and padding-free packing (``packing.py``: the packed batch format).
 * ``train/``: the ``Trainer`` (``trainer.py``: ``TrainState``, one optimizer ``step()``), a run's options and
   setup (``run.py``), objectives, losses, optimizers, guards and start-up checks.
 * ``tracking/``: experiment loggers, the run record, results and summaries.

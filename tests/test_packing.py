@@ -398,3 +398,15 @@ def test_packed_rows_work_with_every_loss_and_activation_checkpointing(loss):
     value.backward()
     assert m == n and value.item() == pytest.approx(reference.item(), rel=1e-5)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "prefix_tuning"])
+def test_packing_with_learned_positions_gpt2(method):
+    config = tiny(norm_class="LayerNorm", mlp_class="GptNeoxMLP", position_embedding="learned", bias=True,
+                  gelu_approximate="tanh")
+    model = method_model(method, config=config)
+    (la, sa, ga), (lp, sp, gp) = one_by_one_and_packed(model, examples())
+    torch.testing.assert_close(lp, la, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sp, sa, rtol=1e-6, atol=1e-6)
+    for name in ga:
+        torch.testing.assert_close(gp[name], ga[name], rtol=1e-4, atol=1e-6)
