@@ -34,6 +34,7 @@ from lit_adapter.memory.estimate import print_memory_estimate
 from lit_adapter.tuners.registry import MethodSpec
 from lit_adapter.train.objectives import Objective, resolve as resolve_objective
 from lit_adapter.train.preflight import check_fabric_args, check_parts_fit, claim_out_dir
+from lit_adapter.train.resume_check import check_resume
 from lit_adapter.tracking.results import RunResult, summarize, to_jsonable
 from lit_adapter.model.rope import context_error
 from lit_adapter.generation.eval_prompts import answer_prompts, check_prompt_settings
@@ -134,7 +135,8 @@ class FabricArgs:
     strategy: Literal["auto", "ddp", "fsdp", "ddp_spawn"] = "auto"
     """How several devices share the work: ddp (replicas, gradients averaged), fsdp (sharded weights), ddp_spawn."""
     precision: Optional[str] = None
-    """32-true, bf16-true, bf16-mixed or 16-mixed; default: bf16-true on GPUs that support it, else 32-true."""
+    """32-true, bf16-true, bf16-mixed, 16-true, 16-mixed or 64-true (train.preflight.PRECISIONS); default: bf16-true on
+    GPUs that support it, else 32-true."""
 
 
 def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
@@ -233,16 +235,18 @@ def finetune(
     # Lightning's DDP launcher runs this script again for ranks 1..n-1 (LOCAL_RANK set): the first process owns
     # the folder, the others only join its run.
     launched_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    objective = resolve_objective(objective)
+    hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,
+                   block_size=config.block_size, out_dir=out_dir, data=data, train=train, eval=eval,
+                   fabric=fabric_args, logger=logger, precision=precision, objective=objective.describe())
+    if resume and launched_rank == 0 and not overwrite:  # with the other start-up checks, before the model
+        check_resume(out_dir, hparams, spec.definition.settings_group)
     lock = claim_out_dir(out_dir, resume, overwrite) if launched_rank == 0 else None
     record = None
     try:
         fabric = make_fabric(fabric_args.accelerator, fabric_args.devices, fabric_args.strategy, precision,
                              loggers=[build_logger(logger, out_dir, resume)])
         fabric.launch()
-        objective = resolve_objective(objective)
-        hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,
-                       block_size=config.block_size, out_dir=out_dir, data=data, train=train, eval=eval,
-                       fabric=fabric_args, logger=logger, precision=precision, objective=objective.describe())
         record = RunRecord(fabric.logger, logger, hparams).open()
         return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
                      hparams=hparams, objective=objective, record=record)
