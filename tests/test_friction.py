@@ -128,3 +128,122 @@ def test_a_truncated_merges_file_is_named_not_the_vocabulary(tmp_path):
     with pytest.raises(UserError, match=r"merges\.txt line \d+ is not a merge of two pieces") as err:
         Tokenizer(folder)
     assert "vocab.json" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- meaningless data
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "chosen and rejected are the same text"),
+    ({"prompt": "  ", "chosen": "good", "rejected": "bad"}, "prompt is empty"),
+])
+def test_dpo_refuses_pairs_that_prefer_nothing_naming_the_line(cli, tmp_path, stories_checkpoint, bad, fragment):
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(5)]
+    path = _jsonl(tmp_path / "prefs.jsonl", rows[:3] + [bad] + rows[3:])
+    result = cli("finetune/dpo.py", "lora", "--checkpoint_dir", stories_checkpoint, "--data.source", path,
+                 "--out_dir", tmp_path / "run", "--fabric.accelerator", "cpu")
+    assert_one_error_line(result, f"{path}, line 4", fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_dpo_refuses_a_reference_with_another_tokenizer(cli, tmp_path, stories_checkpoint):
+    from family_fixtures import gpt2_tokenizer_dir
+
+    from lit_adapter.data.tokenizer import Tokenizer
+
+    reference = tmp_path / "reference"
+    shutil.copytree(stories_checkpoint, reference)
+    (reference / "tokenizer.model").unlink()
+    gpt2_tokenizer_dir(reference, vocab_size=Tokenizer(stories_checkpoint).vocab_size - 1)  # 511 + <|endoftext|>
+    assert Tokenizer(reference).vocab_size == Tokenizer(stories_checkpoint).vocab_size
+    rows = [{"prompt": f"Once upon a time {i}", "chosen": " a cat", "rejected": " a dog"} for i in range(8)]
+    result = cli("finetune/dpo.py", "lora", "--checkpoint_dir", stories_checkpoint, "--data.source",
+                 _jsonl(tmp_path / "prefs.jsonl", rows), "--data.val_size", 2, "--dpo.reference_dir", reference,
+                 "--out_dir", tmp_path / "run", "--fabric.accelerator", "cpu")
+    assert_one_error_line(result, "--dpo.reference_dir", "another tokenizer", "pair 1")
+
+
+def test_dolly_preferences_refuse_too_many_pairs_and_a_single_category(cli, tmp_path, shared_data):
+    dolly = tmp_path / "dolly"
+    dolly.mkdir()
+    records = [{"instruction": f"Say {i}.", "context": "", "response": f"{i}", "category": "open_qa"}
+               for i in range(6)]
+    (dolly / "part.json").write_text(json.dumps(records))
+    out = tmp_path / "prefs.jsonl"
+    too_many = cli("scripts/make_dolly_preferences.py", "--out", out, "--n", 100000, "--dolly_dir", shared_data / "dolly")
+    assert_one_error_line(too_many, "--n 100000", "records")
+    one_category = cli("scripts/make_dolly_preferences.py", "--out", out, "--n", 3, "--dolly_dir", dolly)
+    assert_one_error_line(one_category, "'open_qa'", "two")  # was an endless loop
+    assert not out.exists()
+
+
+def _classify(cli, checkpoint, source, out, *extra):
+    return cli("finetune/classify.py", "lora", "--checkpoint_dir", checkpoint, "--data.source", source,
+               "--out_dir", out, "--head.pad_id", 0, "--train.max_steps", 1, "--train.global_batch_size", 2,
+               "--train.micro_batch_size", 2, "--fabric.accelerator", "cpu", *extra)
+
+
+def test_classification_refuses_one_class_an_empty_test_split_and_a_pad_id_past_the_vocabulary(
+        cli, tmp_path, stories_checkpoint):
+    one_class = _jsonl(tmp_path / "one.jsonl", [{"text": f"review {i}", "label": "positive"} for i in range(40)])
+    assert_one_error_line(_classify(cli, stories_checkpoint, one_class, tmp_path / "a"), str(one_class),
+                          "every training example has the label 'positive'")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    rows = [{"text": f"review {i}", "label": ["negative", "positive"][i % 2]} for i in range(8)]
+    _jsonl(folder / "train.jsonl", rows)
+    _jsonl(folder / "validation.jsonl", rows[:2])
+    (folder / "test.jsonl").write_text("")
+    assert_one_error_line(_classify(cli, stories_checkpoint, folder, tmp_path / "b"), "test split is empty")
+    two = _jsonl(tmp_path / "two.jsonl", rows * 5)
+    past = _classify(cli, stories_checkpoint, two, tmp_path / "c", "--head.pad_id", 512)
+    assert_one_error_line(past, "--head.pad_id 512", "vocabulary", "0 to 511")
+    for out in "abc":
+        assert not (tmp_path / out / "last.ckpt").exists()
+
+
+def test_a_classification_dry_run_needs_no_data_nor_pad_token(cli, tmp_path):
+    result = cli("finetune/classify.py", "lora", "--model_name", "stories260K", "--dry_run", "true",
+                 "--data.source", tmp_path / "not_there.jsonl", "--data.labels", "[a, b, c]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable" in (result.stdout + result.stderr).lower()
+
+
+def test_a_classification_study_without_a_test_split_is_refused(tmp_path):
+    from lit_adapter.grid.classification_study import load_settings
+
+    config = tmp_path / "study.yaml"
+    config.write_text("study:\n  test_fraction: 0\n")
+    with pytest.raises(UserError, match=r"study.test_fraction=0.*held out"):
+        load_settings(config)
+
+
+# ---------------------------------------------------------------------------------------------- errors in place
+
+
+def test_a_broken_nli_line_is_named_by_its_line(tmp_path):
+    from lit_adapter.evaluation.classification import load_nli_file
+
+    rows = [json.dumps({"premise": "a", "hypothesis": "b", "label": "neutral"})] * 4
+    path = tmp_path / "nli.jsonl"
+    path.write_text("\n".join(rows) + '\n{"premise": "a", "hypothesis": "b", "label": "neutral"\n')
+    with pytest.raises(UserError, match=r"nli\.jsonl, line 5: invalid JSON"):
+        load_nli_file(path)
+
+
+def test_a_truncated_gzip_is_one_line_and_writes_nothing(cli, tmp_path, stories_checkpoint):
+    import gzip
+
+    whole = gzip.compress("".join(json.dumps({"text": f"Once upon a time {i}."}) + "\n"
+                                  for i in range(2000)).encode())
+    cut = tmp_path / "c4.json.gz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    result = cli("scripts/prepare_text.py", "--checkpoint_dir", stories_checkpoint, "--source", cut,
+                 "--destination_path", tmp_path / "data", "--seq_length", 64)
+    assert_one_error_line(result, str(cut), "cut short")
+    assert not (tmp_path / "data" / "train.pt").exists()
