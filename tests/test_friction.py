@@ -247,3 +247,124 @@ def test_a_truncated_gzip_is_one_line_and_writes_nothing(cli, tmp_path, stories_
                  "--destination_path", tmp_path / "data", "--seq_length", 64)
     assert_one_error_line(result, str(cut), "cut short")
     assert not (tmp_path / "data" / "train.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the grid
+
+
+def _grid(tmp_path, stories260k, shared_data, contexts=(160,)):
+    from test_comparison import write_grid
+
+    from lit_adapter.grid.runner import load_grid
+
+    path = write_grid(tmp_path / "grid.yaml", stories260k, shared_data, tmp_path / "out")
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    raw["context_lengths"] = list(contexts)
+    path.write_text(yaml.safe_dump(raw))
+    return load_grid(path)
+
+
+def _finished_child(summary_status="completed", returncode=130, interrupted=True):
+    """Stands in for a cell's process that finished its last step and saved, then got the Ctrl-C."""
+    from lit_adapter.grid.cell_process import ChildResult
+
+    def child(command, log_path, tag, timeout_s, append=False):
+        folder = Path(log_path).parent
+        (folder / "final").mkdir(exist_ok=True)
+        (folder / "summary.json").write_text(json.dumps({
+            "status": summary_status, "trainable_params": 10, "total_params": 100, "avg_train_loss": 1.0,
+            "initial_val_loss": 2.0, "final_val_loss": 1.5, "best_val_loss": 1.5, "train_time_s": 1.0,
+            "tokens_per_s": 10.0, "peak_memory_gb": 0.1, "peak_memory_kind": "process_peak_rss", "steps": 2,
+            "train_losses": [[1, 1.0]], "val_losses": [[0, 2.0], [2, 1.5]]}))
+        Path(log_path).write_text("received SIGINT\n")
+        return ChildResult(returncode, interrupted=interrupted)
+
+    return child
+
+
+def test_a_ctrl_c_on_a_cells_last_step_keeps_it_completed_and_timings_say_their_load(
+        tmp_path, stories260k, shared_data, monkeypatch):
+    from lit_adapter.grid import runner
+
+    grid = _grid(tmp_path, stories260k, shared_data)
+    monkeypatch.setattr(runner, "run_child", _finished_child())
+    monkeypatch.setattr(runner, "machine_load", lambda: 9.0)  # a shared machine: others' work on its cores
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_grid(grid, only=["adapter"])
+    cells = json.loads((grid.out_dir / "results.json").read_text())["cells"]
+    assert [c["status"] for c in cells] == ["completed"]
+    assert cells[0]["load_average"] == 9.0 and cells[0]["threads"] >= 1 and cells[0]["contended"] is True
+    assert "under contention" in (grid.out_dir / "results.md").read_text()
+    assert not (grid.out_dir / ".lock").exists()
+
+
+def test_the_grid_owns_its_folder_and_resumes_only_a_grid(tmp_path, stories260k, shared_data, monkeypatch):
+    import subprocess
+
+    from lit_adapter.grid import runner
+    from lit_adapter.train.preflight import LOCK_FILE
+
+    grid = _grid(tmp_path, stories260k, shared_data)
+    with pytest.raises(UserError, match="holds no grid"):
+        runner.run_grid(grid, resume=True)
+    assert not grid.out_dir.exists()
+    grid.out_dir.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (grid.out_dir / LOCK_FILE).write_text(f"{sleeper.pid}\n")
+        monkeypatch.setattr(runner, "run_child", _finished_child(returncode=0, interrupted=False))
+        with pytest.raises(UserError, match=f"in use by another run \\(process {sleeper.pid}\\)"):
+            runner.run_grid(grid)
+        assert not (grid.out_dir / "results.md").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_every_cells_context_is_checked_before_the_first_runs(tmp_path, stories260k, shared_data):
+    from lit_adapter.grid import runner
+
+    grid = _grid(tmp_path, stories260k, shared_data, contexts=(160, 1024))
+    with pytest.raises(UserError, match=r"cell adapter/fp32/1024/s1337: --data.max_seq_length=1024 exceeds"):
+        runner.run_grid(grid)
+    assert not grid.out_dir.exists()
+
+
+def test_data_prepared_longer_than_the_window_is_refused_not_cut(cli, tmp_path, stories_checkpoint):
+    from lit_adapter.data.instructions import prepare
+
+    data = tmp_path / "data"
+    prepare(data, stories_checkpoint, source="synthetic", max_records=200, val_size=20, seed=1, max_seq_length=2048,
+            mask_inputs=True, progress=False)
+    examples = torch_load(data / "train.pt")
+    longest = max(len(e["input_ids"]) for e in examples)
+    short = tmp_path / "short"
+    shutil.copytree(stories_checkpoint, short)
+    config = json.loads((short / "model_config.json").read_text())
+    window = longest - 4
+    (short / "model_config.json").write_text(json.dumps({**config, "block_size": window}))
+    out = tmp_path / "run"
+    refused = cli(*finetune_args(short, data, out))
+    assert_one_error_line(refused, "longer than the model's", f"--max_seq_length {window}", "--data.max_seq_length")
+    assert not (out / "last.ckpt").exists() and not (out / "final").exists()
+    asked = cli(*finetune_args(short, data, out, "--data.max_seq_length", window, "--overwrite", "true"))
+    assert asked.returncode == 0, asked.stderr[-3000:]  # a cut the user asked for is the user's
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def test_the_preparation_counts_what_it_keeps(tmp_path, stories_checkpoint, shared_data, capsys):
+    from lit_adapter.data.instructions import prepare
+
+    metadata = prepare(tmp_path / "data", stories_checkpoint, source=str(shared_data / "dolly" / "local_training_1.json"),
+                       schema="dolly", max_records=200, val_size=20, seed=1, max_seq_length=128, mask_inputs=True,
+                       truncation="context", progress=False)
+    out = capsys.readouterr().out + capsys.readouterr().err
+    kept = f"using {metadata['train_records']:,} for training and {metadata['val_records']:,} for validation"
+    assert kept in out and metadata["train_records"] < 180 and "dropped by the truncation policy" in out
