@@ -175,7 +175,8 @@ def test_dolly_preferences_refuse_too_many_pairs_and_a_single_category(cli, tmp_
                for i in range(6)]
     (dolly / "part.json").write_text(json.dumps(records))
     out = tmp_path / "prefs.jsonl"
-    too_many = cli("scripts/make_dolly_preferences.py", "--out", out, "--n", 100000, "--dolly_dir", shared_data / "dolly")
+    too_many = cli("scripts/make_dolly_preferences.py", "--out", out, "--n", 100000,
+                   "--dolly_dir", shared_data / "dolly")
     assert_one_error_line(too_many, "--n 100000", "records")
     one_category = cli("scripts/make_dolly_preferences.py", "--out", out, "--n", 3, "--dolly_dir", dolly)
     assert_one_error_line(one_category, "'open_qa'", "two")  # was an endless loop
@@ -362,9 +363,10 @@ def torch_load(path):
 def test_the_preparation_counts_what_it_keeps(tmp_path, stories_checkpoint, shared_data, capsys):
     from lit_adapter.data.instructions import prepare
 
-    metadata = prepare(tmp_path / "data", stories_checkpoint, source=str(shared_data / "dolly" / "local_training_1.json"),
-                       schema="dolly", max_records=200, val_size=20, seed=1, max_seq_length=128, mask_inputs=True,
-                       truncation="context", progress=False)
+    source = str(shared_data / "dolly" / "local_training_1.json")
+    metadata = prepare(tmp_path / "data", stories_checkpoint, source=source, schema="dolly", max_records=200,
+                       val_size=20, seed=1, max_seq_length=128, mask_inputs=True, truncation="context",
+                       progress=False)
     out = capsys.readouterr().out + capsys.readouterr().err
     kept = f"using {metadata['train_records']:,} for training and {metadata['val_records']:,} for validation"
     assert kept in out and metadata["train_records"] < 180 and "dropped by the truncation policy" in out

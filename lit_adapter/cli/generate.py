@@ -69,7 +69,8 @@ def _read_prompts(prompts_file: Path) -> List[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise UserError(f"--prompts_file {path} line {line} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+        raise UserError(f"--prompts_file {path} line {line} is not UTF-8 text (byte {err.start}); "
+                        "save it as UTF-8") from None
     lines = [line.rstrip("\n") for line in text.splitlines()]
     prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:

@@ -334,10 +334,12 @@ def _load_examples(fabric, spec, config, checkpoint_dir, data, train, objective)
     empty_train = getattr(objective, "emptied", 0)
     val_examples, cut_val = objective.truncate(val_examples, max_seq_length)
     empty_val = getattr(objective, "emptied", 0)
-    if (cut_train or cut_val) and data.max_seq_length is None:
+    prepared_for = metadata.get("max_seq_length")  # prepared (or packed) data say for how long; pairs and texts don't
+    if (cut_train or cut_val) and data.max_seq_length is None and prepared_for:
         # never a silent cap: the data were prepared for longer sequences than this model's window holds
         raise UserError(f"{cut_train} training and {cut_val} validation examples of {data.data_dir} are longer than "
-                        f"the model's {max_seq_length}-token window (the data were prepared for longer sequences); "
+                        f"the model's {max_seq_length}-token window (the data were prepared for {prepared_for} "
+                        "tokens); "
                         f"prepare them again with --max_seq_length {max_seq_length}, pass --data.max_seq_length "
                         f"{max_seq_length} to cut them here, or extend the window with --model.rope_scaling")
     if cut_train or cut_val:
