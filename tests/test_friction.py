@@ -370,3 +370,18 @@ def test_the_preparation_counts_what_it_keeps(tmp_path, stories_checkpoint, shar
     out = capsys.readouterr().out + capsys.readouterr().err
     kept = f"using {metadata['train_records']:,} for training and {metadata['val_records']:,} for validation"
     assert kept in out and metadata["train_records"] < 180 and "dropped by the truncation policy" in out
+
+
+# ---------------------------------------------------------------------------------------------- the first hour
+
+
+def test_the_quickstart_runs_twice_in_a_row(cli, tmp_path, shared_data):
+    args = ("scripts/quickstart.py", "--shared_data", shared_data, "--out_dir", tmp_path / "qs", "--max_steps", 2,
+            "--records", 300)
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = cli(*args)  # LitGPT's recipes replace their out_dir; so does the demo
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "validation loss" in again.stdout
+    kept = cli(*args, "--overwrite", "false")
+    assert_one_error_line(kept, "already holds a run", "--overwrite true")
