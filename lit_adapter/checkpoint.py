@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.model.config import Config
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, require_folder
 from lit_adapter.model.gpt import GPT
 from lit_adapter.data.tokenizer import Tokenizer
 
@@ -36,8 +36,7 @@ os.umask(_UMASK)
 def find_weights(checkpoint_dir: PathLike) -> Path:
     """The weights file of ``checkpoint_dir``: ``lit_model.safetensors`` if present, else ``lit_model.pth``."""
     checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise UserError(f"checkpoint directory not found: {checkpoint_dir}")
+    require_folder(checkpoint_dir)
     for name in WEIGHT_FILES:
         if (checkpoint_dir / name).is_file():
             return checkpoint_dir / name
@@ -221,8 +220,7 @@ def load_checkpoint_dir(
     random initialisation; ``dtype`` casts the floating-point weights (default: as stored).
     """
     checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise UserError(f"checkpoint directory not found: {checkpoint_dir}")
+    require_folder(checkpoint_dir)
     if not (checkpoint_dir / CONFIG_FILE).is_file():
         raise UserError(f"{checkpoint_dir} has no {CONFIG_FILE}; is it a converted lit-adapter checkpoint directory?")
     config = Config.from_checkpoint_dir(checkpoint_dir)

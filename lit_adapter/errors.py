@@ -56,3 +56,15 @@ def run_cli(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def require_folder(path, what: str = "checkpoint directory") -> None:
+    """``path`` is an existing folder; otherwise one line that says whether it is missing or a file (a file given
+    where a folder belongs would otherwise be misread as the first file looked for inside it)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        raise UserError(f"{what} {path} is a file, not a folder; pass the folder that holds it ({path.parent})")
+    if not path.is_dir():
+        raise UserError(f"{what} not found: {path}")

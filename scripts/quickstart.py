@@ -22,6 +22,7 @@ def main(
     max_steps: int = 60,
     records: int = 2000,
     seed: int = 1337,
+    overwrite: bool = True,
 ) -> None:
     """Convert stories260K, prepare the synthetic instructions, fine-tune and generate.
 
@@ -32,6 +33,8 @@ def main(
         max_steps: Optimizer steps of the fine-tuning run (batch 16).
         records: How many synthetic instruction records to generate.
         seed: Seed of the data split and of training.
+        overwrite: Replace the run an earlier quickstart left in ``out_dir/<method>`` (the demo is made to be run
+            again, as LitGPT's recipes are); ``--overwrite false`` refuses instead, keeping it.
     """
     import json
 
@@ -84,6 +87,7 @@ def main(
         eval=EvalArgs(interval=max_steps, max_batches=10),
         fabric_args=FabricArgs(accelerator="cpu", precision="32-true"),
         logger=LoggerArgs(),
+        overwrite=overwrite,
     )
 
     print("4/4 generating (greedy) for a new instruction: " + json.dumps(question.instruction))

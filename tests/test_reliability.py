@@ -218,9 +218,15 @@ def test_broken_checkpoints_and_final_folders_are_one_line(cli, tmp_path, storie
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = out / "last.ckpt"
     good = ckpt.read_bytes()
-    # another shape: the run was r=4, this one asks for r=8
+    # another rank: the run was r=4, this one asks for r=8; named as the option (issue 26), not as tensor shapes
+    assert_one_error_line(cli(*finetune_args(stories_checkpoint, instruction_data, out, "--lora.r", 8,
+                                             "--resume", "true")), "other settings", "lora.r: 4 -> 8")
+    # a run without its hparams.json (an older version's) is still caught by the checkpoint's shapes
+    recorded = (out / "hparams.json").read_bytes()
+    (out / "hparams.json").unlink()
     assert_one_error_line(cli(*finetune_args(stories_checkpoint, instruction_data, out, "--lora.r", 8,
                                              "--resume", "true")), "does not fit", "shape mismatches")
+    (out / "hparams.json").write_bytes(recorded)
     ckpt.write_bytes(good[: len(good) // 2])  # truncated
     assert_one_error_line(cli(*finetune_args(stories_checkpoint, instruction_data, out, "--lora.r", 4,
                                              "--resume", "true")), "cannot read", "last.ckpt")

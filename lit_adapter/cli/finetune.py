@@ -30,7 +30,9 @@ _COMMON_DOC = """
         eval: Validation settings.
         fabric: Accelerator, devices, strategy and precision.
         logger: Experiment logging.
-        resume: Continue the run in out_dir from its last.ckpt (model, optimizer, scheduler, step, data order, RNG).
+        resume: Continue the run in out_dir from its last.ckpt (model, optimizer, scheduler, step, data order, RNG),
+            with the settings it was started with: a changed one (e.g. --lora.alpha, --attention.pattern,
+            --quantize) is refused by name; --train.max_steps, logging, validation and hardware may change.
         dry_run: Build the model on the meta device, print the trainable and total parameter counts and exit.
         overwrite: Replace the run already in out_dir (its last.ckpt, final/ and summary.json); without it, or
             --resume, a second run into a used out_dir is refused.

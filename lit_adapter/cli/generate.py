@@ -15,7 +15,7 @@ from typing import Callable, List, Literal, Optional
 
 import torch
 
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, require_folder
 from lit_adapter.model.quantize import LoadQuantize
 
 
@@ -65,7 +65,13 @@ def _read_prompts(prompts_file: Path) -> List[str]:
     path = Path(prompts_file)
     if not path.is_file():
         raise UserError(f"--prompts_file {path} does not exist")
-    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise UserError(f"--prompts_file {path} line {line} is not UTF-8 text (byte {err.start}); "
+                        "save it as UTF-8") from None
+    lines = [line.rstrip("\n") for line in text.splitlines()]
     prompts = [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
         raise UserError(f"--prompts_file {path} holds no prompt (one per line; \\n for a line break inside one)")
@@ -137,6 +143,7 @@ def run_generation(
     check_sampling(temperature, top_k, top_p, repetition_penalty)
     torch.manual_seed(seed)
     checkpoint_dir = Path(checkpoint_dir)
+    require_folder(checkpoint_dir)  # before its tokenizer: a misspelled folder is not a missing tokenizer
     tokenizer = Tokenizer(checkpoint_dir)
     end_of_turn = None
     if chat:

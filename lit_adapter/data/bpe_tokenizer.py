@@ -45,11 +45,49 @@ def bpe_source(folder: Path) -> Optional[Path]:
     return None
 
 
-def _load(path: Path):
+def json_tokenizer_kind(path: Path) -> Optional[str]:
+    """``"tokenizer.json"`` or ``"vocab.json"`` when ``path`` holds that JSON (judged by its content, whatever the
+    file is named: a SentencePiece model renamed ``tokenizer.json`` is still a protobuf), else None."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if not head.startswith(b"{"):
+        return None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} looks like a JSON tokenizer but is not valid JSON: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return TOKENIZER_JSON
+    if isinstance(data, dict) and all(isinstance(v, int) for v in data.values()):
+        return VOCAB_JSON
+    raise UserError(f"{path} is JSON but neither a tokenizer.json (no \"model\") nor a vocab.json (token -> id)")
+
+
+def check_merges(path: Path) -> None:
+    """Each line of GPT-2's ``merges.txt`` after its ``#version`` header is two pieces; a cut or damaged file is
+    named here (``tokenizers`` would report it as a problem with the vocabulary it was loaded with)."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: a vocab.json tokenizer needs its merges.txt beside it")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    for number, line in enumerate(lines, 1):
+        if (number == 1 and line.startswith("#version")) or not line.strip():
+            continue
+        if len(line.split(" ")) != 2:
+            raise UserError(f"{path} line {number} is not a merge of two pieces ({line[:40]!r}): the file is cut "
+                            "or damaged; copy it again from the checkpoint")
+
+
+def _load(path: Path, kind: Optional[str] = None):
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
 
+    kind = kind or json_tokenizer_kind(path) or path.name
+    if kind == VOCAB_JSON:
+        check_merges(path.with_name(MERGES_TXT))
     try:
-        if path.name == VOCAB_JSON:
+        if kind == VOCAB_JSON:
             tok = HFTokenizer(models.BPE.from_file(str(path), str(path.with_name(MERGES_TXT))))
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = decoders.ByteLevel()

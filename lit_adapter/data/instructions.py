@@ -374,7 +374,7 @@ def prepare(
     if block_size is not None and max_seq_length > block_size:
         # training caps sequences at block_size by cutting their tail, which would undo the policy chosen here
         log(f"warning: max_seq_length {max_seq_length} is longer than the model's block_size {block_size}; training "
-            f"cuts longer examples' tails to {block_size} tokens, so prepare with --max_seq_length {block_size}")
+            f"refuses examples longer than {block_size} tokens, so prepare with --max_seq_length {block_size}")
 
     skip_reasons: List[str] = []
     if isinstance(source, str) and source == SYNTHETIC:
@@ -392,8 +392,8 @@ def prepare(
     subset = ""
     if max_records and max_records < len(records):
         subset = f", {len(train) + len(val):,} of them drawn at random (max_records)"
-    log(f"loaded {len(records):,} records from {_summarize_source(source)}{subset}; using {len(train):,} for training "
-        f"and {len(val):,} for validation (seed {seed})")
+    log(f"loaded {len(records):,} records from {_summarize_source(source)}{subset}; split {len(train):,} for "
+        f"training and {len(val):,} for validation (seed {seed})")
 
     splits = {}
     for name, split in (("train", train), ("val", val)):
@@ -408,6 +408,9 @@ def prepare(
     counts = total_counts(train_stats, val_stats)
     log(describe_truncation(counts, truncation, max_seq_length, len(train) + len(val), longest["longest_tokens"],
                             origin))
+    kept = f"using {len(train_examples):,} for training and {len(val_examples):,} for validation"
+    lost = len(train) + len(val) - len(train_examples) - len(val_examples)
+    log(kept + (f" ({lost:,} dropped by the truncation policy {truncation!r})" if lost else ""))
     if counts["examples_without_target"]:
         log(f"warning: {counts['examples_without_target']:,} examples have no target token left (their whole "
             "response was cut) and give no training signal; use --truncation context or raise --max_seq_length")

@@ -57,6 +57,12 @@ def _record(row: Any, where: str) -> Dict[str, str]:
     wrong = [f for f in FIELDS if not isinstance(row[f], str)]
     if wrong:
         raise UserError(f"{where}: {', '.join(wrong)} must be text (chat-format message lists are not supported)")
+    empty = [f for f in FIELDS if not row[f].strip()]
+    if empty:
+        raise UserError(f"{where}: the preference record's {' and '.join(empty)} is empty; a pair needs a prompt "
+                        "and two responses")
+    if row["chosen"] == row["rejected"]:
+        raise UserError(f"{where}: chosen and rejected are the same text; the pair prefers nothing (drop it)")
     return {f: row[f] for f in FIELDS}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -43,7 +44,10 @@ def read_documents(sources: Sequence[PathLike], max_documents: Optional[int] = N
                 elif name.endswith((".json", ".jsonl")):
                     for number, line in enumerate(f, 1):
                         if line.strip():
-                            record = json.loads(line)
+                            try:
+                                record = json.loads(line)
+                            except json.JSONDecodeError as err:
+                                raise UserError(f"{path}, line {number}: invalid JSON ({err.msg})") from None
                             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                                 raise UserError(f"{path}, line {number}: expected a JSON object with a \"text\" string")
                             documents.append(record["text"])
@@ -51,7 +55,10 @@ def read_documents(sources: Sequence[PathLike], max_documents: Optional[int] = N
                             break
                 else:
                     raise UserError(f"{path}: expected .txt, .json or .jsonl (optionally .gz) text")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (EOFError, zlib.error) as err:  # gzip's own words for a download cut short
+            raise UserError(f"{path} is cut short or damaged ({type(err).__name__}: {err}) after {len(documents)} "
+                            "documents; download or copy it again") from None
+        except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"cannot read {path}: {type(err).__name__}: {err}") from None
         if max_documents is not None and len(documents) >= max_documents:
             break

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from lit_adapter.data.bpe_tokenizer import HF_TOKENIZER_FILES, BPETokenizer, bpe_source
+from lit_adapter.data.bpe_tokenizer import HF_TOKENIZER_FILES, BPETokenizer, bpe_source, json_tokenizer_kind
 from lit_adapter.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -166,7 +166,9 @@ class Tokenizer:
     """
 
     def __new__(cls, path: Union[str, Path]) -> "Tokenizer":
-        if cls is Tokenizer and resolve_tokenizer_path(path).name in ("tokenizer.json", "vocab.json"):
+        # the backend follows the file's content, not its name: a tokenizer.json saved as "tok.model" is still one
+        resolved = resolve_tokenizer_path(path)
+        if cls is Tokenizer and resolved.is_file() and json_tokenizer_kind(resolved):
             return object.__new__(_BPETokenizer)
         return object.__new__(cls)
 

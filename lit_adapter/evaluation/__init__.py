@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, require_folder
 from lit_adapter.runtime import cpu_model, resolve_device, resolve_precision  # noqa: F401 (used by the evaluation scripts)
 
 DEFAULT_DATA_DIR = Path(
@@ -48,8 +48,7 @@ def load_model(
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
     checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise UserError(f"checkpoint directory not found: {checkpoint_dir}")
+    require_folder(checkpoint_dir)
     if adapter_dir is not None and not Path(adapter_dir).is_dir():
         raise UserError(f"adapter directory not found: {adapter_dir}")
     tokenizer = Tokenizer.from_checkpoint_dir(checkpoint_dir)

@@ -70,26 +70,37 @@ def load_nli_file(path: Path) -> List[Example]:
     sentence1/sentence2/gold_label); labels are names or MultiNLI's 0/1/2, and "-"/-1 (no gold label) is skipped."""
     if not path.is_file():
         raise UserError(f"NLI file not found: {path}")
+    where: Dict[int, str] = {}  # record number -> where it is in the file, when that is not "record i"
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".tsv":
             rows = list(csv.DictReader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
+            where = {i: f"line {i + 1}" for i in range(1, len(rows) + 1)}  # after the header
         elif text.lstrip().startswith("["):
             rows = json.loads(text)
-        else:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:  # JSON lines: each record is named by its line (a broken one is not "line 1 column 84")
+            numbered = [(i, line) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+            rows = []
+            for number, line in numbered:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}, line {number}: invalid JSON ({err.msg} at column {err.colno})") from None
+                where[len(rows)] = f"line {number}"
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
         raise UserError(f"cannot read NLI file {path}: {err}") from None
     examples = []
     for i, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}, {where.get(i, f'record {i}')}: a record must be an object with premise, "
+                            "hypothesis and label")
         premise = row.get("premise", row.get("sentence1"))
         hypothesis = row.get("hypothesis", row.get("sentence2"))
         label = row.get("label", row.get("gold_label"))
         if premise is None or hypothesis is None or label is None:
-            raise UserError(
-                f"{path}, record {i}: needs premise, hypothesis and label (or sentence1/sentence2/gold_label)"
-            )
-        example = _nli_example(premise, hypothesis, label, f"{path}, record {i}")
+            raise UserError(f"{path}, {where.get(i, f'record {i}')}: needs premise, hypothesis and label (or "
+                            "sentence1/sentence2/gold_label)")
+        example = _nli_example(premise, hypothesis, label, f"{path}, {where.get(i, f'record {i}')}")
         if example is not None:
             examples.append(example)
     return examples

@@ -399,6 +399,8 @@ def run_perplexity(
     for name in names:
         if name not in DATASETS:
             raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():  # before minutes of work
+        raise UserError(f"--out_dir {out_dir} is a file, not a folder; pass a folder for perplexity.json")
     corpora = [load_corpus(name, data_dir) for name in names]  # data problems surface before the model loads
     config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device,
                                                      rope_scaling, attention)

@@ -60,6 +60,11 @@ def load_settings(path: Path) -> StudySettings:
         settings = StudySettings(**section)
     except TypeError as err:
         raise UserError(f"{path}: the study section does not fit ({err})") from None
+    if not 0 < settings.test_fraction < 1:  # else the "test" accuracy would be on reviews it trained on
+        raise UserError(f"{path}: study.test_fraction={settings.test_fraction}; it must lie in (0, 1): the study's "
+                        "accuracy is measured on reviews held out from training")
+    if settings.max_test_examples is not None and settings.max_test_examples < 1:
+        raise UserError(f"{path}: study.max_test_examples={settings.max_test_examples}; evaluate at least 1")
     if settings.task != "sentiment":
         raise UserError(f"{path}: study.task={settings.task!r}; only sentiment (Rotten Tomatoes) is supported")
     return settings

@@ -128,6 +128,7 @@ def plot_dashboard(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
         _category_panels(fig, [fig.add_subplot(sub[0, 0]), fig.add_subplot(sub[0, 1])], rows)
     _curves(fig.add_subplot(grid[0, :]), rows, colors)
     names = [g["group"] for g in groups]
+    contended = {r.get("group") or r["name"] for r in rows if r.get("contended")}
     for column, (key, label) in enumerate((("peak_memory_gb", "peak memory (GB)"),
                                            ("train_time_s", "training time (s)"), ("val_loss", "final val loss"))):
         ax = fig.add_subplot(grid[1, column])
@@ -139,6 +140,10 @@ def plot_dashboard(rows: List[Dict[str, Any]], path: Path, title: str) -> None:
                 continue
             mean, std = g[key]
             bar = ax.bar(i, mean, yerr=std, capsize=3, color=colors[g["group"]])
+            if key == "train_time_s" and g["group"] in contended:  # a time measured while others used the cores
+                bar[0].set_hatch("xx")
+                ax.annotate("contended", (i, mean), xytext=(0, 4), textcoords="offset points", ha="center",
+                            rotation=90, fontsize=7, color="darkorange")
             if g["completed"] < len(g["seeds"]):  # some seeds ran out of memory or failed
                 bar[0].set_hatch("//")
                 ax.annotate(group_status(g), (i, mean), xytext=(0, 4), textcoords="offset points", ha="center",

@@ -26,14 +26,15 @@ from lit_adapter.grid.stats import METRICS, group_rows, group_status
 
 COLUMNS = ("name", "run", "method", "attention", "quantize", "context", "seed", "status", "trainable_params",
            "avg_train_loss", "initial_val_loss", "avg_val_loss", "val_loss", "best_val_loss", "train_time_s",
-           "tokens_per_s", "peak_memory_gb", "peak_memory_kind", "steps", "reason")
+           "tokens_per_s", "peak_memory_gb", "peak_memory_kind", "steps", "load_average", "threads", "contended",
+           "reason")
 def provenance() -> Dict[str, str]:
     """Where and when the results were measured: the machine, the date (UTC) and the repository's commit."""
     import torch
 
     from lit_adapter.runtime import cpu_model
 
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_model('CPU')}, {_cpu_count()} cores"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_model('CPU')}, {cpu_count()} cores"
     repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -48,7 +49,7 @@ def provenance() -> Dict[str, str]:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit}
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
     import os
 
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -115,6 +116,11 @@ def _notes(rows: List[Dict[str, Any]], meta: Dict[str, str]) -> List[str]:
     for r in rows:
         if r["status"] != "completed" and r.get("reason"):
             notes.append(f"{r['name']}: {r['status']}: {r['reason']}")
+    contended = [r for r in rows if r.get("contended")]
+    if contended:
+        notes.append(f"Timings taken under contention (load average above the {contended[0].get('cores')} cores: "
+                     "other work shared them), so slower than on a quiet machine: " + ", ".join(
+                         f"{r['name']} (load {r['load_average']}, {r['threads']} threads)" for r in contended) + ".")
     notes.append(f"Measured on {meta['machine']}, {meta['date']}, commit {meta['commit']}.")
     return [n + "  " if i < len(notes) - 1 else n for i, n in enumerate(notes)]
 

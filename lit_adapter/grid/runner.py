@@ -16,6 +16,7 @@ from it (``--resume true``), the others run. A cell whose config changed since i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from lit_adapter.grid.cell_process import run_child
-from lit_adapter.errors import looks_like_out_of_memory
+from lit_adapter.errors import UserError, looks_like_out_of_memory
 from lit_adapter.grid.report import write_results
 from lit_adapter.grid.spec import Cell, Grid, GridRun, deep_merge, expand, load_grid, options_of, select
 
@@ -184,9 +185,12 @@ def run_cell(grid: Grid, cell: Cell, data_dir: Path, timeout_s: Optional[float],
         command += ["--resume", "true"]
     log_path = folder / "run.log"
     start = time.perf_counter()
+    load_before = machine_load()
     result = run_child(command, log_path, tag or f"[{cell.name}]", timeout_s, append=resume)
     summary = _read_summary(folder)
-    if result.returncode == 0 and summary is not None:
+    # a stop (Ctrl-C) that lands after the last step's save is a finished cell: its summary says so, not the signal
+    finished = summary is not None and summary.get("status") == "completed" and (folder / "final").is_dir()
+    if summary is not None and (result.returncode == 0 or finished):
         row = _row_from_summary(cell, summary, folder)
     else:
         log_text = log_path.read_text(errors="replace")
@@ -197,12 +201,44 @@ def run_cell(grid: Grid, cell: Cell, data_dir: Path, timeout_s: Optional[float],
         if summary is not None:  # an interrupted run still says how far it got
             row.update(steps=summary.get("steps"), train_losses=summary.get("train_losses"),
                        val_losses=summary.get("val_losses"))
+    row.update(contention(load_before, machine_load()))
     row["interrupted"] = result.interrupted
     if row["status"] not in ("completed", "interrupted"):  # a stopped cell closes its own run, and is resumed
         from lit_adapter.grid.wandb_runs import record_failed_cell
 
         record_failed_cell(config, folder, row["status"], row.get("reason", ""))
     return row
+
+
+def machine_load() -> Optional[float]:
+    """The 1-minute load average (None where the system has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def cell_threads() -> int:
+    """The intra-op threads a cell's process runs with: ``OMP_NUM_THREADS`` if set (it inherits this environment),
+    else torch's default (the cores this process may use)."""
+    import torch
+
+    try:
+        return int(os.environ["OMP_NUM_THREADS"])
+    except (KeyError, ValueError):
+        return torch.get_num_threads()
+
+
+def contention(load_before: Optional[float], load_after: Optional[float]) -> Dict[str, Any]:
+    """What a cell's timing ran under: the higher load average of its start and end, its threads, and whether
+    the machine was contended (more runnable work than cores beyond half a core's noise: other processes shared
+    the cores, and the cell's time says more about them than about the method)."""
+    from lit_adapter.grid.report import cpu_count
+
+    loads = [x for x in (load_before, load_after) if x is not None]
+    load = round(max(loads), 2) if loads else None
+    return {"load_average": load, "threads": cell_threads(), "cores": cpu_count(),
+            "contended": load is not None and load > cpu_count() + 0.5}
 
 
 def grid_cells(grid: Grid, only: Optional[List[str]] = None) -> List[Cell]:
@@ -225,8 +261,27 @@ def run_grid(grid: Grid, only: Optional[List[str]] = None, timeout_s: Optional[f
              resume: bool = False) -> List[Dict[str, Any]]:
     """Checks every cell, then runs them (see the module docstring for ``resume``) and writes the results after
     each one. Returns the rows; raises ``KeyboardInterrupt`` once the results are written if the grid was stopped."""
+    from lit_adapter.train.preflight import OutDirLock
+
     cells = grid_cells(grid, only)
-    check_cells(grid, cells)
+    check_cells(grid, cells)  # every cell, before the first runs
+    out_dir = Path(grid.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"the grid's out_dir {out_dir} is a file, not a folder")
+    if resume and not holds_grid(out_dir):  # as finetune's --resume: nothing to continue is an error, not a new grid
+        raise UserError(f"--resume true: {out_dir} holds no grid (no results.json, no cell's run_config.yaml); "
+                        "run without --resume to start it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with OutDirLock(out_dir):  # a second grid into the same folder would mix its cells and results.md
+        return _run_cells(grid, cells, timeout_s, resume)
+
+
+def holds_grid(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a grid's outputs: its results or a cell folder's generated config."""
+    return (out_dir / "results.json").is_file() or any(out_dir.glob("*/run_config.yaml"))
+
+
+def _run_cells(grid: Grid, cells: List[Cell], timeout_s: Optional[float], resume: bool) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
     data_dirs: Dict[int, Path] = {}
     states = [cell_state(cell_dir(grid, cell), cell_config(grid, cell)) for cell in cells]

@@ -81,7 +81,7 @@ class CellChecker:
 
     def _semantic_checks(self, method: str, parsed, cell: str) -> None:
         from lit_adapter.tuners.registry import MethodSpec, get_method
-        from lit_adapter.train.run import validate_args
+        from lit_adapter.train.run import context_length, validate_args
 
         settings_group = get_method(method).settings_group
         try:
@@ -90,6 +90,8 @@ class CellChecker:
                               attention=parsed.attention, quantize=parsed.quantize)
             if self.config is not None:
                 spec.validate(self.config)
+                # the cell's context against its window (RoPE scaling included), as its run would refuse it
+                context_length(parsed.data, parsed.model.apply(self.config), spec)
         except UserError as err:
             raise UserError(f"cell {cell}: {err}") from None
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, require_folder
 from lit_adapter.model.rope import ORIGINAL, check_rope_scaling, describe_window, parse_rope_scaling
 
 
@@ -138,8 +138,7 @@ class Config:
     @classmethod
     def from_checkpoint_dir(cls, checkpoint_dir: Union[str, Path]) -> "Config":
         checkpoint_dir = Path(checkpoint_dir)
-        if not checkpoint_dir.is_dir():
-            raise UserError(f"checkpoint directory not found: {checkpoint_dir}")
+        require_folder(checkpoint_dir)
         return cls.from_file(checkpoint_dir / "model_config.json")
 
     def save(self, path: Union[str, Path]) -> None:

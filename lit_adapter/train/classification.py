@@ -201,6 +201,30 @@ def report_test(checkpoint_dir: Path, folder: Path, test: List[Dict[str, Any]], 
 # the entry point
 
 
+def default_labels(data: ClassifyData) -> Tuple[str, ...]:
+    """The label set a dry run sizes the head for, without reading the data: ``--data.labels``, else two labels
+    (Rotten Tomatoes'; a note says so for another source, whose labels only its records tell)."""
+    from lit_adapter.data.classification import ROTTEN_TOMATOES, SENTIMENT_LABELS
+
+    if data.labels:
+        return tuple(data.labels)
+    if data.source != ROTTEN_TOMATOES:
+        print(f"dry run: the head is sized for {len(SENTIMENT_LABELS)} labels; pass --data.labels to size it for "
+              f"those of {data.source}", file=sys.stderr)
+    return tuple(SENTIMENT_LABELS)
+
+
+def check_splits(splits: Splits) -> None:
+    """Data a classifier can learn from and be scored on: two classes in training, and a test split that is not
+    empty (else it would train a head for a class it never sees, or report "accuracy 0.0000" on nothing)."""
+    seen = sorted({e.label for e in splits.train})
+    if len(seen) < 2:
+        raise UserError(f"{splits.source}: every training example has the label {seen[0]!r}" if seen else
+                        f"{splits.source}: the training split is empty")
+    if not splits.test:
+        raise UserError(f"{splits.source}: the test split is empty; add test examples or set data.test_fraction")
+
+
 def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Optional[str], out_dir: Path,
                         data: ClassifyData, head: HeadArgs, train, eval, fabric_args, logger, resume: bool = False,
                         dry_run: bool = False, overwrite: bool = False, model=None):
@@ -214,14 +238,25 @@ def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Opt
     from lit_adapter.train.run import DataArgs, context_length, finetune
     from lit_adapter.tuners.registry import resolve_config
 
+    if dry_run:  # counts and memory need the model and the number of labels, not the data or the pad token
+        spec.head = HeadSpec(labels=default_labels(data), pad_id=head.pad_id if head.pad_id is not None else 0)
+        return finetune(spec, checkpoint_dir=checkpoint_dir, model_name=model_name, out_dir=out_dir,
+                        data=DataArgs(max_seq_length=data.max_seq_length), train=train, eval=eval,
+                        fabric_args=fabric_args, logger=logger, resume=resume, dry_run=True, overwrite=overwrite,
+                        model=model), None
     splits = load_splits(data, DEFAULT_DATA_DIR)
+    check_splits(splits)
     tokenizer = Tokenizer.from_checkpoint_dir(checkpoint_dir) if checkpoint_dir is not None else None
     pad_id = head.pad_id
     if pad_id is None and tokenizer is not None and tokenizer.pad_id >= 0:
         pad_id = tokenizer.pad_id
     spec.head = HeadSpec(labels=splits.labels, pad_id=pad_id)  # an unknown pad token is refused here
+    vocab_size = resolve_config(checkpoint_dir, None).vocab_size if tokenizer is not None else None
+    if vocab_size is not None and pad_id >= vocab_size:  # else an IndexError in the first step
+        raise UserError(f"--head.pad_id {pad_id} is outside the vocabulary of {checkpoint_dir} ({vocab_size} tokens, "
+                        f"ids 0 to {vocab_size - 1})")
     loop_data = DataArgs(data_dir=Path(splits.source), max_seq_length=data.max_seq_length)
-    if dry_run or tokenizer is None:
+    if tokenizer is None:
         return finetune(spec, checkpoint_dir=checkpoint_dir, model_name=model_name, out_dir=out_dir, data=loop_data,
                         train=train, eval=eval, fabric_args=fabric_args, logger=logger, resume=resume,
                         dry_run=dry_run, overwrite=overwrite, model=model), None

@@ -286,6 +286,14 @@ def dolly_preferences(dolly_dir: Path, n: int, seed: int = 0) -> List[Dict[str, 
     records = []
     for path in sorted(Path(dolly_dir).glob("*.json")):
         records += json.loads(path.read_text(encoding="utf-8"))
+    if not records:
+        raise UserError(f"no Dolly records (*.json) in {dolly_dir}")
+    if not 1 <= n <= len(records):
+        raise UserError(f"--n {n}: {dolly_dir} holds {len(records)} records; choose 1 to {len(records)}")
+    categories = {record.get("category") for record in records}
+    if len(categories) < 2:  # each rejected response comes from another category: there would be none to draw
+        raise UserError(f"every record in {dolly_dir} has the category {categories.pop()!r}; a rejected response "
+                        "is drawn from another category, so at least two are needed")
     rng = random.Random(seed)
     picked = rng.sample(records, n)
     out = []
@@ -322,9 +330,28 @@ def finetune_dpo(spec, *, checkpoint_dir: Optional[Path], model_name: Optional[s
         largest = max((int(e["rejected_input_ids"].max()) for e in part), default=-1)
         if largest >= tokenizer.vocab_size:
             raise UserError(f"{source}: token id {largest} outside the tokenizer's {tokenizer.vocab_size}")
+    if dpo.reference_dir is not None:
+        check_reference_tokenizer(tokenizer, Path(dpo.reference_dir), train_pairs, data.template)
     objective = DPOObjective(tokenized[0], tokenized[1], metadata, dpo, Path(checkpoint_dir))
     return finetune(spec, data=DataArgs(data_dir=Path(source), max_seq_length=data.max_seq_length),
                     objective=objective, **common)
+
+
+def check_reference_tokenizer(tokenizer, reference_dir: Path, pairs: List[Dict[str, str]], template: str) -> None:
+    """The reference scores the same token ids as the same text: its tokenizer encodes the training pairs as the
+    policy's does (a vocabulary of the same size can still map ids to other pieces)."""
+    from lit_adapter.data.preferences import tokenize_pair
+    from lit_adapter.data.tokenizer import Tokenizer, has_tokenizer
+
+    if not has_tokenizer(reference_dir):
+        return  # a bare weights folder: its loader names what it lacks
+    reference = Tokenizer(reference_dir)
+    for index, record in enumerate(pairs[:64]):
+        ours, theirs = tokenize_pair(tokenizer, record, template), tokenize_pair(reference, record, template)
+        if reference.vocab_size != tokenizer.vocab_size or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+            raise UserError(f"--dpo.reference_dir {reference_dir} has another tokenizer than --checkpoint_dir "
+                            f"(training pair {index + 1} encodes differently): the reference would score other "
+                            "text; pass a reference with the base's tokenizer")
 
 
 def command(method: str):

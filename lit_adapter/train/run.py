@@ -35,6 +35,7 @@ from lit_adapter.memory.estimate import print_memory_estimate
 from lit_adapter.tuners.registry import MethodSpec
 from lit_adapter.train.objectives import Objective, resolve as resolve_objective
 from lit_adapter.train.preflight import check_fabric_args, check_parts_fit, claim_out_dir
+from lit_adapter.train.resume_check import check_resume
 from lit_adapter.tracking.results import RunResult, summarize, to_jsonable
 from lit_adapter.model.rope import context_error
 from lit_adapter.generation.eval_prompts import answer_prompts, check_prompt_settings
@@ -151,7 +152,8 @@ class FabricArgs:
     strategy: Literal["auto", "ddp", "fsdp", "ddp_spawn"] = "auto"
     """How several devices share the work: ddp (replicas, gradients averaged), fsdp (sharded weights), ddp_spawn."""
     precision: Optional[str] = None
-    """32-true, bf16-true, bf16-mixed or 16-mixed; default: bf16-true on GPUs that support it, else 32-true."""
+    """32-true, bf16-true, bf16-mixed, 16-true, 16-mixed or 64-true (train.preflight.PRECISIONS); default: bf16-true on
+    GPUs that support it, else 32-true."""
 
 
 def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
@@ -254,16 +256,18 @@ def finetune(
     # Lightning's DDP launcher runs this script again for ranks 1..n-1 (LOCAL_RANK set): the first process owns
     # the folder, the others only join its run.
     launched_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    objective = resolve_objective(objective)
+    hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,
+                   block_size=config.block_size, out_dir=out_dir, data=replace(data, packing=packing), train=train,
+                   eval=eval, fabric=fabric_args, logger=logger, precision=precision, objective=objective.describe())
+    if resume and launched_rank == 0 and not overwrite:  # with the other start-up checks, before the model
+        check_resume(out_dir, hparams, spec.definition.settings_group)
     lock = claim_out_dir(out_dir, resume, overwrite) if launched_rank == 0 else None
     record = None
     try:
         fabric = make_fabric(fabric_args.accelerator, fabric_args.devices, fabric_args.strategy, precision,
                              loggers=[build_logger(logger, out_dir, resume)])
         fabric.launch()
-        objective = resolve_objective(objective)
-        hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,
-                       block_size=config.block_size, out_dir=out_dir, data=replace(data, packing=packing), train=train, eval=eval,
-                       fabric=fabric_args, logger=logger, precision=precision, objective=objective.describe())
         record = RunRecord(fabric.logger, logger, hparams).open()
         return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
                      hparams=hparams, objective=objective, record=record, packing=packing and budget)
@@ -404,6 +408,14 @@ def _load_examples(fabric, spec, config, checkpoint_dir, data, train, objective)
     empty_train = getattr(objective, "emptied", 0)
     val_examples, cut_val = objective.truncate(val_examples, max_seq_length)
     empty_val = getattr(objective, "emptied", 0)
+    prepared_for = metadata.get("max_seq_length")  # prepared (or packed) data say for how long; pairs and texts don't
+    if (cut_train or cut_val) and data.max_seq_length is None and prepared_for:
+        # never a silent cap: the data were prepared for longer sequences than this model's window holds
+        raise UserError(f"{cut_train} training and {cut_val} validation examples of {data.data_dir} are longer than "
+                        f"the model's {max_seq_length}-token window (the data were prepared for {prepared_for} "
+                        "tokens); "
+                        f"prepare them again with --max_seq_length {max_seq_length}, pass --data.max_seq_length "
+                        f"{max_seq_length} to cut them here, or extend the window with --model.rope_scaling")
     if cut_train or cut_val:
         # the data were prepared for longer sequences: this cut is at the end, not the preparation's policy
         fabric.print(f"truncated {cut_train} training and {cut_val} validation examples to {max_seq_length} tokens "
