@@ -288,6 +288,11 @@ class Method:
         """Whether ``name`` is a tensor the method adds, which a base checkpoint does not have."""
         return has_name_part(name, self.added_names)
 
+    def shard_refusal(self, settings: Any) -> Optional[str]:
+        """Why this method cannot train with its tensors sharded (``--fabric.strategy fsdp``: FSDP2, each block its
+        own unit), or None when it can (the default: every tensor is a parameter of a block or of the root)."""
+        return None
+
     def reserved_positions(self, settings: Any) -> int:
         """Positions the method occupies before the first real token (the prompt methods' virtual tokens): the
         training context of real tokens is ``block_size`` minus these."""
