@@ -375,7 +375,7 @@ def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objecti
     make_optimizer = lambda module: method_optimizer(  # noqa: E731
         module, spec, train.optimizer, lr=train.learning_rate, weight_decay=train.weight_decay,
         betas=(train.beta1, train.beta2))
-    if fabric_args_shard(fabric):
+    if shards_model(fabric):
         # FSDP2 replaces every parameter by its shard (a DTensor): the optimizer and the trained list follow it
         model = fabric.setup_module(model)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -385,7 +385,7 @@ def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objecti
     return model, optimizer, trainable, (n_trainable, n_total)
 
 
-def fabric_args_shard(fabric) -> bool:
+def shards_model(fabric) -> bool:
     """Whether the Fabric shards the model (``--fabric.strategy fsdp``)."""
     return type(fabric.strategy).__name__ == "ModelParallelStrategy"
 

@@ -142,6 +142,8 @@ def save_sharded(fabric, state: Dict[str, Any], path: Path, spec, keep_previous:
         _remove(tmp)
     fabric.barrier()
     tensors = _model_and_optimizer_state(state["model"], state["optimizer"], methods.trainable_filter(spec))
+    # each rank's own RNG state (the ranks' dropout streams need not agree), in its own shard
+    tensors["rng"] = {f"rank{fabric.global_rank}": torch.get_rng_state()}
     rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
     rest["method"] = spec.to_dict()
     rest["world_size"] = fabric.world_size
@@ -199,6 +201,9 @@ def load_sharded(fabric, state: Dict[str, Any], path: Path, model, spec, schedul
         missing, extra = sorted(wanted - stored_model), sorted(stored_model - wanted)
         raise UserError(f"--resume: {path} does not fit this run's {spec.describe()}: "
                         f"{len(missing)} missing, {len(extra)} unexpected tensors (e.g. {(missing or extra)[0]})")
+    # this rank's RNG state where the saving run had this rank, else rank 0's
+    rng_key = f"rank{fabric.global_rank}" if f"rng.rank{fabric.global_rank}" in stored else "rank0"
+    expected["rng"] = {rng_key: torch.get_rng_state()}
     try:
         dcp.load(expected, checkpoint_id=str(path))
     except Exception as err:  # a missing or truncated shard file: every rank fails the same way
@@ -214,7 +219,7 @@ def load_sharded(fabric, state: Dict[str, Any], path: Path, model, spec, schedul
                              expected["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(meta["rng"])
+    torch.set_rng_state(expected["rng"][rng_key])
     for key, value in meta.items():
         if key in state and key not in ("model", "optimizer"):
             state[key] = value
