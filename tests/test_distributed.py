@@ -171,3 +171,27 @@ def test_fsdp_refusals_are_one_line(tmp_path, change, message):
         finetune(spec, checkpoint_dir=None, model_name="stories260K", out_dir=tmp_path, data=DataArgs(),
                  train=train, eval=EvalArgs(), fabric_args=fabric, logger=LoggerArgs(), dry_run=True)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_every_method_trains_sharded_or_refuses_in_one_line(tmp_path, stories_checkpoint):
+    """Each registered method, sharded on 2 processes, takes a step of the Trainer and writes a consolidated final/
+    that loads as one device's does; or its spec says in one line why not (tests/fsdp_every_method.py)."""
+    from lit_adapter.tuners import registry as methods
+
+    proc = finished([sys.executable, str(REPO / "tests" / "fsdp_every_method.py"), str(stories_checkpoint),
+                     str(tmp_path)], timeout=600)
+    rows = {}
+    for line in proc.stdout.splitlines():
+        start = line.find('{"method"')
+        if start >= 0:
+            row = json.loads(line[start:])
+            rows[row["method"]] = row
+    assert set(rows) == set(methods.REGISTRY)
+    for name, row in rows.items():
+        if row["status"] == "refused":
+            assert "\n" not in row["reason"] and "fsdp" in row["reason"], row
+            continue
+        assert row["status"] == "ok" and torch.isfinite(torch.tensor(row["loss"])), row
+        spec, _ = methods.read_spec(tmp_path / name)  # the single-device format, read back by the loader
+        assert spec.method == name

@@ -182,7 +182,7 @@ def load_sharded(fabric, state: Dict[str, Any], path: Path, model, spec, schedul
     except Exception as err:
         raise UserError(f"--resume: cannot read {path / META_FILE} ({type(err).__name__}); "
                         "it is not a complete checkpoint") from None
-    saved_method, this_method = meta.get("method"), spec.to_dict()
+    saved_method, this_method = _flat(meta.get("method") or {}), _flat(spec.to_dict())
     if saved_method != this_method:
         differ = sorted(k for k in set(saved_method or {}) | set(this_method)
                         if (saved_method or {}).get(k) != this_method.get(k))
@@ -204,15 +204,19 @@ def load_sharded(fabric, state: Dict[str, Any], path: Path, model, spec, schedul
     # this rank's RNG state where the saving run had this rank, else rank 0's
     rng_key = f"rank{fabric.global_rank}" if f"rng.rank{fabric.global_rank}" in stored else "rank0"
     expected["rng"] = {rng_key: torch.get_rng_state()}
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         dcp.load(expected, checkpoint_id=str(path))
-    except Exception as err:  # a missing or truncated shard file: every rank fails the same way
-        if is_out_of_memory(err):
-            raise
-        text = (str(err).strip().splitlines() or [type(err).__name__])
-        reason = next((line for line in text if "No such file" in line or "Error" in line), text[-1])[:200]
-        raise UserError(f"--resume: a shard of {path} is missing or corrupt ({reason.strip()}); resume from a "
-                        "complete checkpoint or start afresh with --overwrite true") from None
+    except (Exception, CheckpointException) as err:  # a missing or truncated shard (a BaseException in torch)
+        failures = list(getattr(err, "failures", {}).values())
+        cause = failures[0] if failures else err
+        cause = cause[0] if isinstance(cause, tuple) else cause  # torch wraps each rank's as (exception, traceback)
+        if isinstance(cause, BaseException) and is_out_of_memory(cause):
+            raise cause from None
+        reason = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:160]}".rstrip(": ")
+        raise UserError(f"--resume: a shard of {path} is missing or corrupt ({reason}); resume from a complete "
+                        "checkpoint or start afresh with --overwrite true") from None
     inner = methods.unwrap(state["model"])
     set_model_state_dict(inner, expected["model"], options=_partial())
     set_optimizer_state_dict(inner, getattr(state["optimizer"], "optimizer", state["optimizer"]),
@@ -224,6 +228,17 @@ def load_sharded(fabric, state: Dict[str, Any], path: Path, model, spec, schedul
         if key in state and key not in ("model", "optimizer"):
             state[key] = value
     return state
+
+
+def _flat(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"settings": {"r": 8}}`` -> ``{"settings.r": 8}``: the differing settings are then named one by one."""
+    out: Dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _partial():
