@@ -63,14 +63,14 @@ def same_losses(one, sharded):
         assert b == pytest.approx(a, rel=1e-5)
 
 
-def same_final(one, sharded, weights="adapter.safetensors"):
+def same_final(one, sharded, weights="adapter.safetensors", atol=1e-4):
     """``final/`` of the sharded run has the single-device run's files, keys, shapes and dtypes, and its values
     within the two summation orders' rounding (which Adam's normalisation amplifies)."""
     a, b = load_file(Path(one) / "final" / weights), load_file(Path(sharded) / "final" / weights)
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
-        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=atol, msg=key)
     config_a = json.loads((Path(one) / "final" / "adapter_config.json").read_text())
     config_b = json.loads((Path(sharded) / "final" / "adapter_config.json").read_text())
     assert config_a == config_b
@@ -93,10 +93,21 @@ def test_fsdp_losses_equal_one_process_and_final_has_its_format(tmp_path, storie
     one_process(method, stories_checkpoint, instruction_data, tmp_path / "one", 3)
     finished(command(method, stories_checkpoint, instruction_data, tmp_path / "fsdp", 3, *FSDP))
     assert [s for s, _ in losses(tmp_path / "fsdp")] == [1, 2, 3]
-    same_losses(losses(tmp_path / "one"), losses(tmp_path / "fsdp"))
+    if method == "full":
+        # Step 1 (before any update) agrees to 1e-5; after it, full fine-tuning's first Adam step (about lr x the
+        # gradient's sign) turns the two processes' other summation order into 2e-4 of the loss. That is data
+        # parallelism, not sharding: DDP on 2 processes gave the same step-2 loss as fsdp to the last bit
+        # (8.470067977905273 both, one process 8.471785545349121; 2026-12-07).
+        one, sharded = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+        assert sharded[0][1] == pytest.approx(one[0][1], rel=1e-5)
+        for (_, a), (_, b) in zip(one, sharded):
+            assert b == pytest.approx(a, rel=1e-3)
+    else:
+        same_losses(losses(tmp_path / "one"), losses(tmp_path / "fsdp"))
     assert (tmp_path / "fsdp" / "last.ckpt").is_dir()  # sharded: one file per rank
+    # full fine-tuning: a weight whose gradient is rounding noise moves by up to lr per Adam step either way
     same_final(tmp_path / "one", tmp_path / "fsdp", "lit_model.safetensors" if method == "full" else
-               "adapter.safetensors")
+               "adapter.safetensors", atol=2 * 2e-3 * 3 if method == "full" else 1e-4)
     if method == "full":  # a whole checkpoint folder, as one device writes it
         assert sorted(p.name for p in (tmp_path / "one" / "final").iterdir()) == \
             sorted(p.name for p in (tmp_path / "fsdp" / "final").iterdir())
