@@ -12,7 +12,8 @@ The package is laid out by responsibility; a reader coming from nanoGPT, torchtu
 * ``data/``: tokenizers, instruction, text, classification and preference data, the prompt template,
   truncation, the training order, and padding-free packing (``packing.py``: the packed batch format).
 * ``train/``: the ``Trainer`` (``trainer.py``: ``TrainState``, one optimizer ``step()``), a run's options and
-  setup (``run.py``), objectives, losses, optimizers, guards and start-up checks.
+  setup (``run.py``), objectives, losses, optimizers, guards and start-up checks; ``sharding.py``: FSDP2 across
+  processes and nodes, its sharded checkpoints and the consolidated ``final/``.
 * ``tracking/``: experiment loggers, the run record, results and summaries.
 * ``generation/``, ``evaluation/``: decoding; perplexity, classification, MMLU, lm-eval.
 * ``grid/``: the comparison grid. ``memory/``: the estimator and its measurements. ``convert/``, ``export/``:

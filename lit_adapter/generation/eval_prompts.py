@@ -32,7 +32,7 @@ def answer_prompts(fabric, model, checkpoint_dir: Path, prompts: Sequence[str], 
     if objective.name not in ANSWERING_OBJECTIVES:
         fabric.print(f"note: eval.prompts are not answered: a {objective.name} model does not write text")
         return []
-    if type(fabric.strategy).__name__.startswith("FSDP"):
+    if type(fabric.strategy).__name__.startswith(("FSDP", "ModelParallel")):
         fabric.print("note: eval.prompts are not answered under fsdp (rank 0 holds a shard of the weights); "
                      "answer them with generate/*.py --adapter_dir final/")
         return []

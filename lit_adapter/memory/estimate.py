@@ -178,6 +178,7 @@ def estimate_memory(
     loss: str = "cross_entropy",
     framework_overhead_bytes: int = 0,
     micro_batch_tokens: Optional[int] = None,
+    shards: int = 1,
 ) -> Dict[str, Any]:
     """Predicted peak live tensor bytes of one training step of ``spec`` on ``config``, with its breakdown.
 
@@ -193,6 +194,10 @@ def estimate_memory(
     ``ceil(micro_batch_tokens / seq_len)`` rows of ``seq_len`` tokens: the same per-token tensors and no attention
     call longer than one example, rounded up. Rows a method puts in front of each example are counted once per
     ``seq_len`` tokens, where a packed row of many short examples has them once per example: an under-count there.
+    ``shards`` > 1 is one process of ``--fabric.strategy fsdp`` over that many (:mod:`lit_adapter.train.sharding`):
+    weights, gradients and optimizer state are divided among them, and each process also holds, whole, the root
+    unit's weights (embedding, final norm, head: gathered for the whole forward and backward) and two blocks'
+    (the one running and the one FSDP2 prefetches); activations are per process, as on one device.
     """
     if micro_batch_tokens is not None:
         if micro_batch_tokens < 1:
@@ -223,7 +228,16 @@ def estimate_memory(
     n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     grads = n_trainable * d
     opt_state = optimizer_state_bytes(trainable, dtype, optimizer)
-    state = sum(weights.values()) + rope + opt_state
+    gathered = 0
+    if shards > 1:
+        whole_weights = sum(weights.values())
+        block_weights = [sum(weight_bytes(b, dtype, quantize, skip=lambda n: unquantized(spec)(f"transformer.h.0.{n}")
+                                          ).values()) for b in model.transformer.h[:1]]
+        in_blocks = block_weights[0] * config.n_layer
+        gathered = (whole_weights - in_blocks) + 2 * block_weights[0]
+        weights = {k: -(-v // shards) for k, v in weights.items()}
+        grads, opt_state = -(-grads // shards), -(-opt_state // shards)
+    state = sum(weights.values()) + rope + opt_state + gathered
 
     # what each block keeps, and what it needs while it is recomputed and differentiated
     x_rg = t.embedding or t.extra_rows() > 0
@@ -236,7 +250,7 @@ def estimate_memory(
         kept.append(ckpt_input if activation_checkpointing else s.total)
         x_rg = out_rg
         block = model.transformer.h[i]
-        layer_grads.append(sum(p.numel() for p in block.parameters() if p.requires_grad) * d)
+        layer_grads.append(-(-sum(p.numel() for p in block.parameters() if p.requires_grad) * d // shards))
     embedding_kept = N * 8 if t.embedding else 0
     # under chunked_head the head's own saves are recomputed chunk by chunk; the hidden states stay
     head = head_saved_chunked(dims, t, x_rg) if loss == "chunked_head" else head_saved(dims, t, x_rg)[0]
@@ -286,6 +300,8 @@ def estimate_memory(
         "peak_phase": phase,
         "phases_bytes": phases,
         "weights_bytes": sum(weights.values()),
+        "gathered_weights_bytes": gathered,
+        "shards": shards,
         "weights_by_kind_bytes": weights,
         "rope_cache_bytes": rope,
         "total_params": n_total,
@@ -335,13 +351,17 @@ def format_estimate(est: Dict[str, Any]) -> str:
         "  phases             " + ", ".join(f"{k} {v / GB:.3f}" for k, v in est["phases_bytes"].items()),
         f"  PEAK               {gb(est['peak_bytes'])}  (in the {est['peak_phase']} phase)",
     ]
+    if est["shards"] > 1:
+        lines.insert(2, f"  + gathered weights {gb(est['gathered_weights_bytes'])}  (fsdp over {est['shards']} "
+                        "processes: weights, gradients and optimizer state above are this process's shard; the "
+                        "root unit and two blocks are gathered whole; activations are per process)")
     if est["framework_overhead_bytes"]:
         lines.append(f"  + process overhead {gb(est['framework_overhead_bytes'])}  (CPU: resident size after imports)")
     return "\n".join(lines)
 
 
 def print_memory_estimate(spec, config, seq_len: int, train, accelerator: str,
-                          precision: str, micro_batch_tokens: Optional[int] = None) -> None:
+                          precision: str, micro_batch_tokens: Optional[int] = None, shards: int = 1) -> None:
     """The analytic peak-memory estimate of one training step of this run (``lit_adapter.memory``), as an estimate.
 
     Mixed precisions are estimated as their ``-true`` counterpart (the weights' dtype), which under-counts the
@@ -362,7 +382,7 @@ def print_memory_estimate(spec, config, seq_len: int, train, accelerator: str,
         estimate = estimate_memory(config, spec, train.micro_batch_size, seq_len, estimated_as,
                                    train.activation_checkpointing, device_type="cuda" if on_gpu else "cpu",
                                    optimizer="adamw" if train.optimizer == "adamw" else "adamw8bit",
-                                   loss=train.loss, micro_batch_tokens=micro_batch_tokens)
+                                   loss=train.loss, micro_batch_tokens=micro_batch_tokens, shards=shards)
     except UserError as err:  # a combination the estimator does not model (e.g. trained rows + sparse)
         print(f"peak memory estimate: not available ({err})")
         return

@@ -8,7 +8,8 @@ so each step held a float32 copy of them that the losses are written to avoid (`
 forward and the step failed (``expected m1 and m2 to have the same dtype``). Every consumer of the outputs upcasts
 what it needs itself (the losses, DPO's ``sequence_logps``, the classification loss), and a bf16 -> float32 cast
 is exact, so keeping the model's dtype changes no number, only the memory. FSDP keeps Fabric's own precision
-plugin (it must be an ``FSDPPrecision``). This module imports Lightning, so callers import it where they build the
+plugin (it must be an ``FSDPPrecision``); ``fsdp`` is FSDP2 through ``ModelParallelStrategy``
+(:mod:`lit_adapter.train.sharding`), which takes the same precision plugins as one device. This module imports Lightning, so callers import it where they build the
 Fabric, not at the top of modules the command line's ``--help`` loads.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Union
 
+import torch
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import HalfPrecision
 
@@ -30,11 +32,18 @@ class HalfPrecisionKeepingOutputs(HalfPrecision):
 
 
 def make_fabric(accelerator: str = "auto", devices: Union[int, Sequence[int]] = 1, strategy: str = "auto",
-                precision: str = "32-true", loggers: Sequence[Any] = ()) -> Fabric:
-    """``Fabric(accelerator, devices, strategy, precision, loggers)``, half ``*-true`` precisions keeping the model's
-    outputs in their dtype (see the module's docstring)."""
-    if precision in HALF_TRUE and strategy != "fsdp":
-        return Fabric(accelerator=accelerator, devices=devices, strategy=strategy,
+                precision: str = "32-true", loggers: Sequence[Any] = (), num_nodes: int = 1) -> Fabric:
+    """``Fabric(accelerator, devices, strategy, precision, loggers, num_nodes)``, half ``*-true`` precisions keeping
+    the model's outputs in their dtype (see the module's docstring); ``strategy="fsdp"`` is FSDP2
+    (:func:`lit_adapter.train.sharding.fsdp_strategy`) on CPU (gloo) and CUDA (nccl) alike."""
+    if strategy == "fsdp":
+        from lit_adapter.train.sharding import fsdp_strategy
+
+        count = devices if isinstance(devices, int) else len(devices)
+        on_gpu = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+        strategy = fsdp_strategy(count * num_nodes, reduce_in_float32=on_gpu)
+    if precision in HALF_TRUE:
+        return Fabric(accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
                       plugins=[HalfPrecisionKeepingOutputs(precision)], loggers=list(loggers))
     return Fabric(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-                  loggers=list(loggers))
+                  loggers=list(loggers), num_nodes=num_nodes)

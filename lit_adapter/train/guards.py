@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from typing import Any, Dict, List, Optional
@@ -17,6 +18,7 @@ import torch
 
 from lit_adapter.tuners import registry as methods
 from lit_adapter.errors import UserError
+from lit_adapter.train.sharding import any_rank, local
 
 
 class StopRequest:
@@ -60,6 +62,8 @@ def gradient_norm(fabric, model, optimizer, trainable: List[torch.nn.Parameter],
         norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    if norm is not None and hasattr(norm, "full_tensor"):  # sharded gradients (fsdp): the norm over every rank
+        norm = norm.full_tensor()
     return norm if norm is not None else torch.zeros((), device=fabric.device)
 
 
@@ -67,9 +71,18 @@ def check_finite(model, spec, when: str, error) -> None:
     """Raises ``error(...)`` if a trained tensor holds inf or NaN, so none is ever written to disk."""
     keep = methods.trainable_filter(spec)
     bad = [name for name, p in methods.unwrap(model).named_parameters()
-           if keep(name, p) and p.is_floating_point() and not torch.isfinite(p).all()]
-    if bad:
+           if keep(name, p) and p.is_floating_point() and not torch.isfinite(local(p)).all()]
+    if any_rank(bool(bad)):  # each rank checks its shard (fsdp); all of them stop together
+        bad = bad or ["a tensor sharded to another rank"]
         raise error(f"the weights became non-finite {when} ({len(bad)} tensors, e.g. {bad[0]}); nothing was saved")
+
+
+def remove_checkpoint(path) -> None:
+    """Removes a checkpoint file, or a sharded checkpoint's folder (fsdp)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 class GoodCheckpoint:
@@ -99,13 +112,14 @@ class GoodCheckpoint:
         if self.pending is not None:
             self.good, self.pending = self.pending, None
             if self.is_main:
-                self.previous.unlink(missing_ok=True)
+                remove_checkpoint(self.previous)
 
     def diverged(self) -> None:
         """The step after the pending checkpoint went non-finite: put the previous good one back."""
         if self.pending is None:
             return
         if self.is_main and self.path.exists():
+            remove_checkpoint(self.diverged_path)
             os.replace(self.path, self.diverged_path)
             if self.previous.exists():
                 os.replace(self.previous, self.path)
@@ -123,4 +137,4 @@ class GoodCheckpoint:
     def finish(self) -> None:
         """The run ended normally: the newest checkpoint is the one to keep."""
         if self.is_main:
-            self.previous.unlink(missing_ok=True)
+            remove_checkpoint(self.previous)

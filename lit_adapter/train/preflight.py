@@ -40,6 +40,9 @@ def check_fabric_args(accelerator: str, devices: int, precision: str) -> None:
         raise UserError("fabric.accelerator=mps but MPS is not available here; use --fabric.accelerator cpu")
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise UserError(f"fabric.devices must be a whole number >= 1, got {devices!r}")
+    if accelerator == "cpu" and devices > (os.cpu_count() or 1):
+        raise UserError(f"fabric.devices={devices} CPU processes but this machine has {os.cpu_count()} cores; use at "
+                        f"most {os.cpu_count()}, or more machines with --fabric.num_nodes")
     if accelerator in ("cuda", "gpu") and devices > torch.cuda.device_count():
         raise UserError(f"fabric.devices={devices} but only {torch.cuda.device_count()} CUDA devices are visible")
 

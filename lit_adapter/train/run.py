@@ -150,7 +150,10 @@ class FabricArgs:
     devices: int = 1
     """Devices (GPUs or CPU processes) to train on; the global batch is split across them."""
     strategy: Literal["auto", "ddp", "fsdp", "ddp_spawn"] = "auto"
-    """How several devices share the work: ddp (replicas, gradients averaged), fsdp (sharded weights), ddp_spawn."""
+    """How several devices share the work: ddp (replicas, gradients averaged), fsdp (FSDP2: weights, gradients and
+    optimizer state sharded, each block its own unit; CPU or CUDA; docs/distributed.md), ddp_spawn."""
+    num_nodes: int = 1
+    """Machines the run spans (each with ``devices`` processes); launch it on every node (docs/distributed.md)."""
     precision: Optional[str] = None
     """32-true, bf16-true, bf16-mixed, 16-true, 16-mixed or 64-true (train.preflight.PRECISIONS); default: bf16-true on
     GPUs that support it, else 32-true."""
@@ -182,14 +185,17 @@ def validate_args(train: TrainArgs, eval: EvalArgs, fabric: FabricArgs) -> int:
     if eval.interval < 1 or (eval.max_batches is not None and eval.max_batches < 1):
         raise UserError("eval.interval and eval.max_batches must be >= 1")
     check_prompt_settings(eval.prompts, eval.prompt_max_new_tokens, eval.prompts_per_category)
+    if isinstance(fabric.num_nodes, bool) or not isinstance(fabric.num_nodes, int) or fabric.num_nodes < 1:
+        raise UserError(f"fabric.num_nodes must be a whole number >= 1, got {fabric.num_nodes!r}")
     if train.loss == "chunked_head" and fabric.strategy == "fsdp":
         raise UserError("train.loss=chunked_head calls the head outside the model's forward, which FSDP does not "
                         "allow (the head's weights are sharded there); use train.loss=chunked with fsdp")
-    per_step = train.micro_batch_size * fabric.devices
+    per_step = train.micro_batch_size * fabric.devices * fabric.num_nodes
     if train.global_batch_size % per_step:
+        nodes = f" x {fabric.num_nodes} nodes" if fabric.num_nodes > 1 else ""
         raise UserError(
             f"train.global_batch_size={train.global_batch_size} is not a multiple of "
-            f"micro_batch_size x devices = {train.micro_batch_size} x {fabric.devices}"
+            f"micro_batch_size x devices{nodes} = {train.micro_batch_size} x {fabric.devices}{nodes}"
         )
     return train.global_batch_size // per_step
 
@@ -242,11 +248,15 @@ def finetune(
     budget = micro_batch_tokens(train, seq_len)
     precision = fabric_args.precision or default_precision(fabric_args.accelerator)
     check_fabric_args(fabric_args.accelerator, fabric_args.devices, precision)
+    if fabric_args.strategy == "fsdp" and fabric_args.devices * fabric_args.num_nodes > 1:
+        spec.check_shardable()
     if dry_run:
         methods.dry_run(spec, config)
         print(f"context: {seq_len} tokens per sequence, of a window of {config.describe_window()}")
         print_memory_estimate(spec, config, seq_len, train, fabric_args.accelerator, precision,
-                              budget if packing else None)
+                              budget if packing else None,
+                              shards=fabric_args.devices * fabric_args.num_nodes
+                              if fabric_args.strategy == "fsdp" else 1)
         print_padding_share(data, train, seq_len, packing, budget)
         return None
     if checkpoint_dir is None:
@@ -266,7 +276,7 @@ def finetune(
     record = None
     try:
         fabric = make_fabric(fabric_args.accelerator, fabric_args.devices, fabric_args.strategy, precision,
-                             loggers=[build_logger(logger, out_dir, resume)])
+                             loggers=[build_logger(logger, out_dir, resume)], num_nodes=fabric_args.num_nodes)
         fabric.launch()
         record = RunRecord(fabric.logger, logger, hparams).open()
         return _main(fabric, spec, config, checkpoint_dir, out_dir, data, train, eval, accum, precision, resume,
@@ -475,10 +485,22 @@ def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objecti
     n_total = methods.count_parameters(model)
     fabric.print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.4f}%)")
     fabric.print(f"model ready in {time.perf_counter() - t0:.2f}s ({spec.describe()})")
-    optimizer = method_optimizer(model, spec, train.optimizer, lr=train.learning_rate,
-                                 weight_decay=train.weight_decay, betas=(train.beta1, train.beta2))
-    model, optimizer = fabric.setup(model, optimizer)
+    make_optimizer = lambda module: method_optimizer(  # noqa: E731
+        module, spec, train.optimizer, lr=train.learning_rate, weight_decay=train.weight_decay,
+        betas=(train.beta1, train.beta2))
+    if shards_model(fabric):
+        # FSDP2 replaces every parameter by its shard (a DTensor): the optimizer and the trained list follow it
+        model = fabric.setup_module(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = fabric.setup_optimizers(make_optimizer(methods.unwrap(model)))
+    else:
+        model, optimizer = fabric.setup(model, make_optimizer(model))
     return model, optimizer, trainable, (n_trainable, n_total)
+
+
+def shards_model(fabric) -> bool:
+    """Whether the Fabric shards the model (``--fabric.strategy fsdp``)."""
+    return type(fabric.strategy).__name__ == "ModelParallelStrategy"
 
 
 def _loaders(fabric, train_examples, val_examples, train, accum, start_step, total_steps, objective,

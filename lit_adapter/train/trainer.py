@@ -31,6 +31,7 @@ from lit_adapter.tuners import registry as methods
 from lit_adapter.errors import UserError, is_out_of_memory
 from lit_adapter.train.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
 from lit_adapter.train.objectives import Batch, Objective, resolve as resolve_objective
+from lit_adapter.train import sharding
 from lit_adapter.train.optim import build_optimizer
 from lit_adapter.runtime import cuda_rng_state, peak_memory_gb, restore_cuda_rng_state
 
@@ -253,7 +254,9 @@ class Trainer:
                     self._window_tokens += result.tokens
                     progress.update(1)
                     self.after_step(plan, result, progress)
-                    if stop.signal is not None:
+                    # every rank stops after the same step (a signal may reach one rank, or each at another
+                    # step), so the checkpoint's collectives meet
+                    if sharding.any_rank(stop.signal is not None):
                         status = "interrupted"
                         break
                 progress.close()
@@ -305,9 +308,8 @@ class Trainer:
             metrics.update({f"val_loss/{name}": value for name, (value, _) in by_category.items()})
         if step > 0 and math.isfinite(loss) and (not state.best_val or loss < state.best_val[1]):
             state.best_val = [step, loss]
-            if plan.eval.save_best and fabric.global_rank == 0:
-                methods.save_adapter_folder(self.model, plan.spec, plan.config, plan.checkpoint_dir,
-                                            plan.out_dir / "best", record=plan.adapter_record)
+            if plan.eval.save_best:
+                self.save_trained(plan, "best")
             fabric.barrier()
         if state.best_val:
             metrics["best_val_loss"] = state.best_val[1]
@@ -322,13 +324,21 @@ class Trainer:
         self.save(plan)
         if status == "completed":
             check_finite(self.model, plan.spec, f"after step {step}", self._not_finite)
-            if fabric.global_rank == 0:  # the ranks hold the same tensors; one writes them
-                methods.save_adapter_folder(self.model, plan.spec, plan.config, plan.checkpoint_dir,
-                                            plan.out_dir / "final", record=plan.adapter_record)
+            self.save_trained(plan, "final")
             fabric.barrier()
         self.keeper.finish()
 
     # ---------------------------------------------------------------------------------------------- checkpoints
+
+    def save_trained(self, plan: RunPlan, folder: str) -> None:
+        """Writes ``out_dir/<folder>`` (``final`` or ``best``) from rank 0 in the single-device format; sharded
+        tensors are first gathered from every rank (:func:`sharding.consolidated_model`)."""
+        model = self.model
+        if sharding.is_sharded(model):
+            model = sharding.consolidated_model(model, plan.spec, plan.config)  # every rank gathers
+        if self.fabric.global_rank == 0:  # DDP's ranks hold the same tensors; one writes them
+            methods.save_adapter_folder(model, plan.spec, plan.config, plan.checkpoint_dir, plan.out_dir / folder,
+                                        record=plan.adapter_record)
 
     def save(self, plan: RunPlan) -> None:
         """Writes ``last.ckpt`` atomically; it stays pending until the next step's loss is finite."""
@@ -359,7 +369,9 @@ def resume_state(fabric, path: Path, model, optimizer, scheduler, spec) -> Train
     """The :class:`TrainState` of the checkpoint at ``path``, whose trainable tensors, optimizer and scheduler state
     and RNG state are loaded in place: a run continues exactly where that one stopped."""
     fresh = checkpoint_state(model, optimizer, scheduler, TrainState())
-    state = TrainState.from_dict(load_resumable(fabric, fresh, path, model, spec, scheduler))
+    # a folder is a sharded checkpoint (--fabric.strategy fsdp), which loads at any world size
+    load = sharding.load_sharded if path.is_dir() else load_resumable
+    state = TrainState.from_dict(load(fabric, fresh, path, model, spec, scheduler))
     fabric.print(f"resumed from {path} at step {state.step}")
     return state
 
@@ -456,6 +468,9 @@ def save_resumable(fabric, state: Dict[str, Any], path: Path, spec, model=None,
     """
     if model is not None:
         check_finite(model, spec, f"after step {state['step']}", LossNotFinite)
+    if sharding.is_sharded(state["model"]) or path.is_dir():  # a sharded run, or one resumed from its folder
+        sharding.save_sharded(fabric, state, path, spec, keep_previous)
+        return
     tmp = path.with_name(path.name + ".tmp")
     try:
         fabric.save(tmp, state, filter={"model": methods.trainable_filter(spec)})

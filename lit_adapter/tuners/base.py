@@ -297,6 +297,10 @@ class Method:
         packed row's attention (the ``adapter`` hook and sparse kernels included) and virtual tokens once per
         example (``lit_adapter.model.packing``), so a method whose modules see one example at a time packs; one
         that mixes positions across a row outside those hooks must say why here."""
+
+    def shard_refusal(self, settings: Any) -> Optional[str]:
+        """Why this method cannot train with its tensors sharded (``--fabric.strategy fsdp``: FSDP2, each block its
+        own unit), or None when it can (the default: every tensor is a parameter of a block or of the root)."""
         return None
 
     def reserved_positions(self, settings: Any) -> int:

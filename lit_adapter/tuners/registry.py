@@ -98,6 +98,17 @@ class MethodSpec:
                             "use lora with --quantize (QLoRA)")
         self.definition.validate(self.settings, config)
 
+    def check_shardable(self) -> None:
+        """Raises one :class:`UserError` line when this method, with these settings, cannot train under
+        ``--fabric.strategy fsdp`` on several processes (the method answers, :meth:`Method.shard_refusal`)."""
+        if self.quantize is not None:
+            raise UserError(f"--quantize {self.quantize} with --fabric.strategy fsdp: bitsandbytes' packed weights "
+                            "are not sharded on this path yet (docs/distributed.md, sharded QLoRA); use one device, "
+                            "or --fabric.strategy ddp")
+        reason = self.definition.shard_refusal(self.settings)
+        if reason:
+            raise UserError(f"{self.method} with --fabric.strategy fsdp: {reason}")
+
     def describe(self) -> str:
         name = self.method
         if self.attention.pattern != "dense":
