@@ -148,7 +148,11 @@ def test_fsdp_sigterm_then_resume_is_bit_exact_and_the_checkpoint_loads_at_world
     for (s1, l1), (s2, l2) in zip(losses(one), losses(tmp_path / "whole")):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
 
-    # a checkpoint of another setting, or with a shard gone, is refused in one line
+    # a checkpoint of another setting, or with a shard gone, is refused in one line: the settings are compared
+    # first (naming the one that changed), and without hparams.json the sharded checkpoint's own record is
+    with pytest.raises(UserError, match=r"other settings \(lora.r: 8 -> 4"):
+        _resume(one, stories_checkpoint, instruction_data, MethodSpec("lora", settings={"r": 4, "dropout": 0.0}))
+    (one / "hparams.json").unlink()
     with pytest.raises(UserError, match="another method or setting"):
         _resume(one, stories_checkpoint, instruction_data, MethodSpec("lora", settings={"r": 4, "dropout": 0.0}))
     (one / "last.ckpt" / "__0_0.distcp").write_bytes(b"truncated")

@@ -216,6 +216,10 @@ def test_missing_data_and_empty_split_are_clear_errors(tmp_path, stories_checkpo
 
 def test_resume_refuses_a_checkpoint_of_another_method(tmp_path, stories_checkpoint, instruction_data):
     run(tmp_path, stories_checkpoint, instruction_data, method="adapter", steps=2)
+    # the settings are compared first (naming the one that changed); without hparams.json, the tensors are
+    with pytest.raises(UserError, match=r"other settings \(method: \"adapter\" -> \"lora\"\)"):
+        run(tmp_path, stories_checkpoint, instruction_data, method="lora", steps=4, resume=True)
+    (tmp_path / "hparams.json").unlink()
     with pytest.raises(UserError, match="does not fit"):
         run(tmp_path, stories_checkpoint, instruction_data, method="lora", steps=4, resume=True)
 

@@ -117,10 +117,10 @@ def test_a_cell_is_one_run_with_its_group_tags_config_summary_axes_table_and_mod
 
 
 def expected_tokens(data_dir, steps, micro=4, accum=2, seed=7):
-    """Positions processed after each step, padding included: the data order's micro-batches, right-padded."""
+    """Positions processed after each step: packed (the default), the step's examples' own tokens, no padding."""
     examples = torch.load(data_dir / "train.pt", weights_only=True)
     batches = list(StepBatchSampler(len(examples), micro, accum, 1, 0, seed, 0, steps))
-    per_batch = [len(batch) * max(len(examples[i]["input_ids"]) for i in batch) for batch in batches]
+    per_batch = [sum(len(examples[i]["input_ids"]) for i in batch) for batch in batches]
     return [sum(per_batch[: (step + 1) * accum]) for step in range(steps)]
 
 

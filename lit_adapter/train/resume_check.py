@@ -64,7 +64,7 @@ def check_resume(out_dir: Path, hparams: Dict[str, Any], settings_group: str) ->
 
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT_NAME
-    if not checkpoint.is_file():
+    if not checkpoint.exists():  # a file, or a sharded checkpoint's folder (--fabric.strategy fsdp)
         raise UserError(f"--resume: no checkpoint at {checkpoint}; run without --resume to start afresh")
     recorded_path = out_dir / "hparams.json"
     if not recorded_path.is_file():
