@@ -28,6 +28,6 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.40", "peft>=0.10", "lm-eval>=0.4", "trl>=1.0", "scikit-learn"],
+        "dev": ["pytest", "pytest-xdist", "transformers>=4.40", "peft>=0.10", "lm-eval>=0.4", "trl>=1.0", "scikit-learn"],
     },
 )
