@@ -35,6 +35,17 @@ class UserError(Exception):
     """A mistake in the user's input, reported as one line without a traceback."""
 
 
+def checkpoint_write_failure(path: Any, err: BaseException) -> BaseException:
+    """What to raise when writing the checkpoint ``path`` failed with ``err`` (a full disk, a missing folder): one
+    line saying the previous checkpoint is unchanged (the writers all write to a temporary name first). Running out
+    of memory is not a failed write and comes back as itself. One wording for the single-file and the sharded
+    writers: ``raise checkpoint_write_failure(path, err) from None``."""
+    if is_out_of_memory(err):
+        return err
+    reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return UserError(f"could not write the checkpoint {path}: {reason}; the previous checkpoint is unchanged")
+
+
 def run_cli(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Calls ``main`` and turns a :class:`UserError` into ``error: <message>`` on stderr and exit status 2.
 

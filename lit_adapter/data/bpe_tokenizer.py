@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from lit_adapter.data.chat_template import ChatTemplate
 from lit_adapter.errors import UserError
 
 TOKENIZER_JSON = "tokenizer.json"
@@ -187,19 +188,6 @@ class BPETokenizer:
         as HF renders it); the template writes BOS itself, so encode the result with ``bos=False``."""
         if self.chat_template is None:
             raise UserError(f"the tokenizer {self.path} has no chat_template in {TOKENIZER_CONFIG}")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
         names = {k: self._token_name(self.tokenizer_config.get(k)) or "" for k in ("bos_token", "eos_token")}
-
-        def raise_exception(message):
-            raise UserError(f"chat template: {message}")
-
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception,
-                **names)
-        except jinja2.TemplateError as err:
-            raise UserError(f"cannot apply the chat template of {self.path}: {err}") from None
+        template = ChatTemplate(f"{self.path} checkpoint's", self.chat_template, **names)
+        return template.render(messages, add_generation_prompt=add_generation_prompt)

@@ -35,17 +35,15 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from lit_adapter.data.chat_template import ChatTemplate, Message
 from lit_adapter.data.tokenizer import Tokenizer
 from lit_adapter.data.truncation import IGNORE_INDEX, Example
 from lit_adapter.errors import UserError
-
-Message = Dict[str, str]
 
 BUILTIN_TEMPLATES: Dict[str, str] = {
     # meta-llama/Llama-2-7b-chat-hf's template (system prompt folded into the first user turn, BOS per exchange)
@@ -86,98 +84,6 @@ FORMATS = ("auto", "sharegpt", "messages")
 
 
 # ----------------------------------------------------------------------------------------------------- templates
-
-
-@dataclass(frozen=True)
-class ChatTemplate:
-    """A jinja chat template and the special-token names it is rendered with; :meth:`to_dict` is what a prepared
-    data set and a run record, and :meth:`from_dict` rebuilds it for generation."""
-
-    name: str
-    """A built-in's name, ``"checkpoint"`` (the tokenizer's own) or the template file's path."""
-    source: str
-    bos_token: str = ""
-    eos_token: str = ""
-
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-        import jinja2
-
-        try:
-            return _compile(self.source).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                                bos_token=self.bos_token, eos_token=self.eos_token, tools=None,
-                                                documents=None)
-        except jinja2.TemplateError as err:
-            raise UserError(f"the {self.name} chat template: {err}") from None
-
-    def prompt(self, text: str, system: Optional[str] = None) -> str:
-        """``text`` as a user turn (after ``system``), ending where the assistant's reply begins."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-        return self.render(messages, add_generation_prompt=True)
-
-    def end_of_turn(self) -> str:
-        """The marker the template writes after an assistant reply (``<|eot_id|>``, ``<|im_end|>``, ``</s>``): where
-        generation stops."""
-        probe = "\u2063reply\u2063"
-        user = [{"role": "user", "content": "hi"}]
-        try:
-            turn = self.render(user + [{"role": "assistant", "content": probe}])
-        except UserError:  # a template that wants more than one exchange to render: stop at EOS only
-            return ""
-        tail = turn[turn.rfind(probe) + len(probe):] if probe in turn else ""
-        return tail.strip().split()[0] if tail.strip() else ""
-
-    def to_dict(self) -> Dict[str, str]:
-        return {"name": self.name, "template": self.source, "bos_token": self.bos_token,
-                "eos_token": self.eos_token, "end_of_turn": self.end_of_turn()}
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "ChatTemplate":
-        return cls(data["name"], data["template"], data.get("bos_token", ""), data.get("eos_token", ""))
-
-
-_COMPILED: Dict[str, Any] = {}
-
-
-def _compile(source: str):
-    """The template compiled in transformers' environment (``_cached_compile_jinja_template``, transformers 4.4x-5.x),
-    so the same template gives the same text."""
-    if source in _COMPILED:
-        return _COMPILED[source]
-    import datetime
-
-    import jinja2
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        # TRL-style templates mark assistant text with {% generation %}; the text renders as is (we find the
-        # assistant turns by rendering prefixes, so the markup is not needed, but it must parse)
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    try:
-        _COMPILED[source] = env.from_string(source)
-    except jinja2.TemplateSyntaxError as err:
-        raise UserError(f"the chat template does not parse: {err.message} (template line {err.lineno})") from None
-    return _COMPILED[source]
 
 
 def special_token(tokenizer: Tokenizer, which: str) -> str:
@@ -408,7 +314,7 @@ def to_messages(obj: Any, fmt: str = "auto") -> List[Message]:
 def load_conversations(source, fmt: str = "auto", skip_invalid: bool = False,
                        on_skip: Optional[Callable[[str], None]] = None) -> Tuple[List[Tuple[str, List[Message]]], int]:
     """``([(location, messages)], n_skipped)`` of a Hub dataset id or local JSON/JSONL file(s)/folder(s)."""
-    from lit_adapter.data.instructions import iter_source
+    from lit_adapter.data.records import iter_source
 
     if fmt not in FORMATS:
         raise UserError(f"unknown chat format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -464,8 +370,8 @@ def prepare_chat(destination_path, tokenizer_path, source, template: str = OWN_T
     """Loads, splits and tokenizes conversations and writes ``train.pt``, ``val.pt`` and ``metadata.json`` (the
     instruction pipeline's files, with the chat template recorded) into ``destination_path``; returns the
     metadata."""
-    from lit_adapter.data.instructions import (FORMAT_VERSION, model_block_size, resolve_source, split_records,
-                                               write_atomically)
+    from lit_adapter.data.instructions import FORMAT_VERSION, model_block_size, split_records, write_atomically
+    from lit_adapter.data.records import report_skipped, resolve_source
 
     destination_path = Path(destination_path)
     if destination_path.exists() and not destination_path.is_dir():
@@ -486,10 +392,7 @@ def prepare_chat(destination_path, tokenizer_path, source, template: str = OWN_T
     chat = resolve_template(tokenizer, template)
     reasons: List[str] = []
     records, skipped = load_conversations(source, fmt, skip_invalid, reasons.append)
-    if skipped:
-        log(f"skipped {skipped:,} invalid records, e.g.:")
-        for reason in reasons[:5]:
-            log(f"  {reason}")
+    report_skipped(log, skipped, reasons)
     if not records:
         raise UserError(f"no valid conversations in {source}")
     train, val = split_records(records, val_size, seed, max_records)

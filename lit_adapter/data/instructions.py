@@ -3,8 +3,9 @@
 The pipeline behind ``scripts/prepare_dolly.py`` and ``scripts/prepare_alpaca.py``:
 
 1. :func:`load_records` reads a Hugging Face Hub dataset, local ``.jsonl`` / JSON-array ``.json`` files (or a folder
-   of them), or the built-in :func:`synthetic_instructions`, into :class:`InstructionRecord` objects. Malformed input
-   is reported with the file and the line (JSONL) or record index (JSON array).
+   of them; :mod:`lit_adapter.data.records` does the reading), or the built-in :func:`synthetic_instructions`, into
+   :class:`InstructionRecord` objects. Malformed input is reported with the file and the line (JSONL) or record
+   index (JSON array).
 2. :func:`split_records` draws a seeded validation split.
 3. :func:`tokenize_record` (:mod:`lit_adapter.data.truncation`) renders the Alpaca template (:mod:`lit_adapter.data.prompts`)
    and tokenizes ``BOS + prompt + response + EOS``. With ``mask_inputs`` the prompt positions get label ``-100``, so
@@ -22,15 +23,15 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
+from lit_adapter.data.records import InvalidRecord, Source, iter_records, report_skipped, resolve_source, source_name
 from lit_adapter.data.prompts import TEMPLATE_NAME, UNKNOWN_CATEGORY, InstructionRecord
 from lit_adapter.data.synthetic import SYNTHETIC_DEFAULT_SIZE, synthetic_instructions
 from lit_adapter.data.tokenizer import Tokenizer
@@ -65,14 +66,9 @@ SCHEMAS: Dict[str, Tuple[str, str, str]] = {
     "alpaca": ("instruction", "input", "output"),
 }
 
-Source = Union[str, Path, Sequence[Union[str, Path]]]
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
-
-
-class _InvalidRecord(Exception):
-    """A single bad record; skippable with ``skip_invalid``."""
 
 
 def load_records(
@@ -94,16 +90,14 @@ def load_records(
         raise UserError(f"unknown record schema {schema!r}; expected one of {', '.join([*SCHEMAS, 'auto'])}")
     if isinstance(source, str) and source == SYNTHETIC:
         return synthetic_instructions(SYNTHETIC_DEFAULT_SIZE), 0
-    files = resolve_source(source)
-    items = _iter_hub(_single(source)) if files is None else (item for path in files for item in _iter_file(path))
     records: List[InstructionRecord] = []
     skipped = 0
-    for where, obj in items:
+    for where, obj in iter_records(source):
         try:
-            if isinstance(obj, _InvalidRecord):
+            if isinstance(obj, InvalidRecord):
                 raise obj
             records.append(_to_record(obj, schema))
-        except _InvalidRecord as err:
+        except InvalidRecord as err:
             if not skip_invalid:
                 hint = " (pass --skip_invalid true to skip invalid records)"
                 raise UserError(f"{where}: {err}{hint}") from None
@@ -113,169 +107,28 @@ def load_records(
     return records, skipped
 
 
-def iter_source(source: Source) -> Iterator[Tuple[str, Any]]:
-    """``(location, object)`` for every record of a Hub dataset id or local file(s)/folder(s), as :func:`load_records`
-    reads them (other record formats, such as chat conversations, share the reading and its one-line errors); a
-    line of invalid JSON is yielded as a ``ValueError`` whose message says why, so a caller can skip it."""
-    files = resolve_source(source)
-    items = _iter_hub(_single(source)) if files is None else (item for path in files for item in _iter_file(path))
-    for where, obj in items:
-        yield where, (ValueError(str(obj)) if isinstance(obj, _InvalidRecord) else obj)
-
-
-def resolve_source(source: Source) -> Optional[List[Path]]:
-    """The sorted, de-duplicated data files of a local ``source``; ``None`` if it names a Hub dataset."""
-    entries = [source] if isinstance(source, (str, Path)) else list(source)
-    if not entries:
-        raise UserError("no data source given")
-    if len(entries) == 1 and isinstance(entries[0], str) and _looks_like_hub_id(entries[0]):
-        return None
-    files = set()
-    for entry in entries:
-        path = Path(entry).expanduser()
-        if path.is_dir():
-            found = [p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl")]
-            if not found:
-                raise UserError(f"no .json or .jsonl files in the folder {path}")
-            files.update(p.resolve() for p in found)
-        elif path.is_file():
-            files.add(path.resolve())
-        else:
-            raise UserError(f"data file or folder not found: {path}")
-    return sorted(files, key=str)
-
-
-def _single(source: Source) -> str:
-    return str(source) if isinstance(source, (str, Path)) else str(source[0])
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return not Path(text).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and not (
-        text.endswith((".json", ".jsonl"))
-    )
-
-
-def _iter_hub(dataset_id: str) -> Iterator[Tuple[str, Any]]:
-    try:
-        import datasets
-
-        rows = datasets.load_dataset(dataset_id, split="train")
-    except Exception as err:  # network, authentication and missing-dataset failures all land here
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UserError(
-            f"could not load {dataset_id!r} from the Hugging Face Hub ({reason}); it is neither a local file nor "
-            "folder. When offline, pass local files: --source data.jsonl, a JSON-array .json, several files or a folder"
-        ) from None
-    for i, row in enumerate(rows):
-        yield f"{dataset_id} record index {i}", row
-
-
-def _iter_file(path: Path) -> Iterator[Tuple[str, Any]]:
-    """Yields ``(location, object)`` pairs; a skippable parse problem is yielded as an ``_InvalidRecord``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
-    start = _skip_ws(text, 0)
-    if start < len(text) and text[start] == "[":  # JSON array, whatever the extension says
-        yield from _iter_json_array(path, text, start)
-    elif path.suffix == ".json" and start == len(text):
-        raise UserError(f"{path} is empty; expected a JSON array of records")
-    else:
-        yield from _iter_jsonl(path, text)
-
-
-def _skip_ws(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _line_col(text: str, pos: int) -> str:
-    line = text.count("\n", 0, pos) + 1
-    return f"line {line}, column {pos - (text.rfind(chr(10), 0, pos) + 1) + 1}"
-
-
-def _iter_json_array(path: Path, text: str, start: int) -> Iterator[Tuple[str, Any]]:
-    # Decoding one element at a time gives errors a record index, which a one-line json.dump file needs.
-    decoder = json.JSONDecoder()
-    # A complete array ends with "]"; anything else means the file was cut off (a partial download or copy).
-    truncated = not text.rstrip().endswith("]")
-    pos = _skip_ws(text, start + 1)
-    if pos < len(text) and text[pos] == "]":
-        return
-    index = 0
-    while True:
-        if pos >= len(text):
-            raise UserError(f"{path} is truncated: the JSON array ends after record index {index - 1} without ']'")
-        try:
-            obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            if truncated:
-                raise UserError(
-                    f"{path} is truncated: record index {index} is incomplete and the JSON array is not closed"
-                ) from None
-            raise UserError(
-                f"{path}: invalid JSON in record index {index} ({err.msg} at line {err.lineno}, column {err.colno})"
-            ) from None
-        yield f"{path} record index {index}", obj
-        index += 1
-        pos = _skip_ws(text, pos)
-        if pos >= len(text):
-            raise UserError(f"{path} is truncated: the JSON array ends after record index {index - 1} without ']'")
-        if text[pos] == "]":
-            rest = _skip_ws(text, pos + 1)
-            if rest < len(text):
-                raise UserError(f"{path}: unexpected data after the JSON array at {_line_col(text, rest)}")
-            return
-        if text[pos] != ",":
-            raise UserError(
-                f"{path}: invalid JSON after record index {index - 1}: expected ',' or ']' at {_line_col(text, pos)}"
-            )
-        pos = _skip_ws(text, pos + 1)
-
-
-def _iter_jsonl(path: Path, text: str) -> Iterator[Tuple[str, Any]]:
-    lines = text.split("\n")  # not splitlines(): it also splits at U+2028 etc., which may sit inside strings
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        where = f"{path} line {i + 1}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            if i == last and not text.endswith("\n"):
-                raise UserError(f"{where}: incomplete JSON at the end of the file; is the file truncated?") from None
-            yield where, _InvalidRecord(f"invalid JSON ({err.msg} at column {err.colno})")
-            continue
-        yield where, obj
-
-
 def _to_record(obj: Any, schema: str) -> InstructionRecord:
     if not isinstance(obj, dict):
-        raise _InvalidRecord(f"expected a JSON object with instruction fields, got {type(obj).__name__}")
+        raise InvalidRecord(f"expected a JSON object with instruction fields, got {type(obj).__name__}")
     if schema == "auto":
         if "response" in obj:
             schema = "dolly"
         elif "output" in obj:
             schema = "alpaca"
         else:
-            raise _InvalidRecord("missing field 'response' (Dolly) or 'output' (Alpaca)")
+            raise InvalidRecord("missing field 'response' (Dolly) or 'output' (Alpaca)")
     instruction_key, input_key, output_key = SCHEMAS[schema]
     values = []
     for key, required in ((instruction_key, True), (input_key, False), (output_key, True)):
         value = obj.get(key)
         if value is None:
             if required:
-                raise _InvalidRecord(f"missing field {key!r}" + (" (it is null)" if key in obj else ""))
+                raise InvalidRecord(f"missing field {key!r}" + (" (it is null)" if key in obj else ""))
             value = ""
         if not isinstance(value, str):
-            raise _InvalidRecord(f"field {key!r} must be a string, got {type(value).__name__}")
+            raise InvalidRecord(f"field {key!r} must be a string, got {type(value).__name__}")
         if required and not value.strip():
-            raise _InvalidRecord(f"field {key!r} is empty")
+            raise InvalidRecord(f"field {key!r} is empty")
         values.append(value)
     category = obj.get("category")  # Dolly's task; Alpaca-format records have none
     return InstructionRecord(*values, category=category.strip() if isinstance(category, str) else "")
@@ -381,10 +234,7 @@ def prepare(
         records, skipped = synthetic_instructions(max_records or SYNTHETIC_DEFAULT_SIZE, seed), 0
     else:
         records, skipped = load_records(source, skip_invalid=skip_invalid, schema=schema, on_skip=skip_reasons.append)
-    if skipped:
-        log(f"skipped {skipped:,} invalid records, e.g.:")
-        for reason in skip_reasons[:5]:
-            log(f"  {reason}")
+    report_skipped(log, skipped, skip_reasons)
     if not records:
         raise UserError(f"no valid records in {_describe_source(source)}")
     duplicates = len(records) - len(set(records))
@@ -450,7 +300,7 @@ def _describe_source(source: Source) -> Union[str, List[str]]:
         return SYNTHETIC
     files = resolve_source(source)
     if files is None:
-        return _single(source)
+        return source_name(source)
     return [str(p) for p in files] if len(files) > 1 else str(files[0])
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
-from lit_adapter.errors import UserError, is_out_of_memory
+from lit_adapter.errors import UserError, checkpoint_write_failure, is_out_of_memory
 from lit_adapter.tuners import registry as methods
 
 META_FILE = "meta.pt"
@@ -152,10 +152,7 @@ def save_sharded(fabric, state: Dict[str, Any], path: Path, spec, keep_previous:
         if fabric.global_rank == 0:
             torch.save(rest, tmp / META_FILE)
     except (OSError, RuntimeError) as err:
-        if is_out_of_memory(err):
-            raise
-        reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        raise UserError(f"could not write the checkpoint {path}: {reason}; the previous checkpoint is unchanged") from None
+        raise checkpoint_write_failure(path, err) from None
     fabric.barrier()
     if fabric.global_rank == 0:
         if keep_previous is not None and path.exists():

@@ -28,7 +28,7 @@ import torch
 
 from lit_adapter.checkpoint import check_keys
 from lit_adapter.tuners import registry as methods
-from lit_adapter.errors import UserError, is_out_of_memory
+from lit_adapter.errors import UserError, checkpoint_write_failure, is_out_of_memory
 from lit_adapter.train.guards import GoodCheckpoint, LossNotFinite, StopRequest, check_finite, gradient_norm
 from lit_adapter.train.objectives import Batch, Objective, resolve as resolve_objective
 from lit_adapter.train import sharding
@@ -476,10 +476,7 @@ def save_resumable(fabric, state: Dict[str, Any], path: Path, spec, model=None,
         fabric.save(tmp, state, filter={"model": methods.trainable_filter(spec)})
     except (OSError, RuntimeError) as err:
         tmp.unlink(missing_ok=True)
-        if is_out_of_memory(err):
-            raise
-        reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [type(err).__name__])[-1]
-        raise UserError(f"could not write the checkpoint {path}: {reason}; the previous checkpoint is unchanged") from None
+        raise checkpoint_write_failure(path, err) from None
     fabric.barrier()
     if fabric.global_rank == 0:
         if keep_previous is not None and path.exists():
