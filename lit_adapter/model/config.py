@@ -127,7 +127,7 @@ class Config:
         if self.position_embedding == "rope":
             return context_error(self.block_size, self.rope_scaling, length, what)
         return (f"{what}={length} exceeds the model's {self.block_size} learned positions; cut the input "
-                f"(--data.max_seq_length {self.block_size} or less)")
+                f"(--data.max_seq_length: at most {self.block_size} less any virtual tokens)")
 
     def with_rope_scaling(self, rope_scaling: Optional[Dict[str, Any]]) -> "Config":
         """This config with its RoPE scaled by ``rope_scaling`` (HF ``config.json`` fields, ``type`` or

@@ -276,7 +276,7 @@ def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Opt
     if int(os.environ.get("LOCAL_RANK", "0")) != 0 or result is None or result.status != "completed":
         return result, None
     folder = Path(out_dir) / ("best" if (Path(out_dir) / "best").is_dir() else "final")
-    max_len = context_length(loop_data, resolve_config(checkpoint_dir, None))
+    max_len = context_length(loop_data, resolve_config(checkpoint_dir, None), spec)  # room after virtual tokens
     device = "cpu" if fabric_args.accelerator == "cpu" else None
     precision = fabric_args.precision or default_precision(fabric_args.accelerator)
     test = tokenize_examples(tokenizer, splits.test, splits.labels)
