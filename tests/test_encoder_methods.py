@@ -130,6 +130,13 @@ def test_p_tuning_equals_peft(hf_classifier, checkpoint, encoder, layers):
     compare(model, oracle, prompt=True)
 
 
+def test_prompt_tuning_equals_peft(hf_classifier, checkpoint):
+    model = ours("prompt_tuning", dict(num_virtual_tokens=5), checkpoint)
+    oracle = peft.get_peft_model(copy.deepcopy(hf_classifier), peft.PromptTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=5))
+    compare(model, oracle, prompt=True)
+
+
 @pytest.mark.parametrize("method", ENCODER_METHODS)
 def test_every_encoder_method_trains_with_the_head(checkpoint, method):
     settings = EVERY_LINEAR if method in ("lora", "dora", "rslora") else None
