@@ -83,7 +83,10 @@ class HFLinear(nn.Linear):
 
 class EncoderClassificationHead(nn.Module):
     """RoBERTa's ``RobertaClassificationHead``: dropout, ``dense`` (C -> C), tanh, dropout, ``out_proj`` (C -> K),
-    on the first row's final hidden state. Converted ``classifier.*`` tensors load as ``score.*``."""
+    on the first row's final hidden state. Converted ``classifier.*`` tensors load as ``score.*``.
+
+    BERT's pooler + classifier is the same computation without the first dropout: equal in evaluation, while
+    training a BERT here drops out the first row's state once more than HF does."""
 
     def __init__(self, n_embd: int, num_labels: int, dropout: float) -> None:
         super().__init__()
