@@ -204,3 +204,17 @@ def test_roberta_large_dry_run_counts_equal_peft(capsys):
 
     model, _ = roberta_large_peft(None)  # full fine-tuning trains every tensor of the HF model
     assert dry_run(capsys, "full") == sum(p.numel() for p in model.parameters()) == 355_362_819
+
+
+def test_past_the_512_positions_is_one_line(capsys):
+    argv = sys.argv
+    sys.argv = [str(REPO / "finetune/classify.py"), "p_tuning", "--model_name", "roberta-large", "--dry_run", "true",
+                "--data.max_seq_length", "500"]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_path(str(REPO / "finetune/classify.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code and "\n" not in err, err
+    assert "--data.max_seq_length (plus 20 virtual tokens)=520 exceeds the model's 512 learned positions" in err
