@@ -239,7 +239,8 @@ def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Opt
     from lit_adapter.tuners.registry import resolve_config
 
     if dry_run:  # counts and memory need the model and the number of labels, not the data or the pad token
-        spec.head = HeadSpec(labels=default_labels(data), pad_id=head.pad_id if head.pad_id is not None else 0)
+        pad_id = head.pad_id if head.pad_id is not None else resolve_config(checkpoint_dir, model_name).pad_token_id
+        spec.head = HeadSpec(labels=default_labels(data), pad_id=pad_id if pad_id is not None else 0)
         return finetune(spec, checkpoint_dir=checkpoint_dir, model_name=model_name, out_dir=out_dir,
                         data=DataArgs(max_seq_length=data.max_seq_length), train=train, eval=eval,
                         fabric_args=fabric_args, logger=logger, resume=resume, dry_run=True, overwrite=overwrite,
@@ -250,6 +251,8 @@ def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Opt
     pad_id = head.pad_id
     if pad_id is None and tokenizer is not None and tokenizer.pad_id >= 0:
         pad_id = tokenizer.pad_id
+    if pad_id is None:  # an encoder knows its padding token (a decoder's config has none)
+        pad_id = resolve_config(checkpoint_dir, model_name).pad_token_id
     spec.head = HeadSpec(labels=splits.labels, pad_id=pad_id)  # an unknown pad token is refused here
     vocab_size = resolve_config(checkpoint_dir, None).vocab_size if tokenizer is not None else None
     if vocab_size is not None and pad_id >= vocab_size:  # else an IndexError in the first step
@@ -275,7 +278,7 @@ def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Opt
     if int(os.environ.get("LOCAL_RANK", "0")) != 0 or result is None or result.status != "completed":
         return result, None
     folder = Path(out_dir) / ("best" if (Path(out_dir) / "best").is_dir() else "final")
-    max_len = context_length(loop_data, resolve_config(checkpoint_dir, None))
+    max_len = context_length(loop_data, resolve_config(checkpoint_dir, None), spec)  # room after virtual tokens
     device = "cpu" if fabric_args.accelerator == "cpu" else None
     precision = fabric_args.precision or default_precision(fabric_args.accelerator)
     test = tokenize_examples(tokenizer, splits.test, splits.labels)
