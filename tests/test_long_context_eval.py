@@ -90,8 +90,9 @@ def longlora_prompt(n_garbage_prefix, n_garbage_suffix, key):
 
 @pytest.mark.parametrize("length", [256, 1024])
 def test_passkey_prompt_is_longloras_with_the_key_at_the_asked_depth(tokenizer, length):
-    key = passkey.draw_keys(seed=0, trial=3, digits=5, distractors=0)[0]
-    assert len(key) == 5 and key == passkey.draw_keys(0, 3, 5, 9)[0]  # the key does not depend on the distractors
+    key = passkey.draw_keys(seed=0, cell="x", digits=5, distractors=0)[0]
+    assert len(key) == 5 and key == passkey.draw_keys(0, "x", 5, 9)[0]  # the key does not depend on the distractors
+    assert len(set(passkey.draw_keys(0, "x", 5, 9))) == 10 and passkey.draw_keys(0, "y", 5, 0)[0] != key
     first = passkey.make_prompt(tokenizer, length, 0.0, key)
     last = passkey.make_prompt(tokenizer, length, 1.0, key)
     for depth in (0.0, 0.25, 0.5, 0.75, 1.0):

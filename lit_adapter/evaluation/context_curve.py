@@ -118,6 +118,9 @@ def plot_curves(reports: Sequence[Dict], labels: Sequence[str], path: Path) -> P
                 ax.plot([p["context"] for p in points], [p["perplexity"] for p in points], "o-", label=label,
                         markersize=3, linewidth=1)
         ax.set_xscale("log", base=2)
+        contexts = sorted({p["context"] for r in reports for p in r["points"] if p["dataset"] == dataset})
+        ax.set_xticks(contexts, [str(n) for n in contexts])
+        ax.minorticks_off()
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("perplexity of the same scored tokens")
         first = next(r for r in reports if any(p["dataset"] == dataset for p in r["points"]))

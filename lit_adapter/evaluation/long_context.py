@@ -73,12 +73,17 @@ def run_passkey(
                                          attention)
     lengths = list(lengths) if lengths else passkey.default_lengths(about["window"])
     result = passkey.evaluate_passkey(model, tokenizer, lengths, depths, trials, digits, distractors, seed, progress)
+    every = result["trials"]
+    overall = {"trials": len(every), "accuracy": sum(t["correct"] for t in every) / len(every),
+               "top1": sum(t["rank"] == 1 for t in every) / len(every),
+               "mean_rank": sum(t["rank"] for t in every) / len(every),
+               "mean_margin": sum(t["margin"] for t in every) / len(every)}
     report = {
         **about, "label": _label(about), "lengths": lengths, "depths": list(depths), "trials": trials,
         "digits": digits, "distractors": distractors, "seed": seed,
         "chance": {"accuracy": 0.0, "top1": 1 / (distractors + 1), "mean_rank": (distractors + 2) / 2,
                    "mean_margin": 0.0},
-        **result, "peak_memory_gb": peak_memory_gb(dev), "run": run_info(dev),
+        "overall": overall, **result, "peak_memory_gb": peak_memory_gb(dev), "run": run_info(dev),
     }
     print(f"passkey retrieval, {trials} keys of {digits} digits per cell, {distractors} distractors "
           f"(top-1 by chance: {report['chance']['top1']:.2f}):")
@@ -86,6 +91,8 @@ def run_passkey(
     for c in report["cells"]:
         print(f"  {c['length']:>6} {c['depth']:>5.2f} {c['accuracy']:>8.2f} {c['top1']:>5.2f} {c['mean_rank']:>5.2f} "
               f"{c['mean_margin']:>7.3f}")
+    print(f"  all {overall['trials']} trials: accuracy {overall['accuracy']:.3f}, top-1 {overall['top1']:.3f}, "
+          f"mean rank {overall['mean_rank']:.2f}, margin {overall['mean_margin']:.3f}")
     if out_dir is not None:
         out_dir = Path(out_dir)
         write_json(out_dir / PASSKEY_FILES[0], report)

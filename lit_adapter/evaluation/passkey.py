@@ -17,8 +17,10 @@ Two numbers per cell:
   mean rank = (n+2)/2, margin 0), a measured "chance" instead of an uninformative 0% accuracy, and a model that
   half-retrieves scores above it before its greedy answer is ever exactly right.
 
-Keys are seeded per trial (trial ``i`` hides the same key at every length and depth), so cells differ only in where
-and how deep the key is.
+Every (length, depth, trial) draws its own seeded key and distractors. The rank's chance level holds in expectation
+over the draws (no key is more likely to be the true one), so it needs many keys: a small model prefers some digit
+strings to others, and with one key per trial reused in every cell, a few keys' luck would read as a retrieval
+effect (at 4 trials, stories260K's true keys ranked below chance in every cell, all for the same 4 keys).
 """
 
 from __future__ import annotations
@@ -119,16 +121,16 @@ def make_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt
     return build(low)
 
 
-def draw_keys(seed: int, trial: int, digits: int, distractors: int) -> List[str]:
-    """Trial ``trial``'s key, then ``distractors`` other keys: distinct numbers of ``digits`` digits (no leading
-    zero). The key depends on (seed, trial) only, so it is the same at every length and depth."""
+def draw_keys(seed: int, cell: str, digits: int, distractors: int) -> List[str]:
+    """The key of a trial (``cell`` names it, e.g. ``"2048/0.5/3"``), then ``distractors`` other keys: distinct
+    numbers of ``digits`` digits (no leading zero). The key does not depend on the number of distractors."""
     if digits < 1:
         raise UserError(f"--digits must be at least 1, got {digits}")
     if distractors < 0:
         raise UserError(f"--distractors must be 0 or more, got {distractors}")
     if distractors + 1 > 9 * 10 ** (digits - 1):
         raise UserError(f"--distractors={distractors} leaves no other key of {digits} digits to draw")
-    rng = random.Random(f"passkey/{seed}/{trial}")
+    rng = random.Random(f"passkey/{seed}/{cell}")
     keys: List[str] = []
     while len(keys) < distractors + 1:
         key = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
@@ -265,12 +267,13 @@ def evaluate_passkey(
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     check_lengths(model, lengths)
-    keys = [draw_keys(seed, i, digits, distractors) for i in range(trials)]
+    draw_keys(seed, "", digits, distractors)  # bad settings fail before the first prompt
     out: List[Trial] = []
     t0, total = time.perf_counter(), len(lengths) * len(depths) * trials
     for length in lengths:
         for depth in depths:
-            for i, (key, *others) in enumerate(keys):
+            for i in range(trials):
+                key, *others = draw_keys(seed, f"{length}/{depth:g}/{i}", digits, distractors)
                 out.append(run_trial(model, tokenizer, make_prompt(tokenizer, length, depth, key), others, length, i))
                 if progress:
                     print(f"\r  passkey {len(out)}/{total}, {time.perf_counter() - t0:.0f} s", end="", file=sys.stderr)
