@@ -116,6 +116,23 @@ def test_passkey_prompt_is_longloras_with_the_key_at_the_asked_depth(tokenizer, 
     assert first.key_position < 100 and last.key_position > length - 80  # right after the task, before the question
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_passkey_prompt_with_other_vocabularies(kind, shared_data, tmp_path):
+    """LLaMA's real 32k SentencePiece vocabulary and a byte-level BPE one (GPT-2's kind, no BOS, no dummy space):
+    the key's line is found, the prompt fills the length, and the answer is the key's tokens in context."""
+    from family_fixtures import gpt2_tokenizer_dir
+
+    path = shared_data / "tokenizers" / "llama" / "tokenizer.model" if kind == "llama" else gpt2_tokenizer_dir(tmp_path)
+    tok = Tokenizer(path)
+    for depth in (0.0, 0.5, 1.0):
+        p = passkey.make_prompt(tok, 1024, depth, "70615")
+        assert 1024 - 8 < p.length <= 1024 and p.tokens.tolist() == tok.encode(p.text, bos=True).tolist()
+        assert tok.decode(p.tokens[p.key_position :]).lstrip().startswith("The pass key is 70615.")
+        assert tok.decode(p.tokens.tolist() + p.answer).endswith("The pass key is 70615")
+    if kind == "llama":
+        assert p.answer == tok.encode("70615", bos=False).tolist()  # LongLoRA's answer_ids
+
+
 def test_passkey_refuses_lengths_past_the_window_and_too_short(stories260k, cli, tmp_path):
     code, _, err = cli("evaluate/long_context.py", "passkey", "--checkpoint_dir", stories260k, "--lengths", "[1024]",
                        "--out_dir", tmp_path / "out")

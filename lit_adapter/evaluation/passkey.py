@@ -111,7 +111,9 @@ def make_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt
     if smallest.length > length:
         raise UserError(f"--lengths {length} is too short for the passkey prompt, which takes {smallest.length} tokens "
                         "with no filler at all; use longer lengths")
-    low, high = 0, 8 * length  # no tokenizer packs 8 characters of this filler into one token
+    low, high = 0, 4 * length
+    while build(high).length <= length:  # a vocabulary of whole words packs more than 4 characters into a token
+        low, high = high, 2 * high
     while low < high:
         mid = (low + high + 1) // 2
         if build(mid).length <= length:
