@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The measurements of docs/long_context.md: stories260K (512-token window) extended 4x to 2048 by position
 # interpolation, LongLoRA-style fine-tuning on packed C4 with dense and with shifted attention, and wikitext-2
-# perplexity at 512- and 2048-token windows. One thread per process, one process at a time (about 10 CPU minutes).
+# perplexity at 512- and 2048-token windows; then passkey retrieval and perplexity against context length
+# (evaluate/long_context.py). One thread per process, one process at a time (about 10 CPU minutes; the evaluations
+# took about 25 more on the shared machine of docs/long_context.md's re-measurement).
 #   bash benchmarks/long_context_stories260k.sh [work_dir] [shared_data_dir]
 set -u
 W=${1:-out/long_context}

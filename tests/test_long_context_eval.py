@@ -248,9 +248,9 @@ def test_passkey_end_to_end_on_scaled_base_and_finetuned_run(stories260k, scaled
 
 def test_curve_scores_the_same_tokens_and_equals_perplexity_py_on_them(stories260k, shared_data, cli, tmp_path):
     lengths, scored, segments = [64, 128, 256], 32, 4
-    code, out, err = cli("evaluate/long_context.py", "curve", "--checkpoint_dir", stories260k, "--datasets", "wikitext2",
-                         "--data_dir", shared_data, "--lengths", json.dumps(lengths), "--scored", scored, "--segments",
-                         segments, "--spacing", scored, "--out_dir", tmp_path / "curve")
+    code, out, err = cli("evaluate/long_context.py", "curve", "--checkpoint_dir", stories260k, "--datasets",
+                         "wikitext2", "--data_dir", shared_data, "--lengths", json.dumps(lengths), "--scored", scored,
+                         "--segments", segments, "--spacing", scored, "--out_dir", tmp_path / "curve")
     assert code == 0, err[-3000:]
     report = json.loads((tmp_path / "curve" / "context_length.json").read_text())
     points = report["points"]

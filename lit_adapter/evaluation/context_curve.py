@@ -103,7 +103,7 @@ def write_csv(path: Path, points: Sequence[Point]) -> Path:
 
 
 def plot_curves(reports: Sequence[Dict], labels: Sequence[str], path: Path) -> Path:
-    """Perplexity against context length, one panel per dataset, one line per report (log-2 x axis)."""
+    """Perplexity against context length, one panel per dataset, one line per report (log-log axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,6 +118,7 @@ def plot_curves(reports: Sequence[Dict], labels: Sequence[str], path: Path) -> P
                 ax.plot([p["context"] for p in points], [p["perplexity"] for p in points], "o-", label=label,
                         markersize=3, linewidth=1)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")  # models far apart in level; the slope is what matters
         contexts = sorted({p["context"] for r in reports for p in r["points"] if p["dataset"] == dataset})
         ax.set_xticks(contexts, [str(n) for n in contexts])
         ax.minorticks_off()

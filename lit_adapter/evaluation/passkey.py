@@ -320,7 +320,7 @@ def plot_heatmaps(reports: Sequence[Dict], labels: Sequence[str], path: Path) ->
             image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
             for y in range(len(depths)):
                 for x in range(len(lengths)):
-                    ax.text(x, y, f"{grid[y, x]:.1f}", ha="center", va="center", fontsize=7)
+                    ax.text(x, y, f"{grid[y, x]:.2f}", ha="center", va="center", fontsize=7)
             ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
             ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
             ax.set_xlabel("length (tokens)", fontsize=8)
