@@ -139,6 +139,11 @@ def test_passkey_refuses_lengths_past_the_window_and_too_short(stories260k, cli,
     one_error_line(code, err, "--lengths=1024 exceeds the model's window, block_size=512; extend it with RoPE")
     code, _, err = cli("evaluate/long_context.py", "passkey", "--checkpoint_dir", stories260k, "--lengths", "[128]")
     one_error_line(code, err, "--lengths 128 is too short for the passkey prompt, which takes 166 tokens")
+    code, _, err = cli("evaluate/long_context.py", "passkey", "--checkpoint_dir", stories260k, "--depths", "[1.5]")
+    one_error_line(code, err, "--depths must lie between 0 and 1 (the fraction of filler before the key), got 1.5")
+    code, _, err = cli("evaluate/long_context.py", "passkey", "--checkpoint_dir", stories260k, "--digits", 1,
+                       "--distractors", 9)
+    one_error_line(code, err, "--distractors=9 leaves no other 1-digit key to draw")
     assert not (tmp_path / "out").exists()
 
 

@@ -131,7 +131,7 @@ def draw_keys(seed: int, cell: str, digits: int, distractors: int) -> List[str]:
     if distractors < 0:
         raise UserError(f"--distractors must be 0 or more, got {distractors}")
     if distractors + 1 > 9 * 10 ** (digits - 1):
-        raise UserError(f"--distractors={distractors} leaves no other key of {digits} digits to draw")
+        raise UserError(f"--distractors={distractors} leaves no other {digits}-digit key to draw")
     rng = random.Random(f"passkey/{seed}/{cell}")
     keys: List[str] = []
     while len(keys) < distractors + 1:
