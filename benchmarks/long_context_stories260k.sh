@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The measurements of docs/long_context.md: stories260K (512-token window) extended 4x to 2048 by position
 # interpolation, LongLoRA-style fine-tuning on packed C4 with dense and with shifted attention, and wikitext-2
-# perplexity at 512- and 2048-token windows. One thread per process, one process at a time (about 10 CPU minutes).
+# perplexity at 512- and 2048-token windows; then passkey retrieval and perplexity against context length
+# (evaluate/long_context.py). One thread per process, one process at a time (about 10 CPU minutes; the evaluations
+# took about 25 more on the shared machine of docs/long_context.md's re-measurement).
 #   bash benchmarks/long_context_stories260k.sh [work_dir] [shared_data_dir]
 set -u
 W=${1:-out/long_context}
@@ -46,3 +48,26 @@ run $PY "${TRAIN[@]}" --data.data_dir "$W/c4-2048" --attention.pattern shifted -
 cat "$W/last.out" > "$W/dry_run_shifted.txt"
 git rev-parse --short HEAD > "$W/commit.txt"; date -u +%Y-%m-%dT%H:%MZ > "$W/date.txt"
 grep -m1 'model name' /proc/cpuinfo > "$W/cpu.txt"; nproc >> "$W/cpu.txt"
+
+# issue 26: passkey retrieval and perplexity against context length (evaluate/long_context.py), the same models
+# (the trained runs with full attention at inference, as LongLoRA infers; the base at its own 512 and with PI x4)
+LC=($PY evaluate/long_context.py)
+PK=(--depths '[0.0, 0.25, 0.5, 0.75, 1.0]' --trials 4 --distractors 4 --progress false)
+CV=(--datasets wikitext2,c4 --data_dir "$DATA" --scored 128 --segments 16)
+for M in base base_pi shifted dense control; do
+  case $M in
+    base) ARGS=() ;;
+    base_pi) ARGS=(--model.rope_scaling "$PI") ;;
+    shifted) ARGS=(--adapter_dir "$W/lora_plus_shifted/final" --attention.pattern dense) ;;
+    dense) ARGS=(--adapter_dir "$W/lora_plus_dense/final") ;;
+    control) ARGS=(--adapter_dir "$W/lora_plus_512/final") ;;
+  esac
+  run "${LC[@]}" passkey --checkpoint_dir "$W/stories260K" "${ARGS[@]}" "${PK[@]}" --out_dir "$W/long_eval/$M"
+  run "${LC[@]}" curve --checkpoint_dir "$W/stories260K" "${ARGS[@]}" "${CV[@]}" --out_dir "$W/long_eval/$M"
+done
+# past the unscaled window: refused in one line
+run "${LC[@]}" passkey --checkpoint_dir "$W/stories260K" --lengths '[2048]' "${PK[@]}"
+J=(base base_pi shifted dense control)
+run "${LC[@]}" plot --reports "[$(printf "$W/long_eval/%s/passkey.json," "${J[@]}" | sed 's/,$//')]" --out "$W/long_eval/passkey.png"
+run "${LC[@]}" plot --reports "[$(printf "$W/long_eval/%s/context_length.json," "${J[@]}" | sed 's/,$//')]" \
+    --out "$W/long_eval/context_length.png"
