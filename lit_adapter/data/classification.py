@@ -408,8 +408,9 @@ def encode_examples(tokenizer, examples: Sequence[Example], max_len: Optional[in
 
 
 def _cut_pair(tokenizer, example: Example, ids, max_len: int):
-    """``ids`` (the example encoded with its special tokens) cut to ``max_len`` tokens longest-first: one token at a
-    time from the end of the longer text (the first on a tie), as transformers' fast tokenizers do."""
+    """``ids`` (the example encoded with its special tokens) cut to ``max_len`` tokens longest-first, as
+    transformers' fast tokenizers do: the longer text is cut to what the shorter leaves, or, when both must be cut,
+    each keeps half (the longer one the odd token)."""
     import torch
 
     whole = ids.tolist()
@@ -417,12 +418,16 @@ def _cut_pair(tokenizer, example: Example, ids, max_len: int):
     layout = _layout(whole, parts)
     if layout is None:  # the texts are not found as themselves inside the encoding: keep the start and the end
         return torch.cat([ids[: max_len - 1], ids[-1:]])
-    specials = len(whole) - sum(map(len, parts))
-    while sum(map(len, parts)) > max_len - specials:
-        longest = max(range(len(parts)), key=lambda i: (len(parts[i]), -i))
-        parts[longest] = parts[longest][:-1]
+    budget = max_len - (len(whole) - sum(map(len, parts)))
     before, between, after = layout
-    return torch.tensor(before + parts[0] + between + (parts[1] if len(parts) > 1 else []) + after)
+    if len(parts) == 1:
+        return torch.tensor(before + parts[0][:budget] + between + after)
+    short, long = sorted((len(parts[0]), len(parts[1])))
+    keep_short, keep_long = short, max(short, budget - short) if short <= budget else short
+    if keep_short + keep_long > budget:
+        keep_short, keep_long = budget // 2, budget // 2 + budget % 2
+    keep = (keep_long, keep_short) if len(parts[0]) > len(parts[1]) else (keep_short, keep_long)
+    return torch.tensor(before + parts[0][: keep[0]] + between + parts[1][: keep[1]] + after)
 
 
 def _layout(whole: List[int], parts: List[List[int]]) -> Optional[Tuple[List[int], List[int], List[int]]]:
