@@ -190,3 +190,63 @@ def test_a_sequence_past_the_window_is_refused_in_one_line_when_the_user_chose_s
         encode_examples(tokenizer, examples, n - 1, "refuse")
     with pytest.raises(UserError, match="data.truncation must be cut or refuse"):
         ClassifyData(truncation="drop")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the Llama 3 half: seed 002's zero- and one-shot prompts
+
+
+def test_seed002_prompts_are_the_seeds_wording():
+    from lit_adapter.evaluation.classification import SEED002_DEMONSTRATION, build_prompt
+
+    query = Example(("A dog runs.", "An animal moves."), "entailment")
+    zero = build_prompt("nli", [], query, "plain", prompt="seed002")
+    assert zero == ("Premise: A dog runs.\nHypothesis: An animal moves.\n"
+                    "Does the hypothesis follow from the premise? Answer (yes, no, maybe):")
+    one = build_prompt("nli", [SEED002_DEMONSTRATION], query, "plain", prompt="seed002")
+    assert one == ("Premise: A man inspects the uniform of a figure in some East Asian country.\n"
+                   "Hypothesis: The man is looking at something.\n"
+                   "Does the hypothesis follow from the premise? Answer (yes, no, maybe): yes\n\n" + zero)
+
+
+def test_seed002_answers_map_to_labels_and_unparsed_ones_count_as_no_answer(shared_data):
+    from test_classification import ScriptedModel
+
+    from lit_adapter.data.tokenizer import Tokenizer
+    from lit_adapter.evaluation.classification import evaluate_classification
+
+    tokenizer = Tokenizer(shared_data / "tokenizers" / "llama" / "tokenizer.model")
+    examples = [Example((f"P{i}.", f"H{i}."), NLI[i % 3]) for i in range(30)]
+    gold = {e.fields[0]: e.label for e in examples}
+    # right for i % 5 == 0, a wrong label for i % 5 == 1, no label at all otherwise
+    wrong = {"entailment": "No.", "neutral": "Yes", "contradiction": " maybe"}
+    right = {"entailment": " Yes, it does.", "neutral": " maybe", "contradiction": " no"}
+
+    def respond(prompt):
+        premise = prompt.rsplit("Premise: ", 1)[1].split("\n")[0]
+        i = int(premise[1:-1])
+        return right[gold[premise]] if i % 5 == 0 else wrong[gold[premise]] if i % 5 == 1 else " The hypothesis"
+
+    for shots in (0, 1):
+        model = ScriptedModel(tokenizer, respond)
+        result, records = evaluate_classification(model, tokenizer, "nli", examples, shots=shots, prompt="seed002")
+        assert result.examples == 30  # every example is evaluated: the seed's demonstration is its own
+        assert (result.correct, result.no_answer) == (6, 18) and result.accuracy == pytest.approx(0.2)
+        assert sum(c["none"] for c in result.per_label.values()) == 18  # no answer is wrong, counted, not dropped
+        assert all(p.count("Answer (yes, no, maybe):") == 1 + shots for p in model.prompts)
+        assert ("East Asian" in model.prompts[0]) == (shots == 1)
+    with pytest.raises(UserError, match="--prompt seed002 is seed 002's NLI question, zero- or one-shot"):
+        evaluate_classification(model, tokenizer, "nli", examples, shots=2, prompt="seed002")
+    with pytest.raises(UserError, match="--prompt seed002"):
+        evaluate_classification(model, tokenizer, "sentiment", [], prompt="seed002")
+
+
+def test_seed002_one_shot_on_a_real_model(stories260k, tmp_path):
+    from lit_adapter.evaluation.classification import run_classification
+
+    nli = _write_jsonl(tmp_path / "nli.jsonl", [{"premise": f"Tim saw a dog {i}.", "hypothesis": "Tim saw an animal.",
+                                                  "label": NLI[i % 3]} for i in range(6)])
+    report = run_classification(stories260k, task="nli", nli_file=nli, shots=1, prompt="seed002", max_examples=3,
+                                max_new_tokens=4, device="cpu", out_file=tmp_path / "icl.json")
+    assert report["prompt"] == "seed002" and report["examples"] == 3 and len(report["answers"]) == 3
+    assert report["correct"] + report["no_answer"] <= 3 and json.loads((tmp_path / "icl.json").read_text())
