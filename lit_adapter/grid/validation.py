@@ -41,8 +41,11 @@ def unknown_options(values: Dict[str, Any], known: Dict[str, Any], prefix: str =
 class CellChecker:
     """Validates cell configs; builds each method's parser once."""
 
-    def __init__(self, config: Optional[Config]) -> None:
+    def __init__(self, config: Optional[Config], command: Optional[Callable[[str], Callable[..., Any]]] = None,
+                 script: str = "finetune/{method}.py") -> None:
         self.config = config  # the grid's base model, for the method's own checks (None: skip them)
+        # the cells' command (default: finetune/<method>.py; the head study's: finetune/classify.py <method>)
+        self.command, self.script = command, script
         self._commands: Dict[str, Tuple[Callable[..., Any], Any]] = {}
 
     def _command(self, method: str):
@@ -51,7 +54,7 @@ class CellChecker:
 
             from lit_adapter.cli.finetune import make_finetune_command
 
-            setup = make_finetune_command(method)
+            setup = (self.command or make_finetune_command)(method)
             parser = ArgumentParser(exit_on_error=False)
             parser.add_function_arguments(setup, as_group=False)
             self._commands[method] = (setup, parser)
@@ -69,7 +72,7 @@ class CellChecker:
             else:
                 close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.7)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UserError(f"cell {cell}: unknown option {key}{hint} for finetune/{method}.py")
+            raise UserError(f"cell {cell}: unknown option {key}{hint} for {self.script.format(method=method)}")
         try:
             # jsonargparse 4.49 renamed instantiate_classes to instantiate
             instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
