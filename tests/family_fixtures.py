@@ -153,3 +153,28 @@ def perplexity_matches_hf(lit_dir: Path, hf_dir: Path, data_dir: Path, tmp_path:
     ours = report["results"]["wikitext2"]["perplexity"]
     assert abs(ours - expected) <= 1e-4 * expected, (ours, expected)
     return ours
+
+
+ROBERTA_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+def roberta_tokenizer_dir(folder: Path, vocab_size: int = 400, files: str = "vocab") -> Path:
+    """A RoBERTa-style tokenizer in ``folder``: GPT-2's byte-level BPE with RoBERTa's special tokens at ids 0-4
+    (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4) in ``vocab.json`` + ``merges.txt``, and with
+    ``files="both"`` also the ``tokenizer.json`` HF's ``RobertaTokenizerFast`` saves from them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=ROBERTA_SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.model.save(str(folder))
+    if files == "both":
+        from transformers import RobertaTokenizerFast
+
+        hf = RobertaTokenizerFast.from_pretrained(str(folder))
+        hf.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    return folder

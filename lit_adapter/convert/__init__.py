@@ -37,6 +37,7 @@ from lit_adapter.convert.common import (
     lit_to_hf_state_dict,
 )
 from lit_adapter.convert.hf import config_from_hf, hf_config_from_lit, load_hf_checkpoint, rope_scaling_from_hf
+from lit_adapter.convert.roberta import head_labels
 from lit_adapter.convert.llama2c import load_llama2c_bin, load_llama2c_checkpoint, load_llama2c_pt
 from lit_adapter.convert.meta import (
     config_from_meta_params,
@@ -97,6 +98,11 @@ def write_checkpoint_dir(
     state_dict = cast_state_dict(state_dict, dtype=dtype)
     with torch.device("meta"):
         model = GPT(config)
+        if head_labels(state_dict):  # a converted encoder classifier keeps its head (lit_adapter.convert.roberta)
+            from lit_adapter.model.heads import HeadSpec, attach_head
+
+            labels = [str(i) for i in range(head_labels(state_dict))]
+            attach_head(model, HeadSpec(labels=labels, pad_id=config.pad_token_id))
     load_weights_into(model, state_dict, source="converted checkpoint")
     del model
 

@@ -1,7 +1,8 @@
 """HF ``transformers`` folders: ``config.json`` and safetensors or ``.bin`` weights.
 
-Dispatches on ``config.json``'s ``model_type``: ``llama`` (``LlamaForCausalLM``: LLaMA 1/2/3, TinyLlama, ...) and
-``gpt2`` (``GPT2LMHeadModel``, :mod:`lit_adapter.convert.gpt2`); any other architecture is refused by name.
+Dispatches on ``config.json``'s ``model_type``: ``llama`` (``LlamaForCausalLM``: LLaMA 1/2/3, TinyLlama, ...),
+``gpt2`` (``GPT2LMHeadModel``, :mod:`lit_adapter.convert.gpt2`) and the encoders ``roberta`` and ``bert`` (bare or
+sequence classifiers, :mod:`lit_adapter.convert.roberta`); any other architecture is refused by name.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from lit_adapter.model.config import Config
 from lit_adapter.errors import UserError
 from lit_adapter.convert.common import PathLike, StateDict, existing_dir, read_json, hf_to_lit_name
 from lit_adapter.convert.gpt2 import config_from_hf_gpt2, hf_gpt2_to_lit
+from lit_adapter.convert.roberta import ENCODER_TYPES, config_from_hf_encoder, hf_encoder_to_lit
 from lit_adapter.model.rope import ORIGINAL, ROPE_TYPES, parse_rope_scaling
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -26,6 +28,8 @@ def config_from_hf(hf_config: Dict[str, Any], name: str = "") -> Config:
     model_type = hf_config.get("model_type", "llama")
     if model_type == "gpt2":
         return config_from_hf_gpt2(hf_config, name)
+    if model_type in ENCODER_TYPES:
+        return config_from_hf_encoder(hf_config, name)
     if model_type != "llama":
         arch = ", ".join(hf_config.get("architectures") or []) or "unnamed"
         raise UserError(f"unsupported architecture: config.json has model_type={model_type!r} ({arch}); "
@@ -70,7 +74,7 @@ def config_from_hf(hf_config: Dict[str, Any], name: str = "") -> Config:
         raise UserError(f"config.json lacks the field {err.args[0]!r}") from None
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "gpt2") + ENCODER_TYPES
 
 
 def rope_scaling_from_hf(rope: Dict[str, Any], max_positions: int) -> Tuple[Optional[Dict[str, Any]], int]:
@@ -155,11 +159,12 @@ def load_hf_checkpoint(checkpoint_dir: PathLike) -> Tuple[Config, StateDict]:
         raise UserError(f"{checkpoint_dir} has no config.json; is it an HF transformers model directory?")
     config = config_from_hf(read_json(config_path), name=checkpoint_dir.name)
     state_dict: StateDict = {}
-    if config.position_embedding == "learned":  # GPT-2 (config_from_hf says which)
+    if config.position_embedding != "rope":  # GPT-2 or an encoder (config_from_hf says which)
         raw: StateDict = {}
         for path in _hf_weight_files(checkpoint_dir):
             raw.update(load_state_dict(path))
-        return config, hf_gpt2_to_lit(raw, config, source=str(checkpoint_dir))
+        convert = hf_gpt2_to_lit if config.causal else hf_encoder_to_lit
+        return config, convert(raw, config, source=str(checkpoint_dir))
     for path in _hf_weight_files(checkpoint_dir):
         for name, tensor in load_state_dict(path).items():
             if name.endswith("rotary_emb.inv_freq"):

@@ -1,4 +1,5 @@
-"""HF ``tokenizers`` backend of :class:`lit_adapter.data.tokenizer.Tokenizer`: GPT-2's and Llama 3's byte-level BPE.
+"""HF ``tokenizers`` backend of :class:`lit_adapter.data.tokenizer.Tokenizer`: GPT-2's, Llama 3's and RoBERTa's
+byte-level BPE.
 
 A checkpoint folder holds either ``tokenizer.json`` (Llama 3, any HF fast tokenizer) or GPT-2's ``vocab.json`` +
 ``merges.txt`` (built here as HF builds GPT-2's: byte-level pre-tokenizer without a prefix space, byte-level
@@ -13,6 +14,10 @@ prompt, ``eos=True`` after every training target):
   ``encode(bos=True)`` adds nothing, exactly as HF's GPT-2 tokenizer does.
 * ``eos_id`` is ``tokenizer_config.json``'s ``eos_token``, else ``<|endoftext|>`` (GPT-2) or ``<|end_of_text|>``
   (Llama 3) when the vocabulary has it. ``eos=True`` appends it (HF never does; our training targets end with it).
+
+RoBERTa's ``vocab.json`` + ``merges.txt`` (a vocabulary holding ``<s>``, ``<pad>``, ``</s>``) is built as HF's
+``RobertaTokenizerFast``: its five special tokens, ``bos_id`` ``<s>``, ``eos_id`` ``</s>``, ``pad_id`` ``<pad>``, and
+its template for one text and for pairs (:meth:`BPETokenizer.encode_pair`; from ``tokenizer.json`` alike).
 
 Special tokens written literally in a text (``"<|eot_id|>"``) are encoded as those tokens, as HF does. ``decode``
 drops special tokens (as SentencePiece drops ``<s>``/``</s>``).
@@ -34,6 +39,9 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 HF_TOKENIZER_FILES = (TOKENIZER_JSON, VOCAB_JSON, MERGES_TXT, TOKENIZER_CONFIG, "special_tokens_map.json")
 """The files a checkpoint folder with a BPE tokenizer keeps (those present are copied by the converters)."""
 _EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>")
+ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+"""RoBERTa's special tokens (ids 0 to 3 and the last one in its vocab.json): a vocabulary with the first three is
+RoBERTa's, whose text starts with <s> (BOS), ends with </s> (EOS) and pads with <pad>."""
 
 
 def bpe_source(folder: Path) -> Optional[Path]:
@@ -88,9 +96,17 @@ def _load(path: Path, kind: Optional[str] = None):
         check_merges(path.with_name(MERGES_TXT))
     try:
         if kind == VOCAB_JSON:
+            vocab = json.loads(path.read_text(encoding="utf-8"))
             tok = HFTokenizer(models.BPE.from_file(str(path), str(path.with_name(MERGES_TXT))))
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = decoders.ByteLevel()
+            if all(t in vocab for t in ROBERTA_SPECIALS[:3]):
+                # as transformers' RobertaTokenizerFast builds it from these two files: its specials, and the
+                # template <s> A </s> and <s> A </s></s> B </s> (a hub tokenizer.json declares its own)
+                tok.add_special_tokens(list(ROBERTA_SPECIALS))
+                tok.post_processor = processors.RobertaProcessing(
+                    ("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]), trim_offsets=True, add_prefix_space=False)
+                return tok
             tok.post_processor = processors.ByteLevel(trim_offsets=False)
             # as HF's GPT2Tokenizer: <|endoftext|> (its default bos/eos/unk) is a special token, appended to the
             # vocabulary when vocab.json lacks it
@@ -124,6 +140,8 @@ class BPETokenizer:
         ids = [self.backend.token_to_id(t) for t in candidates]
         self.eos_id = next((i for i in ids if i is not None), -1)
         self.pad_id = -1
+        if all(self.backend.token_to_id(t) is not None for t in ROBERTA_SPECIALS[:3]):  # RoBERTa's (either file)
+            self.bos_id, self.pad_id, self.eos_id = (self.backend.token_to_id(t) for t in ROBERTA_SPECIALS[:3])
 
     @staticmethod
     def _token_name(value: Any) -> Optional[str]:
@@ -158,6 +176,25 @@ class BPETokenizer:
                      device: Optional[torch.device] = None) -> List[torch.Tensor]:
         encoded = self.backend.encode_batch(list(texts), add_special_tokens=False)
         return [self._finish(e.ids, bos, eos, max_length, device) for e in encoded]
+
+    def encode_pair(self, first: str, second: Optional[str] = None,
+                    max_length: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, token_type_ids)`` of one text or a pair with the tokenizer's own special tokens, as HF's
+        ``tokenizer(first, second)`` gives them: RoBERTa's ``<s> A </s>`` and ``<s> A </s></s> B </s>`` (token types
+        all 0), BERT's ``[CLS] A [SEP] B [SEP]`` (types 0 then 1). ``max_length > 0`` cuts as HF's
+        ``truncation=True`` does (``longest_first``: a token at a time from the longer text; the specials stay)."""
+        if self.backend.post_processor is None or self.backend.encode("a", "b").ids == \
+                self.backend.encode("a", add_special_tokens=False).ids + self.backend.encode(
+                    "b", add_special_tokens=False).ids:
+            raise UserError(f"the tokenizer {self.path} has no template for text pairs (GPT-2's and Llama's have "
+                            "none): pairs are encoded by an encoder's tokenizer (RoBERTa, BERT)")
+        if max_length > 0:
+            self.backend.enable_truncation(max_length, strategy="longest_first")
+        try:
+            encoded = self.backend.encode(first, second)
+        finally:
+            self.backend.no_truncation()
+        return torch.tensor(encoded.ids, dtype=torch.long), torch.tensor(encoded.type_ids, dtype=torch.long)
 
     def token_spans(self, text: str) -> List[Tuple[int, int]]:
         """UTF-8 byte ``(begin, end)`` of each token of ``encode(text, bos=False)``; where byte-level tokens split

@@ -235,6 +235,13 @@ class Tokenizer:
         """``encode`` for many texts at once (SentencePiece encodes the list in its own threads); unpadded."""
         return [self._finish(ids, bos, eos, max_length, device) for ids in self.processor.encode(list(texts))]
 
+    def encode_pair(self, first: str, second: Optional[str] = None,
+                    max_length: int = -1) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, token_type_ids)`` of a text pair with the model's template: an encoder's tokenizer
+        (RoBERTa's, :meth:`BPETokenizer.encode_pair`) has one; SentencePiece's LLaMA vocabularies have none."""
+        raise UserError(f"the tokenizer {self.path} has no template for text pairs (SentencePiece, LLaMA): pairs are "
+                        "encoded by an encoder's tokenizer (RoBERTa, BERT)")
+
     def token_spans(self, text: str) -> List[Tuple[int, int]]:
         """The ``(begin, end)`` UTF-8 byte offsets in ``text`` of each token of ``encode(text, bos=False)``.
 

@@ -1,4 +1,4 @@
-"""Model configurations: the LLaMA family (LLaMA 1/2/3, OpenLLaMA, TinyLlama, TinyStories) and GPT-2.
+"""Model configurations: the LLaMA family (LLaMA 1/2/3, OpenLLaMA, TinyLlama, TinyStories), GPT-2 and RoBERTa.
 
 A :class:`Config` describes the shape of the network only (no PEFT settings, no training settings), so the same
 object serves the base model, every PEFT variant and the checkpoint converters. ``Config.from_name`` knows the
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
 from lit_adapter.errors import UserError, require_folder
-from lit_adapter.model.rope import ORIGINAL, check_rope_scaling, describe_window, parse_rope_scaling
+from lit_adapter.model.rope import ORIGINAL, check_rope_scaling, context_error, describe_window, parse_rope_scaling
 
 
 @dataclass
@@ -55,6 +55,23 @@ class Config:
     """``rope`` (rotary, LLaMA) or ``learned`` (an absolute position embedding ``transformer.wpe``, GPT-2)."""
     gelu_approximate: str = "none"
     """The GptNeoxMLP's GELU: ``none`` (exact erf) or ``tanh`` (GPT-2's ``gelu_new``)."""
+    # The encoder family (RoBERTa, BERT: lit_adapter.model.encoder). The defaults are the decoder's.
+    causal: bool = True
+    """False: an encoder, whose tokens attend both ways over every token that is not ``pad_token_id``; it has
+    no language-model head (a classification head reads its first row) and cannot decode."""
+    norm_placement: str = "pre"
+    """``pre`` (the decoders: norm, sublayer, residual add, and a final ``ln_f``) or ``post`` (BERT/RoBERTa:
+    sublayer, residual add, then the norm; a LayerNorm on the embeddings, ``transformer.ln_emb``, and no ``ln_f``)."""
+    pad_token_id: Optional[int] = None
+    """An encoder's padding token: keys holding it are masked out, and RoBERTa's positions count around it."""
+    type_vocab_size: int = 0
+    """Rows of the token-type (segment) embedding ``transformer.wtt`` (BERT 2, RoBERTa 1); 0: none."""
+    hidden_dropout: float = 0.0
+    """An encoder's dropout on the embeddings and on each sublayer's output (HF ``hidden_dropout_prob``)."""
+    attention_dropout: float = 0.0
+    """An encoder's dropout on the attention probabilities (HF ``attention_probs_dropout_prob``)."""
+    classifier_dropout: Optional[float] = None
+    """The encoder's classification head's dropout; None means ``hidden_dropout`` (HF ``classifier_dropout``)."""
 
     def __post_init__(self) -> None:
         if self.padded_vocab_size is None:
@@ -74,6 +91,22 @@ class Config:
             raise UserError(f"rope_scaling needs rotary positions; this model has position_embedding="
                             f"{self.position_embedding!r} (its window is block_size={self.block_size})")
         self.rope_scaling = check_rope_scaling(self.rope_scaling, self.block_size)
+        if not self.causal and (self.pad_token_id is None or self.position_embedding == "rope"):
+            raise UserError("an encoder (causal=false) needs pad_token_id and learned positions "
+                            "(position_embedding learned or learned_offset)")
+        if self.position_embedding == "learned_offset" and self.pad_token_id is None:
+            raise UserError("position_embedding=learned_offset counts positions after pad_token_id; set it")
+        for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise UserError(f"{name} must be in [0, 1), got {value!r}")
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of the learned position embedding ``transformer.wpe``: ``block_size``, plus RoBERTa's offset (the
+        positions up to ``pad_token_id`` that no token uses: HF's ``max_position_embeddings`` is 514 for 512)."""
+        offset = self.pad_token_id + 1 if self.position_embedding == "learned_offset" else 0
+        return self.block_size + offset
 
     @property
     def head_size(self) -> int:
@@ -87,6 +120,14 @@ class Config:
     def describe_window(self) -> str:
         """``"2048 tokens (linear x4 of the pretrained 512)"``, or ``"512 tokens"`` without scaling."""
         return describe_window(self.block_size, self.rope_scaling)
+
+    def window_error(self, length: int, what: str) -> str:
+        """The one line that refuses ``length`` tokens past the window: with rotary positions it names RoPE
+        scaling (``rope.context_error``); learned positions (GPT-2, an encoder) have no more rows, so cut."""
+        if self.position_embedding == "rope":
+            return context_error(self.block_size, self.rope_scaling, length, what)
+        return (f"{what}={length} exceeds the model's {self.block_size} learned positions; cut the input "
+                f"(--data.max_seq_length {self.block_size} or less)")
 
     def with_rope_scaling(self, rope_scaling: Optional[Dict[str, Any]]) -> "Config":
         """This config with its RoPE scaled by ``rope_scaling`` (HF ``config.json`` fields, ``type`` or
@@ -146,10 +187,11 @@ class Config:
 
 
 _CHOICES = {"norm_class": ("RMSNorm", "LayerNorm"), "mlp_class": ("LLaMAMLP", "GptNeoxMLP"),
-            "position_embedding": ("rope", "learned"), "gelu_approximate": ("none", "tanh")}
+            "position_embedding": ("rope", "learned", "learned_offset"), "gelu_approximate": ("none", "tanh"),
+            "norm_placement": ("pre", "post")}
 
 _FIELD_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "Optional[int]": int,
-                "Optional[Dict[str, Any]]": dict}
+                "Optional[float]": float, "Optional[Dict[str, Any]]": dict}
 """The annotation of each Config field (as written, under ``from __future__ import annotations``) -> its type."""
 
 
@@ -175,6 +217,10 @@ _LLAMA3_SCALING = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor
                        original_max_position_embeddings=8192)
 _GPT2 = dict(norm_class="LayerNorm", mlp_class="GptNeoxMLP", bias=True, position_embedding="learned",
              gelu_approximate="tanh", tie_embeddings=True, norm_eps=1e-5)
+
+_ROBERTA = dict(causal=False, norm_placement="post", norm_class="LayerNorm", mlp_class="GptNeoxMLP", bias=True,
+                position_embedding="learned_offset", pad_token_id=1, type_vocab_size=1, norm_eps=1e-5,
+                hidden_dropout=0.1, attention_dropout=0.1)
 
 configs = [
     # LLaMA 1 (Touvron et al. 2023)
@@ -236,6 +282,12 @@ configs = [
          intermediate_size=4096, **_GPT2),
     dict(name="gpt2-large", block_size=1024, vocab_size=50257, n_layer=36, n_head=20, n_embd=1280,
          intermediate_size=5120, **_GPT2),
+    # RoBERTa (Liu et al. 2019): a post-norm encoder, positions counted after the padding id (512 + 2 rows), one
+    # token type, GELU, biases, dropout 0.1; vocab_size 50265 with <s> 0, <pad> 1, </s> 2, <mask> 50264
+    dict(name="roberta-base", block_size=512, vocab_size=50265, n_layer=12, n_head=12, n_embd=768,
+         intermediate_size=3072, **_ROBERTA),
+    dict(name="roberta-large", block_size=512, vocab_size=50265, n_layer=24, n_head=16, n_embd=1024,
+         intermediate_size=4096, **_ROBERTA),
     # tiny configurations for unit tests
     dict(name="tiny", block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=32, intermediate_size=88),
     dict(
@@ -249,6 +301,8 @@ configs = [
         intermediate_size=88, rope_base=500000.0,
         rope_scaling=dict(_LLAMA3_SCALING, factor=8.0, original_max_position_embeddings=32),
     ),
+    dict(name="tiny-roberta", block_size=64, vocab_size=512, n_layer=2, n_head=4, n_embd=32, intermediate_size=64,
+         **dict(_ROBERTA, hidden_dropout=0.0, attention_dropout=0.0)),
     dict(
         name="tiny-32k", block_size=128, vocab_size=32000, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
         intermediate_size=88,

@@ -1,9 +1,12 @@
-"""One readable decoder: LLaMA (RMSNorm, rotary embeddings, grouped-query attention, a SwiGLU MLP) and GPT-2.
+"""One readable model: LLaMA (RMSNorm, rotary embeddings, grouped-query attention, a SwiGLU MLP), GPT-2 and the
+RoBERTa encoder.
 
 The family is chosen by :class:`Config` fields, as in LitGPT: ``norm_class`` (RMSNorm or LayerNorm),
 ``mlp_class`` (LLaMAMLP or GptNeoxMLP, a GELU MLP), ``bias`` (on every linear of the blocks),
 ``position_embedding`` (rope, or a learned absolute ``transformer.wpe`` added to the token embeddings) and
-``lm_head_bias``. GPT-2's fused ``c_attn`` is held as separate ``q_proj``/``k_proj``/``v_proj`` (the converters
+``lm_head_bias``; ``causal`` False with ``norm_placement="post"`` makes it an encoder (RoBERTa, BERT: bidirectional
+attention over the non-padding tokens, post-norm blocks, no language-model head; its embeddings and classification
+head are in :mod:`lit_adapter.model.encoder`). GPT-2's fused ``c_attn`` is held as separate ``q_proj``/``k_proj``/``v_proj`` (the converters
 split and transpose HF's Conv1D weights), so every PEFT method sees one layout for both families.
 
 The LLaMA network follows Touvron et al. 2023 and matches HF ``transformers``' ``LlamaForCausalLM`` (GPT-2:
@@ -38,7 +41,7 @@ positions from 0 (after its own virtual tokens) and attends only inside itself, 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -46,9 +49,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lit_adapter.model.config import Config
+from lit_adapter.model.encoder import FIRST_ROW, encoder_inputs, key_mask_for_attention
 from lit_adapter.model.packing import PackedLayout
 from lit_adapter.errors import UserError
-from lit_adapter.model.rope import RopeCache, build_rope_cache, context_error, dynamic_length
+from lit_adapter.model.rope import RopeCache, build_rope_cache, dynamic_length
 
 
 class GPT(nn.Module):
@@ -59,13 +63,20 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                ln_f=build_norm(config),
+                # post-norm blocks end normalized: the encoder's norm is on its input (ln_emb) instead
+                ln_f=build_norm(config) if config.norm_placement == "pre" else nn.Identity(),
             )
         )
-        if config.position_embedding == "learned":  # GPT-2: one learned vector per absolute position
-            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias)
-        if config.tie_embeddings:
+        if config.position_embedding != "rope":  # GPT-2, RoBERTa: one learned vector per absolute position
+            self.transformer.wpe = nn.Embedding(config.position_rows, config.n_embd)
+        if config.type_vocab_size:  # BERT's segments (RoBERTa has one type)
+            self.transformer.wtt = nn.Embedding(config.type_vocab_size, config.n_embd)
+        if config.norm_placement == "post":
+            self.transformer.ln_emb = build_norm(config)
+        # an encoder predicts no tokens: a classification head (lit_adapter.model.heads) reads its first row
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=config.lm_head_bias) \
+            if config.causal else None
+        if config.tie_embeddings and config.causal:
             self.lm_head.weight = self.transformer.wte.weight
         self.gradient_checkpointing = False
         self.virtual_tokens: Optional[nn.Module] = None  # the prompt methods' hook (see the module docstring)
@@ -95,8 +106,8 @@ class GPT(nn.Module):
         return self._rope_cache
 
     def forward(
-        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, return_hidden: bool = False,
-        cu_seqlens: Optional[torch.Tensor] = None,
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, return_hidden: Union[bool, str] = False,
+        cu_seqlens: Optional[torch.Tensor] = None, token_type_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Next-token logits ``(B, T, vocab_size)``.
 
@@ -107,8 +118,14 @@ class GPT(nn.Module):
         :meth:`set_kv_cache`; without it the whole sequence is processed causally from position 0. Both count real
         tokens: with ``virtual_tokens`` the model shifts them past its P virtual positions.
         ``return_hidden`` stops before the head and returns the final normalized states ``(B, T, n_embd)``, which
-        :meth:`output_logits` turns into logits (the head-chunked loss does that a chunk at a time).
+        :meth:`output_logits` turns into logits (the head-chunked loss does that a chunk at a time);
+        ``return_hidden="first"`` (``encoder.FIRST_ROW``) returns the first row's ``(B, n_embd)``, virtual tokens
+        included, which an encoder's classification head reads. An encoder (``Config.causal`` False) attends both
+        ways over the tokens that are not ``pad_token_id`` and takes ``token_type_ids`` ``(B, T)`` (default 0).
         """
+        if not self.config.causal and (cu_seqlens is not None or input_pos is not None):
+            raise UserError("an encoder (causal=false) neither decodes (input_pos) nor packs rows (cu_seqlens): "
+                            "each of its tokens attends to the whole padded row")
         if cu_seqlens is not None:
             if input_pos is not None or idx.shape[0] != 1:
                 raise ValueError("a packed forward takes one row (1, L) and no input_pos (it is not decoding)")
@@ -117,14 +134,18 @@ class GPT(nn.Module):
         P = self.num_virtual_tokens
         if input_pos is None and P + T > self.config.block_size:
             what = f"sequence length (with {P} virtual tokens)" if P else "sequence length"
-            raise UserError(context_error(self.config.block_size, self.config.rope_scaling, P + T, what))
+            raise UserError(self.config.window_error(P + T, what))
         x = self.transformer.wte(idx)  # (B, T, n_embd)
         if self.virtual_tokens is not None:
             x = self.virtual_tokens(x, input_pos)  # (B, P_in + T, n_embd): P_in rows of virtual tokens enter now
         P_in = x.shape[1] - T
         if input_pos is not None and P:  # the real tokens' positions (and cache slots) follow the virtual ones
             input_pos = torch.cat([torch.arange(P_in, device=input_pos.device), input_pos + P])
-        if self.config.position_embedding == "learned":
+        key_mask = None
+        if not self.config.causal:  # positions, token types, the embedding norm and the padding mask
+            x, key_mask = encoder_inputs(self, idx, x, P_in, token_type_ids)  # (B, P_in + T, C), (B, P_in + T)
+            cos = sin = None
+        elif self.config.position_embedding == "learned":
             pos = torch.arange(P - P_in, P + T, device=idx.device) if input_pos is None else input_pos
             x = x + self.transformer.wpe(pos)  # (B, P_in + T, n_embd): the virtual rows get positions 0..P-1 too
             cos = sin = None  # no rotation
@@ -138,9 +159,11 @@ class GPT(nn.Module):
 
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, input_pos, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, input_pos, None, key_mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, input_pos)
+                x = block(x, cos, sin, input_pos, None, key_mask)
+        if return_hidden == FIRST_ROW:
+            return self.transformer.ln_f(x[:, 0])  # (B, n_embd)
         x = self.transformer.ln_f(x[:, P_in:] if P_in else x)  # (B, T, n_embd): the real tokens only
         return x if return_hidden else self.output_logits(x)
 
@@ -151,7 +174,7 @@ class GPT(nn.Module):
         longest = max(layout.lengths)
         if P + longest > self.config.block_size:
             what = f"longest packed example (with {P} virtual tokens)" if P else "longest packed example"
-            raise UserError(context_error(self.config.block_size, self.config.rope_scaling, P + longest, what))
+            raise UserError(self.config.window_error(P + longest, what))
         x = self.transformer.wte(idx)  # (1, L, n_embd)
         if self.virtual_tokens is not None:  # each example gets its own virtual rows: (1, P_in + T_i, n_embd) each
             x = torch.cat([self.virtual_tokens(x_i) for x_i in layout.split(x, 1)], dim=1)
@@ -182,6 +205,9 @@ class GPT(nn.Module):
 
     def output_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head: final normalized states ``(..., n_embd)`` to logits ``(..., vocab_size)``."""
+        if self.lm_head is None:
+            raise UserError("an encoder (causal=false) has no language-model head: it classifies "
+                            "(finetune/classify.py <method>)")
         logits = self.lm_head(x)  # (..., padded_vocab_size)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
@@ -223,6 +249,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, block_idx)
         self.norm_2 = build_norm(config)
         self.mlp = GptNeoxMLP(config) if config.mlp_class == "GptNeoxMLP" else LLaMAMLP(config)
+        self.post_norm = config.norm_placement == "post"
+        self.dropout = config.hidden_dropout  # an encoder's, on each sublayer's output (HF's hidden dropout)
         # hook slots (module docstring): a method's module on a sublayer's output, or on the block's
         self.attn_adapter: Optional[nn.Module] = None
         self.mlp_adapter: Optional[nn.Module] = None
@@ -231,8 +259,16 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
         input_pos: Optional[torch.Tensor] = None, packed: Optional[PackedLayout] = None,
+        key_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        h = self.attn(self.norm_1(x), cos, sin, input_pos, packed)  # (B, T, n_embd)
+        """``key_mask`` ``(B, S)``: an encoder's keys to attend to (bidirectionally); None for a decoder."""
+        if self.post_norm:  # BERT/RoBERTa: the residual sum is normalized, x = norm(x + sublayer(x))
+            h = F.dropout(self.attn(x, cos, sin, input_pos, packed, key_mask), self.dropout, self.training)
+            x = self.norm_1(x + (h if self.attn_adapter is None else self.attn_adapter(h)))
+            h = F.dropout(self.mlp(x), self.dropout, self.training)
+            x = self.norm_2(x + (h if self.mlp_adapter is None else self.mlp_adapter(h)))
+            return x if self.out_adapter is None else self.out_adapter(x)
+        h = self.attn(self.norm_1(x), cos, sin, input_pos, packed, key_mask)  # (B, T, n_embd)
         x = x + (h if self.attn_adapter is None else self.attn_adapter(h))
         h = self.mlp(self.norm_2(x))
         x = x + (h if self.mlp_adapter is None else self.mlp_adapter(h))
@@ -254,10 +290,24 @@ class CausalSelfAttention(nn.Module):
         self.attention_kernel: Optional[nn.Module] = None
         # the attention hook slot (module docstring): a method's module that computes this layer's attention
         self.adapter: Optional[nn.Module] = None
+        # an encoder's keys to attend to, (B, S), for the duration of its forward: the hooks call
+        # scaled_dot_product_attention / content_mask with the signature decoders use, and read it there
+        self.key_mask: Optional[torch.Tensor] = None
 
     def forward(
         self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
         input_pos: Optional[torch.Tensor] = None, packed: Optional[PackedLayout] = None,
+        key_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        self.key_mask = key_mask
+        try:
+            return self._forward(x, cos, sin, input_pos, packed)
+        finally:
+            self.key_mask = None  # never read by a later forward (nor kept alive)
+
+    def _forward(
+        self, x: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+        input_pos: Optional[torch.Tensor], packed: Optional[PackedLayout],
     ) -> torch.Tensor:
         B, T, C = x.shape
         nh, ng, hs = self.config.n_head, self.config.n_query_groups, self.config.head_size
@@ -293,6 +343,9 @@ class CausalSelfAttention(nn.Module):
         """
         if self.attention_kernel is not None:
             return self.attention_kernel(q, k, v, input_pos)
+        if not self.config.causal:  # an encoder: both ways, over the keys that are not padding
+            return attend(q, k, v, attn_mask=self.content_mask(q, k.shape[-2]),
+                          dropout_p=self.config.attention_dropout if self.training else 0.0)
         if input_pos is None:
             return attend(q, k, v, is_causal=True)
         mask = causal_mask_for_positions(input_pos, k.shape[-2])  # (T, S)
@@ -302,6 +355,16 @@ class CausalSelfAttention(nn.Module):
             own = torch.arange(k.shape[-2], device=q.device)[None, :] == input_pos[:, None]
             mask = mask & (key_valid[:, None, None, :] | own)  # (B, 1, T, S)
         return attend(q, k, v, attn_mask=mask)
+
+
+    def content_mask(self, q: torch.Tensor, S: int, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Which of the ``S`` keys of the sequence each of the ``T`` queries ``q`` (B, nh, T, hs) sees: causally ``(T, S)``, or an
+        encoder's padding mask ``(B, 1, 1, S)``. A hook that adds keys of its own (prefix tuning) puts them in front."""
+        if not self.config.causal:
+            return key_mask_for_attention(self.key_mask)
+        if input_pos is None:
+            return torch.ones(q.shape[-2], S, dtype=torch.bool, device=q.device).tril()
+        return causal_mask_for_positions(input_pos, S)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""A sequence-classification head on the one LLaMA, as HF ``LlamaForSequenceClassification`` has it.
+"""A sequence-classification head on the one LLaMA, as HF ``LlamaForSequenceClassification`` has it (an encoder's,
+RoBERTa's dense + tanh + out_proj on the first row, is :class:`~lit_adapter.model.encoder.EncoderClassificationHead`).
 
 The head is one bias-free linear map ``score`` (n_embd -> number of labels) applied to the final normalized hidden
 state of each sequence's *last non-padding token*: with causal attention that is the only position that has seen the
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from lit_adapter.errors import UserError
+from lit_adapter.model.encoder import EncoderClassificationHead
 
 HEAD_NAME = "score"
 """The head's attribute on the model and the first component of its tensor's name (``score.weight``)."""
@@ -65,12 +67,28 @@ class ScoreHead(nn.Linear):
         # nn.Linear's initialiser, also called by methods._materialize_new_parameters once the weight leaves meta
         nn.init.normal_(self.weight, mean=0.0, std=INIT_STD)
 
+    def pool(self, model: nn.Module, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+        """``(B, n_embd)``: each row's final hidden state at its last non-padding token."""
+        hidden = model(input_ids, return_hidden=True)  # (B, T, n_embd)
+        last = last_token_index(input_ids, pad_id)  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
 
 def attach_head(model: nn.Module, spec: HeadSpec) -> None:
-    """Adds ``model.score`` (on the current default device, meta while the model is built)."""
+    """Adds ``model.score`` (on the current default device, meta while the model is built): the decoders' linear
+    on the last token, or an encoder's RoBERTa head on the first row (:mod:`lit_adapter.model.encoder`)."""
     if hasattr(model, HEAD_NAME):
         raise RuntimeError("the model already has a classification head")
-    setattr(model, HEAD_NAME, ScoreHead(model.config.n_embd, spec.num_labels))
+    config = model.config
+    if config.causal:
+        head = ScoreHead(config.n_embd, spec.num_labels)
+    else:
+        if spec.pad_id != config.pad_token_id:  # the model masks its padding by its own id
+            raise UserError(f"head pad_id {spec.pad_id} is not the encoder's padding token {config.pad_token_id}; "
+                            f"leave --head.pad_id unset or pass {config.pad_token_id}")
+        dropout = config.hidden_dropout if config.classifier_dropout is None else config.classifier_dropout
+        head = EncoderClassificationHead(config.n_embd, spec.num_labels, dropout)
+    setattr(model, HEAD_NAME, head)
 
 
 def is_head_tensor(name: str, param: Any = None) -> bool:
@@ -94,10 +112,8 @@ def classification_logits(model: nn.Module, input_ids: torch.Tensor, pad_id: int
     ``model`` is the (Fabric-wrapped or plain) GPT carrying ``score``; the forward stops before ``lm_head``, so no
     ``(B, T, vocab)`` tensor is made.
     """
-    hidden = model(input_ids, return_hidden=True)  # (B, T, n_embd)
-    last = last_token_index(input_ids, pad_id)  # (B,)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, n_embd)
     head = getattr(_unwrapped(model), HEAD_NAME)
+    pooled = head.pool(model, input_ids, pad_id)  # (B, n_embd): the last token's, or an encoder's first row
     return head(pooled.to(head.weight.dtype))  # (B, num_labels)
 
 

@@ -37,7 +37,6 @@ from lit_adapter.train.objectives import Objective, resolve as resolve_objective
 from lit_adapter.train.preflight import check_fabric_args, check_parts_fit, claim_out_dir
 from lit_adapter.train.resume_check import check_resume
 from lit_adapter.tracking.results import RunResult, summarize, to_jsonable
-from lit_adapter.model.rope import context_error
 from lit_adapter.generation.eval_prompts import answer_prompts, check_prompt_settings
 from lit_adapter.tracking.run_record import RunRecord
 from lit_adapter.runtime import compile_blocks, default_precision, weights_dtype
@@ -342,7 +341,7 @@ def context_length(data: DataArgs, config, spec: Optional[MethodSpec] = None) ->
     room = config.block_size - reserved
     if data.max_seq_length is not None and data.max_seq_length > room:
         what = "--data.max_seq_length" + (f" (plus {reserved} virtual tokens)" if reserved else "")
-        raise UserError(context_error(config.block_size, config.rope_scaling, data.max_seq_length + reserved, what))
+        raise UserError(config.window_error(data.max_seq_length + reserved, what))
     return data.max_seq_length or room
 
 

@@ -185,10 +185,10 @@ def add_bottleneck_adapters(model: GPT, settings: BottleneckConfig, sites: Tuple
     """Sets a :class:`BottleneckAdapter` into each block's slot of each of ``sites`` (``attn``, ``mlp``, ``block``),
     except in the ``leave_out`` layers; in place.
 
-    The adapters are created on the device and in the dtype of the final norm's weight (the meta device while the
-    model is built), which a quantized base keeps in floating point.
+    The adapters are created on the device and in the dtype of the token embedding (the meta device while the
+    model is built), which a quantized base keeps in floating point (an encoder has no final norm).
     """
-    reference = model.transformer.ln_f.weight
+    reference = model.transformer.wte.weight
     width = settings.width(model.config.n_embd)
     for i, block in enumerate(model.transformer.h):
         if i in settings.leave_out:

@@ -85,12 +85,8 @@ def attend_with_prefix(
     if attn.attention_kernel is not None:
         return attn.attention_kernel(q, k, v, input_pos, prefix=prefix)
     pk, pv = prefix
-    T, S, P = q.shape[-2], k.shape[-2], pk.shape[-2]
-    if input_pos is None:
-        content = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    else:
-        content = base.causal_mask_for_positions(input_pos, S)
-    mask = torch.cat([content.new_ones(T, P), content], dim=-1)  # (T, P + S)
+    content = attn.content_mask(q, k.shape[-2], input_pos)  # (T, S) causal, or an encoder's (B, 1, 1, S)
+    mask = torch.cat([content.new_ones(*content.shape[:-1], pk.shape[-2]), content], dim=-1)  # (..., P + S)
     return base.attend(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), attn_mask=mask)
 
 
