@@ -125,16 +125,11 @@ def test_a_label_outside_the_label_set_names_the_line_and_the_label(tmp_path):
 
 @pytest.fixture(scope="module")
 def roberta_files(tmp_path_factory):
-    """A byte-level BPE vocabulary in RoBERTa's layout (<s>=0, <pad>=1, </s>=2, <unk>=3, the 256 bytes, a few
-    merges, <mask> last), written as vocab.json + merges.txt."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    """A tiny byte-level BPE vocabulary in RoBERTa's layout (<s> 0, <pad> 1, </s> 2, <unk> 3, <mask> 4), written
+    as vocab.json + merges.txt (tests/family_fixtures.py)."""
+    from family_fixtures import roberta_tokenizer_dir
 
-    folder = tmp_path_factory.mktemp("roberta_tok")
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("a", "n"), ("Ġ", "a"), ("Ġa", "n")]
-    vocab = ["<s>", "<pad>", "</s>", "<unk>", *bytes_to_unicode().values(), *("".join(m) for m in merges), "<mask>"]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return folder
+    return roberta_tokenizer_dir(tmp_path_factory.mktemp("roberta_tok"))
 
 
 @pytest.fixture(scope="module")
@@ -144,18 +139,11 @@ def hf_roberta(roberta_files):
     return RobertaTokenizerFast.from_pretrained(str(roberta_files))
 
 
-class _HFPairTokenizer:
-    """transformers' tokenizer behind the methods encode_examples calls (encode, encode_pair)."""
+@pytest.fixture(scope="module")
+def roberta_tokenizer(roberta_files):
+    from lit_adapter.data.tokenizer import Tokenizer
 
-    def __init__(self, tok):
-        self.tok = tok
-
-    def encode(self, text, bos=True, eos=False):
-        ids = self.tok(text, add_special_tokens=False)["input_ids"]
-        return torch.tensor([self.tok.bos_token_id] * bos + ids + [self.tok.eos_token_id] * eos)
-
-    def encode_pair(self, first, second):
-        return torch.tensor(self.tok(first, second)["input_ids"])
+    return Tokenizer(roberta_files / "vocab.json")
 
 
 PAIRS = [("The man inspects the uniform of a figure.", "The man is looking at something."),
@@ -165,8 +153,8 @@ PAIRS = [("The man inspects the uniform of a figure.", "The man is looking at so
 
 
 @pytest.mark.parametrize("max_len", [None, 40, 25, 12, 9])
-def test_pairs_are_encoded_and_cut_as_transformers_does(hf_roberta, max_len):
-    tokenizer = _HFPairTokenizer(hf_roberta)
+def test_pairs_are_encoded_and_cut_as_transformers_does(roberta_tokenizer, hf_roberta, max_len):
+    tokenizer = roberta_tokenizer
     examples = [Example(pair, "neutral", f"pairs.jsonl, line {i}") for i, pair in enumerate(PAIRS, 1)]
     encoded, cut = encode_examples(tokenizer, examples, max_len)
     kwargs = {"truncation": True, "max_length": max_len} if max_len else {}
@@ -180,8 +168,8 @@ def test_pairs_are_encoded_and_cut_as_transformers_does(hf_roberta, max_len):
     assert single[0].tolist() == hf_roberta(PAIRS[0][0], **kwargs)["input_ids"]
 
 
-def test_a_sequence_past_the_window_is_refused_in_one_line_when_the_user_chose_so(hf_roberta):
-    tokenizer = _HFPairTokenizer(hf_roberta)
+def test_a_sequence_past_the_window_is_refused_in_one_line_when_the_user_chose_so(roberta_tokenizer, hf_roberta):
+    tokenizer = roberta_tokenizer
     examples = [Example(PAIRS[0], "neutral", "nli.jsonl, line 1"), Example(PAIRS[1], "neutral", "nli.jsonl, line 2")]
     n = len(hf_roberta(*PAIRS[1])["input_ids"])
     assert encode_examples(tokenizer, examples, n, "refuse")[1] == 0

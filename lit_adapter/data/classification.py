@@ -376,68 +376,34 @@ def render(example: Example) -> str:
     return f"Premise: {example.fields[0]}\nHypothesis: {example.fields[1]}"
 
 
+def has_pair_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` encodes text pairs with its own special tokens (an encoder's: RoBERTa, BERT)."""
+    try:
+        tokenizer.encode_pair("a", "b")
+    except UserError:  # SentencePiece's, GPT-2's and Llama 3's vocabularies have no pair template
+        return False
+    return True
+
+
 def encode_examples(tokenizer, examples: Sequence[Example], max_len: Optional[int] = None,
                     truncation: str = "cut") -> Tuple[List["torch.Tensor"], int]:
     """Token ids of each example and how many were cut to ``max_len``.
 
-    A tokenizer with a pair method (``encode_pair``: RoBERTa's ``<s> A </s></s> B </s>``) encodes pairs with it and
-    single texts with its own BOS and EOS (``<s> A </s>``); a longer pair loses tokens from its longer text first,
-    one at a time, its special tokens kept (transformers' ``truncation=True``, "longest_first"). Otherwise the text
-    is :func:`render`'s after BOS, cut at its end. ``truncation="refuse"`` raises one line naming the example.
+    A tokenizer with a pair template (``encode_pair``: RoBERTa's ``<s> A </s></s> B </s>``, ``<s> A </s>`` for one
+    text) encodes with it, and a longer example is cut as transformers' ``truncation=True`` cuts it (longest
+    first: the longer text loses tokens first, the special tokens stay). Otherwise the text is :func:`render`'s
+    after BOS, cut at its end. ``truncation="refuse"`` raises one line naming the example instead.
     """
-    import torch
-
-    pair_method = getattr(tokenizer, "encode_pair", None)
+    pairs = has_pair_template(tokenizer)
     out, cut = [], 0
     for example in examples:
-        if pair_method is not None and len(example.fields) == 2:
-            ids = torch.as_tensor(pair_method(*example.fields)).view(-1)
-        elif pair_method is not None:
-            ids = tokenizer.encode(example.fields[0], bos=True, eos=True)
-        else:
-            ids = tokenizer.encode(render(example), bos=True)
+        ids = tokenizer.encode_pair(*example.fields)[0] if pairs else tokenizer.encode(render(example), bos=True)
         if max_len is not None and ids.numel() > max_len:
             if truncation == "refuse":
                 raise UserError(f"{example.where or 'an example'}: {ids.numel()} tokens, past the model's "
                                 f"{max_len} positions; shorten it, or pass --data.truncation cut to cut such "
                                 "examples (counted)")
             cut += 1
-            ids = _cut_pair(tokenizer, example, ids, max_len) if pair_method is not None else ids[:max_len]
+            ids = tokenizer.encode_pair(*example.fields, max_length=max_len)[0] if pairs else ids[:max_len]
         out.append(ids)
     return out, cut
-
-
-def _cut_pair(tokenizer, example: Example, ids, max_len: int):
-    """``ids`` (the example encoded with its special tokens) cut to ``max_len`` tokens longest-first, as
-    transformers' fast tokenizers do: the longer text is cut to what the shorter leaves, or, when both must be cut,
-    each keeps half (the longer one the odd token)."""
-    import torch
-
-    whole = ids.tolist()
-    parts = [tokenizer.encode(text, bos=False, eos=False).tolist() for text in example.fields]
-    layout = _layout(whole, parts)
-    if layout is None:  # the texts are not found as themselves inside the encoding: keep the start and the end
-        return torch.cat([ids[: max_len - 1], ids[-1:]])
-    budget = max_len - (len(whole) - sum(map(len, parts)))
-    before, between, after = layout
-    if len(parts) == 1:
-        return torch.tensor(before + parts[0][:budget] + between + after)
-    short, long = sorted((len(parts[0]), len(parts[1])))
-    keep_short, keep_long = short, max(short, budget - short) if short <= budget else short
-    if keep_short + keep_long > budget:
-        keep_short, keep_long = budget // 2, budget // 2 + budget % 2
-    keep = (keep_long, keep_short) if len(parts[0]) > len(parts[1]) else (keep_short, keep_long)
-    return torch.tensor(before + parts[0][: keep[0]] + between + parts[1][: keep[1]] + after)
-
-
-def _layout(whole: List[int], parts: List[List[int]]) -> Optional[Tuple[List[int], List[int], List[int]]]:
-    """The special tokens before, between and after the texts ``parts`` inside ``whole`` (None if not found)."""
-    first, second = parts[0], parts[1] if len(parts) > 1 else []
-    for start in range(0, 3):
-        if whole[start: start + len(first)] != first:
-            continue
-        for tail in range(0, 3):
-            end = len(whole) - tail
-            if end - len(second) >= start + len(first) and whole[end - len(second): end] == second:
-                return whole[:start], whole[start + len(first): end - len(second)], whole[end:]
-    return None

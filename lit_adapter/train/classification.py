@@ -256,7 +256,8 @@ def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Opt
     from lit_adapter.tuners.registry import resolve_config
 
     if dry_run:  # counts and memory need the model and the number of labels, not the data or the pad token
-        spec.head = HeadSpec(labels=default_labels(data), pad_id=head.pad_id if head.pad_id is not None else 0)
+        pad_id = head.pad_id if head.pad_id is not None else resolve_config(checkpoint_dir, model_name).pad_token_id
+        spec.head = HeadSpec(labels=default_labels(data), pad_id=pad_id if pad_id is not None else 0)
         return finetune(spec, checkpoint_dir=checkpoint_dir, model_name=model_name, out_dir=out_dir,
                         data=DataArgs(max_seq_length=data.max_seq_length), train=train, eval=eval,
                         fabric_args=fabric_args, logger=logger, resume=resume, dry_run=True, overwrite=overwrite,
