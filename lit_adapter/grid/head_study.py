@@ -166,13 +166,15 @@ def format_table(report: Dict[str, Any]) -> str:
     head = ["method", "trainable parameters", "training time", "best step",
             *(f"accuracy {name}" for name in splits), *(f"macro-F1 {name}" for name in splits)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    runs = [cell["run"] for cell in report["cells"]]
     for cell in report["cells"]:
+        name = cell["run"] if len(set(runs)) == len(runs) else cell["name"]  # the cell's name where runs repeat
         if cell["status"] != "completed":
-            lines.append(f"| {cell['name']} | " + " | ".join([cell["status"]] + ["—"] * (len(head) - 2)) + " |")
+            lines.append(f"| {name} | " + " | ".join([cell["status"]] + ["—"] * (len(head) - 2)) + " |")
             continue
         test = cell["test"]
         accuracy = [f"{100 * test[n]['accuracy']:.2f}%" if n in test else "—" for n in splits]
         f1 = [f"{test[n]['macro_f1']:.4f}" if n in test else "—" for n in splits]
-        lines.append(f"| {cell['name']} | {cell['trainable_params']:,} | {_duration(cell['train_time_s'])} | "
+        lines.append(f"| {name} | {cell['trainable_params']:,} | {_duration(cell['train_time_s'])} | "
                      f"{cell.get('best_val_step', '—')} | " + " | ".join(accuracy + f1) + " |")
     return "\n".join(lines)
