@@ -2,7 +2,8 @@
 
 The package is laid out by responsibility; a reader coming from nanoGPT, torchtune or PEFT starts here:
 
-* ``model/``: the one model (``gpt.py``: LLaMA, GPT-2, Llama 3 chosen by ``config.Config``), RoPE and its
+* ``model/``: the one model (``gpt.py``: LLaMA, GPT-2, Llama 3 and the RoBERTa/BERT encoder chosen by
+  ``config.Config``; ``encoder.py``: the encoder's embeddings, padding mask and head), RoPE and its
   scaling, packed rows (``packing.py``), the sparse attention kernels, classification heads, quantized bnb bases,
   FLOPs.
 * ``tuners/``: one module per fine-tuning method, each a ``base.Method`` that owns its whole life (settings, how it

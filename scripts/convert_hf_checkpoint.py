@@ -1,4 +1,4 @@
-"""Convert an HF transformers LLaMA (1/2/3) or GPT-2 checkpoint into a lit-adapter checkpoint directory."""
+"""Convert an HF transformers LLaMA (1/2/3), GPT-2 or RoBERTa/BERT checkpoint into a lit-adapter checkpoint folder."""
 
 from pathlib import Path
 from typing import Literal, Optional
@@ -13,9 +13,10 @@ def main(
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
     tokenizer_path: Optional[Path] = None,
 ) -> None:
-    """Convert an HF transformers LlamaForCausalLM or GPT2LMHeadModel directory into a lit-adapter checkpoint.
+    """Convert an HF transformers LlamaForCausalLM, GPT2LMHeadModel or RoBERTa/BERT (bare or ForSequenceClassification,
+    its head kept) directory into a lit-adapter checkpoint.
 
-    Reads config.json (its model_type picks the family: llama or gpt2; another architecture is refused), the
+    Reads config.json (its model_type picks the family: llama, gpt2, roberta or bert; another is refused), the
     weights (*.safetensors or pytorch_model*.bin, sharded or not) and the tokenizer (tokenizer.model, else
     tokenizer.json or vocab.json + merges.txt); writes model_config.json, lit_model.safetensors and the tokenizer
     files. Example: python scripts/convert_hf_checkpoint.py --checkpoint_dir gpt2-medium/ --output_dir

@@ -177,3 +177,55 @@ def test_head_pad_id_must_be_the_encoders(tmp_path):
         model = GPT(Config.from_name("tiny-roberta"))
     with pytest.raises(UserError, match="padding token 1"):
         attach_head(model, HeadSpec(labels=LABELS, pad_id=0))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """The padding mask reaches a recomputed block (it is an argument, never state left from another forward)."""
+    torch.manual_seed(0)
+    model = GPT(Config.from_name("tiny-roberta"))
+    model.init_weights()
+    attach_head(model, HeadSpec(labels=LABELS, pad_id=PAD))
+    model.score.dense.reset_parameters(), model.score.out_proj.reset_parameters()
+    model.train()
+    ids = padded_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        classification_logits(model, ids, PAD).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed)
+
+
+def test_hf_and_peft_export_refuse_an_encoder():
+    from lit_adapter.convert.to_hf import hf_config
+
+    with pytest.raises(UserError, match="encoder"):
+        hf_config(Config.from_name("tiny-roberta"), torch.float32)
+    assert not Config.from_name("tiny-roberta", position_embedding="learned").causal  # BERT-like: never "GPT-2"
+    from lit_adapter.convert.gpt2 import is_gpt2
+
+    assert not is_gpt2(Config.from_name("tiny-roberta", position_embedding="learned"))
+
+
+@pytest.mark.parametrize("name, hf_fields", [
+    ("roberta-base", dict(model_type="roberta")),
+    ("roberta-large", dict(model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                           intermediate_size=4096)),
+    ("bert-base-uncased", dict(model_type="bert")),
+])
+def test_named_sizes_equal_hf_classifiers(name, hf_fields):
+    """The named configs have the published shapes: as many parameters as HF's sequence classifier of that size."""
+    model_type = hf_fields.pop("model_type")
+    if model_type == "roberta":
+        hf = transformers.RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1,
+                                        pad_token_id=1, num_labels=3, **hf_fields)
+        cls = transformers.RobertaForSequenceClassification
+    else:
+        hf, cls = transformers.BertConfig(num_labels=3), transformers.BertForSequenceClassification
+    with torch.device("meta"):
+        theirs = cls(hf)
+        ours = GPT(Config.from_name(name))
+        attach_head(ours, HeadSpec(labels=LABELS, pad_id=ours.config.pad_token_id))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())

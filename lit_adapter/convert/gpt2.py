@@ -34,7 +34,7 @@ _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # weights st
 
 
 def is_gpt2(config: Config) -> bool:
-    return all(getattr(config, k) == v for k, v in GPT2_FIELDS.items() if k != "gelu_approximate")
+    return config.causal and all(getattr(config, k) == v for k, v in GPT2_FIELDS.items() if k != "gelu_approximate")
 
 
 def config_from_hf_gpt2(hf: Dict[str, Any], name: str = "") -> Config:

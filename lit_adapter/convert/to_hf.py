@@ -95,6 +95,9 @@ def hf_config(config: Config, dtype: torch.dtype, *, attention_bias: bool = Fals
     from lit_adapter.convert.hf import hf_config_from_lit
 
     tie = config.tie_embeddings if tie_word_embeddings is None else tie_word_embeddings
+    if not config.causal:
+        raise UserError("exporting an encoder (RoBERTa, BERT) to HF is not implemented: its run's tensors and head "
+                        "are in final/ (a full fine-tuning's final/ is a lit-adapter checkpoint)")
     if is_gpt2(config):
         return hf_config_gpt2(config, _DTYPE_NAMES[dtype], bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                               tie_word_embeddings=tie)

@@ -98,6 +98,8 @@ class Layout:
 
 
 def layout_of(source: Source) -> Layout:
+    if not source.config.causal:  # RoBERTa's names and SEQ_CLS's modules_to_save are not mapped here yet
+        raise UserError("exporting a run on an encoder (RoBERTa, BERT) as a PEFT adapter is not implemented")
     gpt2 = is_gpt2(source.config)
     return Layout("gpt2" if gpt2 else "llama", fan_in_fan_out=gpt2, source=source)
 

@@ -127,7 +127,7 @@ class Config:
         if self.position_embedding == "rope":
             return context_error(self.block_size, self.rope_scaling, length, what)
         return (f"{what}={length} exceeds the model's {self.block_size} learned positions; cut the input "
-                f"(--data.max_seq_length {self.block_size} or less)")
+                f"(--data.max_seq_length: at most {self.block_size} less any virtual tokens)")
 
     def with_rope_scaling(self, rope_scaling: Optional[Dict[str, Any]]) -> "Config":
         """This config with its RoPE scaled by ``rope_scaling`` (HF ``config.json`` fields, ``type`` or
@@ -288,6 +288,10 @@ configs = [
          intermediate_size=3072, **_ROBERTA),
     dict(name="roberta-large", block_size=512, vocab_size=50265, n_layer=24, n_head=16, n_embd=1024,
          intermediate_size=4096, **_ROBERTA),
+    # BERT (Devlin et al. 2019): RoBERTa's encoder with absolute positions, two token types, pad id 0, eps 1e-12
+    dict(name="bert-base-uncased", block_size=512, vocab_size=30522, n_layer=12, n_head=12, n_embd=768,
+         intermediate_size=3072, **dict(_ROBERTA, position_embedding="learned", pad_token_id=0, type_vocab_size=2,
+                                        norm_eps=1e-12)),
     # tiny configurations for unit tests
     dict(name="tiny", block_size=128, vocab_size=512, n_layer=2, n_head=4, n_embd=32, intermediate_size=88),
     dict(

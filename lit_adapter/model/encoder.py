@@ -12,8 +12,10 @@ or fills a hook slot attaches to it unchanged. What differs lives here, as HF ``
 * attention is bidirectional over the keys that are not ``pad_token_id`` (a ``(B, S)`` key mask), which
   :class:`~lit_adapter.model.gpt.CausalSelfAttention` applies in place of causality.
 * virtual tokens (prompt tuning, P-tuning) enter in front like the words, as PEFT passes them in ``inputs_embeds``:
-  they get positions and token type 0 and go through the embedding LayerNorm; prefix tuning's keys shift the real
-  tokens' positions by ``P`` (HF's ``past_key_values_length``). Both as PEFT does on ``RobertaModel``.
+  they get positions and token type 0 and go through the embedding LayerNorm, as PEFT does on ``RobertaModel``
+  (``tests/test_encoder_methods.py``). Prefix tuning's keys shift the real tokens' positions by ``P``, as HF's
+  ``past_key_values_length`` did when PEFT ran prefix tuning on RoBERTa under transformers 4 (PEFT 0.21 on
+  transformers 5 refuses: "Model does not support past key values").
 * the classification head (:class:`EncoderClassificationHead`, RoBERTa's): dense, tanh, then ``out_proj`` on the
   first row of the sequence. With P-tuning or prompt tuning that first row is the first virtual token's, as in
   PEFT's ``PeftModelForSequenceClassification`` (it prepends the prompt and the model's head reads ``x[:, 0]``).
@@ -81,7 +83,10 @@ class HFLinear(nn.Linear):
 
 class EncoderClassificationHead(nn.Module):
     """RoBERTa's ``RobertaClassificationHead``: dropout, ``dense`` (C -> C), tanh, dropout, ``out_proj`` (C -> K),
-    on the first row's final hidden state. Converted ``classifier.*`` tensors load as ``score.*``."""
+    on the first row's final hidden state. Converted ``classifier.*`` tensors load as ``score.*``.
+
+    BERT's pooler + classifier is the same computation without the first dropout: equal in evaluation, while
+    training a BERT here drops out the first row's state once more than HF does."""
 
     def __init__(self, n_embd: int, num_labels: int, dropout: float) -> None:
         super().__init__()

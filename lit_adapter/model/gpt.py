@@ -6,8 +6,9 @@ The family is chosen by :class:`Config` fields, as in LitGPT: ``norm_class`` (RM
 ``position_embedding`` (rope, or a learned absolute ``transformer.wpe`` added to the token embeddings) and
 ``lm_head_bias``; ``causal`` False with ``norm_placement="post"`` makes it an encoder (RoBERTa, BERT: bidirectional
 attention over the non-padding tokens, post-norm blocks, no language-model head; its embeddings and classification
-head are in :mod:`lit_adapter.model.encoder`). GPT-2's fused ``c_attn`` is held as separate ``q_proj``/``k_proj``/``v_proj`` (the converters
-split and transpose HF's Conv1D weights), so every PEFT method sees one layout for both families.
+head are in :mod:`lit_adapter.model.encoder`). GPT-2's fused ``c_attn`` is held as separate
+``q_proj``/``k_proj``/``v_proj`` (the converters split and transpose HF's Conv1D weights), so every PEFT method sees
+one layout for every family.
 
 The LLaMA network follows Touvron et al. 2023 and matches HF ``transformers``' ``LlamaForCausalLM`` (GPT-2:
 ``GPT2LMHeadModel``) logit for logit on converted weights (rotary embeddings use the "rotate half" layout; the
@@ -356,10 +357,10 @@ class CausalSelfAttention(nn.Module):
             mask = mask & (key_valid[:, None, None, :] | own)  # (B, 1, T, S)
         return attend(q, k, v, attn_mask=mask)
 
-
     def content_mask(self, q: torch.Tensor, S: int, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Which of the ``S`` keys of the sequence each of the ``T`` queries ``q`` (B, nh, T, hs) sees: causally ``(T, S)``, or an
-        encoder's padding mask ``(B, 1, 1, S)``. A hook that adds keys of its own (prefix tuning) puts them in front."""
+        """Which of the ``S`` keys of the sequence each of the ``T`` queries ``q`` (B, nh, T, hs) sees: causally
+        ``(T, S)``, or an encoder's padding mask ``(B, 1, 1, S)``. A hook that adds keys of its own (prefix tuning)
+        puts them in front."""
         if not self.config.causal:
             return key_mask_for_attention(self.key_mask)
         if input_pos is None:

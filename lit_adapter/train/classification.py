@@ -268,6 +268,8 @@ def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Opt
     pad_id = head.pad_id
     if pad_id is None and tokenizer is not None and tokenizer.pad_id >= 0:
         pad_id = tokenizer.pad_id
+    if pad_id is None:  # an encoder knows its padding token (a decoder's config has none)
+        pad_id = resolve_config(checkpoint_dir, model_name).pad_token_id
     spec.head = HeadSpec(labels=splits.labels, pad_id=pad_id)  # an unknown pad token is refused here
     vocab_size = resolve_config(checkpoint_dir, None).vocab_size if tokenizer is not None else None
     if vocab_size is not None and pad_id >= vocab_size:  # else an IndexError in the first step

@@ -184,6 +184,9 @@ class Adapter(Method):
     train_defaults = {"learning_rate": 9e-3}
     trained_names = ADAPTER_NAMES
     added_names = ADAPTER_NAMES
+    decoder_only = ("it is decoder-only: LLaMA-Adapter's gated prompts are attended by a decoder's tokens as they "
+                    "generate (Zhang et al. 2023; v2 also trains LLaMA's RMSNorms); on an encoder use lora, "
+                    "p_tuning, prompt_tuning, prefix_tuning, ia3, bitfit, houlsby, pfeiffer or full")
 
     def validate(self, settings: AdapterConfig, config: Config) -> None:
         settings.validate(config)

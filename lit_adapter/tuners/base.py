@@ -262,6 +262,9 @@ class Method:
     """The frozen base may be quantized (``--quantize``); False for methods that train the base weights."""
     can_switch_off: ClassVar[bool] = True
     """:meth:`switched_off` gives the base model's function (DPO's reference policy without a second copy)."""
+    decoder_only: ClassVar[Optional[str]] = None
+    """Why the method runs on decoders only (``Config.causal``), refused in one line on an encoder; None: it runs on
+    both (a method that wraps linears, fills the sublayer slots or adds virtual tokens does)."""
 
     def default_settings(self) -> Any:
         return self.settings_cls() if self.settings_cls is not None else None

@@ -96,6 +96,13 @@ class MethodSpec:
         if self.quantize is not None and not self.definition.trains_quantized_base:
             raise UserError(f"{self.method} trains the base weights, which cannot be quantized; "
                             "use lora with --quantize (QLoRA)")
+        if not config.causal:  # an encoder (RoBERTa): what assumes a decoder is refused here, in one line
+            if self.definition.decoder_only:
+                raise UserError(f"{self.method} cannot run on the encoder {config.name or ''}: "
+                                f"{self.definition.decoder_only}".replace("  ", " "))
+            if self.attention.pattern != "dense":
+                raise UserError(f"--attention.pattern {self.attention.pattern} is a causal pattern; an encoder "
+                                "(causal=false) attends densely both ways")
         self.definition.validate(self.settings, config)
 
     def check_shardable(self) -> None:
