@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from lit_adapter.data.classification import ClassifyData, encode_examples, load_splits
 from lit_adapter.errors import UserError

@@ -7,7 +7,8 @@ test) and the label set, in the head's output order:
   10,662 snippets), labels ``(negative, positive)`` as in HF's ``rotten_tomatoes`` (0 = neg, 1 = pos);
 * a local JSON array, JSON-lines, TSV or CSV file with ``text`` (or ``sentence``) or ``premise``/``hypothesis``
   (or MultiNLI's ``sentence1``/``sentence2``) and ``label`` (or ``gold_label``); one file is split here with the
-  seed, a folder holds ``train``, ``validation`` (or ``val``/``dev``) and optionally ``test`` files;
+  seed, a folder holds ``train``, ``validation`` (or ``val``/``dev``; without one a slice of train is held out) and
+  optionally ``test`` files or those ``test_split`` names (MultiNLI's own ``multinli_1.0_dev_matched.jsonl``, ...);
 * a Hugging Face dataset id (``nyu-mll/multi_nli``, ``cornell-movie-review-data/rotten_tomatoes``), loaded through
   ``datasets``; a ``ClassLabel`` column gives the label names.
 
@@ -17,14 +18,14 @@ validation that chooses ``best/`` is held out of the training split (so no evalu
 checkpoint); ``test_split`` may name several splits (``a,b``) of any source.
 
 A pair is encoded by the tokenizer's own pair method where it has one (RoBERTa's ``<s> A </s></s> B </s>``,
-:func:`encode_examples`), else as the text ``Premise: A\nHypothesis: B`` after BOS (a LLaMA head reads the last
+:func:`encode_examples`), else as the text ``Premise: A\\nHypothesis: B`` after BOS (a LLaMA head reads the last
 token). A sequence past the model's window is cut and counted (``truncation: cut``: a pair loses tokens from its
 longer text first, as transformers' ``truncation=True``) or refused in one line naming it (``refuse``).
 
 Labels are names from the label set or integer indices into it; anything else is one :class:`UserError` line
-naming the file and record; so is a record of a pair dataset without its hypothesis. MultiNLI's examples without a gold label (``-1``, ``-``) are skipped and counted. The
-default label set is the NLI one for pairs and ``(negative, positive)`` for single texts; ``--data.labels`` sets
-another.
+naming the file and record; so is a record of a pair dataset without its hypothesis. MultiNLI's examples without a
+gold label (``-1``, ``-``) are skipped and counted. The default label set is the NLI one for pairs and
+``(negative, positive)`` for single texts; ``--data.labels`` sets another.
 """
 
 from __future__ import annotations
@@ -386,7 +387,7 @@ def has_pair_template(tokenizer) -> bool:
 
 
 def encode_examples(tokenizer, examples: Sequence[Example], max_len: Optional[int] = None,
-                    truncation: str = "cut") -> Tuple[List["torch.Tensor"], int]:
+                    truncation: str = "cut") -> Tuple[List[Any], int]:
     """Token ids of each example and how many were cut to ``max_len``.
 
     A tokenizer with a pair template (``encode_pair``: RoBERTa's ``<s> A </s></s> B </s>``, ``<s> A </s>`` for one

@@ -279,7 +279,10 @@ def evaluate_classification(
             answer, predicted = classify_with_cot(model, tokenizer, task, example, cot, cot_demos or (),
                                                   rationale_tokens, max_new_tokens, temperature)
         else:
-            demos = [SEED002_DEMONSTRATION] * shots if prompt == "seed002" else draw_demonstrations(pool, shots, seed, i)
+            if prompt == "seed002":  # the seed's own demonstration (shots is 0 or 1)
+                demos = [SEED002_DEMONSTRATION] * shots
+            else:
+                demos = draw_demonstrations(pool, shots, seed, i)
             ids, cut = _fit(tokenizer, task, demos, example, template, room, prompt)
             truncated += cut
             new = [t.item() for t in generate_tokens(model, ids.to(device), max_new_tokens, temperature,

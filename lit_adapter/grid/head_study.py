@@ -99,6 +99,7 @@ def run_cell(grid, cell, timeout_s: Optional[float], tag: str) -> Dict[str, Any]
     each test split's accuracy and macro-F1 of ``best/``."""
     from lit_adapter.grid.cell_process import run_child
     from lit_adapter.grid.runner import classify_failure, contention, machine_load
+    from lit_adapter.tuners.registry import get_method
 
     folder = Path(grid.out_dir) / cell.folder_name
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,7 +111,8 @@ def run_cell(grid, cell, timeout_s: Optional[float], tag: str) -> Dict[str, Any]
                str(config_path), "--overwrite", "true"]
     load_before, start = machine_load(), time.perf_counter()
     result = run_child(command, folder / "run.log", tag, timeout_s)
-    row: Dict[str, Any] = {**cell.axes(), "folder": str(folder), "settings": cell.run.args.get(cell.run.script) or {},
+    group = get_method(cell.run.script).settings_group  # the method's own options (lora: {r: 8, ...})
+    row: Dict[str, Any] = {**cell.axes(), "folder": str(folder), "settings": cell.run.args.get(group or "") or {},
                            "wall_time_s": time.perf_counter() - start, **contention(load_before, machine_load())}
     summary_path, metrics_path = folder / "summary.json", folder / "test_metrics.json"
     if result.returncode != 0 or not summary_path.is_file() or not metrics_path.is_file():
