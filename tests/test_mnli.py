@@ -237,3 +237,30 @@ def test_seed002_one_shot_on_a_real_model(stories260k, tmp_path):
                                 max_new_tokens=4, device="cpu", out_file=tmp_path / "icl.json")
     assert report["prompt"] == "seed002" and report["examples"] == 3 and len(report["answers"]) == 3
     assert report["correct"] + report["no_answer"] <= 3 and json.loads((tmp_path / "icl.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the study's file
+
+
+def test_the_study_checks_every_cell_against_classify_before_running(tmp_path):
+    import yaml
+
+    from lit_adapter.grid.head_study import check_study, load_study
+    from lit_adapter.grid.spec import expand
+    from lit_adapter.model.config import Config
+
+    repo = Path(__file__).resolve().parents[1]
+    study = yaml.safe_load((repo / "configs" / "roberta_mnli_study.yaml").read_text())
+    study["runs"][1]["args"]["lora"]["rank"] = 8
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    settings, grid = load_study(config)
+    assert settings.objective == "head" and [c.run.script for c in expand(grid)] == ["full", "lora", "p_tuning"]
+    with pytest.raises(UserError, match=r"^cell lora/bf16mix/s1337: unknown option lora.rank \(did you mean "
+                                        r"lora.r\?\) for finetune/classify.py lora$"):
+        check_study(grid, expand(grid), Config.from_name("roberta-large"))
+    study["data"] = {"source": "x"}
+    config.write_text(yaml.safe_dump(study))
+    with pytest.raises(UserError, match="a head study prepares no data"):
+        load_study(config)

@@ -65,8 +65,12 @@ class CellChecker:
         parsed options (the namespace the script's ``setup`` gets)."""
         setup, parser = self._command(method)
         known = {name: p.annotation for name, p in inspect.signature(setup).parameters.items()}
+        from lit_adapter.tuners.registry import get_method
+
+        own_group = get_method(method).settings_group
         for key, candidates in unknown_options(cell_config, known):
-            owner = _settings_owner(key.split(".")[0])
+            group = key.split(".")[0]
+            owner = _settings_owner(group) if group != own_group else None  # a typo in its own gets a spelling
             if owner:
                 hint = f" (the settings of finetune/{owner}.py)"
             else:
