@@ -1,4 +1,8 @@
-"""Accuracy by generation on sentiment (Rotten Tomatoes) or NLI (MultiNLI), zero-, one- or few-shot."""
+"""Accuracy by generation on sentiment (Rotten Tomatoes) or NLI (MultiNLI), zero-, one- or few-shot.
+
+    python evaluate/classification.py --checkpoint_dir checkpoints/Llama-3-8B --task nli --prompt seed002 --shots 1 \\
+        --temperature 0.5                           # seed 002's one-shot row (--shots 0: its zero-shot row)
+"""
 
 import sys
 from pathlib import Path
@@ -29,6 +33,7 @@ def main(
     cot: Literal["none", "few_shot", "zero_shot"] = "none",
     cot_file: Optional[Path] = None,
     rationale_tokens: int = 64,
+    prompt: Literal["default", "seed002"] = "default",
 ) -> None:
     """Classify by generating the label after k demonstrations; prints accuracy, no-answer rate and per-label counts.
 
@@ -62,6 +67,9 @@ def main(
         cot_file: JSON lines of few-shot CoT demonstrations (text or premise/hypothesis, rationale, label); default:
             the few built into lit_adapter/evaluation/cot.py.
         rationale_tokens: Tokens the model may spend on its reasoning.
+        prompt: default, or seed002 (--task nli, plain text): seed 002's question "Does the hypothesis follow from
+            the premise? Answer (yes, no, maybe):" after the premise and hypothesis, yes/maybe/no read as
+            entailment/neutral/contradiction; --shots 1 gives it the seed's own demonstration.
     """
     from lit_adapter.evaluation.classification import run_classification
 
@@ -69,7 +77,7 @@ def main(
                        max_examples=max_examples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                        data_dir=data_dir, nli_file=nli_file, out_file=out_file, quantize=quantize,
                        precision=precision, device=device, cot=cot, cot_file=cot_file,
-                       rationale_tokens=rationale_tokens)
+                       rationale_tokens=rationale_tokens, prompt=prompt)
 
 
 if __name__ == "__main__":

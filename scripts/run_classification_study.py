@@ -1,4 +1,6 @@
-"""Fine-tune for classification by generation over a grid of runs and report test accuracy from each best/."""
+"""Fine-tune for classification over a grid of runs and report test accuracy from each best/: by generation (seed
+004's rank study, configs/rt_lora_rank_study.yaml) or with a classification head (a study: section with
+objective: head; seed 002's RoBERTa MNLI study, configs/roberta_mnli_study.yaml)."""
 
 import sys
 from pathlib import Path
@@ -11,19 +13,29 @@ from lit_adapter.errors import run_cli  # noqa: E402
 
 def main(config: Path, checkpoint_dir: Optional[Path] = None, out_dir: Optional[Path] = None,
          only: Optional[List[str]] = None, timeout_s: Optional[float] = None) -> None:
-    """Seed 004's study as one command: prepare Rotten Tomatoes with verbalised labels (the test split held out),
-    run every cell of the grid in its own process, evaluate each cell's best/ on the test split by generation
-    (garbage counted wrong, no-answer rate reported) and write study.md, study.json and val_loss_curves.png.
+    """A classification study as one command. By generation (seed 004's): prepare Rotten Tomatoes with verbalised
+    labels (the test split held out), run every cell of the grid in its own process, evaluate each cell's best/ on
+    the test split by generation (garbage counted wrong, no-answer rate reported) and write study.md, study.json
+    and val_loss_curves.png. With a head (study.objective: head, seed 002's): run every cell as
+    finetune/classify.py <method>, each scoring its own best/ on every test split, and write study.md and
+    study.json with each row's trainable parameters, training time, accuracy and macro-F1.
 
     Args:
-        config: The grid file with a study: section (configs/rt_lora_rank_study.yaml).
+        config: The grid file with a study: section (configs/rt_lora_rank_study.yaml, configs/roberta_mnli_study.yaml).
         checkpoint_dir: Override the grid's base checkpoint.
         out_dir: Override the grid's output folder.
         only: Run only the runs with these names.
         timeout_s: Stop a cell after this many seconds and record it as a timeout.
     """
+    from lit_adapter.grid import head_study
     from lit_adapter.grid.classification_study import format_table, run_study
 
+    if head_study.is_head_study(config):
+        report = head_study.run_head_study(config, checkpoint_dir, out_dir, only, timeout_s)
+        print(head_study.format_table(report))
+        if not any(c["status"] == "completed" for c in report["cells"]):
+            raise SystemExit(1)
+        return
     report = run_study(config, checkpoint_dir, out_dir, only, timeout_s)
     print(format_table(report))
     if not any(c["status"] == "completed" for c in report["cells"]):

@@ -107,12 +107,47 @@ SINGLE_RUN = {"adapter_v2_dolly_512.yaml": "adapter_v2", "qlora_dolly_1024.yaml"
               "long_context_stories260k.yaml": "lora"}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_config_loads(path, tmp_path, capsys):
-    """Grid files load and every cell's generated config parses in its finetune script (as a dry run on 7B)."""
+# single-run configs of finetune/classify.py <method>, with the model their dry run sizes
+CLASSIFY_RUN = {"llama3_mnli_qlora_head.yaml": ("lora", "Llama-3-8B")}
+
+
+def _classify_dry_run(method: str, cfg: dict, model_name: str, tmp_path: Path, capsys) -> int:
+    """The trainable parameters ``finetune/classify.py <method>`` prints for ``cfg`` as a dry run on ``model_name``."""
     from jsonargparse import CLI
 
+    from lit_adapter.train.classification import command
+
+    cell_config = tmp_path / f"classify-{method}.yaml"
+    cell_config.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "checkpoint_dir"}))
+    CLI(command(method), args=["--config", str(cell_config), "--model_name", model_name, "--dry_run", "true"],
+        as_positional=False)
+    return int(re.search(r"trainable parameters: (\d+)", capsys.readouterr().out).group(1))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path, tmp_path, capsys):
+    """Grid files load and every cell's generated config parses in its finetune script (as a dry run on 7B);
+    classification configs as finetune/classify.py <method> on their own model (seed 002's trainable counts)."""
+    from jsonargparse import CLI
+
+    from lit_adapter.grid import head_study
+
     raw = yaml.safe_load(path.read_text())
+    if head_study.is_head_study(path):  # cells of finetune/classify.py <method>, dry runs on the grid's model
+        _, grid = head_study.load_study(path)
+        cells = expand(grid)
+        model = Config.from_name(grid.checkpoint_dir.name)
+        head_study.check_study(grid, cells, model)
+        counts = {cell.run.name: _classify_dry_run(cell.run.script, head_study.cell_options(grid, cell), model.name,
+                                                    tmp_path, capsys) for cell in cells}
+        if path.name == "roberta_mnli_study.yaml":  # seed 002's table: 355 million, 4.6 million, 1.352 million
+            assert counts == {"full": 355_362_819, "lora": 4_591_619, "p-tuning": 1_352_963}
+        return
+    if path.name in CLASSIFY_RUN:
+        method, model_name = CLASSIFY_RUN[path.name]
+        trainable = _classify_dry_run(method, raw, model_name, tmp_path, capsys)
+        assert path.name != "llama3_mnli_qlora_head.yaml" or trainable == 54_538_240  # the seed's "54.6 million"
+        return
     if "runs" in raw:
         grid = load_grid(path, extra_keys=("study",))  # the classification study's own section
         expanded = expand(grid)

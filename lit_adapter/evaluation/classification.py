@@ -5,6 +5,11 @@ shown as text, optionally after k solved demonstrations, and the model's free-fo
 label. Zero-, one- and few-shot prompts differ only in the number of demonstrations; they are drawn with a fixed
 seed from a pool that is disjoint from the evaluated examples, so every model sees the same prompts.
 
+Seed 002's NLI prompt (``prompt="seed002"``) is its wording exactly: ``Premise: ...``, ``Hypothesis: ...``, then
+"Does the hypothesis follow from the premise? Answer (yes, no, maybe):"; yes, maybe and no read as entailment,
+neutral and contradiction, and its one-shot demonstration is the seed's own (the man inspecting a uniform, "yes").
+An answer that is none of them is "no answer": wrong, counted, never dropped (the seed's baseline is 0, not 1/3).
+
 A base model gets a plain prompt ("Review: ...\\nSentiment:"); an instruction-tuned checkpoint gets the same
 content inside the Alpaca template it was trained on (:func:`lit_adapter.data.prompts.generate_prompt`). The answer is
 parsed robustly (:func:`parse_label`: case, punctuation, extra words, synonyms such as yes/maybe/no for NLI); an
@@ -146,13 +151,22 @@ INSTRUCTIONS = {
     "sentiment": "Classify the sentiment of the last movie review as positive or negative.",
     "nli": "Does the premise entail the hypothesis? Answer entailment, neutral or contradiction.",
 }
+SEED002_QUESTION = "Does the hypothesis follow from the premise? Answer (yes, no, maybe):"
+SEED002_ANSWERS = {"entailment": "yes", "neutral": "maybe", "contradiction": "no"}
+SEED002_DEMONSTRATION = Example(("A man inspects the uniform of a figure in some East Asian country.",
+                                 "The man is looking at something."), "entailment")
+"""The seed's one-shot demonstration (its label "yes")."""
+PROMPTS = ("default", "seed002")
 _HEADERS = {
     "sentiment": "Classify the sentiment of each movie review as positive or negative.\n\n",
     "nli": "Decide whether each premise entails the hypothesis: entailment, neutral or contradiction.\n\n",
 }
 
 
-def _render(task: str, example: Example, with_label: bool) -> str:
+def _render(task: str, example: Example, with_label: bool, prompt: str = "default") -> str:
+    if prompt == "seed002":
+        text = f"Premise: {example.fields[0]}\nHypothesis: {example.fields[1]}\n{SEED002_QUESTION}"
+        return text + f" {SEED002_ANSWERS[example.label]}\n\n" if with_label else text
     if task == "sentiment":
         text = f"Review: {example.fields[0]}\nSentiment:"
     else:
@@ -160,9 +174,13 @@ def _render(task: str, example: Example, with_label: bool) -> str:
     return text + f" {example.label}\n\n" if with_label else text
 
 
-def build_prompt(task: str, demonstrations: Sequence[Example], example: Example, template: str) -> str:
+def build_prompt(task: str, demonstrations: Sequence[Example], example: Example, template: str,
+                 prompt: str = "default") -> str:
     """``plain``: header, demonstrations, the example ending in "Sentiment:"/"Relation:". ``instruction``: the
-    Alpaca template with the task as instruction and the demonstrations and example as input."""
+    Alpaca template with the task as instruction and the demonstrations and example as input. ``prompt="seed002"``
+    (NLI, plain): the seed's wording, no header, each demonstration answered yes/maybe/no."""
+    if prompt == "seed002":
+        return "".join(_render(task, d, True, prompt) for d in demonstrations) + _render(task, example, False, prompt)
     shots = "".join(_render(task, d, True) for d in demonstrations)
     if template == "plain":
         return _HEADERS[task] + shots + _render(task, example, False)
@@ -192,12 +210,12 @@ class ClassificationResult:
     seconds: float
 
 
-def _fit(tokenizer, task, demos, example, template, room: int) -> Tuple[torch.Tensor, bool]:
+def _fit(tokenizer, task, demos, example, template, room: int, prompt: str = "default") -> Tuple[torch.Tensor, bool]:
     """Drops demonstrations (the first ones first) until the prompt fits ``room`` tokens; as a last resort keeps
     the prompt's end, where the example and the answer cue are."""
     kept = list(demos)
     while True:
-        ids = tokenizer.encode(build_prompt(task, kept, example, template), bos=True)
+        ids = tokenizer.encode(build_prompt(task, kept, example, template, prompt), bos=True)
         if ids.numel() <= room:
             return ids, len(kept) < len(demos)
         if not kept:
@@ -220,6 +238,7 @@ def evaluate_classification(
     cot: str = "none",
     cot_demos: Optional[Sequence] = None,
     rationale_tokens: int = 64,
+    prompt: str = "default",
 ) -> Tuple[ClassificationResult, List[Dict]]:
     """Accuracy by generation on ``examples``: ``shots`` demonstrations drawn from a seeded pool of them (or from
     ``pool``, in which case every one of ``examples`` is evaluated, in order), or chain-of-thought prompts
@@ -234,9 +253,13 @@ def evaluate_classification(
     if max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {max_new_tokens}")
     check_style(cot)
+    check_prompt(prompt, task, shots, template, cot)
     if cot == "few_shot" and cot_demos is None:
         cot_demos = load_classification_demos(None, task)
-    pool, evaluated = split_pool(examples, seed) if pool is None else (list(pool), list(examples))
+    if pool is None:  # seed 002's prompt brings its own demonstration: no pool is set aside
+        pool, evaluated = split_pool(examples, seed, 0 if prompt == "seed002" else POOL_SIZE)
+    else:
+        pool, evaluated = list(pool), list(examples)
     if max_examples is not None:
         evaluated = evaluated[:max_examples]
     if not evaluated:
@@ -256,8 +279,11 @@ def evaluate_classification(
             answer, predicted = classify_with_cot(model, tokenizer, task, example, cot, cot_demos or (),
                                                   rationale_tokens, max_new_tokens, temperature)
         else:
-            demos = draw_demonstrations(pool, shots, seed, i)
-            ids, cut = _fit(tokenizer, task, demos, example, template, room)
+            if prompt == "seed002":  # the seed's own demonstration (shots is 0 or 1)
+                demos = [SEED002_DEMONSTRATION] * shots
+            else:
+                demos = draw_demonstrations(pool, shots, seed, i)
+            ids, cut = _fit(tokenizer, task, demos, example, template, room, prompt)
             truncated += cut
             new = [t.item() for t in generate_tokens(model, ids.to(device), max_new_tokens, temperature,
                                                      eos_id=tokenizer.eos_id)]
@@ -276,6 +302,15 @@ def evaluate_classification(
         seconds=time.perf_counter() - t0,
     )
     return result, records
+
+
+def check_prompt(prompt: str, task: str, shots: int, template: str, cot: str) -> None:
+    """Seed 002's prompt is an NLI question in plain text with at most its one demonstration."""
+    if prompt not in PROMPTS:
+        raise UserError(f"unknown --prompt {prompt!r}; choose {' or '.join(PROMPTS)}")
+    if prompt == "seed002" and (task != "nli" or shots > 1 or template != "plain" or cot != "none"):
+        raise UserError("--prompt seed002 is seed 002's NLI question, zero- or one-shot (its one demonstration), "
+                        f"plain text: got task {task}, {shots} shots, template {template}, cot {cot}")
 
 
 def run_classification(
@@ -297,6 +332,7 @@ def run_classification(
     cot: str = "none",
     cot_file: Optional[Path] = None,
     rationale_tokens: int = 64,
+    prompt: str = "default",
 ) -> Dict:
     """Loads data and model, evaluates, prints the summary and writes the JSON report."""
     from lit_adapter.evaluation.cot import check_style, load_classification_demos
@@ -306,9 +342,10 @@ def run_classification(
     if task not in TASKS:
         raise UserError(f"unknown --task {task!r}; choose {' or '.join(TASKS)}")
     if template == "auto":
-        template = "instruction" if adapter_dir is not None else "plain"
+        template = "instruction" if adapter_dir is not None and prompt == "default" else "plain"
     if template not in ("plain", "instruction"):
         raise UserError(f"unknown --template {template!r}; choose auto, plain or instruction")
+    check_prompt(prompt, task, shots, template, cot)
     if task == "sentiment":
         source = Path(data_dir) if data_dir is not None else DEFAULT_DATA_DIR
         examples = load_sentiment(source)
@@ -322,8 +359,9 @@ def run_classification(
 
     result, records = evaluate_classification(model, tokenizer, task, examples, shots, template, max_examples,
                                               max_new_tokens, temperature, seed, cot=cot, cot_demos=demos,
-                                              rationale_tokens=rationale_tokens)
-    style = f"{cot.replace('_', '-')} CoT" if cot != "none" else f"{shots}-shot, {template} prompt"
+                                              rationale_tokens=rationale_tokens, prompt=prompt)
+    style = (f"{cot.replace('_', '-')} CoT" if cot != "none" else
+             f"{shots}-shot, {'seed 002' if prompt == 'seed002' else template} prompt")
     print(f"{task}, {style}: accuracy {result.accuracy:.4f} "
           f"({result.correct}/{result.examples}), no answer {result.no_answer_rate:.4f}, {result.seconds:.1f} s")
     for gold, counts in result.per_label.items():
@@ -331,7 +369,7 @@ def run_classification(
         print(f"  {gold}: {counts['correct']}/{counts['n']} correct; predicted: {others}")
     report = {
         **describe_model(checkpoint_dir, adapter_dir, spec), "data": source, "seed": seed,
-        "max_new_tokens": max_new_tokens, "temperature": temperature, "cot": cot,
+        "max_new_tokens": max_new_tokens, "temperature": temperature, "cot": cot, "prompt": prompt,
         "cot_demonstrations": str(cot_file) if cot_file else ("built-in" if cot == "few_shot" else None),
         **result.__dict__,
         "answers": records, "run": run_info(dev),

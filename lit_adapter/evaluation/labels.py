@@ -9,7 +9,7 @@ generation evaluation (:mod:`lit_adapter.evaluation.classification`) and the cha
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 TASKS = ("sentiment", "nli")
@@ -56,3 +56,5 @@ class Example:
     fields: Tuple[str, ...]
     """(review,) for sentiment; (premise, hypothesis) for NLI."""
     label: str
+    where: str = field(default="", compare=False)
+    """Where the example came from (``file, line N``), for one-line errors about it; not part of its identity."""

@@ -41,8 +41,11 @@ def unknown_options(values: Dict[str, Any], known: Dict[str, Any], prefix: str =
 class CellChecker:
     """Validates cell configs; builds each method's parser once."""
 
-    def __init__(self, config: Optional[Config]) -> None:
+    def __init__(self, config: Optional[Config], command: Optional[Callable[[str], Callable[..., Any]]] = None,
+                 script: str = "finetune/{method}.py") -> None:
         self.config = config  # the grid's base model, for the method's own checks (None: skip them)
+        # the cells' command (default: finetune/<method>.py; the head study's: finetune/classify.py <method>)
+        self.command, self.script = command, script
         self._commands: Dict[str, Tuple[Callable[..., Any], Any]] = {}
 
     def _command(self, method: str):
@@ -51,7 +54,7 @@ class CellChecker:
 
             from lit_adapter.cli.finetune import make_finetune_command
 
-            setup = make_finetune_command(method)
+            setup = (self.command or make_finetune_command)(method)
             parser = ArgumentParser(exit_on_error=False)
             parser.add_function_arguments(setup, as_group=False)
             self._commands[method] = (setup, parser)
@@ -62,14 +65,18 @@ class CellChecker:
         parsed options (the namespace the script's ``setup`` gets)."""
         setup, parser = self._command(method)
         known = {name: p.annotation for name, p in inspect.signature(setup).parameters.items()}
+        from lit_adapter.tuners.registry import get_method
+
+        own_group = get_method(method).settings_group
         for key, candidates in unknown_options(cell_config, known):
-            owner = _settings_owner(key.split(".")[0])
+            group = key.split(".")[0]
+            owner = _settings_owner(group) if group != own_group else None  # a typo in its own gets a spelling
             if owner:
                 hint = f" (the settings of finetune/{owner}.py)"
             else:
                 close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.7)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UserError(f"cell {cell}: unknown option {key}{hint} for finetune/{method}.py")
+            raise UserError(f"cell {cell}: unknown option {key}{hint} for {self.script.format(method=method)}")
         try:
             # jsonargparse 4.49 renamed instantiate_classes to instantiate
             instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes

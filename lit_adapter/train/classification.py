@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from lit_adapter.data.classification import ClassifyData, Splits, load_splits, render
+from lit_adapter.data.classification import ClassifyData, Splits, encode_examples, load_splits
 from lit_adapter.errors import UserError
 from lit_adapter.model.heads import HeadSpec, classification_logits
 from lit_adapter.train.objectives import MetricSums, Objective, phase
@@ -83,12 +83,20 @@ def format_confusion(confusion: torch.Tensor, labels: Sequence[str]) -> str:
 # the objective
 
 
-def tokenize_examples(tokenizer, examples, labels: Sequence[str]) -> List[Dict[str, Any]]:
-    """``{"input_ids": BOS + text (1-D), "label": index}`` per example (not cut: the loop truncates, counted)."""
+def tokenize_examples(tokenizer, examples, labels: Sequence[str], max_len: Optional[int] = None,
+                      truncation: str = "cut") -> List[Dict[str, Any]]:
+    """``{"input_ids": (1-D), "label": index}`` per example, encoded by
+    :func:`~lit_adapter.data.classification.encode_examples` (a pair as the tokenizer pairs texts; cut to
+    ``max_len`` or refused, as ``truncation`` says)."""
+    return encode_split(tokenizer, examples, labels, max_len, truncation)[0]
+
+
+def encode_split(tokenizer, examples, labels: Sequence[str], max_len: Optional[int] = None,
+                 truncation: str = "cut") -> Tuple[List[Dict[str, Any]], int]:
+    """:func:`tokenize_examples` and how many examples were cut."""
     index = {label: i for i, label in enumerate(labels)}
-    texts = [render(e) for e in examples]
-    return [{"input_ids": ids, "label": index[e.label]}
-            for ids, e in zip(tokenizer.encode_batch(texts, bos=True), examples)]
+    encoded, cut = encode_examples(tokenizer, examples, max_len, truncation)
+    return [{"input_ids": ids, "label": index[e.label]} for ids, e in zip(encoded, examples)], cut
 
 
 class ClassificationObjective(Objective):
@@ -174,9 +182,11 @@ def evaluate_head(model, examples: List[Dict[str, Any]], head: HeadSpec, batch_s
     return confusion, predictions
 
 
-def report_test(checkpoint_dir: Path, folder: Path, test: List[Dict[str, Any]], splits: Splits, head: HeadSpec,
-                device: str, precision: str, batch_size: int, max_len: int, out_dir: Path) -> Dict[str, Any]:
-    """Loads ``folder`` (``best/`` or ``final/``), scores it on the test split, prints and writes the report."""
+def report_test(checkpoint_dir: Path, folder: Path, tests: Dict[str, List[Dict[str, Any]]], splits: Splits,
+                head: HeadSpec, device: str, precision: str, batch_size: int, max_len: int,
+                out_dir: Path) -> Dict[str, Any]:
+    """Loads ``folder`` (``best/`` or ``final/``), scores it on every test split (``tests``: name -> tokenized
+    examples), prints and writes the report: the first split's numbers at the top, each split's under ``splits``."""
     from lit_adapter.tuners.registry import load_finetuned
     from lit_adapter.runtime import resolve_device, weights_dtype
 
@@ -184,15 +194,20 @@ def report_test(checkpoint_dir: Path, folder: Path, test: List[Dict[str, Any]], 
     _, model, spec = load_finetuned(checkpoint_dir, folder, dev, weights_dtype(precision))
     if spec.head is None or spec.head.labels != head.labels:
         raise UserError(f"{folder} holds no head for the labels {list(head.labels)}")
-    confusion, predictions = evaluate_head(model, test, head, batch_size, max_len)
-    result = scores(confusion, head.labels)
-    split = "validation split (the source has no test split)" if splits.test_is_validation else "test split"
-    print(f"test ({split}, {len(test)} examples, {folder.name}/): accuracy {result['accuracy']:.4f}, "
-          f"macro-F1 {result['macro_f1']:.4f}")
-    print(format_confusion(confusion, head.labels))
-    report = {"checkpoint": str(folder), "split": split, "examples": len(test), **result,
-              "labels": list(head.labels), "confusion": confusion.tolist(), "predictions": predictions,
-              "source": splits.source}
+    reports = {}
+    for name, test in tests.items():
+        confusion, predictions = evaluate_head(model, test, head, batch_size, max_len)
+        result = scores(confusion, head.labels)
+        split = ("validation split (the source has no test split)" if splits.test_is_validation else
+                 "test split" if name == "test" else name)
+        print(f"{split} ({len(test)} examples, {folder.name}/): accuracy {result['accuracy']:.4f}, "
+              f"macro-F1 {result['macro_f1']:.4f}")
+        print(format_confusion(confusion, head.labels))
+        reports[name] = {"split": split, "examples": len(test), **result, "confusion": confusion.tolist(),
+                         "predictions": predictions}
+    report = {"checkpoint": str(folder), **next(iter(reports.values())), "labels": list(head.labels),
+              "source": splits.source, "splits": {name: {k: v for k, v in r.items() if k != "predictions"}
+                                                  for name, r in reports.items()}}
     (out_dir / TEST_METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -203,11 +218,13 @@ def report_test(checkpoint_dir: Path, folder: Path, test: List[Dict[str, Any]], 
 
 def default_labels(data: ClassifyData) -> Tuple[str, ...]:
     """The label set a dry run sizes the head for, without reading the data: ``--data.labels``, else two labels
-    (Rotten Tomatoes'; a note says so for another source, whose labels only its records tell)."""
-    from lit_adapter.data.classification import ROTTEN_TOMATOES, SENTIMENT_LABELS
+    (Rotten Tomatoes'; a note says so for another source, whose labels only its records tell); MultiNLI's three."""
+    from lit_adapter.data.classification import NLI_LABELS, ROTTEN_TOMATOES, SENTIMENT_LABELS, is_mnli
 
     if data.labels:
         return tuple(data.labels)
+    if is_mnli(data.source, data.hub_config):
+        return tuple(NLI_LABELS)
     if data.source != ROTTEN_TOMATOES:
         print(f"dry run: the head is sized for {len(SENTIMENT_LABELS)} labels; pass --data.labels to size it for "
               f"those of {data.source}", file=sys.stderr)
@@ -263,13 +280,20 @@ def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Opt
         return finetune(spec, checkpoint_dir=checkpoint_dir, model_name=model_name, out_dir=out_dir, data=loop_data,
                         train=train, eval=eval, fabric_args=fabric_args, logger=logger, resume=resume,
                         dry_run=dry_run, overwrite=overwrite, model=model), None
+    max_len = context_length(loop_data, resolve_config(checkpoint_dir, None), spec)  # virtual tokens reserved
+    encoded = {name: encode_split(tokenizer, part, splits.labels, max_len, data.truncation)
+               for name, part in (("train", splits.train), ("validation", splits.val), *splits.test_sets().items())}
+    cut = {name: n for name, (_, n) in encoded.items() if n}
     metadata = {"source": splits.source, "labels": list(splits.labels),
-                "tokenizer": {"vocab_size": tokenizer.vocab_size}, "skipped_without_gold_label": splits.skipped_no_gold}
-    train_examples = tokenize_examples(tokenizer, splits.train, splits.labels)
-    val_examples = tokenize_examples(tokenizer, splits.val, splits.labels)
-    print(f"{splits.source}: {len(splits.train)} training, {len(splits.val)} validation, {len(splits.test)} test "
-          f"examples; labels {', '.join(splits.labels)}"
-          + (f"; {splits.skipped_no_gold} without a gold label skipped" if splits.skipped_no_gold else ""),
+                "tokenizer": {"vocab_size": tokenizer.vocab_size}, "skipped_without_gold_label": splits.skipped_no_gold,
+                "max_seq_length": max_len, "cut_to_max_seq_length": cut}
+    train_examples, val_examples = encoded["train"][0], encoded["validation"][0]
+    tests = {name: encoded[name][0] for name in splits.test_sets()}
+    print(f"{splits.source}: {len(splits.train)} training, {len(splits.val)} validation, "
+          f"{', '.join(f'{len(part)} {name}' for name, part in splits.test_sets().items())} examples; labels "
+          f"{', '.join(splits.labels)}"
+          + (f"; {splits.skipped_no_gold} without a gold label skipped" if splits.skipped_no_gold else "")
+          + (f"; cut to {max_len} tokens: " + ", ".join(f"{n} {name}" for name, n in cut.items()) if cut else ""),
           file=sys.stderr)
     objective = ClassificationObjective(train_examples, val_examples, metadata, spec.head)
     result = finetune(spec, checkpoint_dir=checkpoint_dir, model_name=model_name, out_dir=out_dir, data=loop_data,
@@ -278,11 +302,9 @@ def finetune_classifier(spec, *, checkpoint_dir: Optional[Path], model_name: Opt
     if int(os.environ.get("LOCAL_RANK", "0")) != 0 or result is None or result.status != "completed":
         return result, None
     folder = Path(out_dir) / ("best" if (Path(out_dir) / "best").is_dir() else "final")
-    max_len = context_length(loop_data, resolve_config(checkpoint_dir, None), spec)  # room after virtual tokens
     device = "cpu" if fabric_args.accelerator == "cpu" else None
     precision = fabric_args.precision or default_precision(fabric_args.accelerator)
-    test = tokenize_examples(tokenizer, splits.test, splits.labels)
-    report = report_test(Path(checkpoint_dir), folder, test, splits, spec.head, device, precision,
+    report = report_test(Path(checkpoint_dir), folder, tests, splits, spec.head, device, precision,
                          train.micro_batch_size, max_len, Path(out_dir))
     report["train_summary"] = asdict(result)
     return result, report
