@@ -475,7 +475,8 @@ def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objecti
     """The model with the method attached and its optimizer over the method's parameter groups, both set up by
     Fabric; also the trainable tensors and the (trainable, total) parameter counts."""
     t0 = time.perf_counter()
-    model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision))
+    model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision),
+                                  sharded=shards_model(fabric))
     model.gradient_checkpointing = train.activation_checkpointing
     if train.compile:
         fabric.print(f"torch.compile: {compile_blocks(model)} blocks (compiled in the first step)")
