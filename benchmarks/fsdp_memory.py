@@ -31,9 +31,27 @@ import torch  # noqa: E402
 
 from lit_adapter.memory.estimate import estimate_memory  # noqa: E402
 from lit_adapter.memory.measure import AllocatorPeak, Cell, build_random_model, peak_rss_bytes  # noqa: E402
+from lit_adapter.memory.saved import precision_dtype  # noqa: E402
 from lit_adapter.train.fabric_setup import make_fabric  # noqa: E402
 from lit_adapter.train.trainer import Trainer, method_optimizer  # noqa: E402
 from lit_adapter.tuners import registry as methods  # noqa: E402
+
+
+class CudaPeak:
+    """``max_memory_allocated`` over the steps, with :class:`AllocatorPeak`'s interface (the CUDA counterpart)."""
+
+    peak_bytes = 0
+
+    def __enter__(self) -> "CudaPeak":
+        return self
+
+    def mark(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.synchronize()
+        self.peak_bytes = torch.cuda.max_memory_allocated()
 
 
 def main() -> None:
@@ -42,26 +60,37 @@ def main() -> None:
     parser.add_argument("--method", default="full")
     parser.add_argument("--model_name", default="stories15M")
     parser.add_argument("--seq_len", type=int, default=128)
+    parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--quantize", default=None, help="bnb.nf4 etc.: QLoRA's base (sharded QLoRA under fsdp)")
+    parser.add_argument("--activation_checkpointing", action="store_true")
     parser.add_argument("--checkpoint_dir", type=Path, default=None)
     parser.add_argument("--write_checkpoint", type=Path, default=None)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    cell = Cell(method=args.method, model_name=args.model_name, seq_len=args.seq_len, micro_batch_size=1)
+    on_cpu = args.accelerator == "cpu"
+    if on_cpu:
+        torch.set_num_threads(1)
+    cell = Cell(method=args.method, model_name=args.model_name, seq_len=args.seq_len, micro_batch_size=1,
+                precision=args.precision, quantize=args.quantize,
+                activation_checkpointing=args.activation_checkpointing)
     if args.write_checkpoint is not None:
         write_checkpoint(Cell(method="full", model_name=args.model_name), args.write_checkpoint)
         return
-    fabric = make_fabric("cpu", args.devices, "fsdp" if args.devices > 1 else "auto", "32-true")
+    sharded = args.devices > 1
+    fabric = make_fabric(args.accelerator, args.devices, "fsdp" if sharded else "auto", args.precision)
     fabric.launch()
     torch.manual_seed(0)
-    with AllocatorPeak() as tracker:
+    dtype = precision_dtype(args.precision)
+    with (AllocatorPeak() if on_cpu else CudaPeak()) as tracker:
         spec = cell.spec()
         if args.checkpoint_dir is None:
-            model = build_random_model(cell, torch.device("cpu"))
+            model = build_random_model(cell, fabric.device, quant_storage=dtype if sharded else None)
         else:
-            model = methods.prepare_model(spec, cell.config(), args.checkpoint_dir, torch.device("cpu"),
-                                          torch.float32)
+            model = methods.prepare_model(spec, cell.config(), args.checkpoint_dir, fabric.device, dtype,
+                                          sharded=sharded)
             methods.mark_trainable(model, spec)
-        if args.devices > 1:
+        model.gradient_checkpointing = args.activation_checkpointing
+        if sharded:
             model = fabric.setup_module(model)
             optimizer = fabric.setup_optimizers(method_optimizer(methods.unwrap(model), spec, "adamw", 1e-4, 0.0,
                                                                  (0.9, 0.95)))
@@ -69,13 +98,15 @@ def main() -> None:
             model, optimizer = fabric.setup(model, method_optimizer(model, spec, "adamw", 1e-4, 0.0, (0.9, 0.95)))
         batch = torch.randint(0, cell.config().vocab_size, (1, cell.seq_len), generator=torch.Generator().manual_seed(0))
         trainer = Trainer(fabric, model, optimizer, itertools.repeat({"input_ids": batch, "labels": batch}))
-        AllocatorPeak.mark()  # the steps' peak, the model and its shards included
+        tracker.mark()  # the steps' peak, the model and its shards included
         setup_rss = peak_rss_bytes()  # the high-water mark of building, loading and sharding the model
         for _ in range(2):  # the first step creates the optimizer state
             trainer.step()
-    estimate = estimate_memory(cell.config(), spec, 1, cell.seq_len, "32-true", device_type="cpu",
-                               shards=args.devices)
+    estimate = estimate_memory(cell.config(), spec, 1, cell.seq_len, args.precision, args.activation_checkpointing,
+                               device_type=args.accelerator, shards=args.devices)
     row = {"rank": fabric.global_rank, "processes": args.devices, "method": args.method, "model": args.model_name,
+           "quantize": args.quantize, "accelerator": args.accelerator, "precision": args.precision,
+           "seq_len": args.seq_len, "checkpointing": args.activation_checkpointing,
            "measured_peak_gb": round(tracker.peak_bytes / 1e9, 4), "estimate_gb": round(estimate["peak_gb"], 4),
            "ratio": round(tracker.peak_bytes / estimate["peak_bytes"], 3),
            "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3),

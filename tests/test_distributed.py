@@ -288,3 +288,41 @@ def test_fsdp_estimate_terms():
     # one device: the same moment, everything whole and nothing gathered, ties the optimizer step (as measured)
     assert one["phases_bytes"]["embedding_backward"] == pytest.approx(one["phases_bytes"]["optimizer"], rel=1e-3)
     assert two["phases_bytes"]["embedding_backward"] - two["gathered_weights_bytes"] > 3 * embedding
+
+
+def test_fsdp_estimate_shards_the_nf4_codes_not_their_quant_state():
+    from lit_adapter.memory.estimate import estimate_memory
+    from lit_adapter.model.config import Config
+
+    config, spec = Config.from_name("7B"), MethodSpec("lora", quantize="bnb.nf4")
+    one = estimate_memory(config, spec, 1, 512, "bf16-true", device_type="cuda")["weights_by_kind_bytes"]["nf4"]
+    two = estimate_memory(config, spec, 1, 512, "bf16-true", device_type="cuda", shards=2)["weights_by_kind_bytes"]
+    codes = sum(-(-m.in_features * m.out_features // 2) for m in _quantized_linears(config, spec))
+    assert two["nf4"] == -(-codes // 2) + (one - codes)  # half the codes, all of the absmax and code book
+    assert 0.05 < (one - codes) / one < 0.15  # one float32 absmax per 64 codes of half a byte: 1/9 of the bytes
+
+
+def _quantized_linears(config, spec):
+    import torch.nn as nn
+
+    from lit_adapter.tuners.registry import build_model, unquantized
+
+    with torch.device("meta"):
+        model = build_model(spec, config)
+    skip = unquantized(spec)
+    return [m for n, m in model.named_modules() if type(m) is nn.Linear and not skip(n)]
+
+
+def test_gpu_suite_fsdp_cells_skip_cleanly_without_two_gpus():
+    """The 2-GPU cells run by one command on any lend: with fewer than 2 CUDA devices (here none) every 2-GPU cell
+    is a "skipped" row and nothing fails."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_suite_fsdp
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has 2 GPUs: the cells would run")
+    rows = [r for r in gpu_suite_fsdp.main(["--device", "cuda"]) if r["devices"] == 2]
+    assert rows and all(r["status"].startswith("skipped (needs 2 GPUs") for r in rows)
+    assert {r["quantize"] for r in rows} == {"bnb.nf4", None}

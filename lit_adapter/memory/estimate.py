@@ -86,6 +86,19 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, quantize: Optional[str],
     return out
 
 
+def quant_state_bytes(model: nn.Module, quantize: Optional[str], skip: Callable[[str], bool]) -> Dict[str, int]:
+    """Of :func:`weight_bytes`' quantized kinds, the bytes that are not the packed 4-bit codes (absmax, code book):
+    they are no parameter, so fsdp leaves them whole on every process (``lit_adapter.model.quantize``)."""
+    if quantize in (None, "bnb.int8"):
+        return {}
+    total = 0
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and not skip(name):
+            n = module.in_features * module.out_features
+            total += quantized_linear_bytes(module.in_features, module.out_features, quantize) - -(-n // 2)
+    return {quantize.replace("bnb.", ""): total}
+
+
 def optimizer_state_bytes(trainable: List[nn.Parameter], dtype: torch.dtype, optimizer: str) -> int:
     """AdamW's state for ``trainable`` (shapes only; meta tensors are fine)."""
     if optimizer == "adamw":
@@ -250,7 +263,9 @@ def estimate_memory(
         gathered = (whole_weights - in_blocks) + 2 * block_weights[0]
         # FSDP2's all-gather writes into its own output buffer, beside the unit's unsharded parameters
         gather_buffer = block_weights[0]
-        weights = {k: -(-v // shards) for k, v in weights.items()}
+        # sharded QLoRA: the packed 4-bit codes are sharded, their quantization state stays whole on every process
+        kept_whole = quant_state_bytes(model, quantize, unquantized(spec))
+        weights = {k: -(-(v - kept_whole.get(k, 0)) // shards) + kept_whole.get(k, 0) for k, v in weights.items()}
         grads, opt_state = -(-grads // shards), -(-opt_state // shards)
     state = sum(weights.values()) + rope + opt_state + gathered
 
