@@ -304,7 +304,7 @@ PACKING_COLUMNS = (("cap", "cap", "", 1), ("method", "method", "", 1), ("side", 
                    ("step s", "step_time_s", ".3f", 1), ("real tokens/s", "real_tokens_per_s", ",.0f", 1),
                    ("examples/s", "examples_per_s", ".1f", 1), ("peak GB", "peak_bytes", ".3f", 1e9),
                    ("packed / padded", "packed_vs_padded", ".2f", 1))
-FSDP_COLUMNS = (("model", "model_name", "", 1), ("method", "method", "", 1), ("quantize", "quantize", "", 1),
+FSDP_COLUMNS = (("method", "method", "", 1), ("quantize", "quantize", "", 1),
                 ("GPUs", "devices", "", 1), ("rank", "rank", "", 1), ("status", "status", "", 1),
                 ("allocated GB", "measured_peak_gb", ".3f", 1), ("estimate GB", "estimate_gb", ".3f", 1),
                 ("allocated / estimate", "ratio", ".3f", 1))

@@ -81,9 +81,8 @@ def main(argv=None) -> List[Dict[str, Any]]:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu_suite_fsdp.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(json.dumps(rows))
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(main()))
