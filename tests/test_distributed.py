@@ -146,6 +146,7 @@ def test_fsdp_sigterm_then_resume_is_bit_exact_and_the_checkpoint_loads_at_world
     # the 2-process checkpoint resumes in one process (resharded on load): the same run, up to summation order
     proc = finished(command("lora", stories_checkpoint, instruction_data, one, steps, "--resume", "true"))
     assert f"at step {meta['step']}" in proc.stdout
+    assert "single process" not in proc.stderr  # DCP's notice for a load without a process group: intended here
     for (s1, l1), (s2, l2) in zip(losses(one), losses(tmp_path / "whole")):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
 
@@ -162,6 +163,30 @@ def test_fsdp_sigterm_then_resume_is_bit_exact_and_the_checkpoint_loads_at_world
     (one / "last.ckpt" / "__0_0.distcp").unlink()
     with pytest.raises(UserError, match="missing or corrupt"):
         _resume(one, stories_checkpoint, instruction_data, MethodSpec("lora", settings=SETTINGS["lora"]))
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_give_the_two_device_losses(tmp_path, stories_checkpoint, instruction_data):
+    """Two processes started as two "nodes" of one device each (``--fabric.num_nodes 2 --fabric.devices 1``,
+    NODE_RANK 0 and 1, MASTER_ADDR 127.0.0.1: the environment Fabric reads on a cluster) train the run that
+    ``--fabric.devices 2`` trains on one node, to the last bit: the same ranks, the same batches, the same sums."""
+    import socket
+
+    finished(command("lora", stories_checkpoint, instruction_data, tmp_path / "devices", 3, *FSDP))
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = tmp_path / "nodes"
+    cmd = command("lora", stories_checkpoint, instruction_data, nodes, 3, "--fabric.devices", "1",
+                  "--fabric.num_nodes", "2", "--fabric.strategy", "fsdp")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "NODE_RANK": str(node)}) for node in (0, 1)]
+    outputs = [proc.communicate(timeout=400) for proc in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1][1] + outputs[1][0]
+    assert losses(nodes) == losses(tmp_path / "devices")
 
 
 def _resume(out, checkpoint, data, spec):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -206,8 +207,15 @@ def load_sharded(fabric, state: Dict[str, Any], path: Path, model, spec, schedul
     expected["rng"] = {rng_key: torch.get_rng_state()}
     from torch.distributed.checkpoint.api import CheckpointException
 
+    import torch.distributed as dist
+
+    single = not (dist.is_available() and dist.is_initialized())  # world size 1 runs without a process group
     try:
-        dcp.load(expected, checkpoint_id=str(path))
+        with warnings.catch_warnings():
+            # torch 2.13 warns on every load without a process group, even when told so with no_dist=True: here
+            # that is the intent (a sharded checkpoint resumed in one process), so the notice is noise
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(expected, checkpoint_id=str(path), no_dist=single)
     except (Exception, CheckpointException) as err:  # a missing or truncated shard (a BaseException in torch)
         failures = list(getattr(err, "failures", {}).values())
         cause = failures[0] if failures else err
