@@ -19,7 +19,8 @@ Adapter v1, v2, LoRA and QLoRA: the same examples and optimizer steps padded to 
 packed end to end (``--data.packing true``, the one flag between the two sides), interleaved in one process, with
 real tokens/s, examples/s, the real-token share and the peak of each side and their ratio. On CUDA every cell gets a
 fresh interpreter (``memory.measure_in_subprocess``); on CPU, where imports cost more than a tiny cell, each is
-forked from a server that has imported torch and lit_adapter once (``--launcher``).
+forked from a server that has imported torch and lit_adapter once (``--launcher``). Last, the 2-GPU cells
+(benchmarks/gpu_suite_fsdp.py): sharded QLoRA and LoRA on 2 GPUs against 1, rows that say "skipped" on one GPU.
 
 Model FLOPs per token (MFU = tokens/s x F / peak; as in Chowdhery et al. 2022, App. B, activation checkpointing's
 recomputation is not counted, nor elementwise ops, norms, softmax or the loss). C = n_embd, L = n_layer,
@@ -63,6 +64,7 @@ from typing import Any, Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+import gpu_suite_fsdp  # noqa: E402
 import gpu_suite_packing  # noqa: E402
 import gpu_suite_sparse  # noqa: E402
 from gpu_suite_sparse import PATTERNS  # noqa: E402
@@ -302,6 +304,10 @@ PACKING_COLUMNS = (("cap", "cap", "", 1), ("method", "method", "", 1), ("side", 
                    ("step s", "step_time_s", ".3f", 1), ("real tokens/s", "real_tokens_per_s", ",.0f", 1),
                    ("examples/s", "examples_per_s", ".1f", 1), ("peak GB", "peak_bytes", ".3f", 1e9),
                    ("packed / padded", "packed_vs_padded", ".2f", 1))
+FSDP_COLUMNS = (("method", "method", "", 1), ("quantize", "quantize", "", 1),
+                ("GPUs", "devices", "", 1), ("rank", "rank", "", 1), ("status", "status", "", 1),
+                ("allocated GB", "measured_peak_gb", ".3f", 1), ("estimate GB", "estimate_gb", ".3f", 1),
+                ("allocated / estimate", "ratio", ".3f", 1))
 SPARSE_COLUMNS = (("T", "T", "", 1), ("attention", "attention", "", 1), ("status", "status", "", 1),
                   ("equal to masked dense (fp32)", "equal", "", 1), ("max rel. error", "max_err", ".1e", 1),
                   ("fwd+bwd ms", "ms", ".2f", 1), ("vs dense SDPA", "vs_dense", ".2f", 1),
@@ -329,6 +335,7 @@ def markdown(state: Dict[str, Any]) -> str:
     lines += ["", "## Sparse attention", ""] + table(state["sparse"], SPARSE_COLUMNS)
     lines += ["", "## Packed vs padded at Dolly lengths", ""] + table(state.get("packing", []), PACKING_COLUMNS)
     lines += ["", "## Fine-tuning cells", ""] + table(state["cells"], CELL_COLUMNS)
+    lines += ["", "## Sharded on 2 GPUs (fsdp)", ""] + table(state.get("fsdp", []), FSDP_COLUMNS)
     return "\n".join(lines) + "\n"
 
 
@@ -477,6 +484,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     budget.run(packing_jobs, gpu_suite_packing.run if args.launcher == "spawn" else packing_forked,
                args.cell_timeout_s, report_packing)
     budget.run(cells, measure, args.cell_timeout_s, report_cell, kind=lambda cell: cell.quantize)
+    # last: the 2-GPU cells (benchmarks/gpu_suite_fsdp.py), rows that say "skipped" on a one-GPU lend
+    if args.device == "cpu":  # several processes per cell: a minute on CPU, run on its own there
+        state["fsdp"] = [dict(status="skipped (CPU: python benchmarks/gpu_suite_fsdp.py --device cpu --tiny)")]
+    elif budget.left() > 60 or gpu_suite_fsdp.gpus() < 2:
+        state["fsdp"] = gpu_suite_fsdp.main(["--device", "cuda", "--cell_timeout_s",
+                                             str(max(60.0, min(300.0, budget.left())))] + (["--tiny"] * args.tiny))
+    else:
+        state["fsdp"] = [dict(status="skipped (budget)")]
     state.update(complete=True, wall_s=round(budget.clock() - budget.start, 1))
     write_outputs(state, args.out)
     print(markdown(state))

@@ -86,6 +86,19 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, quantize: Optional[str],
     return out
 
 
+def quant_state_bytes(model: nn.Module, quantize: Optional[str], skip: Callable[[str], bool]) -> Dict[str, int]:
+    """Of :func:`weight_bytes`' quantized kinds, the bytes that are not the packed 4-bit codes (absmax, code book):
+    they are no parameter, so fsdp leaves them whole on every process (``lit_adapter.model.quantize``)."""
+    if quantize in (None, "bnb.int8"):
+        return {}
+    total = 0
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and not skip(name):
+            n = module.in_features * module.out_features
+            total += quantized_linear_bytes(module.in_features, module.out_features, quantize) - -(-n // 2)
+    return {quantize.replace("bnb.", ""): total}
+
+
 def optimizer_state_bytes(trainable: List[nn.Parameter], dtype: torch.dtype, optimizer: str) -> int:
     """AdamW's state for ``trainable`` (shapes only; meta tensors are fine)."""
     if optimizer == "adamw":
@@ -197,7 +210,11 @@ def estimate_memory(
     ``shards`` > 1 is one process of ``--fabric.strategy fsdp`` over that many (:mod:`lit_adapter.train.sharding`):
     weights, gradients and optimizer state are divided among them, and each process also holds, whole, the root
     unit's weights (embedding, final norm, head: gathered for the whole forward and backward) and two blocks'
-    (the one running and the one FSDP2 prefetches); activations are per process, as on one device.
+    (the one running and the one FSDP2 prefetches); activations are per process, as on one device. FSDP2's
+    communication buffers are counted where they meet the peak: a block's all-gather output beside its unsharded
+    parameters (forward), each unit's whole gradients until its reduce-scatter and the previous block's
+    reduce-scatter input and output until the next one waits for it (backward), the root's whole gradients at the
+    embedding's backward, the step's last moment (``embedding_backward``); the optimizer step sees only shards.
     """
     if micro_batch_tokens is not None:
         if micro_batch_tokens < 1:
@@ -228,14 +245,27 @@ def estimate_memory(
     n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     grads = n_trainable * d
     opt_state = optimizer_state_bytes(trainable, dtype, optimizer)
-    gathered = 0
+    # the root unit's trained tensors (embedding, final norm, head, a method's root modules), whole: under fsdp they
+    # are gathered, and their gradients unsharded, until the root's reduce-scatter at the end of the backward
+    block_ids = {id(p) for p in model.transformer.h.parameters()}
+    root_grads = sum(p.numel() for p in {id(p): p for p in trainable if id(p) not in block_ids}.values()) * d
+    # a trained tied embedding: the head's gradient waits in autograd's input buffer while the embedding's backward
+    # writes a dense (V, C) gradient and then their sum: three (V, C) tensors at once, the last moment of a backward
+    wte = model.transformer.wte.weight
+    tied_sum = 2 * wte.numel() * d if config.tie_embeddings and wte.requires_grad else 0
+    gathered = gather_buffer = 0
+    block_grads_whole = [sum(p.numel() for p in b.parameters() if p.requires_grad) * d for b in model.transformer.h]
     if shards > 1:
         whole_weights = sum(weights.values())
         block_weights = [sum(weight_bytes(b, dtype, quantize, skip=lambda n: unquantized(spec)(f"transformer.h.0.{n}")
                                           ).values()) for b in model.transformer.h[:1]]
         in_blocks = block_weights[0] * config.n_layer
         gathered = (whole_weights - in_blocks) + 2 * block_weights[0]
-        weights = {k: -(-v // shards) for k, v in weights.items()}
+        # FSDP2's all-gather writes into its own output buffer, beside the unit's unsharded parameters
+        gather_buffer = block_weights[0]
+        # sharded QLoRA: the packed 4-bit codes are sharded, their quantization state stays whole on every process
+        kept_whole = quant_state_bytes(model, quantize, unquantized(spec))
+        weights = {k: -(-(v - kept_whole.get(k, 0)) // shards) + kept_whole.get(k, 0) for k, v in weights.items()}
         grads, opt_state = -(-grads // shards), -(-opt_state // shards)
     state = sum(weights.values()) + rope + opt_state + gathered
 
@@ -261,7 +291,7 @@ def estimate_memory(
     # short-lived memory: RoPE's float32 temporaries (forward); a block's gradients of x, of the MLP product and
     # of its two factors (backward); a dequantized weight while a quantized linear runs
     dequant = max(I * C, C * C) * d if quantize else 0
-    forward_tmp = 3 * bN * C * 4 + bN * C * d + dequant
+    forward_tmp = 3 * bN * C * 4 + bN * C * d + dequant + gather_buffer
     backward_tmp = 3 * bN * I * d + dequant
     if sdpa == "math":  # the (B, nh, T, S) scores and softmax in the forward; their gradients in the backward
         scores = dims.B * dims.nh * bdims.T * (bdims.T + t.extra_keys()) * 4
@@ -269,13 +299,23 @@ def estimate_memory(
         backward_tmp = max(backward_tmp, 2 * scores)
     backward_tmp += t.backward_working_bytes(dims)  # e.g. the gradient of an output the method adds
 
+    def reducing(i: int) -> int:
+        """Under fsdp, block ``i``'s reduce-scatter: its whole gradients (the input) and their shard (the output),
+        alive until the next unit's reduce-scatter waits for it."""
+        if shards == 1 or i >= config.n_layer:
+            return 0
+        return block_grads_whole[i] + -(-block_grads_whole[i] // shards)
+
     phases: Dict[str, int] = {}
     phases["forward"] = state + embedding_kept + sum(kept) + forward_tmp  # the last block's forward
     phases["loss"] = state + embedding_kept + sum(kept) + head.total + loss_peak
     backward_peak = 0
     for i in reversed(range(config.n_layer)):
         below = embedding_kept + sum(kept[:i])
-        grads_so_far = head_grads + sum(layer_grads[i:]) if t.base_linears else grads
+        if shards > 1:  # the root's gradients whole, the blocks' done sharded, this block's whole until reduced
+            grads_so_far = root_grads + sum(layer_grads[i + 1:]) + block_grads_whole[i]
+        else:
+            grads_so_far = head_grads + sum(layer_grads[i:]) if t.base_linears else grads
         if activation_checkpointing:
             # in float32 RMSNorm's "copy" of the block input is the kept input itself
             recomputed = saved[i].total - (saved[i].tensors.get("x", 0) if d == 4 else 0)
@@ -283,13 +323,18 @@ def estimate_memory(
         else:
             layer = saved[i].total + backward_tmp
         # N * C * d: the gradient flowing down the residual stream
-        backward_peak = max(backward_peak, state + bN * C * d + below + layer + grads_so_far)
+        backward_peak = max(backward_peak, state + bN * C * d + below + layer + grads_so_far + reducing(i + 1))
     phases["backward"] = backward_peak
+    # the embedding's backward, the last of the step: every block's gradients done (sharded under fsdp), the root's
+    # whole, the tied sum, and under fsdp the first block's reduce-scatter still in flight
+    phases["embedding_backward"] = (state + embedding_kept + N * C * d + sum(layer_grads) + root_grads + tied_sum
+                                    + reducing(0))
     largest = max((p.numel() for p in trainable), default=0)
-    adam_tmp = (2 * largest * d) if device_type == "cpu" else grads  # per-tensor (CPU) vs foreach (CUDA) temporaries
+    # per-tensor (CPU: two of the largest shard) vs foreach (CUDA: all of them) temporaries
+    adam_tmp = (2 * -(-largest // shards) * d) if device_type == "cpu" else grads
     if optimizer == "adamw8bit":
         adam_tmp = 0
-    phases["optimizer"] = state + grads + adam_tmp
+    phases["optimizer"] = state - gathered + grads + adam_tmp  # every unit is resharded after the backward
     phase = max(phases, key=phases.get)
     peak = phases[phase]
 
@@ -354,7 +399,8 @@ def format_estimate(est: Dict[str, Any]) -> str:
     if est["shards"] > 1:
         lines.insert(2, f"  + gathered weights {gb(est['gathered_weights_bytes'])}  (fsdp over {est['shards']} "
                         "processes: weights, gradients and optimizer state above are this process's shard; the "
-                        "root unit and two blocks are gathered whole; activations are per process)")
+                        "root unit and two blocks are gathered whole; activations and the all-gather and "
+                        "reduce-scatter buffers are per process)")
     if est["framework_overhead_bytes"]:
         lines.append(f"  + process overhead {gb(est['framework_overhead_bytes'])}  (CPU: resident size after imports)")
     return "\n".join(lines)

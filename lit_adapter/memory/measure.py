@@ -254,8 +254,9 @@ class Cell:
         return self.spec().describe()
 
 
-def build_random_model(cell: Cell, device: torch.device) -> nn.Module:
-    """The model ``methods.prepare_model`` would build for ``cell``, with random weights instead of a checkpoint."""
+def build_random_model(cell: Cell, device: torch.device, quant_storage: Optional[torch.dtype] = None) -> nn.Module:
+    """The model ``methods.prepare_model`` would build for ``cell``, with random weights instead of a checkpoint;
+    ``quant_storage`` packs a 4-bit base as sharded QLoRA does (``quantize.quantize_linears``)."""
     config, spec = cell.config(), cell.spec()
     spec.validate(config)
     dtype = precision_dtype(cell.precision)
@@ -271,7 +272,8 @@ def build_random_model(cell: Cell, device: torch.device) -> nn.Module:
     initialize_tuner_layers(model)  # the method's own initialisation of the tensors it adds
     model = model.to(dtype=dtype)
     mark_trainable(model, spec)
-    quantize_linears(model, spec.quantize, device=device, compute_dtype=dtype, skip=unquantized(spec))
+    quantize_linears(model, spec.quantize, device=device, compute_dtype=dtype, skip=unquantized(spec),
+                     quant_storage=quant_storage or torch.uint8)
     mark_trainable(model, spec)
     return model
 

@@ -5,6 +5,13 @@ same weights in 8 or 4 bits. Only frozen layers are quantized: PEFT parameters (
 v2 biases and scales) stay in full or half precision, and PEFT wrappers keep working because they only call
 their inner ``linear``. bitsandbytes >= 0.46 runs these layers on CPU as well as on CUDA; the weights are
 quantized when the layer is moved to its device.
+
+Sharded QLoRA (``--fabric.strategy fsdp``, FSDP-QLoRA's route): FSDP2 shards a parameter along its first dimension
+and all-gathers a unit's parameters in one buffer of one dtype, so the 4-bit weights are packed in the run's
+floating dtype (``quant_storage``: eight NF4 codes per float32 element, four per bfloat16) instead of bytes, a
+``(n / 8, 1)`` column FSDP2 cuts into row ranges like any weight. The quantization state (the per-block absmax,
+the code book) is not a parameter: it stays whole on every process, kept on the layer as ``quant_state``, from
+which bitsandbytes re-attaches it to the gathered weight before each matmul (``fix_4bit_weight_quant_state_from_module``).
 """
 
 from __future__ import annotations
@@ -35,12 +42,14 @@ def quantize_linears(
     device: Optional[torch.device] = None,
     compute_dtype: torch.dtype = torch.float32,
     skip: Callable[[str], bool] = default_skip,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
     """Replaces the ``nn.Linear`` layers of ``model`` (in place) by frozen bitsandbytes counterparts.
 
     ``mode`` is one of :data:`QUANTIZE_MODES` (``None`` leaves the model as is). Layers whose qualified name
     ``skip`` accepts (by default the output head; ``methods.unquantized`` adds the layers a method trains) are
-    left alone.
+    left alone. ``quant_storage``: the dtype 4-bit codes are packed in (the same codes, reinterpreted; the run's
+    floating dtype under fsdp, see the module docstring).
     """
     if mode is None:
         return model
@@ -75,13 +84,14 @@ def quantize_linears(
                     compute_dtype=compute_dtype,
                     quant_type="fp4" if mode == "bnb.fp4" else "nf4",
                     compress_statistics=mode == "bnb.nf4-dq",
+                    quant_storage=quant_storage,
                 )
         if mode == "bnb.int8":
             quantized.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         else:
             quantized.weight = bnb.nn.Params4bit(
                 weight, requires_grad=False, quant_type=quantized.weight.quant_type,
-                compress_statistics=mode == "bnb.nf4-dq",
+                compress_statistics=mode == "bnb.nf4-dq", quant_storage=quant_storage,
             )
         if linear.bias is not None:
             quantized.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
@@ -92,6 +102,8 @@ def quantize_linears(
             # validation would not see the same weights as training. Keep the one portable kernel throughout.
             quantized.support_avx512bf16_for_cpu = False
         quantized = quantized.to(device)  # quantization happens on this move
+        if mode != "bnb.int8":  # where bitsandbytes finds it again once FSDP2 replaced the weight by its gathered copy
+            quantized.quant_state = quantized.weight.quant_state
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child_name, quantized)
     return model

@@ -31,6 +31,22 @@ class HalfPrecisionKeepingOutputs(HalfPrecision):
         return data
 
 
+def is_first_process() -> bool:
+    """Whether this process is the run's first (global rank 0), asked before Fabric is built, from the environment
+    the launchers set: torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, or, for processes Lightning starts itself
+    (its launcher runs the script again with ``LOCAL_RANK`` set) on each of ``--fabric.num_nodes`` nodes, local rank
+    0 of ``NODE_RANK`` 0. Only it claims ``out_dir``: with several nodes every node's first process starts the
+    script, and on the shared ``out_dir`` the second one found the folder claimed and refused to start."""
+    import os
+
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name]) == 0
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    node = int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or 0)
+    return local == 0 and node == 0
+
+
 def make_fabric(accelerator: str = "auto", devices: Union[int, Sequence[int]] = 1, strategy: str = "auto",
                 precision: str = "32-true", loggers: Sequence[Any] = (), num_nodes: int = 1) -> Fabric:
     """``Fabric(accelerator, devices, strategy, precision, loggers, num_nodes)``, half ``*-true`` precisions keeping

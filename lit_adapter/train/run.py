@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -234,7 +233,7 @@ def finetune(
     rebuild the same window. ``objective`` (:mod:`lit_adapter.train.objectives`) says what is optimised on which
     examples; the default is next-token cross-entropy on the prepared data in ``data.data_dir``.
     """
-    from lit_adapter.train.fabric_setup import make_fabric  # imports Lightning: not for --help or --dry_run
+    from lit_adapter.train.fabric_setup import is_first_process, make_fabric  # imports Lightning: not for --help
 
     accum = validate_args(train, eval, fabric_args)
     if data.max_seq_length is not None and data.max_seq_length < 2:
@@ -262,9 +261,9 @@ def finetune(
         raise UserError("--checkpoint_dir is required for training (only --dry_run works from --model_name alone)")
 
     out_dir = Path(out_dir)
-    # Lightning's DDP launcher runs this script again for ranks 1..n-1 (LOCAL_RANK set): the first process owns
-    # the folder, the others only join its run.
-    launched_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # Lightning's DDP launcher runs this script again for ranks 1..n-1 (LOCAL_RANK set), and every node of several
+    # starts it: the first process of the run owns the folder, the others only join its run.
+    launched_rank = 0 if is_first_process() else 1
     objective = resolve_objective(objective)
     hparams = dict(method=spec, checkpoint_dir=checkpoint_dir, model=model, rope_scaling=config.rope_scaling,
                    block_size=config.block_size, out_dir=out_dir, data=replace(data, packing=packing), train=train,
@@ -474,7 +473,8 @@ def _build_model(fabric, spec, config, checkpoint_dir, train, precision, objecti
     """The model with the method attached and its optimizer over the method's parameter groups, both set up by
     Fabric; also the trainable tensors and the (trainable, total) parameter counts."""
     t0 = time.perf_counter()
-    model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision))
+    model = methods.prepare_model(spec, config, checkpoint_dir, device=fabric.device, dtype=weights_dtype(precision),
+                                  sharded=shards_model(fabric))
     model.gradient_checkpointing = train.activation_checkpointing
     if train.compile:
         fabric.print(f"torch.compile: {compile_blocks(model)} blocks (compiled in the first step)")

@@ -18,8 +18,10 @@ after every rank finished, so an interrupted save never leaves a half checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -148,7 +150,8 @@ def save_sharded(fabric, state: Dict[str, Any], path: Path, spec, keep_previous:
     rest["method"] = spec.to_dict()
     rest["world_size"] = fabric.world_size
     try:
-        dcp.save(tensors, checkpoint_id=str(tmp))
+        with _without_process_group_notice() as single:
+            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=single)
         if fabric.global_rank == 0:
             torch.save(rest, tmp / META_FILE)
     except (OSError, RuntimeError) as err:
@@ -204,7 +207,8 @@ def load_sharded(fabric, state: Dict[str, Any], path: Path, model, spec, schedul
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        dcp.load(expected, checkpoint_id=str(path))
+        with _without_process_group_notice() as single:
+            dcp.load(expected, checkpoint_id=str(path), no_dist=single)
     except (Exception, CheckpointException) as err:  # a missing or truncated shard (a BaseException in torch)
         failures = list(getattr(err, "failures", {}).values())
         cause = failures[0] if failures else err
@@ -225,6 +229,18 @@ def load_sharded(fabric, state: Dict[str, Any], path: Path, model, spec, schedul
         if key in state and key not in ("model", "optimizer"):
             state[key] = value
     return state
+
+
+@contextlib.contextmanager
+def _without_process_group_notice():
+    """Yields whether this process runs without a process group (world size 1: a sharded checkpoint resumed, and
+    then saved, in one process), for DCP's ``no_dist``. torch 2.13 warns on every such save and load, even when
+    told so with ``no_dist=True``; here one process is the intent, so the notice is dropped."""
+    import torch.distributed as dist
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield not (dist.is_available() and dist.is_initialized())
 
 
 def _flat(values: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -108,10 +108,10 @@ class MethodSpec:
     def check_shardable(self) -> None:
         """Raises one :class:`UserError` line when this method, with these settings, cannot train under
         ``--fabric.strategy fsdp`` on several processes (the method answers, :meth:`Method.shard_refusal`)."""
-        if self.quantize is not None:
-            raise UserError(f"--quantize {self.quantize} with --fabric.strategy fsdp: bitsandbytes' packed weights "
-                            "are not sharded on this path yet (docs/distributed.md, sharded QLoRA); use one device, "
-                            "or --fabric.strategy ddp")
+        if self.quantize == "bnb.int8":
+            raise UserError("--quantize bnb.int8 with --fabric.strategy fsdp: LLM.int8()'s weights and row scales "
+                            "are not sharded (sharded QLoRA is 4-bit: bnb.nf4, bnb.nf4-dq, bnb.fp4); use a 4-bit "
+                            "mode, or --fabric.strategy ddp")
         reason = self.definition.shard_refusal(self.settings)
         if reason:
             raise UserError(f"{self.method} with --fabric.strategy fsdp: {reason}")
@@ -232,9 +232,12 @@ def _materialize_new_parameters(model: nn.Module, device: torch.device) -> None:
 
 
 def prepare_model(
-    spec: MethodSpec, config: Config, checkpoint_dir: Path, device: torch.device, dtype: torch.dtype
+    spec: MethodSpec, config: Config, checkpoint_dir: Path, device: torch.device, dtype: torch.dtype,
+    sharded: bool = False,
 ) -> GPT:
-    """Builds ``spec``'s model with the base weights of ``checkpoint_dir``, ready to train or evaluate."""
+    """Builds ``spec``'s model with the base weights of ``checkpoint_dir``, ready to train or evaluate. ``sharded``
+    (``--fabric.strategy fsdp``): a 4-bit base packs its weights in ``dtype`` so that FSDP2 can shard them
+    (``quantize.quantize_linears``' ``quant_storage``)."""
     with torch.device("meta"):
         model = build_model(spec, config)
     state_dict = load_state_dict(find_weights(checkpoint_dir))
@@ -245,7 +248,8 @@ def prepare_model(
     spec.definition.initialize_from_base(model, spec.settings, Path(checkpoint_dir))
     model = model.to(dtype=dtype)
     # Quantize layer by layer on the way to the device, so the full-precision base never sits on the GPU at once.
-    quantize_linears(model, spec.quantize, device=torch.device(device), compute_dtype=dtype, skip=unquantized(spec))
+    quantize_linears(model, spec.quantize, device=torch.device(device), compute_dtype=dtype, skip=unquantized(spec),
+                     quant_storage=dtype if sharded else torch.uint8)
     model = model.to(device=device)
     if spec.quantize is not None:
         spec.definition.initialize_after_quantization(model, spec.settings)
