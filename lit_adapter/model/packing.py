@@ -34,8 +34,15 @@ class PackedLayout:
         self._block_mask = None
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "PackedLayout":
-        # a host read of N + 1 integers, once per forward: the per-example calls need their lengths as ints
+    def from_cu_seqlens(cls, cu_seqlens: "torch.Tensor | PackedLayout") -> "PackedLayout":
+        """The layout of ``cu_seqlens`` offsets, or ``cu_seqlens`` itself when it is a layout already.
+
+        From a device tensor this is a host read of N + 1 integers (a synchronisation on a GPU): the per-example
+        calls need the lengths as ints. Training builds its layout on the host instead, from the batch's
+        ``lengths`` (``lit_adapter.data.packing``), and hands it over as is.
+        """
+        if isinstance(cu_seqlens, PackedLayout):
+            return cu_seqlens
         return cls(torch.diff(cu_seqlens.detach().to("cpu", torch.long)).tolist())
 
     def positions(self, offset: int = 0, device=None) -> torch.Tensor:
