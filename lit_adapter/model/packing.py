@@ -74,8 +74,10 @@ class PackedLayout:
 
         L = q.shape[2]
         if self._block_mask is None:
-            doc = torch.repeat_interleave(torch.arange(len(self.lengths), device=q.device),
-                                          torch.tensor(self.lengths, device=q.device))  # (L,) example of each row
+            # (L,) example of each row, filled on the device: a host tensor copied over (or repeat_interleave's
+            # output size) would make the host wait for the device
+            doc = torch.cat([torch.full((n,), i, dtype=torch.int32, device=q.device)
+                             for i, n in enumerate(self.lengths)])
 
             def document_causal(b, h, q_idx, kv_idx):
                 return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
