@@ -18,9 +18,10 @@ third to a half of the real tokens. This benchmark times that workload on every 
   - ``ours_padded``: the same steps' micro-batches padded to their longest, through ``Trainer.step``;
   - ``hf_padded``: the same micro-batches padded to their longest (what ``DataCollatorForSeq2Seq`` gives:
     ``attention_mask``, labels -100), ``model(**batch).loss`` / accum, backward, clipping, AdamW;
-  - ``hf_grouped``: ``group_by_length``: the order of transformers' own ``LengthGroupedSampler`` (megabatches of
-    the global batch, as ``Trainer`` builds it), then as ``hf_padded``. HF's best exact option on CPU: its sdpa
-    path does not isolate position-id-packed sequences there.
+  - ``hf_grouped``: ``group_by_length``: the order of transformers' own ``LengthGroupedSampler``
+    (``get_length_grouped_indices`` with the global batch and megabatches of 50 global batches, what ``Trainer``
+    uses on the full data set), then as ``hf_padded``. HF's best exact option on CPU: its sdpa path does not
+    isolate position-id-packed sequences there.
 
 The sides take turns step by step in one process (the order rotates every step), so contention on a shared machine
 hits all alike; each round is a fresh process. Reported per side: examples/s, real (non-padding) tokens/s and MFU
@@ -83,7 +84,7 @@ def schedule(lengths: Sequence[int], steps: int, micro_batch_size: int, accum: i
     """Per side, per optimizer step, its micro-batches as example indices: one epoch over exactly ``steps`` global
     batches, so every side trains on every example once in ``steps`` steps."""
     import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from transformers.trainer_pt_utils import get_length_grouped_indices
 
     from lit_adapter.data.packing import PackedStepBatchSampler
 
@@ -97,9 +98,11 @@ def schedule(lengths: Sequence[int], steps: int, micro_batch_size: int, accum: i
         return [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
 
     padded = [micro(packed.order.step_indices(s)) for s in range(steps)]
-    # group_by_length as HF's Trainer samples it: LengthGroupedSampler(train_batch_size * accumulation steps)
-    grouped = list(LengthGroupedSampler(per_step, lengths=list(lengths),
-                                        generator=torch.Generator().manual_seed(seed)))
+    # group_by_length as HF's Trainer samples it on the full data set: LengthGroupedSampler(train_batch_size x
+    # accumulation steps) sorts megabatches of 50 global batches by length (transformers' own function). On a
+    # subset this small the sampler would shrink them (to len // (4 x batch)) and group far less: HF at its best.
+    grouped = get_length_grouped_indices(list(lengths), per_step, mega_batch_mult=50,
+                                         generator=torch.Generator().manual_seed(seed + 1))
     return {"ours_packed": [packed.step_micro_batches(s) for s in range(steps)], "ours_padded": padded,
             "hf_padded": padded, "hf_grouped": [micro(grouped[s * per_step : (s + 1) * per_step])
                                                 for s in range(steps)]}

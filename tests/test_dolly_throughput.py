@@ -58,6 +58,9 @@ def test_every_side_trains_on_the_same_examples_and_tokens(prepared):
     targets = {side: sum(int((b["labels"][:, 1:] != -100).sum()) for step in batches[side] for b in step)
                for side in bench.SIDES}
     assert len(set(targets.values())) == 1
+    computed = {side: sum(b["input_ids"].numel() for step in batches[side] for b in step) for side in bench.SIDES}
+    assert computed["ours_packed"] == sum(lengths)  # no padding at all
+    assert computed["hf_grouped"] <= computed["hf_padded"] == computed["ours_padded"]  # grouping by length pads less
     for step in batches["ours_packed"]:
         assert all(b["input_ids"].shape[0] == 1 and b["input_ids"].shape[1] <= 2 * JOB["cap"] for b in step)
     for side in ("ours_padded", "hf_padded", "hf_grouped"):
