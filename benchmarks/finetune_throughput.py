@@ -11,7 +11,7 @@ thread count, AdamW settings and gradient clipping:
   prompt length and adapted layers as our adapter defaults), its loss from ``labels=`` as users call it.
 
 PEFT has no LLaMA-Adapter v2. For the v2 row the HF side is PEFT's adaption prompt plus v2's other parts added by
-hand in the benchmark (``_hf_v2_parts``): every linear of every layer and the head wrapped as
+hand (``hf_peft.add_v2_parts``, shared with ``dolly_throughput.py``): every linear of every layer and the head wrapped as
 ``scale * (linear(x) + bias)``, and the RMSNorm weights unfrozen, so both sides train the same parameter set
 (PEFT's adaption prompt applies ``o_proj`` to the prompt output separately, which costs it one extra projection). Every run is a fresh process; warmup steps are excluded and the
 median of the timed steps is reported. The machine may be shared, so the framework order alternates over
@@ -26,26 +26,18 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # hf_peft, also when loaded by path (tests)
 
+import hf_peft  # noqa: E402
+from hf_peft import METHODS  # noqa: E402
 from lit_adapter.errors import UserError, run_cli  # noqa: E402
-
-METHODS = ("lora", "adapter", "adapter_v2")
-
-
-def _settings(method: str):
-    from lit_adapter.tuners.adapter import AdapterConfig
-    from lit_adapter.tuners.lora import LoRAConfig
-
-    return LoRAConfig() if method == "lora" else AdapterConfig()
 
 
 def _ours(job: Dict[str, Any]):
@@ -71,70 +63,18 @@ def _ours(job: Dict[str, Any]):
 
 
 def _hf(job: Dict[str, Any]):
-    """HF LlamaForCausalLM + PEFT, configured like our method."""
-    from peft import AdaptionPromptConfig, LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """HF LlamaForCausalLM + PEFT, configured like our method (``hf_peft.peft_model``)."""
     from lit_adapter.model.config import Config
     from lit_adapter.memory import precision_dtype
 
-    c = Config.from_name(job["size"])
-    hf_config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_query_groups,
-        max_position_embeddings=max(c.block_size, job["seq_len"]), rms_norm_eps=c.norm_eps, rope_theta=c.rope_base,
-        tie_word_embeddings=c.tie_embeddings, attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(hf_config).to(device=job["device"], dtype=precision_dtype(job["precision"]))
-    s = _settings(job["method"])
-    if job["method"] == "lora":
-        peft_config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_names(),
-                                 task_type="CAUSAL_LM")
-    else:  # PEFT adapts the top adapter_layers layers: ours from start_layer on
-        peft_config = AdaptionPromptConfig(adapter_len=s.prompt_length, adapter_layers=c.n_layer - s.start_layer,
-                                           task_type="CAUSAL_LM")
-    model = get_peft_model(model, peft_config)
-    if job["method"] == "adapter_v2":
-        _hf_v2_parts(model)
+    model = hf_peft.peft_model(Config.from_name(job["size"]), job["method"], job["device"],
+                               precision_dtype(job["precision"]), job["seq_len"])
     model.train()
 
     def forward_loss(batch):
         return model(input_ids=batch, labels=batch).loss
 
     return model, forward_loss
-
-
-def _hf_v2_parts(peft_model) -> None:
-    """LLaMA-Adapter v2's bias, scale and norm training on top of PEFT's adaption prompt (v1)."""
-    import torch
-    import torch.nn as nn
-
-    class BiasScaleLinear(nn.Module):
-        def __init__(self, linear: nn.Linear) -> None:
-            super().__init__()
-            self.linear = linear
-            self.in_features, self.out_features = linear.in_features, linear.out_features
-            self.bias_v2 = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
-            self.scale_v2 = nn.Parameter(torch.ones(linear.out_features, dtype=linear.weight.dtype))
-
-        @property
-        def weight(self):  # PEFT's adaption prompt reads q_proj.weight.dtype
-            return self.linear.weight
-
-        def forward(self, x):
-            return self.scale_v2 * (self.linear(x) + self.bias_v2)
-
-    base = peft_model.base_model.model if hasattr(peft_model.base_model, "model") else peft_model.base_model
-    for layer in base.model.layers:
-        attn = getattr(layer.self_attn, "model", layer.self_attn)  # PEFT wraps the attention of adapted layers
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(attn, name, BiasScaleLinear(getattr(attn, name)))
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(layer.mlp, name, BiasScaleLinear(getattr(layer.mlp, name)))
-        layer.input_layernorm.weight.requires_grad_(True)
-        layer.post_attention_layernorm.weight.requires_grad_(True)
-    base.model.norm.weight.requires_grad_(True)
-    base.lm_head = BiasScaleLinear(base.lm_head)
 
 
 def _compile(model, framework: str) -> None:
@@ -144,8 +84,7 @@ def _compile(model, framework: str) -> None:
     if framework == "ours":
         compile_blocks(model, dynamic=False)
         return
-    base = model.base_model.model if hasattr(model.base_model, "model") else model.base_model
-    for layer in base.model.layers:
+    for layer in hf_peft.base_llama(model).model.layers:
         layer.compile(dynamic=False)
 
 
@@ -288,35 +227,7 @@ def _live_bytes(model, optimizer) -> int:
 
 
 def run_job(job: Dict[str, Any], timeout_s: float, mode: str = "--worker") -> Dict[str, Any]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, __file__, mode, json.dumps(job)], capture_output=True, text=True,
-                          timeout=timeout_s, env=env)
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{job.get('framework', 'interleaved')} {job['method']} failed:\n{proc.stderr[-3000:]}")
-
-
-def machine() -> Dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    model = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                     model)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {"cpu": model, "cores": str(os.cpu_count()), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    return hf_peft.run_worker(__file__, mode, job, timeout_s)
 
 
 def main(
@@ -375,7 +286,7 @@ def main(
         Config.from_name(size)
     if compile and not interleaved:
         raise UserError("--compile true needs --interleaved true (the first, compiling step is reported there)")
-    info = machine()
+    info = hf_peft.machine()
     print(f"# machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, transformers "
           f"{info['transformers']}, peft {info['peft']}; commit {info['commit']}; {info['date']}; "
           f"load average at start {info['load_average']}; our loss: {our_loss}; compile: {compile}")
@@ -423,7 +334,7 @@ def main(
               f"{row['hf_peak_gb']:.3f} | {row['ours_trainable']:,} / {row['hf_trainable']:,} |")
     print(f"\nload average at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if out_json:
-        _write_json(out_json, {"machine": info, "results": results})
+        hf_peft.write_json(out_json, {"machine": info, "results": results})
     return results
 
 
@@ -472,7 +383,7 @@ def _interleaved_main(size_list, method_list, rounds, timeout_s, out_json, info,
         _print_compiled(results, tokens)
     print(f"\nload average at end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if out_json:
-        _write_json(out_json, {"machine": info, "interleaved": True, "results": results})
+        hf_peft.write_json(out_json, {"machine": info, "interleaved": True, "results": results})
     return results
 
 
@@ -500,12 +411,6 @@ def _print_compiled(results, tokens: int) -> None:
               f"{100 * mfu['ours_compiled'] / mm:.0f}% / {100 * mfu['hf_compiled'] / mm:.0f}%, "
               f"{100 * mfu['ours_compiled'] / peak:.0f}% / {100 * mfu['hf_compiled'] / peak:.0f}% | "
               f"{first['ours_compiled']} / {first['hf_compiled']} |")
-
-
-def _write_json(path: Path, obj: Dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)  # e.g. --out_json out/throughput/run.json on a fresh checkout
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main(size: str = "stories15M", prompt_tokens: int = 16, new_tokens: int = 12
     import torch
 
     from lit_adapter.generation.decode import generate_batch
-    from finetune_throughput import machine
+    from hf_peft import machine
 
     if rounds < 2 or new_tokens < 1 or prompt_tokens < 1:
         raise UserError("rounds must be >= 2 (the first is a warm-up), new_tokens and prompt_tokens >= 1")

@@ -541,3 +541,33 @@ def test_prefix_on_the_tiled_kernel(name, fused, call_rows, monkeypatch):
         torch.testing.assert_close(got, want)
     with torch.no_grad():
         torch.testing.assert_close(kernel(q, k, v, prefix=(pk, pv)), ref)
+
+
+@pytest.mark.parametrize("name, fused", KERNEL_PATHS)
+@pytest.mark.parametrize("n_kv", [2, 1], ids=["2-groups", "1-group"])
+def test_grouped_keys_equal_dense_without_a_repeated_copy(name, fused, n_kv, monkeypatch):
+    """The patterns take grouped k, v (B, ng, T, hs) as the model hands them: the output and the gradients of q
+    and of the grouped k, v equal dense SDPA over the per-head repeated keys under the explicit mask, and the
+    kernel never repeats them (``repeat_interleave`` refused; shifted's halves split inside a group with one
+    group)."""
+    monkeypatch.setattr(SparseAttention, "fused_cpu_parts", fused)
+    kernel = KERNELS[name]()
+    T = 45
+    (q, k, v), (_, k_rep, v_rep) = qkv(T, n_kv=n_kv)
+    mask = kernel.dense_mask(NH, T)
+    ref = F.scaled_dot_product_attention(q, k_rep, v_rep, attn_mask=mask.unsqueeze(0))
+    grad = torch.randn_like(ref)
+    theirs = torch.autograd.grad(ref, (q, k, v), grad)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("repeat_interleave in the tiled kernel")
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", refuse)
+    monkeypatch.setattr(torch, "repeat_interleave", refuse)
+    out = kernel(q, k, v)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    assert out.shape == ref.shape == (2, NH, T, 8)
+    assert rel_err(out, ref) < 1e-5 and (out - ref).abs().max() < 1e-5
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        assert grads_close(a, b, grad)

@@ -99,6 +99,41 @@ def test_a_step_synchronises_host_and_device_once(method, loss, monkeypatch):
     assert trainer.state.step == 2
 
 
+def _collated_batches(cell, packing: bool, n=4):
+    """Micro-batches as the run's loader makes them (the objective's collation, on the host): padded rows or
+    packed rows, each with its host-made target rows and, packed, its examples' lengths."""
+    from lit_adapter.train.objectives import Objective
+
+    g = torch.Generator().manual_seed(0)
+    vocab, objective, out = cell.config().vocab_size, Objective(), []
+    for _ in range(n):
+        examples = []
+        for length in (9, 17, 6):
+            ids = torch.randint(0, vocab, (length,), generator=g)
+            labels = ids.clone()
+            labels[:4] = -100
+            examples.append({"input_ids": ids, "labels": labels})
+        out.append(objective.collate_packed(examples) if packing else objective.collate(examples, pad_id=0))
+    return itertools.cycle(out)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_a_collated_step_synchronises_once_packed_or_not(method, packing, monkeypatch):
+    """With the loader's own batches: the packed forward takes its layout from the batch's host ``lengths`` (not
+    a read of ``cu_seqlens`` back from the device) and the head's target rows come with the batch, so a packed or
+    padded step still reads the device once."""
+    torch.manual_seed(0)
+    cell = _cell(method)
+    model = build_random_model(cell, torch.device("cpu")).train()
+    optimizer = method_optimizer(model, cell.spec(), "adamw", lr=1e-3, weight_decay=0.02, betas=(0.9, 0.95))
+    fabric = make_fabric("cpu", precision=cell.precision)
+    model, optimizer = fabric.setup(model, optimizer)
+    trainer = Trainer(fabric, model, optimizer, _collated_batches(cell, packing), accum=2, max_grad_norm=1.0)
+    trainer.step()
+    assert _count_step_reads(trainer, monkeypatch) == ["tolist"]
+
+
 def test_the_counter_sees_the_reads_it_must_forbid(monkeypatch):
     """The dispatch mode is not blind: ``.item()``, ``float()``, ``bool()`` in control flow and ``torch.isfinite(t)
     .all()`` as a condition each count as a read."""

@@ -186,17 +186,17 @@ def test_quantized_base_trains_on_cpu(tmp_path, stories_checkpoint, instruction_
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, stories_checkpoint,
                                                                           instruction_data, monkeypatch):
     calls = {"n": 0}
-    original = losses.loss_fn
+    original = losses.CrossEntropy.apply  # every training loss's cross-entropy (head on the target rows or not)
 
-    def poisoned(logits, labels, ignore_index=-100):
-        loss, n = original(logits, labels, ignore_index)
-        if logits.requires_grad:  # count training micro-batches only (2 per step), not validation
+    def poisoned(rows, targets, ignore_index=-100, mean=True):
+        loss = original(rows, targets, ignore_index, mean)
+        if rows.requires_grad:  # count training micro-batches only (2 per step), not validation
             calls["n"] += 1
             if calls["n"] > 8:
                 loss = loss * float("nan")
-        return loss, n
+        return loss
 
-    monkeypatch.setattr(losses, "loss_fn", poisoned)
+    monkeypatch.setattr(losses.CrossEntropy, "apply", poisoned)
     with pytest.raises(training.LossNotFinite, match=r"step 5.*last good checkpoint .* \(step 2.*step-4 checkpoint"):
         run(tmp_path, stories_checkpoint, instruction_data, steps=8, save_interval=2)
     # the step-4 checkpoint's next step diverged, so it is set aside; the step-2 one (whose next step was fine) is

@@ -8,7 +8,10 @@ micro-batch lays its examples end to end with no padding at all:
   must not predict it, and an example alone never has that target either, so the next-token loss is unchanged;
 * ``position_ids``: ``(1, L)``, each example's positions from 0 (what HF-style consumers read);
 * ``cu_seqlens``: ``(N + 1,)`` int32 offsets, example ``i`` is ``[cu_seqlens[i], cu_seqlens[i + 1])``; the model
-  takes it (``GPT.forward(idx, cu_seqlens=...)``) and keeps each example's positions and attention to itself.
+  takes it (``GPT.forward(idx, cu_seqlens=...)``) and keeps each example's positions and attention to itself;
+* ``lengths``: the same as N Python ints. Fabric's loader moves tensors to the device and leaves a list on the
+  host, so the training forward builds its layout from these (``forward_loss(..., lengths=...)``): reading
+  ``cu_seqlens`` back from a GPU would make the host wait for the device on every micro-batch.
 
 Which examples share a micro-batch: a step trains on the same examples as padded training (the sampler's step,
 :class:`~lit_adapter.data.order.StepBatchSampler`); they are spread over the step's ``accum x world_size``
@@ -20,7 +23,9 @@ examples were split.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence
+import itertools
+
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -29,7 +34,7 @@ from lit_adapter.data.truncation import IGNORE_INDEX
 from lit_adapter.errors import UserError
 
 
-def collate_packed(batch: Sequence[Dict[str, torch.Tensor]], ignore_index: int = IGNORE_INDEX) -> Dict[str, torch.Tensor]:
+def collate_packed(batch: Sequence[Dict[str, torch.Tensor]], ignore_index: int = IGNORE_INDEX) -> Dict[str, Any]:
     """One packed micro-batch of ``batch`` (the format in the module docstring)."""
     if not batch:
         raise ValueError("cannot pack an empty batch")
@@ -38,14 +43,14 @@ def collate_packed(batch: Sequence[Dict[str, torch.Tensor]], ignore_index: int =
         target = ex["labels"].clone()
         target[0] = ignore_index  # nothing before an example predicts its first token
         labels.append(target)
-    lengths = torch.tensor([len(ex["input_ids"]) for ex in batch])
-    cu_seqlens = torch.zeros(len(batch) + 1, dtype=torch.int32)
-    cu_seqlens[1:] = lengths.cumsum(0)
-    positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    lengths = [len(ex["input_ids"]) for ex in batch]  # host ints, from the shapes: nothing is read back
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lengths])
     return {"input_ids": torch.cat([ex["input_ids"] for ex in batch])[None],  # (1, L)
             "labels": torch.cat(labels)[None],  # (1, L)
             "position_ids": positions[None],  # (1, L)
-            "cu_seqlens": cu_seqlens}  # (N + 1,)
+            "cu_seqlens": cu_seqlens,  # (N + 1,)
+            "lengths": lengths}  # N ints, stays on the host
 
 
 def example_lengths(examples: Sequence[Dict[str, torch.Tensor]]) -> List[int]:

@@ -67,12 +67,10 @@ def _attention(s: Saved, terms: MemoryTerms, layer: int, q_rg: bool, k_rg: bool,
     requires a gradient."""
     N, C, d = dims.N, dims.C, dims.d
     # RoPE's products with the (constant) cos/sin tables keep nothing; q and k become new tensors.
-    # Dense SDPA reads grouped k and v (enable_gqa); only the sparse patterns' tiled kernel takes a copy repeated
-    # for every query head under grouped-query attention (tiled_attention.repeat_kv_groups), and keeps it.
-    expanded = dims.ng != dims.nh and attention.pattern != "dense"
-    kv_bytes = N * (C if expanded else dims.kv) * d
-    k, v = (("k_expanded", kv_bytes), ("v_expanded", kv_bytes)) if expanded else (("k_rope", kv_bytes),
-                                                                                    ("v_out", kv_bytes))
+    # Dense SDPA (enable_gqa) and the sparse patterns' tiled kernel (per query member, tiled_attention.members)
+    # both read grouped k and v: neither keeps a copy repeated for every query head.
+    kv_bytes = N * dims.kv * d
+    k, v = ("k_rope", kv_bytes), ("v_out", kv_bytes)
     base_rg = q_rg or k_rg or v_rg
     extra = terms.extra_keys()
     # The fused kernels return (B, T, nh, hs) memory, so transpose + reshape is a view of their output.
@@ -91,7 +89,7 @@ def _attention(s: Saved, terms: MemoryTerms, layer: int, q_rg: bool, k_rg: bool,
         raise UserError(f"the memory estimator models {', '.join(ESTIMATED_PATTERNS)} attention, "
                         f"not {attention.pattern!r}")
     y_rg = base_rg or extra > 0  # trained keys reach every layer's attention output
-    if terms.attention_output(s, AttentionSite(layer, q_rg, expanded, backend), dims):
+    if terms.attention_output(s, AttentionSite(layer, q_rg, backend), dims):
         return "attn.y", True  # y + what the method adds is a new tensor
     return y, y_rg
 

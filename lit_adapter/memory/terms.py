@@ -28,9 +28,6 @@ class AttentionSite:
     layer: int
     q_rg: bool
     """Whether the queries (:data:`~lit_adapter.memory.ops.QUERIES`) require a gradient."""
-    expanded: bool
-    """The base attention kept keys and values repeated for every query head (grouped-query attention under a
-    sparse pattern's tiled kernel); dense SDPA and a second attention over other keys read them grouped."""
     backend: str
     """``flash`` (the fused SDPA kernels) or ``math``."""
 

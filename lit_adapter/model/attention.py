@@ -47,7 +47,7 @@ from lit_adapter.model import tiled_attention as tiled
 from lit_adapter.errors import UserError
 from lit_adapter.model.tiled_attention import (
     PREFIX, Call, Plan, View, TiledAttention, accumulation_dtype, additive_mask, finish,
-    fused_cpu_supported, consecutive_runs, repeat_kv_groups, seq, tiled_forward,
+    fused_cpu_supported, consecutive_runs, members, seq, tiled_forward,
 )
 
 Pattern = Literal["dense", "strided", "fixed", "local", "shifted"]
@@ -150,15 +150,13 @@ class SparseAttention(nn.Module):
             mask = self.dense_mask(nh, T, k.shape[-2], q_positions=input_pos)  # (nh or 1, T, S)
             if prefix is not None:
                 visible = mask.new_ones(mask.shape[0], T, prefix[0].shape[-2])  # (nh or 1, T, P)
-                k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, nh, P + S, hs)
+                k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (B, ng, P + S, hs)
                 mask = torch.cat([visible, mask], dim=-1)
             self._scored += q.shape[:-1].numel() * k.shape[-2]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0), enable_gqa=k.shape[1] != nh)
         else:
             if k.shape[-2] != T:
                 raise ValueError(f"without input_pos keys and queries need the same length, got {k.shape[-2]}, {T}")
-            k, v = repeat_kv_groups(k, nh), repeat_kv_groups(v, nh)
-            prefix = None if prefix is None else tuple(repeat_kv_groups(t, nh) for t in prefix)
             y = self.sparse_forward(q, k, v, prefix)
         self.last_scored_elements = self._scored / (B * nh)
         return y
@@ -168,34 +166,57 @@ class SparseAttention(nn.Module):
         prefix: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """The block-sparse computation for a full causal sequence (query ``i`` at position ``i``), with the
-        ``prefix`` keys and values (B, nh, P, hs), if any, visible to every query in the same softmax."""
+        ``prefix`` keys and values (B, ng, P, hs), if any, visible to every query in the same softmax. k and v stay
+        grouped (B, ng, T, hs): the kernel runs the plan per query member (``tiled_attention.members``)."""
         # the kernel reads rows of head_size values; anything else (an expanded tensor) is copied once
         tensors = (q, k, v) if prefix is None else (q, k, v, *prefix)
         tensors = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
         q = tensors[0]
         fused = self.fused_cpu_parts and fused_cpu_supported(q)
         P = 0 if prefix is None else tensors[3].shape[-2]
-        plan, scored = self.build_plan(q, fused, P)
+        plans, scored = self.member_plans(q, k.shape[1], fused, P)
         self._scored += scored
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            out = TiledAttention.apply(self, plan, fused, *tensors)
+            out = TiledAttention.apply(self, plans, fused, *tensors)
         else:
-            out = tiled_forward(plan, *tensors[:3], fused, tensors[3:] or None)[0]
+            out = tiled_forward(plans, *tensors[:3], fused, tensors[3:] or None)[0]
         return out.transpose(1, 2)  # (B, nh, T, hs), a view like dense SDPA's output
 
-    def build_plan(self, q: torch.Tensor, fused: bool, prefix_length: int = 0) -> Tuple[Plan, int]:
+    head_dependent = False
+    """Whether the pattern differs between heads (then each query member of a group gets its own plan)."""
+
+    def member_plans(self, q: torch.Tensor, kv_heads: int, fused: bool, prefix_length: int = 0
+                     ) -> Tuple[List[Plan], int]:
+        """One plan per query member of the ``kv_heads`` groups (``tiled_attention.members``), and their score
+        count: a head-independent pattern's members share one plan."""
+        plans, scored = [], 0
+        for j, q_m in enumerate(members(q, kv_heads)):
+            if j and not self.head_dependent:
+                plans.append(plans[0])
+                scored += first
+                continue
+            plan, first = self.build_plan(q_m, fused, prefix_length,
+                                         heads=range(j, q.shape[1], q.shape[1] // kv_heads))
+            plans.append(plan)
+            scored += first
+        return plans, scored
+
+    def build_plan(self, q: torch.Tensor, fused: bool, prefix_length: int = 0,
+                   heads: Optional[range] = None) -> Tuple[Plan, int]:
         """The pattern's calls for queries shaped like ``q`` (and, with ``prefix_length`` P > 0, one call of all
-        queries over the P prefix keys), split to ``tiled.CALL_ROWS``, and their score count."""
+        queries over the P prefix keys), split to ``tiled.CALL_ROWS``, and their score count. ``heads``: which of
+        the layer's heads q's are (default all, in order; a query member's under grouped-query attention)."""
         B, nh, T, hs = q.shape
         mask_dtype = q.dtype if fused else accumulation_dtype(q.dtype)  # the fused kernel adds masks in q's dtype
-        plan = self.plan(B, nh, T, q.device, mask_dtype)
+        plan = self.plan(B, nh, T, q.device, mask_dtype, range(nh) if heads is None else heads)
         if prefix_length:  # every row is written by the pattern (its diagonal), so the prefix merges into it
             plan = Plan([*plan.calls, Call(seq(0, T), seq(0, prefix_length), merge=True, source=PREFIX)],
                         plan.gathers)
         return finish(plan, B, nh, T, hs, prefix_length)
 
-    def plan(self, B: int, nh: int, T: int, device, mask_dtype: torch.dtype) -> Plan:
-        """The pattern's (query, key) pairs as disjoint rectangles, one :class:`Call` each."""
+    def plan(self, B: int, nh: int, T: int, device, mask_dtype: torch.dtype, heads: range) -> Plan:
+        """The pattern's (query, key) pairs as disjoint rectangles, one :class:`Call` each; ``heads``: which of the
+        layer's heads the ``nh`` heads are (only a head-dependent pattern reads it)."""
         raise NotImplementedError
 
     def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -258,7 +279,7 @@ class LocalAttention(SparseAttention):
     def mask_mod(self, head, q_idx, kv_idx):
         return (q_idx - kv_idx) < self.window
 
-    def plan(self, B, nh, T, device, mask_dtype):
+    def plan(self, B, nh, T, device, mask_dtype, heads):
         return Plan(band_calls(T, min(self.window, T), device, mask_dtype), [])
 
 
@@ -283,7 +304,7 @@ class StridedAttention(SparseAttention):
         distance = q_idx - kv_idx
         return (distance < self.stride) | (distance % self.stride == 0)
 
-    def plan(self, B, nh, T, device, mask_dtype):
+    def plan(self, B, nh, T, device, mask_dtype, heads):
         l = self.stride
         if T <= l:  # no token is a full stride back: the band is everything
             return _causal(T)
@@ -324,7 +345,7 @@ class FixedAttention(SparseAttention):
         l, c = self.block_size, self.summary_size
         return (q_idx // l == kv_idx // l) | (kv_idx % l >= l - c)
 
-    def plan(self, B, nh, T, device, mask_dtype):
+    def plan(self, B, nh, T, device, mask_dtype, heads):
         l, c = self.block_size, self.summary_size
         if T <= l:  # one block: plain causal attention
             return _causal(T)
@@ -359,6 +380,8 @@ class ShiftedSparseAttention(SparseAttention):
     on a view (the full groups of a sequence as one (heads, groups, G, hs) view).
     """
 
+    head_dependent = True
+
     def __init__(self, group_size: int, num_heads: int) -> None:
         super().__init__()
         self.group_size = group_size
@@ -372,10 +395,11 @@ class ShiftedSparseAttention(SparseAttention):
         shift = torch.where(head >= self.num_heads // 2, G - G // 2, 0)
         return (q_idx + shift) // G == (kv_idx + shift) // G
 
-    def plan(self, B, nh, T, device, mask_dtype):
-        if nh != self.num_heads:
-            raise ValueError(f"shifted attention was built for {self.num_heads} heads, got {nh}")
-        G, half = self.group_size, nh // 2
+    def plan(self, B, nh, T, device, mask_dtype, heads):
+        if heads.step * nh != self.num_heads:
+            raise ValueError(f"shifted attention was built for {self.num_heads} heads, got {heads.step * nh}")
+        # the unshifted heads (the layer's first half) come first among q's heads, as each member's do
+        G, half = self.group_size, sum(h < self.num_heads // 2 for h in heads)
         first = min(G // 2, T)  # the shifted heads' groups start at G // 2 + m * G
         calls = []
 
@@ -390,9 +414,10 @@ class ShiftedSparseAttention(SparseAttention):
 
         if half:
             groups(0, half, 0)
-        if first:
-            calls.append(Call(seq(0, first, half, nh), seq(0, first, half, nh), causal=True))
-        groups(half, nh, first)
+        if half < nh:  # a query member of a group may hold heads of one half only
+            if first:
+                calls.append(Call(seq(0, first, half, nh), seq(0, first, half, nh), causal=True))
+            groups(half, nh, first)
         return Plan(calls, [])
 
 

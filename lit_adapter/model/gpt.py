@@ -114,6 +114,7 @@ class GPT(nn.Module):
 
         ``cu_seqlens`` (``(N + 1,)`` offsets, training and scoring only) says that ``idx`` ``(1, L)`` packs N
         examples end to end, example ``i`` at ``cu_seqlens[i]:cu_seqlens[i + 1]``: see :meth:`forward_packed`.
+        A :class:`PackedLayout` built on the host may stand for it (no read of the offsets back from a GPU).
 
         ``input_pos`` (``(T,)`` positions) switches to incremental decoding with the KV cache set by
         :meth:`set_kv_cache`; without it the whole sequence is processed causally from position 0. Both count real

@@ -34,8 +34,15 @@ class PackedLayout:
         self._block_mask = None
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "PackedLayout":
-        # a host read of N + 1 integers, once per forward: the per-example calls need their lengths as ints
+    def from_cu_seqlens(cls, cu_seqlens: "torch.Tensor | PackedLayout") -> "PackedLayout":
+        """The layout of ``cu_seqlens`` offsets, or ``cu_seqlens`` itself when it is a layout already.
+
+        From a device tensor this is a host read of N + 1 integers (a synchronisation on a GPU): the per-example
+        calls need the lengths as ints. Training builds its layout on the host instead, from the batch's
+        ``lengths`` (``lit_adapter.data.packing``), and hands it over as is.
+        """
+        if isinstance(cu_seqlens, PackedLayout):
+            return cu_seqlens
         return cls(torch.diff(cu_seqlens.detach().to("cpu", torch.long)).tolist())
 
     def positions(self, offset: int = 0, device=None) -> torch.Tensor:
@@ -67,8 +74,10 @@ class PackedLayout:
 
         L = q.shape[2]
         if self._block_mask is None:
-            doc = torch.repeat_interleave(torch.arange(len(self.lengths), device=q.device),
-                                          torch.tensor(self.lengths, device=q.device))  # (L,) example of each row
+            # (L,) example of each row, filled on the device: a host tensor copied over (or repeat_interleave's
+            # output size) would make the host wait for the device
+            doc = torch.cat([torch.full((n,), i, dtype=torch.int32, device=q.device)
+                             for i, n in enumerate(self.lengths)])
 
             def document_causal(b, h, q_idx, kv_idx):
                 return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)

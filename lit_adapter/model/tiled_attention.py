@@ -116,15 +116,19 @@ def finish(plan: Plan, B: int, nh: int, T: int, hs: int, prefix_length: int = 0)
     return Plan(calls, plan.gathers), scored
 
 
-def repeat_kv_groups(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, ng, S, hs) -> (B, num_heads, S, hs), each key/value group repeated for its query heads.
+def members(q: torch.Tensor, kv_heads: int) -> List[torch.Tensor]:
+    """Grouped-query attention without a copy of the keys: q (B, nh, T, d) as its ``r = nh / ng`` members.
 
-    The plans' views slice q's heads and k's heads alike (and strided's and fixed's views put the heads in the
-    kernel's batch dimension, where no kernel broadcasts groups), so under grouped-query attention the tiled
-    kernel takes one repeated copy; dense attention and decoding never do (``gpt.attend``).
+    Query head ``h`` reads key/value group ``h // r``, so member ``j``, the heads ``j, j + r, ...`` (the view
+    ``q[:, j::r]``, (B, ng, T, d)), lines up one to one with the ng grouped heads of k and v. The kernel runs a
+    pattern's plan once per member on these views (and on the same views of the output, the log-sum-exp and the
+    gradients), reading k and v as they are. Repeating k and v for every query head instead would copy them ``r``
+    times and keep the copies for the backward.
     """
-    repeats = num_heads // t.shape[-3]
-    return t if repeats == 1 else t.repeat_interleave(repeats, dim=-3)
+    if q.shape[1] % kv_heads:
+        raise ValueError(f"{q.shape[1]} query heads cannot share {kv_heads} key/value groups")
+    r = q.shape[1] // kv_heads
+    return [q[:, j::r] for j in range(r)]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -203,57 +207,62 @@ def _sources(plan: Plan, k: torch.Tensor, v: torch.Tensor, prefix=None):
         yield call, keys, values
 
 
-def tiled_forward(plan: Plan, q, k, v, fused: bool, prefix=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Runs the plan: the output (B, T, nh, hs) (dense SDPA's memory order) and the log-sum-exp (B, nh, T).
+def tiled_forward(plans: List[Plan], q, k, v, fused: bool, prefix=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Runs the plans: the output (B, T, nh, hs) (dense SDPA's memory order) and the log-sum-exp (B, nh, T).
 
-    ``prefix``: the (pk, pv) that the plan's ``PREFIX`` calls read, (B, nh, P, hs).
+    ``plans[j]`` is the plan of query member ``j`` (:func:`members`: one plan, the whole of q, without grouped
+    keys); k and v are (B, ng, T, hs). ``prefix``: the (pk, pv) that the plans' ``PREFIX`` calls read, (B, ng, P, hs).
     """
     B, nh, T, hs = q.shape
     acc = accumulation_dtype(q.dtype)
     out = q.new_empty(B, T, nh, hs)
-    merges = any(call.merge for call in plan.calls)
+    merges = any(call.merge for plan in plans for call in plan.calls)
     # merges need the accumulation dtype; float32 and float64 merge in place in the output
     target = out.transpose(1, 2) if acc == q.dtype or not merges else q.new_empty(B, nh, T, hs, dtype=acc)
     lse = q.new_empty(B, nh, T, dtype=acc)
     lse_rows = lse.unsqueeze(-1)  # (B, nh, T, 1): the views of the queries apply to it
-    for call, keys, values in _sources(plan, k, v, prefix):
-        o, l = _attend(call.q_view(q), call.kv_view(keys), call.kv_view(values), call, fused)
-        o_rows, l_rows, l = call.q_view(target), call.q_view(lse_rows), l.unsqueeze(-1)
-        if call.merge:
-            merged = torch.logaddexp(l_rows, l)
-            o_rows.mul_(torch.exp(l_rows - merged)).add_(o * torch.exp(l - merged))
-            l_rows.copy_(merged)
-        else:
-            o_rows.copy_(o)
-            l_rows.copy_(l)
+    views = zip(plans, members(q, k.shape[1]), members(target, k.shape[1]), members(lse_rows, k.shape[1]))
+    for plan, q_m, target_m, lse_m in views:
+        for call, keys, values in _sources(plan, k, v, prefix):
+            o, l = _attend(call.q_view(q_m), call.kv_view(keys), call.kv_view(values), call, fused)
+            o_rows, l_rows, l = call.q_view(target_m), call.q_view(lse_m), l.unsqueeze(-1)
+            if call.merge:
+                merged = torch.logaddexp(l_rows, l)
+                o_rows.mul_(torch.exp(l_rows - merged)).add_(o * torch.exp(l - merged))
+                l_rows.copy_(merged)
+            else:
+                o_rows.copy_(o)
+                l_rows.copy_(l)
     if target.dtype != q.dtype:
         out.transpose(1, 2).copy_(target)
     return out, lse
 
 
-def tiled_backward(plan: Plan, q, k, v, out, lse, grad, fused: bool, prefix=None):
-    """(dq, dk, dv) of the plan, with q's, k's and v's memory order, and with a ``prefix`` (pk, pv) also
-    (dpk, dpv); ``out``, ``grad``: (B, nh, T, hs)."""
+def tiled_backward(plans: List[Plan], q, k, v, out, lse, grad, fused: bool, prefix=None):
+    """(dq, dk, dv) of the plans, with q's, k's and v's memory order, and with a ``prefix`` (pk, pv) also
+    (dpk, dpv); ``out``, ``grad``: (B, nh, T, hs). Every query member adds into the same grouped dk, dv."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     d_prefix = () if prefix is None else tuple(torch.zeros_like(t) for t in prefix)
-    lse_rows = lse.unsqueeze(-1)
-    gathered = None  # (gather, d keys, d values) of the gathered copy in use
-    for call, keys, values in _sources(plan, k, v, prefix):
-        if call.source > 0 and (gathered is None or gathered[0] is not plan.gathers[call.source - 1]):
-            _scatter(gathered, dk, dv)
-            gathered = (plan.gathers[call.source - 1], torch.zeros_like(keys), torch.zeros_like(values))
-        if call.source == PREFIX:
-            d_keys, d_values = d_prefix
-        else:
-            d_keys, d_values = (dk, dv) if not call.source else gathered[1:]
-        gq, gk, gv = _attend_backward(
-            call.q_view(grad), call.q_view(q), call.kv_view(keys), call.kv_view(values), call.q_view(out),
-            call.q_view(lse_rows)[..., 0], call, fused,
-        )
-        call.q_view(dq).add_(gq)
-        call.kv_view(d_keys).add_(gk)
-        call.kv_view(d_values).add_(gv)
-    _scatter(gathered, dk, dv)
+    ng = k.shape[1]
+    views = zip(plans, *(members(t, ng) for t in (q, dq, out, lse.unsqueeze(-1), grad)))
+    for plan, q_m, dq_m, out_m, lse_m, grad_m in views:
+        gathered = None  # (gather, d keys, d values) of the gathered copy in use
+        for call, keys, values in _sources(plan, k, v, prefix):
+            if call.source > 0 and (gathered is None or gathered[0] is not plan.gathers[call.source - 1]):
+                _scatter(gathered, dk, dv)
+                gathered = (plan.gathers[call.source - 1], torch.zeros_like(keys), torch.zeros_like(values))
+            if call.source == PREFIX:
+                d_keys, d_values = d_prefix
+            else:
+                d_keys, d_values = (dk, dv) if not call.source else gathered[1:]
+            gq, gk, gv = _attend_backward(
+                call.q_view(grad_m), call.q_view(q_m), call.kv_view(keys), call.kv_view(values), call.q_view(out_m),
+                call.q_view(lse_m)[..., 0], call, fused,
+            )
+            call.q_view(dq_m).add_(gq)
+            call.kv_view(d_keys).add_(gk)
+            call.kv_view(d_values).add_(gv)
+        _scatter(gathered, dk, dv)
     return (dq, dk, dv, *d_prefix)
 
 
@@ -266,15 +275,15 @@ def _scatter(gathered, dk, dv) -> None:
 
 
 class TiledAttention(torch.autograd.Function):
-    """A plan's attention that saves q, k, v (and the prefix's pk, pv), the output and the log-sum-exp, and
+    """A pattern's attention that saves q, k, v (and the prefix's pk, pv), the output and the log-sum-exp, and
     recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, kernel: torch.nn.Module, plan: Plan, fused: bool, q, k, v, *prefix):  # a SparseAttention
+    def forward(ctx, kernel: torch.nn.Module, plans: List[Plan], fused: bool, q, k, v, *prefix):  # a SparseAttention
         prefix = tuple(prefix) or None
-        out, lse = tiled_forward(plan, q, k, v, fused, prefix)
+        out, lse = tiled_forward(plans, q, k, v, fused, prefix)
         ctx.save_for_backward(q, k, v, *(prefix or ()), out, lse)
-        ctx.kernel, ctx.fused = kernel, fused  # the plan is rebuilt in backward: its masks are not kept meanwhile
+        ctx.kernel, ctx.fused = kernel, fused  # the plans are rebuilt in backward: their masks are not kept meanwhile
         return out
 
     @staticmethod
@@ -282,8 +291,8 @@ class TiledAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         q, k, v, *prefix, out, lse = ctx.saved_tensors
         prefix = tuple(prefix) or None
-        plan = ctx.kernel.build_plan(q, ctx.fused, 0 if prefix is None else prefix[0].shape[-2])[0]
+        plans = ctx.kernel.member_plans(q, k.shape[1], ctx.fused, 0 if prefix is None else prefix[0].shape[-2])[0]
         grad = grad_out.transpose(1, 2)
         if grad.stride(-1) != 1:  # e.g. the expanded gradient of a sum; the kernel reads rows of head_size
             grad = grad.contiguous()
-        return (None, None, None, *tiled_backward(plan, q, k, v, out.transpose(1, 2), lse, grad, ctx.fused, prefix))
+        return (None, None, None, *tiled_backward(plans, q, k, v, out.transpose(1, 2), lse, grad, ctx.fused, prefix))

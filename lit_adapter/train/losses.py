@@ -13,13 +13,14 @@ measurements and the benchmarks all call it, so they measure the same computatio
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_adapter.errors import UserError
+from lit_adapter.model.packing import PackedLayout
 
 LOSSES = ("cross_entropy", "chunked", "chunked_head")
 DEFAULT_CHUNK = 256
@@ -193,8 +194,19 @@ def chunked_head_loss_fn(
     return chunked_cross_entropy(hidden, targets, chunk_size=chunk_size, head=head, ignore_index=ignore_index), count
 
 
+def target_rows(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The positions ``(n,)`` of the flattened ``(B * T)`` rows whose next-token target is not ignored.
+
+    Computed where a batch is collated, on the host, so that it travels to the device with the batch: taking it
+    there from a boolean mask (``nonzero``) would make the host wait for the device on every micro-batch.
+    :func:`forward_loss` runs the head and the loss on these rows only.
+    """
+    return torch.nonzero(next_token_targets(labels, ignore_index)[0].reshape(-1) != ignore_index).flatten()
+
+
 def forward_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss: str = "cross_entropy",
-                 autocast=contextlib.nullcontext, cu_seqlens: Optional[torch.Tensor] = None
+                 autocast=contextlib.nullcontext, cu_seqlens: Optional[torch.Tensor] = None,
+                 lengths: Optional[Sequence[int]] = None, rows: Optional[torch.Tensor] = None,
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The model's forward and the loss of kind ``loss`` (``TrainArgs.loss``): (mean loss, target count as a
     0-dim tensor, see :func:`next_token_targets`).
@@ -202,11 +214,35 @@ def forward_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, loss: str
     The logits are not returned: nothing saved for the backward needs them, so they are freed here rather than
     held through the backward and the optimizer step (a (B, T, V) tensor less at the peak). ``chunked_head``
     calls the head outside ``model.forward``; ``autocast`` (Fabric's) gives it the forward's precision context.
-    ``cu_seqlens`` marks a packed row (``lit_adapter.data.packing``): the model keeps its examples apart.
+    ``cu_seqlens`` marks a packed row (``lit_adapter.data.packing``): the model keeps its examples apart;
+    ``lengths``, the examples' lengths as host ints, stands for it without reading it back from the device.
+
+    ``rows`` (:func:`target_rows` of ``labels``, made on the host): the head and the loss run on these positions
+    only. With Dolly's template the prompt is masked out of the loss (often 30-50% of the real tokens, and every
+    padded position): the vocabulary-wide head is more than half of a small model's step, and its logits and
+    their gradient the biggest tensors of it. The head is the model's own (``output_logits``, whatever a method
+    wraps around it), so the loss, its gradients and the count are those of the full logits.
     """
-    packed = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+    packed = {}
+    if lengths is not None:
+        packed = {"cu_seqlens": PackedLayout(list(lengths))}
+    elif cu_seqlens is not None:
+        packed = {"cu_seqlens": cu_seqlens}
     if loss not in LOSSES:  # before the forward, not after it
         raise UserError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if rows is not None:
+        hidden = model(input_ids, return_hidden=True, **packed)  # (B, T, n_embd)
+        targets, count = next_token_targets(labels)
+        hidden = hidden.reshape(-1, hidden.size(-1)).index_select(0, rows)  # (n, n_embd)
+        targets = targets.reshape(-1).index_select(0, rows)  # (n,)
+        if loss == "chunked_head":
+            with autocast():
+                return chunked_cross_entropy(hidden, targets, head=model.output_logits), count
+        with autocast():
+            logits = model.output_logits(hidden)  # (n, vocab_size)
+        if loss == "chunked":
+            return chunked_cross_entropy(logits, targets), count
+        return CrossEntropy.apply(logits, targets, -100), count
     if loss == "chunked_head":
         hidden = model(input_ids, return_hidden=True, **packed)  # (B, T, n_embd)
         with autocast():

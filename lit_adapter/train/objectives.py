@@ -27,7 +27,7 @@ import torch
 from lit_adapter.data.instructions import collate_instructions, load_prepared, truncate_examples
 from lit_adapter.data.packing import collate_packed
 from lit_adapter.data.truncation import IGNORE_INDEX
-from lit_adapter.train.losses import forward_loss
+from lit_adapter.train.losses import forward_loss, target_rows
 
 Example = Dict[str, Any]
 Batch = Dict[str, torch.Tensor]
@@ -78,6 +78,8 @@ class Objective:
 
     def collate(self, batch: Sequence[Example], pad_id: int) -> Batch:
         collated = collate_instructions(batch, pad_id=pad_id)
+        # made on the host, so it reaches the device with the batch: the head runs on these rows only
+        collated["target_rows"] = target_rows(collated["labels"])
         if all("category" in ex for ex in batch):  # the rows' tasks, for validation's per-category losses
             collated["category"] = [ex["category"] for ex in batch]
         return collated
@@ -87,7 +89,9 @@ class Objective:
 
     def collate_packed(self, batch: Sequence[Example]) -> Batch:
         """The examples end to end in one row (``lit_adapter.data.packing``)."""
-        return collate_packed(batch)
+        collated = collate_packed(batch)
+        collated["target_rows"] = target_rows(collated["labels"])
+        return collated
 
     def count(self, batch: Batch) -> torch.Tensor:
         """The items :meth:`forward_loss` averages over (target tokens here), counted before the forward: the
@@ -101,7 +105,8 @@ class Objective:
     def forward_loss(self, model, batch: Batch, loss: str = "cross_entropy",
                      autocast: Callable = contextlib.nullcontext) -> Tuple[torch.Tensor, int]:
         """The batch's mean loss and the number of items it averages (target tokens here)."""
-        return forward_loss(model, batch["input_ids"], batch["labels"], loss, autocast, batch.get("cu_seqlens"))
+        return forward_loss(model, batch["input_ids"], batch["labels"], loss, autocast, batch.get("cu_seqlens"),
+                            lengths=batch.get("lengths"), rows=batch.get("target_rows"))
 
     def metrics(self, fabric, phase: str) -> Dict[str, float]:
         """What to log besides the loss for ``phase`` (``"train"`` since the last log, ``"val"`` over the last

@@ -502,6 +502,15 @@ def shards_model(fabric) -> bool:
     return type(fabric.strategy).__name__ == "ModelParallelStrategy"
 
 
+def _all_rows(collate):
+    """``collate`` without the head's target rows (``losses.target_rows``)."""
+    def without(batch):
+        collated = collate(batch)
+        collated.pop("target_rows", None)
+        return collated
+    return without
+
+
 def _loaders(fabric, train_examples, val_examples, train, accum, start_step, total_steps, objective,
              packing: Optional[int] = None, category_weights=None):
     """The training loader (the step-indexed order from ``start_step`` on, weighted by category when asked; with
@@ -525,6 +534,9 @@ def _loaders(fabric, train_examples, val_examples, train, accum, start_step, tot
         collate = padded
     # Loaders draw their iterator seeds from their own generator, not the global RNG: otherwise creating an
     # iterator (at resume, or for each validation) would shift the dropout masks and break exact resumption.
+    if fabric.world_size > 1 or shards_model(fabric):
+        # Fabric refuses a DDP or FSDP model's head called outside its forward: the head runs on every position
+        padded, collate = _all_rows(padded), _all_rows(collate)
     train_loader = fabric.setup_dataloaders(
         DataLoader(InstructionDataset(train_examples), batch_sampler=sampler, collate_fn=collate,
                    generator=torch.Generator().manual_seed(train.seed)),

@@ -450,8 +450,9 @@ def _category_parts(batch: Batch, index: Dict[str, int]) -> Iterator[Tuple[int, 
             yield index[name], batch
             continue
         take = torch.tensor(rows, device=batch["input_ids"].device)
+        # the flattened target positions are the whole batch's: a part runs its head on every position instead
         yield index[name], {key: value.index_select(0, take) if torch.is_tensor(value) else
-                            [value[r] for r in rows] for key, value in batch.items()}
+                            [value[r] for r in rows] for key, value in batch.items() if key != "target_rows"}
 
 
 def _first_line(err: BaseException) -> str:
