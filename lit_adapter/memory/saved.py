@@ -65,7 +65,7 @@ def _attention(s: Saved, terms: MemoryTerms, layer: int, q_rg: bool, k_rg: bool,
                backend: str, dims: Dims) -> Tuple[str, bool]:
     """The block's attention from q, k, v (after RoPE) to ``o_proj``'s input: its ledger name and whether it
     requires a gradient."""
-    N, C, d = dims.N, dims.C, dims.d
+    N, d = dims.N, dims.d
     # RoPE's products with the (constant) cos/sin tables keep nothing; q and k become new tensors.
     # Dense SDPA (enable_gqa) and the sparse patterns' tiled kernel (per query member, tiled_attention.members)
     # both read grouped k and v: neither keeps a copy repeated for every query head.
