@@ -93,17 +93,17 @@ class _InfGradient(torch.autograd.Function):
 def test_non_finite_gradients_stop_before_the_update_naming_a_finite_checkpoint(
         tmp_path, stories_checkpoint, instruction_data, monkeypatch, clipping):
     calls = {"n": 0}
-    original = losses.loss_fn
+    original = losses.CrossEntropy.apply  # every training loss's cross-entropy (head on the target rows or not)
 
-    def poisoned(logits, labels, ignore_index=-100):
-        loss, n = original(logits, labels, ignore_index)
-        if logits.requires_grad:
+    def poisoned(rows, targets, ignore_index=-100, mean=True):
+        loss = original(rows, targets, ignore_index, mean)
+        if rows.requires_grad:
             calls["n"] += 1
             if calls["n"] > 4:  # steps 1-2 are clean (2 micro-batches each), step 3's gradient overflows
                 loss = _InfGradient.apply(loss)
-        return loss, n
+        return loss
 
-    monkeypatch.setattr(losses, "loss_fn", poisoned)
+    monkeypatch.setattr(losses.CrossEntropy, "apply", poisoned)
     with pytest.raises(training.LossNotFinite, match=r"gradients became non-finite .* at step 3; no update was "
                                                      r"applied; the last good checkpoint is .* \(step 2"):
         run(tmp_path, stories_checkpoint, instruction_data, steps=6, save_interval=2, max_grad_norm=clipping)

@@ -128,24 +128,25 @@ class _Poison:
     """Fault injection into the real loss: from the given training forward on, NaN, or CUDA's out-of-memory error."""
 
     def __init__(self, after, error=None):
-        self.after, self.error, self.calls, self.original = after, error, 0, losses.loss_fn
+        # every training loss's cross-entropy (head on the target rows or not)
+        self.after, self.error, self.calls, self.original = after, error, 0, losses.CrossEntropy.apply
 
-    def __call__(self, logits, labels, ignore_index=-100):
-        loss, n = self.original(logits, labels, ignore_index)
-        if logits.requires_grad:
+    def __call__(self, rows, targets, ignore_index=-100, mean=True):
+        loss = self.original(rows, targets, ignore_index, mean)
+        if rows.requires_grad:
             self.calls += 1
             if self.calls > self.after:
                 if self.error is not None:
                     raise self.error
                 loss = loss * float("nan")
-        return loss, n
+        return loss
 
 
 @pytest.mark.parametrize("status", ["failed", "OOM"])
 def test_a_failed_or_out_of_memory_cell_is_a_run_with_its_status(tmp_path, stories_checkpoint, instruction_data,
                                                                   monkeypatch, status):
     error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB") if status == "OOM" else None
-    monkeypatch.setattr(losses, "loss_fn", _Poison(after=2, error=error))  # step 1 is clean, step 2 is not
+    monkeypatch.setattr(losses.CrossEntropy, "apply", _Poison(after=2, error=error))  # step 1 is clean, step 2 is not
     out = tmp_path / "cell"
     with pytest.raises(LossNotFinite if status == "failed" else torch.OutOfMemoryError):
         cell(out, stories_checkpoint, instruction_data, steps=4, prompts=PROMPTS, log_artifacts=True)
@@ -284,7 +285,7 @@ import runpy, sys, torch
 from lit_adapter.train import losses
 def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-losses.loss_fn = out_of_memory
+losses.CrossEntropy.apply = out_of_memory
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
