@@ -69,6 +69,15 @@ def run_cli(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise SystemExit(130) from None
 
 
+def refuse_file_as_out_dir(out_dir, holds: str) -> None:
+    """An ``--out_dir`` that exists as a file is one line, checked before minutes of work (it would fail on the
+    first write). ``holds`` names what the folder is for, in the fix."""
+    from pathlib import Path
+
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"--out_dir {out_dir} is a file, not a folder; pass a folder for {holds}")
+
+
 def require_folder(path, what: str = "checkpoint directory") -> None:
     """``path`` is an existing folder; otherwise one line that says whether it is missing or a file (a file given
     where a folder belongs would otherwise be misread as the first file looked for inside it)."""

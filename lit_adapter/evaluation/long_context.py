@@ -13,16 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, refuse_file_as_out_dir
 from lit_adapter.evaluation import context_curve, passkey
 
 PASSKEY_FILES = ("passkey.json", "passkey.csv", "passkey.png")
 CURVE_FILES = ("context_length.json", "context_length.csv", "context_length.png")
-
-
-def _check_out_dir(out_dir: Optional[Path]) -> None:
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():  # before minutes of work
-        raise UserError(f"--out_dir {out_dir} is a file, not a folder; pass a folder for the results")
 
 
 def _load(checkpoint_dir, adapter_dir, quantize, precision, device, rope_scaling, attention):
@@ -66,7 +61,7 @@ def run_passkey(
     from lit_adapter.evaluation import run_info, write_json
     from lit_adapter.runtime import peak_memory_gb
 
-    _check_out_dir(out_dir)
+    refuse_file_as_out_dir(out_dir, "the results")  # before minutes of work
     if not depths:
         raise UserError("--depths is empty")
     model, tokenizer, dev, about = _load(checkpoint_dir, adapter_dir, quantize, precision, device, rope_scaling,
@@ -124,7 +119,7 @@ def run_length_curve(
     from lit_adapter.evaluation.perplexity import DATASETS, load_corpus, tokenize_corpus
     from lit_adapter.runtime import peak_memory_gb
 
-    _check_out_dir(out_dir)
+    refuse_file_as_out_dir(out_dir, "the results")  # before minutes of work
     names = split_names(datasets, "datasets")
     for name in names:
         if name not in DATASETS:

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from lit_adapter.errors import UserError
+from lit_adapter.errors import UserError, refuse_file_as_out_dir
 from lit_adapter.model.rope import context_error
 
 DATASETS = ("wikitext2", "ptb", "c4")
@@ -399,8 +399,7 @@ def run_perplexity(
     for name in names:
         if name not in DATASETS:
             raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():  # before minutes of work
-        raise UserError(f"--out_dir {out_dir} is a file, not a folder; pass a folder for perplexity.json")
+    refuse_file_as_out_dir(out_dir, "perplexity.json")  # before minutes of work
     corpora = [load_corpus(name, data_dir) for name in names]  # data problems surface before the model loads
     config, model, tokenizer, spec, dev = load_model(checkpoint_dir, adapter_dir, quantize, precision, device,
                                                      rope_scaling, attention)
