@@ -5,8 +5,6 @@ same tokens at every length and equals evaluate/perplexity.py's sliding windows 
 
 import csv
 import json
-import runpy
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,34 +17,9 @@ from lit_adapter.data.tokenizer import Tokenizer
 from lit_adapter.model.config import Config
 from lit_adapter.tuners.lora import LoRAConfig
 from lit_adapter.tuners.registry import MethodSpec, load_finetuned, prepare_model, save_adapter, trainable_filter
+from test_long_context import LINEAR2, cli, one_error_line  # noqa: F401  (cli: fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-LINEAR2 = {"type": "linear", "factor": 2}
-
-
-@pytest.fixture
-def cli(capsys):
-    """``python evaluate/long_context.py args...`` in this process: ``(exit status, stdout, stderr)``."""
-
-    def invoke(script, *args):
-        capsys.readouterr()
-        argv, sys.argv, code = sys.argv, [str(REPO / script), *map(str, args)], 0
-        try:
-            runpy.run_path(str(REPO / script), run_name="__main__")
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-        finally:
-            sys.argv = argv
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return invoke
-
-
-def one_error_line(code, err, fragment):
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
-    assert fragment in errors[0], errors[0]
 
 
 @pytest.fixture(scope="module")
